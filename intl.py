@@ -1,0 +1,987 @@
+"""INTL: IterNorm with trace loss, a self-supervised method that modulates the spectrum of the embedding.
+
+Weng et al., "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024 (arXiv 2305.16789),
+and its predecessor, Weng et al., "An Investigation into Whitening Loss for Self-supervised
+Learning", NeurIPS 2022 (CW-RGP, arXiv 2210.03586).
+
+This file reads like the method section of the paper, in its order:
+
+    1. encoder and projector          x -> f(x) -> g(f(x)) = Z              (Sec. 3)
+    2. spectral transformations       Z -> Z_hat = phi(Z)                   (Sec. 3.1-3.3, Eq. 4-7)
+    3. trace loss                     sum_i (1 - var_i(Z_hat))^2            (Sec. 4, Eq. 10)
+    4. the objective, global batch    alignment + beta * trace loss         (Sec. 4, Eq. 11)
+    5. the EMA target (INTL-M)        theta_t <- m theta_t + (1 - m) theta  (Sec. 5)
+    6. spectrum diagnostics           eigenvalues, lg IoC, effective rank   (Fig. 2-3)
+
+and, after the method, what the scripts (pretrain.py, linear_eval.py, ...) share.
+
+Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened:
+    axis=0  "channel whitening" (the official default): each sample is centred over its D
+            channels and the covariance is the B x B matrix between samples (divisor D - 1).
+    axis=1  "batch whitening": each channel is centred over the batch and the covariance is
+            the D x D matrix between channels (divisor B - 1).
+Both are written once: the rows being whitened ("units") and the values each unit is measured
+on ("observations") are swapped by a transpose, see `_units`.
+"""
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import datasets as hf_datasets  # aliased: "datasets" clashes with torchvision.datasets
+import huggingface_hub
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image as PILImage
+from safetensors.torch import save_file
+from torchvision.transforms import v2
+
+# -----------------------------------------------------------------------------
+# 1. Encoder f and projector g (Sec. 3, "joint embedding architecture")
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+
+
+def build_backbone(arch="resnet50", cifar_stem=False, zero_init_residual=True):
+    """A torchvision ResNet without its classifier: images [B, 3, H, W] -> features [B, feature_dim].
+
+    The state_dict keys are exactly torchvision's minus `fc.*`, so exported weights load into
+    `torchvision.models.<arch>()` with only the classifier missing.
+    cifar_stem: conv1 becomes 3x3 stride 1 and the max-pool is dropped (the CIFAR recipes).
+    zero_init_residual: the last BN of every residual block starts at zero, so each block starts
+    as the identity (as the official ImageNet recipes build their ResNet).
+    """
+    if arch not in RESNETS:
+        raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(RESNETS)}")
+    net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    net.feature_dim = net.fc.in_features
+    net.fc = nn.Identity()  # no parameters, so no fc.* keys in the state_dict
+    return net
+
+
+def parse_projector_spec(spec):
+    """"8192-8192-8192" -> [8192, 8192, 8192]: the widths of the projector's linear layers."""
+    try:
+        widths = [int(w) for w in str(spec).split("-")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise ValueError(
+            f"cannot parse projector spec {spec!r}: give positive layer widths joined by '-', "
+            "e.g. '8192-8192-8192' (ImageNet) or '2048-2048-2048' (CIFAR)"
+        )
+    return widths
+
+
+def build_projector(in_dim, spec):
+    """The projector g: features [B, in_dim] -> embedding Z [B, widths[-1]].
+
+    Every hidden layer is Linear (no bias) -> BatchNorm -> ReLU, the last is a Linear with bias
+    (the "3 layers" projector of both papers; spec "2048-2048-2048" has two hidden layers).
+    """
+    widths = [in_dim] + parse_projector_spec(spec)
+    layers = []
+    for d_in, d_out in zip(widths[:-2], widths[1:-1]):
+        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(widths[-2], widths[-1], bias=True))
+    return nn.Sequential(*layers)
+
+
+# -----------------------------------------------------------------------------
+# 2. Spectral transformations (Sec. 3.1-3.3)
+#
+# With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation
+# (ST) with function g maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes
+# l_i g(l_i)^2 in Z_hat. Whitening is g(l) = l^(-1/2); IterNorm replaces the eigendecomposition
+# by T Newton steps, which implicitly applies a polynomial to the spectrum (Theorem 1).
+
+
+def _check_axis(axis):
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 (channel whitening, B x B covariance) or 1 (batch whitening, D x D), got {axis!r}")
+
+
+def _units(z, axis):
+    """[B, D] -> the matrix whose rows are the units being whitened: [B, D] (axis 0) or [D, B] (axis 1)."""
+    _check_axis(axis)
+    if z.dim() != 2:
+        raise ValueError(f"expected an embedding of shape [batch, dim], got shape {tuple(z.shape)}")
+    if z.shape[0] < 2:
+        raise ValueError(f"whitening needs at least 2 samples, got a batch of {z.shape[0]}: use a larger batch")
+    return z if axis == 0 else z.t()
+
+
+def _centred_covariance(x):
+    """x [m, n] (m units measured on n observations) -> (centred x [m, n], covariance S [m, m])."""
+    x = x - x.mean(dim=1, keepdim=True)
+    return x, x @ x.t() / (x.shape[1] - 1)
+
+
+def iternorm(z, iters=4, axis=0):
+    """IterNorm (Sec. 3.3, Eq. 6-7): Newton's iteration towards S^(-1/2), without eigendecomposition.
+
+        S_N = S / tr(S),   P_0 = I,   P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2,   W = P_T / sqrt(tr(S))
+
+    z: [B, D] -> Z_hat = W X: [B, D]. With finite T the output is not fully whitened: eigenvalue
+    l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1 - that is the point.
+    """
+    x, cov = _centred_covariance(_units(z, axis))
+    trace = cov.diagonal().sum()
+    cov_n = cov / trace
+    p = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    for _ in range(iters):
+        p = 1.5 * p - 0.5 * (p @ p @ p @ cov_n)
+    z_hat = (p / trace.sqrt()) @ x
+    return z_hat if axis == 0 else z_hat.t()
+
+
+def spectral_transform(z, power=0.5, axis=0):
+    """The general ST by eigendecomposition (Sec. 3.1, Eq. 4) with g(l) = l^(-power).
+
+    power 0.5 is ZCA whitening, power 0 leaves Z unchanged (and collapses, Fig. 2).
+    z: [B, D] -> U diag(l^-power) U^T X: [B, D].
+    """
+    x = _units(z, axis)
+    m, n = x.shape
+    if power > 0 and n - 1 < m:
+        units, obs = ("samples", "channels") if axis == 0 else ("channels", "samples")
+        raise ValueError(
+            f"the {m} x {m} covariance is singular by construction: {m} {units} centred over only {n} {obs} "
+            f"have rank <= {n - 1} < {m}, so l^(-{power}) is undefined. Use a batch smaller than the "
+            f"embedding dim (axis 0), an embedding dim smaller than the batch (axis 1), or IterNorm"
+        )
+    x, cov = _centred_covariance(x)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    w = eigvecs @ torch.diag(eigvals.pow(-power)) @ eigvecs.t()
+    z_hat = w @ x
+    return z_hat if axis == 0 else z_hat.t()
+
+
+class _Float32(nn.Module):
+    """Runs a transformation in float32 (also under fp16/bf16 autocast) and returns the caller's dtype.
+
+    The Newton iteration cubes matrices and the eigendecomposition divides by small eigenvalues:
+    neither survives half precision.
+    """
+
+    def forward(self, z):
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.transform(z.float()).to(z.dtype)
+
+
+class IterNorm(_Float32):
+    def __init__(self, iters=4, axis=0):
+        super().__init__()
+        _check_axis(axis)
+        self.iters, self.axis = iters, axis
+
+    def transform(self, z):
+        return iternorm(z, self.iters, self.axis)
+
+    def extra_repr(self):
+        return f"iters={self.iters}, axis={self.axis}"
+
+
+class PowerTransform(_Float32):
+    def __init__(self, power=0.5, axis=0):
+        super().__init__()
+        _check_axis(axis)
+        self.power, self.axis = power, axis
+
+    def transform(self, z):
+        return spectral_transform(z, self.power, self.axis)
+
+    def extra_repr(self):
+        return f"power={self.power}, axis={self.axis}"
+
+
+# -----------------------------------------------------------------------------
+# 3. Trace loss (Sec. 4, Eq. 10)
+
+
+def trace_loss(z_hat, axis=0):
+    """TL(Z_hat) = sum_i (1 - var_i)^2 = sum of (1 - diag(S_hat))^2.
+
+    var_i is the variance of unit i of Z_hat (axis 0: sample i over its D channels, divisor D - 1).
+    Pushing the diagonal of the transformed covariance to 1 keeps IterNorm's output well scaled,
+    which is what drives the spectrum of Z towards equal eigenvalues (Theorem 2).
+    z_hat: [B, D] -> scalar.
+    """
+    x = _units(z_hat, axis)
+    var = x.var(dim=1, correction=1)
+    return (1 - var).pow(2).sum()
+
+
+# -----------------------------------------------------------------------------
+# 4. The INTL objective (Sec. 4, Eq. 11), over the global batch
+
+
+def alignment_loss(a, b):
+    """MSE between L2-normalised rows: 2 - 2 mean_i cos(a_i, b_i). a, b: [B, D] -> scalar."""
+    return 2 - 2 * F.cosine_similarity(a, b, dim=1).mean()
+
+
+def default_beta(batch_size, dim, axis=0):
+    """The trace-loss weight of the official recipes: 0.01 (log2(n) - 3), n = B (axis 0) or D (axis 1)."""
+    _check_axis(axis)
+    return 0.01 * (math.log2(batch_size if axis == 0 else dim) - 3)
+
+
+def _check_views(views):
+    if len(views) < 2:
+        raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) > 1:
+        raise ValueError(f"all views' embeddings must have the same shape [B, D], got {sorted(shapes)}")
+
+
+def intl_loss(views, iters=4, axis=0, beta=None):
+    """The INTL objective over V >= 2 views of the same B samples, each [B, D] -> scalar.
+
+        L = 1/(V-1) sum_{v>=1} [ align(Z_hat_v, Z_hat_0) + beta (TL(Z_hat_v) + TL(Z_hat_0)) ]
+
+    with Z_hat_v = IterNorm(Z_v), each view transformed on its own; every extra view is matched
+    to view 0. beta defaults to `default_beta` of this batch. For training, pass the embeddings
+    of the global batch (`gather_with_grad`).
+    """
+    _check_views(views)
+    if beta is None:
+        beta = default_beta(*views[0].shape, axis)
+    z_hat = [iternorm(z, iters, axis) for z in views]
+    tl_0 = trace_loss(z_hat[0], axis)
+    terms = [alignment_loss(z, z_hat[0]) + beta * (trace_loss(z, axis) + tl_0) for z in z_hat[1:]]
+    return sum(terms) / len(terms)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each process the gradient of its own rows.
+
+    Every process computes the same loss on the same gathered batch, so each holds the full
+    gradient dL/dZ_all. Summing it over processes and keeping the own slice gives world_size x
+    the true gradient of the local rows, which DDP's gradient averaging divides back.
+    """
+
+    @staticmethod
+    def forward(ctx, z):
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_with_grad(z):
+    """[B_local, D] -> [B_local x world_size, D], rank order; the identity with one process.
+
+    Not `accelerator.gather`: that one carries no gradient. All processes must pass the same
+    batch size (use drop_last in the data loader).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    return _GatherWithGrad.apply(z)
+
+
+class INTL(nn.Module):
+    """Encoder + projector + IterNorm + objective, one forward per step (so DDP syncs once).
+
+    forward(views) with views a list of V image batches [B, 3, H_v, W_v] returns a dict:
+        loss   the objective on the global batch (scalar)
+        z      view 0's embedding of the global batch, detached [B_global, D] (for monitoring)
+        z_hat  its transformed embedding, detached [B_global, D]
+    Views of equal resolution go through the encoder together (multi-crop: 2 x 224 + 4 small
+    crops is 5 encoder passes, not 6), which gives the same numbers as one pass per view.
+
+    momentum_target=True is INTL-M (Sec. 5): an EMA copy of encoder + projector, without
+    gradients, embeds view 0 only; the online network embeds views 1..V-1, each matched to the
+    target's view 0, with the trace loss on the online views.
+    """
+
+    def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False):
+        super().__init__()
+        _check_axis(axis)
+        self.backbone, self.projector = backbone, projector
+        self.transform = IterNorm(iters, axis)
+        self.axis, self.beta = axis, beta
+        self.target = None
+        if momentum_target:
+            self.target = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector))
+            self.target.requires_grad_(False)
+
+    def embed(self, views, network=None):
+        """Views [B, 3, H_v, W_v] -> per-view embeddings [B, D], one encoder pass per resolution."""
+        backbone, projector = (self.backbone, self.projector) if network is None else network
+        embeddings = [None] * len(views)
+        for indices in _group_by_shape(views):
+            features = backbone(torch.cat([views[i] for i in indices]))
+            for i, z in zip(indices, projector(features).chunk(len(indices))):
+                embeddings[i] = z
+        return embeddings
+
+    def forward(self, views):
+        if len(views) < 2:
+            raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
+        if self.target is None:
+            return self.objective(self.embed(views))
+        with torch.no_grad():
+            z_target = self.embed(views[:1], network=(self.target[0], self.target[1]))
+        return self.objective(z_target + self.embed(views[1:]))
+
+    def objective(self, z):
+        """Per-view embeddings of the local batch, each [B, D] -> the dict of `forward` (Eq. 11)."""
+        _check_views(z)
+        z = [gather_with_grad(v) for v in z]
+        beta = default_beta(*z[0].shape, self.axis) if self.beta is None else self.beta
+        z_hat = [self.transform(v) for v in z]
+        # The trace loss acts on the views that have gradients: all of them for INTL, the online
+        # ones for INTL-M (the target's output is a constant).
+        tl_0 = trace_loss(z_hat[0], self.axis) if self.target is None else 0.0
+        terms = [alignment_loss(v, z_hat[0]) + beta * (trace_loss(v, self.axis) + tl_0) for v in z_hat[1:]]
+        loss = sum(terms) / len(terms)
+        return {"loss": loss, "z": z[0].detach(), "z_hat": z_hat[0].detach()}
+
+    @torch.no_grad()
+    def update_target(self, momentum):
+        """INTL-M's EMA: theta_target <- m theta_target + (1 - m) theta_online; buffers copied."""
+        online = nn.Sequential(self.backbone, self.projector)
+        for t, o in zip(self.target.parameters(), online.parameters()):
+            t.lerp_(o, 1 - momentum)
+        for t, o in zip(self.target.buffers(), online.buffers()):
+            t.copy_(o)
+
+
+def _group_by_shape(views):
+    """Indices of views grouped by their shape, in order of first appearance: [[0, 1], [2, 3, 4, 5]]."""
+    groups = {}
+    for i, v in enumerate(views):
+        groups.setdefault(tuple(v.shape), []).append(i)
+    return list(groups.values())
+
+
+# -----------------------------------------------------------------------------
+# 5. The EMA target's momentum (Sec. 5)
+
+
+def ema_momentum(step, total_steps, m0):
+    """Cosine from m0 (step 0) to 1 (last step): m = 1 - (1 - m0) (cos(pi step / total) + 1) / 2."""
+    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# -----------------------------------------------------------------------------
+# 6. Spectrum diagnostics (Fig. 2-3): is the embedding collapsing?
+
+
+@torch.no_grad()
+def covariance_spectrum(z, axis=0):
+    """Eigenvalues of the covariance the transformation sees, descending, float64.
+
+    Only the min(units, observations - 1) eigenvalues that can be non-zero are returned: the
+    rest are zero by construction (centring removes one dimension) and would make every
+    condition number infinite. z: [B, D] -> [min(B, D - 1)] (axis 0) or [min(D, B - 1)] (axis 1).
+    """
+    x = _units(z.detach().double(), axis)
+    _, cov = _centred_covariance(x)
+    eigvals = torch.linalg.eigvalsh(cov).flip(0)
+    return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
+
+
+def lg_ioc(eigvals):
+    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened)."""
+    return math.log10(max(eigvals.min().item(), 1e-300) / eigvals.max().item())
+
+
+def effective_rank(eigvals):
+    """exp(entropy of the normalised eigenvalues): between 1 (collapsed) and len(eigvals) (uniform)."""
+    p = eigvals.clamp(min=0) / eigvals.clamp(min=0).sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+# =============================================================================
+# Data, shared by every stage. Every source ends up as a `datasets.Dataset` in an ImageSplit:
+#   None / "digits"   scikit-learn's handwritten digits, the offline default (no download)
+#   a folder written by Dataset.save_to_disk / DatasetDict.save_to_disk
+#   a folder of class sub-folders (ImageNet layout), flat or split into train/ val/ test/
+#   anything else     a Hugging Face Hub dataset id, optionally "id:config"
+# ImageDataset turns a split into (transform(rgb_pil_image), label) pairs; labels_of reads the
+# labels without decoding an image.
+
+_data_logger = logging.getLogger(__name__)
+
+DIGITS_SOURCE = "digits"
+
+# When the requested split is missing, these stand in for it (in this order).
+# Many datasets ship only one held-out split, named differently:
+# CIFAR-10 has "test", ImageNet-1k has "validation", torchvision-style folders have "val".
+_SPLIT_FALLBACKS = {
+    "train": ("training",),
+    "validation": ("val", "valid", "dev", "test"),
+    "val": ("validation", "valid", "dev", "test"),
+    "test": ("validation", "val", "valid", "dev"),
+}
+
+# Sub-folder names of an image folder that denote splits rather than classes,
+# mapped to the split name they are exposed under.
+_SPLIT_DIR_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
+
+_HOW_TO_PROVIDE_DATA = (
+    "To provide the data, either run once with network access so that the dataset "
+    "gets cached (in ~/.cache/huggingface, or HF_HOME), or point --dataset at a local "
+    "folder of class sub-folders (ROOT/<class>/*.png, or ROOT/train/<class>/... and "
+    "ROOT/val/<class>/...), or at a folder written by Dataset.save_to_disk / "
+    "DatasetDict.save_to_disk. Use --dataset digits for the built-in offline data."
+)
+
+
+@dataclass
+class ImageSplit:
+    """One split of an image dataset plus what is needed to read it.
+
+    Attributes:
+        dataset: the Hugging Face dataset holding the split.
+        image_column: name of the column holding the images.
+        label_column: name of the integer label column, or None when unlabelled.
+        num_classes: number of classes when known (from a ClassLabel feature), else None.
+        source: human-readable description of where the data came from (used in messages).
+    """
+
+    dataset: hf_datasets.Dataset
+    image_column: str
+    label_column: Optional[str]
+    num_classes: Optional[int]
+    source: str
+
+
+def load_image_split(source, split, image_column=None, label_column=None) -> ImageSplit:
+    """Load one split of an image dataset from any supported source.
+
+    Args:
+        source: None or "digits" (built-in offline data), a ``save_to_disk``
+            folder, a folder of class sub-folders, or a Hub id (``"id"`` or
+            ``"id:config"``). Path-like objects are accepted.
+        split: split name, e.g. "train" or "test". A missing "test" is served
+            by "validation"/"val" and vice versa.
+        image_column: image column to use instead of the detected one.
+        label_column: label column to use instead of the detected one.
+
+    Returns:
+        An :class:`ImageSplit`.
+
+    Raises:
+        ValueError: unknown split (the message lists the available ones), unknown
+            column (lists the columns), unusable folder, or a Hub dataset that
+            cannot be reached and is not cached.
+    """
+    if source is None or source == DIGITS_SOURCE:
+        dataset, description = _load_digits_split(split), DIGITS_SOURCE
+    else:
+        source = os.fspath(source)
+        path = os.path.expanduser(source)
+        if os.path.isdir(path):
+            if _is_save_to_disk_folder(path):
+                dataset = _load_saved_split(path, split)
+            else:
+                dataset = _load_image_folder_split(path, split)
+            description = path
+        elif _looks_like_path(source):
+            # A typo in a path must not turn into a confusing Hub lookup.
+            raise ValueError(
+                f"Dataset folder {source!r} does not exist. Expected a folder of class "
+                "sub-folders or a save_to_disk folder, a Hugging Face Hub id such as "
+                "'uoft-cs/cifar10', or 'digits'."
+            )
+        else:
+            dataset, description = _load_hub_split(source, split), f"Hugging Face Hub dataset {source!r}"
+    return _make_image_split(dataset, image_column, label_column, f"{description} (split {split!r})")
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def _load_digits_split(split: str) -> hf_datasets.Dataset:
+    """Build the requested split of scikit-learn's digits as 32x32 RGB PNG images.
+
+    The split is a seeded, class-stratified 80/20 split, identical on every call,
+    so that pre-training never sees the images used to report test accuracy.
+    """
+    # Imported lazily: scikit-learn costs ~1.5 s to import and only this source needs it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
+    )
+    splits = {"train": np.sort(train_idx), "test": np.sort(test_idx)}
+    indices = splits[_resolve_split_name(split, list(splits), DIGITS_SOURCE)]
+
+    encoded = []
+    for pixels in digits.images[indices]:
+        # Resample in float ("F" mode) so the 0..16 -> 0..255 rescale is quantised only once.
+        small = PILImage.fromarray((pixels * (255.0 / 16.0)).astype(np.float32), mode="F")
+        big = np.asarray(small.resize((32, 32), PILImage.Resampling.BICUBIC))
+        gray = np.clip(np.rint(big), 0, 255).astype(np.uint8)  # bicubic overshoots at edges
+        buffer = io.BytesIO()
+        PILImage.fromarray(gray, mode="L").convert("RGB").save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+
+    features = hf_datasets.Features(
+        {
+            "image": hf_datasets.Image(),
+            "label": hf_datasets.ClassLabel(names=[str(d) for d in range(10)]),
+        }
+    )
+    return hf_datasets.Dataset.from_dict(
+        {"image": encoded, "label": labels[indices].tolist()}, features=features
+    )
+
+
+# ----------------------------------------------------------------------------- local folders
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings that can only be meant as local paths (never valid Hub ids)."""
+    return (
+        source.startswith(("/", "./", "../", "~", "\\"))
+        or source in (".", "..")
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+    )
+
+
+def _is_save_to_disk_folder(path: str) -> bool:
+    """True if ``path`` was written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    cfg = hf_datasets.config
+    is_dataset = os.path.isfile(os.path.join(path, cfg.DATASET_INFO_FILENAME)) and os.path.isfile(
+        os.path.join(path, cfg.DATASET_STATE_JSON_FILENAME)
+    )
+    return is_dataset or os.path.isfile(os.path.join(path, cfg.DATASETDICT_JSON_FILENAME))
+
+
+def _load_saved_split(path: str, split: str) -> hf_datasets.Dataset:
+    """Load a split from a save_to_disk folder."""
+    saved = hf_datasets.load_from_disk(path)
+    if isinstance(saved, hf_datasets.DatasetDict):
+        return saved[_resolve_split_name(split, list(saved), path)]
+    # A bare Dataset carries no split name; accepting it for e.g. "test" would silently
+    # evaluate on the training images.
+    if split != "train":
+        raise ValueError(
+            f"{path} holds a single Dataset without splits, which can only be used as split "
+            f"'train' (requested {split!r}). Save a DatasetDict with the held-out split instead."
+        )
+    return saved
+
+
+def _list_sub_dirs(path: str) -> list:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _load_image_folder_split(root: str, split: str) -> hf_datasets.Dataset:
+    """Load a split from a folder of class sub-folders with the "imagefolder" builder.
+
+    The split -> files mapping and the class list are given explicitly instead of
+    letting the builder infer them: only the requested split is scanned, and the
+    label indices are the same in every split even when a split lacks a class.
+    The builder works offline and caches its (path-only) Arrow table in the datasets
+    cache, so later loads of the same folder skip the file scan.
+    """
+    sub_dirs = _list_sub_dirs(root)
+    if not sub_dirs:
+        raise ValueError(
+            f"{root} is neither a save_to_disk folder nor a folder of class sub-folders "
+            f"(it has no sub-folders). {_HOW_TO_PROVIDE_DATA}"
+        )
+    split_dirs = [d for d in sub_dirs if d.lower() in _SPLIT_DIR_NAMES]
+    data_files = {}
+    if split_dirs:  # ROOT/train/<class>/..., ROOT/val/<class>/...
+        class_names = set()
+        for dir_name in split_dirs:
+            split_name = _SPLIT_DIR_NAMES[dir_name.lower()]
+            data_files.setdefault(split_name, []).append(os.path.join(root, dir_name, "**"))
+            class_names.update(_list_sub_dirs(os.path.join(root, dir_name)))
+    else:  # ROOT/<class>/...: everything is training data
+        data_files["train"] = [os.path.join(root, "**")]
+        class_names = set(sub_dirs)
+    split_name = _resolve_split_name(split, list(data_files), root)
+    features = hf_datasets.Features(
+        {"image": hf_datasets.Image(), "label": hf_datasets.ClassLabel(names=sorted(class_names))}
+    )
+    # drop_labels=False: otherwise the builder silently drops labels when there is a
+    # single class folder or the files sit at different depths.
+    loaded = hf_datasets.load_dataset(
+        "imagefolder",
+        data_files={split_name: data_files[split_name]},
+        features=features,
+        drop_labels=False,
+    )
+    return loaded[split_name]
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_offline_requested() -> bool:
+    """Whether offline mode is on, read at call time.
+
+    datasets and huggingface_hub read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE only once,
+    at import, so the environment is checked again here as well.
+    """
+    return (
+        any(_env_flag(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        or bool(hf_datasets.config.HF_HUB_OFFLINE)
+        or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Quickly check that a TCP connection to the Hub (or the configured proxy) opens.
+
+    Without this, an unreachable Hub costs ~25 s of HTTP retries inside datasets.
+    The probe runs in a daemon thread because DNS resolution ignores socket timeouts.
+    """
+    endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = proxy_url.hostname or host, proxy_url.port or 8080
+    reached = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
+
+
+@contextlib.contextmanager
+def _forced_hub_offline_mode():
+    """Temporarily switch datasets and huggingface_hub to offline mode.
+
+    Offline mode makes datasets go straight to its local cache without any HTTP
+    request. The module-level flags are patched because both libraries read the
+    environment only at import time. Not thread-safe, like any global switch.
+    """
+    saved = (
+        hf_datasets.config.HF_HUB_OFFLINE,
+        hf_datasets.config.HF_DATASETS_OFFLINE,
+        huggingface_hub.constants.HF_HUB_OFFLINE,
+    )
+    hf_datasets.config.HF_HUB_OFFLINE = hf_datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        (
+            hf_datasets.config.HF_HUB_OFFLINE,
+            hf_datasets.config.HF_DATASETS_OFFLINE,
+            huggingface_hub.constants.HF_HUB_OFFLINE,
+        ) = saved
+
+
+def _load_hub_split(source: str, split: str) -> hf_datasets.Dataset:
+    """Load a split of a Hub dataset ("id" or "id:config"), failing fast when offline.
+
+    All splits are loaded and the requested one picked afterwards: datasets prepares
+    every split anyway, and this lets missing splits fall back to their aliases.
+    """
+    repo_id, _, config_name = source.partition(":")
+    offline_requested = _hub_offline_requested()
+    offline = offline_requested or not _hub_reachable()
+    try:
+        if offline:
+            with _forced_hub_offline_mode():
+                loaded = hf_datasets.load_dataset(repo_id, config_name or None)
+        else:
+            loaded = hf_datasets.load_dataset(repo_id, config_name or None)
+    except (ConnectionError, FileNotFoundError) as err:
+        # DatasetNotFoundError and the "not in the cache" errors are FileNotFoundErrors.
+        if offline_requested:
+            problem = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+        elif offline:
+            problem = f"the Hub ({huggingface_hub.constants.ENDPOINT}) is not reachable"
+        else:
+            problem = "the Hub could not provide it"
+        if offline:
+            problem += (
+                f", so only the local datasets cache ({hf_datasets.config.HF_DATASETS_CACHE}) "
+                "was tried, and it holds no copy"
+            )
+        # "from None": one self-contained message instead of a chain of library internals.
+        raise ValueError(
+            f"Could not load Hugging Face Hub dataset {source!r}: {problem} "
+            f"({type(err).__name__}: {err}). {_HOW_TO_PROVIDE_DATA}"
+        ) from None
+    return loaded[_resolve_split_name(split, list(loaded), source)]
+
+
+# ----------------------------------------------------------------------------- splits and columns
+
+
+def _resolve_split_name(split: str, available, where: str) -> str:
+    """Return the available split serving ``split``, falling back to its aliases."""
+    available = list(available)
+    if split in available:
+        return split
+    for alias in _SPLIT_FALLBACKS.get(split, ()):
+        if alias in available:
+            _data_logger.info("%s has no split %r; using %r instead", where, split, alias)
+            return alias
+    raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
+
+
+def _make_image_split(dataset, image_column, label_column, description) -> ImageSplit:
+    """Detect (or check) the image and label columns and wrap everything in an ImageSplit."""
+    features = dataset.features
+    columns = list(features)
+    for role, name in (("image", image_column), ("label", label_column)):
+        if name is not None and name not in features:
+            raise ValueError(f"{description} has no {role} column {name!r}; columns: {columns}")
+
+    if image_column is None:
+        image_columns = [c for c in columns if isinstance(features[c], hf_datasets.Image)]
+        image_columns += [c for c in ("image", "img") if c in features]
+        if not image_columns:
+            raise ValueError(
+                f"{description} has no image column (no Image feature, no column named "
+                f"'image' or 'img'); columns: {columns}. Pass image_column explicitly."
+            )
+        image_column = image_columns[0]
+
+    explicit_label = label_column is not None
+    if not explicit_label:
+        label_column = next((c for c in ("label", "fine_label") if c in features), None)
+        if label_column is None:
+            label_column = next(
+                (c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)), None
+            )
+        if label_column is None and "labels" in features:
+            label_column = "labels"
+
+    num_classes = None
+    if label_column is not None:
+        feature = features[label_column]
+        if isinstance(feature, hf_datasets.ClassLabel):
+            num_classes = feature.num_classes
+        elif not (isinstance(feature, hf_datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+            # e.g. a multi-label "labels" list or string labels: not usable as class indices.
+            raise ValueError(
+                f"{'Label' if explicit_label else 'Detected label'} column {label_column!r} of "
+                f"{description} is {feature}, not integer class labels; pass label_column "
+                f"explicitly (columns: {columns})."
+            )
+    return ImageSplit(dataset, image_column, label_column, num_classes, description)
+
+
+# ----------------------------------------------------------------------------- torch side
+
+
+def _decode_rgb(value, index: int, source: str) -> PILImage.Image:
+    """Decode an undecoded Image value ({"bytes", "path"}) into an RGB PIL image.
+
+    Errors are re-raised naming the file (or the row index when there is no path),
+    since a bare PIL error from a worker process does not say which image is broken.
+    """
+    path = value.get("path") if value else None
+    data = value.get("bytes") if value else None
+    try:
+        if data is not None:
+            handle = PILImage.open(io.BytesIO(data))
+        elif path:
+            handle = PILImage.open(path)
+        else:
+            raise ValueError("the entry has neither bytes nor a path")
+        with handle:
+            return handle.convert("RGB")  # forces the full decode, so truncation shows up here
+    except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
+        where = f"file {path!r}" if path else "no file path"
+        raise OSError(f"Cannot read image #{index} of {source} ({where}): {err}") from err
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """PyTorch view of an :class:`ImageSplit`: item ``i`` is ``(transform(rgb_image), label)``.
+
+    The label is -1 when the split has no labels. Images are decoded here with PIL
+    rather than by datasets, so that a broken image raises an error naming its file.
+    The object is picklable (for DataLoader workers) as long as ``transform`` is:
+    datasets backed by files pickle as their file paths, not their contents.
+    """
+
+    def __init__(self, split: ImageSplit, transform: Optional[Callable] = None):
+        columns = [split.image_column] + ([split.label_column] if split.label_column else [])
+        # Only the needed columns: every other column would be converted on each access.
+        rows = split.dataset.select_columns(columns)
+        rows = rows.cast_column(split.image_column, hf_datasets.Image(decode=False))
+        self.rows = rows.with_format(None)  # plain Python rows even if a torch format was set
+        self.image_column = split.image_column
+        self.label_column = split.label_column
+        self.source = split.source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[int(index)]
+        image = _decode_rgb(row[self.image_column], index, self.source)
+        if self.transform is not None:
+            image = self.transform(image)
+        label = row[self.label_column] if self.label_column else None
+        return image, -1 if label is None else int(label)
+
+
+def labels_of(split: ImageSplit) -> torch.Tensor:
+    """All labels of ``split`` as a LongTensor, without decoding any image (-1 if unlabelled)."""
+    if split.label_column is None:
+        return torch.full((len(split.dataset),), -1, dtype=torch.long)
+    # The Arrow format reads the one column directly and honours select()/shuffle() indices.
+    column = split.dataset.with_format("arrow")[split.label_column]
+    return torch.from_numpy(column.fill_null(-1).to_numpy().astype(np.int64))
+
+
+# =============================================================================
+# What the scripts share: evaluation transform, features, kNN, exports, plots
+
+
+def eval_transform(image_size, mean, std):
+    """Un-augmented input: Resize(size / 0.875) + CenterCrop(size) for large images (224 -> 256 -> 224),
+    a plain resize for small ones (CIFAR, digits)."""
+    resize = round(image_size / 0.875) if image_size >= 128 else image_size
+    return v2.Compose([
+        v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, accelerator):
+    """Frozen features of every sample exactly once: ([N, feature_dim] float32, [N] labels) on the CPU.
+
+    `loader` must come from `accelerator.prepare`, so that `gather_for_metrics` drops the samples
+    repeated to even out the last batch across processes.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        with accelerator.autocast():
+            f = backbone(images)
+        f, targets = accelerator.gather_for_metrics((f.float().contiguous(), targets))
+        features.append(f.cpu())
+        labels.append(targets.cpu())
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_classify(train_features, train_labels, test_features, test_labels, k=5, chunk=1024):
+    """k-NN accuracy (%) with Euclidean distance and one vote per neighbour (the papers' 5-NN).
+
+    Ties between classes go to the class of the nearer neighbours. Returns {"top1": float}.
+    """
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train_features))
+    # 1 vote each, plus a tiny bonus for nearer neighbours that only ever breaks ties.
+    votes_by_rank = 1 + 1e-3 * torch.arange(k, 0, -1, dtype=torch.float64) / k
+    correct = 0
+    for start in range(0, len(test_features), chunk):
+        queries = test_features[start:start + chunk]
+        nearest = torch.cdist(queries.double(), train_features.double()).topk(k, largest=False).indices
+        votes = torch.zeros(len(queries), num_classes, dtype=torch.float64)
+        votes.scatter_add_(1, train_labels[nearest], votes_by_rank.expand(len(queries), k).contiguous())
+        correct += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
+    return {"top1": 100.0 * correct / len(test_features)}
+
+
+def write_export(export_dir, weights, config):
+    """Write export_dir/model.safetensors + config.json atomically: a reader sees the old export or the new one.
+
+    weights: the backbone's state_dict (torchvision keys, no fc.*); config: JSON-able description.
+    """
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = export_dir.with_name(f".tmp-{export_dir.name}"), export_dir.with_name(f".old-{export_dir.name}")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if export_dir.exists():
+        export_dir.rename(old)
+    tmp.rename(export_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def plot_spectra(spectra, path, max_curves=6):
+    """The paper's Fig. 3 style: eigenvalues of the covariance of Z and of Z_hat, log scale, over training.
+
+    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
+    for colour, i in zip(colours, picks):
+        step, eig_z, eig_z_hat = spectra[i]
+        for ax, eig in zip(axes, (eig_z, eig_z_hat)):
+            ax.plot(range(1, len(eig) + 1), eig.clamp(min=1e-12).numpy(), color=colour,
+                    label=f"step {step}  (lg IoC {lg_ioc(eig):.2f})")
+    for ax, name in zip(axes, ("Z (projector output)", "Z_hat (IterNorm output)")):
+        ax.set(title=f"eigenvalues of the covariance of {name}", xlabel="index", ylabel="eigenvalue", yscale="log")
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

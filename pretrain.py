@@ -1,0 +1,631 @@
+"""Pretrain a ResNet with INTL (or INTL-M) on one CPU up to many GPUs, with Hugging Face Accelerate.
+
+    python pretrain.py --output_dir runs/digits                  # offline demo: minutes on a CPU
+    accelerate launch pretrain.py --preset cifar10 --output_dir runs/cifar10
+    accelerate launch pretrain.py --preset intl-m-800ep --dataset /data/imagenet --output_dir runs/in1k
+
+The run writes into --output_dir: checkpoints/ (resumable state), log.jsonl (one JSON object per
+logged step), spectrum.png (eigenvalues of the covariance of Z and Z_hat, the paper's Fig. 3) and
+backbone/ (model.safetensors + config.json: the encoder alone, loadable into torchvision).
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from torchvision.transforms import v2 as T
+from tqdm.auto import tqdm
+
+import intl
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# The official recipes (PAPER_NOTES 7). A preset sets these values; any explicit flag wins.
+_CIFAR = dict(arch="resnet18", cifar_stem=True, image_size=32, projector="2048-2048-2048", batch_size=256,
+              epochs=1000, lr=0.3, weight_decay=1e-4, warmup_epochs=2, momentum=0.999,
+              blur_prob="0.0,0.0", solarize_prob="0.0,0.2", mean=CIFAR_MEAN, std=CIFAR_STD)
+_INTL_M = dict(method="intl-m", arch="resnet50", dataset="ILSVRC/imagenet-1k", projector="8192-8192-8192",
+               batch_size=256, weight_decay=1e-5, momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
+               blur_prob="0.5,0.5", solarize_prob="0.1,0.1", mixed_precision="fp16")
+PRESETS = {
+    # Offline demo on scikit-learn's digits: a small budget that shows learning in minutes on 2 cores.
+    "digits": dict(dataset="digits", arch="resnet18", cifar_stem=False, image_size=32, projector="512-512-512",
+                   batch_size=128, epochs=20, lr=0.3, weight_decay=1e-4, warmup_epochs=2, momentum=0.99,
+                   blur_prob="0.0,0.0", solarize_prob="0.0,0.2", knn_every=5, num_workers=2),
+    "cifar10": dict(_CIFAR, dataset="uoft-cs/cifar10"),
+    "cifar100": dict(_CIFAR, dataset="uoft-cs/cifar100"),
+    "imagenet100": dict(arch="resnet18", projector="4096-4096-4096", batch_size=128, epochs=400, lr=0.5,
+                        weight_decay=2.5e-5),
+    "imagenet-800ep": dict(dataset="ILSVRC/imagenet-1k", arch="resnet50", projector="8192-8192-8192",
+                           batch_size=256, epochs=800, lr=0.3, weight_decay=1e-5),
+    "intl-m-100ep": dict(_INTL_M, epochs=100, lr=0.5),
+    "intl-m-200ep": dict(_INTL_M, epochs=200, lr=0.4),
+    "intl-m-400ep": dict(_INTL_M, epochs=400, lr=0.4),
+    "intl-m-800ep": dict(_INTL_M, epochs=800, lr=0.3),
+}
+# Flags that only steer the run, not what it computes: a resumed run may change them.
+RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
+               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark"}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="INTL self-supervised pretraining", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="an official recipe (README table); without it and without --dataset: digits")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and augmentations")
+
+    # Data
+    parser.add_argument("--dataset", type=str, default=None,
+                        help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
+    parser.add_argument("--split", type=str, default="train", help="split to pretrain on")
+    parser.add_argument("--eval_split", type=str, default="test",
+                        help="held-out split for the online kNN monitor (used when the data has labels)")
+    parser.add_argument("--image_column", type=str, default=None, help="image column (default: detected)")
+    parser.add_argument("--label_column", type=str, default=None, help="label column (default: detected)")
+    parser.add_argument("--image_size", type=int, default=224, help="side of the two large crops, in pixels")
+    parser.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop scale lower bound")
+    parser.add_argument("--small_crops", type=str, default="",
+                        help="multi-crop: sides of extra small crops, e.g. '192,160,128,96'; a crop of side s "
+                             "takes scales (min_scale * s / image_size, s / image_size)")
+    parser.add_argument("--blur_prob", type=str, default="1.0,0.1",
+                        help="Gaussian blur probability of view 1, view 2 (and every small crop, the second value)")
+    parser.add_argument("--solarize_prob", type=str, default="0.0,0.2",
+                        help="solarisation probability of view 1, view 2 (and every small crop, the second value)")
+    parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="input normalisation mean (RGB)")
+    parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="input normalisation std (RGB)")
+    parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
+
+    # Model
+    parser.add_argument("--arch", type=str, default="resnet50", choices=intl.RESNETS, help="encoder")
+    parser.add_argument("--cifar_stem", action=argparse.BooleanOptionalAction, default=False,
+                        help="3x3 stride-1 first convolution and no max-pool (CIFAR recipes)")
+    parser.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=True,
+                        help="start every residual block as the identity")
+    parser.add_argument("--projector", type=str, default="8192-8192-8192", help="projector layer widths")
+
+    # Method
+    parser.add_argument("--method", type=str, default="intl", choices=["intl", "intl-m"],
+                        help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder (Sec. 5)")
+    parser.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
+    parser.add_argument("--axis", type=int, default=0, choices=[0, 1],
+                        help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="trace-loss weight (default: 0.01 * (log2(global batch) - 3), log2(D) on axis 1)")
+    parser.add_argument("--momentum", type=float, default=0.996,
+                        help="intl-m: EMA momentum at step 0, raised to 1 by a cosine")
+
+    # Optim
+    parser.add_argument("--epochs", type=int, default=800, help="training epochs")
+    parser.add_argument("--batch_size", type=int, default=256, help="batch per process (global = x processes)")
+    parser.add_argument("--lr", type=float, default=0.3, help="base learning rate, scaled by global batch / 256")
+    parser.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay (none on biases and norms)")
+    parser.add_argument("--warmup_epochs", type=float, default=10, help="linear warm-up, then cosine to 0.001 x")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="autocast precision (default: Accelerate's config); fp16 falls back to no on CPU "
+                             "when it comes from a preset")
+
+    # Checkpoints
+    parser.add_argument("--output_dir", type=str, default=None, help="where checkpoints, logs and exports go")
+    parser.add_argument("--save_every", type=int, default=1000, help="save a checkpoint every N steps (and each epoch)")
+    parser.add_argument("--keep", type=int, default=2, help="keep the last K checkpoints")
+    parser.add_argument("--resume", type=str, default=None,
+                        help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
+    parser.add_argument("--export_only", action="store_true",
+                        help="export the backbone of the --resume checkpoint to OUTPUT_DIR/backbone and exit")
+    parser.add_argument("--stop_after_steps", type=int, default=None,
+                        help="save and stop after this many steps; the schedule still spans all epochs")
+
+    # Logging
+    parser.add_argument("--report_to", type=str, default="none", choices=["none", "tensorboard", "wandb"],
+                        help="experiment tracker (through Accelerate)")
+    parser.add_argument("--log_every", type=int, default=10, help="log loss and learning rate every N steps")
+    parser.add_argument("--spectrum_every", type=int, default=100,
+                        help="log the spectrum of Z and Z_hat (lg IoC, effective rank) every N steps")
+    parser.add_argument("--knn_every", type=int, default=0,
+                        help="5-NN accuracy on the held-out split every N epochs, at start and end (0: never)")
+    parser.add_argument("--benchmark", type=int, default=0,
+                        help="time N training steps on random images and print throughput and memory; no data")
+    return parser
+
+
+def main(argv=None):
+    config = resolve_config(argv)
+    if config.print_config:
+        print(json.dumps(vars(config), indent=2))
+        return
+    if config.export_only:
+        export_backbone(find_checkpoint(config.resume, config.output_dir), Path(config.output_dir) / "backbone")
+        return
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              log_with=None if config.report_to == "none" else config.report_to,
+                              project_dir=config.output_dir)
+    if config.benchmark:
+        return benchmark(config, accelerator)
+    output_dir = Path(config.output_dir)
+    log = Logger(output_dir / "log.jsonl", accelerator)
+    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+             f"precision {accelerator.mixed_precision}")
+
+    # Data: augmented views of the training split, seeded per (epoch, sample) so a resume replays them.
+    train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column)
+    global_batch = config.batch_size * accelerator.num_processes
+    sampler = ShardedEpochSampler(len(train_split.dataset), config.batch_size, accelerator.num_processes,
+                                  accelerator.process_index, config.seed)
+    if sampler.batches_per_epoch == 0:
+        raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
+                         f"{global_batch}: lower --batch_size")
+    loader = torch.utils.data.DataLoader(
+        AugmentedViews(train_split, view_transforms(config), config.seed), batch_size=config.batch_size,
+        sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=config.num_workers > 0, drop_last=True)
+    knn_data = knn_splits(config, accelerator, train_split)
+
+    # Model: built from the same seed on every process, then seeded per process for everything else.
+    set_seed(config.seed)
+    backbone = intl.build_backbone(config.arch, config.cifar_stem, config.zero_init_residual)
+    projector = intl.build_projector(backbone.feature_dim, config.projector)
+    model = intl.INTL(backbone, projector, config.iters, config.axis, config.beta,
+                      momentum_target=config.method == "intl-m")
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    set_seed(config.seed, device_specific=True)
+
+    # Optim: SGD momentum 0.9, no weight decay on biases and normalisation parameters.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=0.0, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    peak_lr = config.lr * global_batch / 256
+    total_steps = config.epochs * sampler.batches_per_epoch
+    warmup_steps = round(config.warmup_epochs * sampler.batches_per_epoch)
+
+    step = 0
+    if config.resume:
+        checkpoint = find_checkpoint(config.resume, output_dir)
+        accelerator.load_state(checkpoint)
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        log.truncate_after(step)
+        log.info(f"resumed from {checkpoint} at step {step}")
+    else:
+        log.start()
+    accelerator.init_trackers("intl", config={k: str(v) for k, v in vars(config).items()})
+    log.info(f"{len(train_split.dataset)} training images, global batch {global_batch}, "
+             f"{sampler.batches_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
+    if knn_data and step == 0:
+        log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone, knn_data, accelerator)})
+
+    last_good = latest_checkpoint(output_dir)
+    stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
+    progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
+    model.train()
+    tic, images_seen = time.time(), 0
+    while step < stop_at:
+        epoch, batch_in_epoch = divmod(step, sampler.batches_per_epoch)
+        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
+        for views, _ in loader:
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            views = [v.to(accelerator.device, non_blocking=True) for v in views]
+            out = model(views)
+            loss = out["loss"].item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
+                                         f"{last_good or 'none'}. Lower --lr or use --mixed_precision no")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out["loss"])
+            optimizer.step()
+            if config.method == "intl-m":
+                accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
+            step += 1
+            images_seen += global_batch
+            progress.update(1)
+
+            if step % config.log_every == 0:
+                speed = images_seen / (time.time() - tic)
+                progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
+                log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / sampler.batches_per_epoch,
+                                   "images_per_s": speed})
+            if step % config.spectrum_every == 0 or step == total_steps:
+                log.spectrum(step, out["z"], out["z_hat"], config.axis)
+            epoch_end = step % sampler.batches_per_epoch == 0
+            if epoch_end and knn_data and (step // sampler.batches_per_epoch % config.knn_every == 0
+                                           or step == total_steps):
+                log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone,
+                                                            knn_data, accelerator)})
+            if step % config.save_every == 0 or epoch_end or step == stop_at:
+                last_good = save_checkpoint(accelerator, config, step, sampler.batches_per_epoch, output_dir)
+            if step == stop_at or epoch_end:
+                break
+    progress.close()
+
+    if step == total_steps:
+        if accelerator.is_main_process:
+            export_backbone(last_good, output_dir / "backbone")
+            log.plot_spectra(output_dir / "spectrum.png")
+        log.summary()
+    accelerator.end_training()
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+def resolve_config(argv=None):
+    """Flags > preset > argparse defaults. Without --preset and --dataset the preset is 'digits'."""
+    parser = get_parser()
+    config = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    preset = config.preset or (None if config.dataset else "digits")
+    if preset:
+        for key, value in PRESETS[preset].items():
+            if key not in explicit:
+                setattr(config, key, value)
+        config.preset = preset
+        if config.mixed_precision == "fp16" and "mixed_precision" not in explicit and not torch.cuda.is_available():
+            config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
+    if config.resume and not config.export_only:
+        checkpoint = find_checkpoint(config.resume, config.output_dir)
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+        changed = [k for k in explicit if k not in RUN_CONTROL and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
+        if changed:
+            raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
+                             "configuration: drop the flag or start a new run in another --output_dir")
+        for key, value in saved.items():
+            if key not in RUN_CONTROL:
+                setattr(config, key, value)
+    check_config(config)
+    return config
+
+
+def explicit_flags(parser, argv):
+    """The names of the flags given on the command line (so a preset does not override them)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_config(config):
+    config.mean, config.std = tuple(config.mean), tuple(config.std)
+    if config.output_dir is None and not (config.print_config or config.benchmark):
+        raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
+    if config.batch_size < 2:
+        raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
+    if config.export_only and not config.resume:
+        raise ValueError("--export_only needs --resume CHECKPOINT (or 'latest') to say what to export")
+    intl.parse_projector_spec(config.projector)
+    for flag in ("blur_prob", "solarize_prob"):
+        probs = parse_floats(getattr(config, flag), flag)
+        if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
+            raise ValueError(f"--{flag} {getattr(config, flag)!r}: give two probabilities, e.g. '1.0,0.1'")
+    parse_floats(config.small_crops, "small_crops")
+
+
+def parse_floats(text, flag):
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{flag} {text!r}: give numbers separated by commas") from None
+
+
+# -----------------------------------------------------------------------------
+# Data: augmented views (PAPER_NOTES 6) and a deterministic, sharded, resumable sample order
+
+
+def view_transforms(config):
+    """One torchvision pipeline per view: two large crops, then the small multi-crop ones."""
+    blur, solarize = parse_floats(config.blur_prob, "blur_prob"), parse_floats(config.solarize_prob, "solarize_prob")
+    views = [augmentation(config.image_size, (config.min_scale, 1.0), blur[i], solarize[i], config) for i in (0, 1)]
+    for side in parse_floats(config.small_crops, "small_crops"):
+        ratio = side / config.image_size
+        views.append(augmentation(int(side), (config.min_scale * ratio, ratio), blur[1], solarize[1], config))
+    return views
+
+
+def augmentation(size, scale, blur_prob, solarize_prob, config):
+    """BYOL-style: crop -> colour jitter -> grayscale -> blur -> solarise -> flip -> normalise."""
+    blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=blur_prob),
+        T.RandomSolarize(threshold=128, p=solarize_prob),
+        T.RandomHorizontalFlip(p=0.5),
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(config.mean, config.std),
+    ])
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """(epoch, index) -> ([view_1, ..., view_V], label).
+
+    Each sample's augmentations are drawn from a generator seeded by (seed, epoch, index): every
+    sample of every epoch gets its own random stream, whichever process or worker loads it, and a
+    resumed run replays exactly the augmentations of an uninterrupted one.
+    """
+
+    def __init__(self, split, transforms, seed):
+        self.images = intl.ImageDataset(split, transform=None)
+        self.transforms, self.seed = transforms, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, label = self.images[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+            return [transform(image) for transform in self.transforms], label
+
+
+class ShardedEpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) pairs: one permutation per epoch from (seed, epoch), cut into global batches.
+
+    Process r takes the r-th slice of every global batch, so the processes together see exactly
+    the batches a single process with the global batch would see; the tail that does not fill a
+    global batch is dropped. set_epoch(epoch, start_batch) skips the batches a resumed run has done.
+    """
+
+    def __init__(self, num_samples, batch_size, num_processes, rank, seed):
+        self.num_samples, self.batch_size, self.num_processes, self.rank = num_samples, batch_size, num_processes, rank
+        self.seed, self.epoch, self.start_batch = seed, 0, 0
+        self.batches_per_epoch = num_samples // (batch_size * num_processes)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        global_batch = self.batch_size * self.num_processes
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * global_batch + self.rank * self.batch_size
+            for index in order[start:start + self.batch_size].tolist():
+                yield self.epoch, index
+
+
+# -----------------------------------------------------------------------------
+# Optimisation schedule
+
+
+def learning_rate(step, total_steps, warmup_steps, peak_lr):
+    """Linear warm-up from 0 to peak_lr, then a cosine from peak_lr to 0.001 x peak_lr."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    end_lr = 0.001 * peak_lr
+    return end_lr + (peak_lr - end_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+# -----------------------------------------------------------------------------
+# Online kNN monitor
+
+
+def knn_splits(config, accelerator, train_split):
+    """Loaders of the training and held-out splits without augmentation, or None without labels."""
+    if not config.knn_every or train_split.label_column is None:
+        return None
+    try:
+        test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column,
+                                           config.label_column)
+    except ValueError as error:
+        print(f"no kNN monitor: {error}", file=sys.stderr)
+        return None
+    transform = intl.eval_transform(config.image_size, config.mean, config.std)
+    return [accelerator.prepare_data_loader(torch.utils.data.DataLoader(
+        intl.ImageDataset(split, transform), batch_size=256, num_workers=config.num_workers))
+        for split in (train_split, test_split)]
+
+
+def knn_accuracy(backbone, knn_data, accelerator):
+    train_loader, test_loader = knn_data
+    train_features, train_labels = intl.extract_features(backbone, train_loader, accelerator)
+    test_features, test_labels = intl.extract_features(backbone, test_loader, accelerator)
+    return intl.knn_classify(train_features, train_labels, test_features, test_labels, k=5)["top1"]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints (atomic, explicit names) and the backbone export
+
+
+def save_checkpoint(accelerator, config, step, batches_per_epoch, output_dir):
+    """Save into checkpoints/.tmp-step-N, then rename: an interrupted save leaves the last one intact."""
+    root = output_dir / "checkpoints"
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        state = {"step": step, "epochs_trained": step / batches_per_epoch, "config": vars(config)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-config.keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(output_dir):
+    done = sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"))
+    return done[-1].parent if done else None
+
+
+def find_checkpoint(resume, output_dir):
+    if resume == "latest":
+        checkpoint = latest_checkpoint(output_dir or ".")
+        if checkpoint is None:
+            raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
+                             "give a checkpoint folder or start without --resume")
+        return checkpoint
+    checkpoint = Path(resume)
+    if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
+        raise ValueError(f"--resume {resume}: not a checkpoint folder (it needs trainer_state.json and "
+                         "model.safetensors); use 'latest' or a folder under OUTPUT_DIR/checkpoints")
+    return checkpoint
+
+
+def export_backbone(checkpoint, export_dir):
+    """checkpoint -> export_dir/model.safetensors (torchvision keys, no fc) + config.json, atomically."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    config = state["config"]
+    weights = {k[len("backbone."):]: v.contiguous() for k, v in load_file(checkpoint / "model.safetensors").items()
+               if k.startswith("backbone.")}
+    backbone = intl.build_backbone(config["arch"], config["cifar_stem"])
+    backbone.load_state_dict(weights, strict=True)  # refuses a checkpoint that does not fit
+    info = {"arch": config["arch"], "cifar_stem": config["cifar_stem"], "feature_dim": backbone.feature_dim,
+            "image_size": config["image_size"], "mean": list(config["mean"]), "std": list(config["std"]),
+            "method": config["method"], "preset": config["preset"], "dataset": config["dataset"],
+            "projector": config["projector"], "iters": config["iters"], "axis": config["axis"],
+            "epochs_trained": state["epochs_trained"], "steps_trained": state["step"],
+            "format": "torchvision state_dict without fc.*"}
+    intl.write_export(export_dir, weights, info)
+    print(f"exported the backbone of {checkpoint} to {export_dir}")
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """A JSON-lines log in output_dir, Accelerate's trackers, and the spectra kept for the final plot."""
+
+    def __init__(self, path, accelerator):
+        self.path, self.accelerator = path, accelerator
+        self.spectra = []
+
+    def start(self):
+        if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def truncate_after(self, step):
+        """On resume, drop what the interrupted run logged after its checkpoint."""
+        if self.accelerator.is_main_process and self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines()
+                     if line and json.loads(line).get("step", 0) <= step]
+            self.path.write_text("".join(line + "\n" for line in lines))
+
+    def info(self, message):
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
+
+    def metrics(self, step, values):
+        self.accelerator.log(values, step=step)
+        if "knn_top1" in values:
+            self.info(f"step {step}: 5-NN top-1 {values['knn_top1']:.2f}%")
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def spectrum(self, step, z, z_hat, axis):
+        if not self.accelerator.is_main_process:
+            return
+        eig_z, eig_z_hat = intl.covariance_spectrum(z, axis), intl.covariance_spectrum(z_hat, axis)
+        self.spectra.append((step, eig_z, eig_z_hat))
+        self.metrics(step, {"lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
+                            "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
+
+    def plot_spectra(self, path):
+        if self.spectra:
+            intl.plot_spectra(self.spectra, path)
+            self.info(f"spectrum plot: {path}")
+
+    def summary(self):
+        """First and last value of the main figures, read back from the log (so it spans resumes)."""
+        if not self.accelerator.is_main_process:
+            return
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        lines = ["summary (first logged -> last logged):"]
+        for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
+                           ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat")):
+            values = [(r["step"], r[key]) for r in records if key in r]
+            if values:
+                (first_step, first), (last_step, last) = values[0], values[-1]
+                lines.append(f"  {label:28s} step {first_step:6d}: {first:9.4f}  ->  step {last_step:6d}: {last:9.4f}")
+        self.info("\n".join(lines))
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: throughput, peak memory and the share of the step spent in IterNorm + loss
+
+
+def benchmark(config, accelerator):
+    set_seed(config.seed)
+    backbone = intl.build_backbone(config.arch, config.cifar_stem, config.zero_init_residual)
+    model = intl.INTL(backbone, intl.build_projector(backbone.feature_dim, config.projector),
+                      config.iters, config.axis, config.beta, momentum_target=config.method == "intl-m")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sides = [config.image_size] * 2 + [int(s) for s in parse_floats(config.small_crops, "small_crops")]
+    views = [torch.randn(config.batch_size, 3, s, s, device=accelerator.device) for s in sides]
+    dim = intl.parse_projector_spec(config.projector)[-1]
+    embeddings = [torch.randn(config.batch_size, dim, device=accelerator.device, requires_grad=True)
+                  for _ in range(2)]
+
+    def train_step():
+        loss = model(views)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+
+    def objective_step():
+        with accelerator.autocast():
+            loss = accelerator.unwrap_model(model).objective(embeddings)["loss"]
+        loss.backward()
+
+    step_time = timed(train_step, config.benchmark, accelerator)
+    objective_time = timed(objective_step, config.benchmark, accelerator)
+    if accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "arch": config.arch, "image_size": config.image_size, "views": sides, "batch_per_process": config.batch_size,
+        "projector": config.projector, "device": str(accelerator.device), "threads": torch.get_num_threads(),
+        "precision": accelerator.mixed_precision, "step_s": round(step_time, 4),
+        "images_per_s": round(config.batch_size * accelerator.num_processes / step_time, 1),
+        "peak_memory_mib": round(peak), "iternorm_and_loss_s": round(objective_time, 4),
+        "iternorm_and_loss_share": round(objective_time / step_time, 4)}, indent=2))
+
+
+def timed(fn, steps, accelerator):
+    fn()  # warm-up
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - tic) / steps
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,343 @@
+"""Tests for the INTL data-loading helpers (load_image_split, ImageDataset, labels_of)."""
+
+import io
+import json
+import shutil
+import time
+from collections import Counter
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+
+from intl import ImageDataset, ImageSplit, labels_of, load_image_split
+
+CLASS_COLORS = {"ant": (255, 0, 0), "bee": (0, 255, 0), "cat": (0, 0, 255)}
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf_cache(tmp_path, monkeypatch):
+    """Keep builder caches out of ~/.cache and make sure no Hub dataset is cached."""
+    cache = tmp_path / "hf_datasets_cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def write_png(path, color, size=(6, 5)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.new("RGB", size, color).save(path)
+
+
+def png_bytes(color, size=(6, 5)):
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def class_of_pixel(image):
+    """Recover the class name from the solid colour the test images are painted with."""
+    pixel = tuple(int(v) for v in np.asarray(image)[0, 0])
+    return next(name for name, color in CLASS_COLORS.items() if color == pixel)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_default_gives_1797_rgb_32x32_images_in_10_classes():
+    train = load_image_split(None, "train")
+    test = load_image_split("digits", "test")
+    assert len(train.dataset) + len(test.dataset) == 1797
+    assert len(test.dataset) == 360
+    for split in (train, test):
+        assert isinstance(split, ImageSplit)
+        assert (split.image_column, split.label_column, split.num_classes) == ("image", "label", 10)
+        assert split.dataset.features["label"].names == [str(d) for d in range(10)]
+        assert set(labels_of(split).tolist()) == set(range(10))
+    image, label = ImageDataset(train, transform=None)[0]
+    assert image.mode == "RGB" and image.size == (32, 32)
+    assert 0 <= label < 10
+    pixels = np.asarray(image)
+    assert pixels.dtype == np.uint8 and pixels.max() > 200 and pixels.min() == 0
+    assert (pixels[..., 0] == pixels[..., 1]).all()  # grey digits replicated over RGB
+
+
+def test_digits_split_is_deterministic_stratified_and_aliased():
+    first, second = load_image_split(None, "test"), load_image_split(None, "test")
+    assert torch.equal(labels_of(first), labels_of(second))
+    undecoded = datasets.Image(decode=False)
+    first_bytes = [v["bytes"] for v in first.dataset.cast_column("image", undecoded)["image"]]
+    second_bytes = [v["bytes"] for v in second.dataset.cast_column("image", undecoded)["image"]]
+    assert first_bytes == second_bytes
+
+    train_counts = Counter(labels_of(load_image_split(None, "train")).tolist())
+    test_counts = Counter(labels_of(first).tolist())
+    for digit in range(10):
+        total = train_counts[digit] + test_counts[digit]
+        assert abs(test_counts[digit] - 0.2 * total) <= 1, (digit, test_counts[digit], total)
+
+    # The held-out split is also served under the names other datasets use for it.
+    validation = load_image_split(None, "validation")
+    assert torch.equal(labels_of(validation), labels_of(first))
+    with pytest.raises(ValueError, match=r"no split 'unlabeled'.*\['test', 'train'\]"):
+        load_image_split(None, "unlabeled")
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def test_image_folder_flat_layout_loads_as_train_with_folder_labels(tmp_path):
+    root = tmp_path / "flat"
+    counts = {"ant": 2, "bee": 3, "cat": 1}
+    for name, count in counts.items():
+        for i in range(count):
+            write_png(root / name / f"{i}.png", CLASS_COLORS[name])
+
+    split = load_image_split(root, "train")
+    assert split.num_classes == 3 and split.label_column == "label"
+    names = split.dataset.features["label"].names
+    assert names == ["ant", "bee", "cat"]
+    assert Counter(names[i] for i in labels_of(split).tolist()) == counts
+    for image, label in ImageDataset(split, transform=None):
+        assert class_of_pixel(image) == names[label]
+
+    with pytest.raises(ValueError, match=r"no split 'test'.*\['train'\]"):
+        load_image_split(root, "test")
+
+
+def test_image_folder_train_val_layout_keeps_class_indices_across_splits(tmp_path):
+    root = tmp_path / "imagenet_like"
+    for name in ("ant", "bee", "cat"):
+        write_png(root / "train" / name / "a.png", CLASS_COLORS[name])
+        write_png(root / "train" / name / "b.png", CLASS_COLORS[name])
+    for name in ("ant", "cat"):  # "bee" missing from val must not shift "cat"'s index
+        write_png(root / "val" / name / "a.png", CLASS_COLORS[name])
+
+    train = load_image_split(str(root), "train")
+    val = load_image_split(str(root), "val")
+    test = load_image_split(str(root), "test")  # served by val
+    assert len(train.dataset) == 6 and len(val.dataset) == 2 and len(test.dataset) == 2
+    for split in (train, val, test):
+        assert split.dataset.features["label"].names == ["ant", "bee", "cat"]
+        for image, label in ImageDataset(split, transform=None):
+            assert class_of_pixel(image) == ["ant", "bee", "cat"][label]
+    assert sorted(labels_of(val).tolist()) == [0, 2]
+
+
+def test_image_folder_loads_with_hub_offline_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_png(tmp_path / "f" / "ant" / "0.png", CLASS_COLORS["ant"])
+    write_png(tmp_path / "f" / "bee" / "0.png", CLASS_COLORS["bee"])
+    assert labels_of(load_image_split(tmp_path / "f", "train")).tolist() == [0, 1]
+
+
+def test_missing_local_folder_is_reported_as_such(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image_split(str(tmp_path / "nope"), "train")
+
+
+# ----------------------------------------------------------------------------- save_to_disk
+
+
+def make_dataset(n=4, extra_columns=None):
+    columns = {
+        "image": [png_bytes(CLASS_COLORS["ant" if i % 2 == 0 else "bee"]) for i in range(n)],
+        "label": [i % 2 for i in range(n)],
+    }
+    features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee"])}
+    for name, (values, feature) in (extra_columns or {}).items():
+        columns[name], features[name] = values, feature
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def test_save_to_disk_dataset_and_datasetdict_load(tmp_path):
+    make_dataset(4).save_to_disk(tmp_path / "single")
+    single = load_image_split(tmp_path / "single", "train")
+    assert len(single.dataset) == 4 and single.num_classes == 2
+    assert labels_of(single).tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="single Dataset without splits"):
+        load_image_split(tmp_path / "single", "test")
+
+    datasets.DatasetDict({"train": make_dataset(4), "validation": make_dataset(2)}).save_to_disk(
+        tmp_path / "dict"
+    )
+    assert len(load_image_split(tmp_path / "dict", "train").dataset) == 4
+    held_out = load_image_split(tmp_path / "dict", "test")  # served by "validation"
+    assert len(held_out.dataset) == 2
+    image, label = ImageDataset(held_out, transform=pil_to_tensor)[1]
+    assert image.shape == (3, 5, 6) and label == 1
+    with pytest.raises(ValueError, match=r"no split 'extra'.*\['train', 'validation'\]"):
+        load_image_split(tmp_path / "dict", "extra")
+
+
+# ----------------------------------------------------------------------------- columns
+
+
+def test_columns_detection_follows_cifar100_conventions(tmp_path):
+    n = 3
+    cifar100_like = datasets.Dataset.from_dict(
+        {"img": [png_bytes((1, 2, 3))] * n, "coarse_label": [0, 0, 0], "fine_label": [2, 0, 1]},
+        features=datasets.Features(
+            {
+                "img": datasets.Image(),
+                "coarse_label": datasets.ClassLabel(names=["c0"]),
+                "fine_label": datasets.ClassLabel(names=["f0", "f1", "f2"]),
+            }
+        ),
+    )
+    cifar100_like.save_to_disk(tmp_path / "c100")
+    split = load_image_split(tmp_path / "c100", "train")
+    assert (split.image_column, split.label_column, split.num_classes) == ("img", "fine_label", 3)
+    assert labels_of(split).tolist() == [2, 0, 1]
+
+
+def test_explicit_columns_override_detection_and_wrong_names_list_columns(tmp_path):
+    n = 4
+    make_dataset(
+        n,
+        extra_columns={
+            "thumb": ([png_bytes(CLASS_COLORS["cat"], size=(2, 2))] * n, datasets.Image()),
+            "size": ([3, 2, 1, 0], datasets.Value("int64")),
+        },
+    ).save_to_disk(tmp_path / "multi")
+
+    detected = load_image_split(tmp_path / "multi", "train")
+    assert (detected.image_column, detected.label_column) == ("image", "label")
+
+    chosen = load_image_split(tmp_path / "multi", "train", image_column="thumb", label_column="size")
+    assert (chosen.image_column, chosen.label_column, chosen.num_classes) == ("thumb", "size", None)
+    assert labels_of(chosen).tolist() == [3, 2, 1, 0]
+    image, label = ImageDataset(chosen, transform=None)[0]
+    assert image.size == (2, 2) and class_of_pixel(image) == "cat" and label == 3
+
+    for kwargs in ({"image_column": "picture"}, {"label_column": "target"}):
+        with pytest.raises(ValueError, match=r"columns: \['image', 'label', 'thumb', 'size'\]"):
+            load_image_split(tmp_path / "multi", "train", **kwargs)
+
+
+def test_unlabelled_data_gives_label_minus_one(tmp_path):
+    datasets.Dataset.from_dict(
+        {"image": [png_bytes((9, 9, 9))] * 2}, features=datasets.Features({"image": datasets.Image()})
+    ).save_to_disk(tmp_path / "unlabelled")
+    split = load_image_split(tmp_path / "unlabelled", "train")
+    assert split.label_column is None and split.num_classes is None
+    assert labels_of(split).tolist() == [-1, -1]
+    assert ImageDataset(split, transform=None)[1][1] == -1
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+
+def test_offline_hub_id_fails_fast_with_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        load_image_split("uoft-cs/cifar10", "train")
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert "'uoft-cs/cifar10'" in message and "offline mode is on" in message
+    assert "class sub-folders" in message and "save_to_disk" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_hub_id_without_offline_variables_still_fails_fast(monkeypatch):
+    # As in a plain shell on a machine without network: no offline flag anywhere.
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    # A non-existent id, so that a machine that does have network also fails quickly.
+    with pytest.raises(ValueError, match="Could not load Hugging Face Hub dataset 'intl-tests/no-such-data:cfg'"):
+        load_image_split("intl-tests/no-such-data:cfg", "train")
+    assert time.perf_counter() - start < 10
+    # The offline switch used internally must not leak out.
+    assert datasets.config.HF_HUB_OFFLINE is False
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_offline_hub_id_uses_a_cached_copy(tmp_path, isolated_hf_cache, monkeypatch):
+    """An already-downloaded Hub dataset must load without network.
+
+    The cached copy is faked by building a parquet dataset and moving it to where
+    datasets (5.x) keeps Hub datasets: <cache>/<owner>___<name>/<config>/<version>/<hash>.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    parquet_dir = tmp_path / "parquet"
+    parquet_dir.mkdir()
+    make_dataset(4).to_parquet(str(parquet_dir / "train.parquet"))
+    make_dataset(2).to_parquet(str(parquet_dir / "test.parquet"))
+    datasets.load_dataset(
+        "parquet",
+        data_files={s: str(parquet_dir / f"{s}.parquet") for s in ("train", "test")},
+        cache_dir=str(tmp_path / "build"),
+    )
+    (built,) = [p for p in (tmp_path / "build" / "parquet").glob("*/*/*") if p.is_dir()]
+    target = isolated_hf_cache / "intl-tests___tiny" / "default" / "0.0.0" / built.name
+    shutil.copytree(built, target)
+    for arrow in target.glob("parquet-*.arrow"):
+        arrow.rename(target / arrow.name.replace("parquet-", "tiny-"))
+    assert json.loads((target / "dataset_info.json").read_text())["config_name"] == "default"
+
+    split = load_image_split("intl-tests/tiny", "validation")  # served by "test"
+    assert labels_of(split).tolist() == [0, 1]
+    assert split.num_classes == 2
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_corrupt_png_raises_error_naming_the_file(tmp_path):
+    root = tmp_path / "broken"
+    write_png(root / "ant" / "good.png", CLASS_COLORS["ant"])
+    bad = root / "bee" / "bad.png"
+    bad.parent.mkdir()
+    bad.write_bytes(png_bytes(CLASS_COLORS["bee"], size=(64, 64))[:60])  # truncated PNG
+    split = load_image_split(root, "train")
+    images = ImageDataset(split, transform=None)
+    assert class_of_pixel(images[0][0]) == "ant"
+    with pytest.raises(OSError, match=r"image #1 .*'" + str(bad).replace("\\", "\\\\")):
+        images[1]
+
+
+def test_corrupt_embedded_image_without_path_names_its_index():
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png_bytes((0, 0, 0)), "path": None}, {"bytes": b"garbage", "path": None}]},
+        features=datasets.Features({"image": datasets.Image()}),
+    )
+    split = ImageSplit(dataset, "image", None, None, "in-memory test data")
+    with pytest.raises(OSError, match=r"image #1 of in-memory test data \(no file path\)"):
+        ImageDataset(split, transform=None)[1]
+
+
+def test_labels_of_reads_labels_without_decoding_images(monkeypatch):
+    split = load_image_split(None, "test")
+    shuffled = ImageSplit(split.dataset.shuffle(seed=1).select(range(50)), "image", "label", 10, "x")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    labels = labels_of(shuffled)
+    assert labels.dtype == torch.long and labels.shape == (50,)
+    assert labels.tolist() == list(shuffled.dataset.with_format(None)["label"])
+
+
+def test_image_dataset_works_in_dataloader_with_two_workers():
+    split = load_image_split(None, "test")
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(split, transform=pil_to_tensor), batch_size=64, num_workers=2
+    )
+    batches = list(loader)
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.shape == (360, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(labels, labels_of(split))

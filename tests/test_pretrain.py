@@ -1,0 +1,201 @@
+"""pretrain.py: the offline default end to end, exact resume, multi-process data, export, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+# A reduced budget of the digits default: same code path, seconds instead of minutes.
+SMALL = ["--image_size", "16", "--batch_size", "128", "--projector", "64-64-64", "--num_workers", "0",
+         "--log_every", "1", "--spectrum_every", "4", "--epochs", "1"]
+
+
+def run(*args, env=None, check=True, launcher=None):
+    command = (launcher or [sys.executable]) + [str(ROOT / "pretrain.py"), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def losses(output_dir):
+    records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """ROOT/class_x/*.png: 40 generated 20 x 20 images in 2 classes."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (tmp_path / "images" / f"class_{c}").mkdir(parents=True)
+        for i in range(20):
+            pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / f"class_{c}" / f"{i}.png")
+    return tmp_path / "images"
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("digits")
+    result = run("--output_dir", output_dir, *SMALL, "--epochs", "2", "--knn_every", "1", "--save_every", "5")
+    return output_dir, result
+
+
+def test_offline_default_writes_checkpoint_export_log_plot_and_summary(digits_run):
+    output_dir, result = digits_run
+    assert (output_dir / "spectrum.png").stat().st_size > 10_000
+    assert (output_dir / "backbone" / "model.safetensors").is_file()
+    checkpoints = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000020", "step-00000022"]  # keep 2: step 20 (every 5) and the end of epoch 2
+    log = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+    assert sum("loss" in r for r in log) == 22
+    assert [r["step"] for r in log if "knn_top1" in r] == [0, 11, 22]
+    assert any("lg_ioc_z" in r and "erank_z_hat" in r for r in log)
+    assert "5-NN top-1" in result.stderr + result.stdout
+    assert "summary" in result.stderr + result.stdout
+
+
+def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_run):
+    output_dir, _ = digits_run
+    config = json.loads((output_dir / "backbone" / "config.json").read_text())
+    for key in ("arch", "cifar_stem", "feature_dim", "image_size", "mean", "std", "method", "epochs_trained"):
+        assert key in config
+    assert config["arch"] == "resnet18" and config["epochs_trained"] == 2
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(load_file(output_dir / "backbone" / "model.safetensors"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_export_only_rebuilds_the_same_backbone_from_a_checkpoint(digits_run, tmp_path):
+    output_dir, _ = digits_run
+    run("--resume", output_dir / "checkpoints" / "step-00000022", "--export_only", "--output_dir", tmp_path)
+    exported = load_file(tmp_path / "backbone" / "model.safetensors")
+    original = load_file(output_dir / "backbone" / "model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run("--output_dir", whole, *SMALL, "--method", "intl-m")
+    run("--output_dir", parts, *SMALL, "--method", "intl-m", "--stop_after_steps", "4")
+    assert max(losses(parts)) == 4
+    run("--output_dir", parts, "--resume", "latest", *SMALL)
+    expected, resumed = losses(whole), losses(parts)
+    assert sorted(resumed) == sorted(expected) == list(range(1, 12))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
+    result = run("--dataset", image_folder, "--output_dir", tmp_path / "out", "--image_size", "16",
+                 "--batch_size", "8", "--projector", "32-32-32", "--arch", "resnet18", "--epochs", "1",
+                 "--num_workers", "0", "--log_every", "1", "--spectrum_every", "1",
+                 env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+                 launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    assert "2 process(es)" in result.stdout + result.stderr
+    assert "global batch 16" in result.stdout + result.stderr
+    assert (tmp_path / "out" / "backbone" / "model.safetensors").is_file()
+
+
+def test_processes_see_disjoint_slices_of_every_global_batch_and_resume_skips_done_batches():
+    ranks = [pretrain.ShardedEpochSampler(103, 8, 3, rank, seed=1) for rank in range(3)]
+    per_rank = [list(sampler) for sampler in ranks]
+    single = list(pretrain.ShardedEpochSampler(103, 24, 1, 0, seed=1))
+    assert ranks[0].batches_per_epoch == 4 and all(len(p) == 32 for p in per_rank)
+    for b in range(4):
+        global_batch = sum((p[b * 8:(b + 1) * 8] for p in per_rank), [])
+        assert global_batch == single[b * 24:(b + 1) * 24]
+    indices = [i for p in per_rank for _, i in p]
+    assert len(set(indices)) == 96
+    ranks[1].set_epoch(0, start_batch=3)
+    assert list(ranks[1]) == per_rank[1][24:]
+    ranks[1].set_epoch(1)
+    assert [i for _, i in ranks[1]] != [i for _, i in per_rank[1]]
+
+
+def test_augmentations_are_per_sample_and_replayed_from_seed_epoch_and_index():
+    config = pretrain.resolve_config(["--print_config", "--image_size", "16"])
+    split = pretrain.intl.load_image_split("digits", "train")
+    views = pretrain.AugmentedViews(split, pretrain.view_transforms(config), seed=0)
+    first, _ = views[(0, 5)]
+    again, _ = views[(0, 5)]
+    next_epoch, _ = views[(1, 5)]
+    assert len(first) == 2 and first[0].shape == (3, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], next_epoch[0])
+    assert not torch.equal(first[0], first[1])  # two views of one image differ
+
+
+def test_multi_crop_views_have_the_recipe_sizes_and_scales():
+    config = pretrain.resolve_config(["--preset", "intl-m-100ep", "--print_config"])
+    transforms = pretrain.view_transforms(config)
+    crops = [t.transforms[0] for t in transforms]
+    assert [c.size for c in crops] == [(224, 224)] * 2 + [(192, 192), (160, 160), (128, 128), (96, 96)]
+    assert crops[0].scale == (0.2, 1.0)
+    assert crops[2].scale == pytest.approx((0.2 * 192 / 224, 192 / 224))
+    assert crops[5].scale == pytest.approx((0.086, 0.429), abs=1e-3)
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_a_thousandth():
+    assert pretrain.learning_rate(0, 100, 10, 1.0) == 0
+    assert pretrain.learning_rate(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert pretrain.learning_rate(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert pretrain.learning_rate(55, 100, 10, 1.0) == pytest.approx((1 + 0.001) / 2)
+    assert pretrain.learning_rate(100, 100, 10, 1.0) == pytest.approx(0.001)
+
+
+def test_presets_set_the_recipe_and_explicit_flags_win():
+    config = pretrain.resolve_config(["--preset", "cifar10", "--print_config"])
+    assert (config.arch, config.cifar_stem, config.projector, config.lr, config.epochs) == \
+           ("resnet18", True, "2048-2048-2048", 0.3, 1000)
+    assert config.dataset == "uoft-cs/cifar10" and config.solarize_prob == "0.0,0.2"
+    config = pretrain.resolve_config(["--preset", "cifar10", "--print_config", "--lr", "0.1", "--no-cifar_stem"])
+    assert config.lr == 0.1 and config.cifar_stem is False
+    assert pretrain.resolve_config(["--print_config"]).preset == "digits"
+
+
+def test_interrupted_save_never_counts_as_a_checkpoint(tmp_path):
+    good = tmp_path / "checkpoints" / "step-00000010"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text("{}")
+    (good / "model.safetensors").write_text("")
+    (tmp_path / "checkpoints" / ".tmp-step-00000020").mkdir()
+    assert pretrain.latest_checkpoint(tmp_path) == good
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size", "1"], "at least 2 samples"),
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--resume", "{tmp}"], "not a checkpoint folder"),
+    (["--resume", "latest"], "no checkpoint in"),
+    (["--projector", "12-x"], "cannot parse projector spec"),
+    (["--dataset", "someone/not-cached"], "--dataset"),
+    (["--batch_size", "4000"], "fewer than one global batch"),
+])
+def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = run("--output_dir", tmp_path, *args, "--num_workers", "0", check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
+    result = run("--output_dir", tmp_path, *SMALL, "--lr", "1e12", "--warmup_epochs", "0", check=False)
+    assert result.returncode != 0
+    assert "at step" in result.stderr and "last good checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
