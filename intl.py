@@ -6,12 +6,12 @@ Learning", NeurIPS 2022 (CW-RGP, arXiv 2210.03586).
 
 This file reads like the method section of the paper, in its order:
 
-    1. encoder and projector          x -> f(x) -> g(f(x)) = Z              (Sec. 3)
-    2. spectral transformations       Z -> Z_hat = phi(Z)                   (Sec. 3.1-3.3, Eq. 4-7)
-    3. trace loss                     sum_i (1 - var_i(Z_hat))^2            (Sec. 4, Eq. 10)
-    4. the objective, global batch    alignment + beta * trace loss         (Sec. 4, Eq. 11)
-    5. the EMA target (INTL-M)        theta_t <- m theta_t + (1 - m) theta  (Sec. 5)
-    6. spectrum diagnostics           eigenvalues, lg IoC, effective rank   (Fig. 2-3)
+    1. encoder and projector          x -> f(x) -> g(f(x)) = Z
+    2. spectral transformations       Z -> Z_hat = U g(diag(l)) U^T Z; IterNorm (Theorem 1)
+    3. trace loss                     sum_i (1 - var_i(Z_hat))^2
+    4. the objective, global batch    alignment + beta * trace loss (Theorem 2)
+    5. the EMA target (INTL-M)        theta_t <- m theta_t + (1 - m) theta
+    6. spectrum diagnostics           eigenvalues, lg IoC, effective rank   (the paper's Fig. 2-3)
 
 and, after the method, what the scripts (pretrain.py, linear_eval.py, ...) share.
 
@@ -53,7 +53,7 @@ from safetensors.torch import save_file
 from torchvision.transforms import v2
 
 # -----------------------------------------------------------------------------
-# 1. Encoder f and projector g (Sec. 3, "joint embedding architecture")
+# 1. Encoder f and projector g (the joint-embedding architecture of both papers)
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 
@@ -108,7 +108,7 @@ def build_projector(in_dim, spec):
 
 
 # -----------------------------------------------------------------------------
-# 2. Spectral transformations (Sec. 3.1-3.3)
+# 2. Spectral transformations (ST) and IterNorm
 #
 # With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation
 # (ST) with function g maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes
@@ -138,7 +138,7 @@ def _centred_covariance(x):
 
 
 def iternorm(z, iters=4, axis=0):
-    """IterNorm (Sec. 3.3, Eq. 6-7): Newton's iteration towards S^(-1/2), without eigendecomposition.
+    """IterNorm: Newton's iteration towards S^(-1/2), without eigendecomposition.
 
         S_N = S / tr(S),   P_0 = I,   P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2,   W = P_T / sqrt(tr(S))
 
@@ -156,7 +156,7 @@ def iternorm(z, iters=4, axis=0):
 
 
 def spectral_transform(z, power=0.5, axis=0):
-    """The general ST by eigendecomposition (Sec. 3.1, Eq. 4) with g(l) = l^(-power).
+    """The general ST by eigendecomposition, with g(l) = l^(-power).
 
     power 0.5 is ZCA whitening, power 0 leaves Z unchanged (and collapses, Fig. 2).
     z: [B, D] -> U diag(l^-power) U^T X: [B, D].
@@ -216,7 +216,7 @@ class PowerTransform(_Float32):
 
 
 # -----------------------------------------------------------------------------
-# 3. Trace loss (Sec. 4, Eq. 10)
+# 3. Trace loss
 
 
 def trace_loss(z_hat, axis=0):
@@ -233,7 +233,7 @@ def trace_loss(z_hat, axis=0):
 
 
 # -----------------------------------------------------------------------------
-# 4. The INTL objective (Sec. 4, Eq. 11), over the global batch
+# 4. The INTL objective, over the global batch
 
 
 def alignment_loss(a, b):
@@ -315,7 +315,7 @@ class INTL(nn.Module):
     Views of equal resolution go through the encoder together (multi-crop: 2 x 224 + 4 small
     crops is 5 encoder passes, not 6), which gives the same numbers as one pass per view.
 
-    momentum_target=True is INTL-M (Sec. 5): an EMA copy of encoder + projector, without
+    momentum_target=True is INTL-M: an EMA copy of encoder + projector, without
     gradients, embeds view 0 only; the online network embeds views 1..V-1, each matched to the
     target's view 0, with the trace loss on the online views.
     """
@@ -351,7 +351,7 @@ class INTL(nn.Module):
         return self.objective(z_target + self.embed(views[1:]))
 
     def objective(self, z):
-        """Per-view embeddings of the local batch, each [B, D] -> the dict of `forward` (Eq. 11)."""
+        """Per-view embeddings of the local batch, each [B, D] -> the dict of `forward`."""
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
         beta = default_beta(*z[0].shape, self.axis) if self.beta is None else self.beta
@@ -382,7 +382,7 @@ def _group_by_shape(views):
 
 
 # -----------------------------------------------------------------------------
-# 5. The EMA target's momentum (Sec. 5)
+# 5. The EMA target's momentum (INTL-M)
 
 
 def ema_momentum(step, total_steps, m0):
@@ -980,8 +980,8 @@ def plot_spectra(spectra, path, max_curves=6):
         for ax, eig in zip(axes, (eig_z, eig_z_hat)):
             ax.plot(range(1, len(eig) + 1), eig.clamp(min=1e-12).numpy(), color=colour,
                     label=f"step {step}  (lg IoC {lg_ioc(eig):.2f})")
-    for ax, name in zip(axes, ("Z (projector output)", "Z_hat (IterNorm output)")):
-        ax.set(title=f"eigenvalues of the covariance of {name}", xlabel="index", ylabel="eigenvalue", yscale="log")
+    for ax, name in zip(axes, ("Z (projector output)", "Z_hat (transformed)")):
+        ax.set(title=name, xlabel="index", ylabel="eigenvalue of the covariance", yscale="log")
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)

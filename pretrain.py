@@ -43,7 +43,7 @@ PRESETS = {
     # Offline demo on scikit-learn's digits: a small budget that shows learning in minutes on 2 cores.
     "digits": dict(dataset="digits", arch="resnet18", cifar_stem=False, image_size=32, projector="512-512-512",
                    batch_size=128, epochs=20, lr=0.3, weight_decay=1e-4, warmup_epochs=2, momentum=0.99,
-                   blur_prob="0.0,0.0", solarize_prob="0.0,0.2", knn_every=5, num_workers=2),
+                   blur_prob="0.0,0.0", solarize_prob="0.0,0.2", knn_every=5, spectrum_every=20, num_workers=2),
     "cifar10": dict(_CIFAR, dataset="uoft-cs/cifar10"),
     "cifar100": dict(_CIFAR, dataset="uoft-cs/cifar100"),
     "imagenet100": dict(arch="resnet18", projector="4096-4096-4096", batch_size=128, epochs=400, lr=0.5,
@@ -99,7 +99,7 @@ def get_parser():
 
     # Method
     parser.add_argument("--method", type=str, default="intl", choices=["intl", "intl-m"],
-                        help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder (Sec. 5)")
+                        help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder and projector")
     parser.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1],
                         help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
