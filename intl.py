@@ -186,7 +186,7 @@ class _Float32(nn.Module):
 
     def forward(self, z):
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self.transform(z.float()).to(z.dtype)
+            return self.transform(z.to(torch.promote_types(z.dtype, torch.float32))).to(z.dtype)
 
 
 class IterNorm(_Float32):
@@ -213,6 +213,58 @@ class PowerTransform(_Float32):
 
     def extra_repr(self):
         return f"power={self.power}, axis={self.axis}"
+
+
+# The whitening family the papers compare against, on the same footing.
+
+
+def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
+    """CW-RGP's whitening of one sub-batch of one view: random group partition, ZCA per group.
+
+    The embedding is centred (axis 0: each sample over all D channels; axis 1: each channel over
+    the batch), its channels permuted by `perm` (a fresh torch.randperm(D) when None), split into
+    `groups` equal groups, each ZCA-whitened on its own by eigendecomposition,
+        S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])    or    X_g^T X_g / (B - 1)  (axis 1),
+        W_g = (S_g + eps I)^(-1/2),
+    and the permutation undone. h: [B, D] -> [B, D].
+    """
+    _check_axis(axis)
+    batch, dim = h.shape
+    if groups < 1 or dim % groups:
+        raise ValueError(f"--groups {groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
+    width = dim // groups
+    units, obs = (batch, width) if axis == 0 else (width, batch)
+    if eps == 0 and obs - 1 < units:
+        what = "channels per group" if axis == 0 else "samples per sub-batch"
+        raise ValueError(
+            f"each group's {units} x {units} covariance is singular by construction ({obs} {what} give rank "
+            f"<= {obs - 1} < {units}): use fewer groups or a smaller --w_size (axis 0), or set --w_eps > 0"
+        )
+    x = h - h.mean(dim=1 if axis == 0 else 0, keepdim=True)
+    perm = torch.randperm(dim, device=h.device) if perm is None else perm
+    out = torch.empty_like(x)
+    for channels in perm.chunk(groups):
+        xg = x[:, channels] if axis == 0 else x[:, channels].t()  # [units, observations]
+        cov = xg @ xg.t() / (xg.shape[1] - 1) + eps * torch.eye(units, dtype=x.dtype, device=x.device)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        w = eigvecs @ torch.diag(eigvals.rsqrt()) @ eigvecs.t()
+        out[:, channels] = w @ xg if axis == 0 else (w @ xg).t()
+    return out
+
+
+def cholesky_whiten(h, eps=0.0):
+    """W-MSE's batch whitening: X L^(-T) with S + eps I = L L^T the Cholesky factor of the D x D covariance.
+
+    h: [B, D] -> [B, D] whose D x D covariance is the identity (for eps = 0).
+    """
+    batch, dim = h.shape
+    if eps == 0 and batch - 1 < dim:
+        raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
+                         f"use --w_size > {dim} or a smaller embedding dim, or set --w_eps > 0")
+    x = h - h.mean(dim=0, keepdim=True)
+    cov = x.t() @ x / (batch - 1) + eps * torch.eye(dim, dtype=x.dtype, device=x.device)
+    lower = torch.linalg.cholesky(cov)
+    return torch.linalg.solve_triangular(lower, x.t(), upper=False).t()
 
 
 # -----------------------------------------------------------------------------
@@ -318,13 +370,16 @@ class INTL(nn.Module):
     momentum_target=True is INTL-M: an EMA copy of encoder + projector, without
     gradients, embeds view 0 only; the online network embeds views 1..V-1, each matched to the
     target's view 0, with the trace loss on the online views.
+
+    power=p replaces IterNorm by the eigendecomposition ST with g(l) = l^(-p) (the paper's
+    power study); beta=0 drops the trace loss.
     """
 
-    def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False):
+    def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False, power=None):
         super().__init__()
         _check_axis(axis)
         self.backbone, self.projector = backbone, projector
-        self.transform = IterNorm(iters, axis)
+        self.transform = IterNorm(iters, axis) if power is None else PowerTransform(power, axis)
         self.axis, self.beta = axis, beta
         self.target = None
         if momentum_target:
@@ -341,16 +396,17 @@ class INTL(nn.Module):
                 embeddings[i] = z
         return embeddings
 
-    def forward(self, views):
+    def forward(self, views, step=0):
+        """`step` seeds the random partitions of the sub-batch methods (the same on every process)."""
         if len(views) < 2:
             raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
         if self.target is None:
-            return self.objective(self.embed(views))
+            return self.objective(self.embed(views), step)
         with torch.no_grad():
             z_target = self.embed(views[:1], network=(self.target[0], self.target[1]))
-        return self.objective(z_target + self.embed(views[1:]))
+        return self.objective(z_target + self.embed(views[1:]), step)
 
-    def objective(self, z):
+    def objective(self, z, step=0):
         """Per-view embeddings of the local batch, each [B, D] -> the dict of `forward`."""
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
@@ -371,6 +427,59 @@ class INTL(nn.Module):
             t.lerp_(o, 1 - momentum)
         for t, o in zip(self.target.buffers(), online.buffers()):
             t.copy_(o)
+
+
+class SubBatchWhitening(INTL):
+    """CW-RGP and W-MSE on the same pipeline: whiten random sub-batches of each view, then an MSE
+    between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats.
+
+    whiten(h [w_size, D], generator) -> [w_size, D] whitens one sub-batch of one view. The global
+    batch is cut into random sub-batches of w_size (which must divide it); the partition and every
+    random channel permutation come from a generator seeded by the step, so all processes draw the
+    same ones. normalized: 2 - 2 cos between rows (CW-RGP, W-MSE); else the squared distance.
+    """
+
+    def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True):
+        super().__init__(backbone, projector)
+        del self.transform
+        self.whiten, self.w_size, self.w_iter, self.normalized = whiten, w_size, w_iter, normalized
+
+    def objective(self, z, step=0):
+        _check_views(z)
+        z = [gather_with_grad(v) for v in z]
+        batch = z[0].shape[0]
+        if batch % self.w_size:
+            raise ValueError(f"the global batch {batch} is not a multiple of --w_size {self.w_size}: "
+                             "make --batch_size x processes a multiple of it")
+        generator = torch.Generator().manual_seed(step)
+        losses, z_hat = [], torch.empty_like(z[0])
+        with torch.autocast(device_type=z[0].device.type, enabled=False):
+            z = [v.to(torch.promote_types(v.dtype, torch.float32)) for v in z]
+            for repeat in range(self.w_iter):
+                for rows in torch.randperm(batch, generator=generator).to(z[0].device).split(self.w_size):
+                    whitened = [self.whiten(v[rows], generator) for v in z]
+                    if repeat == 0:
+                        z_hat[rows] = whitened[0].detach().to(z_hat.dtype)
+                    for i in range(len(whitened)):
+                        for j in range(i + 1, len(whitened)):
+                            losses.append(self.pair_loss(whitened[i], whitened[j]))
+        return {"loss": sum(losses) / len(losses), "z": z[0].detach(), "z_hat": z_hat}
+
+    def pair_loss(self, a, b):
+        return alignment_loss(a, b) if self.normalized else (a - b).pow(2).sum(dim=1).mean()
+
+
+def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, normalized=True):
+    """CW-RGP: every sub-batch and view gets a fresh random channel permutation into `groups` groups."""
+    def whiten(h, generator):
+        perm = torch.randperm(h.shape[1], generator=generator).to(h.device)
+        return cw_rgp_whiten(h, groups, perm, eps, axis)
+    return SubBatchWhitening(backbone, projector, whiten, w_size, w_iter, normalized)
+
+
+def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
+    """W-MSE: Cholesky batch whitening of every sub-batch and view."""
+    return SubBatchWhitening(backbone, projector, lambda h, generator: cholesky_whiten(h, eps), w_size, w_iter)
 
 
 def _group_by_shape(views):

@@ -10,11 +10,13 @@ backbone/ (model.safetensors + config.json: the encoder alone, loadable into tor
 """
 
 import argparse
+import csv
 import json
 import math
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,13 +34,17 @@ import intl
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
-# The official recipes (PAPER_NOTES 7). A preset sets these values; any explicit flag wins.
+METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
+
+# The official recipes. A preset sets these values; any explicit flag wins.
 _CIFAR = dict(arch="resnet18", cifar_stem=True, image_size=32, projector="2048-2048-2048", batch_size=256,
               epochs=1000, lr=0.3, weight_decay=1e-4, warmup_epochs=2, momentum=0.999,
               blur_prob="0.0,0.0", solarize_prob="0.0,0.2", mean=CIFAR_MEAN, std=CIFAR_STD)
 _INTL_M = dict(method="intl-m", arch="resnet50", dataset="ILSVRC/imagenet-1k", projector="8192-8192-8192",
                batch_size=256, weight_decay=1e-5, momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
                blur_prob="0.5,0.5", solarize_prob="0.1,0.1", mixed_precision="fp16")
+_CW_RGP = dict(_CIFAR, method="cw-rgp", projector="1024-512", num_views=4, optimizer="adam", schedule="step",
+               weight_decay=1e-6, warmup_epochs=0, groups=4, w_size=64)
 PRESETS = {
     # Offline demo on scikit-learn's digits: a small budget that shows learning in minutes on 2 cores.
     "digits": dict(dataset="digits", arch="resnet18", cifar_stem=False, image_size=32, projector="512-512-512",
@@ -46,18 +52,25 @@ PRESETS = {
                    blur_prob="0.0,0.0", solarize_prob="0.0,0.2", knn_every=5, spectrum_every=20, num_workers=2),
     "cifar10": dict(_CIFAR, dataset="uoft-cs/cifar10"),
     "cifar100": dict(_CIFAR, dataset="uoft-cs/cifar100"),
-    "imagenet100": dict(arch="resnet18", projector="4096-4096-4096", batch_size=128, epochs=400, lr=0.5,
-                        weight_decay=2.5e-5),
+    # ImageNet-100 is a 100-class subset of ImageNet without a canonical Hub copy: --dataset names its folder.
+    "imagenet100": dict(dataset=None, arch="resnet18", projector="4096-4096-4096", batch_size=128, epochs=400,
+                        lr=0.5, weight_decay=2.5e-5),
     "imagenet-800ep": dict(dataset="ILSVRC/imagenet-1k", arch="resnet50", projector="8192-8192-8192",
                            batch_size=256, epochs=800, lr=0.3, weight_decay=1e-5),
     "intl-m-100ep": dict(_INTL_M, epochs=100, lr=0.5),
     "intl-m-200ep": dict(_INTL_M, epochs=200, lr=0.4),
     "intl-m-400ep": dict(_INTL_M, epochs=400, lr=0.4),
     "intl-m-800ep": dict(_INTL_M, epochs=800, lr=0.3),
+    # CW-RGP's small-data recipes (4 views). STL-10 and Tiny-ImageNet have no canonical Hub copy: --dataset.
+    "cw-rgp-cifar10": dict(_CW_RGP, dataset="uoft-cs/cifar10", lr=3e-3),
+    "cw-rgp-cifar100": dict(_CW_RGP, dataset="uoft-cs/cifar100", lr=3e-3),
+    "cw-rgp-stl10": dict(_CW_RGP, dataset=None, image_size=64, lr=2e-3),
+    "cw-rgp-tiny-imagenet": dict(_CW_RGP, dataset=None, image_size=64, lr=2e-3),
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
-               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark"}
+               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
+               "study_values"}
 
 
 def get_parser():
@@ -98,8 +111,10 @@ def get_parser():
     parser.add_argument("--projector", type=str, default="8192-8192-8192", help="projector layer widths")
 
     # Method
-    parser.add_argument("--method", type=str, default="intl", choices=["intl", "intl-m"],
-                        help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder and projector")
+    parser.add_argument("--method", type=str, default="intl", choices=METHODS,
+                        help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder and projector; "
+                             "st: eigendecomposition ST g(l) = l^-power (+ trace loss unless --beta 0); "
+                             "cw-rgp: channel whitening with random group partition; wmse: Cholesky whitening")
     parser.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1],
                         help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
@@ -107,6 +122,18 @@ def get_parser():
                         help="trace-loss weight (default: 0.01 * (log2(global batch) - 3), log2(D) on axis 1)")
     parser.add_argument("--momentum", type=float, default=0.996,
                         help="intl-m: EMA momentum at step 0, raised to 1 by a cosine")
+    parser.add_argument("--power", type=float, default=0.5, help="st: the power p of g(l) = l^-p (0.5 = whitening)")
+    parser.add_argument("--groups", type=int, default=4, help="cw-rgp: channel groups whitened separately")
+    parser.add_argument("--w_size", type=int, default=64,
+                        help="cw-rgp, wmse: whitening sub-batch size (must divide the global batch)")
+    parser.add_argument("--w_iter", type=int, default=1,
+                        help="cw-rgp, wmse: repeats with fresh random sub-batches and permutations")
+    parser.add_argument("--w_eps", type=float, default=0.0, help="cw-rgp, wmse: eps added to the covariance")
+    parser.add_argument("--pair_loss", type=str, default="normalized", choices=["normalized", "squared"],
+                        help="cw-rgp: 2 - 2 cos between whitened views (normalised MSE) or their squared distance")
+    parser.add_argument("--num_views", type=int, default=2,
+                        help="large crops per image (CW-RGP uses 2 or 4); views after the first use the second "
+                             "blur/solarise probability")
 
     # Optim
     parser.add_argument("--epochs", type=int, default=800, help="training epochs")
@@ -114,6 +141,11 @@ def get_parser():
     parser.add_argument("--lr", type=float, default=0.3, help="base learning rate, scaled by global batch / 256")
     parser.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay (none on biases and norms)")
     parser.add_argument("--warmup_epochs", type=float, default=10, help="linear warm-up, then cosine to 0.001 x")
+    parser.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "adam"],
+                        help="sgd: momentum 0.9 (INTL recipes); adam (CW-RGP small-data recipes)")
+    parser.add_argument("--schedule", type=str, default="cosine", choices=["cosine", "step"],
+                        help="cosine: warm-up then cosine to 0.001 x; step: x0.2 at 50 and 25 epochs before the "
+                             "end (CW-RGP small-data recipes)")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                         help="autocast precision (default: Accelerate's config); fp16 falls back to no on CPU "
                              "when it comes from a preset")
@@ -137,6 +169,12 @@ def get_parser():
                         help="log the spectrum of Z and Z_hat (lg IoC, effective rank) every N steps")
     parser.add_argument("--knn_every", type=int, default=0,
                         help="5-NN accuracy on the held-out split every N epochs, at start and end (0: never)")
+    parser.add_argument("--study", type=str, default=None, choices=["power", "trace"],
+                        help="the paper's experiments: 'power' trains --method st for each p in --study_values "
+                             "(Fig. 2); 'trace' trains IterNorm with and without the trace loss for each T (Fig. 3)")
+    parser.add_argument("--study_values", type=str, default=None,
+                        help="comma-separated p (power study, default 0,0.25,0.5,0.75,1,1.25,1.5) or T (trace "
+                             "study, default 1,2,4,6,8,10,12)")
     parser.add_argument("--benchmark", type=int, default=0,
                         help="time N training steps on random images and print throughput and memory; no data")
     return parser
@@ -156,6 +194,8 @@ def main(argv=None):
                               project_dir=config.output_dir)
     if config.benchmark:
         return benchmark(config, accelerator)
+    if config.study:
+        return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
     output_dir = Path(config.output_dir)
     log = Logger(output_dir / "log.jsonl", accelerator)
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -177,20 +217,13 @@ def main(argv=None):
 
     # Model: built from the same seed on every process, then seeded per process for everything else.
     set_seed(config.seed)
-    backbone = intl.build_backbone(config.arch, config.cifar_stem, config.zero_init_residual)
-    projector = intl.build_projector(backbone.feature_dim, config.projector)
-    model = intl.INTL(backbone, projector, config.iters, config.axis, config.beta,
-                      momentum_target=config.method == "intl-m")
+    model = build_model(config)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     set_seed(config.seed, device_specific=True)
 
-    # Optim: SGD momentum 0.9, no weight decay on biases and normalisation parameters.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=0.0, momentum=0.9)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Optim: no weight decay on biases and normalisation parameters.
+    model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
     peak_lr = config.lr * global_batch / 256
     total_steps = config.epochs * sampler.batches_per_epoch
     warmup_steps = round(config.warmup_epochs * sampler.batches_per_epoch)
@@ -219,11 +252,11 @@ def main(argv=None):
         epoch, batch_in_epoch = divmod(step, sampler.batches_per_epoch)
         sampler.set_epoch(epoch, start_batch=batch_in_epoch)
         for views, _ in loader:
-            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, sampler.batches_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             views = [v.to(accelerator.device, non_blocking=True) for v in views]
-            out = model(views)
+            out = model(views, step=step)
             loss = out["loss"].item()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
@@ -290,6 +323,9 @@ def resolve_config(argv=None):
         for key, value in saved.items():
             if key not in RUN_CONTROL:
                 setattr(config, key, value)
+    if config.dataset is None and config.preset != "digits":
+        raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
+                         "folder or a Hub dataset id")
     check_config(config)
     return config
 
@@ -325,13 +361,14 @@ def parse_floats(text, flag):
 
 
 # -----------------------------------------------------------------------------
-# Data: augmented views (PAPER_NOTES 6) and a deterministic, sharded, resumable sample order
+# Data: augmented views (BYOL style, as both papers) and a deterministic, sharded, resumable sample order
 
 
 def view_transforms(config):
     """One torchvision pipeline per view: two large crops, then the small multi-crop ones."""
     blur, solarize = parse_floats(config.blur_prob, "blur_prob"), parse_floats(config.solarize_prob, "solarize_prob")
-    views = [augmentation(config.image_size, (config.min_scale, 1.0), blur[i], solarize[i], config) for i in (0, 1)]
+    views = [augmentation(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)], config)
+             for i in range(config.num_views)]
     for side in parse_floats(config.small_crops, "small_crops"):
         ratio = side / config.image_size
         views.append(augmentation(int(side), (config.min_scale * ratio, ratio), blur[1], solarize[1], config))
@@ -409,10 +446,36 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
 # Optimisation schedule
 
 
-def learning_rate(step, total_steps, warmup_steps, peak_lr):
-    """Linear warm-up from 0 to peak_lr, then a cosine from peak_lr to 0.001 x peak_lr."""
+def build_model(config):
+    backbone = intl.build_backbone(config.arch, config.cifar_stem, config.zero_init_residual)
+    projector = intl.build_projector(backbone.feature_dim, config.projector)
+    if config.method == "cw-rgp":
+        return intl.cw_rgp(backbone, projector, config.groups, config.w_size, config.w_iter, config.w_eps,
+                           config.axis, normalized=config.pair_loss == "normalized")
+    if config.method == "wmse":
+        return intl.wmse(backbone, projector, config.w_size, config.w_iter, config.w_eps)
+    return intl.INTL(backbone, projector, config.iters, config.axis, config.beta,
+                     momentum_target=config.method == "intl-m", power=config.power if config.method == "st" else None)
+
+
+def build_optimizer(config, model):
+    """SGD with momentum 0.9 or Adam; no weight decay on biases and normalisation parameters (ndim <= 1)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=0.0)
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+
+
+def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", steps_per_epoch=1):
+    """Linear warm-up from 0 to peak_lr, then a cosine from peak_lr to 0.001 x peak_lr, or (schedule
+    "step") x0.2 at 50 and again at 25 epochs before the end."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
+    if schedule == "step":
+        drops = sum(step >= total_steps - epochs * steps_per_epoch for epochs in (50, 25))
+        return peak_lr * 0.2 ** drops
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     end_lr = 0.001 * peak_lr
     return end_lr + (peak_lr - end_lr) * (1 + math.cos(math.pi * progress)) / 2
@@ -550,8 +613,11 @@ class Logger:
                             "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
 
     def plot_spectra(self, path):
+        """The PNG, and the eigenvalues behind it in spectrum.json next to it (the studies read them)."""
         if self.spectra:
             intl.plot_spectra(self.spectra, path)
+            path.with_suffix(".json").write_text(json.dumps(
+                [{"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()} for step, eig_z, eig_z_hat in self.spectra]))
             self.info(f"spectrum plot: {path}")
 
     def summary(self):
@@ -570,21 +636,127 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------
+# The paper's experiments at small scale: a loop over short pretraining runs
+
+
+def run_study(config, argv, accelerator):
+    """Power study (Fig. 2): --method st for each p. Trace study (Fig. 3): IterNorm with and without
+    the trace loss for each T. Each run is a subprocess with the remaining flags; a run that fails
+    (a diverging loss, a singular transform) is recorded with its error, not hidden."""
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    default = "0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power" else "1,2,4,6,8,10,12"
+    values = parse_floats(config.study_values or default, "study_values")
+    base = strip_flags(argv, {"--study": 1, "--study_values": 1, "--output_dir": 1, "--method": 1, "--power": 1,
+                              "--iters": 1, "--beta": 1})
+    runs = []
+    for value in values:
+        if config.study == "power":
+            runs.append(({"power": value}, ["--method", "st", "--power", str(value)], f"power-{value:g}"))
+        else:
+            runs.append(({"iters": int(value), "trace_loss": True}, ["--iters", str(int(value))], f"T{int(value)}-tl"))
+            runs.append(({"iters": int(value), "trace_loss": False}, ["--iters", str(int(value)), "--beta", "0"],
+                         f"T{int(value)}-no-tl"))
+    rows = []
+    for settings, flags, name in tqdm(runs, desc=f"{config.study} study"):
+        run_dir = output_dir / name
+        result = subprocess.run([sys.executable, __file__, *base, *flags, "--output_dir", str(run_dir)],
+                                capture_output=True, text=True)
+        rows.append({**settings, "run": name, **study_row(run_dir, result)})
+        tqdm.write(f"{name}: {json.dumps(rows[-1])}")
+    (output_dir / f"{config.study}_study.json").write_text(json.dumps(rows, indent=2))
+    with (output_dir / f"{config.study}_study.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_study(config.study, rows, output_dir)
+    print(f"{config.study} study: {len(rows)} runs -> {output_dir}/{config.study}_study.{{csv,json,png}}")
+
+
+def strip_flags(argv, flags):
+    """argv without the given flags and their values ({flag: number of values})."""
+    kept, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg.split("=")[0] in flags:
+            skip = 0 if "=" in arg else flags[arg]
+        else:
+            kept.append(arg)
+    return kept
+
+
+def study_row(run_dir, result):
+    """Final figures of one study run from its log, or its error."""
+    log = run_dir / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+    last = {key: next((r[key] for r in reversed(records) if key in r), None)
+            for key in ("loss", "knn_top1", "lg_ioc_z", "lg_ioc_z_hat", "erank_z")}
+    error = result.stderr.strip().splitlines()[-1] if result.returncode else ""
+    return {**last, "steps": max((r["step"] for r in records), default=0), "error": error}
+
+
+def plot_study(study, rows, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ioc, ax_knn) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    if study == "power":
+        series = [("", rows)]
+        x_key, x_label = "power", "power p of g(l) = l^-p"
+    else:
+        series = [(" with trace loss", [r for r in rows if r["trace_loss"]]),
+                  (" without trace loss", [r for r in rows if not r["trace_loss"]])]
+        x_key, x_label = "iters", "IterNorm iterations T"
+    for suffix, part in series:
+        ok = [r for r in part if not r["error"]]
+        ax_ioc.plot([r[x_key] for r in ok], [r["lg_ioc_z"] for r in ok], "o-", label="Z" + suffix)
+        ax_ioc.plot([r[x_key] for r in ok], [r["lg_ioc_z_hat"] for r in ok], "s--", label="Z_hat" + suffix)
+        ax_knn.plot([r[x_key] for r in ok], [r["knn_top1"] for r in ok], "o-", label="5-NN" + suffix)
+        for r in part:
+            if r["error"]:
+                ax_knn.axvline(r[x_key], color="red", alpha=0.3)
+    ax_ioc.set(xlabel=x_label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
+    ax_knn.set(xlabel=x_label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
+    ax_ioc.legend(fontsize=8)
+    ax_knn.legend(fontsize=8)
+    fig.savefig(output_dir / f"{study}_study.png", dpi=120)
+    plt.close(fig)
+
+    # The final spectra of every run that finished, Z and Z_hat side by side.
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for row in rows:
+        spectra = output_dir / row["run"] / "spectrum.json"
+        if not row["error"] and spectra.exists():
+            final = json.loads(spectra.read_text())[-1]
+            for ax, key in zip(axes, ("z", "z_hat")):
+                ax.plot(range(1, len(final[key]) + 1), [max(v, 1e-12) for v in final[key]], label=row["run"])
+    for ax, name in zip(axes, ("Z", "Z_hat")):
+        ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
+        ax.legend(fontsize=7)
+    fig.savefig(output_dir / f"{study}_study_spectra.png", dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
 # Benchmark: throughput, peak memory and the share of the step spent in IterNorm + loss
 
 
 def benchmark(config, accelerator):
     set_seed(config.seed)
-    backbone = intl.build_backbone(config.arch, config.cifar_stem, config.zero_init_residual)
-    model = intl.INTL(backbone, intl.build_projector(backbone.feature_dim, config.projector),
-                      config.iters, config.axis, config.beta, momentum_target=config.method == "intl-m")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sides = [config.image_size] * 2 + [int(s) for s in parse_floats(config.small_crops, "small_crops")]
+    model = build_model(config)
+    model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.01
+    sides = [config.image_size] * config.num_views + [int(s) for s in parse_floats(config.small_crops, "small_crops")]
     views = [torch.randn(config.batch_size, 3, s, s, device=accelerator.device) for s in sides]
     dim = intl.parse_projector_spec(config.projector)[-1]
     embeddings = [torch.randn(config.batch_size, dim, device=accelerator.device, requires_grad=True)
-                  for _ in range(2)]
+                  for _ in sides]
 
     def train_step():
         loss = model(views)["loss"]

@@ -1,0 +1,638 @@
+"""Evaluate a pretrained backbone by the papers' protocols, with Hugging Face Accelerate.
+
+    python linear_eval.py --backbone runs/digits/backbone            # offline: 5-NN + linear on cached features
+    python linear_eval.py --backbone someone/intl-resnet50 --protocol knn --knn_metric cosine --dataset DATA
+    accelerate launch linear_eval.py --backbone runs/in1k/backbone --protocol linear \\
+        --dataset ILSVRC/imagenet-1k --test_split validation
+    accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --arch resnet50 --protocol finetune \\
+        --train_fraction 0.01 --dataset /data/imagenet
+
+Protocols (PAPER_NOTES 8):
+    knn            k-NN on frozen features: k = 5, Euclidean, one vote each (the papers'); or weighted
+                   cosine votes exp(sim / T) with k = 20 / 200, T = 0.07 (--knn_metric cosine)
+    linear-cached  features extracted once without augmentation; a linear head trained on them with
+                   Adam, lr 1e-2 decayed exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
+    linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
+                   0.9 without wd, 100 epochs, lr x0.1 at 60 and 80, RandomResizedCrop + flip / Resize +
+                   CenterCrop; afterwards a check that no backbone weight or BN buffer changed
+    finetune       semi-supervised: all layers trained on a seeded class-balanced --train_fraction of the
+                   training split (or the images named in --subset_file), separate backbone and head lrs
+
+The backbone is any source intl.load_backbone accepts: an export folder, a .safetensors file, a Hub
+repo id (owner/name[@revision]), a pretrain checkpoint folder or an official .pth.tar. The reported
+number is the final epoch's top-1 / top-5 (the best epoch is listed as a labelled extra), printed as
+a table and written to OUTPUT_DIR/<protocol>.json. linear and finetune save a checkpoint every epoch
+and continue with --resume.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torchvision.transforms import v2 as T
+from tqdm.auto import tqdm
+
+import intl
+
+try:
+    from intl import load_backbone
+except ImportError:  # until intl_hub_draft.py is appended to intl.py
+    from intl_hub_draft import load_backbone
+
+PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
+# Per-protocol defaults of the flags left at None (PAPER_NOTES 8). SGD learning rates are for a
+# global batch of 256 and scale linearly with it; Adam's (linear-cached) does not scale.
+DEFAULTS = {
+    "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
+    "linear": dict(epochs=100, batch_size=256, lr=0.3, weight_decay=0.0),
+    "finetune": dict(epochs=20, batch_size=256, lr=0.2, lr_backbone=0.005, weight_decay=0.0),
+}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Evaluate a pretrained INTL backbone (kNN, linear, fine-tuning)",
+                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    # Data
+    parser.add_argument("--dataset", type=str, default="digits",
+                        help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
+    parser.add_argument("--train_split", type=str, default="train", help="labelled split the classifiers learn from")
+    parser.add_argument("--test_split", type=str, default="test",
+                        help="labelled split the accuracy is measured on ('validation' / 'val' stand in for it)")
+    parser.add_argument("--image_column", type=str, default=None, help="image column (default: detected)")
+    parser.add_argument("--label_column", type=str, default=None, help="label column (default: detected)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="input side in pixels (default: the backbone's pretraining size); 224 gives "
+                             "Resize 256 + CenterCrop 224 for evaluation")
+    parser.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (default: the backbone's)")
+    parser.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (default: the backbone's)")
+    parser.add_argument("--num_workers", type=int, default=2, help="data loader processes per evaluation process")
+    parser.add_argument("--eval_batch_size", type=int, default=256,
+                        help="batch per process for feature extraction and test-set evaluation")
+
+    # Model
+    parser.add_argument("--backbone", type=str, required=True,
+                        help="export folder, .safetensors file, Hub repo id 'owner/name[@revision]', pretrain "
+                             "checkpoint folder or official INTL / CW-RGP .pth.tar")
+    parser.add_argument("--arch", type=str, default=None, choices=intl.RESNETS,
+                        help="encoder architecture (default: from the backbone's config or its weights' shapes)")
+    parser.add_argument("--revision", type=str, default=None, help="Hub branch, tag or commit of --backbone")
+
+    # Protocol
+    parser.add_argument("--protocol", type=str, nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
+                        help="one or more evaluations; knn and linear-cached share one feature extraction")
+    parser.add_argument("--knn_metric", type=str, default="euclidean", choices=["euclidean", "cosine"],
+                        help="euclidean: one vote per neighbour (the papers'); cosine: votes weighted by "
+                             "exp(cosine similarity / T)")
+    parser.add_argument("--k", type=int, nargs="+", default=None,
+                        help="numbers of neighbours (default: 5 for euclidean, 20 and 200 for cosine)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="T of the weighted-cosine kNN")
+    parser.add_argument("--train_fraction", type=float, default=None,
+                        help="finetune: fraction of each class of the training split, drawn with --seed "
+                             "(0.01 and 0.1 are the papers' 1%% and 10%%)")
+    parser.add_argument("--subset_file", type=str, default=None,
+                        help="finetune: text file of image file names, one a line (the standard ImageNet 1%% / "
+                             "10%% lists), instead of --train_fraction")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the head's init, the data order and subsets")
+
+    # Optim
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: linear-cached 500, linear 100, finetune 20)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="training batch (default: linear-cached 1000 in all; linear and finetune 256 "
+                             "per process)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="head learning rate (default: linear-cached 1e-2 with Adam; linear 0.3 and finetune "
+                             "0.2 with SGD, per 256 images of global batch)")
+    parser.add_argument("--lr_backbone", type=float, default=None,
+                        help="finetune: backbone learning rate per 256 images of global batch (default 0.005)")
+    parser.add_argument("--min_lr", type=float, default=1e-6,
+                        help="linear-cached: the learning rate reached by the exponential decay at the last epoch")
+    parser.add_argument("--weight_decay", type=float, default=None,
+                        help="weight decay (default: linear-cached 5e-6, linear and finetune 0)")
+    parser.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
+                        help="linear: lr x0.1 after these fractions of --epochs (epochs 60 and 80 of 100); "
+                             "finetune follows a cosine instead")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="autocast precision (default: Accelerate's config)")
+
+    # Output
+    parser.add_argument("--output_dir", type=str, default=None,
+                        help="where <protocol>.json and checkpoints/ go (default: 'eval' next to a local "
+                             "backbone, in its run folder for a checkpoint; runs/eval/<repo> for a Hub id)")
+    parser.add_argument("--eval_every", type=int, default=1,
+                        help="linear, finetune: test accuracy every N epochs (always after the last)")
+    parser.add_argument("--resume", action="store_true",
+                        help="linear, finetune: continue from the latest checkpoint in OUTPUT_DIR/checkpoints/<protocol>")
+    parser.add_argument("--stop_after_epochs", type=int, default=None,
+                        help="linear, finetune: save and stop after this many epochs (the schedule still spans "
+                             "--epochs); continue with --resume")
+    return parser
+
+
+def main(argv=None):
+    args = resolve_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    output_dir = Path(args.output_dir)
+
+    # Model: any backbone source, loaded strictly, frozen.
+    backbone, backbone_config = load_backbone(args.backbone, args.arch, args.revision)
+    backbone.requires_grad_(False).to(accelerator.device)
+    image_size = args.image_size or backbone_config["image_size"]
+    mean, std = args.mean or backbone_config["mean"], args.std or backbone_config["std"]
+    say(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {args.backbone}: "
+        f"{backbone_config['arch']}, {backbone_config['feature_dim']}-d features, input {image_size} px")
+
+    # Data: a labelled training split and a labelled test split.
+    train_split, test_split, num_classes = load_labelled_splits(args)
+    data = dict(dataset=args.dataset, train_split=args.train_split, test_split=args.test_split,
+                n_train=len(train_split.dataset), n_test=len(test_split.dataset), num_classes=num_classes)
+    say(f"{args.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} classes")
+    eval_images = intl.eval_transform(image_size, mean, std)
+
+    # Frozen features, extracted once without augmentation, for knn and linear-cached.
+    if {"knn", "linear-cached"} & set(args.protocol):
+        features = {name: extract(backbone, split, eval_images, name, args, accelerator)
+                    for name, split in (("train", train_split), ("test", test_split))}
+
+    records = []
+    for protocol in args.protocol:
+        tic = time.time()
+        if protocol == "knn":
+            record = run_knn(features, args)
+        elif protocol == "linear-cached":
+            record = run_linear_cached(features, num_classes, args, accelerator)
+        else:
+            record = run_trained_protocol(protocol, backbone, backbone_config["feature_dim"], train_split,
+                                          test_split, num_classes, image_size, mean, std, args, accelerator,
+                                          output_dir, say)
+            if record is None:  # --stop_after_epochs
+                return
+        record = {"protocol": protocol, **record, "backbone": args.backbone, "arch": backbone_config["arch"],
+                  "image_size": image_size, **data, "processes": accelerator.num_processes,
+                  "seconds": round(time.time() - tic, 2)}
+        records.append(record)
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / f"{protocol}.json").write_text(json.dumps(record, indent=2) + "\n")
+    say(results_table(records, data, output_dir))
+    accelerator.end_training()
+
+
+# -----------------------------------------------------------------------------
+# Configuration and data
+
+
+def resolve_args(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.k is None:
+        args.k = [5] if args.knn_metric == "euclidean" else [20, 200]
+    if min(args.k) < 1:
+        raise ValueError(f"--k {args.k}: the number of neighbours must be at least 1")
+    if "finetune" in args.protocol:
+        if (args.train_fraction is None) == (args.subset_file is None):
+            raise ValueError("--protocol finetune needs exactly one of --train_fraction (e.g. 0.01) and --subset_file")
+        if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+            raise ValueError(f"--train_fraction {args.train_fraction}: give a fraction in (0, 1]")
+    if args.resume and not {"linear", "finetune"} & set(args.protocol):
+        raise ValueError("--resume applies to --protocol linear and finetune only")
+    if len(set(args.protocol)) != len(args.protocol):
+        raise ValueError(f"--protocol {' '.join(args.protocol)}: each protocol once")
+    for flag in ("batch_size", "epochs", "eval_batch_size", "eval_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} {value}: must be at least 1")
+    if args.output_dir is None:
+        args.output_dir = str(default_output_dir(args.backbone))
+    return args
+
+
+def default_output_dir(backbone):
+    path = Path(os.path.expanduser(backbone))
+    if (path / "trainer_state.json").is_file():
+        return path.parent.parent / "eval"  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR/eval
+    if path.exists():
+        return path.parent / "eval"  # OUTPUT_DIR/backbone -> OUTPUT_DIR/eval
+    return Path("runs") / "eval" / backbone.replace("/", "--").replace("@", "--")
+
+
+def protocol_settings(protocol, args, **extra):
+    """What a trained protocol computes with: the flags, or the protocol's defaults where they are None."""
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else default
+                for key, default in DEFAULTS[protocol].items()}
+    if protocol == "linear-cached":
+        settings["min_lr"] = args.min_lr
+    if protocol == "linear":
+        settings["milestones"] = args.milestones
+    return {**settings, "seed": args.seed, **extra}
+
+
+def load_labelled_splits(args):
+    splits = [intl.load_image_split(args.dataset, name, args.image_column, args.label_column)
+              for name in (args.train_split, args.test_split)]
+    num_classes = 0
+    for split in splits:
+        if split.label_column is None:
+            raise ValueError(f"{split.source} has no labels (no 'label' column or ClassLabel feature): the "
+                             "evaluations need labelled training and test splits; name one with --label_column")
+        labels = intl.labels_of(split)
+        if len(labels) == 0:
+            raise ValueError(f"{split.source} is empty")
+        if labels.min() < 0:
+            raise ValueError(f"{split.source} has {int((labels < 0).sum())} image(s) without a label")
+        num_classes = max(num_classes, split.num_classes or 0, int(labels.max()) + 1)
+    return splits[0], splits[1], num_classes
+
+
+def loader_of(split, transform, batch_size, args, accelerator, sampler=None, drop_last=False):
+    """A DataLoader prepared by Accelerate: sharded over processes, batches on the device."""
+    loader = torch.utils.data.DataLoader(
+        intl.ImageDataset(split, transform), batch_size=batch_size, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=accelerator.device.type == "cuda", drop_last=drop_last)
+    return accelerator.prepare_data_loader(loader)
+
+
+def extract(backbone, split, transform, name, args, accelerator):
+    loader = loader_of(split, transform, args.eval_batch_size, args, accelerator)
+    progress = tqdm(loader, desc=f"features ({name})", disable=not accelerator.is_main_process, leave=False)
+    return intl.extract_features(backbone, progress, accelerator)
+
+
+# -----------------------------------------------------------------------------
+# knn and linear-cached: on the frozen features
+
+
+def run_knn(features, args):
+    (train_f, train_l), (test_f, test_l) = features["train"], features["test"]
+    rows = []
+    for k in args.k:
+        if args.knn_metric == "euclidean":
+            top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k)["top1"]
+            rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
+        else:
+            result = weighted_cosine_knn(train_f, train_l, test_f, test_l, k, args.temperature)
+            rows.append({"name": f"{k}-NN (cosine, T={args.temperature:g})", **result})
+    settings = {"metric": args.knn_metric, "k": args.k}
+    if args.knn_metric == "cosine":
+        settings["temperature"] = args.temperature
+    return {"rows": rows, "settings": settings}
+
+
+@torch.no_grad()
+def weighted_cosine_knn(train_features, train_labels, test_features, test_labels, k, temperature, chunk=1024):
+    """k-NN with cosine similarity, each neighbour voting exp(similarity / T) for its class: top-1 / top-5 (%)."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train_features))
+    train_n = F.normalize(train_features.float(), dim=1)
+    hits1 = hits5 = 0
+    for start in range(0, len(test_features), chunk):
+        queries = F.normalize(test_features[start:start + chunk].float(), dim=1)
+        similarity, nearest = (queries @ train_n.t()).topk(k, dim=1)
+        votes = torch.zeros(len(queries), num_classes)
+        votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())
+        ranked = votes.topk(min(5, num_classes), dim=1).indices
+        hit = ranked == test_labels[start:start + chunk, None]
+        hits1 += hit[:, 0].sum().item()
+        hits5 += hit.any(dim=1).sum().item()
+    return {"top1": 100.0 * hits1 / len(test_features), "top5": 100.0 * hits5 / len(test_features)}
+
+
+def run_linear_cached(features, num_classes, args, accelerator):
+    """Adam on the cached features: every process trains the same head on all of them (they are gathered)."""
+    settings = protocol_settings("linear-cached", args)
+    device = accelerator.device
+    (train_f, train_l), (test_f, test_l) = [(f.to(device), l.to(device)) for f, l in (features["train"],
+                                                                                      features["test"])]
+    set_seed(args.seed)
+    head = nn.Linear(train_f.shape[1], num_classes).to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    epochs = settings["epochs"]
+    order = torch.Generator().manual_seed(args.seed)
+    history = []
+    for epoch in tqdm(range(epochs), desc="linear-cached", disable=not accelerator.is_main_process, leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = cached_lr(epoch, epochs, settings["lr"], settings["min_lr"])
+        head.train()
+        for batch in torch.randperm(len(train_f), generator=order).split(settings["batch_size"]):
+            batch = batch.to(device)
+            loss = F.cross_entropy(head(train_f[batch]), train_l[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            history.append({"epoch": epoch + 1, **topk_accuracy(head(test_f), test_l)})
+    return trained_record("linear on cached features", settings, history)
+
+
+def cached_lr(epoch, epochs, lr, min_lr):
+    """Exponential decay from lr (first epoch) to min_lr (last epoch)."""
+    return lr * (min_lr / lr) ** (epoch / max(1, epochs - 1))
+
+
+def topk_accuracy(logits, labels):
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = ranked == labels[:, None]
+    return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(dim=1).float().mean().item()}
+
+
+def trained_record(name, settings, history):
+    """The final epoch is the result; the best epoch is kept as a labelled extra (it peeks at the test split)."""
+    final = history[-1]
+    best = max(history, key=lambda h: (h["top1"], h["epoch"]))
+    return {"rows": [{"name": name, "top1": final["top1"], "top5": final["top5"]}],
+            "final_epoch": final["epoch"],
+            "best_epoch_extra": {"epoch": best["epoch"], "top1": best["top1"], "top5": best["top5"],
+                                 "note": "chosen on the test split: not the reported result"},
+            "settings": settings, "history": history}
+
+
+# -----------------------------------------------------------------------------
+# linear (ImageNet protocol) and finetune: trained on images
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images):
+        return self.head(self.backbone(images))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """One permutation per epoch from (seed, epoch): the same on every process, replayed by a resumed run."""
+
+    def __init__(self, num_samples, seed):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
+def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_split, num_classes, image_size,
+                         mean, std, args, accelerator, output_dir, say):
+    finetune = protocol == "finetune"
+    if finetune:
+        train_split = training_subset(train_split, num_classes, args)
+        say(f"finetune on {len(train_split.dataset)} training images")
+        backbone = copy.deepcopy(backbone).requires_grad_(True)  # the other protocols keep the pretrained one
+    settings = protocol_settings(protocol, args, batch_size_is="per process", image_size=image_size,
+                                 processes=accelerator.num_processes, n_train=len(train_split.dataset),
+                                 train_fraction=args.train_fraction if finetune else None,
+                                 subset_file=args.subset_file if finetune else None)
+    epochs = settings["epochs"]
+
+    set_seed(args.seed)
+    head = nn.Linear(feature_dim, num_classes)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    global_batch = settings["batch_size"] * accelerator.num_processes
+    scale = global_batch / 256
+    groups = [{"params": list(head.parameters()), "base_lr": settings["lr"] * scale}]
+    if finetune:
+        model = Classifier(backbone, head)
+        if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        groups.append({"params": list(model.backbone.parameters()), "base_lr": settings["lr_backbone"] * scale})
+    else:
+        model = head
+        reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        freeze(backbone)
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=settings["weight_decay"])
+
+    train_images = T.Compose([
+        T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    sampler = EpochSampler(len(train_split.dataset), args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        intl.ImageDataset(train_split, train_images), batch_size=settings["batch_size"], sampler=sampler,
+        num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+        drop_last=len(train_split.dataset) >= global_batch)
+    test_loader = torch.utils.data.DataLoader(
+        intl.ImageDataset(test_split, intl.eval_transform(image_size, mean, std)),
+        batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps_per_epoch = len(train_loader)
+
+    checkpoints = output_dir / "checkpoints" / protocol
+    start_epoch, history = 0, []
+    if args.resume:
+        start_epoch, history = resume(checkpoints, settings, accelerator)
+        say(f"{protocol}: resumed after epoch {start_epoch}")
+    elif accelerator.is_main_process and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # a new run: an old run's checkpoints would be resumed by mistake
+
+    if finetune:
+        def forward(images):
+            return model(images)
+    else:
+        def forward(images):
+            with torch.no_grad():
+                features = backbone(images)
+            return model(features.float())
+
+    progress = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=protocol,
+                    disable=not accelerator.is_main_process, leave=False)
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        if not finetune:
+            freeze(backbone)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for step, (images, labels) in enumerate(train_loader):
+            factor = lr_factor(protocol, epoch + step / steps_per_epoch, epochs, settings.get("milestones"))
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            with accelerator.autocast():
+                loss = F.cross_entropy(forward(images).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            loss_sum += loss.detach()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+        entry = {"epoch": epoch + 1, "train_loss": accelerator.reduce(loss_sum / steps_per_epoch, "mean").item(),
+                 "lr_head": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
+            model.eval()
+            entry.update(evaluate(forward, test_loader, accelerator, num_classes))
+        history.append(entry)
+        save_epoch(checkpoints, epoch + 1, settings, history, accelerator)
+        if args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs and epoch + 1 < epochs:
+            progress.close()
+            say(f"{protocol}: stopped after epoch {epoch + 1} of {epochs}; continue with --resume")
+            return None
+    progress.close()
+
+    record = trained_record("linear (ImageNet protocol)" if not finetune else
+                            f"fine-tune on {len(train_split.dataset)} images", settings,
+                            [h for h in history if "top1" in h])
+    if not finetune:
+        record["backbone_unchanged"] = check_backbone_unchanged(backbone, reference)
+    return record
+
+
+def freeze(backbone):
+    """The linear protocol's backbone: no gradients, BN in eval mode (running statistics are not updated)."""
+    backbone.requires_grad_(False)
+    backbone.eval()
+
+
+class BackboneChanged(RuntimeError):
+    pass
+
+
+def check_backbone_unchanged(backbone, reference):
+    """Every weight and buffer (BN running statistics included) bit-identical to before training."""
+    for key, value in backbone.state_dict().items():
+        if not torch.equal(value.detach().cpu(), reference[key].cpu()):
+            raise BackboneChanged(f"the frozen backbone changed during linear evaluation ({key!r} differs): "
+                                  "the result is not a linear evaluation of the pretrained weights")
+    return True
+
+
+def lr_factor(protocol, epoch, epochs, milestones):
+    """linear: x0.1 after each milestone (fractions of the epochs); finetune: a cosine to 0. epoch may be fractional."""
+    if protocol == "linear":
+        return 0.1 ** sum(int(epoch) >= round(m * epochs) for m in milestones)
+    return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+@torch.no_grad()
+def evaluate(forward, loader, accelerator, num_classes):
+    """Top-1 / top-5 (%) over every test image exactly once (gather_for_metrics drops the padded tail)."""
+    hits1 = hits5 = count = 0
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = forward(images)
+        ranked = logits.float().topk(min(5, num_classes), dim=1).indices
+        ranked, labels = accelerator.gather_for_metrics((ranked.contiguous(), labels))
+        hit = ranked == labels[:, None]
+        hits1 += hit[:, 0].sum().item()
+        hits5 += hit.any(dim=1).sum().item()
+        count += len(labels)
+    return {"top1": 100.0 * hits1 / count, "top5": 100.0 * hits5 / count, "n_evaluated": count}
+
+
+def training_subset(split, num_classes, args):
+    """The images finetune learns from: the names in --subset_file, or a seeded class-balanced fraction."""
+    if args.subset_file:
+        names = [line.strip() for line in Path(args.subset_file).read_text().splitlines() if line.strip()]
+        if not names:
+            raise ValueError(f"--subset_file {args.subset_file} lists no image names")
+        files = image_file_names(split)
+        wanted = set(names)
+        indices = [i for i, name in enumerate(files) if name in wanted]
+        found = {files[i] for i in indices}
+        absent = [n for n in names if n not in found]
+        if absent:
+            raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
+                             f"(first {absent[0]!r})")
+    else:
+        labels = intl.labels_of(split)
+        generator = torch.Generator().manual_seed(args.seed)
+        indices = []
+        for c in range(num_classes):
+            members = (labels == c).nonzero().flatten()
+            if len(members):
+                take = max(1, round(args.train_fraction * len(members)))
+                indices += members[torch.randperm(len(members), generator=generator)[:take]].tolist()
+        indices.sort()
+    return replace(split, dataset=split.dataset.select(indices))
+
+
+def image_file_names(split):
+    """The file name (no folder) of every image of the split, from its stored path, without decoding."""
+    column = split.dataset.with_format("arrow")[split.image_column]
+    paths = [p for chunk in column.chunks for p in chunk.field("path").to_pylist()]
+    if any(p is None for p in paths):
+        raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them; "
+                         "use --train_fraction")
+    return [os.path.basename(p) for p in paths]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints of linear and finetune: one per epoch, the last kept
+
+
+def save_epoch(root, epoch, settings, history, accelerator):
+    final, tmp = root / f"epoch-{epoch:04d}", root / f".tmp-epoch-{epoch:04d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "eval_state.json").write_text(json.dumps({"epoch": epoch, "settings": settings,
+                                                         "history": history}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("epoch-*"))[:-1]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume(root, settings, accelerator):
+    done = sorted(root.glob("epoch-*/eval_state.json"))
+    if not done:
+        raise ValueError(f"--resume: no checkpoint in {root}; start without --resume")
+    state = json.loads(done[-1].read_text())
+    saved = state["settings"]
+    changed = [k for k in settings if saved.get(k) != json.loads(json.dumps(settings[k]))]
+    if changed:
+        raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} in "
+                         f"{done[-1].parent}; a resumed evaluation keeps its settings")
+    accelerator.load_state(str(done[-1].parent))
+    return state["epoch"], state["history"]
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+
+def results_table(records, data, output_dir):
+    lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
+             f"{data['train_split']}: {data['n_train']} images), final epoch:",
+             f"  {'protocol':44s} {'top-1':>7s} {'top-5':>7s}"]
+    extras = []
+    for record in records:
+        for row in record["rows"]:
+            top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
+            lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
+        if "best_epoch_extra" in record:
+            best = record["best_epoch_extra"]
+            extras.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
+                          f"(top-1 {best['top1']:.2f})")
+        if record.get("backbone_unchanged"):
+            extras.append("  linear: every backbone weight and BN buffer is bit-identical after training")
+    files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
+    return "\n".join(lines + extras + [f"written to {files}"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, BackboneChanged) as error:
+        sys.exit(f"error: {error}")
