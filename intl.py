@@ -155,15 +155,16 @@ def iternorm(z, iters=4, axis=0):
     return z_hat if axis == 0 else z_hat.t()
 
 
-def spectral_transform(z, power=0.5, axis=0):
+def spectral_transform(z, power=0.5, axis=0, eps=0.0):
     """The general ST by eigendecomposition, with g(l) = l^(-power).
 
     power 0.5 is ZCA whitening, power 0 leaves Z unchanged (and collapses, Fig. 2).
-    z: [B, D] -> U diag(l^-power) U^T X: [B, D].
+    z: [B, D] -> U diag(l^-power) U^T X: [B, D]. eps > 0 uses S + eps I: real batches can be
+    singular even when the shapes allow full rank (e.g. two identical crops on axis 0).
     """
     x = _units(z, axis)
     m, n = x.shape
-    if power > 0 and n - 1 < m:
+    if power > 0 and n - 1 < m and eps == 0:
         units, obs = ("samples", "channels") if axis == 0 else ("channels", "samples")
         raise ValueError(
             f"the {m} x {m} covariance is singular by construction: {m} {units} centred over only {n} {obs} "
@@ -171,7 +172,7 @@ def spectral_transform(z, power=0.5, axis=0):
             f"embedding dim (axis 0), an embedding dim smaller than the batch (axis 1), or IterNorm"
         )
     x, cov = _centred_covariance(x)
-    eigvals, eigvecs = torch.linalg.eigh(cov)
+    eigvals, eigvecs = torch.linalg.eigh(cov + eps * torch.eye(m, dtype=cov.dtype, device=cov.device))
     w = eigvecs @ torch.diag(eigvals.pow(-power)) @ eigvecs.t()
     z_hat = w @ x
     return z_hat if axis == 0 else z_hat.t()
@@ -203,16 +204,16 @@ class IterNorm(_Float32):
 
 
 class PowerTransform(_Float32):
-    def __init__(self, power=0.5, axis=0):
+    def __init__(self, power=0.5, axis=0, eps=0.0):
         super().__init__()
         _check_axis(axis)
-        self.power, self.axis = power, axis
+        self.power, self.axis, self.eps = power, axis, eps
 
     def transform(self, z):
-        return spectral_transform(z, self.power, self.axis)
+        return spectral_transform(z, self.power, self.axis, self.eps)
 
     def extra_repr(self):
-        return f"power={self.power}, axis={self.axis}"
+        return f"power={self.power}, axis={self.axis}, eps={self.eps}"
 
 
 # The whitening family the papers compare against, on the same footing.
@@ -372,14 +373,15 @@ class INTL(nn.Module):
     target's view 0, with the trace loss on the online views.
 
     power=p replaces IterNorm by the eigendecomposition ST with g(l) = l^(-p) (the paper's
-    power study); beta=0 drops the trace loss.
+    power study; eps regularises its covariance); beta=0 drops the trace loss.
     """
 
-    def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False, power=None):
+    def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False, power=None,
+                 eps=0.0):
         super().__init__()
         _check_axis(axis)
         self.backbone, self.projector = backbone, projector
-        self.transform = IterNorm(iters, axis) if power is None else PowerTransform(power, axis)
+        self.transform = IterNorm(iters, axis) if power is None else PowerTransform(power, axis, eps)
         self.axis, self.beta = axis, beta
         self.target = None
         if momentum_target:

@@ -346,7 +346,7 @@ def cached_lr(epoch, epochs, lr, min_lr):
 def topk_accuracy(logits, labels):
     ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hit = ranked == labels[:, None]
-    return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(dim=1).float().mean().item()}
+    return {"top1": 100.0 * hit[:, 0].sum().item() / len(labels), "top5": 100.0 * hit.any(dim=1).sum().item() / len(labels)}
 
 
 def trained_record(name, settings, history):
@@ -456,7 +456,7 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
     progress = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=protocol,
                     disable=not accelerator.is_main_process, leave=False)
     for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # Accelerate passes it on to the sampler at every iteration
         model.train()
         if not finetune:
             freeze(backbone)

@@ -128,7 +128,8 @@ def get_parser():
                         help="cw-rgp, wmse: whitening sub-batch size (must divide the global batch)")
     parser.add_argument("--w_iter", type=int, default=1,
                         help="cw-rgp, wmse: repeats with fresh random sub-batches and permutations")
-    parser.add_argument("--w_eps", type=float, default=0.0, help="cw-rgp, wmse: eps added to the covariance")
+    parser.add_argument("--w_eps", type=float, default=0.0,
+                        help="st, cw-rgp, wmse: eps added to the covariance before its eigendecomposition / Cholesky")
     parser.add_argument("--pair_loss", type=str, default="normalized", choices=["normalized", "squared"],
                         help="cw-rgp: 2 - 2 cos between whitened views (normalised MSE) or their squared distance")
     parser.add_argument("--num_views", type=int, default=2,
@@ -260,7 +261,9 @@ def main(argv=None):
             loss = out["loss"].item()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
-                                         f"{last_good or 'none'}. Lower --lr or use --mixed_precision no")
+                                         f"{last_good or 'none'}. Lower --lr or use --mixed_precision no; with an "
+                                         "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in "
+                                         "practice: a narrower layer than the batch makes it so, --w_eps helps")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(out["loss"])
             optimizer.step()
@@ -455,7 +458,8 @@ def build_model(config):
     if config.method == "wmse":
         return intl.wmse(backbone, projector, config.w_size, config.w_iter, config.w_eps)
     return intl.INTL(backbone, projector, config.iters, config.axis, config.beta,
-                     momentum_target=config.method == "intl-m", power=config.power if config.method == "st" else None)
+                     momentum_target=config.method == "intl-m", power=config.power if config.method == "st" else None,
+                     eps=config.w_eps)
 
 
 def build_optimizer(config, model):
