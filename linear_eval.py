@@ -7,7 +7,7 @@
     accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --arch resnet50 --protocol finetune \\
         --train_fraction 0.01 --dataset /data/imagenet
 
-Protocols (PAPER_NOTES 8):
+Protocols (the papers' evaluation protocols):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each (the papers'); or weighted
                    cosine votes exp(sim / T) with k = 20 / 200, T = 0.07 (--knn_metric cosine)
     linear-cached  features extracted once without augmentation; a linear head trained on them with
@@ -46,13 +46,8 @@ from tqdm.auto import tqdm
 
 import intl
 
-try:
-    from intl import load_backbone
-except ImportError:  # until intl_hub_draft.py is appended to intl.py
-    from intl_hub_draft import load_backbone
-
 PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
-# Per-protocol defaults of the flags left at None (PAPER_NOTES 8). SGD learning rates are for a
+# Per-protocol defaults of the flags left at None (the papers' evaluation protocols). SGD learning rates are for a
 # global batch of 256 and scale linearly with it; Adam's (linear-cached) does not scale.
 DEFAULTS = {
     "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
@@ -149,7 +144,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
 
     # Model: any backbone source, loaded strictly, frozen.
-    backbone, backbone_config = load_backbone(args.backbone, args.arch, args.revision)
+    backbone, backbone_config = intl.load_backbone(args.backbone, args.arch, args.revision)
     backbone.requires_grad_(False).to(accelerator.device)
     image_size = args.image_size or backbone_config["image_size"]
     mean, std = args.mean or backbone_config["mean"], args.std or backbone_config["std"]
@@ -288,7 +283,7 @@ def run_knn(features, args):
     settings = {"metric": args.knn_metric, "k": args.k}
     if args.knn_metric == "cosine":
         settings["temperature"] = args.temperature
-    return {"rows": rows, "settings": settings}
+    return {"rows": rows, "settings": settings, "n_evaluated": len(test_f)}
 
 
 @torch.no_grad()
@@ -335,7 +330,7 @@ def run_linear_cached(features, num_classes, args, accelerator):
         head.eval()
         with torch.no_grad():
             history.append({"epoch": epoch + 1, **topk_accuracy(head(test_f), test_l)})
-    return trained_record("linear on cached features", settings, history)
+    return {**trained_record("linear on cached features", settings, history), "n_evaluated": len(test_f)}
 
 
 def cached_lr(epoch, epochs, lr, min_lr):

@@ -25,14 +25,12 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
 import intl
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD, CIFAR_MEAN, CIFAR_STD = intl.IMAGENET_MEAN, intl.IMAGENET_STD, intl.CIFAR_MEAN, intl.CIFAR_STD
 
 METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 
@@ -70,7 +68,7 @@ PRESETS = {
 # Flags that only steer the run, not what it computes: a resumed run may change them.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
                "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
-               "study_values"}
+               "study_values", "push_to_hub", "private", "commit_message", "revision"}
 
 
 def get_parser():
@@ -159,6 +157,11 @@ def get_parser():
                         help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
     parser.add_argument("--export_only", action="store_true",
                         help="export the backbone of the --resume checkpoint to OUTPUT_DIR/backbone and exit")
+    parser.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
+                        help="publish the exported backbone (weights, config, model card) to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
+    parser.add_argument("--commit_message", type=str, default=None, help="with --push_to_hub: the commit message")
+    parser.add_argument("--revision", type=str, default=None, help="with --push_to_hub: the branch to push to")
     parser.add_argument("--stop_after_steps", type=int, default=None,
                         help="save and stop after this many steps; the schedule still spans all epochs")
 
@@ -187,7 +190,7 @@ def main(argv=None):
         print(json.dumps(vars(config), indent=2))
         return
     if config.export_only:
-        export_backbone(find_checkpoint(config.resume, config.output_dir), Path(config.output_dir) / "backbone")
+        export_backbone(find_checkpoint(config.resume, config.output_dir), Path(config.output_dir) / "backbone", config)
         return
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -293,7 +296,7 @@ def main(argv=None):
 
     if step == total_steps:
         if accelerator.is_main_process:
-            export_backbone(last_good, output_dir / "backbone")
+            export_backbone(last_good, output_dir / "backbone", config)
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
     accelerator.end_training()
@@ -555,22 +558,15 @@ def find_checkpoint(resume, output_dir):
     return checkpoint
 
 
-def export_backbone(checkpoint, export_dir):
-    """checkpoint -> export_dir/model.safetensors (torchvision keys, no fc) + config.json, atomically."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    config = state["config"]
-    weights = {k[len("backbone."):]: v.contiguous() for k, v in load_file(checkpoint / "model.safetensors").items()
-               if k.startswith("backbone.")}
-    backbone = intl.build_backbone(config["arch"], config["cifar_stem"])
-    backbone.load_state_dict(weights, strict=True)  # refuses a checkpoint that does not fit
-    info = {"arch": config["arch"], "cifar_stem": config["cifar_stem"], "feature_dim": backbone.feature_dim,
-            "image_size": config["image_size"], "mean": list(config["mean"]), "std": list(config["std"]),
-            "method": config["method"], "preset": config["preset"], "dataset": config["dataset"],
-            "projector": config["projector"], "iters": config["iters"], "axis": config["axis"],
-            "epochs_trained": state["epochs_trained"], "steps_trained": state["step"],
-            "format": "torchvision state_dict without fc.*"}
-    intl.write_export(export_dir, weights, info)
+def export_backbone(checkpoint, export_dir, config):
+    """checkpoint -> export_dir/{model.safetensors, config.json, README.md}, atomically; then --push_to_hub."""
+    intl.export_backbone_from(checkpoint, export_dir)
+    intl.write_model_card(export_dir, repo_id=config.push_to_hub)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
+    if config.push_to_hub:
+        intl.push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
+                                commit_message=config.commit_message, revision=config.revision)
+        print(f"pushed {export_dir} to https://huggingface.co/{config.push_to_hub}")
 
 
 # -----------------------------------------------------------------------------

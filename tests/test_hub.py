@@ -1,0 +1,267 @@
+"""Loading backbones from every source, strictly; conversion; model cards; the Hub (offline: cache and a replaced upload)."""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+import intl
+from intl import (CIFAR_MEAN, export_backbone_from, get_export_parser, load_backbone, main_export, push_export_to_hub,
+                            write_model_card)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"arch": "resnet18", "cifar_stem": False, "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,
+          "std": [0.25] * 3, "method": "intl", "dataset": "uoft-cs/cifar10", "projector": "64-64-64",
+          "epochs_trained": 2}
+
+
+def backbone_weights(seed, arch="resnet18", cifar_stem=False):
+    torch.manual_seed(seed)
+    return intl.build_backbone(arch, cifar_stem).state_dict()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def export(tmp_path):
+    intl.write_export(tmp_path / "export", backbone_weights(0), CONFIG)
+    return tmp_path / "export"
+
+
+def test_export_folder_and_bare_file_round_trip_bit_identical(export, tmp_path):
+    original = load_file(export / "model.safetensors")
+    backbone, config = load_backbone(export)
+    assert_same_weights(backbone.state_dict(), original)
+    assert not backbone.training and config["image_size"] == 16 and config["mean"] == [0.5] * 3
+    copy = export_backbone_from(export, tmp_path / "copy")
+    assert_same_weights(load_file(copy / "model.safetensors"), original)
+    # A bare file: the arch given, or inferred from the shapes; the stem and normalisation from the weights.
+    for arch in ("resnet18", None):
+        backbone, config = load_backbone(export / "model.safetensors", arch=arch)
+        assert_same_weights(backbone.state_dict(), original)
+        assert (config["arch"], config["cifar_stem"], config["image_size"]) == ("resnet18", False, 224)
+
+
+def test_pretrain_checkpoint_folder_gives_the_backbone_of_the_checkpoint(tmp_path):
+    """The layout pretrain.py saves: the INTL module's state_dict (backbone., projector., target.) + trainer_state."""
+    torch.manual_seed(0)
+    backbone = intl.build_backbone("resnet18", cifar_stem=True)
+    model = intl.INTL(backbone, intl.build_projector(512, "64-64-64"), momentum_target=True)
+    with torch.no_grad():
+        model.target[0].conv1.weight.add_(1.0)  # the EMA target differs from the online backbone
+    checkpoint = tmp_path / "checkpoints" / "step-00000022"
+    checkpoint.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
+    train_config = {"arch": "resnet18", "cifar_stem": True, "image_size": 32, "mean": list(CIFAR_MEAN),
+                    "std": [0.25] * 3, "method": "intl-m", "preset": None, "dataset": "uoft-cs/cifar10",
+                    "projector": "64-64-64", "iters": 4, "axis": 0, "lr": 0.3}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 22, "epochs_trained": 2.0,
+                                                               "config": train_config}))
+    export = export_backbone_from(checkpoint, tmp_path / "export")
+    assert_same_weights(load_file(export / "model.safetensors"), backbone.state_dict())
+    config = json.loads((export / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["cifar_stem"] is True and config["method"] == "intl-m"
+    assert config["epochs_trained"] == 2.0 and config["feature_dim"] == 512 and "lr" not in config
+
+
+def official_checkpoint(path, weights, **extra):
+    """The official INTL / CW-RGP layout: DDP's module. prefix, projector and optimizer state alongside."""
+    state_dict = {f"module.backbone.{k}": v for k, v in weights.items()}
+    state_dict["module.projector.0.weight"] = torch.randn(64, 512)
+    torch.save({"epoch": 200, "state_dict": state_dict, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+                **extra}, path)
+    return path
+
+
+def test_official_checkpoint_converts_to_an_export_that_plain_torchvision_loads(tmp_path):
+    weights = backbone_weights(1, cifar_stem=True)
+    checkpoint = official_checkpoint(tmp_path / "intl_cifar10.pth.tar", weights)
+    export = export_backbone_from(checkpoint, tmp_path / "export")  # arch inferred from the shapes
+    config = json.loads((export / "config.json").read_text())
+    assert (config["arch"], config["cifar_stem"], config["image_size"]) == ("resnet18", True, 32)
+    assert config["converted_from"] == str(checkpoint)
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    missing, unexpected = net.load_state_dict(load_file(export / "model.safetensors"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    assert_same_weights({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, weights)
+
+
+def test_official_checkpoint_is_read_with_weights_only(tmp_path):
+    checkpoint = official_checkpoint(tmp_path / "unsafe.pth.tar", backbone_weights(0), args=argparse.Namespace(lr=1))
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_backbone(checkpoint)
+    torch.save({"state_dict": {"module.encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "nobackbone.pth.tar")
+    with pytest.raises(ValueError, match="no key starts with 'module.backbone.'"):
+        load_backbone(tmp_path / "nobackbone.pth.tar")
+
+
+def test_strict_loading_names_the_first_missing_and_unexpected_keys(tmp_path):
+    weights = backbone_weights(0)
+    del weights["layer4.1.bn2.running_var"]
+    weights["fc.weight"] = torch.zeros(10, 512)
+    save_file(weights, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"1 missing key\(s\), first 'layer4.1.bn2.running_var'; "
+                                         r"1 unexpected key\(s\), first 'fc.weight'"):
+        load_backbone(tmp_path / "bad.safetensors", arch="resnet18")
+    save_file(backbone_weights(0), tmp_path / "r18.safetensors")
+    with pytest.raises(ValueError, match="do not fit .*resnet34.* missing key\\(s\\), first 'layer1.2.conv1.weight'"):
+        load_backbone(tmp_path / "r18.safetensors", arch="resnet34")
+    with pytest.raises(ValueError, match="of another shape, first 'layer1.0.conv1.weight'"):
+        load_backbone(tmp_path / "r18.safetensors", arch="resnet50")
+    with pytest.raises(ValueError, match="cannot infer the architecture"):
+        load_backbone(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="not found"):
+        load_backbone(tmp_path / "missing.pth.tar")
+
+
+def populate_hub_cache(cache, repo_id, revisions):
+    """Write huggingface_hub's cache layout: blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/<name>."""
+    storage = cache / ("models--" + repo_id.replace("/", "--"))
+    for ref, (commit, folder) in revisions.items():
+        for name in ("model.safetensors", "config.json"):
+            data = (folder / name).read_bytes()
+            blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            pointer = storage / "snapshots" / commit / name
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+        (storage / "refs").mkdir(exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+
+
+def test_hub_id_and_revision_load_from_the_local_hub_cache_with_hf_hub_offline(export, tmp_path):
+    other = tmp_path / "other"
+    intl.write_export(other, backbone_weights(1), CONFIG)
+    cache = tmp_path / "hub-cache"
+    populate_hub_cache(cache, "someone/intl-r18", {"main": ("a" * 40, export), "v1": ("b" * 40, other)})
+    assert [r.repo_id for r in huggingface_hub.scan_cache_dir(cache).repos] == ["someone/intl-r18"]
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from intl import load_backbone
+from safetensors.torch import save_file
+for name, source in (("main", "someone/intl-r18"), ("v1", "someone/intl-r18@v1")):
+    backbone, config = load_backbone(source)
+    save_file(backbone.state_dict(), {str(tmp_path)!r} + f"/{{name}}.safetensors")
+    print(name, config["hub_repo"], config["image_size"])
+try:
+    load_backbone("someone/not-cached")
+except ValueError as error:
+    print("error:", error)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["main someone/intl-r18 16", "v1 someone/intl-r18@v1 16"]
+    assert_same_weights(load_file(tmp_path / "main.safetensors"), load_file(export / "model.safetensors"))
+    assert_same_weights(load_file(tmp_path / "v1.safetensors"), load_file(other / "model.safetensors"))
+    assert lines[2].startswith("error: Hub model 'someone/not-cached': offline mode is on (HF_HUB_OFFLINE)")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replace the three network calls of a push; upload_folder records exactly what it was given."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {p.name: p.read_bytes() for p in folder.iterdir()}
+        calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_uploads_exactly_the_weights_config_and_a_model_card(export, fake_hub, tmp_path):
+    assert push_export_to_hub(export, "me/intl-r18", private=True, commit_message="first", revision="v1") \
+        == "commit-info"
+    (_, repo, create), (_, _, branch), (_, _, upload) = fake_hub
+    assert repo == "me/intl-r18" and create["private"] is True and branch["branch"] == "v1"
+    assert upload["revision"] == "v1" and upload["commit_message"] == "first" and upload["repo_type"] == "model"
+    assert sorted(upload["files"]) == ["README.md", "config.json", "model.safetensors"]
+    assert upload["files"]["model.safetensors"] == (export / "model.safetensors").read_bytes()
+    assert upload["files"]["config.json"] == (export / "config.json").read_bytes()
+    assert 'hf_hub_download("me/intl-r18", "model.safetensors")' in upload["files"]["README.md"].decode()
+    assert not (export / "README.md").exists()  # the export folder itself is left as it was
+    (export / "junk.txt").write_text("not for the Hub")
+    push_export_to_hub(export, "me/intl-r18")
+    assert "junk.txt" not in fake_hub[-1][2]["files"] and fake_hub[-1][2]["revision"] is None
+
+
+def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision_snippet(export, tmp_path):
+    result = {"protocol": "linear", "dataset": "uoft-cs/cifar10", "test_split": "test",
+              "rows": [{"name": "linear (ImageNet protocol)", "top1": 91.234, "top5": 99.5}]}
+    (tmp_path / "linear.json").write_text(json.dumps(result))
+    knn = {"protocol": "knn", "dataset": "uoft-cs/cifar10", "test_split": "test",
+           "rows": [{"name": "5-NN (euclidean)", "top1": 88.0, "top5": None}]}
+    card = huggingface_hub.ModelCard.load(write_model_card(export, [tmp_path / "linear.json", knn], repo_id="me/m"))
+    data = card.data
+    assert data.library_name == "pytorch" and data.pipeline_tag == "image-feature-extraction" and data.license
+    assert {"self-supervised", "intl", "image-feature-extraction"} <= set(data.tags)
+    assert data.datasets == ["uoft-cs/cifar10"]
+    metrics = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert metrics == {"linear (ImageNet protocol) top-1 accuracy (%)": 91.23,
+                       "linear (ImageNet protocol) top-5 accuracy (%)": 99.5, "5-NN (euclidean) top-1 accuracy (%)": 88.0}
+    assert all(r.dataset_type == "uoft-cs/cifar10" and r.dataset_split == "test" for r in data.eval_results)
+    assert "@inproceedings{weng2024modulate" in card.text and "@inproceedings{weng2022investigation" in card.text
+    assert "IterNorm" in card.text and "| projector widths | 64-64-64 |" in card.text
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    namespace = {}
+    exec(snippet.replace("from huggingface_hub import hf_hub_download", "")
+         .replace("import torch, torchvision", "import torch, torchvision\n"
+                  f"hf_hub_download = lambda repo, name: {str(export)!r} + '/' + name"), namespace)
+    assert_same_weights({k: v for k, v in namespace["net"].state_dict().items() if not k.startswith("fc.")},
+                        load_file(export / "model.safetensors"))
+    # Without results: metadata without a model-index.
+    card = huggingface_hub.ModelCard.load(write_model_card(export))
+    assert card.data.eval_results is None and "OWNER/NAME" in card.text
+
+
+def test_export_command_converts_an_official_checkpoint_and_pushes_it(tmp_path, fake_hub, capsys):
+    checkpoint = official_checkpoint(tmp_path / "intl.pth.tar", backbone_weights(2), arch="resnet18")
+    out = main_export(["--source", str(checkpoint), "--output_dir", str(tmp_path / "export"),
+                       "--push_to_hub", "me/intl-official", "--private", "--commit_message", "convert"])
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    upload = fake_hub[-1][2]
+    assert upload["files"]["README.md"] == (out / "README.md").read_bytes()
+    assert upload["commit_message"] == "convert" and fake_hub[0][2]["private"] is True
+    assert "pushed" in capsys.readouterr().out
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_export(export, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match="not an export folder .*'log.jsonl'"):
+        export_backbone_from(export, tmp_path / "run")
+    assert (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_every_export_flag_has_help():
+    assert all(action.help for action in get_export_parser()._actions)
