@@ -177,10 +177,40 @@ def spectral_transform(z, power=0.5, axis=0, eps=0.0):
             f"embedding dim (axis 0), an embedding dim smaller than the batch (axis 1), or IterNorm"
         )
     x, cov = _centred_covariance(x)
-    eigvals, eigvecs = torch.linalg.eigh(cov + eps * torch.eye(m, dtype=cov.dtype, device=cov.device))
-    w = eigvecs @ torch.diag(eigvals.pow(-power)) @ eigvecs.t()
-    z_hat = w @ x
+    z_hat = matrix_power(cov + eps * torch.eye(m, dtype=cov.dtype, device=cov.device), -power) @ x
     return z_hat if axis == 0 else z_hat.t()
+
+
+def matrix_power(cov, power):
+    """S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
+
+    Autograd through torch.linalg.eigh divides by l_i - l_j, which is infinite when eigenvalues
+    repeat - and real batches repeat them (two identical crops). The derivative of a matrix
+    function needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend to
+    f'(l_i) as l_j -> l_i (Daleckii-Krein), so the backward below uses those and stays finite.
+    """
+    return _MatrixPower.apply(cov, power)
+
+
+class _MatrixPower(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cov, power):
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        ctx.save_for_backward(eigvals, eigvecs)
+        ctx.power = power
+        return eigvecs @ torch.diag(eigvals.pow(power)) @ eigvecs.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        eigvals, eigvecs = ctx.saved_tensors
+        f = eigvals.pow(ctx.power)
+        diff_l = eigvals[:, None] - eigvals[None, :]
+        diff_f = f[:, None] - f[None, :]
+        close = diff_l.abs() <= 1e3 * torch.finfo(eigvals.dtype).eps * eigvals.abs().max()
+        mid = (eigvals[:, None] + eigvals[None, :]) / 2
+        divided = torch.where(close, ctx.power * mid.pow(ctx.power - 1), diff_f / torch.where(close, 1, diff_l))
+        inner = eigvecs.t() @ ((grad + grad.t()) / 2) @ eigvecs
+        return eigvecs @ (inner * divided) @ eigvecs.t(), None
 
 
 class _Float32(nn.Module):
@@ -241,10 +271,11 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
     width = dim // groups
     units, obs = (batch, width) if axis == 0 else (width, batch)
     if eps == 0 and obs - 1 < units:
-        what = "channels per group" if axis == 0 else "samples per sub-batch"
+        what, fix = (("channels per group", "fewer groups or a smaller --w_size") if axis == 0 else
+                     ("samples per sub-batch", "more groups or a larger --w_size"))
         raise ValueError(
             f"each group's {units} x {units} covariance is singular by construction ({obs} {what} give rank "
-            f"<= {obs - 1} < {units}): use fewer groups or a smaller --w_size (axis 0), or set --w_eps > 0"
+            f"<= {obs - 1} < {units}): use {fix}, or set --w_eps > 0"
         )
     x = h - h.mean(dim=1 if axis == 0 else 0, keepdim=True)
     perm = torch.randperm(dim, device=h.device) if perm is None else perm
@@ -252,8 +283,7 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
     for channels in perm.chunk(groups):
         xg = x[:, channels] if axis == 0 else x[:, channels].t()  # [units, observations]
         cov = xg @ xg.t() / (xg.shape[1] - 1) + eps * torch.eye(units, dtype=x.dtype, device=x.device)
-        eigvals, eigvecs = torch.linalg.eigh(cov)
-        w = eigvecs @ torch.diag(eigvals.rsqrt()) @ eigvecs.t()
+        w = matrix_power(cov, -0.5)
         out[:, channels] = w @ xg if axis == 0 else (w @ xg).t()
     return out
 
@@ -937,6 +967,14 @@ def _make_image_split(dataset, image_column, label_column, description) -> Image
 # ----------------------------------------------------------------------------- torch side
 
 
+class UnreadableImageError(OSError):
+    """An image that cannot be decoded; its message names the file."""
+
+    def one_line(self):
+        """The message alone: a DataLoader worker re-raises it wrapped in the worker's traceback."""
+        return str(self).strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
+
+
 def _decode_rgb(value, index: int, source: str) -> PILImage.Image:
     """Decode an undecoded Image value ({"bytes", "path"}) into an RGB PIL image.
 
@@ -956,7 +994,7 @@ def _decode_rgb(value, index: int, source: str) -> PILImage.Image:
             return handle.convert("RGB")  # forces the full decode, so truncation shows up here
     except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
         where = f"file {path!r}" if path else "no file path"
-        raise OSError(f"Cannot read image #{index} of {source} ({where}): {err}") from err
+        raise UnreadableImageError(f"Cannot read image #{index} of {source} ({where}): {err}") from err
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -631,3 +631,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, BackboneChanged) as error:
         sys.exit(f"error: {error}")
+    except intl.UnreadableImageError as error:
+        sys.exit(f"error: {error.one_line()}")

@@ -252,47 +252,49 @@ def main(argv=None):
     progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     model.train()
     tic, images_seen = time.time(), 0
-    while step < stop_at:
-        epoch, batch_in_epoch = divmod(step, sampler.batches_per_epoch)
-        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
-        for views, _ in loader:
-            lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, sampler.batches_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            views = [v.to(accelerator.device, non_blocking=True) for v in views]
-            out = model(views, step=step)
-            loss = out["loss"].item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
-                                         f"{last_good or 'none'}. Lower --lr or use --mixed_precision no; with an "
-                                         "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in "
-                                         "practice: a narrower layer than the batch makes it so, --w_eps helps")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(out["loss"])
-            optimizer.step()
-            if config.method == "intl-m":
-                accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
-            step += 1
-            images_seen += global_batch
-            progress.update(1)
+    try:
+        while step < stop_at:
+            epoch, batch_in_epoch = divmod(step, sampler.batches_per_epoch)
+            sampler.set_epoch(epoch, start_batch=batch_in_epoch)
+            for views, _ in loader:
+                lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, sampler.batches_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                views = [v.to(accelerator.device, non_blocking=True) for v in views]
+                out = model(views, step=step)
+                loss = out["loss"].item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
+                                             f"{last_good or 'none'}. Lower --lr or use --mixed_precision no; with an "
+                                             "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular "
+                                             "in practice: a layer narrower than the batch makes it so, --w_eps helps")
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(out["loss"])
+                optimizer.step()
+                if config.method == "intl-m":
+                    accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
+                step += 1
+                images_seen += global_batch
+                progress.update(1)
 
-            if step % config.log_every == 0:
-                speed = images_seen / (time.time() - tic)
-                progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
-                log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / sampler.batches_per_epoch,
-                                   "images_per_s": speed})
-            if step % config.spectrum_every == 0 or step == total_steps:
-                log.spectrum(step, out["z"], out["z_hat"], config.axis)
-            epoch_end = step % sampler.batches_per_epoch == 0
-            if epoch_end and knn_data and (step // sampler.batches_per_epoch % config.knn_every == 0
-                                           or step == total_steps):
-                log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone,
-                                                            knn_data, accelerator)})
-            if step % config.save_every == 0 or epoch_end or step == stop_at:
-                last_good = save_checkpoint(accelerator, config, step, sampler.batches_per_epoch, output_dir)
-            if step == stop_at or epoch_end:
-                break
-    progress.close()
+                if step % config.log_every == 0:
+                    speed = images_seen / (time.time() - tic)
+                    progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
+                    log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / sampler.batches_per_epoch,
+                                       "images_per_s": speed})
+                if step % config.spectrum_every == 0 or step == total_steps:
+                    log.spectrum(step, out["z"], out["z_hat"], config.axis)
+                epoch_end = step % sampler.batches_per_epoch == 0
+                if epoch_end and knn_data and (step // sampler.batches_per_epoch % config.knn_every == 0
+                                               or step == total_steps):
+                    log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone,
+                                                                knn_data, accelerator)})
+                if step % config.save_every == 0 or epoch_end or step == stop_at:
+                    last_good = save_checkpoint(accelerator, config, step, sampler.batches_per_epoch, output_dir)
+                if step == stop_at or epoch_end:
+                    break
+    finally:
+        progress.close()  # before any error message, so that the message is the last line
 
     if step == total_steps:
         if accelerator.is_main_process:
@@ -801,3 +803,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
+    except intl.UnreadableImageError as error:
+        sys.exit(f"error: {error.one_line()}")

@@ -124,3 +124,15 @@ def test_power_study_writes_table_and_figures_and_records_failed_runs(tmp_path):
     for name in ("power_study.csv", "power_study.png", "power_study_spectra.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "power study: 2 runs" in result.stdout
+
+
+def test_eigendecomposition_gradients_stay_finite_and_exact_when_eigenvalues_repeat():
+    # Two identical samples (two identical crops) on axis 0 make eigenvalues of S + eps I repeat,
+    # where autograd through eigh divides by zero.
+    z = torch.randn(6, 12, dtype=torch.float64)
+    z[1] = z[0]
+    z.requires_grad_(True)
+    intl.spectral_transform(z, 0.5, axis=0, eps=1e-3).pow(3).sum().backward()
+    assert torch.isfinite(z.grad).all()
+    assert torch.autograd.gradcheck(lambda x: intl.spectral_transform(x, 0.5, axis=0, eps=1e-3), (z.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda x: intl.spectral_transform(x, 0.0, axis=0, eps=1e-3), (z.detach().requires_grad_(),))

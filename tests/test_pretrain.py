@@ -199,3 +199,12 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     assert result.returncode != 0
     assert "at step" in result.stderr and "last good checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unreadable_image_stops_with_one_line_naming_the_file(tmp_path, image_folder):
+    (image_folder / "class_0" / "3.png").write_bytes(b"not a png")
+    result = run("--dataset", image_folder, "--output_dir", tmp_path / "out", "--image_size", "16",
+                 "--batch_size", "40", "--projector", "32-32-32", "--epochs", "1", "--num_workers", "2", check=False)
+    assert result.returncode != 0
+    assert "class_0/3.png" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
