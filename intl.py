@@ -975,11 +975,13 @@ class UnreadableImageError(OSError):
         return str(self).strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
 
 
-def _decode_rgb(value, index: int, source: str) -> PILImage.Image:
+def _decode_rgb(value, index: int, source: str, before_decode=None) -> PILImage.Image:
     """Decode an undecoded Image value ({"bytes", "path"}) into an RGB PIL image.
 
     Errors are re-raised naming the file (or the row index when there is no path),
     since a bare PIL error from a worker process does not say which image is broken.
+    before_decode(handle) may look at the opened, not yet decoded image (its size) and set
+    up a reduced-size decode (JPEG draft mode).
     """
     path = value.get("path") if value else None
     data = value.get("bytes") if value else None
@@ -990,6 +992,8 @@ def _decode_rgb(value, index: int, source: str) -> PILImage.Image:
             handle = PILImage.open(path)
         else:
             raise ValueError("the entry has neither bytes nor a path")
+        if before_decode is not None:
+            before_decode(handle)
         with handle:
             return handle.convert("RGB")  # forces the full decode, so truncation shows up here
     except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
@@ -1020,9 +1024,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int, before_decode=None):
         row = self.rows[int(index)]
-        image = _decode_rgb(row[self.image_column], index, self.source)
+        image = _decode_rgb(row[self.image_column], index, self.source, before_decode)
         if self.transform is not None:
             image = self.transform(image)
         label = row[self.label_column] if self.label_column else None

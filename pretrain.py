@@ -21,10 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import Image as PILImage
+from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
@@ -99,6 +103,10 @@ def get_parser():
     parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="input normalisation mean (RGB)")
     parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="input normalisation std (RGB)")
     parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
+    parser.add_argument("--augment_on", type=str, default="device" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "device"],
+                        help="cpu: the whole augmentation per image in the workers (PIL); device: workers decode, "
+                             "crop and flip, colour jitter / grayscale / blur / solarise run batched on the device")
 
     # Model
     parser.add_argument("--arch", type=str, default="resnet50", choices=intl.RESNETS, help="encoder")
@@ -111,13 +119,14 @@ def get_parser():
     # Method
     parser.add_argument("--method", type=str, default="intl", choices=METHODS,
                         help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder and projector; "
-                             "st: eigendecomposition ST g(l) = l^-power (+ trace loss unless --beta 0); "
+                             "st: eigendecomposition ST g(l) = l^-power with the alignment loss (+ trace loss with --beta); "
                              "cw-rgp: channel whitening with random group partition; wmse: Cholesky whitening")
     parser.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1],
                         help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
     parser.add_argument("--beta", type=float, default=None,
-                        help="trace-loss weight (default: 0.01 * (log2(global batch) - 3), log2(D) on axis 1)")
+                        help="trace-loss weight (default: 0.01 * (log2(global batch) - 3), log2(D) on axis 1; "
+                             "st: 0, no trace loss)")
     parser.add_argument("--momentum", type=float, default=0.996,
                         help="intl-m: EMA momentum at step 0, raised to 1 by a cosine")
     parser.add_argument("--power", type=float, default=0.5, help="st: the power p of g(l) = l^-p (0.5 = whitening)")
@@ -213,8 +222,12 @@ def main(argv=None):
     if sampler.batches_per_epoch == 0:
         raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
                          f"{global_batch}: lower --batch_size")
+    if config.augment_on == "device":
+        train_data = CroppedViews(train_split, view_specs(config), config.seed)
+    else:
+        train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
     loader = torch.utils.data.DataLoader(
-        AugmentedViews(train_split, view_transforms(config), config.seed), batch_size=config.batch_size,
+        train_data, batch_size=config.batch_size,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0, drop_last=True)
     knn_data = knn_splits(config, accelerator, train_split)
@@ -256,11 +269,14 @@ def main(argv=None):
         while step < stop_at:
             epoch, batch_in_epoch = divmod(step, sampler.batches_per_epoch)
             sampler.set_epoch(epoch, start_batch=batch_in_epoch)
-            for views, _ in loader:
+            for batch in loader:
                 lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, sampler.batches_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                views = [v.to(accelerator.device, non_blocking=True) for v in views]
+                if config.augment_on == "device":
+                    views = device_views(batch[0], batch[1], config, accelerator.device)
+                else:
+                    views = [v.to(accelerator.device, non_blocking=True) for v in batch[0]]
                 out = model(views, step=step)
                 loss = out["loss"].item()
                 if not math.isfinite(loss):
@@ -451,6 +467,175 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
+# Augmentations split in two (--augment_on device): the per-file part in the data loader workers,
+# the photometric part batched on the training device, vectorised over per-sample parameters.
+#
+# The papers' pipeline costs most of its time in colour jitter and blur, per image, on the CPU;
+# here the workers only decode, crop and flip (uint8), and draw each sample's photometric
+# parameters from the same per-sample seed, so a resumed run still replays every augmentation.
+
+# Columns of the per-sample parameter vector drawn by `draw_photometric`.
+JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = 0, 1, 2, 3, 4, 5, 9, 10, 11, 12
+NUM_PHOTOMETRIC = 13
+
+
+def view_specs(config):
+    """(side, crop scale, blur probability, solarise probability) of every view, as `view_transforms`."""
+    blur, solarize = parse_floats(config.blur_prob, "blur_prob"), parse_floats(config.solarize_prob, "solarize_prob")
+    specs = [(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)])
+             for i in range(config.num_views)]
+    for side in parse_floats(config.small_crops, "small_crops"):
+        ratio = side / config.image_size
+        specs.append((int(side), (config.min_scale * ratio, ratio), blur[1], solarize[1]))
+    return specs
+
+
+def draw_photometric(blur_prob, solarize_prob):
+    """One sample's colour parameters [13]: jitter p 0.8 with factors and a random order of the four
+    ops, grayscale p 0.2, blur with sigma in [0.1, 2], solarise - the distributions of `augmentation`."""
+    apply = torch.rand(4)
+    factors = [torch.empty(1).uniform_(lo, hi).item() for lo, hi in ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))]
+    return torch.tensor([float(apply[0] < 0.8), *factors, *torch.randperm(4).tolist(), float(apply[1] < 0.2),
+                         float(apply[2] < blur_prob), torch.empty(1).uniform_(0.1, 2.0).item(),
+                         float(apply[3] < solarize_prob)])
+
+
+class CroppedViews(torch.utils.data.Dataset):
+    """(epoch, index) -> ([uint8 crop [3, s, s] per view], [photometric parameters [13] per view], label).
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 size (PIL draft mode) when every crop of it is shrunk at
+    least that much anyway: the crop then resamples fewer pixels to the same output.
+    """
+
+    def __init__(self, split, specs, seed):
+        self.images = intl.ImageDataset(split, transform=None)
+        self.specs, self.seed = specs, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+            plan = {}
+
+            def plan_crops(handle):  # crop boxes in full-size coordinates, then the cheapest decode
+                plan["width"] = handle.width
+                plan["boxes"] = [RandomResizedCrop.get_params(handle, scale, (3 / 4, 4 / 3))
+                                 for _, scale, _, _ in self.specs]
+                shrink = min(min(h, w) / spec[0] for spec, (_, _, h, w) in zip(self.specs, plan["boxes"]))
+                if handle.format == "JPEG" and shrink >= 2:
+                    handle.draft("RGB", (math.ceil(handle.width / shrink), math.ceil(handle.height / shrink)))
+
+            image, label = self.images.__getitem__(index, before_decode=plan_crops)
+            s = image.width / plan["width"]  # 1, or the draft's reduction
+            crops, params = [], []
+            for (i, j, h, w), (side, _, blur_prob, solarize_prob) in zip(plan["boxes"], self.specs):
+                crop = image.resize((side, side), PILImage.Resampling.BICUBIC, box=(j * s, i * s, (j + w) * s, (i + h) * s))
+                if torch.rand(1) < 0.5:
+                    crop = crop.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
+                crops.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1))
+                params.append(draw_photometric(blur_prob, solarize_prob))
+            return crops, params, label
+
+
+def photometric(images, params, mean, std):
+    """Batched colour augmentation on the device: uint8 [N, 3, H, W] + parameters [N, 13] -> normalised float.
+
+    Colour jitter applies brightness, contrast, saturation and hue in each sample's own random
+    order (a loop over the 4 positions and 4 ops, each applied at once to the samples that have
+    it there), then grayscale, Gaussian blur with each sample's sigma (one grouped convolution),
+    solarisation at 128, normalisation. The same maths as torchvision's functional ops.
+    """
+    x = images.float() / 255
+    jitter = params[:, JITTER] > 0
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for position in range(4):
+        for op_index, (op, column) in enumerate(zip(ops, (BRIGHTNESS, CONTRAST, SATURATION, HUE))):
+            chosen = jitter & (params[:, ORDER + position] == op_index)
+            if chosen.any():
+                x[chosen] = op(x[chosen], params[chosen, column])
+    gray = params[:, GRAY] > 0
+    x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
+    blur = params[:, BLUR] > 0
+    if blur.any():
+        x[blur] = gaussian_blur(x[blur], params[blur, SIGMA], blur_kernel_size(x.shape[-1]))
+    solarize = params[:, SOLARIZE] > 0
+    x[solarize] = torch.where(x[solarize] >= 128 / 255, 1 - x[solarize], x[solarize])
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def blur_kernel_size(side):
+    return max(3, int(0.1 * side) // 2 * 2 + 1)  # about 10% of the side, odd
+
+
+def grayscale(x):
+    """[N, 3, H, W] -> [N, 1, H, W], ITU-R 601 luma as torchvision."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _per_sample(factor):
+    return factor.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x, factor):
+    return (x * _per_sample(factor)).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):
+    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by `shift` (a fraction of the circle): RGB -> HSV -> RGB."""
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = x.unbind(dim=1)
+    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
+    hue = torch.where(delta > 0, (hue / 6) % 1, torch.zeros_like(hue))
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    hue = (hue + shift.view(-1, 1, 1)) % 1
+    sector = torch.floor(hue * 6)
+    frac = hue * 6 - sector
+    sector = sector.long() % 6
+    v = maxc
+    p, q, t = v * (1 - sat), v * (1 - sat * frac), v * (1 - sat * (1 - frac))
+    rgb = torch.stack([torch.stack(c, dim=1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
+    return rgb.gather(2, sector[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur with one sigma per sample, reflect padding (as torchvision)."""
+    n, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    offsets = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n * c, k]
+    pad = kernel_size // 2
+    x = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, kernel[:, None, None, :], groups=n * c)
+    x = F.conv2d(x, kernel[:, None, :, None], groups=n * c)
+    return x.reshape(n, c, h, w)
+
+
+def device_views(crops, params, config, device):
+    """The batch of a CroppedViews loader -> the normalised views on the device."""
+    return [photometric(c.to(device, non_blocking=True), p.to(device, non_blocking=True), config.mean, config.std)
+            for c, p in zip(crops, params)]
+
+
+# -----------------------------------------------------------------------------
 # Optimisation schedule
 
 
@@ -462,7 +647,9 @@ def build_model(config):
                            config.axis, normalized=config.pair_loss == "normalized")
     if config.method == "wmse":
         return intl.wmse(backbone, projector, config.w_size, config.w_iter, config.w_eps)
-    return intl.INTL(backbone, projector, config.iters, config.axis, config.beta,
+    # st: the alignment loss alone unless --beta asks for the trace loss too.
+    beta = 0.0 if config.method == "st" and config.beta is None else config.beta
+    return intl.INTL(backbone, projector, config.iters, config.axis, beta,
                      momentum_target=config.method == "intl-m", power=config.power if config.method == "st" else None,
                      eps=config.w_eps)
 

@@ -1,0 +1,138 @@
+"""--augment_on device: workers decode, crop and flip; colour jitter, grayscale, blur and solarise run
+batched on the device with per-sample parameters, matching torchvision's single-image ops."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+import intl
+import pretrain
+from test_pretrain import SMALL, losses, run
+
+# Float ops on the same float input: only rounding-order differences remain.
+ATOL = 1e-5
+
+
+@pytest.fixture
+def images():
+    return torch.rand(6, 3, 20, 24)
+
+
+@pytest.mark.parametrize("ours, reference, low, high", [
+    (pretrain.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+    (pretrain.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+    (pretrain.adjust_saturation, TF.adjust_saturation, 0.8, 1.2),
+    (pretrain.adjust_hue, TF.adjust_hue, -0.1, 0.1),
+])
+def test_each_jitter_op_matches_torchvision_per_image_with_its_own_factor(images, ours, reference, low, high):
+    factors = torch.empty(len(images)).uniform_(low, high)
+    batched = ours(images, factors)
+    for image, factor, out in zip(images, factors, batched):
+        torch.testing.assert_close(out, reference(image, factor.item()), atol=ATOL, rtol=0)
+
+
+def test_grayscale_blur_and_solarise_match_torchvision(images):
+    torch.testing.assert_close(pretrain.grayscale(images), TF.rgb_to_grayscale(images), atol=ATOL, rtol=0)
+    sigmas = torch.empty(len(images)).uniform_(0.1, 2.0)
+    blurred = pretrain.gaussian_blur(images, sigmas, 5)
+    for image, sigma, out in zip(images, sigmas, blurred):
+        torch.testing.assert_close(out, TF.gaussian_blur(image, [5, 5], [sigma.item()] * 2), atol=ATOL, rtol=0)
+    u8 = (images * 255).round().to(torch.uint8)
+    params = torch.zeros(len(images), pretrain.NUM_PHOTOMETRIC)
+    params[:, pretrain.SOLARIZE] = 1
+    out = pretrain.photometric(u8, params, (0, 0, 0), (1, 1, 1))
+    torch.testing.assert_close(out, TF.solarize(u8, 128).float() / 255, atol=ATOL, rtol=0)
+
+
+def test_photometric_chain_equals_torchvision_ops_applied_image_by_image_in_each_samples_order():
+    torch.manual_seed(1)
+    u8 = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    params = torch.stack([pretrain.draw_photometric(0.5, 0.5) for _ in range(32)])
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    batched = pretrain.photometric(u8, params, mean, std)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for image, p, out in zip(u8, params, batched):
+        x = image.float() / 255
+        if p[pretrain.JITTER]:
+            for position in range(4):
+                op = int(p[pretrain.ORDER + position])
+                x = ops[op](x, p[pretrain.BRIGHTNESS + op].item())
+        if p[pretrain.GRAY]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p[pretrain.BLUR]:
+            k = pretrain.blur_kernel_size(16)
+            x = TF.gaussian_blur(x, [k, k], [p[pretrain.SIGMA].item()] * 2)
+        if p[pretrain.SOLARIZE]:
+            x = torch.where(x >= 128 / 255, 1 - x, x)
+        torch.testing.assert_close(out, TF.normalize(x, mean, std), atol=1e-4, rtol=0)
+    assert batched.dtype == torch.float32
+
+
+def test_photometric_keeps_values_in_range_before_normalisation():
+    u8 = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
+    params = torch.stack([pretrain.draw_photometric(1.0, 0.5) for _ in range(64)])
+    out = pretrain.photometric(u8, params, (0, 0, 0), (1, 1, 1))
+    assert out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+
+
+def test_probabilities_and_ranges_of_the_drawn_parameters_match_the_recipe():
+    torch.manual_seed(0)
+    n = 20_000
+    params = torch.stack([pretrain.draw_photometric(0.5, 0.2) for _ in range(n)])
+    # 5 standard deviations of a rate over 20k draws is at most 0.018: a probability off by 0.05
+    # (say 0.75 instead of 0.8 for the jitter) fails.
+    for column, p in ((pretrain.JITTER, 0.8), (pretrain.GRAY, 0.2), (pretrain.BLUR, 0.5), (pretrain.SOLARIZE, 0.2)):
+        tolerance = 5 * math.sqrt(p * (1 - p) / n)
+        assert abs(params[:, column].mean().item() - p) < tolerance, column
+    for column, low, high in ((pretrain.BRIGHTNESS, 0.6, 1.4), (pretrain.CONTRAST, 0.6, 1.4),
+                              (pretrain.SATURATION, 0.8, 1.2), (pretrain.HUE, -0.1, 0.1), (pretrain.SIGMA, 0.1, 2.0)):
+        values = params[:, column]
+        assert low <= values.min() and values.max() <= high
+        assert abs(values.mean().item() - (low + high) / 2) < 0.02 * (high - low)
+    orders = params[:, pretrain.ORDER:pretrain.ORDER + 4]
+    assert (orders.sort(dim=1).values == torch.arange(4.0)).all()
+    assert len({tuple(o.tolist()) for o in orders}) == 24  # every order occurs
+
+
+def test_cropped_views_differ_per_sample_and_replay_from_seed_epoch_and_index():
+    config = pretrain.resolve_config(["--print_config", "--image_size", "16", "--num_views", "2"])
+    data = pretrain.CroppedViews(intl.load_image_split("digits", "train"), pretrain.view_specs(config), seed=0)
+    crops, params, label = data[(0, 5)]
+    again = data[(0, 5)]
+    assert [c.shape for c in crops] == [(3, 16, 16)] * 2 and all(c.dtype == torch.uint8 for c in crops)
+    assert all(torch.equal(a, b) for a, b in zip(crops + params, again[0] + again[1]))
+    others = [data[(0, i)][1][0] for i in range(6, 12)]
+    assert len({tuple(p.tolist()) for p in others}) == len(others)
+    assert not torch.equal(data[(1, 5)][0][0], crops[0])
+
+
+def test_reduced_size_jpeg_decoding_is_visually_equivalent_to_full_decoding(tmp_path):
+    """A 500 x 375 JPEG cropped to 32 px: draft decoding (1/8 size) against a full decode, PSNR > 30 dB."""
+    y, x = np.mgrid[0:375, 0:500]
+    pixels = np.stack([127 + 100 * np.sin(x / 23.0), 127 + 100 * np.cos(y / 17.0), (x + y) % 256], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    full = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+    handle = Image.open(io.BytesIO(buffer.getvalue()))
+    handle.draft("RGB", (500 // 8, 375 // 8))
+    reduced = handle.convert("RGB")
+    assert reduced.width < 500
+    small = reduced.resize((32, 32), Image.Resampling.BICUBIC)
+    mse = np.mean((np.asarray(full, dtype=np.float64) - np.asarray(small, dtype=np.float64)) ** 2)
+    assert 10 * math.log10(255 ** 2 / mse) > 30
+
+
+def test_pretraining_runs_end_to_end_with_the_device_path_and_resumes_exactly(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run("--output_dir", whole, *SMALL, "--augment_on", "device")
+    run("--output_dir", parts, *SMALL, "--augment_on", "device", "--stop_after_steps", "5")
+    run("--output_dir", parts, "--resume", "latest", *SMALL)
+    expected, resumed = losses(whole), losses(parts)
+    assert sorted(expected) == list(range(1, 12))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
