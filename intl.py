@@ -164,8 +164,9 @@ def spectral_transform(z, power=0.5, axis=0, eps=0.0):
     """The general ST by eigendecomposition, with g(l) = l^(-power).
 
     power 0.5 is ZCA whitening, power 0 leaves Z unchanged (and collapses, Fig. 2).
-    z: [B, D] -> U diag(l^-power) U^T X: [B, D]. eps > 0 uses S + eps I: real batches can be
-    singular even when the shapes allow full rank (e.g. two identical crops on axis 0).
+    z: [B, D] -> U diag(l^-power) U^T X: [B, D]. eps > 0 uses S + eps mean(l) I: real batches can
+    be singular even when the shapes allow full rank (e.g. two identical crops on axis 0). eps is
+    relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
     """
     x = _units(z, axis)
     m, n = x.shape
@@ -177,7 +178,8 @@ def spectral_transform(z, power=0.5, axis=0, eps=0.0):
             f"embedding dim (axis 0), an embedding dim smaller than the batch (axis 1), or IterNorm"
         )
     x, cov = _centred_covariance(x)
-    z_hat = matrix_power(cov + eps * torch.eye(m, dtype=cov.dtype, device=cov.device), -power) @ x
+    ridge = eps * cov.diagonal().mean() * torch.eye(m, dtype=cov.dtype, device=cov.device)
+    z_hat = matrix_power(cov + ridge, -power) @ x
     return z_hat if axis == 0 else z_hat.t()
 
 

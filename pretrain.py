@@ -71,7 +71,7 @@ PRESETS = {
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
-               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
+               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "benchmark_augment", "study",
                "study_values", "push_to_hub", "private", "commit_message", "revision"}
 
 
@@ -136,7 +136,8 @@ def get_parser():
     parser.add_argument("--w_iter", type=int, default=1,
                         help="cw-rgp, wmse: repeats with fresh random sub-batches and permutations")
     parser.add_argument("--w_eps", type=float, default=0.0,
-                        help="st, cw-rgp, wmse: eps added to the covariance before its eigendecomposition / Cholesky")
+                        help="eps I added to the covariance before its eigendecomposition / Cholesky (cw-rgp, wmse); "
+                             "st: eps x its mean eigenvalue")
     parser.add_argument("--pair_loss", type=str, default="normalized", choices=["normalized", "squared"],
                         help="cw-rgp: 2 - 2 cos between whitened views (normalised MSE) or their squared distance")
     parser.add_argument("--num_views", type=int, default=2,
@@ -190,6 +191,8 @@ def get_parser():
                              "study, default 1,2,4,6,8,10,12)")
     parser.add_argument("--benchmark", type=int, default=0,
                         help="time N training steps on random images and print throughput and memory; no data")
+    parser.add_argument("--benchmark_augment", type=int, default=0,
+                        help="time the two augmentation paths on N generated 500 x 375 JPEGs and print images/s")
     return parser
 
 
@@ -207,6 +210,8 @@ def main(argv=None):
                               project_dir=config.output_dir)
     if config.benchmark:
         return benchmark(config, accelerator)
+    if config.benchmark_augment:
+        return benchmark_augment(config, accelerator)
     if config.study:
         return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
     output_dir = Path(config.output_dir)
@@ -363,7 +368,7 @@ def explicit_flags(parser, argv):
 
 def check_config(config):
     config.mean, config.std = tuple(config.mean), tuple(config.std)
-    if config.output_dir is None and not (config.print_config or config.benchmark):
+    if config.output_dir is None and not (config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     if config.batch_size < 2:
         raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
@@ -606,13 +611,11 @@ def adjust_hue(x, shift):
     hue = torch.where(delta > 0, (hue / 6) % 1, torch.zeros_like(hue))
     sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
     hue = (hue + shift.view(-1, 1, 1)) % 1
-    sector = torch.floor(hue * 6)
-    frac = hue * 6 - sector
-    sector = sector.long() % 6
-    v = maxc
-    p, q, t = v * (1 - sat), v * (1 - sat * frac), v * (1 - sat * (1 - frac))
-    rgb = torch.stack([torch.stack(c, dim=1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
-    return rgb.gather(2, sector[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+    # HSV -> RGB without branches: channel c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6
+    # with n = 5, 3, 1 for R, G, B (the same values as the six-sector formula, in a few whole-batch ops).
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = (n + 6 * hue.unsqueeze(1)) % 6
+    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def gaussian_blur(x, sigma, kernel_size):
@@ -971,6 +974,39 @@ def benchmark(config, accelerator):
         "images_per_s": round(config.batch_size * accelerator.num_processes / step_time, 1),
         "peak_memory_mib": round(peak), "iternorm_and_loss_s": round(objective_time, 4),
         "iternorm_and_loss_share": round(objective_time / step_time, 4)}, indent=2))
+
+
+def benchmark_augment(config, accelerator):
+    """Images/s on one core of the papers' per-image PIL pipeline and of the worker part of the device
+    path, on the same generated JPEGs (500 x 375, ImageNet-like), and the device part's cost per image."""
+    import tempfile
+
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp()) / "images"
+    (folder / "class_0").mkdir(parents=True)
+    y, x = np.mgrid[0:375, 0:500]
+    generator = np.random.default_rng(0)
+    for i in range(config.benchmark_augment):
+        waves = [np.sin(x / generator.uniform(5, 60) + generator.uniform(0, 6)) * np.cos(y / generator.uniform(5, 60))
+                 for _ in range(3)]
+        pixels = np.stack(waves, -1) * 100 + 127 + generator.normal(0, 8, (375, 500, 3))
+        PILImage.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / "class_0" / f"{i}.jpg", quality=90)
+    split = intl.load_image_split(str(folder), "train")
+    per_image = AugmentedViews(split, view_transforms(config), config.seed)
+    split_path = CroppedViews(split, view_specs(config), config.seed)
+    keys = [(0, i) for i in range(config.benchmark_augment)]
+    pil_s = timed(lambda: [per_image[k] for k in keys], 1, accelerator) / len(keys)
+    worker_s = timed(lambda: [split_path[k] for k in keys], 1, accelerator) / len(keys)
+    crops, params, _ = torch.utils.data.default_collate([split_path[k] for k in keys[:64]])
+    torch.set_num_threads(os.cpu_count())
+    device_s = timed(lambda: device_views(crops, params, config, accelerator.device), 3, accelerator) / len(crops[0])
+    shutil.rmtree(folder.parent)
+    print(json.dumps({
+        "images": len(keys), "views": [spec[0] for spec in view_specs(config)], "device": str(accelerator.device),
+        "pil_pipeline_images_per_s_per_core": round(1 / pil_s, 1),
+        "device_path_worker_images_per_s_per_core": round(1 / worker_s, 1),
+        "worker_speedup": round(pil_s / worker_s, 2),
+        "device_part_ms_per_image": round(1000 * device_s, 3)}, indent=2))
 
 
 def timed(fn, steps, accelerator):
