@@ -330,11 +330,11 @@ def main(argv=None):
 
 
 def resolve_config(argv=None):
-    """Flags > preset > argparse defaults. Without --preset and --dataset the preset is 'digits'."""
+    """Flags > preset > argparse defaults. Without --preset and --dataset a training run uses 'digits'."""
     parser = get_parser()
     config = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
-    preset = config.preset or (None if config.dataset else "digits")
+    preset = config.preset or (None if config.dataset or config.benchmark or config.benchmark_augment else "digits")
     if preset:
         for key, value in PRESETS[preset].items():
             if key not in explicit:
@@ -352,7 +352,8 @@ def resolve_config(argv=None):
         for key, value in saved.items():
             if key not in RUN_CONTROL:
                 setattr(config, key, value)
-    if config.dataset is None and config.preset != "digits":
+    if config.dataset is None and config.preset not in (None, "digits") and not (
+            config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
                          "folder or a Hub dataset id")
     check_config(config)
