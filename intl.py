@@ -142,20 +142,30 @@ def _centred_covariance(x):
     return x, x @ x.t() / (x.shape[1] - 1)
 
 
-def iternorm(z, iters=4, axis=0):
+def iternorm(z, iters=4, axis=0, coupled=False):
     """IterNorm: Newton's iteration towards S^(-1/2), without eigendecomposition.
 
         S_N = S / tr(S),   P_0 = I,   P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2,   W = P_T / sqrt(tr(S))
 
     z: [B, D] -> Z_hat = W X: [B, D]. With finite T the output is not fully whitened: eigenvalue
     l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1 - that is the point.
+
+    coupled=True computes the same iterates (in exact arithmetic) by the coupled Newton-Schulz
+    form, Y_0 = S_N, P_0 = I, M = (3 I - P_{k-1} Y_{k-1}) / 2, Y_k = Y_{k-1} M, P_k = M P_{k-1}
+    (Y_k = S_N P_k), which does not amplify rounding errors: the paper's uncoupled form loses
+    precision for large T, even in float64, and is kept as the default.
     """
     x, cov = _centred_covariance(_units(z, axis))
     trace = cov.diagonal().sum()
     cov_n = cov / trace
-    p = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    p, y = eye, cov_n
     for _ in range(iters):
-        p = 1.5 * p - 0.5 * (p @ p @ p @ cov_n)
+        if coupled:
+            m = 1.5 * eye - 0.5 * (p @ y)
+            p, y = m @ p, y @ m
+        else:
+            p = 1.5 * p - 0.5 * (p @ p @ p @ cov_n)
     z_hat = (p / trace.sqrt()) @ x
     return z_hat if axis == 0 else z_hat.t()
 
@@ -228,16 +238,16 @@ class _Float32(nn.Module):
 
 
 class IterNorm(_Float32):
-    def __init__(self, iters=4, axis=0):
+    def __init__(self, iters=4, axis=0, coupled=False):
         super().__init__()
         _check_axis(axis)
-        self.iters, self.axis = iters, axis
+        self.iters, self.axis, self.coupled = iters, axis, coupled
 
     def transform(self, z):
-        return iternorm(z, self.iters, self.axis)
+        return iternorm(z, self.iters, self.axis, self.coupled)
 
     def extra_repr(self):
-        return f"iters={self.iters}, axis={self.axis}"
+        return f"iters={self.iters}, axis={self.axis}, coupled={self.coupled}"
 
 
 class PowerTransform(_Float32):
@@ -410,15 +420,16 @@ class INTL(nn.Module):
     target's view 0, with the trace loss on the online views.
 
     power=p replaces IterNorm by the eigendecomposition ST with g(l) = l^(-p) (the paper's
-    power study; eps regularises its covariance); beta=0 drops the trace loss.
+    power study; eps regularises its covariance); beta=0 drops the trace loss; coupled=True runs
+    IterNorm in its coupled form (see `iternorm`).
     """
 
     def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False, power=None,
-                 eps=0.0):
+                 eps=0.0, coupled=False):
         super().__init__()
         _check_axis(axis)
         self.backbone, self.projector = backbone, projector
-        self.transform = IterNorm(iters, axis) if power is None else PowerTransform(power, axis, eps)
+        self.transform = IterNorm(iters, axis, coupled) if power is None else PowerTransform(power, axis, eps)
         self.axis, self.beta = axis, beta
         self.target = None
         if momentum_target:

@@ -122,6 +122,9 @@ def get_parser():
                              "st: eigendecomposition ST g(l) = l^-power with the alignment loss (+ trace loss with --beta); "
                              "cw-rgp: channel whitening with random group partition; wmse: Cholesky whitening")
     parser.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
+    parser.add_argument("--coupled", action="store_true",
+                        help="IterNorm's coupled Newton-Schulz form: the same iterates, numerically stable at large T "
+                             "(default: the paper's form)")
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1],
                         help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
     parser.add_argument("--beta", type=float, default=None,
@@ -655,7 +658,7 @@ def build_model(config):
     beta = 0.0 if config.method == "st" and config.beta is None else config.beta
     return intl.INTL(backbone, projector, config.iters, config.axis, beta,
                      momentum_target=config.method == "intl-m", power=config.power if config.method == "st" else None,
-                     eps=config.w_eps)
+                     eps=config.w_eps, coupled=config.coupled)
 
 
 def build_optimizer(config, model):

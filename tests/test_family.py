@@ -136,3 +136,21 @@ def test_eigendecomposition_gradients_stay_finite_and_exact_when_eigenvalues_rep
     assert torch.isfinite(z.grad).all()
     assert torch.autograd.gradcheck(lambda x: intl.spectral_transform(x, 0.5, axis=0, eps=1e-3), (z.detach().requires_grad_(),))
     assert torch.autograd.gradcheck(lambda x: intl.spectral_transform(x, 0.0, axis=0, eps=1e-3), (z.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_coupled_iternorm_equals_the_papers_form_at_four_iterations(axis):
+    z = torch.randn(12, 20, dtype=torch.float64)
+    torch.testing.assert_close(intl.iternorm(z, 4, axis, coupled=True), intl.iternorm(z, 4, axis), atol=1e-12, rtol=0)
+    z32 = z.float()
+    torch.testing.assert_close(intl.iternorm(z32, 4, axis, coupled=True), intl.iternorm(z32, 4, axis), atol=1e-5, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: intl.iternorm(x, 3, axis, coupled=True), (z[:5, :7].clone().requires_grad_(),))
+
+
+def test_coupled_iternorm_stays_finite_and_whitens_where_the_papers_form_diverges():
+    z = torch.randn(64, 256)
+    reference = intl.iternorm(z.double(), 30, coupled=True)
+    papers, coupled = intl.iternorm(z, 30), intl.iternorm(z, 30, coupled=True)
+    assert not torch.isfinite(papers).all() or (papers.double() - reference).abs().max() > 1
+    assert (coupled.double() - reference).abs().max() < 1e-4
+    assert intl.lg_ioc(intl.covariance_spectrum(coupled)) > -1e-3  # whitened: all eigenvalues equal
