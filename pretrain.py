@@ -439,11 +439,14 @@ class AugmentedViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
+    def sample_seed(self, epoch, index):
+        return hash((self.seed, epoch, index)) % 2**63
+
     def __getitem__(self, key):
         epoch, index = key
         image, label = self.images[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+            torch.manual_seed(self.sample_seed(epoch, index))
             return [transform(image) for transform in self.transforms], label
 
 
@@ -509,7 +512,7 @@ def draw_photometric(blur_prob, solarize_prob):
                          float(apply[3] < solarize_prob)])
 
 
-class CroppedViews(torch.utils.data.Dataset):
+class CroppedViews(AugmentedViews):
     """(epoch, index) -> ([uint8 crop [3, s, s] per view], [photometric parameters [13] per view], label).
 
     A JPEG is decoded at 1/2, 1/4 or 1/8 size (PIL draft mode) when every crop of it is shrunk at
@@ -517,16 +520,13 @@ class CroppedViews(torch.utils.data.Dataset):
     """
 
     def __init__(self, split, specs, seed):
-        self.images = intl.ImageDataset(split, transform=None)
-        self.specs, self.seed = specs, seed
-
-    def __len__(self):
-        return len(self.images)
+        super().__init__(split, transforms=None, seed=seed)
+        self.specs = specs
 
     def __getitem__(self, key):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+            torch.manual_seed(self.sample_seed(epoch, index))
             plan = {}
 
             def plan_crops(handle):  # crop boxes in full-size coordinates, then the cheapest decode
