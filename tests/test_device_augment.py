@@ -136,3 +136,12 @@ def test_pretraining_runs_end_to_end_with_the_device_path_and_resumes_exactly(tm
     assert sorted(expected) == list(range(1, 12))
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_device_path_makes_the_multi_crop_views_of_the_intl_m_recipe():
+    config = pretrain.resolve_config(["--preset", "intl-m-100ep", "--print_config"])
+    data = pretrain.CroppedViews(intl.load_image_split("digits", "train"), pretrain.view_specs(config), seed=0)
+    crops, params, _ = data[(0, 3)]
+    assert [c.shape[-1] for c in crops] == [224, 224, 192, 160, 128, 96]
+    views = pretrain.device_views([c[None] for c in crops], [p[None] for p in params], config, "cpu")
+    assert [v.shape for v in views] == [(1, 3, s, s) for s in (224, 224, 192, 160, 128, 96)]
