@@ -1,4 +1,4 @@
-"""Pretrain a ResNet with INTL (or INTL-M) on one CPU up to many GPUs, with Hugging Face Accelerate.
+"""Pretrain a ResNet with INTL (INTL-M, or a relative from the whitening family) on one CPU up to many GPUs.
 
     python pretrain.py --output_dir runs/digits                  # offline demo: minutes on a CPU
     accelerate launch pretrain.py --preset cifar10 --output_dir runs/cifar10
