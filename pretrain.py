@@ -289,9 +289,9 @@ def main(argv=None):
                 loss = out["loss"].item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
-                                             f"{last_good or 'none'}. Lower --lr or use --mixed_precision no; with an "
-                                             "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular "
-                                             "in practice: a layer narrower than the batch makes it so, --w_eps helps")
+                                             f"{last_good or 'none'}. Lower --lr or use --mixed_precision no; IterNorm "
+                                             "with many --iters: try --coupled; with an eigendecomposition (st, cw-rgp, "
+                                             "wmse) the covariance may be singular in practice: --w_eps helps")
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(out["loss"])
                 optimizer.step()
@@ -888,9 +888,10 @@ def study_row(run_dir, result):
     """Final figures of one study run from its log, or its error."""
     log = run_dir / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
-    last = {key: next((r[key] for r in reversed(records) if key in r), None)
-            for key in ("loss", "knn_top1", "lg_ioc_z", "lg_ioc_z_hat", "erank_z")}
     error = result.stderr.strip().splitlines()[-1] if result.returncode else ""
+    # A failed run has no final figures: its last logged ones (e.g. the kNN at initialisation) would mislead.
+    last = {key: None if error else next((r[key] for r in reversed(records) if key in r), None)
+            for key in ("loss", "knn_top1", "lg_ioc_z", "lg_ioc_z_hat", "erank_z")}
     return {**last, "steps": max((r["step"] for r in records), default=0), "error": error}
 
 
