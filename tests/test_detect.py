@@ -1,0 +1,687 @@
+"""detect_transfer.py: model builders, the VOC and COCO evaluators on hand-built cases, generated VOC / COCO
+datasets, learning on synthetic shapes, schedule / weight decay / precise BN, resume, evaluation-only, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import detect_transfer as dt
+import intl
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ("aeroplane", "bicycle")  # two VOC class names: a red rectangle and a blue disk
+
+# Reduced settings: 96 px images, ResNet-18 C4 (256-channel res4), 6 x 6 RoIs, few proposals and RoIs.
+SMALL = ["--train_sizes", "96", "--test_size", "96", "--max_size", "160", "--pool_size", "6",
+         "--anchor_sizes", "16", "32", "64", "128", "256", "--rpn_pre_nms_train", "300", "--rpn_post_nms_train", "50",
+         "--rpn_pre_nms_test", "300", "--rpn_post_nms_test", "50", "--rpn_batch_per_image", "64",
+         "--roi_batch_per_image", "32", "--num_workers", "0", "--precise_bn", "4", "--log_every", "5"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on 2 shared cores it runs these small convolutions ~3x faster than two (measured)."""
+    torch.set_num_threads(1)
+    yield
+
+
+# ----------------------------------------------------------------------------- synthetic data on disk
+
+
+def draw_scene(generator, size=96, max_objects=2):
+    """A noisy grey image with 1..max_objects shapes: class 1 a red rectangle, class 2 a blue disk.
+    Returns the image and [(label, x1, y1, x2, y2)] with the shape covering pixels x1..x2-1, y1..y2-1."""
+    pixels = torch.randint(80, 170, (size, size, 3), generator=generator, dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=generator))):
+        label = int(torch.randint(1, 3, (1,), generator=generator))
+        w, h = (int(v) for v in torch.randint(20, 44, (2,), generator=generator))
+        x1, y1 = int(torch.randint(0, size - w, (1,), generator=generator)), int(torch.randint(0, size - h, (1,), generator=generator))
+        if label == 1:
+            draw.rectangle([x1, y1, x1 + w - 1, y1 + h - 1], fill=(220, 30, 30))
+        else:
+            draw.ellipse([x1, y1, x1 + w - 1, y1 + h - 1], fill=(30, 30, 220))
+        objects.append((label, x1, y1, x1 + w, y1 + h))
+    return image, objects
+
+
+def write_voc(root, n_trainval=48, n_test=16, seed=0, size=96, difficult_every=0):
+    """ROOT/VOCdevkit/VOC2007 with JPEGImages, Annotations (1-based inclusive boxes) and ImageSets/Main."""
+    base = Path(root) / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    names = {"trainval": [], "test": []}
+    count = 0
+    for split, n in (("trainval", n_trainval), ("test", n_test)):
+        for i in range(n):
+            name = f"{split}_{i:04d}"
+            image, objects = draw_scene(generator, size)
+            image.save(base / "JPEGImages" / f"{name}.jpg", quality=95)
+            xml = [f"<annotation><filename>{name}.jpg</filename><size><width>{size}</width><height>{size}</height>"
+                   "<depth>3</depth></size>"]
+            for label, x1, y1, x2, y2 in objects:
+                count += 1
+                difficult = int(difficult_every > 0 and count % difficult_every == 0)
+                xml.append(f"<object><name>{SHAPES[label - 1]}</name><difficult>{difficult}</difficult><bndbox>"
+                           f"<xmin>{x1 + 1}</xmin><ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+            (base / "Annotations" / f"{name}.xml").write_text("".join(xml) + "</annotation>")
+            names[split].append(name)
+    for split, listed in names.items():
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(listed) + "\n")
+    return Path(root)
+
+
+def write_coco(root, n_train=12, n_val=6, seed=0, size=96, crowd_in_first=True, empty_image=True):
+    """ROOT/annotations/instances_{train,val}2017.json + ROOT/{train,val}2017/*.jpg with polygon segmentations.
+
+    Category ids are not contiguous (3 and 7); the first training image also has a crowd box, and the last
+    training image has no object at all.
+    """
+    root = Path(root)
+    generator = torch.Generator().manual_seed(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    category_ids = {1: 3, 2: 7}
+    ann_id = 0
+    for split, n in (("train2017", n_train), ("val2017", n_val)):
+        (root / split).mkdir(exist_ok=True)
+        images, annotations = [], []
+        for i in range(n):
+            image_id = 100 + i
+            image, objects = draw_scene(generator, size)
+            if empty_image and split == "train2017" and i == n - 1:
+                image, objects = Image.fromarray(np.full((size, size, 3), 128, np.uint8)), []
+            image.save(root / split / f"{image_id:012d}.jpg", quality=95)
+            images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": size, "height": size})
+            for label, x1, y1, x2, y2 in objects:
+                ann_id += 1
+                polygon = [x1, y1, x2, y1, x2, y2, x1, y2]
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": category_ids[label],
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                    "segmentation": [polygon], "iscrowd": 0})
+            if crowd_in_first and i == 0:
+                ann_id += 1
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": 3, "bbox": [0, 0, 10, 10],
+                                    "area": 100, "segmentation": {"counts": [0, 100, size * size - 100],
+                                                                  "size": [size, size]}, "iscrowd": 1})
+        categories = [{"id": 3, "name": "rectangle"}, {"id": 7, "name": "disk"}]
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def make_config(*args):
+    """A parsed configuration with the per-architecture defaults filled in, for building models directly."""
+    config = dt.get_parser().parse_args(["--benchmark", "1", *map(str, args)])
+    dt.check_config(config)
+    config.benchmark = 0
+    if config.backbone is None:  # built from a bare ResNet: no export says the normalisation
+        config.mean, config.std = list(intl.IMAGENET_MEAN), list(intl.IMAGENET_STD)
+    return config
+
+
+def tiny_config(model="faster-c4", *args):
+    return make_config("--model", model, "--arch", "resnet18", "--train_sizes", 64, "--test_size", 64, "--max_size", 128,
+                       "--pool_size", 4, "--anchor_sizes", 16, 32, 64, 128, 256, "--rpn_pre_nms_train", 200,
+                       "--rpn_post_nms_train", 20, "--rpn_pre_nms_test", 200, "--rpn_post_nms_test", 20,
+                       "--roi_batch_per_image", 16, "--rpn_batch_per_image", 32, *args)
+
+
+def scene_batch(masks=False, sizes=((60, 80), (64, 48))):
+    """Two images with boxes (and masks filling the boxes)."""
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    targets = [{"boxes": torch.tensor([[5.0, 6, 40, 50], [30, 10, 70, 40]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[8.0, 4, 40, 30]]), "labels": torch.tensor([2])}]
+    for image, t in zip(images, targets):
+        t["boxes"][:, 0::2].clamp_(max=image.shape[2])
+        t["boxes"][:, 1::2].clamp_(max=image.shape[1])
+        if masks:
+            t["masks"] = torch.zeros(len(t["boxes"]), *image.shape[1:], dtype=torch.uint8)
+            for m, (x1, y1, x2, y2) in zip(t["masks"], t["boxes"].int().tolist()):
+                m[y1:y2, x1:x2] = 1
+    return images, targets
+
+
+@pytest.fixture(scope="module")
+def r50_export(tmp_path_factory):
+    """A random torchvision ResNet-50 written as an export folder (what pretrain.py writes)."""
+    export = tmp_path_factory.mktemp("r50") / "backbone"
+    weights = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
+    intl.write_export(export, weights, {"arch": "resnet50", "cifar_stem": False})
+    return export
+
+
+# ----------------------------------------------------------------------------- model builders
+
+
+def test_r50_c4_is_res2_to_res4_then_res5_with_one_extra_batchnorm_and_detectron2_heads(r50_export):
+    config = make_config("--model", "faster-c4", "--backbone", r50_export)
+    model = dt.build_detector(config, dt.load_detection_backbone(config), num_classes=20)
+    weights = load_file(r50_export / "model.safetensors")
+
+    # Every backbone weight is the export's, under torchvision's names; res5 sits in the box head.
+    state = model.state_dict()
+    for key, value in weights.items():
+        where = f"roi_heads.box_head.{key}" if key.startswith("layer4.") else f"backbone.{key}"
+        assert torch.equal(state[where], value), where
+    # Parameter count: the ResNet without fc + RPN (3x3 conv, 15 anchors) + the extra BN + the box predictor.
+    resnet = sum(v.numel() for k, v in weights.items() if "running" not in k and "num_batches" not in k)
+    rpn = (1024 * 1024 * 9 + 1024) + (1024 * 15 + 15) + (1024 * 60 + 60)
+    predictor = (2048 * 21 + 21) + (2048 * 84 + 84)
+    assert sum(p.numel() for p in model.parameters()) == resnet + rpn + 2 * 2048 + predictor
+    assert all(p.requires_grad for p in model.parameters())  # every layer fine-tuned
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 53 + 1 and not any(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in model.modules())
+    assert isinstance(model.roi_heads.box_head.norm, nn.BatchNorm2d) and model.roi_heads.box_head.norm.num_features == 2048
+
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [15]
+    assert model.rpn._pre_nms_top_n == {"training": 12000, "testing": 6000}
+    assert model.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
+    pooler = model.roi_heads.box_roi_pool
+    assert isinstance(pooler, torchvision.ops.MultiScaleRoIAlign) and pooler.output_size == (14, 14)
+    assert pooler.level_scales == [1 / 16] and pooler.sampling_ratio == 0
+    with torch.no_grad():
+        assert model.backbone(torch.zeros(1, 3, 64, 96)).shape == (1, 1024, 4, 6)  # stride 16
+        assert model.roi_heads.box_head(torch.zeros(2, 1024, 14, 14)).shape == (2, 2048)
+    predictor = model.roi_heads.box_predictor
+    assert abs(predictor.cls_score.weight.std().item() - 0.01) < 0.001
+    assert abs(predictor.bbox_pred.weight.std().item() - 0.001) < 0.0001
+    assert not predictor.cls_score.bias.any() and not predictor.bbox_pred.bias.any()
+    assert model.transform.image_mean == list(intl.IMAGENET_MEAN) and model.transform.test_size == 800
+    assert model.transform.min_size == tuple(range(480, 801, 32))
+
+
+def test_mask_c4_predicts_masks_from_res5_with_a_deconvolution(r50_export):
+    config = make_config("--model", "mask-c4", "--backbone", r50_export)
+    model = dt.build_detector(config, dt.load_detection_backbone(config), num_classes=80)
+    heads = model.roi_heads
+    assert heads.has_mask() and heads.mask_roi_pool is heads.box_roi_pool
+    assert heads.mask_predictor.conv5_mask.in_channels == 2048 and heads.mask_predictor.conv5_mask.stride == (2, 2)
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 81
+    assert abs(heads.mask_predictor.mask_fcn_logits.weight.std().item() - 0.001) < 0.0002
+
+
+def test_pooler_is_roi_align_with_aligned_true_on_every_level():
+    features = {"0": torch.randn(1, 3, 32, 32), "1": torch.randn(1, 3, 16, 16)}
+    boxes = [torch.tensor([[1.3, 2.2, 20.7, 30.1], [3.0, 3.0, 131.0, 125.0]])]
+    rois = torch.cat([torch.zeros(2, 1), boxes[0]], dim=1)
+    single = dt.AlignedRoIAlign(["0"], 5, [1 / 4])
+    assert isinstance(single, torchvision.ops.MultiScaleRoIAlign)
+    out = single({"0": features["0"]}, boxes, [(128, 128)])
+    assert torch.allclose(out, torchvision.ops.roi_align(features["0"], rois, 5, 1 / 4, 0, aligned=True))
+    assert not torch.allclose(out, torchvision.ops.roi_align(features["0"], rois, 5, 1 / 4, 0, aligned=False))
+
+    two = dt.AlignedRoIAlign(["0", "1"], 5, [1 / 4, 1 / 8])
+    # A box of side s goes to level floor(4 + log2(s / 224)), clamped: sides 23 and 125 -> P2 and P3.
+    assert two.levels(boxes[0]).tolist() == [0, 1]
+    out = two(features, boxes, [(128, 128)])
+    assert torch.allclose(out[0], torchvision.ops.roi_align(features["0"], rois[:1], 5, 1 / 4, 0, aligned=True)[0])
+    assert torch.allclose(out[1], torchvision.ops.roi_align(features["1"], rois[1:], 5, 1 / 8, 0, aligned=True)[0])
+    big = torch.tensor([[0.0, 0, 224, 224], [0, 0, 448, 448], [0, 0, 2000, 2000], [0, 0, 4, 4]])
+    assert dt.AlignedRoIAlign(["0", "1", "2", "3"], 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32]).levels(big).tolist() == [2, 3, 3, 0]
+
+
+def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
+    weights = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    good = tmp_path / "good"
+    intl.write_export(good, weights, {"arch": "resnet18", "cifar_stem": False, "mean": [0.5, 0.4, 0.3],
+                                      "std": [0.2, 0.2, 0.2]})
+    official = tmp_path / "official.pth.tar"
+    torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in weights.items()}}, official)
+    for source in (good, official):
+        config = tiny_config("faster-c4", "--backbone", source)
+        model = dt.build_detector(config, dt.load_detection_backbone(config), 2)
+        assert torch.equal(model.backbone.layer3[1].conv2.weight, weights["layer3.1.conv2.weight"])
+        assert torch.equal(model.roi_heads.box_head.layer4[0].bn1.running_var, weights["layer4.0.bn1.running_var"])
+        assert model.transform.image_mean == ([0.5, 0.4, 0.3] if source == good else list(intl.IMAGENET_MEAN))
+
+    extra = tmp_path / "extra"
+    intl.write_export(extra, {**weights, "fc.weight": torch.zeros(3, 512), "head.bias": torch.zeros(3)},
+                      {"arch": "resnet18", "cifar_stem": False})
+    with pytest.raises(ValueError, match="unexpected"):
+        dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", extra))
+    missing = tmp_path / "missing"
+    intl.write_export(missing, {k: v for k, v in weights.items() if k != "layer2.0.conv1.weight"},
+                      {"arch": "resnet18", "cifar_stem": False})
+    with pytest.raises(ValueError, match="missing"):
+        dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", missing))
+    cifar = tmp_path / "cifar"
+    intl.write_export(cifar, intl.build_backbone("resnet18", cifar_stem=True).state_dict(),
+                      {"arch": "resnet18", "cifar_stem": True})
+    with pytest.raises(ValueError, match="CIFAR stem"):
+        dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", cifar))
+
+
+@pytest.mark.parametrize("model_name", dt.MODELS)
+def test_a_training_step_gives_finite_losses_and_evaluation_gives_boxes_in_original_pixels(model_name):
+    config = tiny_config(model_name)
+    torch.manual_seed(0)
+    model = dt.build_detector(config, intl.build_backbone("resnet18", False, zero_init_residual=False), 2)
+    masks = model_name.startswith("mask")
+    images, targets = scene_batch(masks)
+    model.train()
+    losses = model(images, targets)
+    expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} | ({"loss_mask"} if masks else set())
+    assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())  # every layer trained
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    for image, out in zip(images, outputs):
+        h, w = image.shape[1:]
+        assert out["boxes"].shape[1] == 4 and 0 < len(out["boxes"]) <= 100
+        assert out["boxes"][:, 0::2].max() <= w and out["boxes"][:, 1::2].max() <= h
+        assert set(out["labels"].tolist()) <= {1, 2} and (out["scores"] > 0.05).all()
+        if masks:
+            assert out["masks"].shape == (len(out["boxes"]), 1, h, w)
+
+
+def test_images_are_resized_to_a_drawn_training_size_or_the_test_size_with_the_long_side_capped():
+    transform = dt.DetectionTransform([32, 48], 40, 60, intl.IMAGENET_MEAN, intl.IMAGENET_STD)
+    image, target = torch.rand(3, 20, 40), {"boxes": torch.tensor([[2.0, 4, 10, 20]]),
+                                             "masks": torch.ones(1, 20, 40, dtype=torch.uint8)}
+    sides = set()
+    for _ in range(20):
+        resized, out = transform.train().resize(image, {k: v.clone() for k, v in target.items()})
+        sides.add(resized.shape[1])
+        scale = resized.shape[1] / 20
+        assert torch.allclose(out["boxes"], target["boxes"] * scale) and out["masks"].shape[1:] == resized.shape[1:]
+    assert sides == {30}  # 32 and 48 would make the long side 64 and 96 > 60: capped at 60 x 30
+    transform.max_size = 1000
+    assert {transform.resize(image)[0].shape[1] for _ in range(20)} == {32, 48}
+    assert transform.eval().resize(image)[0].shape[1:] == (40, 80)
+
+
+def test_mask_c4_runs_res5_once_per_sampled_roi_in_training():
+    config = tiny_config("mask-c4")
+    model = dt.build_detector(config, intl.build_backbone("resnet18", False, zero_init_residual=False), 2).train()
+    calls = []
+    model.roi_heads.box_head.layer4.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    images, targets = scene_batch(masks=True)
+    losses = model(images, targets)
+    assert "loss_mask" in losses and len(calls) == 1
+    assert calls[0] == 2 * 16  # RoIs sampled per image x images: the foreground ones are not run again
+
+
+# ----------------------------------------------------------------------------- the VOC evaluator on hand-built cases
+# Boxes in the devkit's inclusive pixel coordinates: [1, 1, 10, 10] is 10 x 10 pixels.
+
+
+def gt(*boxes, difficult=None):
+    boxes = np.array(boxes, float).reshape(-1, 4)
+    return boxes, np.array(difficult if difficult is not None else [False] * len(boxes))
+
+
+def test_voc_perfect_detections_give_ap_1():
+    ground_truth = {0: gt([1, 1, 10, 10], [20, 20, 40, 35]), 1: gt([5, 5, 50, 50])}
+    detections = [(0, 0.9, [1, 1, 10, 10]), (0, 0.8, [20, 20, 40, 35]), (1, 0.7, [5, 5, 50, 50])]
+    for use_11_point in (True, False):
+        for threshold in dt.IOU_THRESHOLDS:
+            assert dt.voc_class_ap(detections, ground_truth, threshold, use_11_point) == pytest.approx(1.0)
+
+
+def test_voc_duplicate_detection_is_a_false_positive_11_point_and_area():
+    ground_truth = {0: gt([1, 1, 10, 10], [20, 20, 40, 40])}
+    detections = [(0, 0.9, [1, 1, 10, 10]), (0, 0.8, [1, 1, 10, 10]), (0, 0.7, [20, 20, 40, 40])]
+    # TP, FP, TP: precision 1 up to recall 0.5, then 2/3 at recall 1.
+    assert dt.voc_class_ap(detections, ground_truth, 0.5, True) == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    assert dt.voc_class_ap(detections, ground_truth, 0.5, False) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+def test_voc_missed_object_caps_recall_and_unmatched_detections_are_false_positives():
+    ground_truth = {0: gt([1, 1, 10, 10], [20, 20, 40, 40]), 1: gt()}
+    detections = [(0, 0.9, [1, 1, 10, 10]), (1, 0.95, [1, 1, 10, 10])]  # the second image has no object
+    # FP then TP: recall 0.5 at precision 1/2.
+    assert dt.voc_class_ap(detections, ground_truth, 0.5, True) == pytest.approx(6 * 0.5 / 11)
+    assert dt.voc_class_ap(detections, ground_truth, 0.5, False) == pytest.approx(0.25)
+    assert dt.voc_class_ap([], ground_truth, 0.5, True) == 0.0
+    assert math.isnan(dt.voc_class_ap(detections, {0: gt()}, 0.5))  # no object of the class: undefined
+
+
+def test_voc_difficult_objects_neither_count_towards_recall_nor_penalise_detections():
+    ground_truth = {0: gt([1, 1, 10, 10], [20, 20, 40, 40], difficult=[False, True])}
+    on_difficult = (0, 0.95, [20, 20, 40, 40])
+    on_normal = (0, 0.9, [1, 1, 10, 10])
+    assert dt.voc_class_ap([on_difficult, on_normal], ground_truth, 0.5) == pytest.approx(1.0)  # ignored, not FP
+    assert dt.voc_class_ap([on_normal], ground_truth, 0.5) == pytest.approx(1.0)  # not missed
+    not_difficult = {0: gt([1, 1, 10, 10], [20, 20, 40, 40])}
+    assert dt.voc_class_ap([on_normal], not_difficult, 0.5) == pytest.approx(6 / 11)
+
+
+def test_voc_iou_exactly_at_the_threshold_is_not_a_match():
+    ground_truth = {0: gt([1, 1, 10, 10])}  # 100 pixels
+    half = (0, 0.9, [1, 1, 10, 5])  # 50 pixels inside: IoU exactly 0.5 with the +1 convention
+    assert dt.voc_class_ap([half], ground_truth, 0.5) == 0.0
+    assert dt.voc_class_ap([half], ground_truth, 0.45) == pytest.approx(1.0)
+    assert dt.voc_class_ap([(0, 0.9, [1, 1, 10, 6])], ground_truth, 0.5) == pytest.approx(1.0)  # IoU 0.6
+
+
+def test_voc_evaluate_averages_ten_iou_thresholds_in_devkit_coordinates():
+    # Records hold 0-based boxes (the XML's x1, y1 minus 1); [0, 0, 10, 10] is the devkit's [1, 1, 10, 10].
+    records = [{"boxes": np.array([[0, 0, 10, 10]], np.float32), "labels": np.array([1]), "difficult": np.array([False])},
+               {"boxes": np.array([[0, 0, 20, 20]], np.float32), "labels": np.array([2]), "difficult": np.array([False])}]
+    predictions = [{"index": 0, "boxes": np.array([[0, 0, 10, 7]], np.float32), "scores": np.array([0.9]),
+                    "labels": np.array([1])},  # devkit IoU 70 / 100 = 0.7: matched at 0.50..0.65, not at 0.70 on
+                   {"index": 1, "boxes": np.array([[0, 0, 20, 20]], np.float32), "scores": np.array([0.8]),
+                    "labels": np.array([2])}]
+    result = dt.voc_evaluate(predictions, records, ("a", "b", "c"))
+    assert result["per_class_AP50"] == {"a": pytest.approx(100), "b": pytest.approx(100)}
+    assert result["AP50"] == pytest.approx(100) and result["AP75"] == pytest.approx(50)
+    assert result["AP"] == pytest.approx((40 + 100) / 2)
+    assert result["classes_without_test_objects"] == ["c"]
+
+
+# ----------------------------------------------------------------------------- generated datasets and COCO evaluation
+
+
+def test_generated_voc_loads_through_torchvision_with_shifted_boxes_and_difficult_flags(tmp_path):
+    root = write_voc(tmp_path, n_trainval=6, n_test=3, difficult_every=2)
+    dataset = torchvision.datasets.VOCDetection(root, year="2007", image_set="trainval")
+    image, target = dataset[0]
+    assert image.size == (96, 96) and target["annotation"]["object"][0]["name"] in SHAPES
+    records = dt.voc_records(root, "2007-trainval", SHAPES)
+    assert len(records) == 6
+    for record, xml in zip(records, dataset.annotations):
+        objects = dataset.parse_voc_xml(ET.parse(xml).getroot())["annotation"]["object"]
+        raw = np.array([[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects])
+        assert np.array_equal(record["boxes"], raw - [1, 1, 0, 0])
+        assert record["labels"].tolist() == [SHAPES.index(o["name"]) + 1 for o in objects]
+        assert record["difficult"].tolist() == [o["difficult"] == "1" for o in objects]
+    assert any(r["difficult"].any() for r in records)
+    with pytest.raises(ValueError, match=r"VOCdevkit/VOC2012/JPEGImages"):
+        dt.voc_records(root, "2012-trainval", SHAPES)
+
+
+def test_generated_coco_loads_with_contiguous_labels_no_crowd_and_no_empty_training_image(tmp_path):
+    root = write_coco(tmp_path, n_train=5, n_val=3)
+    dataset = torchvision.datasets.CocoDetection(root / "train2017", str(root / "annotations" / "instances_train2017.json"))
+    _, annotations = dataset[0]
+    assert any(a["iscrowd"] for a in annotations)
+    data = dt.coco_data(str(root / "annotations" / "instances_train2017.json"), str(root / "train2017"), masks=True)
+    assert data["category_ids"] == [3, 7] and data["classes"] == ["rectangle", "disk"]
+    first = data["records"][0]
+    non_crowd = [a for a in annotations if not a["iscrowd"]]
+    assert len(first["boxes"]) == len(non_crowd)  # the crowd box is left out
+    assert first["labels"].tolist() == [{3: 1, 7: 2}[a["category_id"]] for a in non_crowd]
+    x, y, w, h = non_crowd[0]["bbox"]
+    assert first["boxes"][0].tolist() == [x, y, x + w, y + h]
+    masks = dt.rasterize(first["segmentations"], 96, 96)
+    assert masks.shape == (len(non_crowd), 96, 96) and masks[0, int(y) + 1, int(x) + 1] == 1 and masks[0].sum() > 0
+    assert len(data["records"][-1]["boxes"]) == 0
+    config = dt.get_parser().parse_args(["--dataset", "coco", "--data_root", str(root), "--model", "mask-c4"])
+    assert len(dt.load_train_data(config)["records"]) == 4  # the empty image is not trained on
+    with pytest.raises(ValueError, match="annotations/instances_train2017.json"):
+        dt.coco_data(str(tmp_path / "nowhere.json"), str(root / "train2017"), masks=False)
+
+
+def test_coco_evaluation_agrees_with_cocoeval_on_the_same_predictions(tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.cocoeval import COCOeval
+
+    root = write_coco(tmp_path, n_train=1, n_val=6)
+    data = dt.coco_data(str(root / "annotations" / "instances_val2017.json"), str(root / "val2017"), masks=True)
+    generator = np.random.default_rng(0)
+    predictions, direct = [], {"bbox": [], "segm": []}
+    for index, record in enumerate(data["records"]):
+        boxes = record["boxes"] + generator.uniform(-3, 3, record["boxes"].shape).astype(np.float32)
+        boxes = np.concatenate([boxes, [[10, 10, 40, 40]]]).astype(np.float32)  # a false positive too
+        labels = np.concatenate([record["labels"], [1]])
+        scores = generator.uniform(0.1, 1, len(boxes))
+        masks = torch.zeros(len(boxes), 96, 96, dtype=torch.bool)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.round().astype(int).clip(0, 96)):
+            m[y1:y2, x1:x2] = True
+        rles = dt.encode_masks(masks)
+        predictions.append({"index": index, "boxes": boxes, "scores": scores, "labels": labels, "masks": rles})
+        for d, (box, score, label) in enumerate(zip(boxes, scores, labels)):
+            entry = {"image_id": record["image_id"], "category_id": {1: 3, 2: 7}[int(label)], "score": float(score)}
+            direct["bbox"].append({**entry, "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                                                     float(box[3] - box[1])]})
+            direct["segm"].append({**entry, "segmentation": mask_utils.encode(
+                np.asfortranarray(masks[d].numpy().astype(np.uint8)))})
+    ours = dt.coco_evaluate(predictions, data["records"], data["coco"], data["category_ids"], ["bbox", "segm"])
+    for iou_type in ("bbox", "segm"):
+        evaluation = COCOeval(data["coco"], data["coco"].loadRes(direct[iou_type]), iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        expected = dict(zip(["AP", "AP50", "AP75", "APs", "APm", "APl"], evaluation.stats[:6] * 100))
+        assert ours[iou_type] == pytest.approx({k: v if v >= 0 else None for k, v in expected.items()})
+        assert 0 < ours[iou_type]["AP"] < 100
+    empty = [{**p, "boxes": p["boxes"][:0], "scores": p["scores"][:0], "labels": p["labels"][:0]} for p in predictions]
+    assert dt.coco_evaluate(empty, data["records"], data["coco"], data["category_ids"])["bbox"]["AP"] == 0.0
+
+
+def test_training_items_flip_boxes_and_masks_with_the_image_reproducibly(tmp_path):
+    root = write_coco(tmp_path, n_train=4, n_val=1)
+    records = dt.coco_data(str(root / "annotations" / "instances_train2017.json"), str(root / "train2017"), True)["records"]
+    dataset = dt.DetectionImages(records[:1], train=True, seed=0, masks=True)
+    plain = dt.DetectionImages(records[:1], train=False)[0][0]
+    flips = 0
+    for epoch in range(8):
+        image, target, _ = dataset[(epoch, 0)]
+        again = dataset[(epoch, 0)]
+        assert torch.equal(image, again[0]) and torch.equal(target["boxes"], again[1]["boxes"])
+        flipped = not torch.equal(image, plain)
+        flips += flipped
+        assert torch.equal(image, plain.flip(-1) if flipped else plain)
+        for box, mask in zip(target["boxes"].round().int().tolist(), target["masks"]):
+            x1, y1, x2, y2 = box
+            assert mask[y1:y2, x1:x2].float().mean() > 0.9 and mask.sum() <= (x2 - x1 + 1) * (y2 - y1 + 1)
+    assert 0 < flips < 8
+
+
+def test_batches_hold_one_orientation_and_processes_split_the_same_global_batches():
+    records = [{"width": 100, "height": 60 if i % 3 else 140} for i in range(40)]
+    one = dt.GroupedBatchSampler(records, 4, 1, 0, seed=0)
+    stream = iter(one)
+    batches = [next(stream) for _ in range(3 * one.batches_per_epoch)]
+    for batch in batches:
+        assert len({records[i]["width"] >= records[i]["height"] for _, i in batch}) == 1
+    assert one.batches_per_epoch == 27 // 4 + 13 // 4
+    first_epoch = [i for batch in batches[:one.batches_per_epoch] for _, i in batch]
+    assert len(set(first_epoch)) == len(first_epoch)  # no image twice in an epoch
+    halves = [iter(dt.GroupedBatchSampler(records, 2, 2, rank, seed=0)) for rank in (0, 1)]
+    for batch in batches[:10]:
+        assert next(halves[0]) + next(halves[1]) == batch
+    later = iter(dt.GroupedBatchSampler(records, 4, 1, 0, seed=0, start=11))
+    assert next(later) == batches[11]
+
+
+# ----------------------------------------------------------------------------- schedule, weight decay, precise BN
+
+
+def test_lr_warms_up_from_a_thousandth_steps_down_tenfold_and_scales_with_the_global_batch():
+    config = dt.get_parser().parse_args(["--preset", "voc-c4-24k"])
+    for key, value in dt.PRESETS["voc-c4-24k"].items():
+        setattr(config, key, value)
+    plan = dt.schedule(config, 16)
+    assert plan == {"lr": 0.02, "iterations": 24000, "steps": [18000, 22000], "warmup": 100, "warmup_factor": 0.001}
+    assert dt.learning_rate(0, plan) == pytest.approx(0.02 * 0.001)
+    assert dt.learning_rate(50, plan) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert dt.learning_rate(100, plan) == pytest.approx(0.02)
+    assert dt.learning_rate(17999, plan) == pytest.approx(0.02)
+    assert dt.learning_rate(18000, plan) == pytest.approx(0.002)
+    assert dt.learning_rate(22000, plan) == pytest.approx(0.0002)
+    assert dt.schedule(config, 8) == {"lr": 0.01, "iterations": 48000, "steps": [36000, 44000], "warmup": 200,
+                                      "warmup_factor": 0.001}
+    coco = dt.PRESETS["coco-c4-2x"]
+    assert (coco["iterations"], coco["lr_steps"], coco["warmup_iters"], coco["model"]) == (180000, [120000, 160000],
+                                                                                            1000, "mask-c4")
+    assert coco["train_sizes"] == [640, 672, 704, 736, 768, 800] and coco["test_size"] == 800
+
+
+def test_weight_decay_spares_exactly_the_normalisation_parameters():
+    model = dt.build_detector(tiny_config("mask-fpn"), intl.build_backbone("resnet18", False), 2)
+    decay, no_decay = dt.parameter_groups(model, 1e-4)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in no_decay["params"]} == norm_params and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 1e-4 and len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert any(p is model.roi_heads.box_predictor.cls_score.bias for p in decay["params"])  # biases are decayed
+
+
+class _ConvBN(nn.Module):
+    """model(images, targets) like a detector, for precise BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head_bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm1d(4)
+
+    def forward(self, images, targets=None):
+        x = self.bn(self.conv(torch.stack(images)))
+        return {"loss": self.head_bn(x.mean(dim=(2, 3))).sum()}
+
+
+def test_precise_bn_sets_the_statistics_to_the_mean_of_the_per_batch_statistics():
+    torch.manual_seed(0)
+    model = _ConvBN()
+    batches = [([torch.randn(3, 8, 8) * (1 + b) + b for _ in range(4)], None) for b in range(5)]
+    with torch.no_grad():
+        features = [model.conv(torch.stack(images)) for images, _ in batches]
+        pooled = [model.bn.train()(f).mean(dim=(2, 3)) for f in features]
+    model.bn.momentum = 0.1
+    assert dt.precise_bn(model, batches) == 5
+    means = torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0)
+    variances = torch.stack([f.transpose(0, 1).flatten(1).var(dim=1) for f in features]).mean(0)  # unbiased, as BN
+    assert torch.allclose(model.bn.running_mean, means, atol=1e-5)
+    assert torch.allclose(model.bn.running_var, variances, rtol=1e-4)
+    assert torch.allclose(model.head_bn.running_mean, torch.stack([p.mean(0) for p in pooled]).mean(0), atol=1e-5)
+    assert model.bn.momentum == 0.1 and model.training
+
+
+# ----------------------------------------------------------------------------- the script: learning, evaluation only, resume, bad input
+
+VOC_ARGS = ["--dataset", "voc", "--voc_classes", ",".join(SHAPES), "--train_sets", "2007-trainval",
+            "--backbone", "random", "--arch", "resnet18", "--batch_size", "2", "--reference_batch", "2",
+            "--pool_size", "4", "--roi_batch_per_image", "16", "--rpn_post_nms_train", "20", "--rpn_post_nms_test", "20",
+            "--rpn_pre_nms_train", "200", "--rpn_pre_nms_test", "200"]
+
+
+def main(*args):
+    dt.main([str(a) for a in SMALL + VOC_ARGS + list(args)] if "--resume" not in args else [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A ResNet-18 C4 Faster R-CNN trained from random init for 150 iterations on synthetic shapes (96 px)."""
+    torch.set_num_threads(1)  # a module fixture runs before the per-test ones
+    root = write_voc(tmp_path_factory.mktemp("voc"), n_trainval=64, n_test=32)
+    output_dir = tmp_path_factory.mktemp("learned")
+    main("--data_root", root, "--output_dir", output_dir, "--iterations", 150, "--lr", 0.02, "--lr_steps", 112,
+         "--warmup_iters", 20, "--save_every", 1000)
+    return root, output_dir, json.loads((output_dir / "results.json").read_text())
+
+
+def test_learns_synthetic_shapes_from_random_init_well_above_chance(learned):
+    _, output_dir, results = learned
+    assert results["bbox"]["AP50"] > 50  # chance is ~0; measured 80.6 here
+    assert 0 < results["bbox"]["AP"] < results["bbox"]["AP50"]
+    assert results["iterations"] == 150 and results["precise_bn"] and results["test_images"] == 32
+    assert set(results["bbox"]["per_class_AP50"]) == set(SHAPES)
+    log = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == list(range(5, 151, 5))
+    # The RPN learns what is an object (the head losses rise at first, as the proposals get harder).
+    assert np.mean([r["loss_objectness"] for r in log[-5:]]) < 0.5 * log[0]["loss_objectness"]
+    assert log[0]["lr"] == pytest.approx(0.02 * (0.001 * 0.8 + 0.2))  # the lr of iteration 4 (of 0..149), warming up
+    state = json.loads((output_dir / "checkpoints" / "step-00000150" / "trainer_state.json").read_text())
+    assert state["iteration"] == 150 and state["precise_bn_done"]
+
+
+def test_eval_only_on_the_final_checkpoint_reproduces_the_results(learned, tmp_path):
+    root, output_dir, results = learned
+    dt.main(["--eval_only", "--resume", str(output_dir / "checkpoints" / "step-00000150"), "--data_root", str(root),
+             "--output_dir", str(tmp_path), "--num_workers", "0"])
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["bbox"] == results["bbox"] and again["iterations"] == 150 and again["precise_bn"]
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
+    root = write_voc(tmp_path / "voc", n_trainval=8, n_test=2)
+    common = ["--data_root", root, "--iterations", 6, "--lr_steps", 4, "--warmup_iters", 2, "--log_every", 1,
+              "--precise_bn", 0]
+    main(*common, "--output_dir", tmp_path / "straight", "--stop_after_iters", 4)
+    main(*common, "--output_dir", tmp_path / "resumed", "--stop_after_iters", 2)
+    main("--resume", "latest", "--output_dir", tmp_path / "resumed", "--stop_after_iters", 4, "--data_root", root,
+         "--num_workers", 0, "--log_every", 1)
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("straight", "resumed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    with pytest.raises(ValueError, match="--lr differs"):
+        dt.resolve_config(["--resume", "latest", "--output_dir", str(tmp_path / "resumed"), "--lr", "0.5"])
+
+
+def test_mask_c4_trains_and_evaluates_boxes_and_masks_on_coco_format_data(tmp_path):
+    root = write_coco(tmp_path / "coco", n_train=6, n_val=3)
+    dt.main([str(a) for a in SMALL + ["--dataset", "coco", "--data_root", root, "--model", "mask-c4", "--backbone",
+                                      "random", "--arch", "resnet18", "--batch_size", 2, "--reference_batch", 2,
+                                      "--iterations", 2, "--warmup_iters", 1, "--lr_steps", "--precise_bn", 1,
+                                      "--pool_size", 4, "--roi_batch_per_image", 16, "--output_dir", tmp_path / "run"]])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for iou_type in ("bbox", "segm"):
+        assert set(results[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert all(v is None or 0 <= v <= 100 for v in results[iou_type].values())
+        assert results[iou_type]["AP"] is not None
+    assert results["test_images"] == 3 and results["model"] == "mask-c4"
+
+
+def test_presets_set_the_recipe_and_explicit_flags_win():
+    config = dt.resolve_config(["--preset", "voc-c4-24k", "--print_config", "--lr", "0.01"])
+    assert (config.model, config.iterations, config.lr, config.lr_steps) == ("faster-c4", 24000, 0.01, [18000, 22000])
+    assert config.train_sizes == list(range(480, 801, 32)) and config.rpn_pre_nms_train == 12000
+    coco = dt.resolve_config(["--preset", "coco-c4-2x", "--print_config", "--model", "mask-fpn"])
+    assert coco.model == "mask-fpn" and coco.iterations == 180000 and coco.rpn_pre_nms_train == 2000
+
+
+def test_bad_input_is_refused_with_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "detect_transfer.py"), "--dataset", "voc", "--data_root",
+                             str(tmp_path), "--backbone", "random", "--arch", "resnet18", "--output_dir",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert result.stderr.startswith(f"error: no VOC 2007-test under {tmp_path}") and "VOCdevkit/VOC2007" in result.stderr
+    base = ["--output_dir", str(tmp_path / "out"), "--data_root", str(tmp_path)]
+    for argv, message in [
+        (["--dataset", "voc", "--model", "mask-c4", "--backbone", "random", "--arch", "resnet50"], "instance masks"),
+        (["--dataset", "voc", "--backbone", "random"], "needs --arch"),
+        (["--dataset", "voc"], "--backbone is required"),
+        (["--backbone", "random", "--arch", "resnet18"], "--dataset is required"),
+        (["--dataset", "coco", "--eval_only"], "--eval_only needs --resume"),
+        (["--dataset", "voc", "--backbone", "x", "--batch_size", "0"], "--batch_size 0"),
+        (["--dataset", "voc", "--backbone", "x", "--model", "faster-fpn", "--anchor_sizes", "32"], "5 levels"),
+        (["--dataset", "voc", "--backbone", "x", "--resume", str(tmp_path)], "not a detection checkpoint"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            dt.resolve_config(base + argv)
+
+
+def test_two_gloo_processes_train_and_evaluate_every_test_image_once(tmp_path):
+    root = write_voc(tmp_path / "voc", n_trainval=8, n_test=5)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "detect_transfer.py"), *SMALL, *VOC_ARGS, "--data_root", str(root), "--reference_batch", "4",
+         "--iterations", "2", "--lr_steps", "--warmup_iters", "1", "--precise_bn", "1", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true",
+                                                                     "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "2 process(es)" in output and "global batch 4, 2 iterations" in output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["test_images"] == 5 and results["iterations"] == 2 and results["precise_bn"]
