@@ -40,7 +40,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 import warnings
@@ -225,7 +224,7 @@ def main(argv=None):
     train = None if config.eval_only else load_train_data(config)
 
     # Model: the backbone loaded strictly from its source; a resumed run takes every weight from its checkpoint.
-    checkpoint = find_checkpoint(config.resume, output_dir) if config.resume else None
+    checkpoint = intl.find_checkpoint(config.resume, output_dir, "detection") if config.resume else None
     set_seed(config.seed)
     model = build_detector(config, load_detection_backbone(config, random=checkpoint is not None),
                            len(test["classes"]))
@@ -305,7 +304,7 @@ def resolve_config(argv=None):
     if config.eval_only and not config.resume:
         raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir) to say what to evaluate")
     if config.resume:
-        checkpoint = find_checkpoint(config.resume, config.output_dir)
+        checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection")
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
         changed = [k for k in explicit if k not in RUN_CONTROL and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
         if changed:
@@ -864,7 +863,7 @@ def train_loop(model, optimizer, train, plan, iteration, stop_at, config, accele
     progress = tqdm(total=stop_at, initial=iteration, disable=not accelerator.is_main_process, desc="detection")
     model.train()
     tic, images_seen = time.time(), 0
-    last_good = latest_checkpoint(output_dir)
+    last_good = intl.latest_checkpoint(output_dir)
     try:
         for images, targets in training_batches(train, config, accelerator, iteration, stop_at - iteration):
             lr = learning_rate(iteration, plan)
@@ -1116,41 +1115,8 @@ def results_table(results):
 
 
 def save_checkpoint(accelerator, config, state, output_dir):
-    """Save into checkpoints/.tmp-step-N, then rename: an interrupted save leaves the last one intact."""
-    root = output_dir / "checkpoints"
-    final, tmp = root / f"step-{state['iteration']:08d}", root / f".tmp-step-{state['iteration']:08d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": vars(config)}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-config.keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def latest_checkpoint(output_dir):
-    done = sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"))
-    return done[-1].parent if done else None
-
-
-def find_checkpoint(resume, output_dir):
-    if resume == "latest":
-        checkpoint = latest_checkpoint(output_dir or ".")
-        if checkpoint is None:
-            raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
-                             "give a checkpoint folder or start without --resume")
-        return checkpoint
-    checkpoint = Path(resume)
-    if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
-        raise ValueError(f"--resume {resume}: not a detection checkpoint folder (it needs trainer_state.json and "
-                         "model.safetensors); use 'latest' or a folder under OUTPUT_DIR/checkpoints")
-    return checkpoint
+    return intl.save_state_atomically(accelerator, output_dir / "checkpoints" / f"step-{state['iteration']:08d}",
+                                      "trainer_state.json", {**state, "config": vars(config)}, config.keep)
 
 
 def truncate_log(path, iteration, accelerator):

@@ -1133,6 +1133,53 @@ def write_export(export_dir, weights, config):
         shutil.rmtree(old)
 
 
+def save_state_atomically(accelerator, folder, state_file, state, keep):
+    """accelerator.save_state into a hidden sibling of `folder`, plus `state_file` (JSON), then a rename.
+
+    An interrupted save leaves every earlier checkpoint intact. Afterwards only the newest `keep`
+    siblings named like `folder` ("step-*" next to "step-00000100") remain. Every process calls this.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # before the barrier: every process writes its own RNG state into it
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / state_file).write_text(json.dumps(state, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        prefix = folder.name.split("-")[0]
+        for old in sorted(folder.parent.glob(f"{prefix}-*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint folder OUTPUT_DIR/checkpoints/step-*, or None."""
+    done = sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"))
+    return done[-1].parent if done else None
+
+
+def find_checkpoint(resume, output_dir, kind=""):
+    """--resume: "latest" in output_dir, or a checkpoint folder (`kind` names it in the error, e.g. "detection")."""
+    if resume == "latest":
+        checkpoint = latest_checkpoint(output_dir or ".")
+        if checkpoint is None:
+            raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
+                             "give a checkpoint folder or start without --resume")
+        return checkpoint
+    checkpoint = Path(resume)
+    if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
+        raise ValueError(f"--resume {resume}: not a {kind + ' ' if kind else ''}checkpoint folder (it needs "
+                         "trainer_state.json and model.safetensors); use 'latest' or a folder under OUTPUT_DIR/checkpoints")
+    return checkpoint
+
+
 def plot_spectra(spectra, path, max_curves=6):
     """The paper's Fig. 3 style: eigenvalues of the covariance of Z and of Z_hat, log scale, over training.
 

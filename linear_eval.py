@@ -573,20 +573,8 @@ def image_file_names(split):
 
 
 def save_epoch(root, epoch, settings, history, accelerator):
-    final, tmp = root / f"epoch-{epoch:04d}", root / f".tmp-epoch-{epoch:04d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "eval_state.json").write_text(json.dumps({"epoch": epoch, "settings": settings,
-                                                         "history": history}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("epoch-*"))[:-1]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    intl.save_state_atomically(accelerator, root / f"epoch-{epoch:04d}", "eval_state.json",
+                               {"epoch": epoch, "settings": settings, "history": history}, keep=1)
 
 
 def resume(root, settings, accelerator):

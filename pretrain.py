@@ -205,7 +205,7 @@ def main(argv=None):
         print(json.dumps(vars(config), indent=2))
         return
     if config.export_only:
-        export_backbone(find_checkpoint(config.resume, config.output_dir), Path(config.output_dir) / "backbone", config)
+        export_backbone(intl.find_checkpoint(config.resume, config.output_dir), Path(config.output_dir) / "backbone", config)
         return
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -255,7 +255,7 @@ def main(argv=None):
 
     step = 0
     if config.resume:
-        checkpoint = find_checkpoint(config.resume, output_dir)
+        checkpoint = intl.find_checkpoint(config.resume, output_dir)
         accelerator.load_state(checkpoint)
         step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         log.truncate_after(step)
@@ -268,7 +268,7 @@ def main(argv=None):
     if knn_data and step == 0:
         log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone, knn_data, accelerator)})
 
-    last_good = latest_checkpoint(output_dir)
+    last_good = intl.latest_checkpoint(output_dir)
     stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
     progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     model.train()
@@ -346,7 +346,7 @@ def resolve_config(argv=None):
         if config.mixed_precision == "fp16" and "mixed_precision" not in explicit and not torch.cuda.is_available():
             config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
     if config.resume and not config.export_only:
-        checkpoint = find_checkpoint(config.resume, config.output_dir)
+        checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
         changed = [k for k in explicit if k not in RUN_CONTROL and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
         if changed:
@@ -716,42 +716,9 @@ def knn_accuracy(backbone, knn_data, accelerator):
 
 
 def save_checkpoint(accelerator, config, step, batches_per_epoch, output_dir):
-    """Save into checkpoints/.tmp-step-N, then rename: an interrupted save leaves the last one intact."""
-    root = output_dir / "checkpoints"
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        state = {"step": step, "epochs_trained": step / batches_per_epoch, "config": vars(config)}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-config.keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def latest_checkpoint(output_dir):
-    done = sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"))
-    return done[-1].parent if done else None
-
-
-def find_checkpoint(resume, output_dir):
-    if resume == "latest":
-        checkpoint = latest_checkpoint(output_dir or ".")
-        if checkpoint is None:
-            raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
-                             "give a checkpoint folder or start without --resume")
-        return checkpoint
-    checkpoint = Path(resume)
-    if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
-        raise ValueError(f"--resume {resume}: not a checkpoint folder (it needs trainer_state.json and "
-                         "model.safetensors); use 'latest' or a folder under OUTPUT_DIR/checkpoints")
-    return checkpoint
+    state = {"step": step, "epochs_trained": step / batches_per_epoch, "config": vars(config)}
+    return intl.save_state_atomically(accelerator, output_dir / "checkpoints" / f"step-{step:08d}",
+                                      "trainer_state.json", state, config.keep)
 
 
 def export_backbone(checkpoint, export_dir, config):

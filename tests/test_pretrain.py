@@ -11,6 +11,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
+import intl
 import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_interrupted_save_never_counts_as_a_checkpoint(tmp_path):
     (good / "trainer_state.json").write_text("{}")
     (good / "model.safetensors").write_text("")
     (tmp_path / "checkpoints" / ".tmp-step-00000020").mkdir()
-    assert pretrain.latest_checkpoint(tmp_path) == good
+    assert intl.latest_checkpoint(tmp_path) == good
 
 
 @pytest.mark.parametrize("args, message", [
