@@ -27,6 +27,7 @@ on ("observations") are swapped by a transpose, see `_units`.
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -225,16 +226,25 @@ class _MatrixPower(torch.autograd.Function):
         return eigvecs @ (inner * divided) @ eigvecs.t(), None
 
 
-class _Float32(nn.Module):
-    """Runs a transformation in float32 (also under fp16/bf16 autocast) and returns the caller's dtype.
+def float32_island(transform):
+    """Wraps transform(z, ...) to compute in float32 at least (also under fp16/bf16 autocast) and to
+    return the caller's dtype.
 
     The Newton iteration cubes matrices and the eigendecomposition divides by small eigenvalues:
     neither survives half precision.
     """
+    @functools.wraps(transform)
+    def wrapped(z, *args, **kwargs):
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return transform(z.to(torch.promote_types(z.dtype, torch.float32)), *args, **kwargs).to(z.dtype)
+    return wrapped
+
+
+class _Float32(nn.Module):
+    """A transformation module whose `transform` runs as a `float32_island`."""
 
     def forward(self, z):
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            return self.transform(z.to(torch.promote_types(z.dtype, torch.float32))).to(z.dtype)
+        return float32_island(self.transform)(z)
 
 
 class IterNorm(_Float32):
@@ -266,6 +276,7 @@ class PowerTransform(_Float32):
 # The whitening family the papers compare against, on the same footing.
 
 
+@float32_island
 def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
     """CW-RGP's whitening of one sub-batch of one view: random group partition, ZCA per group.
 
@@ -278,6 +289,10 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
     """
     _check_axis(axis)
     batch, dim = h.shape
+    if batch < 2:
+        raise ValueError(f"whitening needs at least 2 samples, got a batch of {batch}: use a larger --w_size")
+    if perm is not None and not torch.equal(perm.sort().values.cpu(), torch.arange(dim)):
+        raise ValueError(f"perm must be a permutation of the {dim} channels (e.g. torch.randperm({dim}))")
     if groups < 1 or dim % groups:
         raise ValueError(f"--groups {groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
     width = dim // groups
@@ -300,6 +315,7 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
     return out
 
 
+@float32_island
 def cholesky_whiten(h, eps=0.0):
     """W-MSE's batch whitening: X L^(-T) with S + eps I = L L^T the Cholesky factor of the D x D covariance.
 
@@ -413,7 +429,9 @@ class INTL(nn.Module):
         z      view 0's embedding of the global batch, detached [B_global, D] (for monitoring)
         z_hat  its transformed embedding, detached [B_global, D]
     Views of equal resolution go through the encoder together (multi-crop: 2 x 224 + 4 small
-    crops is 5 encoder passes, not 6), which gives the same numbers as one pass per view.
+    crops is 5 encoder passes, not 6). In eval mode that gives the same numbers as one pass per
+    view; in training, BatchNorm normalises the views of one resolution with their joint batch
+    statistics, the usual multi-crop convention (one pass per view would give each its own).
 
     momentum_target=True is INTL-M: an EMA copy of encoder + projector, without
     gradients, embeds view 0 only; the online network embeds views 1..V-1, each matched to the
@@ -1258,8 +1276,8 @@ def load_backbone_weights(source, arch=None, revision=None):
             weights, config = _read_safetensors(path), {}
         else:
             weights, config = _read_official_checkpoint(path)
-    elif _looks_like_path(source) or path.suffix in (".safetensors", ".pth", ".tar", ".pt", ".bin") \
-            or source.count("/") != 1:
+    elif _looks_like_path(repo_id := source.partition("@")[0]) or repo_id.count("/") != 1 \
+            or path.suffix in (".safetensors", ".pth", ".tar", ".pt", ".bin"):  # a revision may hold "/": refs/pr/1
         raise ValueError(f"backbone {source!r} not found: no such file or folder (and not a Hub repo id "
                          "'owner/name[@revision]')")
     else:
@@ -1280,6 +1298,13 @@ def _read_export_folder(folder):
     return _read_safetensors(folder / "model.safetensors"), config
 
 
+# What an export records of the pretraining run that made it.
+RECIPE_KEYS = ("preset", "method", "projector", "iters", "coupled", "axis", "beta", "power", "momentum", "groups",
+               "w_size", "w_iter", "w_eps", "pair_loss", "num_views", "small_crops", "min_scale", "blur_prob",
+               "solarize_prob", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "optimizer", "schedule",
+               "mixed_precision", "seed")
+
+
 def _read_pretrain_checkpoint(folder):
     """pretrain.py's checkpoint: keys backbone.* / projector.* / target.*, the run's config in trainer_state.json."""
     state = json.loads((folder / "trainer_state.json").read_text())
@@ -1288,6 +1313,9 @@ def _read_pretrain_checkpoint(folder):
     config = {key: train[key] for key in ("arch", "cifar_stem", "image_size", "mean", "std", "method", "preset",
                                           "dataset", "projector", "iters", "axis") if key in train}
     config.update(epochs_trained=state.get("epochs_trained"), steps_trained=state.get("step"))
+    config["recipe"] = {key: train[key] for key in RECIPE_KEYS if key in train}
+    if "num_processes" in state:
+        config["recipe"]["global_batch_size"] = train["batch_size"] * state["num_processes"]
     return weights, config
 
 
@@ -1432,7 +1460,8 @@ def export_backbone_from(source, output_dir, arch=None):
             raise ValueError(f"--output_dir {output_dir} exists and is not an export folder (it holds {foreign[0]!r}); "
                              "the export replaces the whole folder, so give a new or an export folder")
     backbone, config = load_backbone(source, arch)
-    config = {**config, "converted_from": os.fspath(source)}
+    # A local path is named by its last part only: the config may be published on the Hub.
+    config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
     write_export(output_dir, backbone.state_dict(), config)
     return output_dir
 
@@ -1498,7 +1527,8 @@ def write_model_card(export_dir, results=None, repo_id=None, license="other"):
                 eval_results.append(huggingface_hub.EvalResult(
                     task_type="image-classification", task_name="Image classification",
                     dataset_type=eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name,
-                    dataset_name=eval_dataset, dataset_split=record.get("test_split"),
+                    dataset_name=eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name,
+                    dataset_split=record.get("test_split"),
                     metric_type="accuracy", metric_value=round(float(row[key]), 2),
                     metric_name=f"{row['name']} {metric} accuracy (%)"))
     card_data = huggingface_hub.ModelCardData(

@@ -273,7 +273,8 @@ def extract(backbone, split, transform, name, args, accelerator):
 def run_knn(features, args):
     (train_f, train_l), (test_f, test_l) = features["train"], features["test"]
     rows = []
-    for k in args.k:
+    for asked in args.k:
+        k = min(asked, len(train_f))  # the row's name says which k was really used
         if args.knn_metric == "euclidean":
             top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k)["top1"]
             rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
@@ -290,7 +291,6 @@ def run_knn(features, args):
 def weighted_cosine_knn(train_features, train_labels, test_features, test_labels, k, temperature, chunk=1024):
     """k-NN with cosine similarity, each neighbour voting exp(similarity / T) for its class: top-1 / top-5 (%)."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, len(train_features))
     train_n = F.normalize(train_features.float(), dim=1)
     hits1 = hits5 = 0
     for start in range(0, len(test_features), chunk):

@@ -11,6 +11,7 @@ backbone/ (model.safetensors + config.json: the encoder alone, loadable into tor
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +69,15 @@ PRESETS = {
     "cw-rgp-cifar100": dict(_CW_RGP, dataset="uoft-cs/cifar100", lr=3e-3),
     "cw-rgp-stl10": dict(_CW_RGP, dataset=None, image_size=64, lr=2e-3),
     "cw-rgp-tiny-imagenet": dict(_CW_RGP, dataset=None, image_size=64, lr=2e-3),
+    # CW-RGP on ImageNet: the paper gives ResNet-50, batch 512, 100 / 200 epochs and 4 views. It does not
+    # give the optimiser: these take INTL's ImageNet recipe (SGD, cosine, the 100 / 200-epoch base lr,
+    # wd 1e-5, 8192-8192-8192 projector, ImageNet augmentations), stated as such in the README.
+    "cw-rgp-imagenet-100ep": dict(method="cw-rgp", arch="resnet50", dataset="ILSVRC/imagenet-1k", num_views=4,
+                                  projector="8192-8192-8192", batch_size=512, epochs=100, lr=0.5, weight_decay=1e-5,
+                                  groups=4, w_size=64),
+    "cw-rgp-imagenet-200ep": dict(method="cw-rgp", arch="resnet50", dataset="ILSVRC/imagenet-1k", num_views=4,
+                                  projector="8192-8192-8192", batch_size=512, epochs=200, lr=0.4, weight_decay=1e-5,
+                                  groups=4, w_size=64),
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
@@ -188,7 +198,9 @@ def get_parser():
                         help="5-NN accuracy on the held-out split every N epochs, at start and end (0: never)")
     parser.add_argument("--study", type=str, default=None, choices=["power", "trace"],
                         help="the paper's experiments: 'power' trains --method st for each p in --study_values "
-                             "(Fig. 2); 'trace' trains IterNorm with and without the trace loss for each T (Fig. 3)")
+                             "(Fig. 2); 'trace' trains IterNorm with and without the trace loss for each T (Fig. 3). "
+                             "On the digits default each run lasts 5 epochs and the power study uses --w_eps 1e-3 "
+                             "unless those flags are given")
     parser.add_argument("--study_values", type=str, default=None,
                         help="comma-separated p (power study, default 0,0.25,0.5,0.75,1,1.25,1.5) or T (trace "
                              "study, default 1,2,4,6,8,10,12)")
@@ -256,10 +268,18 @@ def main(argv=None):
     step = 0
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, output_dir)
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+            raise ValueError(f"{checkpoint} was trained with {state['num_processes']} processes, this run has "
+                             f"{accelerator.num_processes}: the global batch, and with it the data order and the lr, "
+                             "would change; resume with the same number of processes")
         accelerator.load_state(checkpoint)
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        step = state["step"]
         log.truncate_after(step)
         log.info(f"resumed from {checkpoint} at step {step}")
+    elif intl.latest_checkpoint(output_dir):
+        raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
+                         "or give another --output_dir")
     else:
         log.start()
     accelerator.init_trackers("intl", config={k: str(v) for k, v in vars(config).items()})
@@ -322,7 +342,7 @@ def main(argv=None):
 
     if step == total_steps:
         if accelerator.is_main_process:
-            export_backbone(last_good, output_dir / "backbone", config)
+            export_backbone(last_good, output_dir / "backbone", config, log.knn_result(step, config))
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
     accelerator.end_training()
@@ -376,6 +396,14 @@ def check_config(config):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     if config.batch_size < 2:
         raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
+    for flag in ("epochs", "log_every", "spectrum_every", "save_every", "keep", "num_views", "iters"):
+        if getattr(config, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(config, flag)}: must be at least 1")
+    if not 0 < config.min_scale <= 1:
+        raise ValueError(f"--min_scale {config.min_scale}: the smallest crop is a fraction of the image, in (0, 1]")
+    if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
+        raise ValueError(f"--report_to {config.report_to}: the package is not installed "
+                         f"(pip install {config.report_to}), or use --report_to none")
     if config.export_only and not config.resume:
         raise ValueError("--export_only needs --resume CHECKPOINT (or 'latest') to say what to export")
     intl.parse_projector_spec(config.projector)
@@ -716,15 +744,19 @@ def knn_accuracy(backbone, knn_data, accelerator):
 
 
 def save_checkpoint(accelerator, config, step, batches_per_epoch, output_dir):
-    state = {"step": step, "epochs_trained": step / batches_per_epoch, "config": vars(config)}
+    state = {"step": step, "epochs_trained": step / batches_per_epoch, "num_processes": accelerator.num_processes,
+             "config": vars(config)}
     return intl.save_state_atomically(accelerator, output_dir / "checkpoints" / f"step-{step:08d}",
                                       "trainer_state.json", state, config.keep)
 
 
-def export_backbone(checkpoint, export_dir, config):
-    """checkpoint -> export_dir/{model.safetensors, config.json, README.md}, atomically; then --push_to_hub."""
+def export_backbone(checkpoint, export_dir, config, results=None):
+    """checkpoint -> export_dir/{model.safetensors, config.json, README.md}; then --push_to_hub.
+
+    results: evaluation records for the model card (the final held-out 5-NN accuracy, when measured).
+    """
     intl.export_backbone_from(checkpoint, export_dir)
-    intl.write_model_card(export_dir, repo_id=config.push_to_hub)
+    intl.write_model_card(export_dir, results, repo_id=config.push_to_hub)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
     if config.push_to_hub:
         intl.push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
@@ -783,11 +815,20 @@ class Logger:
                 [{"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()} for step, eig_z, eig_z_hat in self.spectra]))
             self.info(f"spectrum plot: {path}")
 
+    def records(self):
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def knn_result(self, step, config):
+        """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
+        top1 = [r["knn_top1"] for r in self.records() if "knn_top1" in r and r["step"] == step]
+        return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
+                 "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
+
     def summary(self):
         """First and last value of the main figures, read back from the log (so it spans resumes)."""
         if not self.accelerator.is_main_process:
             return
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        records = self.records()
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
                            ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat")):
@@ -814,6 +855,10 @@ def run_study(config, argv, accelerator):
     values = parse_floats(config.study_values or default, "study_values")
     base = strip_flags(argv, {"--study": 1, "--study_values": 1, "--output_dir": 1, "--method": 1, "--power": 1,
                               "--iters": 1, "--beta": 1})
+    given = {arg.split("=")[0] for arg in argv}
+    if config.preset == "digits":  # minutes on a CPU: 5 epochs a run; a batch may hold two identical crops
+        base += [] if "--epochs" in given else ["--epochs", "5"]
+        base += [] if "--w_eps" in given or config.study != "power" else ["--w_eps", "1e-3"]
     runs = []
     for value in values:
         if config.study == "power":

@@ -114,7 +114,7 @@ def test_each_method_trains_end_to_end_through_pretrain(tmp_path, method_flags):
 
 
 def test_power_study_writes_table_and_figures_and_records_failed_runs(tmp_path):
-    result = run("--study", "power", "--study_values", "0,0.5", *SMALL, "--projector", "64-64-64",
+    result = run("--study", "power", "--study_values", "0,0.5", *SMALL, "--projector", "64-64-64", "--w_eps", "0",
                  "--output_dir", tmp_path)
     rows = json.loads((tmp_path / "power_study.json").read_text())
     assert [r["power"] for r in rows] == [0, 0.5]
@@ -154,3 +154,71 @@ def test_coupled_iternorm_stays_finite_and_whitens_where_the_papers_form_diverge
     assert not torch.isfinite(papers).all() or (papers.double() - reference).abs().max() > 1
     assert (coupled.double() - reference).abs().max() < 1e-4
     assert intl.lg_ioc(intl.covariance_spectrum(coupled)) > -1e-3  # whitened: all eigenvalues equal
+
+
+@pytest.mark.parametrize("whiten", [lambda h: intl.cw_rgp_whiten(h, 2, torch.arange(48)),
+                                    lambda h: intl.cholesky_whiten(h[:, :4])], ids=["cw_rgp", "cholesky"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_family_whitening_computes_in_float32_under_autocast_and_returns_the_callers_dtype(whiten, dtype):
+    h = torch.randn(8, 48)
+    expected = whiten(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = whiten(h.to(dtype))
+    assert out.dtype == dtype
+    # Only the input's and the output's rounding to half precision remain.
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: intl.cw_rgp_whiten(torch.randn(4, 8), 2, perm=torch.arange(4)), "permutation of the 8 channels"),
+    (lambda: intl.cw_rgp_whiten(torch.randn(4, 8), 2, perm=torch.tensor([0, 1, 2, 3] * 2)), "permutation"),
+    (lambda: intl.cw_rgp_whiten(torch.randn(1, 64), 2, eps=1e-3), "at least 2 samples"),
+])
+def test_cw_rgp_whiten_refuses_a_wrong_permutation_or_a_single_sample(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_cw_rgp_objective_draws_a_fresh_permutation_per_sub_batch_view_and_repeat(monkeypatch, normalized):
+    calls = []
+    whiten = intl.cw_rgp_whiten
+
+    def recording(h, groups, perm=None, eps=0.0, axis=0):
+        calls.append((h.detach().clone(), perm.clone()))
+        return whiten(h, groups, perm, eps, axis)
+
+    monkeypatch.setattr(intl, "cw_rgp_whiten", recording)
+    views, w_iter = 3, 2
+    model = intl.cw_rgp(torch.nn.Flatten(), torch.nn.Identity(), groups=2, w_size=4, w_iter=w_iter, normalized=normalized)
+    z = [torch.randn(8, 16, dtype=torch.float64) for _ in range(views)]
+    loss = model.objective(z, step=3)["loss"]
+    assert len(calls) == w_iter * (8 // 4) * views
+    assert len({tuple(perm.tolist()) for _, perm in calls}) == len(calls)  # every one fresh
+    # The same step draws the same partitions on every process: the loss is reproducible.
+    assert model.objective(z, step=3)["loss"].item() == loss.item()
+    pair_losses = []
+    for first in range(0, len(calls), views):  # the calls of one sub-batch: one per view, in view order
+        rows = [row for h in calls[first][0] for row in range(8) if torch.equal(z[0][row], h)]
+        assert len(set(rows)) == 4
+        whitened = [reference_cw_rgp(h, 2, perm, axis=0) for h, perm in calls[first:first + views]]
+        for v, (h, _) in enumerate(calls[first:first + views]):
+            assert torch.equal(h, z[v][rows])  # view v's rows of the same sub-batch
+        for i in range(views):
+            for j in range(i + 1, views):
+                a, b = whitened[i], whitened[j]
+                pair_losses.append(2 - 2 * torch.nn.functional.cosine_similarity(a, b).mean() if normalized
+                                   else (a - b).pow(2).sum(dim=1).mean())
+    assert loss.item() == pytest.approx(sum(pair_losses).item() / len(pair_losses), rel=1e-9)
+
+
+def test_trace_study_trains_each_t_with_and_without_the_trace_loss(tmp_path):
+    result = run("--study", "trace", "--study_values", "2", *SMALL, "--output_dir", tmp_path)
+    rows = json.loads((tmp_path / "trace_study.json").read_text())
+    assert [(r["iters"], r["trace_loss"]) for r in rows] == [(2, True), (2, False)]
+    assert all(r["error"] == "" and r["lg_ioc_z"] is not None for r in rows)
+    configs = [json.loads((tmp_path / r["run"] / "backbone" / "config.json").read_text()) for r in rows]
+    assert [c["recipe"]["beta"] for c in configs] == [None, 0]  # None: the default beta of the objective
+    for name in ("trace_study.csv", "trace_study.png", "trace_study_spectra.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "trace study: 2 runs" in result.stdout

@@ -93,7 +93,7 @@ def test_official_checkpoint_converts_to_an_export_that_plain_torchvision_loads(
     export = export_backbone_from(checkpoint, tmp_path / "export")  # arch inferred from the shapes
     config = json.loads((export / "config.json").read_text())
     assert (config["arch"], config["cifar_stem"], config["image_size"]) == ("resnet18", True, 32)
-    assert config["converted_from"] == str(checkpoint)
+    assert config["converted_from"] == "intl_cifar10.pth.tar"  # no local path: the config may go to the Hub
     net = torchvision.models.resnet18()
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     net.maxpool = torch.nn.Identity()
@@ -142,7 +142,7 @@ def populate_hub_cache(cache, repo_id, revisions):
             pointer = storage / "snapshots" / commit / name
             pointer.parent.mkdir(parents=True, exist_ok=True)
             pointer.symlink_to(os.path.relpath(blob, pointer.parent))
-        (storage / "refs").mkdir(exist_ok=True)
+        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (storage / "refs" / ref).write_text(commit)
 
 
@@ -150,14 +150,15 @@ def test_hub_id_and_revision_load_from_the_local_hub_cache_with_hf_hub_offline(e
     other = tmp_path / "other"
     intl.write_export(other, backbone_weights(1), CONFIG)
     cache = tmp_path / "hub-cache"
-    populate_hub_cache(cache, "someone/intl-r18", {"main": ("a" * 40, export), "v1": ("b" * 40, other)})
+    populate_hub_cache(cache, "someone/intl-r18", {"main": ("a" * 40, export), "v1": ("b" * 40, other),
+                                                   "refs/pr/1": ("c" * 40, other)})
     assert [r.repo_id for r in huggingface_hub.scan_cache_dir(cache).repos] == ["someone/intl-r18"]
     script = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 from intl import load_backbone
 from safetensors.torch import save_file
-for name, source in (("main", "someone/intl-r18"), ("v1", "someone/intl-r18@v1")):
+for name, source in (("main", "someone/intl-r18"), ("v1", "someone/intl-r18@v1"), ("pr", "someone/intl-r18@refs/pr/1")):
     backbone, config = load_backbone(source)
     save_file(backbone.state_dict(), {str(tmp_path)!r} + f"/{{name}}.safetensors")
     print(name, config["hub_repo"], config["image_size"])
@@ -170,10 +171,11 @@ except ValueError as error:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:2] == ["main someone/intl-r18 16", "v1 someone/intl-r18@v1 16"]
+    assert lines[:3] == ["main someone/intl-r18 16", "v1 someone/intl-r18@v1 16", "pr someone/intl-r18@refs/pr/1 16"]
     assert_same_weights(load_file(tmp_path / "main.safetensors"), load_file(export / "model.safetensors"))
-    assert_same_weights(load_file(tmp_path / "v1.safetensors"), load_file(other / "model.safetensors"))
-    assert lines[2].startswith("error: Hub model 'someone/not-cached': offline mode is on (HF_HUB_OFFLINE)")
+    for name in ("v1", "pr"):
+        assert_same_weights(load_file(tmp_path / f"{name}.safetensors"), load_file(other / "model.safetensors"))
+    assert lines[3].startswith("error: Hub model 'someone/not-cached': offline mode is on (HF_HUB_OFFLINE)")
 
 
 @pytest.fixture

@@ -179,11 +179,15 @@ def test_weighted_cosine_knn_votes_by_similarity_and_reports_top5():
     assert result["top1"] == pytest.approx(200 / 3) and result["top5"] == 100.0
 
 
-def test_knn_cosine_option_reports_k_20_and_200(pretrained, folder, tmp_path):
+def test_knn_cosine_option_reports_k_20_and_200_or_as_many_as_there_are_training_images(pretrained, folder, tmp_path):
     record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "knn",
                       "--knn_metric", "cosine", "--output_dir", tmp_path)["knn"]
-    assert [r["name"] for r in record["rows"]] == ["20-NN (cosine, T=0.07)", "200-NN (cosine, T=0.07)"]
-    assert all(r["top5"] == 100.0 for r in record["rows"])  # 3 classes
+    # 24 training images: k = 200 votes with all of them, and its row says so.
+    assert [r["name"] for r in record["rows"]] == ["20-NN (cosine, T=0.07)", "24-NN (cosine, T=0.07)"]
+    features = {split: (torch.randn(n, 8), torch.arange(n) % 3) for split, n in (("train", 24), ("test", 11))}
+    args = linear_eval.resolve_args(["--knn_metric", "cosine", "--backbone", "x"])
+    expected = [linear_eval.weighted_cosine_knn(*features["train"], *features["test"], k, 0.07) for k in (20, 24)]
+    assert [{"top1": r["top1"], "top5": r["top5"]} for r in linear_eval.run_knn(features, args)["rows"]] == expected
 
 
 def test_cached_linear_lr_decays_exponentially_from_1e2_to_1e6_over_the_epochs():

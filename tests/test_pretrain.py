@@ -67,6 +67,10 @@ def test_offline_default_writes_checkpoint_export_log_plot_and_summary(digits_ru
     assert any("lg_ioc_z" in r and "erank_z_hat" in r for r in log)
     assert "5-NN top-1" in result.stderr + result.stdout
     assert "summary" in result.stderr + result.stdout
+    # The model card's model-index holds the final held-out 5-NN accuracy.
+    card = (output_dir / "backbone" / "README.md").read_text()
+    final_knn = [r["knn_top1"] for r in log if "knn_top1" in r][-1]
+    assert f"value: {round(final_knn, 2)}" in card and "5-NN (euclidean) top-1 accuracy" in card
 
 
 def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_run):
@@ -94,6 +98,8 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path):
     run("--output_dir", whole, *SMALL, "--method", "intl-m")
     run("--output_dir", parts, *SMALL, "--method", "intl-m", "--stop_after_steps", "4")
     assert max(losses(parts)) == 4
+    refused = run("--output_dir", parts, *SMALL, "--method", "intl-m", check=False)  # forgot --resume
+    assert refused.returncode != 0 and "holds the checkpoints of an earlier run" in refused.stderr
     run("--output_dir", parts, "--resume", "latest", *SMALL)
     expected, resumed = losses(whole), losses(parts)
     assert sorted(resumed) == sorted(expected) == list(range(1, 12))
@@ -110,6 +116,11 @@ def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
     assert "2 process(es)" in result.stdout + result.stderr
     assert "global batch 16" in result.stdout + result.stderr
     assert (tmp_path / "out" / "backbone" / "model.safetensors").is_file()
+    recipe = json.loads((tmp_path / "out" / "backbone" / "config.json").read_text())["recipe"]
+    assert (recipe["batch_size"], recipe["global_batch_size"], recipe["method"]) == (8, 16, "intl")
+    # One process cannot continue what two started: the global batch would change.
+    refused = run("--output_dir", tmp_path / "out", "--resume", "latest", "--num_workers", "0", check=False)
+    assert refused.returncode != 0 and "trained with 2 processes, this run has 1" in refused.stderr
 
 
 def test_processes_see_disjoint_slices_of_every_global_batch_and_resume_skips_done_batches():
@@ -186,6 +197,9 @@ def test_interrupted_save_never_counts_as_a_checkpoint(tmp_path):
     (["--projector", "12-x"], "cannot parse projector spec"),
     (["--dataset", "someone/not-cached"], "--dataset"),
     (["--batch_size", "4000"], "fewer than one global batch"),
+    (["--save_every", "0"], "--save_every 0: must be at least 1"),
+    (["--min_scale", "1.5"], "--min_scale 1.5: the smallest crop is a fraction"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
 ])
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
