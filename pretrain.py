@@ -558,7 +558,7 @@ class CroppedViews(AugmentedViews):
             plan = {}
 
             def plan_crops(handle):  # crop boxes in full-size coordinates, then the cheapest decode
-                plan["width"] = handle.width
+                plan["size"] = handle.size
                 plan["boxes"] = [RandomResizedCrop.get_params(handle, scale, (3 / 4, 4 / 3))
                                  for _, scale, _, _ in self.specs]
                 shrink = min(min(h, w) / spec[0] for spec, (_, _, h, w) in zip(self.specs, plan["boxes"]))
@@ -566,10 +566,12 @@ class CroppedViews(AugmentedViews):
                     handle.draft("RGB", (math.ceil(handle.width / shrink), math.ceil(handle.height / shrink)))
 
             image, label = self.images.__getitem__(index, before_decode=plan_crops)
-            s = image.width / plan["width"]  # 1, or the draft's reduction
+            # 1, or the draft's reduction; per axis, as rounding makes them differ (1001 x 750 -> 501 x 375).
+            sx, sy = image.width / plan["size"][0], image.height / plan["size"][1]
             crops, params = [], []
             for (i, j, h, w), (side, _, blur_prob, solarize_prob) in zip(plan["boxes"], self.specs):
-                crop = image.resize((side, side), PILImage.Resampling.BICUBIC, box=(j * s, i * s, (j + w) * s, (i + h) * s))
+                box = (j * sx, i * sy, min((j + w) * sx, image.width), min((i + h) * sy, image.height))
+                crop = image.resize((side, side), PILImage.Resampling.BICUBIC, box=box)
                 if torch.rand(1) < 0.5:
                     crop = crop.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
                 crops.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1))
@@ -831,7 +833,8 @@ class Logger:
         records = self.records()
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
-                           ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat")):
+                           ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
+                           ("images_per_s", "images/s since the start")):
             values = [(r["step"], r[key]) for r in records if key in r]
             if values:
                 (first_step, first), (last_step, last) = values[0], values[-1]

@@ -127,6 +127,27 @@ def test_reduced_size_jpeg_decoding_is_visually_equivalent_to_full_decoding(tmp_
     assert 10 * math.log10(255 ** 2 / mse) > 30
 
 
+def test_draft_decoded_jpegs_of_odd_size_give_every_crop_inside_the_image(tmp_path, monkeypatch):
+    """1001 x 750 decodes at half size to 501 x 375: the two axes shrink by different factors."""
+    y, x = np.mgrid[0:750, 0:1001]
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(tmp_path / "a" / "odd.jpg")
+    config = pretrain.resolve_config(["--print_config", "--image_size", "32", "--min_scale", "0.9"])
+    data = pretrain.CroppedViews(intl.load_image_split(str(tmp_path), "train"), pretrain.view_specs(config), seed=0)
+    decoded_widths, decode = [], intl.ImageDataset.__getitem__
+
+    def recording_decode(self, index, before_decode=None):
+        image, label = decode(self, index, before_decode)
+        decoded_widths.append(image.width)
+        return image, label
+
+    monkeypatch.setattr(intl.ImageDataset, "__getitem__", recording_decode)
+    for epoch in range(200):
+        crops, _, _ = data[(epoch, 0)]
+        assert [c.shape for c in crops] == [(3, 32, 32)] * 2
+    assert max(decoded_widths) < 1001  # every decode was a reduced one
+
+
 def test_pretraining_runs_end_to_end_with_the_device_path_and_resumes_exactly(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run("--output_dir", whole, *SMALL, "--augment_on", "device")
