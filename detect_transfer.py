@@ -296,7 +296,7 @@ def resolve_config(argv=None):
     """Flags > preset > argparse defaults; a resumed run keeps its checkpoint's configuration."""
     parser = get_parser()
     config = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
+    explicit = intl.explicit_flags(parser, argv)
     if config.preset:
         for key, value in PRESETS[config.preset].items():
             if key not in explicit:
@@ -305,25 +305,11 @@ def resolve_config(argv=None):
         raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir) to say what to evaluate")
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection")
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
-        changed = [k for k in explicit if k not in RUN_CONTROL and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
-        if changed:
-            raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
-                             "configuration: drop the flag or start a new run in another --output_dir")
-        for key, value in saved.items():
-            if key not in RUN_CONTROL:
-                setattr(config, key, value)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL)
         if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR
             config.output_dir = str(checkpoint.parent.parent)
     check_config(config)
     return config
-
-
-def explicit_flags(parser, argv):
-    """The names of the flags given on the command line (so a preset does not override them)."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
 
 
 def check_config(config):

@@ -1177,6 +1177,26 @@ def save_state_atomically(accelerator, folder, state_file, state, keep):
     return folder
 
 
+def explicit_flags(parser, argv):
+    """The names of the flags given on the command line (so a preset does not override them)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def keep_resumed_config(config, explicit, checkpoint, run_control):
+    """A resumed run takes the configuration saved in `checkpoint`; of the `explicit` flags, only those in
+    `run_control` (logging, saving, workers, ...) may differ from it."""
+    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["config"]
+    changed = [k for k in explicit if k not in run_control and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
+    if changed:
+        raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
+                         "configuration: drop the flag or start a new run in another --output_dir")
+    for key, value in saved.items():
+        if key not in run_control:
+            setattr(config, key, value)
+
+
 def latest_checkpoint(output_dir):
     """The newest complete checkpoint folder OUTPUT_DIR/checkpoints/step-*, or None."""
     done = sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"))

@@ -356,7 +356,7 @@ def resolve_config(argv=None):
     """Flags > preset > argparse defaults. Without --preset and --dataset a training run uses 'digits'."""
     parser = get_parser()
     config = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
+    explicit = intl.explicit_flags(parser, argv)
     preset = config.preset or (None if config.dataset or config.benchmark or config.benchmark_augment else "digits")
     if preset:
         for key, value in PRESETS[preset].items():
@@ -367,27 +367,13 @@ def resolve_config(argv=None):
             config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
     if config.resume and not config.export_only:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
-        changed = [k for k in explicit if k not in RUN_CONTROL and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
-        if changed:
-            raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
-                             "configuration: drop the flag or start a new run in another --output_dir")
-        for key, value in saved.items():
-            if key not in RUN_CONTROL:
-                setattr(config, key, value)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL)
     if config.dataset is None and config.preset not in (None, "digits") and not (
             config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
                          "folder or a Hub dataset id")
     check_config(config)
     return config
-
-
-def explicit_flags(parser, argv):
-    """The names of the flags given on the command line (so a preset does not override them)."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
 
 
 def check_config(config):
