@@ -48,6 +48,8 @@ _INTL_M = dict(method="intl-m", arch="resnet50", dataset="ILSVRC/imagenet-1k", p
                blur_prob="0.5,0.5", solarize_prob="0.1,0.1", mixed_precision="fp16")
 _CW_RGP = dict(_CIFAR, method="cw-rgp", projector="1024-512", num_views=4, optimizer="adam", schedule="step",
                weight_decay=1e-6, warmup_epochs=0, groups=4, w_size=64)
+_CW_RGP_IMAGENET = dict(method="cw-rgp", arch="resnet50", dataset="ILSVRC/imagenet-1k", num_views=4,
+                       projector="8192-8192-8192", batch_size=512, weight_decay=1e-5, groups=4, w_size=64)
 PRESETS = {
     # Offline demo on scikit-learn's digits: a small budget that shows learning in minutes on 2 cores.
     "digits": dict(dataset="digits", arch="resnet18", cifar_stem=False, image_size=32, projector="512-512-512",
@@ -72,12 +74,8 @@ PRESETS = {
     # CW-RGP on ImageNet: the paper gives ResNet-50, batch 512, 100 / 200 epochs and 4 views. It does not
     # give the optimiser: these take INTL's ImageNet recipe (SGD, cosine, the 100 / 200-epoch base lr,
     # wd 1e-5, 8192-8192-8192 projector, ImageNet augmentations), stated as such in the README.
-    "cw-rgp-imagenet-100ep": dict(method="cw-rgp", arch="resnet50", dataset="ILSVRC/imagenet-1k", num_views=4,
-                                  projector="8192-8192-8192", batch_size=512, epochs=100, lr=0.5, weight_decay=1e-5,
-                                  groups=4, w_size=64),
-    "cw-rgp-imagenet-200ep": dict(method="cw-rgp", arch="resnet50", dataset="ILSVRC/imagenet-1k", num_views=4,
-                                  projector="8192-8192-8192", batch_size=512, epochs=200, lr=0.4, weight_decay=1e-5,
-                                  groups=4, w_size=64),
+    "cw-rgp-imagenet-100ep": dict(_CW_RGP_IMAGENET, epochs=100, lr=0.5),
+    "cw-rgp-imagenet-200ep": dict(_CW_RGP_IMAGENET, epochs=200, lr=0.4),
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
@@ -285,6 +283,11 @@ def main(argv=None):
     accelerator.init_trackers("intl", config={k: str(v) for k, v in vars(config).items()})
     log.info(f"{len(train_split.dataset)} training images, global batch {global_batch}, "
              f"{sampler.batches_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
+    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
+    if recipe_batch and global_batch != recipe_batch:
+        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
+                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
+                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
     if knn_data and step == 0:
         log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone, knn_data, accelerator)})
 

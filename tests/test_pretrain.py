@@ -108,13 +108,14 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path):
 
 
 def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
-    result = run("--dataset", image_folder, "--output_dir", tmp_path / "out", "--image_size", "16",
-                 "--batch_size", "8", "--projector", "32-32-32", "--arch", "resnet18", "--epochs", "1",
-                 "--num_workers", "0", "--log_every", "1", "--spectrum_every", "1",
+    result = run("--preset", "digits", "--dataset", image_folder, "--output_dir", tmp_path / "out", "--image_size",
+                 "16", "--batch_size", "8", "--projector", "32-32-32", "--arch", "resnet18", "--epochs", "1",
+                 "--num_workers", "0", "--log_every", "1", "--spectrum_every", "1", "--knn_every", "0",
                  env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
                  launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert "2 process(es)" in result.stdout + result.stderr
     assert "global batch 16" in result.stdout + result.stderr
+    assert "the digits recipe's global batch is 128, this run's is 16" in result.stdout + result.stderr
     assert (tmp_path / "out" / "backbone" / "model.safetensors").is_file()
     recipe = json.loads((tmp_path / "out" / "backbone" / "config.json").read_text())["recipe"]
     assert (recipe["batch_size"], recipe["global_batch_size"], recipe["method"]) == (8, 16, "intl")
