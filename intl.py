@@ -291,7 +291,8 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
     batch, dim = h.shape
     if batch < 2:
         raise ValueError(f"whitening needs at least 2 samples, got a batch of {batch}: use a larger --w_size")
-    if perm is not None and not torch.equal(perm.sort().values.cpu(), torch.arange(dim)):
+    perm = torch.randperm(dim) if perm is None else perm
+    if not torch.equal(perm.cpu().sort().values, torch.arange(dim)):  # no device sync for a CPU perm
         raise ValueError(f"perm must be a permutation of the {dim} channels (e.g. torch.randperm({dim}))")
     if groups < 1 or dim % groups:
         raise ValueError(f"--groups {groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
@@ -305,9 +306,8 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
             f"<= {obs - 1} < {units}): use {fix}, or set --w_eps > 0"
         )
     x = h - h.mean(dim=1 if axis == 0 else 0, keepdim=True)
-    perm = torch.randperm(dim, device=h.device) if perm is None else perm
     out = torch.empty_like(x)
-    for channels in perm.chunk(groups):
+    for channels in perm.to(h.device).chunk(groups):
         xg = x[:, channels] if axis == 0 else x[:, channels].t()  # [units, observations]
         cov = xg @ xg.t() / (xg.shape[1] - 1) + eps * torch.eye(units, dtype=x.dtype, device=x.device)
         w = matrix_power(cov, -0.5)
@@ -540,8 +540,7 @@ class SubBatchWhitening(INTL):
 def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, normalized=True):
     """CW-RGP: every sub-batch and view gets a fresh random channel permutation into `groups` groups."""
     def whiten(h, generator):
-        perm = torch.randperm(h.shape[1], generator=generator).to(h.device)
-        return cw_rgp_whiten(h, groups, perm, eps, axis)
+        return cw_rgp_whiten(h, groups, torch.randperm(h.shape[1], generator=generator), eps, axis)
     return SubBatchWhitening(backbone, projector, whiten, w_size, w_iter, normalized)
 
 
