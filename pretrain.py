@@ -228,6 +228,9 @@ def main(argv=None):
     if config.study:
         return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
     output_dir = Path(config.output_dir)
+    if not config.resume and intl.latest_checkpoint(output_dir):
+        raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
+                         "or give another --output_dir")
     log = Logger(output_dir / "log.jsonl", accelerator)
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
              f"precision {accelerator.mixed_precision}")
@@ -275,9 +278,6 @@ def main(argv=None):
         step = state["step"]
         log.truncate_after(step)
         log.info(f"resumed from {checkpoint} at step {step}")
-    elif intl.latest_checkpoint(output_dir):
-        raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
-                         "or give another --output_dir")
     else:
         log.start()
     accelerator.init_trackers("intl", config={k: str(v) for k, v in vars(config).items()})
