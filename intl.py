@@ -42,7 +42,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import datasets as hf_datasets  # aliased: "datasets" clashes with torchvision.datasets
 import huggingface_hub
@@ -609,49 +609,26 @@ _data_logger = logging.getLogger(__name__)
 
 DIGITS_SOURCE = "digits"
 
-# When the requested split is missing, these stand in for it (in this order).
-# Many datasets ship only one held-out split, named differently:
-# CIFAR-10 has "test", ImageNet-1k has "validation", torchvision-style folders have "val".
-_SPLIT_FALLBACKS = {
-    "train": ("training",),
-    "validation": ("val", "valid", "dev", "test"),
-    "val": ("validation", "valid", "dev", "test"),
-    "test": ("validation", "val", "valid", "dev"),
-}
-
-# Sub-folder names of an image folder that denote splits rather than classes,
-# mapped to the split name they are exposed under.
-_SPLIT_DIR_NAMES = {
-    "train": "train",
-    "training": "train",
-    "val": "validation",
-    "valid": "validation",
-    "validation": "validation",
-    "dev": "validation",
-    "test": "test",
-    "testing": "test",
-}
+# A missing split is served by the first of these that exists: many datasets ship a single held-out split, named
+# differently (CIFAR-10 "test", ImageNet-1k "validation", torchvision-style folders "val").
+_SPLIT_FALLBACKS = {"train": ("training",), "validation": ("val", "valid", "dev", "test"),
+                    "val": ("validation", "valid", "dev", "test"), "test": ("validation", "val", "valid", "dev")}
+# Sub-folders of an image folder that are splits rather than classes -> the split they are exposed as.
+_SPLIT_DIR_NAMES = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
+                    "validation": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
 _HOW_TO_PROVIDE_DATA = (
-    "To provide the data, either run once with network access so that the dataset "
-    "gets cached (in ~/.cache/huggingface, or HF_HOME), or point --dataset at a local "
-    "folder of class sub-folders (ROOT/<class>/*.png, or ROOT/train/<class>/... and "
-    "ROOT/val/<class>/...), or at a folder written by Dataset.save_to_disk / "
+    "To provide the data, either run once with network access so that the dataset gets cached (in "
+    "~/.cache/huggingface, or HF_HOME), or point --dataset at a local folder of class sub-folders (ROOT/<class>/*.png, "
+    "or ROOT/train/<class>/... and ROOT/val/<class>/...), or at a folder written by Dataset.save_to_disk / "
     "DatasetDict.save_to_disk. Use --dataset digits for the built-in offline data."
 )
 
 
 @dataclass
 class ImageSplit:
-    """One split of an image dataset plus what is needed to read it.
-
-    Attributes:
-        dataset: the Hugging Face dataset holding the split.
-        image_column: name of the column holding the images.
-        label_column: name of the integer label column, or None when unlabelled.
-        num_classes: number of classes when known (from a ClassLabel feature), else None.
-        source: human-readable description of where the data came from (used in messages).
-    """
+    """One split of an image dataset: the rows, the image column, the integer label column (None: unlabelled),
+    the number of classes (when a ClassLabel feature gives it) and where it came from (named in messages)."""
 
     dataset: hf_datasets.Dataset
     image_column: str
@@ -660,25 +637,11 @@ class ImageSplit:
     source: str
 
 
-def load_image_split(source, split, image_column=None, label_column=None) -> ImageSplit:
-    """Load one split of an image dataset from any supported source.
+def load_image_split(source, split, image_column=None, label_column=None):
+    """One split ("train", "test", ...) of any source above -> ImageSplit; the columns are detected unless given.
 
-    Args:
-        source: None or "digits" (built-in offline data), a ``save_to_disk``
-            folder, a folder of class sub-folders, or a Hub id (``"id"`` or
-            ``"id:config"``). Path-like objects are accepted.
-        split: split name, e.g. "train" or "test". A missing "test" is served
-            by "validation"/"val" and vice versa.
-        image_column: image column to use instead of the detected one.
-        label_column: label column to use instead of the detected one.
-
-    Returns:
-        An :class:`ImageSplit`.
-
-    Raises:
-        ValueError: unknown split (the message lists the available ones), unknown
-            column (lists the columns), unusable folder, or a Hub dataset that
-            cannot be reached and is not cached.
+    A missing split falls back to its aliases ("test" <-> "validation" / "val"). Raises ValueError naming the
+    available splits or columns, or saying why a folder or a Hub dataset cannot be used.
     """
     if source is None or source == DIGITS_SOURCE:
         dataset, description = _load_digits_split(split), DIGITS_SOURCE
@@ -686,44 +649,28 @@ def load_image_split(source, split, image_column=None, label_column=None) -> Ima
         source = os.fspath(source)
         path = os.path.expanduser(source)
         if os.path.isdir(path):
-            if _is_save_to_disk_folder(path):
-                dataset = _load_saved_split(path, split)
-            else:
-                dataset = _load_image_folder_split(path, split)
-            description = path
-        elif _looks_like_path(source):
-            # A typo in a path must not turn into a confusing Hub lookup.
-            raise ValueError(
-                f"Dataset folder {source!r} does not exist. Expected a folder of class "
-                "sub-folders or a save_to_disk folder, a Hugging Face Hub id such as "
-                "'uoft-cs/cifar10', or 'digits'."
-            )
+            load = _load_saved_split if _is_save_to_disk_folder(path) else _load_image_folder_split
+            dataset, description = load(path, split), path
+        elif _looks_like_path(source):  # a typo in a path must not turn into a confusing Hub lookup
+            raise ValueError(f"Dataset folder {source!r} does not exist. Expected a folder of class sub-folders or a "
+                             "save_to_disk folder, a Hugging Face Hub id such as 'uoft-cs/cifar10', or 'digits'.")
         else:
             dataset, description = _load_hub_split(source, split), f"Hugging Face Hub dataset {source!r}"
     return _make_image_split(dataset, image_column, label_column, f"{description} (split {split!r})")
 
 
-# ----------------------------------------------------------------------------- digits
-
-
-def _load_digits_split(split: str) -> hf_datasets.Dataset:
-    """Build the requested split of scikit-learn's digits as 32x32 RGB PNG images.
-
-    The split is a seeded, class-stratified 80/20 split, identical on every call,
-    so that pre-training never sees the images used to report test accuracy.
-    """
+def _load_digits_split(split):
+    """scikit-learn's digits as 32x32 RGB PNGs, in a seeded, class-stratified 80/20 train/test split: the same on
+    every call, so pre-training never sees the images that report test accuracy."""
     # Imported lazily: scikit-learn costs ~1.5 s to import and only this source needs it.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
-    )
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
     splits = {"train": np.sort(train_idx), "test": np.sort(test_idx)}
     indices = splits[_resolve_split_name(split, list(splits), DIGITS_SOURCE)]
-
     encoded = []
     for pixels in digits.images[indices]:
         # Resample in float ("F" mode) so the 0..16 -> 0..255 rescale is quantised only once.
@@ -733,125 +680,85 @@ def _load_digits_split(split: str) -> hf_datasets.Dataset:
         buffer = io.BytesIO()
         PILImage.fromarray(gray, mode="L").convert("RGB").save(buffer, format="PNG")
         encoded.append({"bytes": buffer.getvalue(), "path": None})
-
-    features = hf_datasets.Features(
-        {
-            "image": hf_datasets.Image(),
-            "label": hf_datasets.ClassLabel(names=[str(d) for d in range(10)]),
-        }
-    )
-    return hf_datasets.Dataset.from_dict(
-        {"image": encoded, "label": labels[indices].tolist()}, features=features
-    )
+    features = hf_datasets.Features({"image": hf_datasets.Image(),
+                                     "label": hf_datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    return hf_datasets.Dataset.from_dict({"image": encoded, "label": labels[indices].tolist()}, features=features)
 
 
 # ----------------------------------------------------------------------------- local folders
 
 
-def _looks_like_path(source: str) -> bool:
-    """True for strings that can only be meant as local paths (never valid Hub ids)."""
-    return (
-        source.startswith(("/", "./", "../", "~", "\\"))
-        or source in (".", "..")
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-    )
+def _looks_like_path(source):
+    """True for strings that can only be meant as local paths, never as Hub ids."""
+    return (source.startswith(("/", "./", "../", "~", "\\")) or source in (".", "..") or source.count("/") > 1
+            or (os.sep != "/" and os.sep in source))
 
 
-def _is_save_to_disk_folder(path: str) -> bool:
-    """True if ``path`` was written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+def _is_save_to_disk_folder(path):
     cfg = hf_datasets.config
-    is_dataset = os.path.isfile(os.path.join(path, cfg.DATASET_INFO_FILENAME)) and os.path.isfile(
-        os.path.join(path, cfg.DATASET_STATE_JSON_FILENAME)
-    )
-    return is_dataset or os.path.isfile(os.path.join(path, cfg.DATASETDICT_JSON_FILENAME))
+    dataset_files = (cfg.DATASET_INFO_FILENAME, cfg.DATASET_STATE_JSON_FILENAME)  # Dataset.save_to_disk
+    return all(os.path.isfile(os.path.join(path, f)) for f in dataset_files) \
+        or os.path.isfile(os.path.join(path, cfg.DATASETDICT_JSON_FILENAME))  # DatasetDict.save_to_disk
 
 
-def _load_saved_split(path: str, split: str) -> hf_datasets.Dataset:
-    """Load a split from a save_to_disk folder."""
+def _load_saved_split(path, split):
     saved = hf_datasets.load_from_disk(path)
     if isinstance(saved, hf_datasets.DatasetDict):
         return saved[_resolve_split_name(split, list(saved), path)]
-    # A bare Dataset carries no split name; accepting it for e.g. "test" would silently
-    # evaluate on the training images.
+    # A bare Dataset has no split name: serving it as e.g. "test" would silently evaluate on the training images.
     if split != "train":
-        raise ValueError(
-            f"{path} holds a single Dataset without splits, which can only be used as split "
-            f"'train' (requested {split!r}). Save a DatasetDict with the held-out split instead."
-        )
+        raise ValueError(f"{path} holds a single Dataset without splits, which can only be used as split 'train' "
+                         f"(requested {split!r}). Save a DatasetDict with the held-out split instead.")
     return saved
 
 
-def _list_sub_dirs(path: str) -> list:
+def _list_sub_dirs(path):
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _load_image_folder_split(root: str, split: str) -> hf_datasets.Dataset:
-    """Load a split from a folder of class sub-folders with the "imagefolder" builder.
+def _load_image_folder_split(root, split):
+    """A split of a folder of class sub-folders, through the "imagefolder" builder.
 
-    The split -> files mapping and the class list are given explicitly instead of
-    letting the builder infer them: only the requested split is scanned, and the
-    label indices are the same in every split even when a split lacks a class.
-    The builder works offline and caches its (path-only) Arrow table in the datasets
-    cache, so later loads of the same folder skip the file scan.
+    The builder is given the split's files and the class list instead of inferring them: only the requested split
+    is scanned, and label indices agree across splits even when a split lacks a class. It works offline and caches
+    its (path-only) Arrow table, so later loads of the same folder skip the file scan.
     """
     sub_dirs = _list_sub_dirs(root)
     if not sub_dirs:
-        raise ValueError(
-            f"{root} is neither a save_to_disk folder nor a folder of class sub-folders "
-            f"(it has no sub-folders). {_HOW_TO_PROVIDE_DATA}"
-        )
+        raise ValueError(f"{root} is neither a save_to_disk folder nor a folder of class sub-folders "
+                         f"(it has no sub-folders). {_HOW_TO_PROVIDE_DATA}")
     split_dirs = [d for d in sub_dirs if d.lower() in _SPLIT_DIR_NAMES]
-    data_files = {}
+    data_files, class_names = {}, set()
     if split_dirs:  # ROOT/train/<class>/..., ROOT/val/<class>/...
-        class_names = set()
-        for dir_name in split_dirs:
-            split_name = _SPLIT_DIR_NAMES[dir_name.lower()]
-            data_files.setdefault(split_name, []).append(os.path.join(root, dir_name, "**"))
-            class_names.update(_list_sub_dirs(os.path.join(root, dir_name)))
+        for d in split_dirs:
+            data_files.setdefault(_SPLIT_DIR_NAMES[d.lower()], []).append(os.path.join(root, d, "**"))
+            class_names.update(_list_sub_dirs(os.path.join(root, d)))
     else:  # ROOT/<class>/...: everything is training data
-        data_files["train"] = [os.path.join(root, "**")]
-        class_names = set(sub_dirs)
-    split_name = _resolve_split_name(split, list(data_files), root)
-    features = hf_datasets.Features(
-        {"image": hf_datasets.Image(), "label": hf_datasets.ClassLabel(names=sorted(class_names))}
-    )
-    # drop_labels=False: otherwise the builder silently drops labels when there is a
-    # single class folder or the files sit at different depths.
-    loaded = hf_datasets.load_dataset(
-        "imagefolder",
-        data_files={split_name: data_files[split_name]},
-        features=features,
-        drop_labels=False,
-    )
-    return loaded[split_name]
+        data_files["train"], class_names = [os.path.join(root, "**")], set(sub_dirs)
+    name = _resolve_split_name(split, list(data_files), root)
+    features = hf_datasets.Features({"image": hf_datasets.Image(),
+                                     "label": hf_datasets.ClassLabel(names=sorted(class_names))})
+    # drop_labels=False: otherwise the builder silently drops the labels when there is a single class folder
+    # or the files sit at different depths.
+    return hf_datasets.load_dataset("imagefolder", data_files={name: data_files[name]}, features=features,
+                                    drop_labels=False)[name]
 
 
 # ----------------------------------------------------------------------------- Hugging Face Hub
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+def _hub_offline_requested():
+    # datasets and huggingface_hub read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE only once, at import: read them again.
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(n, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for n in names) \
+        or bool(hf_datasets.config.HF_HUB_OFFLINE) or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
-def _hub_offline_requested() -> bool:
-    """Whether offline mode is on, read at call time.
+def _hub_reachable(timeout=3.0):
+    """Whether a TCP connection to the Hub (or the configured proxy) opens within `timeout` seconds.
 
-    datasets and huggingface_hub read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE only once,
-    at import, so the environment is checked again here as well.
-    """
-    return (
-        any(_env_flag(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        or bool(hf_datasets.config.HF_HUB_OFFLINE)
-        or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-    )
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Quickly check that a TCP connection to the Hub (or the configured proxy) opens.
-
-    Without this, an unreachable Hub costs ~25 s of HTTP retries inside datasets.
-    The probe runs in a daemon thread because DNS resolution ignores socket timeouts.
+    Without this check an unreachable Hub costs ~25 s of HTTP retries inside datasets. The probe runs in a daemon
+    thread because DNS resolution ignores socket timeouts.
     """
     endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
     host = endpoint.hostname or "huggingface.co"
@@ -863,11 +770,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     reached = []
 
     def probe():
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection((host, port), timeout=timeout).close()
             reached.append(True)
-        except OSError:
-            pass
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -877,46 +782,33 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 @contextlib.contextmanager
 def _forced_hub_offline_mode():
-    """Temporarily switch datasets and huggingface_hub to offline mode.
-
-    Offline mode makes datasets go straight to its local cache without any HTTP
-    request. The module-level flags are patched because both libraries read the
-    environment only at import time. Not thread-safe, like any global switch.
-    """
-    saved = (
-        hf_datasets.config.HF_HUB_OFFLINE,
-        hf_datasets.config.HF_DATASETS_OFFLINE,
-        huggingface_hub.constants.HF_HUB_OFFLINE,
-    )
+    """datasets and huggingface_hub in offline mode: datasets then goes straight to its local cache, without any
+    HTTP request. The module flags are patched because both libraries read the environment only at import.
+    Not thread-safe, like any global switch."""
+    saved = (hf_datasets.config.HF_HUB_OFFLINE, hf_datasets.config.HF_DATASETS_OFFLINE,
+             huggingface_hub.constants.HF_HUB_OFFLINE)
     hf_datasets.config.HF_HUB_OFFLINE = hf_datasets.config.HF_DATASETS_OFFLINE = True
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        (
-            hf_datasets.config.HF_HUB_OFFLINE,
-            hf_datasets.config.HF_DATASETS_OFFLINE,
-            huggingface_hub.constants.HF_HUB_OFFLINE,
-        ) = saved
+        (hf_datasets.config.HF_HUB_OFFLINE, hf_datasets.config.HF_DATASETS_OFFLINE,
+         huggingface_hub.constants.HF_HUB_OFFLINE) = saved
 
 
-def _load_hub_split(source: str, split: str) -> hf_datasets.Dataset:
-    """Load a split of a Hub dataset ("id" or "id:config"), failing fast when offline.
+def _load_hub_split(source, split):
+    """A split of Hub dataset "id" or "id:config"; offline, or when the Hub is unreachable, the local cache only.
 
-    All splits are loaded and the requested one picked afterwards: datasets prepares
-    every split anyway, and this lets missing splits fall back to their aliases.
+    All splits are loaded and the requested one picked afterwards: datasets prepares every split anyway, and so a
+    missing split can fall back to its aliases.
     """
     repo_id, _, config_name = source.partition(":")
     offline_requested = _hub_offline_requested()
     offline = offline_requested or not _hub_reachable()
     try:
-        if offline:
-            with _forced_hub_offline_mode():
-                loaded = hf_datasets.load_dataset(repo_id, config_name or None)
-        else:
+        with _forced_hub_offline_mode() if offline else contextlib.nullcontext():
             loaded = hf_datasets.load_dataset(repo_id, config_name or None)
-    except (ConnectionError, FileNotFoundError) as err:
-        # DatasetNotFoundError and the "not in the cache" errors are FileNotFoundErrors.
+    except (ConnectionError, FileNotFoundError) as err:  # DatasetNotFoundError, "not in the cache": FileNotFoundError
         if offline_requested:
             problem = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
         elif offline:
@@ -924,23 +816,19 @@ def _load_hub_split(source: str, split: str) -> hf_datasets.Dataset:
         else:
             problem = "the Hub could not provide it"
         if offline:
-            problem += (
-                f", so only the local datasets cache ({hf_datasets.config.HF_DATASETS_CACHE}) "
-                "was tried, and it holds no copy"
-            )
+            problem += (f", so only the local datasets cache ({hf_datasets.config.HF_DATASETS_CACHE}) was tried, "
+                        "and it holds no copy")
         # "from None": one self-contained message instead of a chain of library internals.
-        raise ValueError(
-            f"Could not load Hugging Face Hub dataset {source!r}: {problem} "
-            f"({type(err).__name__}: {err}). {_HOW_TO_PROVIDE_DATA}"
-        ) from None
+        raise ValueError(f"Could not load Hugging Face Hub dataset {source!r}: {problem} "
+                         f"({type(err).__name__}: {err}). {_HOW_TO_PROVIDE_DATA}") from None
     return loaded[_resolve_split_name(split, list(loaded), source)]
 
 
 # ----------------------------------------------------------------------------- splits and columns
 
 
-def _resolve_split_name(split: str, available, where: str) -> str:
-    """Return the available split serving ``split``, falling back to its aliases."""
+def _resolve_split_name(split, available, where):
+    """The available split serving `split`: itself, or the first of its fallbacks."""
     available = list(available)
     if split in available:
         return split
@@ -951,34 +839,24 @@ def _resolve_split_name(split: str, available, where: str) -> str:
     raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
 
 
-def _make_image_split(dataset, image_column, label_column, description) -> ImageSplit:
-    """Detect (or check) the image and label columns and wrap everything in an ImageSplit."""
-    features = dataset.features
-    columns = list(features)
+def _make_image_split(dataset, image_column, label_column, description):
+    """Check the given columns, or detect them: the image column is the first Image feature (else "image" / "img"),
+    the label column "label", "fine_label", the first ClassLabel or "labels"; labels must be integers."""
+    features, columns = dataset.features, list(dataset.features)
     for role, name in (("image", image_column), ("label", label_column)):
         if name is not None and name not in features:
             raise ValueError(f"{description} has no {role} column {name!r}; columns: {columns}")
-
     if image_column is None:
-        image_columns = [c for c in columns if isinstance(features[c], hf_datasets.Image)]
-        image_columns += [c for c in ("image", "img") if c in features]
-        if not image_columns:
-            raise ValueError(
-                f"{description} has no image column (no Image feature, no column named "
-                f"'image' or 'img'); columns: {columns}. Pass image_column explicitly."
-            )
-        image_column = image_columns[0]
-
+        images = [c for c in columns if isinstance(features[c], hf_datasets.Image)] + \
+            [c for c in ("image", "img") if c in features]
+        if not images:
+            raise ValueError(f"{description} has no image column (no Image feature, no column named 'image' or "
+                             f"'img'); columns: {columns}. Pass image_column explicitly.")
+        image_column = images[0]
     explicit_label = label_column is not None
     if not explicit_label:
-        label_column = next((c for c in ("label", "fine_label") if c in features), None)
-        if label_column is None:
-            label_column = next(
-                (c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)), None
-            )
-        if label_column is None and "labels" in features:
-            label_column = "labels"
-
+        class_labels = [c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)]
+        label_column = next((c for c in ["label", "fine_label", *class_labels, "labels"] if c in features), None)
     num_classes = None
     if label_column is not None:
         feature = features[label_column]
@@ -986,11 +864,9 @@ def _make_image_split(dataset, image_column, label_column, description) -> Image
             num_classes = feature.num_classes
         elif not (isinstance(feature, hf_datasets.Value) and feature.dtype.startswith(("int", "uint"))):
             # e.g. a multi-label "labels" list or string labels: not usable as class indices.
-            raise ValueError(
-                f"{'Label' if explicit_label else 'Detected label'} column {label_column!r} of "
-                f"{description} is {feature}, not integer class labels; pass label_column "
-                f"explicitly (columns: {columns})."
-            )
+            raise ValueError(f"{'Label' if explicit_label else 'Detected label'} column {label_column!r} of "
+                             f"{description} is {feature}, not integer class labels; pass label_column "
+                             f"explicitly (columns: {columns}).")
     return ImageSplit(dataset, image_column, label_column, num_classes, description)
 
 
@@ -1005,66 +881,53 @@ class UnreadableImageError(OSError):
         return str(self).strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
 
 
-def _decode_rgb(value, index: int, source: str, before_decode=None) -> PILImage.Image:
-    """Decode an undecoded Image value ({"bytes", "path"}) into an RGB PIL image.
-
-    Errors are re-raised naming the file (or the row index when there is no path),
-    since a bare PIL error from a worker process does not say which image is broken.
-    before_decode(handle) may look at the opened, not yet decoded image (its size) and set
-    up a reduced-size decode (JPEG draft mode).
-    """
-    path = value.get("path") if value else None
-    data = value.get("bytes") if value else None
-    try:
-        if data is not None:
-            handle = PILImage.open(io.BytesIO(data))
-        elif path:
-            handle = PILImage.open(path)
-        else:
-            raise ValueError("the entry has neither bytes nor a path")
-        if before_decode is not None:
-            before_decode(handle)
-        with handle:
-            return handle.convert("RGB")  # forces the full decode, so truncation shows up here
-    except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
-        where = f"file {path!r}" if path else "no file path"
-        raise UnreadableImageError(f"Cannot read image #{index} of {source} ({where}): {err}") from err
-
-
 class ImageDataset(torch.utils.data.Dataset):
-    """PyTorch view of an :class:`ImageSplit`: item ``i`` is ``(transform(rgb_image), label)``.
+    """An ImageSplit for PyTorch: item i is (transform(rgb_pil_image), label), label -1 when unlabelled.
 
-    The label is -1 when the split has no labels. Images are decoded here with PIL
-    rather than by datasets, so that a broken image raises an error naming its file.
-    The object is picklable (for DataLoader workers) as long as ``transform`` is:
-    datasets backed by files pickle as their file paths, not their contents.
+    The images are decoded here with PIL, not by datasets, so that a broken image raises an error naming its file.
+    Picklable (for DataLoader workers) when `transform` is: file-backed datasets pickle as their paths.
     """
 
-    def __init__(self, split: ImageSplit, transform: Optional[Callable] = None):
+    def __init__(self, split, transform=None):
         columns = [split.image_column] + ([split.label_column] if split.label_column else [])
         # Only the needed columns: every other column would be converted on each access.
-        rows = split.dataset.select_columns(columns)
-        rows = rows.cast_column(split.image_column, hf_datasets.Image(decode=False))
+        rows = split.dataset.select_columns(columns).cast_column(split.image_column, hf_datasets.Image(decode=False))
         self.rows = rows.with_format(None)  # plain Python rows even if a torch format was set
-        self.image_column = split.image_column
-        self.label_column = split.label_column
-        self.source = split.source
-        self.transform = transform
+        self.image_column, self.label_column = split.image_column, split.label_column
+        self.source, self.transform = split.source, transform
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, index: int, before_decode=None):
+    def __getitem__(self, index, before_decode=None):
+        """before_decode(handle) may look at the opened, not yet decoded image (its size) and set up a reduced-size
+        decode (JPEG draft mode)."""
         row = self.rows[int(index)]
-        image = _decode_rgb(row[self.image_column], index, self.source, before_decode)
+        value = row[self.image_column] or {}  # undecoded: {"bytes", "path"}
+        path, data = value.get("path"), value.get("bytes")
+        try:
+            if data is not None:
+                handle = PILImage.open(io.BytesIO(data))
+            elif path:
+                handle = PILImage.open(path)
+            else:
+                raise ValueError("the entry has neither bytes nor a path")
+            if before_decode is not None:
+                before_decode(handle)
+            with handle:
+                image = handle.convert("RGB")  # forces the full decode, so truncation shows up here
+        except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
+            # Named: a bare PIL error from a worker process does not say which image is broken.
+            where = f"file {path!r}" if path else "no file path"
+            raise UnreadableImageError(f"Cannot read image #{index} of {self.source} ({where}): {err}") from err
         if self.transform is not None:
             image = self.transform(image)
         label = row[self.label_column] if self.label_column else None
         return image, -1 if label is None else int(label)
 
 
-def labels_of(split: ImageSplit) -> torch.Tensor:
-    """All labels of ``split`` as a LongTensor, without decoding any image (-1 if unlabelled)."""
+def labels_of(split):
+    """All labels of `split` as a LongTensor [N] (-1 if unlabelled), without decoding any image."""
     if split.label_column is None:
         return torch.full((len(split.dataset),), -1, dtype=torch.long)
     # The Arrow format reads the one column directly and honours select()/shuffle() indices.
@@ -1187,7 +1050,8 @@ def keep_resumed_config(config, explicit, checkpoint, run_control):
     """A resumed run takes the configuration saved in `checkpoint`; of the `explicit` flags, only those in
     `run_control` (logging, saving, workers, ...) may differ from it."""
     saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["config"]
-    changed = [k for k in explicit if k not in run_control and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
+    changed = [k for k in explicit
+               if k not in run_control and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
     if changed:
         raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
                          "configuration: drop the flag or start a new run in another --output_dir")
@@ -1213,7 +1077,8 @@ def find_checkpoint(resume, output_dir, kind=""):
     checkpoint = Path(resume)
     if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
         raise ValueError(f"--resume {resume}: not a {kind + ' ' if kind else ''}checkpoint folder (it needs "
-                         "trainer_state.json and model.safetensors); use 'latest' or a folder under OUTPUT_DIR/checkpoints")
+                         "trainer_state.json and model.safetensors); use 'latest' or a folder under "
+                         "OUTPUT_DIR/checkpoints")
     return checkpoint
 
 
@@ -1257,7 +1122,6 @@ def plot_spectra(spectra, path, max_curves=6):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 EXPORT_FILES = ("model.safetensors", "config.json")
-_OFFICIAL_PREFIXES = ("module.backbone.", "backbone.")
 
 
 def load_backbone(source, arch=None, revision=None):
@@ -1285,8 +1149,9 @@ def load_backbone_weights(source, arch=None, revision=None):
     if path.is_dir():
         if (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
             weights, config = _read_pretrain_checkpoint(path)
-        elif (path / "model.safetensors").is_file():
-            weights, config = _read_export_folder(path)
+        elif (path / "model.safetensors").is_file():  # an export; its config.json is optional
+            config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+            weights = _read_safetensors(path / "model.safetensors")
         else:
             raise ValueError(f"{source} is a folder but neither an export (model.safetensors + config.json) nor a "
                              "pretrain checkpoint (model.safetensors + trainer_state.json)")
@@ -1309,12 +1174,6 @@ def _read_safetensors(path):
         return load_file(path)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"cannot read {path} as safetensors: {error}") from None
-
-
-def _read_export_folder(folder):
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    return _read_safetensors(folder / "model.safetensors"), config
 
 
 # What an export records of the pretraining run that made it.
@@ -1355,7 +1214,7 @@ def _read_official_checkpoint(path):
     config = {"source_format": "official INTL / CW-RGP checkpoint"}
     if checkpoint.get("arch") in RESNETS:  # the official ImageNet scripts save it next to the state_dict
         config["arch"] = checkpoint["arch"]
-    return _strip_prefix(state_dict, _OFFICIAL_PREFIXES, path), config
+    return _strip_prefix(state_dict, ("module.backbone.", "backbone."), path), config
 
 
 def _strip_prefix(state_dict, prefixes, where):
@@ -1407,16 +1266,13 @@ def _load_strict(module, weights, what):
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     misshaped = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
-        if misshaped:
-            k = misshaped[0]
-            problems.append(f"{len(misshaped)} key(s) of another shape, first {k!r}: "
-                            f"{tuple(weights[k].shape)} in the weights, {tuple(expected[k].shape)} in the model")
+    problems = [f"{len(missing)} missing key(s), first {missing[0]!r}"] if missing else []
+    problems += [f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}"] if unexpected else []
+    if misshaped:
+        k = misshaped[0]
+        problems.append(f"{len(misshaped)} key(s) of another shape, first {k!r}: "
+                        f"{tuple(weights[k].shape)} in the weights, {tuple(expected[k].shape)} in the model")
+    if problems:
         raise ValueError(f"the weights do not fit {what}: {'; '.join(problems)}. Check --arch (and the stem)")
     module.load_state_dict(weights, strict=True)
 
@@ -1454,7 +1310,8 @@ def _download_from_hub(source, revision=None):
         raise ValueError(f"{where} has no {filename}: it is not an export of this project "
                          f"(expected {' + '.join(EXPORT_FILES)})") from None
     except huggingface_hub.errors.HFValidationError as error:
-        raise ValueError(f"{source!r} is not a Hub repo id 'owner/name[@revision]' nor a local path ({error})") from None
+        raise ValueError(f"{source!r} is not a Hub repo id 'owner/name[@revision]' nor a local path "
+                         f"({error})") from None
     except huggingface_hub.errors.HfHubHTTPError as error:
         raise ValueError(f"{where}: the Hub answered {error}") from None
     config = json.loads(Path(files["config.json"]).read_text())
@@ -1490,7 +1347,8 @@ def export_backbone_from(source, output_dir, arch=None):
 _CITATIONS = """\
 @inproceedings{weng2024modulate,
   title     = {Modulate Your Spectrum in Self-Supervised Learning},
-  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz and Huang, Lei},
+  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
+Khan, Fahad Shahbaz and Huang, Lei},
   booktitle = {International Conference on Learning Representations (ICLR)},
   year      = {2024}
 }
@@ -1523,11 +1381,10 @@ def _read_results(results):
 
 
 def write_model_card(export_dir, results=None, repo_id=None, license="other"):
-    """Write export_dir/README.md: YAML metadata (with a model-index when results are given) + the card body.
+    """Write export_dir/README.md, and return its path: YAML metadata + the card body.
 
-    results: linear_eval.py result files (paths or loaded dicts); each row becomes model-index metrics.
-    repo_id: the Hub repo the card will live in (used in the usage snippet).
-    Returns the path of the README.
+    results: linear_eval.py result files (paths or loaded dicts), each row a metric of the model-index.
+    repo_id: the Hub repo the card will live in (named in the usage snippet).
     """
     export_dir = Path(export_dir)
     _, config = load_backbone(export_dir)  # the completed config, and a check that the weights load
@@ -1543,11 +1400,10 @@ def write_model_card(export_dir, results=None, repo_id=None, license="other"):
             for metric, key in (("top-1", "top1"), ("top-5", "top5")):
                 if row.get(key) is None:
                     continue
+                name = eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name
                 eval_results.append(huggingface_hub.EvalResult(
                     task_type="image-classification", task_name="Image classification",
-                    dataset_type=eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name,
-                    dataset_name=eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name,
-                    dataset_split=record.get("test_split"),
+                    dataset_type=name, dataset_name=name, dataset_split=record.get("test_split"),
                     metric_type="accuracy", metric_value=round(float(row[key]), 2),
                     metric_name=f"{row['name']} {metric} accuracy (%)"))
     card_data = huggingface_hub.ModelCardData(
@@ -1562,9 +1418,9 @@ def write_model_card(export_dir, results=None, repo_id=None, license="other"):
         ("dataset", "pretraining data"), ("image_size", "input size"), ("epochs_trained", "epochs"),
         ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None]
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for record in records:
         for row in record["rows"]:
-            fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
             table.append(f"| {row['name']} | {record.get('dataset') or 'digits'} ({record.get('test_split')}) | "
                          f"{fmt(row.get('top1'))} | {fmt(row.get('top5'))} |")
     stem = ("net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)\n"
@@ -1624,11 +1480,10 @@ net.eval()  # net(images) -> features [B, {config.get('feature_dim', 'D')}]
 
 
 def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
-    """Upload an export folder (model.safetensors, config.json, README.md) to a Hub model repo.
+    """Upload exactly model.safetensors, config.json and README.md of an export folder to a Hub model repo.
 
-    Exactly these three files are uploaded, from a staging folder; a missing README.md is generated
-    (write_model_card without results). revision: a branch to push to, created when missing.
-    Returns the commit info of the upload.
+    A missing README.md is generated (write_model_card without results). revision: a branch to push to, created
+    when missing. Returns the upload's commit info.
     """
     export_dir = Path(export_dir)
     missing = [name for name in EXPORT_FILES if not (export_dir / name).is_file()]
