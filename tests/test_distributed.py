@@ -22,6 +22,13 @@ GLOBAL_B, IN_DIM, OUT_DIM = 16, 12, 10
 
 # (name, axis, number of views)
 LOSS_CASES = [("axis0_v3", 0, 3), ("axis1_v2", 1, 2)]
+# Every method's module, built from backbone b and projector p: its forward gathers internally.
+MODULE_CASES = {
+    "intl": "intl.INTL(b, p, iters=4, axis=0)",
+    "intl-m": "intl.INTL(b, p, iters=4, axis=0, momentum_target=True)",
+    "cw-rgp": "intl.cw_rgp(b, p, groups=2, w_size=8, axis=1)",
+    "wmse": "intl.wmse(b, p, w_size=16, eps=0.1)",  # eps: 8 backbone features give a rank-8 10 x 10 covariance
+}
 
 HELPER = textwrap.dedent(
     """
@@ -35,6 +42,7 @@ HELPER = textwrap.dedent(
 
     GLOBAL_B, IN_DIM, OUT_DIM = {global_b}, {in_dim}, {out_dim}
     LOSS_CASES = {loss_cases!r}
+    MODULE_CASES = {module_cases!r}
 
 
     def data(n_views):
@@ -44,10 +52,11 @@ HELPER = textwrap.dedent(
 
 
     def average_grads(model, world):
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        return {{name: p.grad.clone() for name, p in model.named_parameters()}}
+        grads = {{name: p.grad for name, p in model.named_parameters() if p.grad is not None}}
+        for grad in grads.values():
+            dist.all_reduce(grad)
+            grad /= world
+        return {{name: grad.clone() for name, grad in grads.items()}}
 
 
     def main():
@@ -76,14 +85,14 @@ HELPER = textwrap.dedent(
                 "full_view0": full,
             }}
 
-        # the INTL module: its forward gathers internally
-        torch.manual_seed(0)
-        backbone = nn.Sequential(nn.Flatten(), nn.Linear(IN_DIM, 8))
-        model = intl.INTL(backbone, intl.build_projector(8, str(OUT_DIM)), iters=4, axis=0).double()
-        views = [v.view(GLOBAL_B, 3, 2, 2) for v in data(2)]
-        out = model([v[rows] for v in views])
-        out["loss"].backward()
-        results["module"] = {{"loss": out["loss"].detach(), "grads": average_grads(model, world)}}
+        for name, expression in MODULE_CASES.items():
+            torch.manual_seed(0)
+            b, p = nn.Sequential(nn.Flatten(), nn.Linear(IN_DIM, 8)), intl.build_projector(8, str(OUT_DIM))
+            model = eval(expression, {{"intl": intl, "b": b, "p": p}}).double()
+            views = [v.view(GLOBAL_B, 3, 2, 2) for v in data(3)]
+            out = model([v[rows] for v in views], step=7)
+            out["loss"].backward()
+            results[name] = {{"loss": out["loss"].detach(), "grads": average_grads(model, world)}}
 
         if rank == 0:
             torch.save(results, sys.argv[1])
@@ -108,7 +117,8 @@ def two_process_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     script = tmp / "helper.py"
     script.write_text(
-        HELPER.format(root=ROOT, global_b=GLOBAL_B, in_dim=IN_DIM, out_dim=OUT_DIM, loss_cases=LOSS_CASES)
+        HELPER.format(root=ROOT, global_b=GLOBAL_B, in_dim=IN_DIM, out_dim=OUT_DIM, loss_cases=LOSS_CASES,
+                      module_cases=MODULE_CASES)
     )
     out_file = tmp / "results.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
@@ -140,17 +150,20 @@ def test_two_process_intl_loss_and_gradients_equal_single_process_on_global_batc
     torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
 
 
-def test_two_process_intl_module_forward_matches_single_process(two_process_results):
-    res = two_process_results["module"]
+@pytest.mark.parametrize("method", MODULE_CASES)
+def test_two_process_module_of_every_method_matches_single_process_loss_and_gradients(two_process_results, method):
+    res = two_process_results[method]
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Flatten(), nn.Linear(IN_DIM, 8))
-    model = intl.INTL(backbone, intl.build_projector(8, str(OUT_DIM)), iters=4, axis=0).double()
-    views = [v.view(GLOBAL_B, 3, 2, 2) for v in data(2)]
-    loss = model(views)["loss"]
+    b, p = nn.Sequential(nn.Flatten(), nn.Linear(IN_DIM, 8)), intl.build_projector(8, str(OUT_DIM))
+    model = eval(MODULE_CASES[method], {"intl": intl, "b": b, "p": p}).double()
+    views = [v.view(GLOBAL_B, 3, 2, 2) for v in data(3)]
+    loss = model(views, step=7)["loss"]
     loss.backward()
     torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
     for pname, p in model.named_parameters():
-        torch.testing.assert_close(res["grads"][pname], p.grad, rtol=1e-5, atol=1e-5)
+        if p.grad is not None:  # the EMA target of intl-m has none
+            torch.testing.assert_close(res["grads"][pname], p.grad, rtol=1e-5, atol=1e-5)
+    assert sorted(res["grads"]) == sorted(n for n, p in model.named_parameters() if p.grad is not None)
 
 
 def test_gather_with_grad_is_identity_without_process_group():
