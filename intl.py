@@ -991,10 +991,12 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     return {"top1": 100.0 * correct / len(test_features)}
 
 
-def write_export(export_dir, weights, config):
-    """Write export_dir/model.safetensors + config.json atomically: a reader sees the old export or the new one.
+def write_export(export_dir, weights, config, card=None):
+    """Write export_dir/model.safetensors + config.json (+ README.md) atomically: a reader sees the old export
+    or the new one.
 
-    weights: the backbone's state_dict (torchvision keys, no fc.*); config: JSON-able description.
+    weights: the backbone's state_dict (torchvision keys, no fc.*); config: JSON-able description; card: the
+    model card's text (see `model_card`).
     """
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -1006,6 +1008,8 @@ def write_export(export_dir, weights, config):
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
               metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if card is not None:
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     if export_dir.exists():
         export_dir.rename(old)
     tmp.rename(export_dir)
@@ -1322,11 +1326,12 @@ def _download_from_hub(source, revision=None):
 # ----------------------------------------------------------------------------- conversion
 
 
-def export_backbone_from(source, output_dir, arch=None):
+def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None):
     """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into an export folder.
 
-    output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*) +
-    config.json, written atomically. An existing folder is replaced only if it is an export.
+    output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*), config.json
+    and the model card README.md (with `results` and `repo_id`, see `model_card`), written atomically.
+    An existing folder is replaced only if it is an export.
     """
     output_dir = Path(output_dir)
     if output_dir.exists():
@@ -1338,7 +1343,7 @@ def export_backbone_from(source, output_dir, arch=None):
     backbone, config = load_backbone(source, arch)
     # A local path is named by its last part only: the config may be published on the Hub.
     config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
-    write_export(output_dir, backbone.state_dict(), config)
+    write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id))
     return output_dir
 
 
@@ -1381,13 +1386,19 @@ def _read_results(results):
 
 
 def write_model_card(export_dir, results=None, repo_id=None, license="other"):
-    """Write export_dir/README.md, and return its path: YAML metadata + the card body.
-
-    results: linear_eval.py result files (paths or loaded dicts), each row a metric of the model-index.
-    repo_id: the Hub repo the card will live in (named in the usage snippet).
-    """
+    """(Re)write export_dir/README.md from the export's config and return its path."""
     export_dir = Path(export_dir)
     _, config = load_backbone(export_dir)  # the completed config, and a check that the weights load
+    (export_dir / "README.md").write_text(model_card(config, results, repo_id, license), encoding="utf-8")
+    return export_dir / "README.md"
+
+
+def model_card(config, results=None, repo_id=None, license="other"):
+    """The model card's text: YAML metadata for the Hub + the card body.
+
+    config: the export's (completed) config; results: linear_eval.py result files (paths or loaded dicts),
+    each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet).
+    """
     records = _read_results(results)
     arch, cifar = config.get("arch", "resnet50"), bool(config.get("cifar_stem"))
     dataset = config.get("dataset")
@@ -1471,9 +1482,7 @@ net.eval()  # net(images) -> features [B, {config.get('feature_dim', 'D')}]
 {_CITATIONS}
 ```
 """
-    card = huggingface_hub.ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
-    card.save(export_dir / "README.md")
-    return export_dir / "README.md"
+    return str(huggingface_hub.ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))  # parses: valid metadata
 
 
 # ----------------------------------------------------------------------------- Hub: upload
@@ -1535,8 +1544,7 @@ def get_export_parser():
 def main_export(argv=None):
     """`python intl.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
     args = get_export_parser().parse_args(argv)
-    export_dir = export_backbone_from(args.source, args.output_dir, args.arch)
-    write_model_card(export_dir, args.eval_results, repo_id=args.push_to_hub)
+    export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub)
     print(f"exported {args.source} to {export_dir}")
     if args.push_to_hub:
         push_export_to_hub(export_dir, args.push_to_hub, private=args.private,

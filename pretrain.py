@@ -746,8 +746,7 @@ def export_backbone(checkpoint, export_dir, config, results=None):
 
     results: evaluation records for the model card (the final held-out 5-NN accuracy, when measured).
     """
-    intl.export_backbone_from(checkpoint, export_dir)
-    intl.write_model_card(export_dir, results, repo_id=config.push_to_hub)
+    intl.export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
     if config.push_to_hub:
         intl.push_export_to_hub(export_dir, config.push_to_hub, private=config.private,

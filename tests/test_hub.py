@@ -265,5 +265,15 @@ def test_export_refuses_to_replace_a_folder_that_is_not_an_export(export, tmp_pa
     assert (tmp_path / "run" / "log.jsonl").exists()
 
 
+def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previous_one_untouched(export, tmp_path):
+    copy = export_backbone_from(export, tmp_path / "copy")
+    assert sorted(p.name for p in copy.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    with pytest.raises(ValueError, match="cannot read the evaluation result"):
+        export_backbone_from(export, copy, results=[tmp_path / "missing.json"])
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "export"]  # no temporary folder left behind
+
+
 def test_every_export_flag_has_help():
     assert all(action.help for action in get_export_parser()._actions)
