@@ -238,19 +238,7 @@ def main(argv=None):
     # Data: augmented views of the training split, seeded per (epoch, sample) so a resume replays them.
     train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column)
     global_batch = config.batch_size * accelerator.num_processes
-    sampler = ShardedEpochSampler(len(train_split.dataset), config.batch_size, accelerator.num_processes,
-                                  accelerator.process_index, config.seed)
-    if sampler.batches_per_epoch == 0:
-        raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
-                         f"{global_batch}: lower --batch_size")
-    if config.augment_on == "device":
-        train_data = CroppedViews(train_split, view_specs(config), config.seed)
-    else:
-        train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size,
-        sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
-        persistent_workers=config.num_workers > 0, drop_last=True)
+    sampler, loader = training_loader(config, train_split, accelerator)
     knn_data = knn_splits(config, accelerator, train_split)
 
     # Model: built from the same seed on every process, then seeded per process for everything else.
@@ -493,6 +481,24 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
             start = b * global_batch + self.rank * self.batch_size
             for index in order[start:start + self.batch_size].tolist():
                 yield self.epoch, index
+
+
+def training_loader(config, train_split, accelerator):
+    """This process's share of every global batch, augmented: (sampler, DataLoader). The loader is not passed
+    through accelerator.prepare: the sampler already shards, and its (epoch, index) keys seed the augmentations."""
+    sampler = ShardedEpochSampler(len(train_split.dataset), config.batch_size, accelerator.num_processes,
+                                  accelerator.process_index, config.seed)
+    if sampler.batches_per_epoch == 0:
+        raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
+                         f"{config.batch_size * accelerator.num_processes}: lower --batch_size")
+    if config.augment_on == "device":
+        train_data = CroppedViews(train_split, view_specs(config), config.seed)
+    else:
+        train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
+    return sampler, torch.utils.data.DataLoader(
+        train_data, batch_size=config.batch_size,
+        sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=config.num_workers > 0, drop_last=True)
 
 
 # -----------------------------------------------------------------------------

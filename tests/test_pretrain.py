@@ -124,6 +124,51 @@ def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
     assert refused.returncode != 0 and "trained with 2 processes, this run has 1" in refused.stderr
 
 
+LOADER_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from accelerate import Accelerator
+sys.path.insert(0, {root!r})
+import intl, pretrain
+
+accelerator = Accelerator()
+config = pretrain.resolve_config(["--print_config", "--dataset", {folder!r}, "--image_size", "8", "--batch_size", "4",
+                                  "--num_workers", "1", "--augment_on", "device"])
+sampler, loader = pretrain.training_loader(config, intl.load_image_split({folder!r}, "train"), accelerator)
+seen = []
+for epoch in range(2):
+    sampler.set_epoch(epoch)
+    # Image i is a solid colour with red = 5 i: a crop of it says which image it came from.
+    seen.append([(round(crops[0][b, 0, 0, 0].item() / 5), labels[b].item())
+                 for crops, params, labels in loader for b in range(len(labels))])
+everyone = [None] * accelerator.num_processes
+dist.all_gather_object(everyone, seen)
+if accelerator.is_main_process:
+    json.dump(everyone, open({out!r}, "w"))
+"""
+
+
+def test_two_real_processes_load_disjoint_shares_of_every_epoch_and_a_new_order_each_epoch(tmp_path):
+    from PIL import Image
+
+    for i in range(40):
+        (tmp_path / "images" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), (5 * i, 128, 0)).save(tmp_path / "images" / f"class_{i % 2}" / f"{i}.png")
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER_SCRIPT.format(root=str(ROOT), folder=str(tmp_path / "images"), out=str(tmp_path / "seen.json")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads((tmp_path / "seen.json").read_text())
+    for epoch in range(2):
+        shares = [[image for image, _ in rank[epoch]] for rank in ranks]
+        assert [len(share) for share in shares] == [20, 20]  # 40 images = 5 global batches of 2 x 4
+        assert sorted(shares[0] + shares[1]) == list(range(40))  # every image once, on one process only
+        assert all(label == image % 2 for rank in ranks for image, label in rank[epoch])
+    assert ranks[0][0] != ranks[0][1]  # a new permutation each epoch
+
+
 def test_processes_see_disjoint_slices_of_every_global_batch_and_resume_skips_done_batches():
     ranks = [pretrain.ShardedEpochSampler(103, 8, 3, rank, seed=1) for rank in range(3)]
     per_rank = [list(sampler) for sampler in ranks]
