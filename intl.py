@@ -1031,6 +1031,7 @@ def save_state_atomically(accelerator, folder, state_file, state, keep):
         tmp.mkdir(parents=True)  # before the barrier: every process writes its own RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # save_state returns per process: the rename must wait for the slowest one
     if accelerator.is_main_process:
         (tmp / state_file).write_text(json.dumps(state, indent=2))
         if folder.exists():

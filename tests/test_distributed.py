@@ -176,3 +176,45 @@ def test_gather_with_grad_is_identity_without_process_group():
     g = torch.randn(4, 3)
     (out * g).sum().backward()
     assert torch.equal(z.grad, g)
+
+
+SLOW_RANK_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+
+    import torch
+    from accelerate import Accelerator
+
+    sys.path.insert(0, {root!r})
+    import intl
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    save_state = accelerator.save_state
+    def slow_save_state(folder):  # rank 1 writes its share of the checkpoint long after rank 0
+        if accelerator.process_index == 1:
+            time.sleep(2)
+        save_state(folder)
+    accelerator.save_state = slow_save_state
+    for step in (1, 2):
+        intl.save_state_atomically(accelerator, Path(sys.argv[1]) / f"step-{{step:04d}}", "trainer_state.json",
+                                   {{"step": step}}, keep=1)
+    """
+)
+
+
+def test_atomic_checkpoint_holds_every_process_state_even_when_one_process_is_slow(tmp_path):
+    script = tmp_path / "save.py"
+    script.write_text(SLOW_RANK_SAVE.format(root=ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true",
+               GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "checkpoints")]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # only the newest checkpoint is kept, no temporary folder is left, and it has both processes' RNG states
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0002"]
+    saved = {p.name for p in (tmp_path / "checkpoints" / "step-0002").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= saved
