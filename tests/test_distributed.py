@@ -3,7 +3,8 @@
 Each rank embeds its half of a fixed batch, gathers the embeddings with `gather_with_grad`,
 computes the objective on the global batch, back-propagates, and averages the parameter
 gradients over ranks (what DDP does). That must equal one process computing the objective on
-the whole batch: same loss, same gradients.
+the whole batch: same loss, same gradients. Last, the shared atomic checkpoint save with two
+processes, one of them slow.
 """
 
 import os
