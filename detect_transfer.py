@@ -503,14 +503,15 @@ def load_detection_backbone(config, random=False):
     config.arch, mean and std from it. random: a freshly initialised ResNet of config.arch (for --backbone random,
     or when a checkpoint provides every weight)."""
     if random or config.backbone == "random":
-        backbone = intl.build_backbone(config.arch, False, zero_init_residual=False)
-        backbone_config = {"arch": config.arch, "cifar_stem": False, "mean": intl.IMAGENET_MEAN,
+        backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
+        backbone_config = {"arch": config.arch, "stem": "imagenet", "mean": intl.IMAGENET_MEAN,
                            "std": intl.IMAGENET_STD}
     else:
         backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision)
-    if backbone_config["cifar_stem"]:
-        raise ValueError(f"{config.backbone} has the CIFAR stem (3x3 conv, no max-pool): its res4 has stride 4, not "
-                         "16, so it does not fit the detectors; use a backbone pretrained with the ImageNet stem")
+    if backbone_config["stem"] != "imagenet":
+        raise ValueError(f"{config.backbone} has the {backbone_config['stem']} stem (3x3 stride-1 conv): its res4 "
+                         "does not have stride 16, so it does not fit the detectors; use a backbone pretrained with "
+                         "the ImageNet stem")
     config.arch = backbone_config["arch"]
     config.mean = list(config.mean or backbone_config["mean"])
     config.std = list(config.std or backbone_config["std"])
@@ -1120,7 +1121,7 @@ def benchmark(config, accelerator):
     """Seconds per training iteration of --model on random images of --benchmark_size, and the peak memory."""
     config.mean, config.std = list(intl.IMAGENET_MEAN), list(intl.IMAGENET_STD)
     set_seed(config.seed)
-    model = build_detector(config, intl.build_backbone(config.arch, False, zero_init_residual=False),
+    model = build_detector(config, intl.build_backbone(config.arch, "imagenet", zero_init_residual=False),
                            len(VOC_CLASSES)).to(accelerator.device)
     optimizer = build_optimizer(model, config)
     h, w = config.benchmark_size

@@ -63,22 +63,37 @@ from torchvision.transforms import v2
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 
+# The first layers of the ResNets of the authors' runs: conv1 (kernel, stride, padding) and whether the max-pool stays.
+STEMS = {
+    "imagenet": (7, 2, 3, True),  # torchvision's ResNet (the authors' 1-pixel pad + padding 2 is the same padding 3)
+    "cifar": (3, 1, 2, False),  # INTL's CIFAR ResNet: a 1-pixel zero pad, then 3x3 stride 1 padding 1 = padding 2
+    "cifar-unpadded": (3, 1, 1, False),  # CW-RGP's CIFAR ResNet
+    "small-maxpool": (3, 1, 1, True),  # CW-RGP's STL-10 and Tiny-ImageNet ResNet: 3x3 stride 1, max-pool kept
+}
 
-def build_backbone(arch="resnet50", cifar_stem=False, zero_init_residual=True):
+
+def build_backbone(arch="resnet50", stem="imagenet", zero_init_residual=True):
     """A torchvision ResNet without its classifier: images [B, 3, H, W] -> features [B, feature_dim].
 
     The state_dict keys are exactly torchvision's minus `fc.*`, so exported weights load into
-    `torchvision.models.<arch>()` with only the classifier missing.
-    cifar_stem: conv1 becomes 3x3 stride 1 and the max-pool is dropped (the CIFAR recipes).
+    `torchvision.models.<arch>()` with only the classifier missing (and, for the small-image stems,
+    conv1 / maxpool replaced as in `STEMS`).
+    stem: a key of STEMS. INTL's CIFAR network pads its 32 x 32 input with one zero pixel before
+    a 3x3 padding-1 conv1, so its maps are 34 -> 17 -> 9 -> 5; a zero pad followed by a zero-padded
+    convolution is one convolution with the two paddings added, which keeps torchvision's keys.
     zero_init_residual: the last BN of every residual block starts at zero, so each block starts
-    as the identity (as the official ImageNet recipes build their ResNet).
+    as the identity (the authors' ResNet-50 runs and CW-RGP's; not INTL's ResNet-18 runs).
     """
     if arch not in RESNETS:
         raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(RESNETS)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown --stem {stem!r}: choose one of {', '.join(STEMS)}")
     net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
-    if cifar_stem:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    kernel, stride, padding, maxpool = STEMS[stem]
+    if stem != "imagenet":
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if not maxpool:
         net.maxpool = nn.Identity()
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()  # no parameters, so no fc.* keys in the state_dict
@@ -99,16 +114,18 @@ def parse_projector_spec(spec):
     return widths
 
 
-def build_projector(in_dim, spec):
+def build_projector(in_dim, spec, hidden_bias=False):
     """The projector g: features [B, in_dim] -> embedding Z [B, widths[-1]].
 
-    Every hidden layer is Linear (no bias) -> BatchNorm -> ReLU, the last is a Linear with bias
-    (the "3 layers" projector of both papers; spec "2048-2048-2048" has two hidden layers).
+    Every hidden layer is Linear -> BatchNorm -> ReLU, the last is a Linear with bias (the "3
+    layers" projector of both papers; spec "2048-2048-2048" has two hidden layers). The hidden
+    Linear layers have no bias (INTL: the BN after them removes it) unless hidden_bias (CW-RGP's
+    projector keeps it).
     """
     widths = [in_dim] + parse_projector_spec(spec)
     layers = []
     for d_in, d_out in zip(widths[:-2], widths[1:-1]):
-        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(d_in, d_out, bias=hidden_bias), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(widths[-2], widths[-1], bias=True))
     return nn.Sequential(*layers)
 
@@ -428,10 +445,8 @@ class INTL(nn.Module):
         loss   the objective on the global batch (scalar)
         z      view 0's embedding of the global batch, detached [B_global, D] (for monitoring)
         z_hat  its transformed embedding, detached [B_global, D]
-    Views of equal resolution go through the encoder together (multi-crop: 2 x 224 + 4 small
-    crops is 5 encoder passes, not 6). In eval mode that gives the same numbers as one pass per
-    view; in training, BatchNorm normalises the views of one resolution with their joint batch
-    statistics, the usual multi-crop convention (one pass per view would give each its own).
+    Every view goes through the encoder and projector on its own, as in the authors' runs: in
+    training, each view's BatchNorm layers normalise it with its own batch statistics.
 
     momentum_target=True is INTL-M: an EMA copy of encoder + projector, without
     gradients, embeds view 0 only; the online network embeds views 1..V-1, each matched to the
@@ -455,26 +470,22 @@ class INTL(nn.Module):
             self.target.requires_grad_(False)
 
     def embed(self, views, network=None):
-        """Views [B, 3, H_v, W_v] -> per-view embeddings [B, D], one encoder pass per resolution."""
+        """Views [B, 3, H_v, W_v] -> per-view embeddings [B, D], one encoder + projector pass per view."""
         backbone, projector = (self.backbone, self.projector) if network is None else network
-        embeddings = [None] * len(views)
-        for indices in _group_by_shape(views):
-            features = backbone(torch.cat([views[i] for i in indices]))
-            for i, z in zip(indices, projector(features).chunk(len(indices))):
-                embeddings[i] = z
-        return embeddings
+        return [projector(backbone(v)) for v in views]
 
-    def forward(self, views, step=0):
-        """`step` seeds the random partitions of the sub-batch methods (the same on every process)."""
+    def forward(self, views, step=0, epoch=0):
+        """`step` seeds the random partitions of the sub-batch methods (the same on every process);
+        `epoch` switches CW-RGP's covariance term off after its epochs."""
         if len(views) < 2:
             raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
         if self.target is None:
-            return self.objective(self.embed(views), step)
+            return self.objective(self.embed(views), step, epoch)
         with torch.no_grad():
             z_target = self.embed(views[:1], network=(self.target[0], self.target[1]))
-        return self.objective(z_target + self.embed(views[1:]), step)
+        return self.objective(z_target + self.embed(views[1:]), step, epoch)
 
-    def objective(self, z, step=0):
+    def objective(self, z, step=0, epoch=0):
         """Per-view embeddings of the local batch, each [B, D] -> the dict of `forward`."""
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
@@ -501,18 +512,32 @@ class SubBatchWhitening(INTL):
     """CW-RGP and W-MSE on the same pipeline: whiten random sub-batches of each view, then an MSE
     between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats.
 
+    As in the authors' CW-RGP (and W-MSE) runs, the encoder runs once per view but the projector
+    once on all views together: its BatchNorm layers see the V x B embeddings as one batch.
     whiten(h [w_size, D], generator) -> [w_size, D] whitens one sub-batch of one view. The global
     batch is cut into random sub-batches of w_size (which must divide it); the partition and every
     random channel permutation come from a generator seeded by the step, so all processes draw the
-    same ones. normalized: 2 - 2 cos between rows (CW-RGP, W-MSE); else the squared distance.
+    same ones. normalized: 2 - 2 cos between rows (CW-RGP, W-MSE); else the mean squared error over
+    the B x D entries.
+    cov_weight, cov_epochs: CW-RGP's optional covariance term on the un-whitened embeddings (its
+    ImageNet runs), cov_weight x sum over views of `covariance_penalty`, for the first cov_epochs
+    epochs; it is averaged over the sub-batches, each standing for one GPU's batch of the authors'
+    runs (their per-GPU batch equals their whitening sub-batch).
     """
 
-    def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True):
-        super().__init__(backbone, projector)
+    def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True, axis=0, cov_weight=0.0,
+                 cov_epochs=0):
+        super().__init__(backbone, projector, axis=axis)
         del self.transform
         self.whiten, self.w_size, self.w_iter, self.normalized = whiten, w_size, w_iter, normalized
+        self.cov_weight, self.cov_epochs = cov_weight, cov_epochs
 
-    def objective(self, z, step=0):
+    def embed(self, views, network=None):
+        """Views [B, 3, H, W] -> per-view embeddings [B, D]: one encoder pass per view, one projector pass."""
+        features = [self.backbone(v) for v in views]
+        return list(self.projector(torch.cat(features)).split([len(f) for f in features]))
+
+    def objective(self, z, step=0, epoch=0):
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
         batch = z[0].shape[0]
@@ -520,7 +545,8 @@ class SubBatchWhitening(INTL):
             raise ValueError(f"the global batch {batch} is not a multiple of --w_size {self.w_size}: "
                              "make --batch_size x processes a multiple of it")
         generator = torch.Generator().manual_seed(step)
-        losses, z_hat = [], torch.empty_like(z[0])
+        losses, covariance_terms, z_hat = [], [], torch.empty_like(z[0])
+        with_covariance = self.cov_weight > 0 and epoch < self.cov_epochs
         with torch.autocast(device_type=z[0].device.type, enabled=False):
             z = [v.to(torch.promote_types(v.dtype, torch.float32)) for v in z]
             for repeat in range(self.w_iter):
@@ -528,33 +554,42 @@ class SubBatchWhitening(INTL):
                     whitened = [self.whiten(v[rows], generator) for v in z]
                     if repeat == 0:
                         z_hat[rows] = whitened[0].detach().to(z_hat.dtype)
+                        if with_covariance:
+                            covariance_terms.append(sum(covariance_penalty(v[rows], self.axis) for v in z))
                     for i in range(len(whitened)):
                         for j in range(i + 1, len(whitened)):
                             losses.append(self.pair_loss(whitened[i], whitened[j]))
-        return {"loss": sum(losses) / len(losses), "z": z[0].detach(), "z_hat": z_hat}
+            loss = sum(losses) / len(losses)
+            if with_covariance:
+                loss = loss + self.cov_weight * sum(covariance_terms) / len(covariance_terms)
+        return {"loss": loss, "z": z[0].detach(), "z_hat": z_hat}
 
     def pair_loss(self, a, b):
-        return alignment_loss(a, b) if self.normalized else (a - b).pow(2).sum(dim=1).mean()
+        return alignment_loss(a, b) if self.normalized else F.mse_loss(a, b)
 
 
-def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, normalized=True):
+def covariance_penalty(h, axis=0):
+    """CW-RGP's covariance term: the squared off-diagonal entries of the covariance of h, summed, over its size.
+
+    h: [B, D] -> scalar sum_{i != j} S_ij^2 / m with S [m, m] the covariance of the units of h
+    (axis 0: the B samples, each centred over its D channels; axis 1: the D channels over the batch).
+    """
+    _, cov = _centred_covariance(_units(h, axis))
+    off_diagonal = cov - torch.diag(cov.diagonal())
+    return off_diagonal.pow(2).sum() / cov.shape[0]
+
+
+def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, normalized=True, cov_weight=0.0,
+           cov_epochs=0):
     """CW-RGP: every sub-batch and view gets a fresh random channel permutation into `groups` groups."""
     def whiten(h, generator):
         return cw_rgp_whiten(h, groups, torch.randperm(h.shape[1], generator=generator), eps, axis)
-    return SubBatchWhitening(backbone, projector, whiten, w_size, w_iter, normalized)
+    return SubBatchWhitening(backbone, projector, whiten, w_size, w_iter, normalized, axis, cov_weight, cov_epochs)
 
 
 def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
     """W-MSE: Cholesky batch whitening of every sub-batch and view."""
     return SubBatchWhitening(backbone, projector, lambda h, generator: cholesky_whiten(h, eps), w_size, w_iter)
-
-
-def _group_by_shape(views):
-    """Indices of views grouped by their shape, in order of first appearance: [[0, 1], [2, 3, 4, 5]]."""
-    groups = {}
-    for i, v in enumerate(views):
-        groups.setdefault(tuple(v.shape), []).append(i)
-    return list(groups.values())
 
 
 # -----------------------------------------------------------------------------
@@ -939,10 +974,10 @@ def labels_of(split):
 # What the scripts share: evaluation transform, features, kNN, exports, plots
 
 
-def eval_transform(image_size, mean, std):
-    """Un-augmented input: Resize(size / 0.875) + CenterCrop(size) for large images (224 -> 256 -> 224),
-    a plain resize for small ones (CIFAR, digits)."""
-    resize = round(image_size / 0.875) if image_size >= 128 else image_size
+def eval_transform(image_size, mean, std, resize=None):
+    """Un-augmented input: Resize(resize) + CenterCrop(size). resize defaults to size / 0.875 for large images
+    (224 -> 256 -> 224) and to the size itself for small ones (CIFAR, digits); CW-RGP's STL-10 uses 70 for 64."""
+    resize = resize or (round(image_size / 0.875) if image_size >= 128 else image_size)
     return v2.Compose([
         v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(image_size),
@@ -1121,7 +1156,7 @@ def plot_spectra(spectra, path, max_curves=6):
 #      HF_HUB_OFFLINE=1 reads the local Hub cache only)
 #   3. a pretrain.py checkpoint folder (model.safetensors with backbone.* keys + trainer_state.json)
 #   4. an official INTL / CW-RGP checkpoint (.pth.tar: {"state_dict": {"module.backbone.*": ...}})
-# Every backbone comes with its config: arch, cifar_stem, feature_dim, image_size, mean, std, and
+# Every backbone comes with its config: arch, stem, feature_dim, image_size, mean, std, and
 # whatever the export recorded about its training.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -1129,22 +1164,23 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 EXPORT_FILES = ("model.safetensors", "config.json")
 
 
-def load_backbone(source, arch=None, revision=None):
+def load_backbone(source, arch=None, revision=None, stem=None):
     """Any supported source -> (backbone nn.Module in eval mode, config dict).
 
     arch: required for a bare .safetensors file or an official checkpoint only when it cannot be
     inferred from the weights' shapes; given for the other sources, it must match the weights.
     revision: a Hub branch, tag or commit (same as "id@revision").
+    stem: a key of STEMS, for weights whose config does not say it (see `_complete_config`).
     Raises ValueError for anything that does not load, never returns a half-loaded model.
     """
-    weights, config = load_backbone_weights(source, arch, revision)
-    backbone = build_backbone(config["arch"], config["cifar_stem"])
-    _load_strict(backbone, weights, f"{source} ({config['arch']}{', CIFAR stem' if config['cifar_stem'] else ''})")
+    weights, config = load_backbone_weights(source, arch, revision, stem)
+    backbone = build_backbone(config["arch"], config["stem"])
+    _load_strict(backbone, weights, f"{source} ({config['arch']}, {config['stem']} stem)")
     config["feature_dim"] = backbone.feature_dim
     return backbone.eval(), config
 
 
-def load_backbone_weights(source, arch=None, revision=None):
+def load_backbone_weights(source, arch=None, revision=None, stem=None):
     """Any supported source -> (state_dict with torchvision keys without fc.*, config dict). Not yet checked."""
     if source is None or str(source).strip() == "":
         raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub repo id, "
@@ -1171,7 +1207,7 @@ def load_backbone_weights(source, arch=None, revision=None):
                          "'owner/name[@revision]')")
     else:
         weights, config = _download_from_hub(source, revision)
-    return weights, _complete_config(config, weights, arch, source)
+    return weights, _complete_config(config, weights, arch, source, stem)
 
 
 def _read_safetensors(path):
@@ -1193,8 +1229,14 @@ def _read_pretrain_checkpoint(folder):
     state = json.loads((folder / "trainer_state.json").read_text())
     weights = _strip_prefix(_read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
     train = state.get("config", {})
-    config = {key: train[key] for key in ("arch", "cifar_stem", "image_size", "mean", "std", "method", "preset",
-                                          "dataset", "projector", "iters", "axis") if key in train}
+    config = {key: train[key] for key in ("arch", "stem", "cifar_stem", "image_size", "method", "preset", "dataset",
+                                          "projector", "iters", "axis") if key in train}
+    # What a user of the features feeds them: the recipe's evaluation input (cifar100 pretrains with its own
+    # mean / std but is evaluated with CIFAR-10's, as the authors do).
+    config.update(mean=train.get("eval_mean") or train.get("mean"), std=train.get("eval_std") or train.get("std"))
+    if train.get("eval_resize"):
+        config["eval_resize"] = train["eval_resize"]
+    config = {key: value for key, value in config.items() if value is not None}
     config.update(epochs_trained=state.get("epochs_trained"), steps_trained=state.get("step"))
     config["recipe"] = {key: train[key] for key in RECIPE_KEYS if key in train}
     if "num_processes" in state:
@@ -1203,7 +1245,8 @@ def _read_pretrain_checkpoint(folder):
 
 
 def _read_official_checkpoint(path):
-    """An official .pth.tar: {"state_dict": {"module.backbone.conv1.weight": ...}, ...}, read with weights_only."""
+    """An official .pth.tar, read with weights_only: {"state_dict": {...}}, the backbone under "module.backbone.*"
+    (INTL) or "module.model.*" (CW-RGP)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -1216,10 +1259,14 @@ def _read_official_checkpoint(path):
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError(f"{path} holds no state_dict of tensors (expected a dict with a 'state_dict' entry, "
                          "as the official INTL / CW-RGP checkpoints)")
-    config = {"source_format": "official INTL / CW-RGP checkpoint"}
+    cw_rgp = any(k.startswith(("module.model.", "model.")) for k in state_dict)
+    config = {"source_format": f"official {'CW-RGP' if cw_rgp else 'INTL'} checkpoint"}
     if checkpoint.get("arch") in RESNETS:  # the official ImageNet scripts save it next to the state_dict
         config["arch"] = checkpoint["arch"]
-    return _strip_prefix(state_dict, ("module.backbone.", "backbone."), path), config
+    weights = _strip_prefix(state_dict, ("module.backbone.", "backbone.", "module.model.", "model."), path)
+    if _has_small_image_conv1(weights):  # INTL's CIFAR ResNet pads its input; CW-RGP's CIFAR ResNet does not
+        config["stem"] = "cifar-unpadded" if cw_rgp else "cifar"
+    return weights, config
 
 
 def _strip_prefix(state_dict, prefixes, where):
@@ -1233,32 +1280,55 @@ def _strip_prefix(state_dict, prefixes, where):
                      f"(first keys: {shown or 'none'})")
 
 
-def _complete_config(config, weights, arch, source):
-    """Fill in arch, stem, input size and normalisation; the weights decide what the config does not say."""
+def _has_small_image_conv1(weights):
+    conv1 = weights.get("conv1.weight")
+    return conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3)
+
+
+def _complete_config(config, weights, arch, source, stem=None):
+    """Fill in arch, stem, input size and normalisation; the weights decide what the config does not say.
+
+    The stem: `stem` if given, else the config's; a config of this project's first exports has only
+    "cifar_stem", which meant 3x3 stride 1 padding 1 without max-pool ("cifar-unpadded"). Weights with a
+    7x7 conv1 have the ImageNet stem; a 3x3 conv1 that nothing names is read as INTL's CIFAR network.
+    """
     config = dict(config)
-    if "cifar_stem" not in config:
-        conv1 = weights.get("conv1.weight")
-        config["cifar_stem"] = conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3)
+    if stem is not None:
+        if stem not in STEMS:
+            raise ValueError(f"unknown --stem {stem!r}: choose one of {', '.join(STEMS)}")
+        config["stem"] = stem
+    elif "stem" not in config:
+        legacy = config.pop("cifar_stem", None)
+        small = _has_small_image_conv1(weights) if legacy is None else legacy
+        config["stem"] = ("cifar" if legacy is None else "cifar-unpadded") if small else "imagenet"
+    config.pop("cifar_stem", None)
+    config["conv1"], config["maxpool"] = _describe_stem(config["stem"])
     if arch is not None:
         if arch not in RESNETS:
             raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(RESNETS)}")
         config["arch"] = arch
     elif "arch" not in config:
-        config["arch"] = _infer_arch(weights, config["cifar_stem"], source)
-    cifar = config["cifar_stem"]
-    config.setdefault("image_size", 32 if cifar else 224)
-    config.setdefault("mean", list(CIFAR_MEAN if cifar else IMAGENET_MEAN))
-    config.setdefault("std", list(CIFAR_STD if cifar else IMAGENET_STD))
+        config["arch"] = _infer_arch(weights, config["stem"], source)
+    small = config["stem"] != "imagenet"
+    config.setdefault("image_size", 32 if small else 224)
+    config.setdefault("mean", list(CIFAR_MEAN if small else IMAGENET_MEAN))
+    config.setdefault("std", list(CIFAR_STD if small else IMAGENET_STD))
     config.setdefault("format", "torchvision state_dict without fc.*")
     return config
 
 
-def _infer_arch(weights, cifar_stem, source):
+def _describe_stem(stem):
+    """The stem in words for config.json, so that a plain-torchvision user can rebuild it."""
+    kernel, stride, padding, maxpool = STEMS[stem]
+    return {"kernel_size": kernel, "stride": stride, "padding": padding}, maxpool
+
+
+def _infer_arch(weights, stem, source):
     """The ResNet whose state_dict has exactly these keys and shapes (built on the meta device: no memory)."""
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     for arch in RESNETS:
         with torch.device("meta"):
-            candidate = build_backbone(arch, cifar_stem)
+            candidate = build_backbone(arch, stem)
         if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
             return arch
     raise ValueError(f"cannot infer the architecture of {source}: its weights fit none of {', '.join(RESNETS)} "
@@ -1327,7 +1397,7 @@ def _download_from_hub(source, revision=None):
 # ----------------------------------------------------------------------------- conversion
 
 
-def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None):
+def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None):
     """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into an export folder.
 
     output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*), config.json
@@ -1341,7 +1411,7 @@ def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=No
         if foreign:
             raise ValueError(f"--output_dir {output_dir} exists and is not an export folder (it holds {foreign[0]!r}); "
                              "the export replaces the whole folder, so give a new or an export folder")
-    backbone, config = load_backbone(source, arch)
+    backbone, config = load_backbone(source, arch, stem=stem)
     # A local path is named by its last part only: the config may be published on the Hub.
     config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
     write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id))
@@ -1401,7 +1471,7 @@ def model_card(config, results=None, repo_id=None, license="other"):
     each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet).
     """
     records = _read_results(results)
-    arch, cifar = config.get("arch", "resnet50"), bool(config.get("cifar_stem"))
+    arch, stem = config.get("arch", "resnet50"), config.get("stem", "imagenet")
     dataset = config.get("dataset")
     model_name = repo_id.split("/")[-1] if repo_id else f"intl-{arch}-{Path(str(dataset or 'digits')).name}"
 
@@ -1425,7 +1495,7 @@ def model_card(config, results=None, repo_id=None, license="other"):
         model_name=model_name if eval_results else None, eval_results=eval_results or None)
 
     recipe = [f"| {name} | {config[key]} |" for key, name in (
-        ("method", "method"), ("arch", "encoder"), ("cifar_stem", "CIFAR stem (3x3 conv1, no max-pool)"),
+        ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
         ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
         ("dataset", "pretraining data"), ("image_size", "input size"), ("epochs_trained", "epochs"),
         ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None]
@@ -1435,8 +1505,10 @@ def model_card(config, results=None, repo_id=None, license="other"):
         for row in record["rows"]:
             table.append(f"| {row['name']} | {record.get('dataset') or 'digits'} ({record.get('test_split')}) | "
                          f"{fmt(row.get('top1'))} | {fmt(row.get('top5'))} |")
-    stem = ("net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)\n"
-            "net.maxpool = torch.nn.Identity()\n") if cifar else ""
+    kernel, stride, padding, maxpool = STEMS[stem]
+    stem_code = "" if stem == "imagenet" else (
+        f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
+        + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
     body = f"""
 # {model_name}
 
@@ -1472,7 +1544,7 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 
 net = torchvision.models.{arch}()
-{stem}net.fc = torch.nn.Identity()
+{stem_code}net.fc = torch.nn.Identity()
 net.load_state_dict(load_file(hf_hub_download("{repo_id or 'OWNER/NAME'}", "model.safetensors")))  # strict
 net.eval()  # net(images) -> features [B, {config.get('feature_dim', 'D')}]
 ```
@@ -1530,6 +1602,10 @@ def get_export_parser():
     parser.add_argument("--arch", choices=RESNETS, default=None,
                         help="encoder architecture (default: from the source's config, or inferred from the "
                              "weights' shapes)")
+    parser.add_argument("--stem", choices=STEMS, default=None,
+                        help="the network's first layers (default: from the source's config; for an official "
+                             "checkpoint, 'cifar' for INTL's and 'cifar-unpadded' for CW-RGP's 3x3 conv1: give "
+                             "'small-maxpool' for CW-RGP's STL-10 / Tiny-ImageNet networks)")
     parser.add_argument("--output_dir", required=True,
                         help="the export folder to write (replaced if it is already an export folder)")
     parser.add_argument("--eval_results", nargs="*", default=[],
@@ -1545,7 +1621,8 @@ def get_export_parser():
 def main_export(argv=None):
     """`python intl.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
     args = get_export_parser().parse_args(argv)
-    export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub)
+    export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
+                                      args.stem)
     print(f"exported {args.source} to {export_dir}")
     if args.push_to_hub:
         push_export_to_hub(export_dir, args.push_to_hub, private=args.private,

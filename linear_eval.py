@@ -84,6 +84,10 @@ def get_parser():
     parser.add_argument("--arch", type=str, default=None, choices=intl.RESNETS,
                         help="encoder architecture (default: from the backbone's config or its weights' shapes)")
     parser.add_argument("--revision", type=str, default=None, help="Hub branch, tag or commit of --backbone")
+    parser.add_argument("--stem", type=str, default=None, choices=list(intl.STEMS),
+                        help="the backbone's first layers when its config does not say them (an official "
+                             "checkpoint: 'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's; give "
+                             "'small-maxpool' for CW-RGP's STL-10 / Tiny-ImageNet networks)")
 
     # Protocol
     parser.add_argument("--protocol", type=str, nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
@@ -144,7 +148,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
 
     # Model: any backbone source, loaded strictly, frozen.
-    backbone, backbone_config = intl.load_backbone(args.backbone, args.arch, args.revision)
+    backbone, backbone_config = intl.load_backbone(args.backbone, args.arch, args.revision, args.stem)
     backbone.requires_grad_(False).to(accelerator.device)
     image_size = args.image_size or backbone_config["image_size"]
     mean, std = args.mean or backbone_config["mean"], args.std or backbone_config["std"]
@@ -156,7 +160,8 @@ def main(argv=None):
     data = dict(dataset=args.dataset, train_split=args.train_split, test_split=args.test_split,
                 n_train=len(train_split.dataset), n_test=len(test_split.dataset), num_classes=num_classes)
     say(f"{args.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} classes")
-    eval_images = intl.eval_transform(image_size, mean, std)
+    eval_resize = None if args.image_size else backbone_config.get("eval_resize")  # CW-RGP STL-10: 70 for 64
+    eval_images = intl.eval_transform(image_size, mean, std, eval_resize)
 
     # Frozen features, extracted once without augmentation, for knn and linear-cached.
     if {"knn", "linear-cached"} & set(args.protocol):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image as PILImage
+from PIL import ImageFilter
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
@@ -39,43 +40,63 @@ IMAGENET_MEAN, IMAGENET_STD, CIFAR_MEAN, CIFAR_STD = intl.IMAGENET_MEAN, intl.IM
 
 METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 
-# The official recipes. A preset sets these values; any explicit flag wins.
-_CIFAR = dict(arch="resnet18", cifar_stem=True, image_size=32, projector="2048-2048-2048", batch_size=256,
-              epochs=1000, lr=0.3, weight_decay=1e-4, warmup_epochs=2, momentum=0.999,
-              blur_prob="0.0,0.0", solarize_prob="0.0,0.2", mean=CIFAR_MEAN, std=CIFAR_STD)
-_INTL_M = dict(method="intl-m", arch="resnet50", dataset="ILSVRC/imagenet-1k", projector="8192-8192-8192",
-               batch_size=256, weight_decay=1e-5, momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
-               blur_prob="0.5,0.5", solarize_prob="0.1,0.1", mixed_precision="fp16")
-_CW_RGP = dict(_CIFAR, method="cw-rgp", projector="1024-512", num_views=4, optimizer="adam", schedule="step",
-               weight_decay=1e-6, warmup_epochs=0, groups=4, w_size=64)
-_CW_RGP_IMAGENET = dict(method="cw-rgp", arch="resnet50", dataset="ILSVRC/imagenet-1k", num_views=4,
-                       projector="8192-8192-8192", batch_size=512, weight_decay=1e-5, groups=4, w_size=64)
+# The authors' runs, value by value (README: "Presets"). A preset sets these values; any explicit flag wins.
+# Every value a recipe depends on is named, also where it equals the flag's default.
+_INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops="",
+             min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter="0.4,0.4,0.2,0.1",
+             grayscale_prob=0.2, blur_prob="1.0,0.1", solarize_prob="0.0,0.2", optimizer="sgd", schedule="cosine",
+             warmup_epochs=2, warmup_steps=None, decay_all_params=False, iters=4, axis=0)
+_CIFAR = dict(_INTL, arch="resnet18", stem="cifar", zero_init_residual=False, image_size=32,
+              projector="2048-2048-2048", batch_size=256, epochs=1000, lr=0.3, weight_decay=1e-4,
+              decay_all_params=True, momentum=0.999, blur_prob="0.0,0.0", solarize_prob="0.0,0.2",
+              mean=CIFAR_MEAN, std=CIFAR_STD, mixed_precision="no")
+_IMAGENET = dict(_INTL, dataset="ILSVRC/imagenet-1k", arch="resnet50", image_size=224, projector="8192-8192-8192",
+                 batch_size=256, weight_decay=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD, mixed_precision="fp16")
+_INTL_M = dict(_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
+               blur_prob="0.5,0.5", solarize_prob="0.1,0.1")
+# CW-RGP (its authors' scripts, W-MSE's setup on small data): colour first, then the crop; 500 warm-up steps.
+_CW_RGP = dict(_INTL, method="cw-rgp", arch="resnet18", stem="cifar-unpadded", zero_init_residual=True,
+               image_size=32, projector="1024-512", hidden_bias=True, num_views=4, groups=4, w_size=64,
+               batch_size=256, epochs=1000, optimizer="adam", lr=3e-3, weight_decay=1e-6, decay_all_params=True,
+               schedule="step", warmup_epochs=0, warmup_steps=500, colour_before_crop=True, jitter="0.4,0.4,0.4,0.1",
+               grayscale_prob=0.1, min_scale=0.2, blur_prob="0.0,0.0", solarize_prob="0.0,0.0", mixed_precision="no")
+_CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", stem="imagenet", image_size=224,
+                        projector="2048-2048-1024", groups=2, w_size=128, batch_size=512, optimizer="sgd", lr=0.05,
+                        weight_decay=1e-4, schedule="cosine-epoch", colour_before_crop=False,
+                        crop_interpolation="bilinear", grayscale_prob=0.2, blur_prob="0.5,0.5",
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
 PRESETS = {
-    # Offline demo on scikit-learn's digits: a small budget that shows learning in minutes on 2 cores.
-    "digits": dict(dataset="digits", arch="resnet18", cifar_stem=False, image_size=32, projector="512-512-512",
-                   batch_size=128, epochs=20, lr=0.3, weight_decay=1e-4, warmup_epochs=2, momentum=0.99,
-                   blur_prob="0.0,0.0", solarize_prob="0.0,0.2", knn_every=5, spectrum_every=20, num_workers=2),
+    # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
+    "digits": dict(_CIFAR, dataset="digits", stem="imagenet", projector="512-512-512", batch_size=128, epochs=20,
+                   momentum=0.99, mean=IMAGENET_MEAN, std=IMAGENET_STD, knn_every=5, spectrum_every=20,
+                   num_workers=2),
     "cifar10": dict(_CIFAR, dataset="uoft-cs/cifar10"),
-    "cifar100": dict(_CIFAR, dataset="uoft-cs/cifar100"),
+    # Pretrained with CIFAR-100's statistics, evaluated with CIFAR-10's (as the authors).
+    "cifar100": dict(_CIFAR, dataset="uoft-cs/cifar100", mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                     eval_mean=CIFAR_MEAN, eval_std=CIFAR_STD),
     # ImageNet-100 is a 100-class subset of ImageNet without a canonical Hub copy: --dataset names its folder.
-    "imagenet100": dict(dataset=None, arch="resnet18", projector="4096-4096-4096", batch_size=128, epochs=400,
-                        lr=0.5, weight_decay=2.5e-5),
-    "imagenet-800ep": dict(dataset="ILSVRC/imagenet-1k", arch="resnet50", projector="8192-8192-8192",
-                           batch_size=256, epochs=800, lr=0.3, weight_decay=1e-5),
+    "imagenet100": dict(_IMAGENET, dataset=None, arch="resnet18", zero_init_residual=False,
+                        projector="4096-4096-8192", batch_size=128, epochs=400, lr=0.5, weight_decay=2.5e-5,
+                        mixed_precision="no"),
+    "imagenet-800ep": dict(_IMAGENET, epochs=800, lr=0.3),
     "intl-m-100ep": dict(_INTL_M, epochs=100, lr=0.5),
     "intl-m-200ep": dict(_INTL_M, epochs=200, lr=0.4),
     "intl-m-400ep": dict(_INTL_M, epochs=400, lr=0.4),
     "intl-m-800ep": dict(_INTL_M, epochs=800, lr=0.3),
     # CW-RGP's small-data recipes (4 views). STL-10 and Tiny-ImageNet have no canonical Hub copy: --dataset.
-    "cw-rgp-cifar10": dict(_CW_RGP, dataset="uoft-cs/cifar10", lr=3e-3),
-    "cw-rgp-cifar100": dict(_CW_RGP, dataset="uoft-cs/cifar100", lr=3e-3),
-    "cw-rgp-stl10": dict(_CW_RGP, dataset=None, image_size=64, lr=2e-3),
-    "cw-rgp-tiny-imagenet": dict(_CW_RGP, dataset=None, image_size=64, lr=2e-3),
-    # CW-RGP on ImageNet: the paper gives ResNet-50, batch 512, 100 / 200 epochs and 4 views. It does not
-    # give the optimiser: these take INTL's ImageNet recipe (SGD, cosine, the 100 / 200-epoch base lr,
-    # wd 1e-5, 8192-8192-8192 projector, ImageNet augmentations), stated as such in the README.
-    "cw-rgp-imagenet-100ep": dict(_CW_RGP_IMAGENET, epochs=100, lr=0.5),
-    "cw-rgp-imagenet-200ep": dict(_CW_RGP_IMAGENET, epochs=200, lr=0.4),
+    "cw-rgp-cifar10": dict(_CW_RGP, dataset="uoft-cs/cifar10", mean=(0.4914, 0.4822, 0.4465),
+                           std=(0.2023, 0.1994, 0.2010)),
+    "cw-rgp-cifar100": dict(_CW_RGP, dataset="uoft-cs/cifar100", mean=(0.5071, 0.4867, 0.4408),
+                            std=(0.2675, 0.2565, 0.2761)),
+    "cw-rgp-stl10": dict(_CW_RGP, dataset=None, stem="small-maxpool", image_size=64, lr=2e-3, epochs=2000,
+                         mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27), eval_resize=70),
+    "cw-rgp-tiny-imagenet": dict(_CW_RGP, dataset=None, stem="small-maxpool", image_size=64, lr=2e-3,
+                                 projector="2048-1024", groups=2, w_size=128, mean=(0.480, 0.448, 0.398),
+                                 std=(0.277, 0.269, 0.282)),
+    # CW-RGP on ImageNet (4 views, batch 512). Their optional covariance term: --cov_weight 0.005 --cov_epochs 50
+    # (100 epochs), --cov_weight 0.01 --cov_epochs 100 (200 epochs).
+    "cw-rgp-imagenet-100ep": dict(_CW_RGP_IMAGENET, epochs=100),
+    "cw-rgp-imagenet-200ep": dict(_CW_RGP_IMAGENET, epochs=200),
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
@@ -101,6 +122,14 @@ def get_parser():
     parser.add_argument("--label_column", type=str, default=None, help="label column (default: detected)")
     parser.add_argument("--image_size", type=int, default=224, help="side of the two large crops, in pixels")
     parser.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop scale lower bound")
+    parser.add_argument("--crop_interpolation", type=str, default="bicubic", choices=["bicubic", "bilinear"],
+                        help="resampling of RandomResizedCrop (INTL: bicubic; CW-RGP ImageNet: bilinear)")
+    parser.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
+                        help="colour jitter and grayscale on the whole image, then the crop (CW-RGP's small-data "
+                             "order; needs --augment_on cpu); default: crop first (BYOL order)")
+    parser.add_argument("--jitter", type=str, default="0.4,0.4,0.2,0.1",
+                        help="colour jitter strengths: brightness, contrast, saturation, hue (applied with p 0.8)")
+    parser.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of converting a view to gray")
     parser.add_argument("--small_crops", type=str, default="",
                         help="multi-crop: sides of extra small crops, e.g. '192,160,128,96'; a crop of side s "
                              "takes scales (min_scale * s / image_size, s / image_size)")
@@ -110,19 +139,32 @@ def get_parser():
                         help="solarisation probability of view 1, view 2 (and every small crop, the second value)")
     parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="input normalisation mean (RGB)")
     parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="input normalisation std (RGB)")
+    parser.add_argument("--eval_mean", type=float, nargs=3, default=None,
+                        help="normalisation mean of un-augmented inputs (kNN monitor, the export's config); "
+                             "default: --mean")
+    parser.add_argument("--eval_std", type=float, nargs=3, default=None,
+                        help="normalisation std of un-augmented inputs; default: --std")
+    parser.add_argument("--eval_resize", type=int, default=None,
+                        help="side un-augmented inputs are resized to before the centre crop of --image_size "
+                             "(default: image_size / 0.875 from 128 px up, else image_size; CW-RGP STL-10: 70)")
     parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
-    parser.add_argument("--augment_on", type=str, default="device" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "device"],
+    parser.add_argument("--augment_on", type=str, default=None, choices=["cpu", "device"],
                         help="cpu: the whole augmentation per image in the workers (PIL); device: workers decode, "
-                             "crop and flip, colour jitter / grayscale / blur / solarise run batched on the device")
+                             "crop and flip, colour jitter / grayscale / blur / solarise run batched on the device "
+                             "(default: device on a GPU unless --colour_before_crop, else cpu)")
 
     # Model
     parser.add_argument("--arch", type=str, default="resnet50", choices=intl.RESNETS, help="encoder")
-    parser.add_argument("--cifar_stem", action=argparse.BooleanOptionalAction, default=False,
-                        help="3x3 stride-1 first convolution and no max-pool (CIFAR recipes)")
-    parser.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=True,
-                        help="start every residual block as the identity")
+    parser.add_argument("--stem", type=str, default="imagenet", choices=list(intl.STEMS),
+                        help="first layers: imagenet (torchvision's 7x7 conv + max-pool); cifar (INTL's CIFAR "
+                             "network: 1-pixel zero pad + 3x3 stride-1 conv, no max-pool); cifar-unpadded "
+                             "(CW-RGP's CIFAR network); small-maxpool (CW-RGP's STL-10 / Tiny-ImageNet network)")
+    parser.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
+                        help="start every residual block as the identity (default: on for ResNet-50 and larger, "
+                             "off for ResNet-18/34, as in INTL's runs)")
     parser.add_argument("--projector", type=str, default="8192-8192-8192", help="projector layer widths")
+    parser.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False,
+                        help="a bias in the projector's hidden Linear layers (CW-RGP's projector)")
 
     # Method
     parser.add_argument("--method", type=str, default="intl", choices=METHODS,
@@ -151,6 +193,9 @@ def get_parser():
                              "st: eps x its mean eigenvalue")
     parser.add_argument("--pair_loss", type=str, default="normalized", choices=["normalized", "squared"],
                         help="cw-rgp: 2 - 2 cos between whitened views (normalised MSE) or their squared distance")
+    parser.add_argument("--cov_weight", type=float, default=0.0,
+                        help="cw-rgp: weight of the optional covariance term on the un-whitened embeddings")
+    parser.add_argument("--cov_epochs", type=int, default=0, help="cw-rgp: epochs the covariance term is applied for")
     parser.add_argument("--num_views", type=int, default=2,
                         help="large crops per image (CW-RGP uses 2 or 4); views after the first use the second "
                              "blur/solarise probability")
@@ -159,13 +204,20 @@ def get_parser():
     parser.add_argument("--epochs", type=int, default=800, help="training epochs")
     parser.add_argument("--batch_size", type=int, default=256, help="batch per process (global = x processes)")
     parser.add_argument("--lr", type=float, default=0.3, help="base learning rate, scaled by global batch / 256")
-    parser.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay (none on biases and norms)")
-    parser.add_argument("--warmup_epochs", type=float, default=10, help="linear warm-up, then cosine to 0.001 x")
+    parser.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
+    parser.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
+                        help="weight decay on every parameter (CIFAR and CW-RGP recipes); default: none on biases "
+                             "and normalisation parameters (INTL's ImageNet recipes)")
+    parser.add_argument("--warmup_epochs", type=float, default=2,
+                        help="linear warm-up: lr = peak x (step + 1) / warm-up steps")
+    parser.add_argument("--warmup_steps", type=int, default=None,
+                        help="the warm-up in steps instead of epochs (CW-RGP: 500)")
     parser.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "adam"],
                         help="sgd: momentum 0.9 (INTL recipes); adam (CW-RGP small-data recipes)")
-    parser.add_argument("--schedule", type=str, default="cosine", choices=["cosine", "step"],
-                        help="cosine: warm-up then cosine to 0.001 x; step: x0.2 at 50 and 25 epochs before the "
-                             "end (CW-RGP small-data recipes)")
+    parser.add_argument("--schedule", type=str, default="cosine", choices=["cosine", "cosine-epoch", "step"],
+                        help="after the warm-up, cosine: per step to 0.001 x peak (INTL); cosine-epoch: per epoch "
+                             "to 0 (CW-RGP ImageNet); step: x0.2 at 50 and 25 epochs before the end (CW-RGP small "
+                             "data)")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                         help="autocast precision (default: Accelerate's config); fp16 falls back to no on CPU "
                              "when it comes from a preset")
@@ -248,11 +300,12 @@ def main(argv=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     set_seed(config.seed, device_specific=True)
 
-    # Optim: no weight decay on biases and normalisation parameters.
+    # Optim: SGD or Adam, weight decay on every parameter or not on biases and normalisation parameters.
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
     peak_lr = config.lr * global_batch / 256
     total_steps = config.epochs * sampler.batches_per_epoch
-    warmup_steps = round(config.warmup_epochs * sampler.batches_per_epoch)
+    warmup_steps = config.warmup_steps if config.warmup_steps is not None else \
+        round(config.warmup_epochs * sampler.batches_per_epoch)
 
     step = 0
     if config.resume:
@@ -296,7 +349,9 @@ def main(argv=None):
                     views = device_views(batch[0], batch[1], config, accelerator.device)
                 else:
                     views = [v.to(accelerator.device, non_blocking=True) for v in batch[0]]
-                out = model(views, step=step)
+                if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
+                    accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
+                out = model(views, step=step, epoch=epoch)
                 loss = out["loss"].item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
@@ -306,8 +361,6 @@ def main(argv=None):
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(out["loss"])
                 optimizer.step()
-                if config.method == "intl-m":
-                    accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
                 step += 1
                 images_seen += global_batch
                 progress.update(1)
@@ -356,6 +409,14 @@ def resolve_config(argv=None):
         config.preset = preset
         if config.mixed_precision == "fp16" and "mixed_precision" not in explicit and not torch.cuda.is_available():
             config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
+    if "warmup_epochs" in explicit and "warmup_steps" in explicit:
+        raise ValueError("--warmup_epochs and --warmup_steps both set the warm-up: give one of them")
+    if "warmup_epochs" in explicit:
+        config.warmup_steps = None  # the flag given wins over a preset's warm-up in steps
+    if config.zero_init_residual is None:
+        config.zero_init_residual = config.arch not in ("resnet18", "resnet34")
+    if config.augment_on is None:
+        config.augment_on = "device" if torch.cuda.is_available() and not config.colour_before_crop else "cpu"
     if config.resume and not config.export_only:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL)
@@ -384,6 +445,19 @@ def check_config(config):
     if config.export_only and not config.resume:
         raise ValueError("--export_only needs --resume CHECKPOINT (or 'latest') to say what to export")
     intl.parse_projector_spec(config.projector)
+    jitter = parse_floats(config.jitter, "jitter")
+    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+        raise ValueError(f"--jitter {config.jitter!r}: give brightness, contrast, saturation and hue strengths, "
+                         "e.g. '0.4,0.4,0.2,0.1' (each >= 0, hue <= 0.5)")
+    if not 0 <= config.grayscale_prob <= 1:
+        raise ValueError(f"--grayscale_prob {config.grayscale_prob}: a probability, in [0, 1]")
+    if config.colour_before_crop and config.augment_on == "device":
+        raise ValueError("--colour_before_crop jitters the whole image before the crop, which the device path "
+                         "(crops in the workers, colour on the device) cannot do: use --augment_on cpu")
+    if config.warmup_steps is not None and config.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps {config.warmup_steps}: must be at least 0")
+    if config.cov_weight < 0 or config.cov_epochs < 0:
+        raise ValueError(f"--cov_weight {config.cov_weight} / --cov_epochs {config.cov_epochs}: must be at least 0")
     for flag in ("blur_prob", "solarize_prob"):
         probs = parse_floats(getattr(config, flag), flag)
         if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
@@ -402,31 +476,56 @@ def parse_floats(text, flag):
 # Data: augmented views (BYOL style, as both papers) and a deterministic, sharded, resumable sample order
 
 
-def view_transforms(config):
-    """One torchvision pipeline per view: two large crops, then the small multi-crop ones."""
+def view_specs(config):
+    """(side, crop scale, blur probability, solarise probability) of every view: the large crops, then the
+    small multi-crop ones (a crop of side s takes scales (min_scale * s / image_size, s / image_size))."""
     blur, solarize = parse_floats(config.blur_prob, "blur_prob"), parse_floats(config.solarize_prob, "solarize_prob")
-    views = [augmentation(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)], config)
+    specs = [(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)])
              for i in range(config.num_views)]
     for side in parse_floats(config.small_crops, "small_crops"):
         ratio = side / config.image_size
-        views.append(augmentation(int(side), (config.min_scale * ratio, ratio), blur[1], solarize[1], config))
-    return views
+        specs.append((int(side), (config.min_scale * ratio, ratio), blur[1], solarize[1]))
+    return specs
+
+
+def view_transforms(config):
+    """One torchvision pipeline per view (see `augmentation`)."""
+    return [augmentation(side, scale, blur_prob, solarize_prob, config)
+            for side, scale, blur_prob, solarize_prob in view_specs(config)]
 
 
 def augmentation(size, scale, blur_prob, solarize_prob, config):
-    """BYOL-style: crop -> colour jitter -> grayscale -> blur -> solarise -> flip -> normalise."""
-    blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd
+    """BYOL-style: crop -> colour jitter -> grayscale -> blur -> solarise -> flip -> normalise; with
+    --colour_before_crop (CW-RGP on small data): colour jitter -> grayscale -> crop -> flip."""
+    interpolation = T.InterpolationMode[config.crop_interpolation.upper()]
+    crop = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
+    colour = [T.RandomApply([T.ColorJitter(*parse_floats(config.jitter, "jitter"))], p=0.8),
+              T.RandomGrayscale(p=config.grayscale_prob)]
     return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=blur_prob),
+        *(colour + crop if config.colour_before_crop else crop + colour),
+        RandomPILGaussianBlur(blur_prob),
         T.RandomSolarize(threshold=128, p=solarize_prob),
         T.RandomHorizontalFlip(p=0.5),
         T.ToImage(),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(config.mean, config.std),
     ])
+
+
+class RandomPILGaussianBlur:
+    """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in [0.1, 2]: the authors' blur.
+
+    PIL's radius is the standard deviation, and its filter (three extended box blurs, edges repeated)
+    has no kernel to truncate: a fixed kernel of ~10% of the side would cut small crops' blur at ~2 sigma.
+    """
+
+    def __init__(self, p, sigma=(0.1, 2.0)):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, image):
+        if self.p == 0 or torch.rand(1).item() >= self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=torch.empty(1).uniform_(*self.sigma).item()))
 
 
 class AugmentedViews(torch.utils.data.Dataset):
@@ -492,7 +591,8 @@ def training_loader(config, train_split, accelerator):
         raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
                          f"{config.batch_size * accelerator.num_processes}: lower --batch_size")
     if config.augment_on == "device":
-        train_data = CroppedViews(train_split, view_specs(config), config.seed)
+        train_data = CroppedViews(train_split, view_specs(config), config.seed, parse_floats(config.jitter, "jitter"),
+                                  config.grayscale_prob, config.crop_interpolation)
     else:
         train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
     return sampler, torch.utils.data.DataLoader(
@@ -514,25 +614,17 @@ JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA, SOLARIZ
 NUM_PHOTOMETRIC = 13
 
 
-def view_specs(config):
-    """(side, crop scale, blur probability, solarise probability) of every view, as `view_transforms`."""
-    blur, solarize = parse_floats(config.blur_prob, "blur_prob"), parse_floats(config.solarize_prob, "solarize_prob")
-    specs = [(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)])
-             for i in range(config.num_views)]
-    for side in parse_floats(config.small_crops, "small_crops"):
-        ratio = side / config.image_size
-        specs.append((int(side), (config.min_scale * ratio, ratio), blur[1], solarize[1]))
-    return specs
-
-
-def draw_photometric(blur_prob, solarize_prob):
-    """One sample's colour parameters [13]: jitter p 0.8 with factors and a random order of the four
-    ops, grayscale p 0.2, blur with sigma in [0.1, 2], solarise - the distributions of `augmentation`."""
+def draw_photometric(jitter, grayscale_prob, blur_prob, solarize_prob):
+    """One sample's colour parameters [13]: jitter p 0.8 with factors (1 +- strength, hue +- strength) and
+    a random order of the four ops, grayscale, blur with sigma in [0.1, 2], solarise - the distributions
+    of `augmentation`."""
     apply = torch.rand(4)
-    factors = [torch.empty(1).uniform_(lo, hi).item() for lo, hi in ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))]
-    return torch.tensor([float(apply[0] < 0.8), *factors, *torch.randperm(4).tolist(), float(apply[1] < 0.2),
-                         float(apply[2] < blur_prob), torch.empty(1).uniform_(0.1, 2.0).item(),
-                         float(apply[3] < solarize_prob)])
+    *strengths, hue = jitter
+    factors = [torch.empty(1).uniform_(max(0.0, 1 - strength), 1 + strength).item() for strength in strengths]
+    factors.append(torch.empty(1).uniform_(-hue, hue).item())
+    return torch.tensor([float(apply[0] < 0.8), *factors, *torch.randperm(4).tolist(),
+                         float(apply[1] < grayscale_prob), float(apply[2] < blur_prob),
+                         torch.empty(1).uniform_(0.1, 2.0).item(), float(apply[3] < solarize_prob)])
 
 
 class CroppedViews(AugmentedViews):
@@ -542,9 +634,10 @@ class CroppedViews(AugmentedViews):
     least that much anyway: the crop then resamples fewer pixels to the same output.
     """
 
-    def __init__(self, split, specs, seed):
+    def __init__(self, split, specs, seed, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2, interpolation="bicubic"):
         super().__init__(split, transforms=None, seed=seed)
-        self.specs = specs
+        self.specs, self.jitter, self.grayscale_prob = specs, jitter, grayscale_prob
+        self.resample = PILImage.Resampling[interpolation.upper()]
 
     def __getitem__(self, key):
         epoch, index = key
@@ -566,11 +659,11 @@ class CroppedViews(AugmentedViews):
             crops, params = [], []
             for (i, j, h, w), (side, _, blur_prob, solarize_prob) in zip(plan["boxes"], self.specs):
                 box = (j * sx, i * sy, min((j + w) * sx, image.width), min((i + h) * sy, image.height))
-                crop = image.resize((side, side), PILImage.Resampling.BICUBIC, box=box)
+                crop = image.resize((side, side), self.resample, box=box)
                 if torch.rand(1) < 0.5:
                     crop = crop.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
                 crops.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1))
-                params.append(draw_photometric(blur_prob, solarize_prob))
+                params.append(draw_photometric(self.jitter, self.grayscale_prob, blur_prob, solarize_prob))
             return crops, params, label
 
 
@@ -579,8 +672,8 @@ def photometric(images, params, mean, std):
 
     Colour jitter applies brightness, contrast, saturation and hue in each sample's own random
     order (a loop over the 4 positions and 4 ops, each applied at once to the samples that have
-    it there), then grayscale, Gaussian blur with each sample's sigma (one grouped convolution),
-    solarisation at 128, normalisation. The same maths as torchvision's functional ops.
+    it there), then grayscale, PIL's Gaussian blur with each sample's sigma (`pil_gaussian_blur`),
+    solarisation at 128, normalisation. The same maths as torchvision's functional ops and PIL's blur.
     """
     x = images.float() / 255
     jitter = params[:, JITTER] > 0
@@ -594,16 +687,12 @@ def photometric(images, params, mean, std):
     x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
     blur = params[:, BLUR] > 0
     if blur.any():
-        x[blur] = gaussian_blur(x[blur], params[blur, SIGMA], blur_kernel_size(x.shape[-1]))
+        x[blur] = pil_gaussian_blur(x[blur], params[blur, SIGMA])
     solarize = params[:, SOLARIZE] > 0
     x[solarize] = torch.where(x[solarize] >= 128 / 255, 1 - x[solarize], x[solarize])
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def blur_kernel_size(side):
-    return max(3, int(0.1 * side) // 2 * 2 + 1)  # about 10% of the side, odd
 
 
 def grayscale(x):
@@ -647,17 +736,30 @@ def adjust_hue(x, shift):
     return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def gaussian_blur(x, sigma, kernel_size):
-    """Separable Gaussian blur with one sigma per sample, reflect padding (as torchvision)."""
+def pil_gaussian_blur(x, sigma, passes=3):
+    """PIL's GaussianBlur(radius=sigma) on a batch, one sigma per sample: [N, C, H, W] -> [N, C, H, W].
+
+    PIL approximates a Gaussian by `passes` extended box blurs per axis (Gwosdek et al., 2011): a box
+    of radius r = l + a has weight 1 on its 2l + 1 central taps and a on the two outer ones, over
+    2r + 1, with l and a chosen so that the passes' variance is sigma^2; edges repeat the border
+    pixel; every pass rounds to 8 bits. Here each pass is one grouped convolution with every
+    sample's own box, rounded like PIL's: x in [0, 1] gives PIL's result to within one grey level.
+    """
     n, c, h, w = x.shape
-    half = (kernel_size - 1) / 2
-    offsets = torch.linspace(-half, half, kernel_size, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n * c, k]
-    pad = kernel_size // 2
-    x = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, kernel[:, None, None, :], groups=n * c)
-    x = F.conv2d(x, kernel[:, None, :, None], groups=n * c)
+    variance = sigma.to(x.dtype) ** 2 / passes
+    length = torch.sqrt(12 * variance + 1)
+    whole = torch.floor((length - 1) / 2)
+    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
+    radius = int(whole.max().item()) + 1
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype).abs()[None]
+    box = torch.where(offsets <= whole[:, None], 1.0, torch.where(offsets == whole[:, None] + 1, fraction[:, None], 0.0))
+    box = (box / box.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n * c, 2 radius + 1]
+    x = x.reshape(1, n * c, h, w)
+    horizontal, vertical = (box[:, None, None, :], (radius, radius, 0, 0)), (box[:, None, :, None], (0, 0, radius, radius))
+    for kernel, padding in (horizontal, vertical):
+        for _ in range(passes):
+            x = F.conv2d(F.pad(x, padding, mode="replicate"), kernel, groups=n * c)
+            x = torch.floor(x * 255 + 0.5) / 255
     return x.reshape(n, c, h, w)
 
 
@@ -672,11 +774,11 @@ def device_views(crops, params, config, device):
 
 
 def build_model(config):
-    backbone = intl.build_backbone(config.arch, config.cifar_stem, config.zero_init_residual)
-    projector = intl.build_projector(backbone.feature_dim, config.projector)
+    backbone = intl.build_backbone(config.arch, config.stem, config.zero_init_residual)
+    projector = intl.build_projector(backbone.feature_dim, config.projector, config.hidden_bias)
     if config.method == "cw-rgp":
         return intl.cw_rgp(backbone, projector, config.groups, config.w_size, config.w_iter, config.w_eps,
-                           config.axis, normalized=config.pair_loss == "normalized")
+                           config.axis, config.pair_loss == "normalized", config.cov_weight, config.cov_epochs)
     if config.method == "wmse":
         return intl.wmse(backbone, projector, config.w_size, config.w_iter, config.w_eps)
     # st: the alignment loss alone unless --beta asks for the trace loss too.
@@ -687,9 +789,11 @@ def build_model(config):
 
 
 def build_optimizer(config, model):
-    """SGD with momentum 0.9 or Adam; no weight decay on biases and normalisation parameters (ndim <= 1)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    """SGD with momentum 0.9 or Adam; weight decay on every parameter (--decay_all_params: CIFAR, CW-RGP) or
+    not on biases and normalisation parameters (ndim <= 1: INTL on ImageNet)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim > 1 or config.decay_all_params]
+    no_decay = [p for p in trained if p.ndim <= 1 and not config.decay_all_params]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=0.0)
@@ -697,13 +801,18 @@ def build_optimizer(config, model):
 
 
 def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", steps_per_epoch=1):
-    """Linear warm-up from 0 to peak_lr, then a cosine from peak_lr to 0.001 x peak_lr, or (schedule
-    "step") x0.2 at 50 and again at 25 epochs before the end."""
+    """The authors' schedules. Warm-up: peak_lr x (step + 1) / warmup_steps (never 0). Then
+    cosine: per step from peak_lr to 0.001 x peak_lr (INTL); cosine-epoch: peak_lr (1 + cos(pi epoch /
+    epochs)) / 2, constant within an epoch (CW-RGP ImageNet); step: x0.2 at 50 and again at 25 epochs
+    before the end (CW-RGP small data)."""
     if step < warmup_steps:
-        return peak_lr * step / warmup_steps
+        return peak_lr * (step + 1) / warmup_steps
     if schedule == "step":
         drops = sum(step >= total_steps - epochs * steps_per_epoch for epochs in (50, 25))
         return peak_lr * 0.2 ** drops
+    if schedule == "cosine-epoch":
+        epoch, epochs = step // steps_per_epoch, total_steps // steps_per_epoch
+        return peak_lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     end_lr = 0.001 * peak_lr
     return end_lr + (peak_lr - end_lr) * (1 + math.cos(math.pi * progress)) / 2
@@ -723,7 +832,8 @@ def knn_splits(config, accelerator, train_split):
     except ValueError as error:
         print(f"no kNN monitor: {error}", file=sys.stderr)
         return None
-    transform = intl.eval_transform(config.image_size, config.mean, config.std)
+    transform = intl.eval_transform(config.image_size, config.eval_mean or config.mean, config.eval_std or config.std,
+                                    config.eval_resize)
     return [accelerator.prepare_data_loader(torch.utils.data.DataLoader(
         intl.ImageDataset(split, transform), batch_size=256, num_workers=config.num_workers))
         for split in (train_split, test_split)]
@@ -1007,7 +1117,8 @@ def benchmark_augment(config, accelerator):
         PILImage.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / "class_0" / f"{i}.jpg", quality=90)
     split = intl.load_image_split(str(folder), "train")
     per_image = AugmentedViews(split, view_transforms(config), config.seed)
-    split_path = CroppedViews(split, view_specs(config), config.seed)
+    split_path = CroppedViews(split, view_specs(config), config.seed, parse_floats(config.jitter, "jitter"),
+                              config.grayscale_prob, config.crop_interpolation)
     keys = [(0, i) for i in range(config.benchmark_augment)]
     pil_s = timed(lambda: [per_image[k] for k in keys], 1, accelerator) / len(keys)
     worker_s = timed(lambda: [split_path[k] for k in keys], 1, accelerator) / len(keys)

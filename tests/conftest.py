@@ -16,3 +16,7 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts subprocesses or several processes (deselect with -m 'not slow')")

@@ -260,9 +260,9 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", missing))
     cifar = tmp_path / "cifar"
-    intl.write_export(cifar, intl.build_backbone("resnet18", cifar_stem=True).state_dict(),
-                      {"arch": "resnet18", "cifar_stem": True})
-    with pytest.raises(ValueError, match="CIFAR stem"):
+    intl.write_export(cifar, intl.build_backbone("resnet18", "cifar").state_dict(),
+                      {"arch": "resnet18", "stem": "cifar"})
+    with pytest.raises(ValueError, match="cifar stem"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", cifar))
 
 

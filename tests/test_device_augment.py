@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as TF
 
 import intl
@@ -16,6 +16,7 @@ from test_pretrain import SMALL, losses, run
 
 # Float ops on the same float input: only rounding-order differences remain.
 ATOL = 1e-5
+INTL_JITTER = (0.4, 0.4, 0.2, 0.1)
 
 
 @pytest.fixture
@@ -36,13 +37,15 @@ def test_each_jitter_op_matches_torchvision_per_image_with_its_own_factor(images
         torch.testing.assert_close(out, reference(image, factor.item()), atol=ATOL, rtol=0)
 
 
-def test_grayscale_blur_and_solarise_match_torchvision(images):
+def test_grayscale_and_solarise_match_torchvision_and_blur_matches_pil(images):
     torch.testing.assert_close(pretrain.grayscale(images), TF.rgb_to_grayscale(images), atol=ATOL, rtol=0)
-    sigmas = torch.empty(len(images)).uniform_(0.1, 2.0)
-    blurred = pretrain.gaussian_blur(images, sigmas, 5)
-    for image, sigma, out in zip(images, sigmas, blurred):
-        torch.testing.assert_close(out, TF.gaussian_blur(image, [5, 5], [sigma.item()] * 2), atol=ATOL, rtol=0)
     u8 = (images * 255).round().to(torch.uint8)
+    sigmas = torch.empty(len(images)).uniform_(0.1, 2.0)
+    blurred = pretrain.pil_gaussian_blur(u8.float() / 255, sigmas)
+    for image, sigma, out in zip(u8, sigmas, blurred):
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius=sigma.item()))
+        want = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(out, want, atol=1 / 255 + ATOL, rtol=0)
     params = torch.zeros(len(images), pretrain.NUM_PHOTOMETRIC)
     params[:, pretrain.SOLARIZE] = 1
     out = pretrain.photometric(u8, params, (0, 0, 0), (1, 1, 1))
@@ -52,7 +55,7 @@ def test_grayscale_blur_and_solarise_match_torchvision(images):
 def test_photometric_chain_equals_torchvision_ops_applied_image_by_image_in_each_samples_order():
     torch.manual_seed(1)
     u8 = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
-    params = torch.stack([pretrain.draw_photometric(0.5, 0.5) for _ in range(32)])
+    params = torch.stack([pretrain.draw_photometric(INTL_JITTER, 0.2, 0.5, 0.5) for _ in range(32)])
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
     batched = pretrain.photometric(u8, params, mean, std)
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -64,9 +67,8 @@ def test_photometric_chain_equals_torchvision_ops_applied_image_by_image_in_each
                 x = ops[op](x, p[pretrain.BRIGHTNESS + op].item())
         if p[pretrain.GRAY]:
             x = TF.rgb_to_grayscale(x, num_output_channels=3)
-        if p[pretrain.BLUR]:
-            k = pretrain.blur_kernel_size(16)
-            x = TF.gaussian_blur(x, [k, k], [p[pretrain.SIGMA].item()] * 2)
+        if p[pretrain.BLUR]:  # tested against PIL above
+            x = pretrain.pil_gaussian_blur(x[None], p[pretrain.SIGMA:pretrain.SIGMA + 1])[0]
         if p[pretrain.SOLARIZE]:
             x = torch.where(x >= 128 / 255, 1 - x, x)
         torch.testing.assert_close(out, TF.normalize(x, mean, std), atol=1e-4, rtol=0)
@@ -75,7 +77,7 @@ def test_photometric_chain_equals_torchvision_ops_applied_image_by_image_in_each
 
 def test_photometric_keeps_values_in_range_before_normalisation():
     u8 = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
-    params = torch.stack([pretrain.draw_photometric(1.0, 0.5) for _ in range(64)])
+    params = torch.stack([pretrain.draw_photometric(INTL_JITTER, 0.2, 1.0, 0.5) for _ in range(64)])
     out = pretrain.photometric(u8, params, (0, 0, 0), (1, 1, 1))
     assert out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
 
@@ -83,7 +85,7 @@ def test_photometric_keeps_values_in_range_before_normalisation():
 def test_probabilities_and_ranges_of_the_drawn_parameters_match_the_recipe():
     torch.manual_seed(0)
     n = 20_000
-    params = torch.stack([pretrain.draw_photometric(0.5, 0.2) for _ in range(n)])
+    params = torch.stack([pretrain.draw_photometric(INTL_JITTER, 0.2, 0.5, 0.2) for _ in range(n)])
     # 5 standard deviations of a rate over 20k draws is at most 0.018: a probability off by 0.05
     # (say 0.75 instead of 0.8 for the jitter) fails.
     for column, p in ((pretrain.JITTER, 0.8), (pretrain.GRAY, 0.2), (pretrain.BLUR, 0.5), (pretrain.SOLARIZE, 0.2)):

@@ -208,7 +208,7 @@ def test_cw_rgp_objective_draws_a_fresh_permutation_per_sub_batch_view_and_repea
             for j in range(i + 1, views):
                 a, b = whitened[i], whitened[j]
                 pair_losses.append(2 - 2 * torch.nn.functional.cosine_similarity(a, b).mean() if normalized
-                                   else (a - b).pow(2).sum(dim=1).mean())
+                                   else (a - b).pow(2).mean())  # the mean over B x D
     assert loss.item() == pytest.approx(sum(pair_losses).item() / len(pair_losses), rel=1e-9)
 
 

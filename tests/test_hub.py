@@ -20,14 +20,14 @@ from intl import (CIFAR_MEAN, export_backbone_from, get_export_parser, load_back
                             write_model_card)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = {"arch": "resnet18", "cifar_stem": False, "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,
+CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,
           "std": [0.25] * 3, "method": "intl", "dataset": "uoft-cs/cifar10", "projector": "64-64-64",
           "epochs_trained": 2}
 
 
-def backbone_weights(seed, arch="resnet18", cifar_stem=False):
+def backbone_weights(seed, arch="resnet18", stem="imagenet"):
     torch.manual_seed(seed)
-    return intl.build_backbone(arch, cifar_stem).state_dict()
+    return intl.build_backbone(arch, stem).state_dict()
 
 
 def assert_same_weights(a, b):
@@ -53,20 +53,20 @@ def test_export_folder_and_bare_file_round_trip_bit_identical(export, tmp_path):
     for arch in ("resnet18", None):
         backbone, config = load_backbone(export / "model.safetensors", arch=arch)
         assert_same_weights(backbone.state_dict(), original)
-        assert (config["arch"], config["cifar_stem"], config["image_size"]) == ("resnet18", False, 224)
+        assert (config["arch"], config["stem"], config["image_size"]) == ("resnet18", "imagenet", 224)
 
 
 def test_pretrain_checkpoint_folder_gives_the_backbone_of_the_checkpoint(tmp_path):
     """The layout pretrain.py saves: the INTL module's state_dict (backbone., projector., target.) + trainer_state."""
     torch.manual_seed(0)
-    backbone = intl.build_backbone("resnet18", cifar_stem=True)
+    backbone = intl.build_backbone("resnet18", "cifar")
     model = intl.INTL(backbone, intl.build_projector(512, "64-64-64"), momentum_target=True)
     with torch.no_grad():
         model.target[0].conv1.weight.add_(1.0)  # the EMA target differs from the online backbone
     checkpoint = tmp_path / "checkpoints" / "step-00000022"
     checkpoint.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
-    train_config = {"arch": "resnet18", "cifar_stem": True, "image_size": 32, "mean": list(CIFAR_MEAN),
+    train_config = {"arch": "resnet18", "stem": "cifar", "image_size": 32, "mean": list(CIFAR_MEAN),
                     "std": [0.25] * 3, "method": "intl-m", "preset": None, "dataset": "uoft-cs/cifar10",
                     "projector": "64-64-64", "iters": 4, "axis": 0, "lr": 0.3}
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 22, "epochs_trained": 2.0,
@@ -74,7 +74,7 @@ def test_pretrain_checkpoint_folder_gives_the_backbone_of_the_checkpoint(tmp_pat
     export = export_backbone_from(checkpoint, tmp_path / "export")
     assert_same_weights(load_file(export / "model.safetensors"), backbone.state_dict())
     config = json.loads((export / "config.json").read_text())
-    assert config["arch"] == "resnet18" and config["cifar_stem"] is True and config["method"] == "intl-m"
+    assert config["arch"] == "resnet18" and config["stem"] == "cifar" and config["method"] == "intl-m"
     assert config["epochs_trained"] == 2.0 and config["feature_dim"] == 512 and "lr" not in config
 
 
@@ -88,14 +88,14 @@ def official_checkpoint(path, weights, **extra):
 
 
 def test_official_checkpoint_converts_to_an_export_that_plain_torchvision_loads(tmp_path):
-    weights = backbone_weights(1, cifar_stem=True)
+    weights = backbone_weights(1, "resnet18", "cifar")
     checkpoint = official_checkpoint(tmp_path / "intl_cifar10.pth.tar", weights)
     export = export_backbone_from(checkpoint, tmp_path / "export")  # arch inferred from the shapes
     config = json.loads((export / "config.json").read_text())
-    assert (config["arch"], config["cifar_stem"], config["image_size"]) == ("resnet18", True, 32)
+    assert (config["arch"], config["stem"], config["image_size"]) == ("resnet18", "cifar", 32)
     assert config["converted_from"] == "intl_cifar10.pth.tar"  # no local path: the config may go to the Hub
     net = torchvision.models.resnet18()
-    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, padding=2, bias=False)  # the authors' 1-pixel pad + padding 1
     net.maxpool = torch.nn.Identity()
     missing, unexpected = net.load_state_dict(load_file(export / "model.safetensors"), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []

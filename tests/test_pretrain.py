@@ -76,7 +76,7 @@ def test_offline_default_writes_checkpoint_export_log_plot_and_summary(digits_ru
 def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_run):
     output_dir, _ = digits_run
     config = json.loads((output_dir / "backbone" / "config.json").read_text())
-    for key in ("arch", "cifar_stem", "feature_dim", "image_size", "mean", "std", "method", "epochs_trained"):
+    for key in ("arch", "stem", "conv1", "maxpool", "feature_dim", "image_size", "mean", "std", "method", "epochs_trained"):
         assert key in config
     assert config["arch"] == "resnet18" and config["epochs_trained"] == 2
     net = torchvision.models.resnet18()
@@ -209,8 +209,8 @@ def test_multi_crop_views_have_the_recipe_sizes_and_scales():
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_a_thousandth():
-    assert pretrain.learning_rate(0, 100, 10, 1.0) == 0
-    assert pretrain.learning_rate(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert pretrain.learning_rate(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert pretrain.learning_rate(4, 100, 10, 1.0) == pytest.approx(0.5)
     assert pretrain.learning_rate(10, 100, 10, 1.0) == pytest.approx(1.0)
     assert pretrain.learning_rate(55, 100, 10, 1.0) == pytest.approx((1 + 0.001) / 2)
     assert pretrain.learning_rate(100, 100, 10, 1.0) == pytest.approx(0.001)
@@ -218,11 +218,11 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_a_thousandth()
 
 def test_presets_set_the_recipe_and_explicit_flags_win():
     config = pretrain.resolve_config(["--preset", "cifar10", "--print_config"])
-    assert (config.arch, config.cifar_stem, config.projector, config.lr, config.epochs) == \
-           ("resnet18", True, "2048-2048-2048", 0.3, 1000)
+    assert (config.arch, config.stem, config.projector, config.lr, config.epochs) == \
+           ("resnet18", "cifar", "2048-2048-2048", 0.3, 1000)
     assert config.dataset == "uoft-cs/cifar10" and config.solarize_prob == "0.0,0.2"
-    config = pretrain.resolve_config(["--preset", "cifar10", "--print_config", "--lr", "0.1", "--no-cifar_stem"])
-    assert config.lr == 0.1 and config.cifar_stem is False
+    config = pretrain.resolve_config(["--preset", "cifar10", "--print_config", "--lr", "0.1", "--stem", "imagenet"])
+    assert config.lr == 0.1 and config.stem == "imagenet"
     assert pretrain.resolve_config(["--print_config"]).preset == "digits"
 
 
