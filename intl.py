@@ -1218,9 +1218,11 @@ def _read_safetensors(path):
 
 
 # What an export records of the pretraining run that made it.
-RECIPE_KEYS = ("preset", "method", "projector", "iters", "coupled", "axis", "beta", "power", "momentum", "groups",
-               "w_size", "w_iter", "w_eps", "pair_loss", "num_views", "small_crops", "min_scale", "blur_prob",
-               "solarize_prob", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "optimizer", "schedule",
+RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bias", "iters", "coupled", "axis", "beta",
+               "power", "momentum", "groups", "w_size", "w_iter", "w_eps", "pair_loss", "cov_weight", "cov_epochs",
+               "num_views", "small_crops", "min_scale", "crop_interpolation", "colour_before_crop", "jitter",
+               "grayscale_prob", "blur_prob", "solarize_prob", "mean", "std", "epochs", "batch_size", "lr",
+               "weight_decay", "decay_all_params", "warmup_epochs", "warmup_steps", "optimizer", "schedule",
                "mixed_precision", "seed")
 
 

@@ -4,6 +4,8 @@ The table below is written from the papers' notes on the authors' training scrip
 project's presets; the reference networks are built here from the authors' description.
 """
 
+import argparse
+import json
 import math
 
 import numpy as np
@@ -405,3 +407,25 @@ def test_intl_m_moves_the_target_with_m_of_the_step_before_that_steps_forward(tm
             torch.testing.assert_close(after_1[f"target.0.{name}"], value, msg=name)
             want = m1 * value + (1 - m1) * after_1[f"backbone.{name}"]
             torch.testing.assert_close(after_2[f"target.0.{name}"], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_path):
+    """cifar100 pretrains with CIFAR-100's statistics and is evaluated with CIFAR-10's; STL-10 is evaluated on
+    Resize(70) + CenterCrop(64): what the export tells its users is the evaluation input."""
+    from safetensors.torch import save_file
+
+    config = vars(pretrain.resolve_config(["--preset", "cifar100", "--print_config", "--eval_resize", "70"]))
+    model = pretrain.build_model(argparse.Namespace(**{**config, "projector": "16-8"}))
+    checkpoint = tmp_path / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
+    state = {"step": 1, "config": json.loads(json.dumps(config)), "num_processes": 1}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    _, exported = intl.load_backbone(intl.export_backbone_from(checkpoint, tmp_path / "export"))
+    assert exported["stem"] == "cifar" and exported["conv1"] == {"kernel_size": 3, "stride": 1, "padding": 2}
+    assert exported["maxpool"] is False
+    assert tuple(exported["mean"]) == intl.CIFAR_MEAN and tuple(exported["std"]) == intl.CIFAR_STD
+    assert tuple(exported["recipe"]["mean"]) == (0.5071, 0.4865, 0.4409) and exported["eval_resize"] == 70
+    resize = intl.eval_transform(64, exported["mean"], exported["std"], exported["eval_resize"]).transforms[0]
+    assert resize.size == [70]
+
