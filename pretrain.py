@@ -67,9 +67,11 @@ _CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", 
                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
 PRESETS = {
     # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
-    "digits": dict(_CIFAR, dataset="digits", stem="imagenet", projector="512-512-512", batch_size=128, epochs=20,
-                   momentum=0.99, mean=IMAGENET_MEAN, std=IMAGENET_STD, knn_every=5, spectrum_every=20,
-                   num_workers=2),
+    # Its blocks start as identities (zero-init): a random ResNet-18 already separates digits (held-out 5-NN 95%
+    # at 16 px), the zero-initialised one much less (53%), so the 5-NN's rise shows what INTL learned.
+    "digits": dict(_CIFAR, dataset="digits", stem="imagenet", zero_init_residual=True, projector="512-512-512",
+                   batch_size=128, epochs=20, momentum=0.99, mean=IMAGENET_MEAN, std=IMAGENET_STD, knn_every=5,
+                   spectrum_every=20, num_workers=2),
     "cifar10": dict(_CIFAR, dataset="uoft-cs/cifar10"),
     # Pretrained with CIFAR-100's statistics, evaluated with CIFAR-10's (as the authors).
     "cifar100": dict(_CIFAR, dataset="uoft-cs/cifar100", mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
