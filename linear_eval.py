@@ -26,6 +26,7 @@ and continue with --resume.
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -78,9 +79,9 @@ def get_parser():
                         help="batch per process for feature extraction and test-set evaluation")
 
     # Model
-    parser.add_argument("--backbone", type=str, required=True,
-                        help="export folder, .safetensors file, Hub repo id 'owner/name[@revision]', pretrain "
-                             "checkpoint folder or official INTL / CW-RGP .pth.tar")
+    parser.add_argument("--backbone", type=str, default=None,
+                        help="(required) export folder, .safetensors file, Hub repo id 'owner/name[@revision]', "
+                             "pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
     parser.add_argument("--arch", type=str, default=None, choices=intl.RESNETS,
                         help="encoder architecture (default: from the backbone's config or its weights' shapes)")
     parser.add_argument("--revision", type=str, default=None, help="Hub branch, tag or commit of --backbone")
@@ -134,11 +135,20 @@ def get_parser():
     parser.add_argument("--stop_after_epochs", type=int, default=None,
                         help="linear, finetune: save and stop after this many epochs (the schedule still spans "
                              "--epochs); continue with --resume")
+
+    # Benchmark
+    parser.add_argument("--benchmark_knn", type=int, nargs=3, default=None, metavar=("N_TRAIN", "N_TEST", "DIM"),
+                        help="time the 5-NN (intl.knn_classify) on random float32 features of this size, on the "
+                             "GPU if there is one, print JSON (seconds, peak memory) and exit; needs no --backbone "
+                             "(ImageNet: 1281167 50000 2048)")
     return parser
 
 
 def main(argv=None):
     args = resolve_args(argv)
+    if args.benchmark_knn:
+        print(json.dumps(benchmark_knn(*args.benchmark_knn), indent=2))
+        return
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     output_dir = Path(args.output_dir)
@@ -167,7 +177,7 @@ def main(argv=None):
     for protocol in args.protocol:
         tic = time.time()
         if protocol == "knn":
-            record = run_knn(features, args)
+            record = run_knn(features, args, accelerator.device)
         elif protocol == "linear-cached":
             record = run_linear_cached(features, num_classes, args, accelerator)
         else:
@@ -193,6 +203,14 @@ def main(argv=None):
 
 def resolve_args(argv=None):
     args = get_parser().parse_args(argv)
+    if args.benchmark_knn:
+        if min(args.benchmark_knn) < 1:
+            raise ValueError(f"--benchmark_knn {' '.join(map(str, args.benchmark_knn))}: give three sizes of at "
+                             "least 1 (N_TRAIN N_TEST DIM)")
+        return args
+    if args.backbone is None:
+        raise ValueError("--backbone is required: an export folder, a .safetensors file, a Hub repo id, a pretrain "
+                         "checkpoint folder or an official .pth.tar checkpoint")
     if args.k is None:
         args.k = [5] if args.knn_metric == "euclidean" else [20, 200]
     if min(args.k) < 1:
@@ -270,13 +288,13 @@ def extract(backbone, split, transform, name, args, accelerator):
 # knn and linear-cached: on the frozen features
 
 
-def run_knn(features, args):
+def run_knn(features, args, device="cpu"):
     (train_f, train_l), (test_f, test_l) = features["train"], features["test"]
     rows = []
     for asked in args.k:
         k = min(asked, len(train_f))  # the row's name says which k was really used
         if args.knn_metric == "euclidean":
-            top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k)["top1"]
+            top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k, device=device)["top1"]
             rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
         else:
             result = weighted_cosine_knn(train_f, train_l, test_f, test_l, k, args.temperature)
@@ -589,6 +607,62 @@ def resume(root, settings, accelerator):
                          f"{done[-1].parent}; a resumed evaluation keeps its settings")
     accelerator.load_state(str(done[-1].parent))
     return state["epoch"], state["history"]
+
+
+# -----------------------------------------------------------------------------
+# Benchmark of the 5-NN at ImageNet size
+
+
+def benchmark_knn(n_train, n_test, dim, k=5):
+    """Seconds and peak memory of intl.knn_classify on random features, on the GPU if there is one.
+
+    The features are filled in place (no temporary the size of the set), so the peak is the features plus what
+    the kNN itself holds. GPU: peak allocated on the device (the features stay on the CPU and go over in blocks);
+    CPU: peak resident set of the process during the kNN (Linux's VmHWM, reset before it), features included.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.empty(n_train, dim), torch.empty(n_test, dim)
+    for features in (train, test):
+        for start in range(0, len(features), 65536):
+            features[start:start + 65536].uniform_(generator=generator)  # non-negative, like ReLU features
+    train_labels = torch.randint(0, 1000, (n_train,), generator=generator)
+    test_labels = torch.randint(0, 1000, (n_test,), generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_resident_set()
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else resident_set("VmRSS")
+    tic = time.perf_counter()
+    intl.knn_classify(train, train_labels, test, test_labels, k=k, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - tic
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resident_set("VmHWM")
+    return {"n_train": n_train, "n_test": n_test, "dim": dim, "k": k, "device": str(device),
+            "cpu_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
+            "features_gib": round((train.nbytes + test.nbytes) / 2**30, 3),
+            "peak_memory_gib": round(peak / 2**30, 3), "knn_own_memory_gib": round((peak - before) / 2**30, 3),
+            "peak_memory_is": "GPU peak allocated (the features stay on the CPU)" if device.type == "cuda" else
+                              "peak resident set of the process (features and Python included); "
+                              "knn_own_memory_gib: that peak minus the resident set just before the kNN"}
+
+
+def reset_peak_resident_set():
+    """Linux: writing 5 to /proc/self/clear_refs resets the process's peak resident set (VmHWM)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def resident_set(field):
+    """Bytes of /proc/self/status's field (VmRSS: now; VmHWM: the peak), Linux; elsewhere the lifetime peak."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 # -----------------------------------------------------------------------------

@@ -245,3 +245,96 @@ def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, unlabelled,
 
 def test_every_flag_has_help():
     assert all(action.help for action in linear_eval.get_parser()._actions)
+
+
+# ----------------------------------------------------------------------------- 5-NN (intl.knn_classify)
+
+
+def test_knn_tie_between_classes_goes_to_the_smallest_class_id_not_to_the_nearer_neighbours():
+    # One query at 0 and training points on a line at distances 1..6: the 5 nearest are classes 2, 2, 0, 0, 1.
+    train = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]])
+    train_labels = torch.tensor([2, 2, 0, 0, 1, 2])
+    query = torch.zeros(1, 1)
+    # Classes 2 and 0 have two votes each: class 0 wins although class 2's neighbours are nearer.
+    assert intl.knn_classify(train, train_labels, query, torch.tensor([0]), k=5)["top1"] == 100.0
+    assert intl.knn_classify(train, train_labels, query, torch.tensor([2]), k=5)["top1"] == 0.0
+    # A clear majority still wins over a smaller class id.
+    assert intl.knn_classify(train, torch.tensor([2, 2, 2, 0, 0, 1]), query, torch.tensor([2]), k=5)["top1"] == 100.0
+
+
+def separated_features(k_max, n_train=300, n_candidates=100, dim=16, num_classes=4, seed=0):
+    """Clustered float64 features with a large common offset (as ReLU features have), and test queries without
+    near-ties: a candidate query is kept only if the squared distances to its k_max + 1 nearest training features
+    differ from each other by more than 1e-2, some 50x the float32 rounding error of ||t||^2 - 2 q.t here."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(num_classes, dim, generator=generator, dtype=torch.float64) + 10.0
+    train_labels = torch.arange(n_train) % num_classes
+    test_labels = torch.randint(0, num_classes, (n_candidates,), generator=generator)
+    train = centres[train_labels] + 5.0 * torch.randn(n_train, dim, generator=generator, dtype=torch.float64)
+    test = centres[test_labels] + 5.0 * torch.randn(n_candidates, dim, generator=generator, dtype=torch.float64)
+    ranked = float64_squared_distances(train, test).sort(dim=1).values[:, :k_max + 1]
+    kept = (ranked[:, 1:] - ranked[:, :-1]).min(dim=1).values > 1e-2
+    assert kept.sum() >= n_candidates // 2
+    return train, train_labels, test[kept], test_labels[kept]
+
+
+def float64_squared_distances(train, test):
+    return ((test[:, None, :] - train[None, :, :]) ** 2).sum(-1)  # explicit differences, not ||a||^2 - 2ab + ||b||^2
+
+
+def float64_knn(train, train_labels, test, k):
+    """The reference: float64 distances, a full sort, majority vote with a tie going to the smallest class id."""
+    nearest = float64_squared_distances(train, test).argsort(dim=1)[:, :k]
+    predicted = []
+    for row in nearest.tolist():
+        votes = [train_labels[i].item() for i in row]
+        predicted.append(max(sorted(set(votes)), key=votes.count))  # max keeps the first: the smallest class id
+    return nearest, torch.tensor(predicted)
+
+
+def test_knn_in_float32_blocks_finds_the_same_neighbours_and_accuracy_as_an_independent_float64_computation():
+    train, train_labels, test, test_labels = separated_features(k_max=20)
+    for k in (1, 5, 20):
+        nearest, predicted = float64_knn(train, train_labels, test, k)
+        expected_top1 = 100.0 * (predicted == test_labels).sum().item() / len(test)
+        # Blocks of 7 queries x 13 training features: many blocks, a ragged last one, and k > a block for k = 20.
+        found = intl.nearest_neighbours(train.float(), test.float(), k=k, chunk=7, train_chunk=13)
+        assert torch.equal(found, nearest)  # the same neighbours in the same order, nearest first
+        for chunk, train_chunk in ((7, 13), (1024, 32768)):
+            result = intl.knn_classify(train.float(), train_labels, test.float(), test_labels, k=k, chunk=chunk,
+                                       train_chunk=train_chunk, device="cpu")
+            assert result["top1"] == expected_top1
+        assert 0 < expected_top1 < 100  # the votes are not trivial
+
+
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage that any operation creates, other than those of the given tensors (views of
+    the inputs, such as a slice of the training features, allocate nothing)."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in inputs}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_knn_memory_is_bounded_by_its_blocks_not_by_the_training_set():
+    train, train_labels = torch.randn(8000, 32), torch.randint(0, 10, (8000,))
+    test, test_labels = torch.randn(100, 32), torch.randint(0, 10, (100,))
+    with LargestAllocation(train, train_labels, test, test_labels) as tracked:
+        intl.knn_classify(train, train_labels, test, test_labels, k=5, chunk=64, train_chunk=500)
+    block_bytes = 4 * 500 * max(64, 32)  # one float32 distance block (64 x 500) or training block (500 x 32)
+    assert 0 < tracked.largest <= block_bytes < train.nbytes / 4
+
+
+def test_knn_benchmark_prints_seconds_and_peak_memory_as_json(capsys):
+    linear_eval.main(["--benchmark_knn", "3000", "200", "16"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n_train"], result["n_test"], result["dim"], result["k"]) == (3000, 200, 16, 5)
+    assert result["seconds"] > 0 and result["peak_memory_gib"] > 0 and result["knn_own_memory_gib"] >= 0
