@@ -941,10 +941,16 @@ def labels_of(split):
 
 def eval_transform(image_size, mean, std):
     """Un-augmented input: Resize(size / 0.875) + CenterCrop(size) for large images (224 -> 256 -> 224),
-    a plain resize for small ones (CIFAR, digits)."""
+    a plain resize for small ones (CIFAR, digits).
+
+    Bilinear (torchvision's default), as the authors' ImageNet linear and fine-tuning evaluations resize. The
+    features of knn and linear-cached, and pretrain.py's kNN monitor, go through the same transform, so every
+    protocol sees one un-augmented input; at the small-data sets' native size (CIFAR at 32 px) the resize leaves
+    the image as it is, so the interpolation does not touch their numbers.
+    """
     resize = round(image_size / 0.875) if image_size >= 128 else image_size
     return v2.Compose([
-        v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(image_size),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),

@@ -142,7 +142,7 @@ def test_interrupted_linear_evaluation_resumes_to_the_uninterrupted_result(pretr
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["top1"] == b["top1"]
 
 
-def test_finetune_learns_from_a_seeded_class_balanced_subset_or_the_named_images(pretrained, folder, tmp_path):
+def test_finetune_learns_from_the_named_images_or_a_seeded_class_balanced_subset(pretrained, folder, tmp_path):
     split = intl.load_image_split(folder, "train")
     args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "finetune", "--train_fraction", "0.25"])
     subset = linear_eval.training_subset(split, 3, args)
@@ -158,9 +158,7 @@ def test_finetune_learns_from_a_seeded_class_balanced_subset_or_the_named_images
     record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
                       "--subset_file", names, "--output_dir", tmp_path / "out", *TINY, "--epochs", "2")["finetune"]
     assert record["n_train"] == 24 and record["settings"]["n_train"] == 2  # the split, the subset
-    assert record["rows"][0]["name"] == "fine-tune on 2 images"
-    # One step per epoch: the cosine is at its peak for epoch 1 and half-way for epoch 2.
-    assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.05 * 8 / 256, 0.05 * 8 / 256 / 2])
+    assert record["rows"][0]["name"] == "fine-tune on 2 images" and record["comparable_to_paper"] is True
     names.write_text("train_0_3.png\nnot_there.png\n")
     with pytest.raises(ValueError, match="1 of its 2 images are not in .* 'not_there.png'"):
         evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
@@ -206,6 +204,10 @@ def test_two_processes_evaluate_every_test_image_exactly_once(pretrained, folder
     assert "2 process(es)" in result.stdout + result.stderr
     two = {p: json.loads((tmp_path / "two" / f"{p}.json").read_text()) for p in ("knn", "linear")}
     assert two["linear"]["processes"] == 2 and [r["n_evaluated"] for r in two["linear"]["history"]] == [11, 11, 11]
+    # --batch_size 8 is the global batch (4 per process): the lr scales by 8 / 256, not by 2 x 8 / 256 (and steps
+    # x0.1 twice at epoch 3 of 3: the milestones 0.6 and 0.8 of 3 epochs both round to 2).
+    assert two["linear"]["settings"]["batch_size"] == 8 and two["linear"]["settings"]["batch_size_is"] == "global"
+    assert [h["lr_head"] for h in two["linear"]["history"]] == pytest.approx([0.05 * 8 / 256 * f for f in (1, 1, 0.01)])
     assert two["knn"]["n_evaluated"] == 11
     one = evaluate(*common, "--output_dir", tmp_path / "one")
     assert two["knn"]["rows"] == one["knn"]["rows"]  # every feature exactly once, none twice
@@ -235,6 +237,7 @@ def unlabelled(tmp_path):
     (["--protocol", "finetune"], "exactly one of --train_fraction"),
     (["--protocol", "linear", "--resume"], "no checkpoint in"),
     (["--k", "0"], "at least 1"),
+    (["--protocol", "linear", "--recipe", "intl-m"], "--recipe intl-m, but the backbone records method 'intl'"),
 ])
 def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, unlabelled, tmp_path, args, message):
     # The __main__ block turns these into one `error: ...` line (checked above for a missing backbone).
@@ -331,6 +334,111 @@ def test_knn_memory_is_bounded_by_its_blocks_not_by_the_training_set():
         intl.knn_classify(train, train_labels, test, test_labels, k=5, chunk=64, train_chunk=500)
     block_bytes = 4 * 500 * max(64, 32)  # one float32 distance block (64 x 500) or training block (500 x 32)
     assert 0 < tracked.largest <= block_bytes < train.nbytes / 4
+
+
+# ----------------------------------------------------------------------------- the authors' ImageNet protocols
+
+
+@pytest.fixture(scope="module")
+def intl_m_export(pretrained, tmp_path_factory):
+    """The pretrained export, its config.json saying INTL-M (method and recipe.method)."""
+    export = tmp_path_factory.mktemp("intl-m") / "backbone"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
+    config = json.loads((pretrained / "backbone" / "config.json").read_text())
+    assert config["method"] == "intl" and config["recipe"]["method"] == "intl"
+    config["method"] = config["recipe"]["method"] = "intl-m"
+    (export / "config.json").write_text(json.dumps(config))
+    return export
+
+
+@pytest.fixture(scope="module")
+def bare_weights(pretrained, tmp_path_factory):
+    """The pretrained weights alone, recording no method (as an official .pth.tar)."""
+    path = tmp_path_factory.mktemp("bare") / "weights.safetensors"
+    path.write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
+    return path
+
+
+def test_linear_head_lr_is_0_2_for_intl_and_0_4_for_intl_m_by_the_recorded_method_or_recipe_flag(
+        pretrained, intl_m_export, bare_weights, folder, tmp_path, capsys):
+    common = ["--dataset", folder, "--protocol", "linear", "--epochs", "1", "--eval_batch_size", "11"]
+    # The default global batch 256 leaves the lr unscaled (x 256 / 256).
+    intl_m = evaluate("--backbone", intl_m_export, *common, "--output_dir", tmp_path / "m")["linear"]
+    assert intl_m["settings"]["lr"] == 0.4 and intl_m["history"][0]["lr_head"] == pytest.approx(0.4)
+    assert intl_m["settings"]["recipe"] == "intl-m" and intl_m["settings"]["batch_size"] == 256
+    assert "linear: head lr 0.4 per 256 images of global batch; INTL-M's recipe, chosen by the backbone's " \
+           "recorded method 'intl-m'" in capsys.readouterr().out
+    # No recorded method (an official checkpoint): INTL's 0.2, and the run says why; --recipe decides instead.
+    bare = ["--backbone", bare_weights, "--image_size", "16", *common]
+    unknown = evaluate(*bare, "--output_dir", tmp_path / "bare")["linear"]
+    assert unknown["settings"]["lr"] == 0.2 and unknown["history"][0]["lr_head"] == pytest.approx(0.2)
+    assert "INTL's recipe, chosen by default (neither --recipe nor the backbone records a method" \
+           in capsys.readouterr().out
+    args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "linear", "finetune", "--subset_file", "f"])
+    for flag, config, recipe in ((None, {"method": "intl"}, "intl"), (None, {"recipe": {"method": "intl-m"}}, "intl-m"),
+                                 ("intl-m", {}, "intl-m"), ("intl", {"method": "intl"}, "intl"),
+                                 (None, {"method": "cw-rgp"}, "intl"), ("intl-m", {"method": "cw-rgp"}, "intl-m")):
+        chosen = linear_eval.evaluation_recipe(flag, config)
+        assert chosen["recipe"] == recipe
+        assert linear_eval.protocol_settings("linear", args, chosen)["lr"] == {"intl": 0.2, "intl-m": 0.4}[recipe]
+    args.lr = 0.3  # an explicit --lr wins
+    assert linear_eval.protocol_settings("linear", args, linear_eval.evaluation_recipe("intl-m", {}))["lr"] == 0.3
+    assert "--recipe" in linear_eval.get_parser().format_help()
+
+
+def test_finetune_keeps_a_constant_lr_head_0_2_and_backbone_0_006_for_intl_or_0_004_for_intl_m(
+        pretrained, intl_m_export, folder, tmp_path):
+    names = tmp_path / "subset.txt"
+    names.write_text("train_0_3.png\ntrain_1_1.png\ntrain_2_5.png\n")
+    common = ["--dataset", folder, "--protocol", "finetune", "--subset_file", names, "--epochs", "3",
+              "--eval_batch_size", "11"]
+    for backbone, lr_backbone in ((pretrained / "backbone", 0.006), (intl_m_export, 0.004)):
+        record = evaluate("--backbone", backbone, *common, "--output_dir", tmp_path / str(lr_backbone))["finetune"]
+        assert record["settings"]["lr"] == 0.2 and record["settings"]["lr_backbone"] == lr_backbone
+        # Global batch 256: unscaled, and the same at every epoch (no cosine, no step).
+        assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.2] * 3)
+        assert [h["lr_backbone"] for h in record["history"]] == pytest.approx([lr_backbone] * 3)
+    assert all(linear_eval.lr_factor("finetune", epoch, 20, [0.6, 0.8]) == 1.0 for epoch in (0, 5.5, 12, 16, 19.9))
+
+
+def test_random_train_fraction_is_labelled_not_comparable_to_the_paper_in_help_results_and_records(
+        pretrained, folder, tmp_path, capsys):
+    record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
+                      "--train_fraction", "0.25", "--output_dir", tmp_path, *TINY, "--epochs", "1")["finetune"]
+    assert record["rows"][0]["name"] == "fine-tune on 6 images (random 0.25: not comparable to the paper)"
+    assert record["comparable_to_paper"] is False and "not comparable" in record["note"]
+    printed = capsys.readouterr().out
+    assert "(random 0.25: not comparable to the paper)" in printed and "finetune: a random --train_fraction" in printed
+    help_of = {a.dest: a.help for a in linear_eval.get_parser()._actions}
+    assert "NOT comparable" in help_of["train_fraction"] and "standard" in help_of["subset_file"]
+
+
+def test_linear_and_finetune_resize_bilinearly_as_torchvision_does_by_default():
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    image = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy())
+    mean, std = intl.IMAGENET_MEAN, intl.IMAGENET_STD
+    to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    # Evaluation: Resize 256 (short side) + CenterCrop 224, against PIL's own bilinear resize.
+    resized = image.resize((341, 256), Image.Resampling.BILINEAR)  # 400 x 300 -> 341 x 256
+    expected = to_tensor(resized.crop((58, 16, 282, 240)))  # the centre: round(117 / 2) = 58 px from the left
+    assert torch.equal(intl.eval_transform(224, mean, std)(image), expected)
+    # Training: the same random crop and flip as torchvision's defaults (bilinear) draw from the same seed.
+    torch.manual_seed(3)
+    ours = linear_eval.train_transform(224, mean, std)(image)
+    torch.manual_seed(3)
+    default = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), to_tensor])(image)
+    assert torch.equal(ours, default)
+
+
+def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
+    assert linear_eval.per_process_batch(256, 1) == 256 and linear_eval.per_process_batch(256, 8) == 32
+    with pytest.raises(ValueError, match="--batch_size 256 is the global batch and must split evenly over the 3"):
+        linear_eval.per_process_batch(256, 3)
+    help_text = {a.dest: a.help for a in linear_eval.get_parser()._actions}["batch_size"]
+    assert help_text.startswith("GLOBAL training batch") and "divisible" in help_text
 
 
 def test_knn_benchmark_prints_seconds_and_peak_memory_as_json(capsys):
