@@ -27,7 +27,8 @@ than 1e-3 pixels. BatchNorm becomes SyncBatchNorm only with several GPUs; with s
 each process normalises its own batch.
 
 Evaluation: VOC by the Detectron2 / MoCo numbers (per class VOC07 11-point AP at IoU 0.50:0.05:0.95
-with the devkit's conventions, averaged -> AP; AP50; AP75), computed by `voc_evaluate` below; COCO
+with the devkit's conventions, averaged -> AP; AP50; AP75; scores and box corners rounded as Detectron2's
+detection files hold them), computed by `voc_evaluate` below; COCO
 by pycocotools' COCOeval (bbox, and segm for the mask models). OUTPUT_DIR receives checkpoints/,
 log.jsonl and results.json.
 """
