@@ -296,7 +296,7 @@ def evaluation_recipe(flag, backbone_config):
     if flag is not None:
         if recorded in RECIPE_LRS and recorded != flag:
             raise ValueError(f"--recipe {flag}, but the backbone records method {recorded!r}: leave --recipe out "
-                             "(the recorded method decides) or give the learning rates with --lr / --lr_backbone")
+                             "(the recorded method decides); other learning rates are set with --lr / --lr_backbone")
         return {"recipe": flag, "chosen_by": f"--recipe {flag}"}
     if recorded in RECIPE_LRS:
         return {"recipe": recorded, "chosen_by": f"the backbone's recorded method {recorded!r}"}
@@ -310,11 +310,11 @@ def evaluation_recipe(flag, backbone_config):
 def recipe_lr_note(protocol, recipe, args):
     """One line saying which learning rates the protocol uses and what chose them."""
     settings = protocol_settings(protocol, args, recipe)
-    rates = f"head lr {settings['lr']:g}"
-    if protocol == "finetune":
-        rates += f", backbone lr {settings['lr_backbone']:g}"
+    flags = ("lr", "lr_backbone") if protocol == "finetune" else ("lr",)
+    rates = ", ".join(f"{'head' if flag == 'lr' else 'backbone'} lr {settings[flag]:g}"
+                      + (f" (--{flag})" if getattr(args, flag) is not None else "") for flag in flags)
     return (f"{protocol}: {rates} per 256 images of global batch; {RECIPE_NAMES[recipe['recipe']]}'s recipe, "
-            f"chosen by {recipe['chosen_by']} (explicit --lr / --lr_backbone win)")
+            f"chosen by {recipe['chosen_by']}")
 
 
 def per_process_batch(global_batch, processes):
