@@ -27,7 +27,8 @@ than 1e-3 pixels. BatchNorm becomes SyncBatchNorm only with several GPUs; with s
 each process normalises its own batch.
 
 Evaluation: VOC by the Detectron2 / MoCo numbers (per class VOC07 11-point AP at IoU 0.50:0.05:0.95
-with the devkit's conventions, averaged -> AP; AP50; AP75), computed by `voc_evaluate` below; COCO
+with the devkit's conventions, averaged -> AP; AP50; AP75; scores and box corners rounded as Detectron2's
+detection files hold them), computed by `voc_evaluate` below; COCO
 by pycocotools' COCOeval (bbox, and segm for the mask models). OUTPUT_DIR receives checkpoints/,
 log.jsonl and results.json.
 """
@@ -1026,15 +1027,18 @@ def voc_class_ap(detections, ground_truth, iou_threshold, use_11_point=True):
 def voc_evaluate(predictions, records, classes, use_11_point=True):
     """Detectron2's PascalVOCDetectionEvaluator numbers (x100): AP = the mean over IoU 0.50:0.05:0.95 of the mean
     over classes of the class AP; AP50; AP75; and AP50 per class. Boxes go back to the devkit's coordinates
-    (x1 and y1 + 1) for predictions and ground truth alike. Classes without a test object are left out."""
+    (x1 and y1 + 1) for predictions and ground truth alike; the predictions' scores and corners are rounded as
+    the evaluator's detection files hold them (`as_written_to_detection_files`). Classes without a test object
+    are left out. `predictions` come in image order, as the evaluator writes them."""
     per_class = {}
     for c, name in enumerate(classes, start=1):
         ground_truth = {}
         for i, r in enumerate(records):
             chosen = r["labels"] == c
             ground_truth[i] = (devkit_boxes(r["boxes"][chosen]), r["difficult"][chosen])
-        detections = [(p["index"], float(s), b) for p in predictions
-                      for b, s in zip(devkit_boxes(p["boxes"][p["labels"] == c]), p["scores"][p["labels"] == c])]
+        detections = [(p["index"], score, box) for p in predictions
+                      for score, box in as_written_to_detection_files(p["scores"][p["labels"] == c],
+                                                                      p["boxes"][p["labels"] == c])]
         per_class[name] = [voc_class_ap(detections, ground_truth, t, use_11_point) for t in IOU_THRESHOLDS]
     evaluated = {name: aps for name, aps in per_class.items() if not math.isnan(aps[0])}
     if not evaluated:
@@ -1049,9 +1053,31 @@ def voc_evaluate(predictions, records, classes, use_11_point=True):
 
 
 def devkit_boxes(boxes):
+    """0-based [x1, y1, x2, y2] -> the devkit's 1-based inclusive pixel coordinates (x1 and y1 + 1)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
     boxes[:, :2] += 1
     return boxes
+
+
+def as_written_to_detection_files(scores, boxes):
+    """One class's detections of one image as the published VOC numbers saw them: [(score, devkit box)].
+
+    Detectron2's PascalVOCDetectionEvaluator does not hand its predictions to the devkit's voc_eval directly: it
+    writes one text file per class, a line "image score x1 y1 x2 y2" per detection, formatted "{:.3f}" for the
+    score and "{:.1f}" for the corners (in the devkit's coordinates: x1 and y1 + 1, added to the model's float32
+    corners), and voc_eval reads the files back. So the AP counts scores to 3 decimals, which turns nearby scores
+    into ties, and corners to 0.1 px, which moves IoUs near a threshold across it: on small test sets AP50
+    changes by up to about a point. The values are formatted and parsed exactly as there.
+
+    Decision: detections of equal (rounded) score are then taken in the order the evaluator writes them, image by
+    image (Python's stable sort in `voc_class_ap`). voc_eval itself sorts with np.argsort(-confidence), numpy's
+    unstable default sort, whose order among equal scores depends on the numpy version and on the CPU's SIMD
+    instructions: no fixed order reproduces it everywhere.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    boxes[:, :2] += 1  # in float32, as Detectron2 adds 1 to the float32 corners before writing them
+    return [(float(f"{float(score):.3f}"), np.array([float(f"{float(v):.1f}") for v in box]))
+            for score, box in zip(scores, boxes)]
 
 
 def coco_evaluate(predictions, records, coco, category_ids, iou_types=("bbox",)):

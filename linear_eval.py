@@ -4,19 +4,23 @@
     python linear_eval.py --backbone someone/intl-resnet50 --protocol knn --knn_metric cosine --dataset DATA
     accelerate launch linear_eval.py --backbone runs/in1k/backbone --protocol linear \\
         --dataset ILSVRC/imagenet-1k --test_split validation
-    accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --arch resnet50 --protocol finetune \\
-        --train_fraction 0.01 --dataset /data/imagenet
+    accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --recipe intl --arch resnet50 \\
+        --protocol finetune --subset_file 1percent.txt --dataset /data/imagenet
+    python linear_eval.py --benchmark_knn 1281167 50000 2048         # the 5-NN at ImageNet size: time, memory
 
-Protocols (the papers' evaluation protocols):
-    knn            k-NN on frozen features: k = 5, Euclidean, one vote each (the papers'); or weighted
-                   cosine votes exp(sim / T) with k = 20 / 200, T = 0.07 (--knn_metric cosine)
+Protocols (the papers' evaluation protocols; batches are global, all processes together):
+    knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie between classes to the
+                   smallest class id (the papers'); or weighted cosine votes exp(sim / T) with k = 20 / 200,
+                   T = 0.07 (--knn_metric cosine)
     linear-cached  features extracted once without augmentation; a linear head trained on them with
                    Adam, lr 1e-2 decayed exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
     linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
-                   0.9 without wd, 100 epochs, lr x0.1 at 60 and 80, RandomResizedCrop + flip / Resize +
-                   CenterCrop; afterwards a check that no backbone weight or BN buffer changed
-    finetune       semi-supervised: all layers trained on a seeded class-balanced --train_fraction of the
-                   training split (or the images named in --subset_file), separate backbone and head lrs
+                   0.9 without wd, batch 256, lr 0.2 (INTL) / 0.4 (INTL-M), 100 epochs, x0.1 at 60 and 80,
+                   bilinear RandomResizedCrop + flip / Resize + CenterCrop; afterwards a check that no
+                   backbone weight or BN buffer changed
+    finetune       semi-supervised: all layers trained for 20 epochs at a constant lr (head 0.2, backbone
+                   0.006 INTL / 0.004 INTL-M), batch 256, on the images named in --subset_file (the standard
+                   1% / 10% lists) or, not comparable to the papers, a random --train_fraction
 
 The backbone is any source intl.load_backbone accepts: an export folder, a .safetensors file, a Hub
 repo id (owner/name[@revision]), a pretrain checkpoint folder or an official .pth.tar. The reported
@@ -26,9 +30,9 @@ and continue with --resume.
 """
 
 import argparse
+import contextlib
 import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -47,13 +51,21 @@ from tqdm.auto import tqdm
 import intl
 
 PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
-# Per-protocol defaults of the flags left at None (the papers' evaluation protocols). SGD learning rates are for a
-# global batch of 256 and scale linearly with it; Adam's (linear-cached) does not scale.
+# Per-protocol defaults of the flags left at None (the papers' evaluation protocols). Batches are global (all
+# processes together). SGD learning rates are for a global batch of 256 and scale linearly with it; Adam's
+# (linear-cached) does not scale. The learning rates missing here depend on the recipe, below.
 DEFAULTS = {
     "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
-    "linear": dict(epochs=100, batch_size=256, lr=0.3, weight_decay=0.0),
-    "finetune": dict(epochs=20, batch_size=256, lr=0.2, lr_backbone=0.005, weight_decay=0.0),
+    "linear": dict(epochs=100, batch_size=256, weight_decay=0.0),
+    "finetune": dict(epochs=20, batch_size=256, lr=0.2, weight_decay=0.0),
 }
+# The authors' ImageNet evaluation learning rates differ by the backbone's pretraining recipe: the linear head
+# (INTL 800 ep and ImageNet-100: 0.2; INTL-M: 0.4) and the fine-tuned backbone (0.006; 0.004).
+RECIPE_LRS = {
+    "intl": {"linear": {"lr": 0.2}, "finetune": {"lr_backbone": 0.006}},
+    "intl-m": {"linear": {"lr": 0.4}, "finetune": {"lr_backbone": 0.004}},
+}
+RECIPE_NAMES = {"intl": "INTL", "intl-m": "INTL-M"}
 
 
 def get_parser():
@@ -78,9 +90,9 @@ def get_parser():
                         help="batch per process for feature extraction and test-set evaluation")
 
     # Model
-    parser.add_argument("--backbone", type=str, required=True,
-                        help="export folder, .safetensors file, Hub repo id 'owner/name[@revision]', pretrain "
-                             "checkpoint folder or official INTL / CW-RGP .pth.tar")
+    parser.add_argument("--backbone", type=str, default=None,
+                        help="(required) export folder, .safetensors file, Hub repo id 'owner/name[@revision]', "
+                             "pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
     parser.add_argument("--arch", type=str, default=None, choices=intl.RESNETS,
                         help="encoder architecture (default: from the backbone's config or its weights' shapes)")
     parser.add_argument("--revision", type=str, default=None, help="Hub branch, tag or commit of --backbone")
@@ -98,32 +110,41 @@ def get_parser():
     parser.add_argument("--k", type=int, nargs="+", default=None,
                         help="numbers of neighbours (default: 5 for euclidean, 20 and 200 for cosine)")
     parser.add_argument("--temperature", type=float, default=0.07, help="T of the weighted-cosine kNN")
-    parser.add_argument("--train_fraction", type=float, default=None,
-                        help="finetune: fraction of each class of the training split, drawn with --seed "
-                             "(0.01 and 0.1 are the papers' 1%% and 10%%)")
     parser.add_argument("--subset_file", type=str, default=None,
-                        help="finetune: text file of image file names, one a line (the standard ImageNet 1%% / "
-                             "10%% lists), instead of --train_fraction")
+                        help="finetune: text file of image file names, one a line: the standard ImageNet 1%% / "
+                             "10%% lists, as the papers' semi-supervised results")
+    parser.add_argument("--train_fraction", type=float, default=None,
+                        help="finetune, instead of --subset_file: a random class-balanced fraction of the "
+                             "training split, drawn with --seed; NOT comparable to the papers' numbers, which "
+                             "use the standard lists (--subset_file)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the head's init, the data order and subsets")
 
     # Optim
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs (default: linear-cached 500, linear 100, finetune 20)")
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="training batch (default: linear-cached 1000 in all; linear and finetune 256 "
-                             "per process)")
+                        help="GLOBAL training batch, all processes together (default: linear-cached 1000, linear "
+                             "and finetune 256, the authors' global batches); linear and finetune split it evenly "
+                             "over the processes, so it must be divisible by their number")
+    parser.add_argument("--recipe", type=str, default=None, choices=sorted(RECIPE_LRS),
+                        help="the backbone's pretraining recipe, which picks the authors' learning rates: linear "
+                             "head 0.2 (intl) / 0.4 (intl-m), finetune backbone 0.006 / 0.004 (default: the method "
+                             "recorded in the backbone's config.json; official .pth.tar checkpoints record none, "
+                             "and then INTL's are used and the run says so)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="head learning rate (default: linear-cached 1e-2 with Adam; linear 0.3 and finetune "
-                             "0.2 with SGD, per 256 images of global batch)")
+                        help="head learning rate (default: linear-cached 1e-2 with Adam; with SGD, per 256 images "
+                             "of global batch: linear 0.2 for INTL / 0.4 for INTL-M (see --recipe), finetune 0.2)")
     parser.add_argument("--lr_backbone", type=float, default=None,
-                        help="finetune: backbone learning rate per 256 images of global batch (default 0.005)")
+                        help="finetune: backbone learning rate per 256 images of global batch (default: 0.006 for "
+                             "INTL / 0.004 for INTL-M, see --recipe)")
     parser.add_argument("--min_lr", type=float, default=1e-6,
                         help="linear-cached: the learning rate reached by the exponential decay at the last epoch")
     parser.add_argument("--weight_decay", type=float, default=None,
                         help="weight decay (default: linear-cached 5e-6, linear and finetune 0)")
     parser.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                         help="linear: lr x0.1 after these fractions of --epochs (epochs 60 and 80 of 100); "
-                             "finetune follows a cosine instead")
+                             "finetune keeps its lr constant (the authors' milestones 60 and 80 lie beyond its "
+                             "20 epochs)")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                         help="autocast precision (default: Accelerate's config)")
 
@@ -138,14 +159,26 @@ def get_parser():
     parser.add_argument("--stop_after_epochs", type=int, default=None,
                         help="linear, finetune: save and stop after this many epochs (the schedule still spans "
                              "--epochs); continue with --resume")
+
+    # Benchmark
+    parser.add_argument("--benchmark_knn", type=int, nargs=3, default=None, metavar=("N_TRAIN", "N_TEST", "DIM"),
+                        help="time the 5-NN (intl.knn_classify) on random float32 features of this size, on the "
+                             "GPU if there is one, print JSON (seconds, peak memory) and exit; needs no --backbone "
+                             "(ImageNet: 1281167 50000 2048)")
     return parser
 
 
 def main(argv=None):
     args = resolve_args(argv)
+    if args.benchmark_knn:
+        print(json.dumps(benchmark_knn(*args.benchmark_knn), indent=2))
+        return
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     output_dir = Path(args.output_dir)
+    trained = [p for p in args.protocol if p in ("linear", "finetune")]
+    for protocol in trained:  # before any loading: a batch that does not split is refused at once
+        per_process_batch(protocol_settings(protocol, args)["batch_size"], accelerator.num_processes)
 
     # Model: any backbone source, loaded strictly, frozen.
     backbone, backbone_config = intl.load_backbone(args.backbone, args.arch, args.revision, args.stem)
@@ -154,6 +187,9 @@ def main(argv=None):
     mean, std = args.mean or backbone_config["mean"], args.std or backbone_config["std"]
     say(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {args.backbone}: "
         f"{backbone_config['arch']}, {backbone_config['feature_dim']}-d features, input {image_size} px")
+    recipe = evaluation_recipe(args.recipe, backbone_config) if trained else None
+    for protocol in trained:
+        say(recipe_lr_note(protocol, recipe, args))
 
     # Data: a labelled training split and a labelled test split.
     train_split, test_split, num_classes = load_labelled_splits(args)
@@ -172,13 +208,13 @@ def main(argv=None):
     for protocol in args.protocol:
         tic = time.time()
         if protocol == "knn":
-            record = run_knn(features, args)
+            record = run_knn(features, args, accelerator.device)
         elif protocol == "linear-cached":
             record = run_linear_cached(features, num_classes, args, accelerator)
         else:
             record = run_trained_protocol(protocol, backbone, backbone_config["feature_dim"], train_split,
                                           test_split, num_classes, image_size, mean, std, args, accelerator,
-                                          output_dir, say)
+                                          output_dir, say, recipe)
             if record is None:  # --stop_after_epochs
                 return
         record = {"protocol": protocol, **record, "backbone": args.backbone, "arch": backbone_config["arch"],
@@ -198,6 +234,14 @@ def main(argv=None):
 
 def resolve_args(argv=None):
     args = get_parser().parse_args(argv)
+    if args.benchmark_knn:
+        if min(args.benchmark_knn) < 1:
+            raise ValueError(f"--benchmark_knn {' '.join(map(str, args.benchmark_knn))}: give three sizes of at "
+                             "least 1 (N_TRAIN N_TEST DIM)")
+        return args
+    if args.backbone is None:
+        raise ValueError("--backbone is required: an export folder, a .safetensors file, a Hub repo id, a pretrain "
+                         "checkpoint folder or an official .pth.tar checkpoint")
     if args.k is None:
         args.k = [5] if args.knn_metric == "euclidean" else [20, 200]
     if min(args.k) < 1:
@@ -229,15 +273,62 @@ def default_output_dir(backbone):
     return Path("runs") / "eval" / backbone.replace("/", "--").replace("@", "--")
 
 
-def protocol_settings(protocol, args, **extra):
-    """What a trained protocol computes with: the flags, or the protocol's defaults where they are None."""
+def protocol_settings(protocol, args, recipe=None, **extra):
+    """What a trained protocol computes with: the flags, or the protocol's defaults where they are None (the
+    recipe's learning rates too, given the recipe from `evaluation_recipe`)."""
+    defaults = dict(DEFAULTS[protocol])
+    if recipe is not None:
+        defaults.update(RECIPE_LRS[recipe["recipe"]].get(protocol, {}))
     settings = {key: getattr(args, key) if getattr(args, key) is not None else default
-                for key, default in DEFAULTS[protocol].items()}
+                for key, default in defaults.items()}
+    if recipe is not None and protocol in RECIPE_LRS[recipe["recipe"]]:
+        settings.update(recipe=recipe["recipe"], recipe_chosen_by=recipe["chosen_by"])
     if protocol == "linear-cached":
         settings["min_lr"] = args.min_lr
     if protocol == "linear":
         settings["milestones"] = args.milestones
     return {**settings, "seed": args.seed, **extra}
+
+
+def evaluation_recipe(flag, backbone_config):
+    """Which of the authors' evaluation recipes applies, 'intl' or 'intl-m', and what chose it.
+
+    The linear head's and the fine-tuned backbone's learning rates differ between INTL and INTL-M (RECIPE_LRS).
+    An export records its method (config.json: `method`, and `recipe.method`); an official .pth.tar records
+    none, so --recipe says it. Neither: INTL's, and the returned reason says so (the run prints it).
+    """
+    recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
+    if flag is not None:
+        if recorded in RECIPE_LRS and recorded != flag:
+            raise ValueError(f"--recipe {flag}, but the backbone records method {recorded!r}: leave --recipe out "
+                             "(the recorded method decides); other learning rates are set with --lr / --lr_backbone")
+        return {"recipe": flag, "chosen_by": f"--recipe {flag}"}
+    if recorded in RECIPE_LRS:
+        return {"recipe": recorded, "chosen_by": f"the backbone's recorded method {recorded!r}"}
+    if recorded is not None:
+        return {"recipe": "intl", "chosen_by": f"default (the backbone's method {recorded!r} is neither intl nor "
+                                               "intl-m; --recipe chooses)"}
+    return {"recipe": "intl", "chosen_by": "default (neither --recipe nor the backbone records a method; "
+                                           "--recipe intl-m for an INTL-M backbone)"}
+
+
+def recipe_lr_note(protocol, recipe, args):
+    """One line saying which learning rates the protocol uses and what chose them."""
+    settings = protocol_settings(protocol, args, recipe)
+    flags = ("lr", "lr_backbone") if protocol == "finetune" else ("lr",)
+    rates = ", ".join(f"{'head' if flag == 'lr' else 'backbone'} lr {settings[flag]:g}"
+                      + (f" (--{flag})" if getattr(args, flag) is not None else "") for flag in flags)
+    return (f"{protocol}: {rates} per 256 images of global batch; {RECIPE_NAMES[recipe['recipe']]}'s recipe, "
+            f"chosen by {recipe['chosen_by']}")
+
+
+def per_process_batch(global_batch, processes):
+    """The share of the global batch of each process: the protocols' batch (256) is global, as in the authors' runs."""
+    if global_batch % processes:
+        raise ValueError(f"--batch_size {global_batch} is the global batch and must split evenly over the "
+                         f"{processes} processes: give a multiple of {processes}, or run a number of processes "
+                         f"that divides {global_batch}")
+    return global_batch // processes
 
 
 def load_labelled_splits(args):
@@ -275,13 +366,13 @@ def extract(backbone, split, transform, name, args, accelerator):
 # knn and linear-cached: on the frozen features
 
 
-def run_knn(features, args):
+def run_knn(features, args, device="cpu"):
     (train_f, train_l), (test_f, test_l) = features["train"], features["test"]
     rows = []
     for asked in args.k:
         k = min(asked, len(train_f))  # the row's name says which k was really used
         if args.knn_metric == "euclidean":
-            top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k)["top1"]
+            top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k, device=device)["top1"]
             rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
         else:
             result = weighted_cosine_knn(train_f, train_l, test_f, test_l, k, args.temperature)
@@ -391,13 +482,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_split, num_classes, image_size,
-                         mean, std, args, accelerator, output_dir, say):
+                         mean, std, args, accelerator, output_dir, say, recipe):
     finetune = protocol == "finetune"
     if finetune:
         train_split = training_subset(train_split, num_classes, args)
-        say(f"finetune on {len(train_split.dataset)} training images")
+        say(f"finetune on {len(train_split.dataset)} training images"
+            + (f" ({RANDOM_SUBSET_NOTE})" if args.train_fraction is not None else ""))
         backbone = copy.deepcopy(backbone).requires_grad_(True)  # the other protocols keep the pretrained one
-    settings = protocol_settings(protocol, args, batch_size_is="per process", image_size=image_size,
+    settings = protocol_settings(protocol, args, recipe, batch_size_is="global", image_size=image_size,
                                  processes=accelerator.num_processes, n_train=len(train_split.dataset),
                                  train_fraction=args.train_fraction if finetune else None,
                                  subset_file=args.subset_file if finetune else None)
@@ -407,7 +499,8 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
     head = nn.Linear(feature_dim, num_classes)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
-    global_batch = settings["batch_size"] * accelerator.num_processes
+    global_batch = settings["batch_size"]
+    batch_per_process = per_process_batch(global_batch, accelerator.num_processes)
     scale = global_batch / 256
     groups = [{"params": list(head.parameters()), "base_lr": settings["lr"] * scale}]
     if finetune:
@@ -421,13 +514,10 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
         freeze(backbone)
     optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=settings["weight_decay"])
 
-    train_images = T.Compose([
-        T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
     sampler = EpochSampler(len(train_split.dataset), args.seed)
     train_loader = torch.utils.data.DataLoader(
-        intl.ImageDataset(train_split, train_images), batch_size=settings["batch_size"], sampler=sampler,
+        intl.ImageDataset(train_split, train_transform(image_size, mean, std)), batch_size=batch_per_process,
+        sampler=sampler,
         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
         drop_last=len(train_split.dataset) >= global_batch)
     test_loader = torch.utils.data.DataLoader(
@@ -475,6 +565,8 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
             progress.set_postfix(loss=f"{loss.item():.4f}")
         entry = {"epoch": epoch + 1, "train_loss": accelerator.reduce(loss_sum / steps_per_epoch, "mean").item(),
                  "lr_head": optimizer.param_groups[0]["lr"]}
+        if finetune:
+            entry["lr_backbone"] = optimizer.param_groups[1]["lr"]
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
             model.eval()
             entry.update(evaluate(forward, test_loader, accelerator, num_classes))
@@ -486,12 +578,32 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
             return None
     progress.close()
 
-    record = trained_record("linear (ImageNet protocol)" if not finetune else
-                            f"fine-tune on {len(train_split.dataset)} images", settings,
-                            [h for h in history if "top1" in h])
-    if not finetune:
+    name = "linear (ImageNet protocol)"
+    if finetune:
+        name = f"fine-tune on {len(train_split.dataset)} images"
+        if args.train_fraction is not None:
+            name += f" (random {args.train_fraction:g}: not comparable to the paper)"
+    record = trained_record(name, settings, [h for h in history if "top1" in h])
+    if finetune:
+        record["comparable_to_paper"] = args.train_fraction is None
+        if args.train_fraction is not None:
+            record["note"] = RANDOM_SUBSET_NOTE
+    else:
         record["backbone_unchanged"] = check_backbone_unchanged(backbone, reference)
     return record
+
+
+RANDOM_SUBSET_NOTE = ("a random --train_fraction subset, not the standard 1% / 10% image lists (--subset_file): "
+                      "not comparable to the papers' semi-supervised numbers")
+
+
+def train_transform(image_size, mean, std):
+    """The training input of linear and finetune: RandomResizedCrop + flip, resized bilinearly (torchvision's
+    default, as in the authors' runs)."""
+    return T.Compose([
+        T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
 def freeze(backbone):
@@ -514,10 +626,11 @@ def check_backbone_unchanged(backbone, reference):
 
 
 def lr_factor(protocol, epoch, epochs, milestones):
-    """linear: x0.1 after each milestone (fractions of the epochs); finetune: a cosine to 0. epoch may be fractional."""
+    """linear: x0.1 after each milestone (fractions of the epochs; epoch may be fractional). finetune: constant, as
+    in the authors' runs, whose step milestones (epochs 60 and 80) lie beyond its 20 epochs."""
     if protocol == "linear":
         return 0.1 ** sum(int(epoch) >= round(m * epochs) for m in milestones)
-    return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    return 1.0
 
 
 @torch.no_grad()
@@ -597,18 +710,77 @@ def resume(root, settings, accelerator):
 
 
 # -----------------------------------------------------------------------------
+# Benchmark of the 5-NN at ImageNet size
+
+
+def benchmark_knn(n_train, n_test, dim, k=5):
+    """Seconds and peak memory of intl.knn_classify on random features, on the GPU if there is one.
+
+    The features are filled in place (no temporary the size of the set), so the peak is the features plus what
+    the kNN itself holds. GPU: peak allocated on the device (the features stay on the CPU and go over in blocks);
+    CPU: peak resident set of the process during the kNN (Linux's VmHWM, reset before it), features included.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.empty(n_train, dim), torch.empty(n_test, dim)
+    for features in (train, test):
+        for start in range(0, len(features), 65536):
+            features[start:start + 65536].uniform_(generator=generator)  # non-negative, like ReLU features
+    train_labels = torch.randint(0, 1000, (n_train,), generator=generator)
+    test_labels = torch.randint(0, 1000, (n_test,), generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_resident_set()
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else resident_set("VmRSS")
+    tic = time.perf_counter()
+    intl.knn_classify(train, train_labels, test, test_labels, k=k, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - tic
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resident_set("VmHWM")
+    return {"n_train": n_train, "n_test": n_test, "dim": dim, "k": k, "device": str(device),
+            "cpu_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
+            "features_gib": round((train.nbytes + test.nbytes) / 2**30, 3),
+            "peak_memory_gib": round(peak / 2**30, 3), "knn_own_memory_gib": round((peak - before) / 2**30, 3),
+            "peak_memory_is": "GPU peak allocated (the features stay on the CPU)" if device.type == "cuda" else
+                              "peak resident set of the process (features and Python included); "
+                              "knn_own_memory_gib: that peak minus the resident set just before the kNN"}
+
+
+def reset_peak_resident_set():
+    """Linux: writing 5 to /proc/self/clear_refs resets the process's peak resident set (VmHWM)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def resident_set(field):
+    """Bytes of /proc/self/status's field (VmRSS: now; VmHWM: the peak), Linux; elsewhere the lifetime peak."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+# -----------------------------------------------------------------------------
 # Report
 
 
 def results_table(records, data, output_dir):
+    width = max([44] + [len(row["name"]) for record in records for row in record["rows"]])
     lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
              f"{data['train_split']}: {data['n_train']} images), final epoch:",
-             f"  {'protocol':44s} {'top-1':>7s} {'top-5':>7s}"]
+             f"  {'protocol':{width}s} {'top-1':>7s} {'top-5':>7s}"]
     extras = []
     for record in records:
         for row in record["rows"]:
             top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
-            lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
+            lines.append(f"  {row['name']:{width}s} {row['top1']:7.2f} {top5:>7s}")
+        if "note" in record:
+            extras.append(f"  {record['protocol']}: {record['note']}")
         if "best_epoch_extra" in record:
             best = record["best_epoch_extra"]
             extras.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "

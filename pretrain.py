@@ -845,7 +845,8 @@ def knn_accuracy(backbone, knn_data, accelerator):
     train_loader, test_loader = knn_data
     train_features, train_labels = intl.extract_features(backbone, train_loader, accelerator)
     test_features, test_labels = intl.extract_features(backbone, test_loader, accelerator)
-    return intl.knn_classify(train_features, train_labels, test_features, test_labels, k=5)["top1"]
+    return intl.knn_classify(train_features, train_labels, test_features, test_labels, k=5,
+                             device=accelerator.device)["top1"]
 
 
 # -----------------------------------------------------------------------------

@@ -386,6 +386,29 @@ def test_voc_evaluate_averages_ten_iou_thresholds_in_devkit_coordinates():
     assert result["classes_without_test_objects"] == ["c"]
 
 
+def test_voc_scores_and_corners_are_rounded_as_the_evaluator_writes_its_detection_files():
+    # Detectron2 writes "{score:.3f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}" (devkit coordinates) and re-reads it.
+    def record(*boxes):
+        boxes = np.array(boxes, np.float32).reshape(-1, 4)
+        return {"boxes": boxes, "labels": np.ones(len(boxes), int), "difficult": np.zeros(len(boxes), bool)}
+
+    def prediction(index, score, box):
+        return {"index": index, "boxes": np.array([box], np.float32), "scores": np.array([score], np.float32),
+                "labels": np.array([1])}
+
+    # Corners: y2 = 5.04 gives devkit IoU 50.4 / 100 > 0.5, a match; written as 5.0 the IoU is exactly 0.5: none.
+    result = dt.voc_evaluate([prediction(0, 0.9, [0, 0, 10, 5.04])], [record([0, 0, 10, 10])], ("a",))
+    assert result["AP50"] == 0.0
+    # Scores: a false positive at 0.8004 ranks before the true positive at 0.8001 (11-point AP 0.5), but both are
+    # written as 0.800 and the tie keeps the written order, image 0 first: the true positive, AP 1.
+    records = [record([0, 0, 10, 10]), record()]
+    predictions = [prediction(0, 0.8001, [0, 0, 10, 10]), prediction(1, 0.8004, [0, 0, 10, 10])]
+    assert dt.voc_evaluate(predictions, records, ("a",))["AP50"] == pytest.approx(100)
+    [(score, box)] = dt.as_written_to_detection_files(np.array([0.8004], np.float32),
+                                                      np.array([[0.26, 0, 9.96, 5.04]], np.float32))
+    assert score == 0.8 and box.tolist() == [1.3, 1.0, 10.0, 5.0]  # x1, y1 + 1 (devkit), then rounded
+
+
 # ----------------------------------------------------------------------------- generated datasets and COCO evaluation
 
 

@@ -142,7 +142,7 @@ def test_interrupted_linear_evaluation_resumes_to_the_uninterrupted_result(pretr
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["top1"] == b["top1"]
 
 
-def test_finetune_learns_from_a_seeded_class_balanced_subset_or_the_named_images(pretrained, folder, tmp_path):
+def test_finetune_learns_from_the_named_images_or_a_seeded_class_balanced_subset(pretrained, folder, tmp_path):
     split = intl.load_image_split(folder, "train")
     args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "finetune", "--train_fraction", "0.25"])
     subset = linear_eval.training_subset(split, 3, args)
@@ -158,9 +158,7 @@ def test_finetune_learns_from_a_seeded_class_balanced_subset_or_the_named_images
     record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
                       "--subset_file", names, "--output_dir", tmp_path / "out", *TINY, "--epochs", "2")["finetune"]
     assert record["n_train"] == 24 and record["settings"]["n_train"] == 2  # the split, the subset
-    assert record["rows"][0]["name"] == "fine-tune on 2 images"
-    # One step per epoch: the cosine is at its peak for epoch 1 and half-way for epoch 2.
-    assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.05 * 8 / 256, 0.05 * 8 / 256 / 2])
+    assert record["rows"][0]["name"] == "fine-tune on 2 images" and record["comparable_to_paper"] is True
     names.write_text("train_0_3.png\nnot_there.png\n")
     with pytest.raises(ValueError, match="1 of its 2 images are not in .* 'not_there.png'"):
         evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
@@ -206,6 +204,10 @@ def test_two_processes_evaluate_every_test_image_exactly_once(pretrained, folder
     assert "2 process(es)" in result.stdout + result.stderr
     two = {p: json.loads((tmp_path / "two" / f"{p}.json").read_text()) for p in ("knn", "linear")}
     assert two["linear"]["processes"] == 2 and [r["n_evaluated"] for r in two["linear"]["history"]] == [11, 11, 11]
+    # --batch_size 8 is the global batch (4 per process): the lr scales by 8 / 256, not by 2 x 8 / 256 (and steps
+    # x0.1 twice at epoch 3 of 3: the milestones 0.6 and 0.8 of 3 epochs both round to 2).
+    assert two["linear"]["settings"]["batch_size"] == 8 and two["linear"]["settings"]["batch_size_is"] == "global"
+    assert [h["lr_head"] for h in two["linear"]["history"]] == pytest.approx([0.05 * 8 / 256 * f for f in (1, 1, 0.01)])
     assert two["knn"]["n_evaluated"] == 11
     one = evaluate(*common, "--output_dir", tmp_path / "one")
     assert two["knn"]["rows"] == one["knn"]["rows"]  # every feature exactly once, none twice
@@ -235,6 +237,7 @@ def unlabelled(tmp_path):
     (["--protocol", "finetune"], "exactly one of --train_fraction"),
     (["--protocol", "linear", "--resume"], "no checkpoint in"),
     (["--k", "0"], "at least 1"),
+    (["--protocol", "linear", "--recipe", "intl-m"], "--recipe intl-m, but the backbone records method 'intl'"),
 ])
 def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, unlabelled, tmp_path, args, message):
     # The __main__ block turns these into one `error: ...` line (checked above for a missing backbone).
@@ -245,3 +248,201 @@ def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, unlabelled,
 
 def test_every_flag_has_help():
     assert all(action.help for action in linear_eval.get_parser()._actions)
+
+
+# ----------------------------------------------------------------------------- 5-NN (intl.knn_classify)
+
+
+def test_knn_tie_between_classes_goes_to_the_smallest_class_id_not_to_the_nearer_neighbours():
+    # One query at 0 and training points on a line at distances 1..6: the 5 nearest are classes 2, 2, 0, 0, 1.
+    train = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]])
+    train_labels = torch.tensor([2, 2, 0, 0, 1, 2])
+    query = torch.zeros(1, 1)
+    # Classes 2 and 0 have two votes each: class 0 wins although class 2's neighbours are nearer.
+    assert intl.knn_classify(train, train_labels, query, torch.tensor([0]), k=5)["top1"] == 100.0
+    assert intl.knn_classify(train, train_labels, query, torch.tensor([2]), k=5)["top1"] == 0.0
+    # A clear majority still wins over a smaller class id.
+    assert intl.knn_classify(train, torch.tensor([2, 2, 2, 0, 0, 1]), query, torch.tensor([2]), k=5)["top1"] == 100.0
+
+
+def separated_features(k_max, n_train=300, n_candidates=100, dim=16, num_classes=4, seed=0):
+    """Clustered float64 features with a large common offset (as ReLU features have), and test queries without
+    near-ties: a candidate query is kept only if the squared distances to its k_max + 1 nearest training features
+    differ from each other by more than 1e-2, some 50x the float32 rounding error of ||t||^2 - 2 q.t here."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(num_classes, dim, generator=generator, dtype=torch.float64) + 10.0
+    train_labels = torch.arange(n_train) % num_classes
+    test_labels = torch.randint(0, num_classes, (n_candidates,), generator=generator)
+    train = centres[train_labels] + 5.0 * torch.randn(n_train, dim, generator=generator, dtype=torch.float64)
+    test = centres[test_labels] + 5.0 * torch.randn(n_candidates, dim, generator=generator, dtype=torch.float64)
+    ranked = float64_squared_distances(train, test).sort(dim=1).values[:, :k_max + 1]
+    kept = (ranked[:, 1:] - ranked[:, :-1]).min(dim=1).values > 1e-2
+    assert kept.sum() >= n_candidates // 2
+    return train, train_labels, test[kept], test_labels[kept]
+
+
+def float64_squared_distances(train, test):
+    return ((test[:, None, :] - train[None, :, :]) ** 2).sum(-1)  # explicit differences, not ||a||^2 - 2ab + ||b||^2
+
+
+def float64_knn(train, train_labels, test, k):
+    """The reference: float64 distances, a full sort, majority vote with a tie going to the smallest class id."""
+    nearest = float64_squared_distances(train, test).argsort(dim=1)[:, :k]
+    predicted = []
+    for row in nearest.tolist():
+        votes = [train_labels[i].item() for i in row]
+        predicted.append(max(sorted(set(votes)), key=votes.count))  # max keeps the first: the smallest class id
+    return nearest, torch.tensor(predicted)
+
+
+def test_knn_in_float32_blocks_finds_the_same_neighbours_and_accuracy_as_an_independent_float64_computation():
+    train, train_labels, test, test_labels = separated_features(k_max=20)
+    for k in (1, 5, 20):
+        nearest, predicted = float64_knn(train, train_labels, test, k)
+        expected_top1 = 100.0 * (predicted == test_labels).sum().item() / len(test)
+        # Blocks of 7 queries x 13 training features: many blocks, a ragged last one, and k > a block for k = 20.
+        found = intl.nearest_neighbours(train.float(), test.float(), k=k, chunk=7, train_chunk=13)
+        assert torch.equal(found, nearest)  # the same neighbours in the same order, nearest first
+        for chunk, train_chunk in ((7, 13), (1024, 32768)):
+            result = intl.knn_classify(train.float(), train_labels, test.float(), test_labels, k=k, chunk=chunk,
+                                       train_chunk=train_chunk, device="cpu")
+            assert result["top1"] == expected_top1
+        assert 0 < expected_top1 < 100  # the votes are not trivial
+
+
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage that any operation creates, other than those of the given tensors (views of
+    the inputs, such as a slice of the training features, allocate nothing)."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in inputs}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_knn_memory_is_bounded_by_its_blocks_not_by_the_training_set():
+    train, train_labels = torch.randn(8000, 32), torch.randint(0, 10, (8000,))
+    test, test_labels = torch.randn(100, 32), torch.randint(0, 10, (100,))
+    with LargestAllocation(train, train_labels, test, test_labels) as tracked:
+        intl.knn_classify(train, train_labels, test, test_labels, k=5, chunk=64, train_chunk=500)
+    block_bytes = 4 * 500 * max(64, 32)  # one float32 distance block (64 x 500) or training block (500 x 32)
+    assert 0 < tracked.largest <= block_bytes < train.nbytes / 4
+
+
+# ----------------------------------------------------------------------------- the authors' ImageNet protocols
+
+
+@pytest.fixture(scope="module")
+def intl_m_export(pretrained, tmp_path_factory):
+    """The pretrained export, its config.json saying INTL-M (method and recipe.method)."""
+    export = tmp_path_factory.mktemp("intl-m") / "backbone"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
+    config = json.loads((pretrained / "backbone" / "config.json").read_text())
+    assert config["method"] == "intl" and config["recipe"]["method"] == "intl"
+    config["method"] = config["recipe"]["method"] = "intl-m"
+    (export / "config.json").write_text(json.dumps(config))
+    return export
+
+
+@pytest.fixture(scope="module")
+def bare_weights(pretrained, tmp_path_factory):
+    """The pretrained weights alone, recording no method (as an official .pth.tar)."""
+    path = tmp_path_factory.mktemp("bare") / "weights.safetensors"
+    path.write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
+    return path
+
+
+def test_linear_head_lr_is_0_2_for_intl_and_0_4_for_intl_m_by_the_recorded_method_or_recipe_flag(
+        pretrained, intl_m_export, bare_weights, folder, tmp_path, capsys):
+    common = ["--dataset", folder, "--protocol", "linear", "--epochs", "1", "--eval_batch_size", "11"]
+    # The default global batch 256 leaves the lr unscaled (x 256 / 256).
+    intl_m = evaluate("--backbone", intl_m_export, *common, "--output_dir", tmp_path / "m")["linear"]
+    assert intl_m["settings"]["lr"] == 0.4 and intl_m["history"][0]["lr_head"] == pytest.approx(0.4)
+    assert intl_m["settings"]["recipe"] == "intl-m" and intl_m["settings"]["batch_size"] == 256
+    assert "linear: head lr 0.4 per 256 images of global batch; INTL-M's recipe, chosen by the backbone's " \
+           "recorded method 'intl-m'" in capsys.readouterr().out
+    # No recorded method (an official checkpoint): INTL's 0.2, and the run says why; --recipe decides instead.
+    bare = ["--backbone", bare_weights, "--image_size", "16", *common]
+    unknown = evaluate(*bare, "--output_dir", tmp_path / "bare")["linear"]
+    assert unknown["settings"]["lr"] == 0.2 and unknown["history"][0]["lr_head"] == pytest.approx(0.2)
+    assert "INTL's recipe, chosen by default (neither --recipe nor the backbone records a method" \
+           in capsys.readouterr().out
+    args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "linear", "finetune", "--subset_file", "f"])
+    for flag, config, recipe in ((None, {"method": "intl"}, "intl"), (None, {"recipe": {"method": "intl-m"}}, "intl-m"),
+                                 ("intl-m", {}, "intl-m"), ("intl", {"method": "intl"}, "intl"),
+                                 (None, {"method": "cw-rgp"}, "intl"), ("intl-m", {"method": "cw-rgp"}, "intl-m")):
+        chosen = linear_eval.evaluation_recipe(flag, config)
+        assert chosen["recipe"] == recipe
+        assert linear_eval.protocol_settings("linear", args, chosen)["lr"] == {"intl": 0.2, "intl-m": 0.4}[recipe]
+    args.lr = 0.3  # an explicit --lr wins
+    assert linear_eval.protocol_settings("linear", args, linear_eval.evaluation_recipe("intl-m", {}))["lr"] == 0.3
+    assert "--recipe" in linear_eval.get_parser().format_help()
+
+
+def test_finetune_keeps_a_constant_lr_head_0_2_and_backbone_0_006_for_intl_or_0_004_for_intl_m(
+        pretrained, intl_m_export, folder, tmp_path):
+    names = tmp_path / "subset.txt"
+    names.write_text("train_0_3.png\ntrain_1_1.png\ntrain_2_5.png\n")
+    common = ["--dataset", folder, "--protocol", "finetune", "--subset_file", names, "--epochs", "3",
+              "--eval_batch_size", "11"]
+    for backbone, lr_backbone in ((pretrained / "backbone", 0.006), (intl_m_export, 0.004)):
+        record = evaluate("--backbone", backbone, *common, "--output_dir", tmp_path / str(lr_backbone))["finetune"]
+        assert record["settings"]["lr"] == 0.2 and record["settings"]["lr_backbone"] == lr_backbone
+        # Global batch 256: unscaled, and the same at every epoch (no cosine, no step).
+        assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.2] * 3)
+        assert [h["lr_backbone"] for h in record["history"]] == pytest.approx([lr_backbone] * 3)
+    assert all(linear_eval.lr_factor("finetune", epoch, 20, [0.6, 0.8]) == 1.0 for epoch in (0, 5.5, 12, 16, 19.9))
+
+
+def test_random_train_fraction_is_labelled_not_comparable_to_the_paper_in_help_results_and_records(
+        pretrained, folder, tmp_path, capsys):
+    record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
+                      "--train_fraction", "0.25", "--output_dir", tmp_path, *TINY, "--epochs", "1")["finetune"]
+    assert record["rows"][0]["name"] == "fine-tune on 6 images (random 0.25: not comparable to the paper)"
+    assert record["comparable_to_paper"] is False and "not comparable" in record["note"]
+    printed = capsys.readouterr().out
+    assert "(random 0.25: not comparable to the paper)" in printed and "finetune: a random --train_fraction" in printed
+    help_of = {a.dest: a.help for a in linear_eval.get_parser()._actions}
+    assert "NOT comparable" in help_of["train_fraction"] and "standard" in help_of["subset_file"]
+
+
+def test_linear_and_finetune_resize_bilinearly_as_torchvision_does_by_default():
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    image = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy())
+    mean, std = intl.IMAGENET_MEAN, intl.IMAGENET_STD
+    to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    # Evaluation: Resize 256 (short side) + CenterCrop 224, against PIL's own bilinear resize.
+    resized = image.resize((341, 256), Image.Resampling.BILINEAR)  # 400 x 300 -> 341 x 256
+    expected = to_tensor(resized.crop((58, 16, 282, 240)))  # the centre: round(117 / 2) = 58 px from the left
+    assert torch.equal(intl.eval_transform(224, mean, std)(image), expected)
+    # Training: the same random crop and flip as torchvision's defaults (bilinear) draw from the same seed.
+    torch.manual_seed(3)
+    ours = linear_eval.train_transform(224, mean, std)(image)
+    torch.manual_seed(3)
+    default = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), to_tensor])(image)
+    assert torch.equal(ours, default)
+
+
+def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
+    assert linear_eval.per_process_batch(256, 1) == 256 and linear_eval.per_process_batch(256, 8) == 32
+    with pytest.raises(ValueError, match="--batch_size 256 is the global batch and must split evenly over the 3"):
+        linear_eval.per_process_batch(256, 3)
+    help_text = {a.dest: a.help for a in linear_eval.get_parser()._actions}["batch_size"]
+    assert help_text.startswith("GLOBAL training batch") and "divisible" in help_text
+
+
+def test_knn_benchmark_prints_seconds_and_peak_memory_as_json(capsys):
+    linear_eval.main(["--benchmark_knn", "3000", "200", "16"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n_train"], result["n_test"], result["dim"], result["k"]) == (3000, 200, 16, 5)
+    assert result["seconds"] > 0 and result["peak_memory_gib"] > 0 and result["knn_own_memory_gib"] >= 0
