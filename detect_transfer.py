@@ -752,7 +752,7 @@ class DetectionImages(torch.utils.data.Dataset):
         record = self.records[index]
         try:
             with PILImage.open(record["file"]) as handle:
-                image = torch.from_numpy(np.asarray(handle.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+                image = torch.from_numpy(np.asarray(intl.to_rgb(handle), dtype=np.uint8).copy()).permute(2, 0, 1)
         except Exception as error:  # PIL raises many types on corrupt data
             raise intl.UnreadableImageError(f"Cannot read image {record['file']}: {error}") from error
         target = {"boxes": torch.from_numpy(record["boxes"].copy()), "labels": torch.from_numpy(record["labels"].copy())}

@@ -915,7 +915,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if before_decode is not None:
                 before_decode(handle)
             with handle:
-                image = handle.convert("RGB")  # forces the full decode, so truncation shows up here
+                image = to_rgb(handle)  # forces the full decode, so truncation shows up here
         except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
             # Named: a bare PIL error from a worker process does not say which image is broken.
             where = f"file {path!r}" if path else "no file path"
@@ -924,6 +924,38 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self.transform(image)
         label = row[self.label_column] if self.label_column else None
         return image, -1 if label is None else int(label)
+
+
+# Decision: a transparent pixel shows this colour (white, as a page behind a web image); the colour stored under a
+# transparent pixel is not part of the picture (often black, or whatever the palette entry happens to hold).
+ALPHA_BACKGROUND = (255, 255, 255)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(image):
+    """Any PIL image -> the 8-bit RGB image it shows, decoded fully.
+
+    `image.convert("RGB")` is right for most modes (L, 1, P, CMYK, YCbCr, RGB) but silently wrong for two kinds:
+      16-bit ("I;16*", and "I" as 16-bit files may open): convert clips every value above 255, so a 16-bit PNG
+          turns almost white. Here v in 0..65535 becomes round(v / 257) in 0..255.
+      transparency (RGBA, LA, PA, a palette or grey / RGB image with a tRNS entry): convert drops the alpha, so a
+          transparent pixel shows whatever colour is stored under it. Here every pixel is composited over
+          ALPHA_BACKGROUND: round((c a + b (255 - a)) / 255).
+    """
+    key = image.info.get("transparency")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        rgb = np.repeat(((np.clip(values, 0, 65535) + 128) // 257)[..., None], 3, axis=2)
+        alpha = np.where(values == key, 0, 255)[..., None] if isinstance(key, int) else None
+    elif key is not None or image.mode in _ALPHA_MODES:
+        rgba = np.asarray(image.convert("RGBA")).astype(np.int64)
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    else:
+        return image.convert("RGB")
+    if alpha is not None:
+        background = np.array(ALPHA_BACKGROUND, dtype=np.int64)
+        rgb = (rgb * alpha + background * (255 - alpha) + 127) // 255  # exact rounding of the division by 255
+    return PILImage.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)))  # [H, W, 3] uint8: RGB
 
 
 def labels_of(split):

@@ -16,3 +16,8 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts real processes (a script's command line, Ctrl-C, several "
+                                       "processes); deselect with -m 'not slow'")
