@@ -1105,8 +1105,8 @@ def keep_resumed_config(config, explicit, checkpoint, run_control, per_command=(
     for key, value in saved.items():
         current = getattr(config, key, None)
         if key not in per_command and not _same_kind(value, current):
-            raise ValueError(f"{state_file}: the configuration has {key} = {value!r} where a {type(current).__name__} "
-                             f"such as {current!r} belongs: the file is damaged; resume from another checkpoint")
+            raise ValueError(f"{state_file}: the configuration has {key} = {value!r}, but {key} takes values like "
+                             f"{current!r}: the file is damaged; resume from another checkpoint")
     changed = [k for k in explicit
                if k not in run_control and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
     if changed:
@@ -1303,7 +1303,7 @@ def read_json(path):
     except FileNotFoundError:
         raise ValueError(f"{path} is missing") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): "
+        raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}): "
                          "the file is damaged or was not written by this project") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read {path}: {error}") from None

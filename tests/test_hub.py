@@ -312,7 +312,7 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind
 
 @pytest.mark.parametrize("damage, message", [
     pytest.param({"config.json": '{"arch": "resnet18",'}, r"config.json is not valid JSON \(Expecting property name "
-                 r"enclosed in double quotes at line 1, column 21\)", id="invalid JSON in config.json"),
+                 r"enclosed in double quotes: line 1, column 21\)", id="invalid JSON in config.json"),
     pytest.param({"config.json": '{"arch": "resnet18", "image_size": "big"}'},
                  r"config.json: image_size is 'big', expected a positive integer \(pixels\)", id="image_size 'big'"),
     pytest.param({"config.json": '{"std": [0.2, 0, 0.2]}'}, r"config.json: std is \[0.2, 0, 0.2\], expected 3 positive",

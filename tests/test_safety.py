@@ -154,8 +154,8 @@ def test_a_resumed_detection_run_keeps_its_run_control_values_unless_given_again
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("{", "trainer_state.json is not valid JSON (Expecting property name enclosed in double quotes at line 1"),
-    ({"step": 4, "config": {"image_size": "big"}}, "the configuration has image_size = 'big' where a int"),
+    ("{", "trainer_state.json is not valid JSON (Expecting property name enclosed in double quotes: line 1"),
+    ({"step": 4, "config": {"image_size": "big"}}, "the configuration has image_size = 'big', but image_size takes values like 32"),
     ({"step": 4}, "trainer_state.json holds no 'config' object"),
 ])
 def test_a_damaged_trainer_state_is_named_when_resuming(tmp_path, damage, message):
