@@ -92,10 +92,27 @@ ARCH_DEFAULTS = {
     "fpn": dict(rpn_pre_nms_train=2000, rpn_post_nms_train=1000, rpn_pre_nms_test=1000, rpn_post_nms_test=1000,
                 pool_size=7),
 }
-# Flags that only steer the run, not what it computes: a resumed run may change them.
+# Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
+# when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "eval_only", "print_config", "num_workers", "log_every", "save_every", "keep",
                "stop_after_iters", "benchmark", "benchmark_size", "data_root", "train_json", "train_images",
-               "test_json", "test_images", "eval_batch_size"}
+               "test_json", "test_images", "eval_batch_size", "overwrite"}
+# Of those, the ones that say what this one command does: never taken from the checkpoint.
+PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "benchmark", "benchmark_size",
+               "overwrite"}
+# What a training run writes into --output_dir: a new run there must not mix with, nor replace, an earlier run's.
+RESULTS = ("checkpoints", "log.jsonl", "results.json")
+# The valid range of every numeric flag (intl.check_ranges), checked before any work.
+RANGES = {"seed": "[0, 4294967295]", "train_sizes": "[1, inf)", "test_size": "[1, inf)", "max_size": "[1, inf)",
+          "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)", "anchor_sizes": "[1, inf)",
+          "rpn_pre_nms_train": "[1, inf)", "rpn_post_nms_train": "[1, inf)", "rpn_pre_nms_test": "[1, inf)",
+          "rpn_post_nms_test": "[1, inf)", "rpn_batch_per_image": "[1, inf)", "roi_batch_per_image": "[1, inf)",
+          "pool_size": "[1, inf)", "score_thresh": "[0, 1]", "detections_per_image": "[1, inf)",
+          "batch_size": "[1, inf)", "reference_batch": "[1, inf)", "iterations": "[1, inf)", "lr": "(0, inf)",
+          "lr_steps": "[0, inf)", "warmup_iters": "[0, inf)", "warmup_factor": "[0, 1]", "weight_decay": "[0, inf)",
+          "momentum": "[0, 1)", "precise_bn": "[0, inf)", "save_every": "[1, inf)", "keep": "[1, inf)",
+          "eval_batch_size": "[1, inf)", "stop_after_iters": "[1, inf)", "log_every": "[1, inf)",
+          "benchmark": "[0, inf)", "benchmark_size": "[1, inf)"}
 
 
 def get_parser():
@@ -192,7 +209,12 @@ def get_parser():
     parser.add_argument("--resume", type=str, default=None,
                         help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
     parser.add_argument("--eval_only", action="store_true",
-                        help="evaluate the --resume checkpoint on the test set and write results.json")
+                        help="evaluate the --resume checkpoint on the test set and write results.json (default "
+                             "folder: OUTPUT_DIR/eval/step-N of the checkpoint's run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let a new run (or --eval_only) replace what an earlier run left in --output_dir: its "
+                             "checkpoints/, log.jsonl and results.json are deleted first. Without it such a folder "
+                             "is refused")
     parser.add_argument("--eval_batch_size", type=int, default=1, help="test images per process per forward pass")
     parser.add_argument("--stop_after_iters", type=int, default=None,
                         help="save and stop after this many iterations; the schedule still spans all of them")
@@ -217,6 +239,7 @@ def main(argv=None):
         return benchmark(config, accelerator)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     output_dir = Path(config.output_dir)
+    prepare_output_dir(config, output_dir, accelerator, say)
     global_batch = config.batch_size * accelerator.num_processes
     plan = schedule(config, global_batch)
 
@@ -230,7 +253,12 @@ def main(argv=None):
     model = build_detector(config, load_detection_backbone(config, random=checkpoint is not None),
                            len(test["classes"]))
     if checkpoint is not None and config.eval_only:
-        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=True)
+        problem = intl.checkpoint_problem(checkpoint)
+        if problem:
+            raise ValueError(f"--resume {config.resume}: {problem}; evaluate another checkpoint")
+        weights = load_file(checkpoint / "model.safetensors")
+        intl.check_finite(weights, f"the weights of {checkpoint}")
+        model.load_state_dict(weights, strict=True)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(accelerator.device)
@@ -238,15 +266,20 @@ def main(argv=None):
         f"{len(test['classes'])} classes")
 
     if config.eval_only:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = intl.read_json(checkpoint / "trainer_state.json")
         return finish(model, test, config, accelerator, output_dir, state, say)
 
     set_seed(config.seed, device_specific=True)
     model, optimizer = accelerator.prepare(model, build_optimizer(model, config))
     iteration, state = 0, {"iteration": 0, "precise_bn_done": False}
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        def check_state(folder, saved):
+            if not isinstance(saved.get("iteration"), int):
+                raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
+                                 "resume from another checkpoint")
+
+        checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, "detection",
+                                                 check_state=check_state, say=say)
         iteration = state["iteration"]
         truncate_log(output_dir / "log.jsonl", iteration, accelerator)
         say(f"resumed from {checkpoint} at iteration {iteration}")
@@ -283,10 +316,28 @@ def finish(model, test, config, accelerator, output_dir, state, say):
     results.update(dataset=config.dataset, test_set=test["name"], test_images=len(test["records"]), model=config.model,
                    arch=config.arch, backbone=config.backbone, iterations=state["iteration"],
                    precise_bn=bool(state.get("precise_bn_done")), eval_seconds=round(time.time() - tic, 1))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    intl.write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     say(results_table(results))
     return results
+
+
+def prepare_output_dir(config, output_dir, accelerator, say):
+    """Before any work: a new training run (or one continued from another folder's checkpoint) must not mix with,
+    nor replace, what an earlier run left in output_dir, and --eval_only must not replace its results.json, unless
+    --overwrite (which deletes them first). The folders of interrupted checkpoint saves are removed."""
+    if config.eval_only:
+        intl.refuse_to_replace(output_dir, ["results.json"], config.overwrite)
+    elif not (config.resume and intl.find_checkpoint(config.resume, output_dir, "detection").resolve().parent
+              == (output_dir / "checkpoints").resolve()):
+        found = intl.refuse_to_replace(output_dir, RESULTS, config.overwrite,
+                                       " (or continue the earlier run with --resume latest)")
+        if found and accelerator.is_main_process:
+            intl.remove_results(output_dir, found)
+            say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
+    if accelerator.is_main_process:
+        for name in intl.remove_interrupted_saves(output_dir / "checkpoints"):
+            say(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
+    accelerator.wait_for_everyone()
 
 
 # -----------------------------------------------------------------------------
@@ -306,9 +357,10 @@ def resolve_config(argv=None):
         raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir) to say what to evaluate")
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection")
-        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL)
-        if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR
-            config.output_dir = str(checkpoint.parent.parent)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND)
+        if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: OUTPUT_DIR/eval/step-N)
+            run_dir = checkpoint.resolve().parent.parent
+            config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
     check_config(config)
     return config
 
@@ -318,12 +370,14 @@ def check_config(config):
     for key, value in ARCH_DEFAULTS[arch_kind].items():
         if getattr(config, key) is None:
             setattr(config, key, value)
+    intl.check_ranges(config, RANGES)
     if config.benchmark or config.print_config:
         if config.benchmark:
             config.arch = config.arch or "resnet50"
         return
     if config.output_dir is None:
         raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
+    intl.check_output_dir(config.output_dir)
     if config.dataset is None:
         raise ValueError("--dataset is required (voc or coco), or a --preset that names it")
     if config.data_root is None:
@@ -340,12 +394,6 @@ def check_config(config):
     if config.dataset == "voc" and config.model.startswith("mask"):
         raise ValueError(f"--model {config.model} needs instance masks, which VOC detection annotations do not "
                          "have: use faster-c4 or faster-fpn on VOC, or a COCO-format dataset with segmentations")
-    for flag in ("batch_size", "reference_batch", "iterations", "eval_batch_size", "log_every", "save_every", "keep",
-                 "test_size", "max_size", "pool_size", "rpn_batch_per_image", "roi_batch_per_image"):
-        if getattr(config, flag) < 1:
-            raise ValueError(f"--{flag} {getattr(config, flag)}: must be at least 1")
-    if min(config.train_sizes) < 1 or min(config.anchor_sizes) < 1:
-        raise ValueError("--train_sizes and --anchor_sizes must be positive")
     if config.model.endswith("fpn") and len(config.anchor_sizes) != 5:
         raise ValueError(f"--anchor_sizes: the FPN has 5 levels (P2-P6), one anchor size each; got "
                          f"{len(config.anchor_sizes)}")
@@ -686,9 +734,13 @@ def coco_data(json_file, image_dir, masks):
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         try:
             dataset = torchvision.datasets.CocoDetection(image_dir, json_file)
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AssertionError) as error:
             raise ValueError(f"{json_file} is not a COCO-format json: {error}") from None
     coco = dataset.coco
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.dataset.get(key), list):
+            raise ValueError(f"{json_file} has no {key!r} list: not a COCO-format json (it needs images, annotations "
+                             "and categories)")
     category_ids = sorted(coco.getCatIds())
     label_of = {cat: i + 1 for i, cat in enumerate(category_ids)}
     records = []
@@ -699,7 +751,15 @@ def coco_data(json_file, image_dir, masks):
         for ann in coco.imgToAnns.get(image_id, []):
             if ann.get("iscrowd", 0):
                 continue
-            x, y, bw, bh = ann["bbox"]
+            bbox = ann.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+                raise ValueError(f"{json_file}: annotation {ann.get('id')} (image {image_id}) has bbox {bbox}: give 4 "
+                                 "finite numbers [x, y, width, height]; fix or remove the annotation")
+            if ann.get("category_id") not in label_of:
+                raise ValueError(f"{json_file}: annotation {ann.get('id')} (image {image_id}) has category_id "
+                                 f"{ann.get('category_id')!r}, which is not among the categories {category_ids}")
+            x, y, bw, bh = bbox
             box = [min(max(x, 0), w), min(max(y, 0), h), min(max(x + bw, 0), w), min(max(y + bh, 0), h)]
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
@@ -754,7 +814,7 @@ class DetectionImages(torch.utils.data.Dataset):
         record = self.records[index]
         try:
             with PILImage.open(record["file"]) as handle:
-                image = torch.from_numpy(np.asarray(handle.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+                image = torch.from_numpy(np.asarray(intl.to_rgb(handle), dtype=np.uint8).copy()).permute(2, 0, 1)
         except Exception as error:  # PIL raises many types on corrupt data
             raise intl.UnreadableImageError(f"Cannot read image {record['file']}: {error}") from error
         target = {"boxes": torch.from_numpy(record["boxes"].copy()), "labels": torch.from_numpy(record["labels"].copy())}
@@ -882,6 +942,11 @@ def train_loop(model, optimizer, train, plan, iteration, stop_at, config, accele
             if iteration % config.save_every == 0 or iteration == stop_at:
                 last_good = save_checkpoint(accelerator, config, {"iteration": iteration, "precise_bn_done": False},
                                             output_dir)
+    except KeyboardInterrupt:
+        raise intl.Interrupted(f"interrupted at iteration {iteration}; continue with --resume latest (from the last "
+                               f"checkpoint, {last_good.name})" if last_good else
+                               f"interrupted at iteration {iteration}, before the first checkpoint: nothing to "
+                               "resume; start the run again") from None
     finally:
         progress.close()  # before any error message, so that the message is the last line
     return iteration
@@ -1135,8 +1200,15 @@ def save_checkpoint(accelerator, config, state, output_dir):
 def truncate_log(path, iteration, accelerator):
     """Drop the log lines a resumed run will write again."""
     if accelerator.is_main_process and path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-        path.write_text("".join(line + "\n" for line in lines))
+        records = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a last line cut short by a crash is left out
+                records.append(json.loads(line))
+        kept = [r for r in records if isinstance(r, dict) and r.get("iteration", 0) <= iteration]
+        intl.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif accelerator.is_main_process:  # a copied checkpoints/ folder: the log starts again here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
 
 
 # -----------------------------------------------------------------------------
@@ -1188,3 +1260,5 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}")
     except intl.UnreadableImageError as error:
         sys.exit(f"error: {error.one_line()}")
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, exit status 130
+        intl.exit_interrupted(interrupt, "interrupted; if OUTPUT_DIR holds a checkpoint, continue with --resume latest")

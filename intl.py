@@ -34,12 +34,15 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -950,7 +953,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if before_decode is not None:
                 before_decode(handle)
             with handle:
-                image = handle.convert("RGB")  # forces the full decode, so truncation shows up here
+                image = to_rgb(handle)  # forces the full decode, so truncation shows up here
         except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
             # Named: a bare PIL error from a worker process does not say which image is broken.
             where = f"file {path!r}" if path else "no file path"
@@ -959,6 +962,38 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self.transform(image)
         label = row[self.label_column] if self.label_column else None
         return image, -1 if label is None else int(label)
+
+
+# Decision: a transparent pixel shows this colour (white, as a page behind a web image); the colour stored under a
+# transparent pixel is not part of the picture (often black, or whatever the palette entry happens to hold).
+ALPHA_BACKGROUND = (255, 255, 255)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(image):
+    """Any PIL image -> the 8-bit RGB image it shows, decoded fully.
+
+    `image.convert("RGB")` is right for most modes (L, 1, P, CMYK, YCbCr, RGB) but silently wrong for two kinds:
+      16-bit ("I;16*", and "I" as 16-bit files may open): convert clips every value above 255, so a 16-bit PNG
+          turns almost white. Here v in 0..65535 becomes round(v / 257) in 0..255.
+      transparency (RGBA, LA, PA, a palette or grey / RGB image with a tRNS entry): convert drops the alpha, so a
+          transparent pixel shows whatever colour is stored under it. Here every pixel is composited over
+          ALPHA_BACKGROUND: round((c a + b (255 - a)) / 255).
+    """
+    key = image.info.get("transparency")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        rgb = np.repeat(((np.clip(values, 0, 65535) + 128) // 257)[..., None], 3, axis=2)
+        alpha = np.where(values == key, 0, 255)[..., None] if isinstance(key, int) else None
+    elif key is not None or image.mode in _ALPHA_MODES:
+        rgba = np.asarray(image.convert("RGBA")).astype(np.int64)
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    else:
+        return image.convert("RGB")
+    if alpha is not None:
+        background = np.array(ALPHA_BACKGROUND, dtype=np.int64)
+        rgb = (rgb * alpha + background * (255 - alpha) + 127) // 255  # exact rounding of the division by 255
+    return PILImage.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)))  # [H, W, 3] uint8: RGB
 
 
 def labels_of(split):
@@ -1108,8 +1143,10 @@ def write_export(export_dir, weights, config, card=None):
 def save_state_atomically(accelerator, folder, state_file, state, keep):
     """accelerator.save_state into a hidden sibling of `folder`, plus `state_file` (JSON), then a rename.
 
-    An interrupted save leaves every earlier checkpoint intact. Afterwards only the newest `keep`
-    siblings named like `folder` ("step-*" next to "step-00000100") remain. Every process calls this.
+    An interrupted save leaves every earlier checkpoint intact (and its hidden folder, which
+    `remove_interrupted_saves` deletes at the next start). Afterwards only the newest `keep` siblings named like
+    `folder` ("step-*" next to "step-00000100") up to `folder` remain; newer ones (checkpoints a resume skipped as
+    damaged, see `load_checkpoint`) are left alone until a save replaces them. Every process calls this.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
@@ -1126,7 +1163,7 @@ def save_state_atomically(accelerator, folder, state_file, state, keep):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
         prefix = folder.name.split("-")[0]
-        for old in sorted(folder.parent.glob(f"{prefix}-*"))[:-keep]:
+        for old in sorted(p for p in folder.parent.glob(f"{prefix}-*") if p.name <= folder.name)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return folder
@@ -1139,40 +1176,361 @@ def explicit_flags(parser, argv):
     return set(vars(parser.parse_args(argv)))
 
 
-def keep_resumed_config(config, explicit, checkpoint, run_control):
-    """A resumed run takes the configuration saved in `checkpoint`; of the `explicit` flags, only those in
-    `run_control` (logging, saving, workers, ...) may differ from it."""
-    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["config"]
+def keep_resumed_config(config, explicit, checkpoint, run_control, per_command=()):
+    """A resumed run takes the configuration saved in `checkpoint`.
+
+    Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...) may differ from it. A
+    run-control flag not given again keeps the run's saved value, not the default: a run started with --log_every 1
+    and resumed without it still logs every step. `per_command` flags say what this one command does (--output_dir,
+    --stop_after_steps, ...) and are never taken from the checkpoint.
+    """
+    state_file = Path(checkpoint) / "trainer_state.json"
+    state = read_json(state_file)
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged; "
+                         "resume from another checkpoint")
+    for key, value in saved.items():
+        current = getattr(config, key, None)
+        if key not in per_command and not _same_kind(value, current):
+            raise ValueError(f"{state_file}: the configuration has {key} = {value!r}, but {key} takes values like "
+                             f"{current!r}: the file is damaged; resume from another checkpoint")
     changed = [k for k in explicit
                if k not in run_control and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
     if changed:
         raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
                          "configuration: drop the flag or start a new run in another --output_dir")
     for key, value in saved.items():
-        if key not in run_control:
+        if key not in per_command and not (key in run_control and key in explicit):
             setattr(config, key, value)
+
+
+def _same_kind(saved, current):
+    """Whether a value read from a file can stand for a flag whose value is now `current` (None: anything)."""
+    if saved is None or current is None:
+        return True
+    if isinstance(current, bool) or isinstance(saved, bool):
+        return isinstance(current, bool) and isinstance(saved, bool)
+    if isinstance(current, (int, float)):
+        return isinstance(saved, (int, float))
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, list)
+    return isinstance(saved, type(current))
 
 
 def latest_checkpoint(output_dir):
     """The newest complete checkpoint folder OUTPUT_DIR/checkpoints/step-*, or None."""
-    done = sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"))
-    return done[-1].parent if done else None
+    done = _saved_checkpoints(output_dir)
+    return done[0] if done else None
+
+
+def _saved_checkpoints(output_dir):
+    """Every complete checkpoint folder OUTPUT_DIR/checkpoints/step-* (with its trainer_state.json), newest first."""
+    return [p.parent for p in sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"), reverse=True)]
 
 
 def find_checkpoint(resume, output_dir, kind=""):
-    """--resume: "latest" in output_dir, or a checkpoint folder (`kind` names it in the error, e.g. "detection")."""
+    """--resume: "latest" in output_dir, or a checkpoint folder (`kind` names it in the error, e.g. "detection").
+
+    "latest" is the newest checkpoint whose files are intact (`checkpoint_problem`); `load_checkpoint` says which
+    newer ones it passes over and why.
+    """
     if resume == "latest":
-        checkpoint = latest_checkpoint(output_dir or ".")
-        if checkpoint is None:
+        saved = _saved_checkpoints(output_dir or ".")
+        if not saved:
             raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
                              "give a checkpoint folder or start without --resume")
-        return checkpoint
+        for checkpoint in saved:
+            if checkpoint_problem(checkpoint) is None:
+                return checkpoint
+        raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints is intact (the newest, "
+                         f"{saved[0].name}: {checkpoint_problem(saved[0])}); start without --resume")
     checkpoint = Path(resume)
     if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
         raise ValueError(f"--resume {resume}: not a {kind + ' ' if kind else ''}checkpoint folder (it needs "
                          "trainer_state.json and model.safetensors); use 'latest' or a folder under "
                          "OUTPUT_DIR/checkpoints")
     return checkpoint
+
+
+def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, say=print):
+    """--resume: load a checkpoint into the objects prepared by `accelerator`; returns (folder, trainer_state).
+
+    "latest" takes the newest checkpoint that loads, and says which newer ones it skipped and why (a truncated file,
+    invalid JSON, ...). An explicit folder that does not load is an error naming the broken file. check_state(folder,
+    state) may refuse the run's state itself (another number of processes, ...): that holds for every checkpoint of
+    the run, so it is an error, not a reason to skip.
+    """
+    candidates = _saved_checkpoints(output_dir or ".") if resume == "latest" else []
+    if not candidates:
+        candidates = [find_checkpoint(resume, output_dir, kind)]  # an explicit folder, or the no-checkpoint error
+    for checkpoint in candidates:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            state = read_json(checkpoint / "trainer_state.json")
+            if check_state is not None:
+                check_state(checkpoint, state)
+            try:
+                load_state(accelerator, checkpoint)
+                return checkpoint, state
+            except ValueError as error:
+                problem = str(error)
+        if resume != "latest":
+            raise ValueError(f"--resume {resume}: {problem}; resume from another checkpoint (--resume latest skips "
+                             "damaged ones)")
+        say(f"skipped checkpoint {checkpoint}: {problem}")
+    raise ValueError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'} loads (see above); "
+                     "start without --resume")
+
+
+def load_state(accelerator, checkpoint, state_file="trainer_state.json"):
+    """accelerator.load_state(checkpoint); a file that does not load is a ValueError naming it and saying why."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # safetensors, torch.load and pickle raise many types on a damaged file
+        raise ValueError(_load_problem(Path(checkpoint), state_file, error)) from None
+
+
+def _load_problem(checkpoint, state_file, error):
+    problem = checkpoint_problem(checkpoint, state_file)
+    if problem is not None:
+        return problem
+    from accelerate.utils import load as accelerate_load  # torch.load as load_state calls it (weights_only=True)
+
+    for path in sorted(checkpoint.glob("*.bin")) + sorted(checkpoint.glob("*.pkl")):
+        try:
+            accelerate_load(path, map_location="cpu")
+        except Exception as file_error:  # noqa: BLE001 - described, not swallowed
+            return f"{path.name} {torch_load_problem(file_error)}"
+    return f"it does not fit this run ({_first_line(error)})"
+
+
+def checkpoint_problem(folder, state_file="trainer_state.json"):
+    """Why a checkpoint folder cannot be resumed from, found without loading it; None when it looks intact.
+
+    The state file must be a JSON object, model.safetensors must be there, every .safetensors file must be as long as
+    its header says, and every torch.save archive (.bin, .pkl, .pt) must end with its central directory (a truncated
+    file does not). Every process finds the same answer, so all of them pick the same checkpoint.
+    """
+    folder = Path(folder)
+    try:
+        state = read_json(folder / state_file)
+    except ValueError as error:
+        return str(error)
+    if not isinstance(state, dict):
+        return f"{state_file} is not a JSON object"
+    if not (folder / "model.safetensors").is_file():
+        return "model.safetensors is missing"
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+        elif path.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(path):
+            problem = f"{path.name} is truncated or damaged (not a complete torch.save archive)"
+        else:
+            problem = None
+        if problem:
+            return problem
+    return None
+
+
+def _safetensors_problem(path):
+    """A .safetensors file is 8 bytes of header length, the JSON header, then exactly the bytes the header lists."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + header_size > size:
+                return f"{path.name} is truncated (its {size} bytes end inside the header)"
+            header = json.loads(f.read(header_size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        return f"{path.name} is not a readable safetensors file ({type(error).__name__}: {error})"
+    expected = 8 + header_size + end
+    if size < expected:
+        return f"{path.name} is truncated (the file has {size} bytes, its header announces {expected})"
+    if size > expected:
+        return f"{path.name} is damaged (the file has {size} bytes, its header announces {expected})"
+    return None
+
+
+def torch_load_problem(error):
+    """What a torch.load failure means, in words that do not suggest weights_only=False."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"holds a Python object ({refused.group(1)}) that torch.load(weights_only=True) does not load: "
+                "only checkpoints of tensors and plain containers are loaded")
+    if "central directory" in text or isinstance(error, EOFError):
+        return "is truncated or damaged (not a complete torch.save archive)"
+    if isinstance(error, pickle.UnpicklingError) or "WeightsUnpickler" in text:
+        return "is not a PyTorch checkpoint (torch.load does not recognise its contents)"
+    return f"cannot be loaded ({type(error).__name__}: {_first_line(error)})"
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def remove_interrupted_saves(folder):
+    """Delete the hidden .tmp-* folders that interrupted saves left in `folder` (save_state_atomically writes into
+    one and renames it at the end; a save cut short leaves ~90 MB behind). Returns their names."""
+    removed = []
+    for leftover in sorted(Path(folder).glob(".tmp-*")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+            removed.append(leftover.name)
+    return removed
+
+
+def read_json(path):
+    """A JSON file -> its value; ValueError naming the file when it is missing, unreadable or not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}): "
+                         "the file is damaged or was not written by this project") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yields a temporary path next to `path` to write the new file to; when the block ends without an error, one
+    os.replace puts it in place. A reader, or a crash, sees the old file or the new one, never half of one; on an
+    error the old file stays and the temporary one is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savefig picks the format from it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path, text):
+    """path.write_text(text), all or nothing (see `replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def check_output_dir(path, flag="--output_dir"):
+    """Refuse, before any work, an output folder that is a file (or lies inside one) or cannot be written in."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies inside {existing}, which is a file"
+        raise ValueError(f"{flag} {path} {where}, not a folder: give the path of a folder (new or existing)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error}); give a folder you "
+                         "can write to") from None
+
+
+def existing_results(output_dir, names):
+    """Those of `names` (files and folders directly in output_dir) that hold something: a folder counts when it
+    has an entry that is not hidden (the .tmp-* of an interrupted save is not a result)."""
+    found = []
+    for name in names:
+        path = Path(output_dir) / name
+        if path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()):
+            found.append(name + "/")
+        elif path.is_file():
+            found.append(name)
+    return found
+
+
+def refuse_to_replace(output_dir, names, overwrite, advice=""):
+    """No command replaces or deletes results it did not write in this run unless the user says so: ValueError
+    when output_dir already holds any of `names`, unless `overwrite` (--overwrite). Returns those found."""
+    found = existing_results(output_dir, names)
+    if found and not overwrite:
+        them = "them" if len(found) > 1 else "it"
+        raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
+                         f"command would replace: give another --output_dir{advice}, or add --overwrite to replace "
+                         f"{them}")
+    return found
+
+
+def remove_results(output_dir, names):
+    """Delete the entries `names` of output_dir (what --overwrite replaces)."""
+    for name in names:
+        path = Path(output_dir) / name.rstrip("/")
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def check_ranges(config, ranges):
+    """Refuse any numeric flag outside its valid range, naming the flag and the range: "--lr -1.0: must be greater
+    than 0".
+
+    ranges: {flag: interval}, the interval written as in maths: "[1, inf)", "(0, inf)", "[0, 1]", "(-inf, inf)" (any
+    finite number). A flag at None (not set) passes; every value of a multi-value flag is checked; NaN lies in no
+    interval.
+    """
+    for flag, interval in ranges.items():
+        value = getattr(config, flag, None)
+        several = isinstance(value, (list, tuple))
+        values = list(value) if several else [value]
+        if all(v is None or _in_interval(v, interval) for v in values):
+            continue
+        shown = " ".join(map(str, values)) if several else repr(value) if isinstance(value, str) else value
+        raise ValueError(f"--{flag} {shown}: {'each value ' if several else ''}must be {_describe_interval(interval)}")
+
+
+def _parse_interval(interval):
+    match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", interval)
+    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
+
+
+def _in_interval(value, interval):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low, high, low_closed, high_closed = _parse_interval(interval)
+    return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
+
+
+def _describe_interval(interval):
+    low, high, low_closed, high_closed = _parse_interval(interval)
+    number = lambda x: str(int(x)) if x.is_integer() else repr(x)  # noqa: E731
+    if math.isinf(low) and math.isinf(high):
+        return "a finite number"
+    if math.isinf(high):
+        return f"at least {number(low)}" if low_closed else f"greater than {number(low)}"
+    return f"in {interval}"
+
+
+def check_finite(weights, where):
+    """Refuse weights holding NaN or Inf, naming the first such tensor: a network with them evaluates to chance
+    without any error (a diverged run, a damaged file)."""
+    bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        count = int((~torch.isfinite(weights[bad[0]])).sum())
+        raise ValueError(f"{where}: tensor {bad[0]!r} holds {count} NaN / Inf value(s) ({len(bad)} tensor(s) are "
+                         "not finite): these weights are broken (a diverged run or a damaged file); use an earlier "
+                         "checkpoint")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says where the run stopped and how to continue."""
+
+
+def exit_interrupted(interrupt, otherwise="interrupted"):
+    """The scripts' answer to Ctrl-C: one line on stderr (the `Interrupted` message, else `otherwise`), no
+    traceback, exit status 130 (128 + SIGINT, as a shell reports a command it interrupted)."""
+    print(str(interrupt) or otherwise, file=sys.stderr)
+    sys.exit(130)
 
 
 def plot_spectra(spectra, path, max_curves=6):
@@ -1196,7 +1554,8 @@ def plot_spectra(spectra, path, max_curves=6):
     for ax, name in zip(axes, ("Z (projector output)", "Z_hat (transformed)")):
         ax.set(title=name, xlabel="index", ylabel="eigenvalue of the covariance", yscale="log")
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -1224,7 +1583,8 @@ def load_backbone(source, arch=None, revision=None, stem=None):
     inferred from the weights' shapes; given for the other sources, it must match the weights.
     revision: a Hub branch, tag or commit (same as "id@revision").
     stem: a key of STEMS, for weights whose config does not say it (see `_complete_config`).
-    Raises ValueError for anything that does not load, never returns a half-loaded model.
+    Raises ValueError for anything that does not load, never returns a half-loaded model, nor one with NaN or Inf
+    weights.
     """
     weights, config = load_backbone_weights(source, arch, revision, stem)
     backbone = build_backbone(config["arch"], config["stem"])
@@ -1234,7 +1594,10 @@ def load_backbone(source, arch=None, revision=None, stem=None):
 
 
 def load_backbone_weights(source, arch=None, revision=None, stem=None):
-    """Any supported source -> (state_dict with torchvision keys without fc.*, config dict). Not yet checked."""
+    """Any supported source -> (state_dict with torchvision keys without fc.*, config dict).
+
+    The values are checked to be finite and the config's types to be right; whether the keys fit is checked by
+    load_backbone."""
     if source is None or str(source).strip() == "":
         raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub repo id, "
                          "a pretrain checkpoint folder or an official .pth.tar checkpoint")
@@ -1243,13 +1606,16 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
     if path.is_dir():
         if (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
             weights, config = _read_pretrain_checkpoint(path)
+            config_file = path / "trainer_state.json"
         elif (path / "model.safetensors").is_file():  # an export; its config.json is optional
-            config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+            config_file = path / "config.json"
+            config = read_json(config_file) if config_file.is_file() else {}
             weights = _read_safetensors(path / "model.safetensors")
         else:
             raise ValueError(f"{source} is a folder but neither an export (model.safetensors + config.json) nor a "
                              "pretrain checkpoint (model.safetensors + trainer_state.json)")
     elif path.is_file():
+        config_file = path
         if path.suffix == ".safetensors":
             weights, config = _read_safetensors(path), {}
         else:
@@ -1260,7 +1626,11 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
                          "'owner/name[@revision]')")
     else:
         weights, config = _download_from_hub(source, revision)
-    return weights, _complete_config(config, weights, arch, source, stem)
+        config_file = f"config.json of Hub model {source!r}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a JSON object: the backbone's configuration is damaged")
+    check_finite(weights, f"the weights of {source}")
+    return weights, _complete_config(config, weights, arch, source, stem, config_file)
 
 
 def _read_safetensors(path):
@@ -1281,9 +1651,12 @@ RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bi
 
 def _read_pretrain_checkpoint(folder):
     """pretrain.py's checkpoint: keys backbone.* / projector.* / target.*, the run's config in trainer_state.json."""
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = read_json(folder / "trainer_state.json")
     weights = _strip_prefix(_read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
-    train = state.get("config", {})
+    train = state.get("config", {}) if isinstance(state, dict) else None
+    if not isinstance(train, dict):
+        raise ValueError(f"{folder / 'trainer_state.json'} holds no 'config' object: it is damaged or was not "
+                         "written by pretrain.py")
     config = {key: train[key] for key in ("arch", "stem", "cifar_stem", "image_size", "method", "preset", "dataset",
                                           "projector", "iters", "axis") if key in train}
     # What a user of the features feeds them: the recipe's evaluation input (cifar100 pretrains with its own
@@ -1304,12 +1677,10 @@ def _read_official_checkpoint(path):
     (INTL) or "module.model.*" (CW-RGP)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} cannot be read safely (torch.load with weights_only=True refused it: "
-                         f"{first_line}); only checkpoints of tensors and plain containers are loaded") from None
-    except (RuntimeError, OSError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
+        # Never suggest weights_only=False (as torch's own message does): that runs whatever the file holds.
+        raise ValueError(f"{path} {torch_load_problem(error)}; give an official INTL / CW-RGP .pth.tar, a pretrain "
+                         "checkpoint folder, an export folder or a .safetensors file") from None
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError(f"{path} holds no state_dict of tensors (expected a dict with a 'state_dict' entry, "
@@ -1335,18 +1706,39 @@ def _strip_prefix(state_dict, prefixes, where):
                      f"(first keys: {shown or 'none'})")
 
 
+# What a backbone's config must hold where it says anything, checked so that a damaged config.json cannot turn into
+# a deep traceback (or a silently wrong evaluation) later.
+_CONFIG_TYPES = {
+    "arch": (lambda v: v in RESNETS, f"one of {', '.join(RESNETS)}"),
+    "stem": (lambda v: v in STEMS, f"one of {', '.join(STEMS)}"),
+    "cifar_stem": (lambda v: isinstance(v, bool), "true or false"),
+    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer (pixels)"),
+    "mean": (lambda v: _finite_numbers(v, 3), "3 finite numbers (RGB)"),
+    "std": (lambda v: _finite_numbers(v, 3) and min(v) > 0, "3 positive numbers (RGB)"),
+}
+
+
+def _finite_numbers(value, count):
+    return isinstance(value, (list, tuple)) and len(value) == count and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
 def _has_small_image_conv1(weights):
     conv1 = weights.get("conv1.weight")
     return conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3)
 
 
-def _complete_config(config, weights, arch, source, stem=None):
+def _complete_config(config, weights, arch, source, stem=None, config_file=None):
     """Fill in arch, stem, input size and normalisation; the weights decide what the config does not say.
 
     The stem: `stem` if given, else the config's; a config of this project's first exports has only
     "cifar_stem", which meant 3x3 stride 1 padding 1 without max-pool ("cifar-unpadded"). Weights with a
     7x7 conv1 have the ImageNet stem; a 3x3 conv1 that nothing names is read as INTL's CIFAR network.
     """
+    for key, (valid, expected) in _CONFIG_TYPES.items():
+        if key in config and not (key == "arch" and arch is not None) and not valid(config[key]):
+            raise ValueError(f"{config_file or source}: {key} is {config[key]!r}, expected {expected}; the file is "
+                             "damaged: repair it, or export the backbone again")
     config = dict(config)
     if stem is not None:
         if stem not in STEMS:
@@ -1444,8 +1836,9 @@ def _download_from_hub(source, revision=None):
                          f"({error})") from None
     except huggingface_hub.errors.HfHubHTTPError as error:
         raise ValueError(f"{where}: the Hub answered {error}") from None
-    config = json.loads(Path(files["config.json"]).read_text())
-    config["hub_repo"] = repo_id + (f"@{revision}" if revision else "")
+    config = read_json(files["config.json"])
+    if isinstance(config, dict):
+        config["hub_repo"] = repo_id + (f"@{revision}" if revision else "")
     return _read_safetensors(files["model.safetensors"]), config
 
 
@@ -1515,7 +1908,7 @@ def write_model_card(export_dir, results=None, repo_id=None, license="other"):
     """(Re)write export_dir/README.md from the export's config and return its path."""
     export_dir = Path(export_dir)
     _, config = load_backbone(export_dir)  # the completed config, and a check that the weights load
-    (export_dir / "README.md").write_text(model_card(config, results, repo_id, license), encoding="utf-8")
+    write_text_atomically(export_dir / "README.md", model_card(config, results, repo_id, license))
     return export_dir / "README.md"
 
 
@@ -1662,7 +2055,9 @@ def get_export_parser():
                              "checkpoint, 'cifar' for INTL's and 'cifar-unpadded' for CW-RGP's 3x3 conv1: give "
                              "'small-maxpool' for CW-RGP's STL-10 / Tiny-ImageNet networks)")
     parser.add_argument("--output_dir", required=True,
-                        help="the export folder to write (replaced if it is already an export folder)")
+                        help="the export folder to write; an existing export is replaced only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the export already in --output_dir (without it, an existing export is refused)")
     parser.add_argument("--eval_results", nargs="*", default=[],
                         help="linear_eval.py result JSON files to list in the model card's model-index")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
@@ -1676,6 +2071,10 @@ def get_export_parser():
 def main_export(argv=None):
     """`python intl.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
     args = get_export_parser().parse_args(argv)
+    check_output_dir(args.output_dir)
+    if existing_results(args.output_dir, EXPORT_FILES + ("README.md",)) and not args.overwrite:
+        raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
+                         "give another --output_dir, or add --overwrite to replace it")
     export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
                                       args.stem)
     print(f"exported {args.source} to {export_dir}")
@@ -1689,11 +2088,11 @@ def main_export(argv=None):
 
 if __name__ == "__main__":
     # python intl.py export --source CHECKPOINT --output_dir OUT [--push_to_hub REPO_ID]
-    import sys
-
     if sys.argv[1:2] != ["export"]:
         sys.exit("usage: python intl.py export --source SOURCE --output_dir OUT [--push_to_hub REPO_ID] (see --help)")
     try:
         main_export(sys.argv[2:])
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt as interrupt:
+        exit_interrupted(interrupt)

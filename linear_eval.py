@@ -25,8 +25,9 @@ Protocols (the papers' evaluation protocols; batches are global, all processes t
 The backbone is any source intl.load_backbone accepts: an export folder, a .safetensors file, a Hub
 repo id (owner/name[@revision]), a pretrain checkpoint folder or an official .pth.tar. The reported
 number is the final epoch's top-1 / top-5 (the best epoch is listed as a labelled extra), printed as
-a table and written to OUTPUT_DIR/<protocol>.json. linear and finetune save a checkpoint every epoch
-and continue with --resume.
+a table and written to OUTPUT_DIR/<protocol>.json (by default OUTPUT_DIR is eval/<backbone name> next to the
+backbone: one folder per backbone). Results already there are replaced only with --overwrite. linear and
+finetune save a checkpoint every epoch and continue with --resume.
 """
 
 import argparse
@@ -66,6 +67,13 @@ RECIPE_LRS = {
     "intl-m": {"linear": {"lr": 0.4}, "finetune": {"lr_backbone": 0.004}},
 }
 RECIPE_NAMES = {"intl": "INTL", "intl-m": "INTL-M"}
+TRAINED = ("linear", "finetune")  # the protocols that train on images, with a checkpoint every epoch
+# The valid range of every numeric flag (intl.check_ranges), checked before any work.
+RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)",
+          "eval_batch_size": "[1, inf)", "k": "[1, inf)", "temperature": "(0, inf)", "train_fraction": "(0, 1]",
+          "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
+          "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
+          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
 
 
 def get_parser():
@@ -150,8 +158,12 @@ def get_parser():
 
     # Output
     parser.add_argument("--output_dir", type=str, default=None,
-                        help="where <protocol>.json and checkpoints/ go (default: 'eval' next to a local "
-                             "backbone, in its run folder for a checkpoint; runs/eval/<repo> for a Hub id)")
+                        help="where <protocol>.json and checkpoints/ go (default: eval/<backbone name> next to a "
+                             "local backbone, in its run folder for a checkpoint (OUTPUT_DIR/eval/step-N); "
+                             "runs/eval/<repo>[--<revision>] for a Hub id): one folder per backbone")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results (<protocol>.json) and checkpoints of the same protocols already in "
+                             "--output_dir; without it such a folder is refused before any work")
     parser.add_argument("--eval_every", type=int, default=1,
                         help="linear, finetune: test accuracy every N epochs (always after the last)")
     parser.add_argument("--resume", action="store_true",
@@ -173,10 +185,13 @@ def main(argv=None):
     if args.benchmark_knn:
         print(json.dumps(benchmark_knn(*args.benchmark_knn), indent=2))
         return
+    output_dir = Path(args.output_dir)
+    if not args.resume:  # a resumed evaluation continues the results in output_dir: they are its own
+        intl.refuse_to_replace(output_dir, [f"{p}.json" for p in args.protocol] +
+                               [f"checkpoints/{p}" for p in args.protocol if p in TRAINED], args.overwrite)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
-    output_dir = Path(args.output_dir)
-    trained = [p for p in args.protocol if p in ("linear", "finetune")]
+    trained = [p for p in args.protocol if p in TRAINED]
     for protocol in trained:  # before any loading: a batch that does not split is refused at once
         per_process_batch(protocol_settings(protocol, args)["batch_size"], accelerator.num_processes)
 
@@ -212,9 +227,12 @@ def main(argv=None):
         elif protocol == "linear-cached":
             record = run_linear_cached(features, num_classes, args, accelerator)
         else:
-            record = run_trained_protocol(protocol, backbone, backbone_config["feature_dim"], train_split,
-                                          test_split, num_classes, image_size, mean, std, args, accelerator,
-                                          output_dir, say, recipe)
+            try:
+                record = run_trained_protocol(protocol, backbone, backbone_config["feature_dim"], train_split,
+                                              test_split, num_classes, image_size, mean, std, args, accelerator,
+                                              output_dir, say, recipe)
+            except KeyboardInterrupt:
+                raise intl.Interrupted(interrupted_message(protocol, output_dir)) from None
             if record is None:  # --stop_after_epochs
                 return
         record = {"protocol": protocol, **record, "backbone": args.backbone, "arch": backbone_config["arch"],
@@ -222,8 +240,7 @@ def main(argv=None):
                   "seconds": round(time.time() - tic, 2)}
         records.append(record)
         if accelerator.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / f"{protocol}.json").write_text(json.dumps(record, indent=2) + "\n")
+            intl.write_text_atomically(output_dir / f"{protocol}.json", json.dumps(record, indent=2) + "\n")
     say(results_table(records, data, output_dir))
     accelerator.end_training()
 
@@ -244,8 +261,6 @@ def resolve_args(argv=None):
                          "checkpoint folder or an official .pth.tar checkpoint")
     if args.k is None:
         args.k = [5] if args.knn_metric == "euclidean" else [20, 200]
-    if min(args.k) < 1:
-        raise ValueError(f"--k {args.k}: the number of neighbours must be at least 1")
     if "finetune" in args.protocol:
         if (args.train_fraction is None) == (args.subset_file is None):
             raise ValueError("--protocol finetune needs exactly one of --train_fraction (e.g. 0.01) and --subset_file")
@@ -255,22 +270,34 @@ def resolve_args(argv=None):
         raise ValueError("--resume applies to --protocol linear and finetune only")
     if len(set(args.protocol)) != len(args.protocol):
         raise ValueError(f"--protocol {' '.join(args.protocol)}: each protocol once")
-    for flag in ("batch_size", "epochs", "eval_batch_size", "eval_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} {value}: must be at least 1")
+    intl.check_ranges(args, RANGES)
     if args.output_dir is None:
-        args.output_dir = str(default_output_dir(args.backbone))
+        args.output_dir = str(default_output_dir(args.backbone, args.revision))
+    intl.check_output_dir(args.output_dir)
     return args
 
 
-def default_output_dir(backbone):
+def default_output_dir(backbone, revision=None):
+    """The results folder when --output_dir is not given: one per backbone, so that two backbones in one folder
+    (two exports, two checkpoints, two .pth.tar files) never write into the same one."""
     path = Path(os.path.expanduser(backbone))
-    if (path / "trainer_state.json").is_file():
-        return path.parent.parent / "eval"  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR/eval
     if path.exists():
-        return path.parent / "eval"  # OUTPUT_DIR/backbone -> OUTPUT_DIR/eval
-    return Path("runs") / "eval" / backbone.replace("/", "--").replace("@", "--")
+        path = path.resolve()
+        if (path / "trainer_state.json").is_file():
+            return path.parent.parent / "eval" / path.name  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR/eval/step-N
+        return path.parent / "eval" / path.name  # OUTPUT_DIR/backbone -> OUTPUT_DIR/eval/backbone
+    name = backbone if revision is None else f"{backbone}@{revision}"
+    return Path("runs") / "eval" / name.replace("/", "--").replace("@", "--")
+
+
+def interrupted_message(protocol, output_dir):
+    """The one line Ctrl-C prints during a trained protocol: the epoch it stopped in and how to continue."""
+    saved = sorted((output_dir / "checkpoints" / protocol).glob("epoch-*/eval_state.json"))
+    done = int(saved[-1].parent.name.split("-")[1]) if saved else 0
+    if not done:
+        return (f"interrupted in epoch 1 of {protocol}, before its first checkpoint: nothing to resume; run the "
+                "command again")
+    return f"interrupted in epoch {done + 1} of {protocol}; continue with --resume (from the end of epoch {done})"
 
 
 def protocol_settings(protocol, args, recipe=None, **extra):
@@ -527,6 +554,9 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
     steps_per_epoch = len(train_loader)
 
     checkpoints = output_dir / "checkpoints" / protocol
+    if accelerator.is_main_process:
+        for name in intl.remove_interrupted_saves(checkpoints):
+            say(f"removed {checkpoints / name}, left by an interrupted save")
     start_epoch, history = 0, []
     if args.resume:
         start_epoch, history = resume(checkpoints, settings, accelerator)
@@ -699,13 +729,20 @@ def resume(root, settings, accelerator):
     done = sorted(root.glob("epoch-*/eval_state.json"))
     if not done:
         raise ValueError(f"--resume: no checkpoint in {root}; start without --resume")
-    state = json.loads(done[-1].read_text())
-    saved = state["settings"]
+    state = intl.read_json(done[-1])
+    saved = state.get("settings") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or not isinstance(state.get("epoch"), int) or not isinstance(state.get("history"), list):
+        raise ValueError(f"--resume: {done[-1]} lacks the epoch, settings or history of the evaluation: the file is "
+                         "damaged; start again without --resume (and with --overwrite)")
     changed = [k for k in settings if saved.get(k) != json.loads(json.dumps(settings[k]))]
     if changed:
         raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} in "
                          f"{done[-1].parent}; a resumed evaluation keeps its settings")
-    accelerator.load_state(str(done[-1].parent))
+    try:
+        intl.load_state(accelerator, done[-1].parent, "eval_state.json")
+    except ValueError as error:
+        raise ValueError(f"--resume: {done[-1].parent}: {error}; start again without --resume (and with "
+                         "--overwrite)") from None
     return state["epoch"], state["history"]
 
 
@@ -798,3 +835,6 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}")
     except intl.UnreadableImageError as error:
         sys.exit(f"error: {error.one_line()}")
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, exit status 130
+        intl.exit_interrupted(interrupt, "interrupted (knn and linear-cached keep no checkpoints: run the command "
+                                         "again)")

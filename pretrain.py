@@ -100,10 +100,23 @@ PRESETS = {
     "cw-rgp-imagenet-100ep": dict(_CW_RGP_IMAGENET, epochs=100),
     "cw-rgp-imagenet-200ep": dict(_CW_RGP_IMAGENET, epochs=200),
 }
-# Flags that only steer the run, not what it computes: a resumed run may change them.
+# Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
+# when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "log_every",
                "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "benchmark_augment", "study",
-               "study_values", "push_to_hub", "private", "commit_message", "revision"}
+               "study_values", "push_to_hub", "private", "commit_message", "revision", "overwrite"}
+# Of those, the ones that say what this one command does: never taken from the checkpoint.
+PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark",
+               "benchmark_augment", "study", "study_values", "overwrite"}
+# What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
+RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.json")
+# The valid range of every numeric flag (intl.check_ranges), checked before any work.
+RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
+          "num_workers": "[0, inf)", "iters": "[1, inf)", "beta": "[0, inf)", "momentum": "[0, 1]", "power": "[0, inf)",
+          "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
+          "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)",
+          "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
+          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "benchmark_augment": "[0, inf)"}
 
 
 def get_parser():
@@ -232,6 +245,10 @@ def get_parser():
                         help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
     parser.add_argument("--export_only", action="store_true",
                         help="export the backbone of the --resume checkpoint to OUTPUT_DIR/backbone and exit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let a new run (or --export_only, or a study) replace what an earlier run left in "
+                             "--output_dir: its checkpoints/, log.jsonl, backbone/ and spectrum files are deleted "
+                             "first. Without it such a folder is refused")
     parser.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
                         help="publish the exported backbone (weights, config, model card) to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
@@ -269,7 +286,9 @@ def main(argv=None):
         print(json.dumps(vars(config), indent=2))
         return
     if config.export_only:
-        export_backbone(intl.find_checkpoint(config.resume, config.output_dir), Path(config.output_dir) / "backbone", config)
+        checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
+        intl.refuse_to_replace(config.output_dir, ["backbone"], config.overwrite)
+        export_backbone(checkpoint, Path(config.output_dir) / "backbone", config)
         return
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -282,10 +301,8 @@ def main(argv=None):
     if config.study:
         return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
     output_dir = Path(config.output_dir)
-    if not config.resume and intl.latest_checkpoint(output_dir):
-        raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
-                         "or give another --output_dir")
     log = Logger(output_dir / "log.jsonl", accelerator)
+    prepare_output_dir(config, output_dir, accelerator, log)
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
              f"precision {accelerator.mixed_precision}")
 
@@ -311,13 +328,17 @@ def main(argv=None):
 
     step = 0
     if config.resume:
-        checkpoint = intl.find_checkpoint(config.resume, output_dir)
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-            raise ValueError(f"{checkpoint} was trained with {state['num_processes']} processes, this run has "
-                             f"{accelerator.num_processes}: the global batch, and with it the data order and the lr, "
-                             "would change; resume with the same number of processes")
-        accelerator.load_state(checkpoint)
+        def check_state(checkpoint, state):
+            if not isinstance(state.get("step"), int):
+                raise ValueError(f"{checkpoint / 'trainer_state.json'} holds no step count: the file is damaged; "
+                                 "resume from another checkpoint")
+            if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+                raise ValueError(f"{checkpoint} was trained with {state['num_processes']} processes, this run has "
+                                 f"{accelerator.num_processes}: the global batch, and with it the data order and the "
+                                 "lr, would change; resume with the same number of processes")
+
+        checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
+                                                 say=log.info)
         step = state["step"]
         log.truncate_after(step)
         log.info(f"resumed from {checkpoint} at step {step}")
@@ -334,7 +355,7 @@ def main(argv=None):
     if knn_data and step == 0:
         log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone, knn_data, accelerator)})
 
-    last_good = intl.latest_checkpoint(output_dir)
+    last_good = checkpoint if config.resume else None  # the one resumed from (maybe in another folder), or none yet
     stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
     progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     model.train()
@@ -383,6 +404,8 @@ def main(argv=None):
                     last_good = save_checkpoint(accelerator, config, step, sampler.batches_per_epoch, output_dir)
                 if step == stop_at or epoch_end:
                     break
+    except KeyboardInterrupt:
+        raise intl.Interrupted(interrupted_message(step, last_good)) from None
     finally:
         progress.close()  # before any error message, so that the message is the last line
 
@@ -392,6 +415,35 @@ def main(argv=None):
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
     accelerator.end_training()
+
+
+def prepare_output_dir(config, output_dir, accelerator, log):
+    """Before any work: a new run (or one continued from another folder's checkpoint) must not mix with, nor
+    replace, what an earlier run left in output_dir, unless --overwrite (which deletes it first); the folders of
+    interrupted checkpoint saves are removed."""
+    continuing = config.resume and (intl.find_checkpoint(config.resume, output_dir).resolve().parent
+                                    == (output_dir / "checkpoints").resolve())
+    if not continuing:
+        found = intl.existing_results(output_dir, RESULTS)
+        if "checkpoints/" in found and not config.overwrite:
+            raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
+                             "or give another --output_dir (or add --overwrite to replace that run)")
+        intl.refuse_to_replace(output_dir, RESULTS, config.overwrite)
+        if found and accelerator.is_main_process:
+            intl.remove_results(output_dir, found)
+            log.info(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
+    if accelerator.is_main_process:
+        for name in intl.remove_interrupted_saves(output_dir / "checkpoints"):
+            log.info(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
+    accelerator.wait_for_everyone()
+
+
+def interrupted_message(step, checkpoint):
+    """The one line Ctrl-C prints: where the run stopped and how to continue it."""
+    if checkpoint is None:
+        return f"interrupted at step {step}, before the first checkpoint: nothing to resume; start the run again"
+    return (f"interrupted at step {step}; continue with --resume latest (from the last checkpoint, "
+            f"{Path(checkpoint).name})")
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +473,7 @@ def resolve_config(argv=None):
         config.augment_on = "device" if torch.cuda.is_available() and not config.colour_before_crop else "cpu"
     if config.resume and not config.export_only:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
-        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND)
     if config.dataset is None and config.preset not in (None, "digits") and not (
             config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
@@ -434,13 +486,13 @@ def check_config(config):
     config.mean, config.std = tuple(config.mean), tuple(config.std)
     if config.output_dir is None and not (config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
-    if config.batch_size < 2:
+    if not (isinstance(config.batch_size, int) and config.batch_size >= 2):
         raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
-    for flag in ("epochs", "log_every", "spectrum_every", "save_every", "keep", "num_views", "iters"):
-        if getattr(config, flag) < 1:
-            raise ValueError(f"--{flag} {getattr(config, flag)}: must be at least 1")
-    if not 0 < config.min_scale <= 1:
+    if not (isinstance(config.min_scale, (int, float)) and 0 < config.min_scale <= 1):
         raise ValueError(f"--min_scale {config.min_scale}: the smallest crop is a fraction of the image, in (0, 1]")
+    intl.check_ranges(config, RANGES)
+    if config.output_dir is not None and not config.print_config:
+        intl.check_output_dir(config.output_dir)
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
         raise ValueError(f"--report_to {config.report_to}: the package is not installed "
                          f"(pip install {config.report_to}), or use --report_to none")
@@ -464,7 +516,20 @@ def check_config(config):
         probs = parse_floats(getattr(config, flag), flag)
         if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
             raise ValueError(f"--{flag} {getattr(config, flag)!r}: give two probabilities, e.g. '1.0,0.1'")
-    parse_floats(config.small_crops, "small_crops")
+    small_crops = parse_floats(config.small_crops, "small_crops")
+    if not all(1 <= side <= config.image_size for side in small_crops):
+        raise ValueError(f"--small_crops {config.small_crops!r}: every side must be in [1, --image_size "
+                         f"{config.image_size}]")
+    if config.num_views + len(small_crops) < 2:
+        raise ValueError(f"--num_views {config.num_views} without --small_crops: the objective compares views, "
+                         "give at least 2")
+    if config.study and config.study_values is not None:
+        values = parse_floats(config.study_values, "study_values")
+        valid = all(v >= 0 for v in values) if config.study == "power" else all(v >= 1 and v == int(v) for v in values)
+        if not values or not valid:
+            raise ValueError(f"--study_values {config.study_values!r}: give " + (
+                "powers p >= 0" if config.study == "power" else "iteration counts T >= 1 (integers)")
+                + " separated by commas")
 
 
 def parse_floats(text, flag):
@@ -890,11 +955,18 @@ class Logger:
             self.path.write_text("")
 
     def truncate_after(self, step):
-        """On resume, drop what the interrupted run logged after its checkpoint."""
-        if self.accelerator.is_main_process and self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line and json.loads(line).get("step", 0) <= step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+        """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
+        checkpoints/ folder) the log starts again at this step, and the summary starts there."""
+        if not self.accelerator.is_main_process:
+            return
+        if self.path.exists():
+            kept = [r for r in self.records() if r.get("step", 0) <= step]
+            intl.write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+            self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
+                      "steps are not in it)")
 
     def info(self, message):
         if self.accelerator.is_main_process:
@@ -920,12 +992,21 @@ class Logger:
         """The PNG, and the eigenvalues behind it in spectrum.json next to it (the studies read them)."""
         if self.spectra:
             intl.plot_spectra(self.spectra, path)
-            path.with_suffix(".json").write_text(json.dumps(
+            intl.write_text_atomically(path.with_suffix(".json"), json.dumps(
                 [{"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()} for step, eig_z, eig_z_hat in self.spectra]))
             self.info(f"spectrum plot: {path}")
 
     def records(self):
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        """The logged records; none without a log. A last line cut short by a crash is left out."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [r for r in records if isinstance(r, dict)]
 
     def knn_result(self, step, config):
         """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
@@ -960,7 +1041,6 @@ def run_study(config, argv, accelerator):
     if not accelerator.is_main_process:
         return
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     default = "0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power" else "1,2,4,6,8,10,12"
     values = parse_floats(config.study_values or default, "study_values")
     base = strip_flags(argv, {"--study": 1, "--study_values": 1, "--output_dir": 1, "--method": 1, "--power": 1,
@@ -977,6 +1057,11 @@ def run_study(config, argv, accelerator):
             runs.append(({"iters": int(value), "trace_loss": True}, ["--iters", str(int(value))], f"T{int(value)}-tl"))
             runs.append(({"iters": int(value), "trace_loss": False}, ["--iters", str(int(value)), "--beta", "0"],
                          f"T{int(value)}-no-tl"))
+    # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
+    intl.refuse_to_replace(output_dir, [f"{config.study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
+                           + [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)],
+                           config.overwrite)
+    output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for settings, flags, name in tqdm(runs, desc=f"{config.study} study"):
         run_dir = output_dir / name
@@ -984,8 +1069,8 @@ def run_study(config, argv, accelerator):
                                 capture_output=True, text=True)
         rows.append({**settings, "run": name, **study_row(run_dir, result)})
         tqdm.write(f"{name}: {json.dumps(rows[-1])}")
-    (output_dir / f"{config.study}_study.json").write_text(json.dumps(rows, indent=2))
-    with (output_dir / f"{config.study}_study.csv").open("w", newline="") as f:
+    intl.write_text_atomically(output_dir / f"{config.study}_study.json", json.dumps(rows, indent=2))
+    with intl.replacing(output_dir / f"{config.study}_study.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
@@ -1043,7 +1128,8 @@ def plot_study(study, rows, output_dir):
     ax_knn.set(xlabel=x_label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
     ax_ioc.legend(fontsize=8)
     ax_knn.legend(fontsize=8)
-    fig.savefig(output_dir / f"{study}_study.png", dpi=120)
+    with intl.replacing(output_dir / f"{study}_study.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
     # The final spectra of every run that finished, Z and Z_hat side by side.
@@ -1057,7 +1143,8 @@ def plot_study(study, rows, output_dir):
     for ax, name in zip(axes, ("Z", "Z_hat")):
         ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
         ax.legend(fontsize=7)
-    fig.savefig(output_dir / f"{study}_study_spectra.png", dpi=120)
+    with intl.replacing(output_dir / f"{study}_study_spectra.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -1156,3 +1243,5 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}")
     except intl.UnreadableImageError as error:
         sys.exit(f"error: {error.one_line()}")
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (intl.Interrupted says where), exit status 130
+        intl.exit_interrupted(interrupt)

@@ -19,4 +19,5 @@ def _seed_and_threads():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts subprocesses or several processes (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: starts real processes (a script's command line, Ctrl-C, several "
+                                       "processes); deselect with -m 'not slow'")

@@ -341,3 +341,80 @@ def test_image_dataset_works_in_dataloader_with_two_workers():
     labels = torch.cat([b[1] for b in batches])
     assert images.shape == (360, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(labels, labels_of(split))
+
+
+# ----------------------------------------------------------------------------- every PIL mode -> the RGB it shows
+
+
+def encoded(image, fmt="PNG", **save_args):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def over_white(rgb, alpha):
+    """The expected composite of a colour over the white background, computed here in float64."""
+    alpha = alpha[..., None] / 255.0
+    return np.rint(rgb * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+
+
+def gray3(gray):
+    return np.repeat(gray[..., None], 3, axis=2).astype(np.uint8)
+
+
+def mode_cases():
+    """(mode as PIL opens the file, encoded file, the 8-bit RGB it shows), each from known numpy data."""
+    rng = np.random.default_rng(0)
+    shape = (5, 7)
+    cases = {}
+    deep = rng.integers(0, 65536, shape)
+    deep.flat[:4] = [0, 257, 32768, 65535]
+    cases["I;16"] = ("I;16", encoded(PIL.Image.fromarray(deep.astype(np.uint16))), gray3(np.rint(deep / 257)))
+    cases["I"] = ("I", encoded(PIL.Image.fromarray(deep.astype(np.int32)), "TIFF"), gray3(np.rint(deep / 257)))
+    palette = np.array([[10, 20, 30], [200, 100, 50], [0, 0, 0], [250, 240, 5]], np.uint8)
+    index = rng.integers(0, 4, shape)
+    index.flat[:4] = [0, 1, 2, 3]
+    paletted = PIL.Image.fromarray(index.astype(np.uint8), mode="P")
+    paletted.putpalette(palette.flatten().tolist())
+    cases["P"] = ("P", encoded(paletted), palette[index])
+    shown = palette[index].copy()
+    shown[index == 2] = 255
+    cases["P, one transparent entry"] = ("P", encoded(paletted, transparency=2), shown)
+    entry_alpha = np.array([0, 128, 255, 64])
+    cases["P, alpha per entry"] = ("P", encoded(paletted, transparency=bytes(entry_alpha.tolist())),
+                                   over_white(palette[index], entry_alpha[index]))
+    rgba = rng.integers(0, 256, (*shape, 4))
+    rgba[0, :3, 3] = [0, 255, 128]
+    cases["RGBA"] = ("RGBA", encoded(PIL.Image.fromarray(rgba.astype(np.uint8))), over_white(rgba[..., :3], rgba[..., 3]))
+    la = rng.integers(0, 256, (*shape, 2))
+    cases["LA"] = ("LA", encoded(PIL.Image.fromarray(la.astype(np.uint8), mode="LA")),
+                   over_white(gray3(la[..., 0]).astype(float), la[..., 1]))
+    rgb = rng.integers(0, 256, (*shape, 3))
+    rgb[0, 0] = rgb[2, 3] = (1, 2, 3)
+    keyed = over_white(rgb, np.where((rgb == (1, 2, 3)).all(axis=2), 0, 255))
+    cases["RGB, one transparent colour"] = ("RGB", encoded(PIL.Image.fromarray(rgb.astype(np.uint8)),
+                                                           transparency=(1, 2, 3)), keyed)
+    cmyk = rng.integers(0, 256, (*shape, 4))
+    cases["CMYK"] = ("CMYK", encoded(PIL.Image.fromarray(cmyk.astype(np.uint8), mode="CMYK"), "TIFF"),
+                     np.rint((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255).astype(np.uint8))
+    gray = rng.integers(0, 256, shape)
+    cases["L"] = ("L", encoded(PIL.Image.fromarray(gray.astype(np.uint8))), gray3(gray))
+    bits = rng.integers(0, 2, shape).astype(bool)
+    cases["1"] = ("1", encoded(PIL.Image.fromarray(bits)), gray3(bits * 255))
+    return cases
+
+
+MODE_CASES = mode_cases()
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_every_pil_mode_decodes_to_the_8_bit_rgb_it_shows(case):
+    """16-bit values scale to 8 bits (not clipped to white); transparent pixels show the white background (not the
+    colour stored under them); the other modes convert as PIL does."""
+    mode, data, expected = MODE_CASES[case]
+    assert PIL.Image.open(io.BytesIO(data)).mode == mode  # the case is what it says
+    dataset = datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None}]},
+                                         features=datasets.Features({"image": datasets.Image()}))
+    image, _ = ImageDataset(ImageSplit(dataset, "image", None, None, case), transform=None)[0]
+    assert image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), expected)

@@ -270,7 +270,7 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
 def test_a_training_step_gives_finite_losses_and_evaluation_gives_boxes_in_original_pixels(model_name):
     config = tiny_config(model_name)
     torch.manual_seed(0)
-    model = dt.build_detector(config, intl.build_backbone("resnet18", False, zero_init_residual=False), 2)
+    model = dt.build_detector(config, intl.build_backbone("resnet18", "imagenet", zero_init_residual=False), 2)
     masks = model_name.startswith("mask")
     images, targets = scene_batch(masks)
     model.train()
@@ -309,7 +309,7 @@ def test_images_are_resized_to_a_drawn_training_size_or_the_test_size_with_the_l
 
 def test_mask_c4_runs_res5_once_per_sampled_roi_in_training():
     config = tiny_config("mask-c4")
-    model = dt.build_detector(config, intl.build_backbone("resnet18", False, zero_init_residual=False), 2).train()
+    model = dt.build_detector(config, intl.build_backbone("resnet18", "imagenet", zero_init_residual=False), 2).train()
     calls = []
     model.roi_heads.box_head.layer4.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     images, targets = scene_batch(masks=True)
@@ -549,7 +549,7 @@ def test_lr_warms_up_from_a_thousandth_steps_down_tenfold_and_scales_with_the_gl
 
 
 def test_weight_decay_spares_exactly_the_normalisation_parameters():
-    model = dt.build_detector(tiny_config("mask-fpn"), intl.build_backbone("resnet18", False), 2)
+    model = dt.build_detector(tiny_config("mask-fpn"), intl.build_backbone("resnet18", "imagenet"), 2)
     decay, no_decay = dt.parameter_groups(model, 1e-4)
     norm_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     assert {id(p) for p in no_decay["params"]} == norm_params and no_decay["weight_decay"] == 0.0
@@ -708,3 +708,92 @@ def test_two_gloo_processes_train_and_evaluate_every_test_image_once(tmp_path):
     assert "2 process(es)" in output and "global batch 4, 2 iterations" in output
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["test_images"] == 5 and results["iterations"] == 2 and results["precise_bn"]
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
+
+
+def broken_coco(root, change):
+    """The generated COCO training json, changed by `change(data)` (which may return a replacement)."""
+    path = root / "annotations" / "instances_train2017.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data) or data))
+    return str(path), str(root / "train2017")
+
+
+@pytest.mark.parametrize("change, message", [
+    pytest.param(lambda d: d["annotations"][0]["bbox"].__setitem__(2, float("nan")),
+                 r"annotation 1 \(image 100\) has bbox \[\d+, \d+, nan, \d+\]: give 4 finite numbers "
+                 r"\[x, y, width, height\]", id="a NaN in a box"),
+    pytest.param(lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, 3]),
+                 r"annotation 1 \(image 100\) has bbox \[1, 2, 3\]", id="a box of 3 numbers"),
+    pytest.param(lambda d: d["annotations"][0].__setitem__("category_id", 99),
+                 r"annotation 1 \(image 100\) has category_id 99, which is not among the categories \[3, 7\]",
+                 id="an unknown category"),
+    pytest.param(lambda d: d.pop("images") and None, "has no 'images' list: not a COCO-format json", id="no images"),
+    pytest.param(lambda d: [d], "is not a COCO-format json", id="a list, not an object"),
+])
+def test_a_broken_coco_json_is_refused_naming_the_annotation_or_what_is_missing(tmp_path, change, message):
+    json_file, images = broken_coco(write_coco(tmp_path, n_train=3, n_val=1), change)
+    with pytest.raises(ValueError, match=message):
+        dt.coco_data(json_file, images, masks=False)
+
+
+def test_eval_only_writes_next_to_the_run_and_never_over_its_results_without_overwrite(learned, tmp_path):
+    root, output_dir, _ = learned
+    checkpoint = output_dir / "checkpoints" / "step-00000150"
+    config = dt.resolve_config(["--eval_only", "--resume", str(checkpoint), "--data_root", str(root)])
+    assert config.output_dir == str(output_dir / "eval" / "step-00000150")  # not the run's own results.json
+    before = (output_dir / "results.json").read_text()
+    with pytest.raises(ValueError, match=f"--output_dir {output_dir} already holds results.json of an earlier run, "
+                                         "which this command would replace"):
+        dt.main(["--eval_only", "--resume", str(checkpoint), "--data_root", str(root), "--output_dir", str(output_dir),
+                 "--num_workers", "0"])
+    assert (output_dir / "results.json").read_text() == before
+
+
+def test_a_new_run_replaces_what_an_earlier_run_left_only_with_overwrite(tmp_path):
+    root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"iteration": 5, "loss": 1.0}\n')
+    (run / "results.json").write_text('{"bbox": {"AP": 50.0}}\n')
+    common = ["--data_root", root, "--output_dir", run, "--iterations", 1, "--lr_steps", "--warmup_iters", 0,
+              "--precise_bn", 0]
+    with pytest.raises(ValueError, match="already holds log.jsonl, results.json of an earlier run, which this command "
+                                         "would replace: give another --output_dir \\(or continue the earlier run "
+                                         "with --resume latest\\), or add --overwrite to replace them"):
+        main(*common)
+    assert (run / "results.json").read_text() == '{"bbox": {"AP": 50.0}}\n'
+    main(*common, "--overwrite")
+    assert json.loads((run / "results.json").read_text())["iterations"] == 1
+    assert [json.loads(line)["iteration"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_resumed_run_removes_what_interrupted_saves_left(tmp_path):
+    root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
+    main("--data_root", root, "--output_dir", tmp_path / "run", "--iterations", 2, "--lr_steps", "--warmup_iters", 0,
+         "--precise_bn", 0, "--stop_after_iters", 1)
+    leftover = tmp_path / "run" / "checkpoints" / ".tmp-step-00000009"  # a step this run never saves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a save")
+    main("--resume", "latest", "--output_dir", tmp_path / "run", "--data_root", root, "--num_workers", 0)
+    assert not leftover.exists() and (tmp_path / "run" / "results.json").is_file()
+
+
+def test_ctrl_c_stops_training_with_one_line_saying_the_iteration_and_how_to_continue(tmp_path, monkeypatch):
+    root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
+    learning_rate = dt.learning_rate
+
+    def ctrl_c_at_iteration_3(iteration, plan):
+        if iteration == 3:
+            raise KeyboardInterrupt
+        return learning_rate(iteration, plan)
+
+    monkeypatch.setattr(dt, "learning_rate", ctrl_c_at_iteration_3)
+    with pytest.raises(KeyboardInterrupt) as info:
+        main("--data_root", root, "--output_dir", tmp_path / "run", "--iterations", 6, "--lr_steps", "--warmup_iters",
+             0, "--precise_bn", 0, "--save_every", 2)
+    assert isinstance(info.value, dt.intl.Interrupted)
+    assert str(info.value) == ("interrupted at iteration 3; continue with --resume latest (from the last checkpoint, "
+                               "step-00000002)")

@@ -277,3 +277,85 @@ def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previou
 
 def test_every_export_flag_has_help():
     assert all(action.help for action in get_export_parser()._actions)
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
+
+
+def nan_in(weights, key):
+    weights = {k: v.clone() for k, v in weights.items()}
+    weights[key].view(-1)[3] = float("nan")
+    weights[key].view(-1)[4] = float("inf")
+    return weights
+
+
+@pytest.mark.parametrize("kind", ["export folder", ".safetensors file", "official .pth.tar", "pretrain checkpoint"])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind):
+    weights = nan_in(backbone_weights(0), "layer2.0.conv1.weight")
+    if kind == "export folder":
+        source = tmp_path / "export"
+        intl.write_export(source, weights, CONFIG)
+    elif kind == ".safetensors file":
+        save_file(weights, tmp_path / "weights.safetensors")
+        source = tmp_path / "weights.safetensors"
+    elif kind == "official .pth.tar":
+        source = official_checkpoint(tmp_path / "intl.pth.tar", weights)
+    else:
+        source = tmp_path / "checkpoints" / "step-00000010"
+        source.mkdir(parents=True)
+        save_file({f"backbone.{k}": v for k, v in weights.items()}, source / "model.safetensors")
+        (source / "trainer_state.json").write_text(json.dumps({"step": 10, "config": {"arch": "resnet18"}}))
+    with pytest.raises(ValueError, match=r"tensor 'layer2.0.conv1.weight' holds 2 NaN / Inf value\(s\) \(1 tensor\(s\) "
+                                         r"are not finite\): these weights are broken"):
+        load_backbone(source)
+
+
+@pytest.mark.parametrize("damage, message", [
+    pytest.param({"config.json": '{"arch": "resnet18",'}, r"config.json is not valid JSON \(Expecting property name "
+                 r"enclosed in double quotes: line 1, column 21\)", id="invalid JSON in config.json"),
+    pytest.param({"config.json": '{"arch": "resnet18", "image_size": "big"}'},
+                 r"config.json: image_size is 'big', expected a positive integer \(pixels\)", id="image_size 'big'"),
+    pytest.param({"config.json": '{"std": [0.2, 0, 0.2]}'}, r"config.json: std is \[0.2, 0, 0.2\], expected 3 positive",
+                 id="a zero std"),
+    pytest.param({"config.json": '{"cifar_stem": "no"}'}, "config.json: cifar_stem is 'no', expected true or false",
+                 id="cifar_stem 'no'"),
+    pytest.param({"config.json": "[1, 2]"}, "config.json is not a JSON object", id="a list as config.json"),
+    pytest.param({"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{}"}, "cannot read .* as safetensors",
+                 id="a damaged model.safetensors"),
+])
+def test_a_damaged_export_is_refused_naming_the_file_and_what_is_wrong(export, damage, message):
+    for name, content in damage.items():
+        (export / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ValueError, match=message):
+        load_backbone(export)
+
+
+@pytest.mark.parametrize("content, message", [
+    pytest.param(bytes(range(256)) * 8, "is not a PyTorch checkpoint", id="random bytes"),
+    pytest.param(b"\x80\x02" + bytes(range(100)), "is not a PyTorch checkpoint", id="random bytes after a pickle mark"),
+    pytest.param("truncated", "is truncated or damaged", id="a truncated checkpoint"),
+])
+def test_a_file_that_is_no_checkpoint_is_refused_as_such_without_suggesting_weights_only_false(
+        tmp_path, content, message):
+    path = tmp_path / "intl.pth.tar"
+    if content == "truncated":
+        data = official_checkpoint(path, backbone_weights(0)).read_bytes()
+        content = data[:len(data) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_backbone(path)
+    assert str(info.value).startswith(f"{path} {message}") and "weights_only=False" not in str(info.value)
+
+
+def test_export_command_replaces_an_existing_export_only_with_overwrite(export, tmp_path):
+    argv = ["--source", str(export), "--output_dir", str(tmp_path / "out")]
+    main_export(argv)
+    before = (tmp_path / "out" / "config.json").read_text()
+    other = tmp_path / "other"
+    intl.write_export(other, backbone_weights(5), {**CONFIG, "image_size": 24})
+    with pytest.raises(ValueError, match="already holds an export, which this command would replace: give another "
+                                         "--output_dir, or add --overwrite"):
+        main_export(["--source", str(other), "--output_dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "config.json").read_text() == before
+    main_export(["--source", str(other), "--output_dir", str(tmp_path / "out"), "--overwrite"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == 24

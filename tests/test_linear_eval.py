@@ -51,7 +51,7 @@ def initial(pretrained, tmp_path_factory):
     export = tmp_path_factory.mktemp("init") / "backbone"
     config = json.loads((pretrained / "backbone" / "config.json").read_text())
     torch.manual_seed(0)
-    intl.write_export(export, intl.build_backbone("resnet18", False).state_dict(), {**config, "epochs_trained": 0})
+    intl.write_export(export, intl.build_backbone("resnet18", "imagenet").state_dict(), {**config, "epochs_trained": 0})
     return export
 
 
@@ -83,7 +83,8 @@ def test_default_run_is_offline_on_digits_fast_and_pretraining_beats_initialisat
     result = run("linear_eval.py", "--backbone", pretrained / "backbone")
     seconds = time.time() - tic
     assert seconds < 60
-    records = {p: json.loads((pretrained / "eval" / f"{p}.json").read_text()) for p in ("knn", "linear-cached")}
+    records = {p: json.loads((pretrained / "eval" / "backbone" / f"{p}.json").read_text())
+               for p in ("knn", "linear-cached")}
     knn, cached = records["knn"], records["linear-cached"]
     assert knn["rows"][0]["name"] == "5-NN (euclidean)" and knn["n_test"] == 360 and knn["n_train"] == 1437
     assert cached["final_epoch"] == 500 and cached["settings"]["batch_size"] == 1000
@@ -162,7 +163,7 @@ def test_finetune_learns_from_the_named_images_or_a_seeded_class_balanced_subset
     names.write_text("train_0_3.png\nnot_there.png\n")
     with pytest.raises(ValueError, match="1 of its 2 images are not in .* 'not_there.png'"):
         evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
-                 "--subset_file", names, "--output_dir", tmp_path / "out", *TINY)
+                 "--subset_file", names, "--output_dir", tmp_path / "out2", *TINY)
 
 
 def test_weighted_cosine_knn_votes_by_similarity_and_reports_top5():
@@ -446,3 +447,84 @@ def test_knn_benchmark_prints_seconds_and_peak_memory_as_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["n_train"], result["n_test"], result["dim"], result["k"]) == (3000, 200, 16, 5)
     assert result["seconds"] > 0 and result["peak_memory_gib"] > 0 and result["knn_own_memory_gib"] >= 0
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
+
+
+def small_export(path, seed, **config):
+    torch.manual_seed(seed)
+    return intl.write_export(path, intl.build_backbone("resnet18", "imagenet").state_dict(),
+                             {"arch": "resnet18", "cifar_stem": False, "image_size": 16, **config})
+
+
+def test_default_output_folders_are_one_per_backbone_so_two_backbones_in_one_folder_keep_their_results(folder, tmp_path):
+    for name, seed in (("backbone-a", 1), ("backbone-b", 2)):
+        small_export(tmp_path / "models" / name, seed)
+        linear_eval.main(["--backbone", str(tmp_path / "models" / name), "--dataset", str(folder), "--protocol", "knn",
+                          "--num_workers", "0"])
+    records = {name: json.loads((tmp_path / "models" / "eval" / name / "knn.json").read_text())
+               for name in ("backbone-a", "backbone-b")}
+    assert {r["backbone"] for r in records.values()} == {str(tmp_path / "models" / n) for n in records}
+    # Every kind of backbone gets its own folder: a checkpoint's in its run, a Hub id's per revision.
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert linear_eval.default_output_dir(str(checkpoint)) == tmp_path / "run" / "eval" / "step-00000010"
+    hub = {linear_eval.default_output_dir("me/intl"), linear_eval.default_output_dir("me/intl@v1"),
+           linear_eval.default_output_dir("me/intl", revision="v2")}
+    assert len(hub) == 3 and linear_eval.default_output_dir("me/intl", "v1") in hub
+
+
+def test_results_of_an_earlier_evaluation_are_replaced_only_with_overwrite(folder, tmp_path):
+    small_export(tmp_path / "backbone", 0)
+    common = ["--backbone", tmp_path / "backbone", "--dataset", folder, "--output_dir", tmp_path / "out"]
+    evaluate(*common, "--protocol", "knn")
+    before = (tmp_path / "out" / "knn.json").read_text()
+    with pytest.raises(ValueError, match=f"--output_dir {tmp_path / 'out'} already holds knn.json of an earlier run, "
+                                         "which this command would replace: give another --output_dir, or add "
+                                         "--overwrite to replace it"):
+        evaluate(*common, "--protocol", "knn", "linear-cached", "--epochs", "2")
+    assert (tmp_path / "out" / "knn.json").read_text() == before and not (tmp_path / "out" / "linear-cached.json").exists()
+    records = evaluate(*common, "--protocol", "knn", "linear-cached", "--epochs", "2", "--overwrite")
+    assert set(records) == {"knn", "linear-cached"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["knn.json", "linear-cached.json"]  # no temp files
+
+
+def test_a_backbone_with_non_finite_weights_is_refused_naming_the_tensor(folder, tmp_path):
+    torch.manual_seed(0)
+    weights = intl.build_backbone("resnet18", "imagenet").state_dict()
+    weights["layer3.1.bn2.running_var"][5] = float("nan")
+    intl.write_export(tmp_path / "diverged", weights, {"arch": "resnet18", "cifar_stem": False, "image_size": 16})
+    with pytest.raises(ValueError, match=r"tensor 'layer3.1.bn2.running_var' holds 1 NaN / Inf value\(s\)"):
+        evaluate("--backbone", tmp_path / "diverged", "--dataset", folder, "--protocol", "knn", "--output_dir", tmp_path)
+
+
+def test_a_trained_protocol_removes_what_interrupted_saves_left(pretrained, folder, tmp_path, capsys):
+    common = ["--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "linear", *TINY,
+              "--epochs", "2", "--output_dir", tmp_path]
+    evaluate(*common, "--stop_after_epochs", "1")
+    leftover = tmp_path / "checkpoints" / "linear" / ".tmp-epoch-0009"  # an epoch this run never saves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a save")
+    evaluate(*common, "--resume")
+    assert not leftover.exists() and f"removed {leftover}, left by an interrupted save" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_a_trained_protocol_says_the_epoch_and_how_to_continue(pretrained, folder, tmp_path, monkeypatch):
+    common = ["--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "linear", *TINY,
+              "--epochs", "2", "--output_dir", tmp_path]
+    save_epoch = linear_eval.save_epoch
+
+    def ctrl_c_in_epoch_2(root, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        save_epoch(root, epoch, *args)
+
+    monkeypatch.setattr(linear_eval, "save_epoch", ctrl_c_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt) as info:
+        evaluate(*common)
+    assert isinstance(info.value, intl.Interrupted)
+    assert str(info.value) == "interrupted in epoch 2 of linear; continue with --resume (from the end of epoch 1)"
+    monkeypatch.setattr(linear_eval, "save_epoch", save_epoch)
+    assert evaluate(*common, "--resume")["linear"]["final_epoch"] == 2  # and it does continue

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +271,176 @@ def test_unreadable_image_stops_with_one_line_naming_the_file(tmp_path, image_fo
     assert result.returncode != 0
     assert "class_0/3.png" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory):
+    """ROOT/class_x/*.png: 16 generated 8 x 8 images in 2 classes (a run of 4 steps per epoch takes seconds)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny") / "images"
+    generator = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(8):
+            pixels = torch.randint(0, 256, (8, 8, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def tiny(images, *args):
+    """pretrain.main in this process on the tiny images (no start-up cost)."""
+    pretrain.main(["--dataset", str(images), "--image_size", "8", "--batch_size", "4", "--projector", "16-16-16",
+                   "--arch", "resnet18", "--num_workers", "0", "--knn_every", "0", "--augment_on", "cpu",
+                   *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_images, tmp_path_factory):
+    """A run of 8 steps stopped after 4: checkpoints of steps 2 and 4, every step logged."""
+    output_dir = tmp_path_factory.mktemp("stopped")
+    tiny(tiny_images, "--output_dir", output_dir, "--epochs", 2, "--save_every", 2, "--log_every", 1,
+         "--stop_after_steps", 4)
+    return output_dir
+
+
+def copy_run(run, to, only=None):
+    """A copy of a run folder (or of its `only` entry). The large checkpoint files are hard links: a test that damages
+    one replaces it (`replace_file`) rather than writing into it."""
+    def link_or_copy(src, dst):
+        return os.link(src, dst) if src.endswith((".safetensors", ".bin")) else shutil.copy2(src, dst)
+
+    shutil.copytree(run / only if only else run, to / only if only else to, copy_function=link_or_copy)
+    return to
+
+
+def replace_file(path, data):
+    path.unlink()
+    path.write_bytes(data)
+
+
+def test_resume_latest_skips_a_damaged_newest_checkpoint_saying_which_and_why(stopped_run, tmp_path, capsys):
+    run = copy_run(stopped_run, tmp_path / "run")
+    damaged = run / "checkpoints" / "step-00000004" / "model.safetensors"
+    replace_file(damaged, damaged.read_bytes()[:damaged.stat().st_size // 2])
+    size = damaged.stat().st_size
+    pretrain.main(["--output_dir", str(run), "--resume", "latest", "--stop_after_steps", "5"])
+    out = capsys.readouterr().out
+    assert (f"skipped checkpoint {run}/checkpoints/step-00000004: model.safetensors is truncated (the file has "
+            f"{size} bytes, its header announces ") in out
+    assert f"resumed from {run}/checkpoints/step-00000002 at step 2" in out
+    # Steps 3 and 4 were done again: the damaged checkpoint is replaced by a good one; every step is logged.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    assert intl.checkpoint_problem(run / "checkpoints" / "step-00000004") is None
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
+
+
+def refused_optimizer(path):
+    """optimizer.bin holding a Python object torch.load(weights_only=True) refuses (a pickle of a class)."""
+    import argparse
+
+    replace_file(path, b"")
+    torch.save({"state": {}, "param_groups": [], "args": argparse.Namespace(lr=0.1)}, path)
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("model.safetensors", lambda p: replace_file(p, p.read_bytes()[:1000]),
+     "model.safetensors is truncated (its 1000 bytes end inside the header)"),
+    ("model.safetensors", lambda p: replace_file(p, p.read_bytes()[:p.stat().st_size - 10]),
+     "model.safetensors is truncated (the file has"),
+    ("optimizer.bin", lambda p: replace_file(p, p.read_bytes()[:p.stat().st_size // 2]),
+     "optimizer.bin is truncated or damaged (not a complete torch.save archive)"),
+    ("optimizer.bin", refused_optimizer, "optimizer.bin holds a Python object (argparse.Namespace) that "
+                                         "torch.load(weights_only=True) does not load"),
+    ("random_states_0.pkl", lambda p: replace_file(p, b"garbage"), "random_states_0.pkl is truncated or damaged"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_its_file_and_what_is_wrong(stopped_run, tmp_path, name, damage, message):
+    run = copy_run(stopped_run, tmp_path / "run")
+    checkpoint = run / "checkpoints" / "step-00000004"
+    damage(checkpoint / name)
+    with pytest.raises(ValueError) as info:
+        pretrain.main(["--output_dir", str(run), "--resume", str(checkpoint)])
+    assert str(info.value).startswith(f"--resume {checkpoint}: {message}")
+    assert "resume from another checkpoint" in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_a_resumed_run_removes_what_interrupted_saves_left(stopped_run, tmp_path, capsys):
+    run = copy_run(stopped_run, tmp_path / "run")
+    leftover = run / "checkpoints" / ".tmp-step-00000006"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a save")
+    pretrain.main(["--output_dir", str(run), "--resume", "latest", "--stop_after_steps", "5"])
+    assert not leftover.exists()
+    assert f"removed {leftover}, left by an interrupted save" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["latest, at the end of a finished run", "a copied checkpoint, into a new folder"])
+def test_resuming_copied_checkpoints_without_their_log_starts_the_log_again(digits_run, stopped_run, tmp_path,
+                                                                             capsys, case):
+    if case.startswith("latest"):
+        run = copy_run(digits_run[0], tmp_path / "copy", only="checkpoints")  # checkpoints/ alone, no log.jsonl
+        pretrain.main(["--output_dir", str(run), "--resume", "latest"])
+        assert (run / "backbone" / "model.safetensors").is_file()  # the finished run's export, made again
+        assert "no log.jsonl" in capsys.readouterr().out
+    else:
+        copy = copy_run(stopped_run, tmp_path / "copy", only="checkpoints")
+        run = tmp_path / "new"
+        pretrain.main(["--output_dir", str(run), "--resume", str(copy / "checkpoints" / "step-00000004"),
+                       "--stop_after_steps", "5"])
+        assert sorted(losses(run)) == [5]
+        assert "the log starts again at step 4" in capsys.readouterr().out
+
+
+def test_export_only_replaces_another_runs_backbone_only_with_overwrite(digits_run, tmp_path):
+    output_dir, _ = digits_run
+    other = tmp_path / "other-run"
+    intl.write_export(other / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
+    before = (other / "backbone" / "model.safetensors").read_bytes()
+    argv = ["--resume", str(output_dir / "checkpoints" / "step-00000022"), "--export_only", "--output_dir", str(other)]
+    with pytest.raises(ValueError, match=f"--output_dir {other} already holds backbone/ of an earlier run, which this "
+                                         "command would replace: give another --output_dir, or add --overwrite"):
+        pretrain.main(argv)
+    assert (other / "backbone" / "model.safetensors").read_bytes() == before
+    pretrain.main(argv + ["--overwrite"])
+    assert (other / "backbone" / "model.safetensors").read_bytes() == \
+           (output_dir / "backbone" / "model.safetensors").read_bytes()
+
+
+def test_a_new_run_replaces_what_an_earlier_run_left_only_with_overwrite(tiny_images, tmp_path):
+    run = tmp_path / "run"
+    intl.write_export(run / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="already holds log.jsonl, backbone/ of an earlier run"):
+        tiny(tiny_images, "--output_dir", run, "--stop_after_steps", 1)
+    assert (run / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n' and (run / "backbone").is_dir()
+    tiny(tiny_images, "--output_dir", run, "--stop_after_steps", 1, "--log_every", 1, "--overwrite")
+    assert not (run / "backbone").exists()  # the earlier run's export is gone, not mixed with this run
+    assert [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r] == [1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_saying_the_step_and_how_to_continue_and_exit_status_130(tiny_images, tmp_path):
+    import signal
+    import time
+
+    command = [sys.executable, str(ROOT / "pretrain.py"), "--dataset", str(tiny_images), "--image_size", "8",
+               "--batch_size", "4", "--projector", "16-16-16", "--arch", "resnet18", "--num_workers", "0",
+               "--knn_every", "0", "--epochs", "200", "--save_every", "2", "--log_every", "1", "--output_dir",
+               str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (tmp_path / "log.jsonl").exists() and len(losses(tmp_path)) >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted at step \d+; continue with --resume latest \(from the last checkpoint, "
+                        r"step-\d{8}\)", last), last
+    assert "Traceback" not in stderr
