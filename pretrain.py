@@ -116,7 +116,9 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
           "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)",
           "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
-          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "benchmark_augment": "[0, inf)"}
+          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "benchmark_augment": "[0, inf)",
+          "grayscale_prob": "[0, 1]", "eval_mean": "(-inf, inf)", "eval_std": "(0, inf)", "eval_resize": "[1, inf)",
+          "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)"}
 
 
 def get_parser():
@@ -503,15 +505,9 @@ def check_config(config):
     if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
         raise ValueError(f"--jitter {config.jitter!r}: give brightness, contrast, saturation and hue strengths, "
                          "e.g. '0.4,0.4,0.2,0.1' (each >= 0, hue <= 0.5)")
-    if not 0 <= config.grayscale_prob <= 1:
-        raise ValueError(f"--grayscale_prob {config.grayscale_prob}: a probability, in [0, 1]")
     if config.colour_before_crop and config.augment_on == "device":
         raise ValueError("--colour_before_crop jitters the whole image before the crop, which the device path "
                          "(crops in the workers, colour on the device) cannot do: use --augment_on cpu")
-    if config.warmup_steps is not None and config.warmup_steps < 0:
-        raise ValueError(f"--warmup_steps {config.warmup_steps}: must be at least 0")
-    if config.cov_weight < 0 or config.cov_epochs < 0:
-        raise ValueError(f"--cov_weight {config.cov_weight} / --cov_epochs {config.cov_epochs}: must be at least 0")
     for flag in ("blur_prob", "solarize_prob"):
         probs = parse_floats(getattr(config, flag), flag)
         if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
