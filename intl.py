@@ -1102,7 +1102,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     nearest = nearest_neighbours(train_features, test_features, k, chunk, train_chunk, device)
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     # Votes x num_classes + (num_classes - 1 - class): the most votes win, and among equal votes the smallest
-    # class id, with no tie left for argmax to settle (its choice among equal values is not the rule here).
+    # class id; no two scores are equal, so the rule does not rest on which of equal maxima argmax returns.
     tie_break = torch.arange(num_classes - 1, -1, -1, device=device)
     correct = 0
     for first in range(0, len(test_features), chunk):
