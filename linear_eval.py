@@ -73,7 +73,7 @@ RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "n
           "eval_batch_size": "[1, inf)", "k": "[1, inf)", "temperature": "(0, inf)", "train_fraction": "(0, 1]",
           "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
           "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
-          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
+          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)", "benchmark_knn": "[1, inf)"}
 
 
 def get_parser():
@@ -252,9 +252,7 @@ def main(argv=None):
 def resolve_args(argv=None):
     args = get_parser().parse_args(argv)
     if args.benchmark_knn:
-        if min(args.benchmark_knn) < 1:
-            raise ValueError(f"--benchmark_knn {' '.join(map(str, args.benchmark_knn))}: give three sizes of at "
-                             "least 1 (N_TRAIN N_TEST DIM)")
+        intl.check_ranges(args, {"benchmark_knn": RANGES["benchmark_knn"]})
         return args
     if args.backbone is None:
         raise ValueError("--backbone is required: an export folder, a .safetensors file, a Hub repo id, a pretrain "
