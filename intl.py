@@ -1740,15 +1740,14 @@ def _complete_config(config, weights, arch, source, stem=None, config_file=None)
             raise ValueError(f"{config_file or source}: {key} is {config[key]!r}, expected {expected}; the file is "
                              "damaged: repair it, or export the backbone again")
     config = dict(config)
+    legacy = config.pop("cifar_stem", None)
     if stem is not None:
         if stem not in STEMS:
             raise ValueError(f"unknown --stem {stem!r}: choose one of {', '.join(STEMS)}")
         config["stem"] = stem
     elif "stem" not in config:
-        legacy = config.pop("cifar_stem", None)
         small = _has_small_image_conv1(weights) if legacy is None else legacy
         config["stem"] = ("cifar" if legacy is None else "cifar-unpadded") if small else "imagenet"
-    config.pop("cifar_stem", None)
     config["conv1"], config["maxpool"] = _describe_stem(config["stem"])
     if arch is not None:
         if arch not in RESNETS:
