@@ -27,6 +27,7 @@ on ("observations") are swapped by a transpose, see `_units`.
 import argparse
 import contextlib
 import copy
+import errno
 import functools
 import io
 import json
@@ -634,6 +635,15 @@ def effective_rank(eigvals):
     return math.exp(-(p * p.log()).sum().item())
 
 
+def collapsed(z, eigvals):
+    """Whether the embeddings z [B, D] have collapsed: every sample at (almost) one point (the variance over the
+    batch below 1e-6 of the mean squared norm), or the variance in about one direction (`effective_rank` of the
+    covariance's eigenvalues `eigvals` below 1.5). Either way the features carry next to no information."""
+    z = z.detach().double()
+    spread = z.var(dim=0, unbiased=False).sum().item()
+    return spread <= 1e-6 * z.pow(2).mean(dim=0).sum().item() or effective_rank(eigvals) < 1.5
+
+
 # =============================================================================
 # Data, shared by every stage. Every source ends up as a `datasets.Dataset` in an ImageSplit:
 #   None / "digits"   scikit-learn's handwritten digits, the offline default (no download)
@@ -1128,11 +1138,13 @@ def write_export(export_dir, weights, config, card=None):
         if leftover.exists():
             shutil.rmtree(leftover)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if card is not None:
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+    with removed_if_the_disk_fills(tmp, f"the export {export_dir}",
+                                   f"{export_dir} is unchanged" if export_dir.exists() else "nothing was exported"):
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     if export_dir.exists():
         export_dir.rename(old)
     tmp.rename(export_dir)
@@ -1155,10 +1167,14 @@ def save_state_atomically(accelerator, folder, state_file, state, keep):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)  # before the barrier: every process writes its own RNG state into it
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # save_state returns per process: the rename must wait for the slowest one
+    earlier = sorted(p.name for p in folder.parent.glob(f"{folder.name.split('-')[0]}-*"))
+    intact = f"the earlier checkpoints ({', '.join(earlier)}) are intact" if earlier else "no checkpoint was saved yet"
+    with removed_if_the_disk_fills(tmp, f"the checkpoint {folder}", intact, main=accelerator.is_main_process):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # save_state returns per process: the rename must wait for the slowest one
+        if accelerator.is_main_process:
+            (tmp / state_file).write_text(json.dumps(state, indent=2))
     if accelerator.is_main_process:
-        (tmp / state_file).write_text(json.dumps(state, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -1167,6 +1183,35 @@ def save_state_atomically(accelerator, folder, state_file, state, keep):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return folder
+
+
+@contextlib.contextmanager
+def removed_if_the_disk_fills(tmp, what, intact, main=True):
+    """Run a save into the temporary folder `tmp`. If it fails, `tmp` goes (by the main process); if it failed
+    because the disk is full, one ValueError says so, naming what was being written and what is `intact`.
+
+    A full disk does not always say so: safetensors reports "(os error 28)" inside its own error and torch.save
+    a bare "unexpected pos" RuntimeError, so the free space right after the failure decides as well.
+    """
+    try:
+        yield
+    except Exception as error:
+        full = (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(error)
+                or "No space left" in str(error) or _free_bytes(tmp) < 16 * 2**20)
+        if main and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise ValueError(f"no space left on the device while writing {what} ({_first_line(error)}); the partial "
+                             f"copy was removed and {intact}. Free some space, then run the "
+                             "command again (with --resume latest to continue a training run)") from None
+        raise
+
+
+def _free_bytes(path):
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def explicit_flags(parser, argv):

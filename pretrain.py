@@ -109,7 +109,7 @@ RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to
 PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark",
                "benchmark_augment", "study", "study_values", "overwrite"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
-RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.json")
+RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.jsonl")
 # The valid range of every numeric flag (intl.check_ranges), checked before any work.
 RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
           "num_workers": "[0, inf)", "iters": "[1, inf)", "beta": "[0, inf)", "momentum": "[0, 1]", "power": "[0, inf)",
@@ -303,7 +303,7 @@ def main(argv=None):
     if config.study:
         return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
     output_dir = Path(config.output_dir)
-    log = Logger(output_dir / "log.jsonl", accelerator)
+    log = Logger(output_dir, accelerator)
     prepare_output_dir(config, output_dir, accelerator, log)
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
              f"precision {accelerator.mixed_precision}")
@@ -327,6 +327,7 @@ def main(argv=None):
     total_steps = config.epochs * sampler.batches_per_epoch
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else \
         round(config.warmup_epochs * sampler.batches_per_epoch)
+    log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
 
     step = 0
     if config.resume:
@@ -382,7 +383,8 @@ def main(argv=None):
                     raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
                                              f"{last_good or 'none'}. Lower --lr or use --mixed_precision no; IterNorm "
                                              "with many --iters: try --coupled; with an eigendecomposition (st, cw-rgp, "
-                                             "wmse) the covariance may be singular in practice: --w_eps helps")
+                                             "wmse) the covariance may be singular in practice: --w_eps helps"
+                                             + log.collapse_note())
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(out["loss"])
                 optimizer.step()
@@ -939,30 +941,37 @@ def export_backbone(checkpoint, export_dir, config, results=None):
 
 
 class Logger:
-    """A JSON-lines log in output_dir, Accelerate's trackers, and the spectra kept for the final plot."""
+    """A JSON-lines log in output_dir, Accelerate's trackers, and the spectra of the final plot in spectrum.jsonl.
 
-    def __init__(self, path, accelerator):
-        self.path, self.accelerator = path, accelerator
-        self.spectra = []
+    Both files are appended to as the run goes, so a resumed run (which first drops what the interrupted one
+    wrote after its checkpoint) ends with the same log, plot and summary as an uninterrupted one. Only the spectra
+    of `plotted_steps` are kept: a few curves, however long the run and however wide Z.
+    """
+
+    def __init__(self, output_dir, accelerator):
+        self.path, self.spectra_path = output_dir / "log.jsonl", output_dir / "spectrum.jsonl"
+        self.accelerator = accelerator
+        self.plotted_steps, self.warned = set(), False
 
     def start(self):
         if self.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            for path in (self.path, self.spectra_path):
+                path.write_text("")
 
     def truncate_after(self, step):
         """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
         checkpoints/ folder) the log starts again at this step, and the summary starts there."""
         if not self.accelerator.is_main_process:
             return
-        if self.path.exists():
-            kept = [r for r in self.records() if r.get("step", 0) <= step]
-            intl.write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        else:
+        if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
             self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
                       "steps are not in it)")
+        for path in (self.path, self.spectra_path):
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+            intl.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.warned = any("warning" in r for r in self.records())
 
     def info(self, message):
         if self.accelerator.is_main_process:
@@ -972,37 +981,47 @@ class Logger:
         self.accelerator.log(values, step=step)
         if "knn_top1" in values:
             self.info(f"step {step}: 5-NN top-1 {values['knn_top1']:.2f}%")
+        self.append(self.path, {"step": step, **values})
+
+    def append(self, path, record):
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def spectrum(self, step, z, z_hat, axis):
+        """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
+        the eigenvalues themselves at the plotted steps."""
         if not self.accelerator.is_main_process:
             return
         eig_z, eig_z_hat = intl.covariance_spectrum(z, axis), intl.covariance_spectrum(z_hat, axis)
-        self.spectra.append((step, eig_z, eig_z_hat))
         self.metrics(step, {"lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
                             "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
+        if not self.warned and intl.collapsed(z, eig_z):
+            warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
+                       f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
+                       "one direction, so the features will carry little information. Check the data (many "
+                       "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
+            self.info(f"warning: {warning}")
+            self.append(self.path, {"step": step, "warning": warning})
+            self.warned = True
+        if step in self.plotted_steps:
+            self.append(self.spectra_path, {"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()})
+
+    def collapse_note(self):
+        warnings = [r for r in self.records() if "warning" in r] if self.warned else []
+        return f". Note: the embedding had collapsed at step {warnings[0]['step']} before (see the warning)" \
+            if warnings else ""
 
     def plot_spectra(self, path):
-        """The PNG, and the eigenvalues behind it in spectrum.json next to it (the studies read them)."""
-        if self.spectra:
-            intl.plot_spectra(self.spectra, path)
-            intl.write_text_atomically(path.with_suffix(".json"), json.dumps(
-                [{"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()} for step, eig_z, eig_z_hat in self.spectra]))
+        """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
+        spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in read_jsonl(self.spectra_path)]
+        if spectra:
+            intl.plot_spectra(spectra, path)
             self.info(f"spectrum plot: {path}")
 
     def records(self):
-        """The logged records; none without a log. A last line cut short by a crash is left out."""
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return [r for r in records if isinstance(r, dict)]
+        """The logged records; none without a log."""
+        return read_jsonl(self.path)
 
     def knn_result(self, step, config):
         """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
@@ -1023,7 +1042,31 @@ class Logger:
             if values:
                 (first_step, first), (last_step, last) = values[0], values[-1]
                 lines.append(f"  {label:28s} step {first_step:6d}: {first:9.4f}  ->  step {last_step:6d}: {last:9.4f}")
+        lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
         self.info("\n".join(lines))
+
+
+def plotted_steps(total_steps, spectrum_every, curves=6):
+    """The steps whose spectra spectrum.png draws: `curves` of the logged ones (every `spectrum_every`-th step and
+    the last), evenly spread, the first and the last included. Known before the run starts, so only those spectra
+    are written, and a resumed run keeps the same ones."""
+    logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
+    def step_of(i):
+        return min((i + 1) * spectrum_every, total_steps)
+    return {step_of(round(i * (logged - 1) / max(1, curves - 1))) for i in range(curves)}
+
+
+def read_jsonl(path):
+    """The JSON objects of a JSON-lines file, none if it is missing; a last line cut short by a crash is left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
 
 
 # -----------------------------------------------------------------------------
@@ -1131,9 +1174,9 @@ def plot_study(study, rows, output_dir):
     # The final spectra of every run that finished, Z and Z_hat side by side.
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for row in rows:
-        spectra = output_dir / row["run"] / "spectrum.json"
+        spectra = output_dir / row["run"] / "spectrum.jsonl"
         if not row["error"] and spectra.exists():
-            final = json.loads(spectra.read_text())[-1]
+            final = read_jsonl(spectra)[-1]
             for ax, key in zip(axes, ("z", "z_hat")):
                 ax.plot(range(1, len(final[key]) + 1), [max(v, 1e-12) for v in final[key]], label=row["run"])
     for ax, name in zip(axes, ("Z", "Z_hat")):

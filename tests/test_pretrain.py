@@ -107,6 +107,12 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert sorted(resumed) == sorted(expected) == list(range(1, 12))
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    # The plot draws the spectra of the whole run, the ones logged before the interruption included.
+    expected, resumed = pretrain.read_jsonl(whole / "spectrum.jsonl"), pretrain.read_jsonl(parts / "spectrum.jsonl")
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == [4, 8, 11]
+    for before, after in zip(expected, resumed):
+        assert after["z"] == pytest.approx(before["z"], rel=1e-4, abs=1e-9)
+    assert (parts / "spectrum.png").stat().st_size > 10_000
 
 
 def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
@@ -419,6 +425,49 @@ def test_a_new_run_replaces_what_an_earlier_run_left_only_with_overwrite(tiny_im
     tiny(tiny_images, "--output_dir", run, "--stop_after_steps", 1, "--log_every", 1, "--overwrite")
     assert not (run / "backbone").exists()  # the earlier run's export is gone, not mixed with this run
     assert [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r] == [1]
+
+
+def test_the_plot_keeps_a_bounded_number_of_spectra_evenly_spread_first_and_last_included():
+    assert sorted(pretrain.plotted_steps(11, 4)) == [4, 8, 11]
+    assert sorted(pretrain.plotted_steps(100, 1)) == [1, 21, 41, 60, 80, 100]
+    imagenet = pretrain.plotted_steps(800 * 5004, 100)  # 40,032 logged spectra of an 800-epoch run
+    assert len(imagenet) == 6 and min(imagenet) == 100 and max(imagenet) == 800 * 5004
+
+
+def test_a_run_writes_only_the_plotted_spectra_as_it_goes(tiny_images, tmp_path):
+    tiny(tiny_images, "--output_dir", tmp_path, "--epochs", 3, "--spectrum_every", 1)  # 12 steps
+    written = pretrain.read_jsonl(tmp_path / "spectrum.jsonl")
+    assert [r["step"] for r in written] == sorted(pretrain.plotted_steps(12, 1)) == [1, 3, 5, 8, 10, 12]
+    logged = [r["step"] for r in pretrain.read_jsonl(tmp_path / "log.jsonl") if "erank_z" in r]
+    assert logged == list(range(1, 13))
+
+
+def test_collapse_is_an_embedding_at_one_point_or_along_one_direction():
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.randn(64, 16, generator=generator, dtype=torch.float64)
+    point = torch.ones(64, 16) * 3 + 1e-6 * spread
+    line = torch.randn(64, 1, generator=generator) * torch.randn(1, 16, generator=generator) + 1e-4 * spread
+    for axis in (0, 1):
+        assert not intl.collapsed(spread, intl.covariance_spectrum(spread, axis))
+        assert intl.collapsed(point, intl.covariance_spectrum(point, axis))
+        assert intl.collapsed(line, intl.covariance_spectrum(line, axis))
+
+
+def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_summary(tmp_path, capsys):
+    from PIL import Image
+
+    for c in range(2):  # one grey image, 16 times: nothing to tell apart
+        (tmp_path / "grey" / f"class_{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (8, 8), (128, 128, 128)).save(tmp_path / "grey" / f"class_{c}" / f"{i}.png")
+    tiny(tmp_path / "grey", "--output_dir", tmp_path / "run", "--epochs", 1, "--batch_size", 16, "--jitter", "0,0,0,0")
+    warnings = [r for r in pretrain.read_jsonl(tmp_path / "run" / "log.jsonl") if "warning" in r]
+    assert len(warnings) == 1 and "the embedding has collapsed at step 1" in warnings[0]["warning"]
+    summary = capsys.readouterr().out.split("summary (first logged -> last logged):")[1]
+    assert "warning (step 1): the embedding has collapsed" in summary
+    with pytest.raises(FloatingPointError, match="the embedding had collapsed at step 1 before"):
+        tiny(tmp_path / "grey", "--output_dir", tmp_path / "longer", "--epochs", 2, "--jitter", "0,0,0,0",
+             "--spectrum_every", 1)
 
 
 @pytest.mark.slow

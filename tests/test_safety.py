@@ -1,11 +1,15 @@
 """The rules every script follows: numeric flags range-checked up front, output folders checked before any work,
-results files replaced whole or not at all, resumed runs keeping their run-control values."""
+results files replaced whole or not at all (a full disk included), resumed runs keeping their run-control values."""
 
 import argparse
+import errno
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import save_file
 
 import detect_transfer
@@ -172,3 +176,63 @@ def test_check_ranges_reads_intervals_as_in_maths():
     for flag, interval in (("low", "(0, 1]"), ("high", "[0, 1)"), ("several", "[1, 2)")):
         with pytest.raises(ValueError, match=f"--{flag} "):
             intl.check_ranges(config, {flag: interval})
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def a_trained_linear(accelerator, width):
+    model = torch.nn.Linear(width, width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(2, width)).sum().backward()
+    optimizer.step()  # the momentum buffers: optimizer.bin as large as the weights
+    return model
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB file system (tmpfs) at tmp_path/disk; skipped where mounting one is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs a small file system (mount -t tmpfs), which this machine does not allow")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_checkpoint_save_on_a_full_disk_says_so_and_leaves_the_earlier_checkpoint_intact(small_disk):
+    accelerator = Accelerator(cpu=True)
+    model = a_trained_linear(accelerator, 512)  # a checkpoint of ~2 MiB: the first one fits, the second does not
+    first = intl.save_state_atomically(accelerator, small_disk / "step-00000001", "trainer_state.json", {"step": 1}, 2)
+    with pytest.raises(ValueError, match=r"no space left on the device while writing the checkpoint .*step-00000002 .*"
+                                         r"the partial copy was removed and the earlier checkpoints \(step-00000001\) "
+                                         r"are intact"):
+        intl.save_state_atomically(accelerator, small_disk / "step-00000002", "trainer_state.json", {"step": 2}, 2)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["step-00000001"]
+    accelerator.load_state(str(first))  # still loads
+    assert json.loads((first / "trainer_state.json").read_text()) == {"step": 1}
+
+
+def test_an_export_on_a_full_disk_says_so_and_leaves_the_earlier_export_unchanged(small_disk):
+    intl.write_export(small_disk / "backbone", {"w": torch.ones(4)}, {"arch": "tiny"})
+    before = (small_disk / "backbone" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"no space left on the device while writing the export .*backbone .*"
+                                         r"backbone is unchanged"):
+        intl.write_export(small_disk / "backbone", {"w": torch.ones(2**20)}, {"arch": "tiny"})  # 4 MiB
+    assert sorted(p.name for p in small_disk.iterdir()) == ["backbone"]
+    assert (small_disk / "backbone" / "model.safetensors").read_bytes() == before
+
+
+def test_a_full_disk_reported_only_by_its_error_number_is_recognised_too(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    a_trained_linear(accelerator, 4)
+
+    def fills_the_disk(folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", fills_the_disk)
+    with pytest.raises(ValueError, match="no space left on the device .* no checkpoint was saved yet"):
+        intl.save_state_atomically(accelerator, tmp_path / "step-00000001", "trainer_state.json", {"step": 1}, 2)
+    assert list(tmp_path.iterdir()) == []
