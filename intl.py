@@ -392,22 +392,27 @@ def _check_views(views):
         raise ValueError(f"all views' embeddings must have the same shape [B, D], got {sorted(shapes)}")
 
 
-def intl_loss(views, iters=4, axis=0, beta=None):
-    """The INTL objective over V >= 2 views of the same B samples, each [B, D] -> scalar.
+def intl_objective(z_hat, beta, axis=0, view0_is_target=False):
+    """The INTL objective on transformed views Z_hat_v = IterNorm(Z_v), each [B, D] -> scalar:
 
         L = 1/(V-1) sum_{v>=1} [ align(Z_hat_v, Z_hat_0) + beta (TL(Z_hat_v) + TL(Z_hat_0)) ]
 
-    with Z_hat_v = IterNorm(Z_v), each view transformed on its own; every extra view is matched
-    to view 0. beta defaults to `default_beta` of this batch. For training, pass the embeddings
-    of the global batch (`gather_with_grad`).
+    every extra view matched to view 0. view0_is_target (INTL-M): view 0 comes from the EMA
+    target, a constant, so its trace loss is left out (it has no gradient to give).
     """
-    _check_views(views)
-    if beta is None:
-        beta = default_beta(*views[0].shape, axis)
-    z_hat = [iternorm(z, iters, axis) for z in views]
-    tl_0 = trace_loss(z_hat[0], axis)
+    tl_0 = 0.0 if view0_is_target else trace_loss(z_hat[0], axis)
     terms = [alignment_loss(z, z_hat[0]) + beta * (trace_loss(z, axis) + tl_0) for z in z_hat[1:]]
     return sum(terms) / len(terms)
+
+
+def intl_loss(views, iters=4, axis=0, beta=None):
+    """`intl_objective` of V >= 2 views of the same B samples, each [B, D] -> scalar, each view
+    transformed by IterNorm on its own; beta defaults to `default_beta` of this batch. For
+    training, pass the embeddings of the global batch (`gather_with_grad`), as `INTL` does.
+    """
+    _check_views(views)
+    beta = default_beta(*views[0].shape, axis) if beta is None else beta
+    return intl_objective([iternorm(z, iters, axis) for z in views], beta, axis)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -442,13 +447,37 @@ def gather_with_grad(z):
     return _GatherWithGrad.apply(z)
 
 
-class INTL(nn.Module):
-    """Encoder + projector + IterNorm + objective, one forward per step (so DDP syncs once).
+class JointEmbedding(nn.Module):
+    """What every method here shares: encoder f and projector g embed V >= 2 views of the same
+    images, and an objective (`objective`, per method) compares the embeddings of the global batch.
+    One forward per step, so that DDP synchronises once.
 
     forward(views) with views a list of V image batches [B, 3, H_v, W_v] returns a dict:
         loss   the objective on the global batch (scalar)
         z      view 0's embedding of the global batch, detached [B_global, D] (for monitoring)
         z_hat  its transformed embedding, detached [B_global, D]
+    """
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+        self.target = None  # INTL-M's EMA copy of encoder + projector
+
+    def embed(self, views):
+        """Views [B, 3, H_v, W_v] -> per-view embeddings [B, D], one encoder + projector pass per view."""
+        return [self.projector(self.backbone(v)) for v in views]
+
+    def forward(self, views, step=0, epoch=0):
+        """`step` seeds the random partitions of the sub-batch methods (the same on every process);
+        `epoch` switches CW-RGP's covariance term off after its epochs."""
+        if len(views) < 2:
+            raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
+        return self.objective(self.embed(views), step, epoch)
+
+
+class INTL(JointEmbedding):
+    """Encoder + projector + IterNorm + the INTL objective (see `JointEmbedding` for forward's dict).
+
     Every view goes through the encoder and projector on its own, as in the authors' runs: in
     training, each view's BatchNorm layers normalise it with its own batch statistics.
 
@@ -463,30 +492,19 @@ class INTL(nn.Module):
 
     def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False, power=None,
                  eps=0.0, coupled=False):
-        super().__init__()
+        super().__init__(backbone, projector)
         _check_axis(axis)
-        self.backbone, self.projector = backbone, projector
         self.transform = IterNorm(iters, axis, coupled) if power is None else PowerTransform(power, axis, eps)
         self.axis, self.beta = axis, beta
-        self.target = None
         if momentum_target:
             self.target = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector))
             self.target.requires_grad_(False)
 
-    def embed(self, views, network=None):
-        """Views [B, 3, H_v, W_v] -> per-view embeddings [B, D], one encoder + projector pass per view."""
-        backbone, projector = (self.backbone, self.projector) if network is None else network
-        return [projector(backbone(v)) for v in views]
-
     def forward(self, views, step=0, epoch=0):
-        """`step` seeds the random partitions of the sub-batch methods (the same on every process);
-        `epoch` switches CW-RGP's covariance term off after its epochs."""
-        if len(views) < 2:
-            raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
-        if self.target is None:
-            return self.objective(self.embed(views), step, epoch)
-        with torch.no_grad():
-            z_target = self.embed(views[:1], network=(self.target[0], self.target[1]))
+        if self.target is None or len(views) < 2:
+            return super().forward(views, step, epoch)
+        with torch.no_grad():  # INTL-M: the target embeds view 0, the online network the others
+            z_target = [self.target(views[0])]
         return self.objective(z_target + self.embed(views[1:]), step, epoch)
 
     def objective(self, z, step=0, epoch=0):
@@ -495,11 +513,7 @@ class INTL(nn.Module):
         z = [gather_with_grad(v) for v in z]
         beta = default_beta(*z[0].shape, self.axis) if self.beta is None else self.beta
         z_hat = [self.transform(v) for v in z]
-        # The trace loss acts on the views that have gradients: all of them for INTL, the online
-        # ones for INTL-M (the target's output is a constant).
-        tl_0 = trace_loss(z_hat[0], self.axis) if self.target is None else 0.0
-        terms = [alignment_loss(v, z_hat[0]) + beta * (trace_loss(v, self.axis) + tl_0) for v in z_hat[1:]]
-        loss = sum(terms) / len(terms)
+        loss = intl_objective(z_hat, beta, self.axis, view0_is_target=self.target is not None)
         return {"loss": loss, "z": z[0].detach(), "z_hat": z_hat[0].detach()}
 
     @torch.no_grad()
@@ -512,7 +526,7 @@ class INTL(nn.Module):
             t.copy_(o)
 
 
-class SubBatchWhitening(INTL):
+class SubBatchWhitening(JointEmbedding):
     """CW-RGP and W-MSE on the same pipeline: whiten random sub-batches of each view, then an MSE
     between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats.
 
@@ -531,12 +545,12 @@ class SubBatchWhitening(INTL):
 
     def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True, axis=0, cov_weight=0.0,
                  cov_epochs=0):
-        super().__init__(backbone, projector, axis=axis)
-        del self.transform
-        self.whiten, self.w_size, self.w_iter, self.normalized = whiten, w_size, w_iter, normalized
+        super().__init__(backbone, projector)
+        _check_axis(axis)
+        self.axis, self.whiten, self.w_size, self.w_iter, self.normalized = axis, whiten, w_size, w_iter, normalized
         self.cov_weight, self.cov_epochs = cov_weight, cov_epochs
 
-    def embed(self, views, network=None):
+    def embed(self, views):
         """Views [B, 3, H, W] -> per-view embeddings [B, D]: one encoder pass per view, one projector pass."""
         features = [self.backbone(v) for v in views]
         return list(self.projector(torch.cat(features)).split([len(f) for f in features]))
