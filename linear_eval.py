@@ -776,7 +776,7 @@ def benchmark_knn(n_train, n_test, dim, k=5):
     seconds = time.perf_counter() - tic
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resident_set("VmHWM")
     return {"n_train": n_train, "n_test": n_test, "dim": dim, "k": k, "device": str(device),
-            "cpu_threads": torch.get_num_threads(), "seconds": round(seconds, 2),
+            "cpu_threads": torch.get_num_threads(), "seconds": round(seconds, 4),
             "features_gib": round((train.nbytes + test.nbytes) / 2**30, 3),
             "peak_memory_gib": round(peak / 2**30, 3), "knn_own_memory_gib": round((peak - before) / 2**30, 3),
             "peak_memory_is": "GPU peak allocated (the features stay on the CPU)" if device.type == "cuda" else

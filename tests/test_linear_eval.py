@@ -442,7 +442,7 @@ def test_knn_benchmark_prints_seconds_and_peak_memory_as_json(capsys):
     linear_eval.main(["--benchmark_knn", "3000", "200", "16"])
     result = json.loads(capsys.readouterr().out)
     assert (result["n_train"], result["n_test"], result["dim"], result["k"]) == (3000, 200, 16, 5)
-    assert result["seconds"] > 0 and result["peak_memory_gib"] > 0 and result["knn_own_memory_gib"] >= 0
+    assert result["seconds"] >= 0 and result["peak_memory_gib"] > 0 and result["knn_own_memory_gib"] >= 0
 
 
 # ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
