@@ -12,8 +12,10 @@ This file reads like the method section of the paper, in its order:
     4. the objective, global batch    alignment + beta * trace loss (Theorem 2)
     5. the EMA target (INTL-M)        theta_t <- m theta_t + (1 - m) theta
     6. spectrum diagnostics           eigenvalues, lg IoC, effective rank   (the paper's Fig. 2-3)
+    7. relatives                      the power ST (Fig. 2), CW-RGP, W-MSE on the same pipeline
 
-and, after the method, what the scripts (pretrain.py, linear_eval.py, ...) share.
+and, after the method, a fenced part with what the three stages (pretrain.py, linear_eval.py,
+detect_transfer.py) share. The method needs only torch and torchvision.
 
 Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened:
     axis=0  "channel whitening" (the official default): each sample is centred over its D
@@ -37,20 +39,13 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import sys
 import tempfile
-import threading
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import datasets as hf_datasets  # aliased: "datasets" clashes with torchvision.datasets
-import huggingface_hub
-import huggingface_hub.errors  # the package's lazy loader does not expose `errors` without this
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -61,6 +56,7 @@ from PIL import Image as PILImage
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import v2
+
 
 # -----------------------------------------------------------------------------
 # 1. Encoder f and projector g (the joint-embedding architecture of both papers)
@@ -74,6 +70,7 @@ STEMS = {
     "cifar-unpadded": (3, 1, 1, False),  # CW-RGP's CIFAR ResNet
     "small-maxpool": (3, 1, 1, True),  # CW-RGP's STL-10 and Tiny-ImageNet ResNet: 3x3 stride 1, max-pool kept
 }
+
 
 
 def build_backbone(arch="resnet50", stem="imagenet", zero_init_residual=True):
@@ -140,7 +137,8 @@ def build_projector(in_dim, spec, hidden_bias=False):
 # With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation
 # (ST) with function g maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes
 # l_i g(l_i)^2 in Z_hat. Whitening is g(l) = l^(-1/2); IterNorm replaces the eigendecomposition
-# by T Newton steps, which implicitly applies a polynomial to the spectrum (Theorem 1).
+# by T Newton steps, which implicitly applies a polynomial to the spectrum (Theorem 1). The ST by
+# eigendecomposition, g(l) = l^(-p) (the paper's power study), is with the relatives in section 7.
 
 
 def _check_axis(axis):
@@ -192,61 +190,6 @@ def iternorm(z, iters=4, axis=0, coupled=False):
     return z_hat if axis == 0 else z_hat.t()
 
 
-def spectral_transform(z, power=0.5, axis=0, eps=0.0):
-    """The general ST by eigendecomposition, with g(l) = l^(-power).
-
-    power 0.5 is ZCA whitening, power 0 leaves Z unchanged (and collapses, Fig. 2).
-    z: [B, D] -> U diag(l^-power) U^T X: [B, D]. eps > 0 uses S + eps mean(l) I: real batches can
-    be singular even when the shapes allow full rank (e.g. two identical crops on axis 0). eps is
-    relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
-    """
-    x = _units(z, axis)
-    m, n = x.shape
-    if power > 0 and n - 1 < m and eps == 0:
-        units, obs = ("samples", "channels") if axis == 0 else ("channels", "samples")
-        raise ValueError(
-            f"the {m} x {m} covariance is singular by construction: {m} {units} centred over only {n} {obs} "
-            f"have rank <= {n - 1} < {m}, so l^(-{power}) is undefined. Use a batch smaller than the "
-            f"embedding dim (axis 0), an embedding dim smaller than the batch (axis 1), or IterNorm"
-        )
-    x, cov = _centred_covariance(x)
-    ridge = eps * cov.diagonal().mean() * torch.eye(m, dtype=cov.dtype, device=cov.device)
-    z_hat = matrix_power(cov + ridge, -power) @ x
-    return z_hat if axis == 0 else z_hat.t()
-
-
-def matrix_power(cov, power):
-    """S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
-
-    Autograd through torch.linalg.eigh divides by l_i - l_j, which is infinite when eigenvalues
-    repeat - and real batches repeat them (two identical crops). The derivative of a matrix
-    function needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend to
-    f'(l_i) as l_j -> l_i (Daleckii-Krein), so the backward below uses those and stays finite.
-    """
-    return _MatrixPower.apply(cov, power)
-
-
-class _MatrixPower(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cov, power):
-        eigvals, eigvecs = torch.linalg.eigh(cov)
-        ctx.save_for_backward(eigvals, eigvecs)
-        ctx.power = power
-        return eigvecs @ torch.diag(eigvals.pow(power)) @ eigvecs.t()
-
-    @staticmethod
-    def backward(ctx, grad):
-        eigvals, eigvecs = ctx.saved_tensors
-        f = eigvals.pow(ctx.power)
-        diff_l = eigvals[:, None] - eigvals[None, :]
-        diff_f = f[:, None] - f[None, :]
-        close = diff_l.abs() <= 1e3 * torch.finfo(eigvals.dtype).eps * eigvals.abs().max()
-        mid = (eigvals[:, None] + eigvals[None, :]) / 2
-        divided = torch.where(close, ctx.power * mid.pow(ctx.power - 1), diff_f / torch.where(close, 1, diff_l))
-        inner = eigvecs.t() @ ((grad + grad.t()) / 2) @ eigvecs
-        return eigvecs @ (inner * divided) @ eigvecs.t(), None
-
-
 def float32_island(transform):
     """Wraps transform(z, ...) to compute in float32 at least (also under fp16/bf16 autocast) and to
     return the caller's dtype.
@@ -279,77 +222,6 @@ class IterNorm(_Float32):
 
     def extra_repr(self):
         return f"iters={self.iters}, axis={self.axis}, coupled={self.coupled}"
-
-
-class PowerTransform(_Float32):
-    def __init__(self, power=0.5, axis=0, eps=0.0):
-        super().__init__()
-        _check_axis(axis)
-        self.power, self.axis, self.eps = power, axis, eps
-
-    def transform(self, z):
-        return spectral_transform(z, self.power, self.axis, self.eps)
-
-    def extra_repr(self):
-        return f"power={self.power}, axis={self.axis}, eps={self.eps}"
-
-
-# The whitening family the papers compare against, on the same footing.
-
-
-@float32_island
-def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
-    """CW-RGP's whitening of one sub-batch of one view: random group partition, ZCA per group.
-
-    The embedding is centred (axis 0: each sample over all D channels; axis 1: each channel over
-    the batch), its channels permuted by `perm` (a fresh torch.randperm(D) when None), split into
-    `groups` equal groups, each ZCA-whitened on its own by eigendecomposition,
-        S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])    or    X_g^T X_g / (B - 1)  (axis 1),
-        W_g = (S_g + eps I)^(-1/2),
-    and the permutation undone. h: [B, D] -> [B, D].
-    """
-    _check_axis(axis)
-    batch, dim = h.shape
-    if batch < 2:
-        raise ValueError(f"whitening needs at least 2 samples, got a batch of {batch}: use a larger --w_size")
-    perm = torch.randperm(dim) if perm is None else perm
-    if not torch.equal(perm.cpu().sort().values, torch.arange(dim)):  # no device sync for a CPU perm
-        raise ValueError(f"perm must be a permutation of the {dim} channels (e.g. torch.randperm({dim}))")
-    if groups < 1 or dim % groups:
-        raise ValueError(f"--groups {groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
-    width = dim // groups
-    units, obs = (batch, width) if axis == 0 else (width, batch)
-    if eps == 0 and obs - 1 < units:
-        what, fix = (("channels per group", "fewer groups or a smaller --w_size") if axis == 0 else
-                     ("samples per sub-batch", "more groups or a larger --w_size"))
-        raise ValueError(
-            f"each group's {units} x {units} covariance is singular by construction ({obs} {what} give rank "
-            f"<= {obs - 1} < {units}): use {fix}, or set --w_eps > 0"
-        )
-    x = h - h.mean(dim=1 if axis == 0 else 0, keepdim=True)
-    out = torch.empty_like(x)
-    for channels in perm.to(h.device).chunk(groups):
-        xg = x[:, channels] if axis == 0 else x[:, channels].t()  # [units, observations]
-        cov = xg @ xg.t() / (xg.shape[1] - 1) + eps * torch.eye(units, dtype=x.dtype, device=x.device)
-        w = matrix_power(cov, -0.5)
-        out[:, channels] = w @ xg if axis == 0 else (w @ xg).t()
-    return out
-
-
-@float32_island
-def cholesky_whiten(h, eps=0.0):
-    """W-MSE's batch whitening: X L^(-T) with S + eps I = L L^T the Cholesky factor of the D x D covariance.
-
-    h: [B, D] -> [B, D] whose D x D covariance is the identity (for eps = 0).
-    """
-    batch, dim = h.shape
-    if eps == 0 and batch - 1 < dim:
-        raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
-                         f"use --w_size > {dim} or a smaller embedding dim, or set --w_eps > 0")
-    x = h - h.mean(dim=0, keepdim=True)
-    cov = x.t() @ x / (batch - 1) + eps * torch.eye(dim, dtype=x.dtype, device=x.device)
-    lower = torch.linalg.cholesky(cov)
-    return torch.linalg.solve_triangular(lower, x.t(), upper=False).t()
 
 
 # -----------------------------------------------------------------------------
@@ -526,6 +398,181 @@ class INTL(JointEmbedding):
             t.copy_(o)
 
 
+# -----------------------------------------------------------------------------
+# 5. The EMA target's momentum (INTL-M)
+
+
+def ema_momentum(step, total_steps, m0):
+    """Cosine from m0 (step 0) to 1 (last step): m = 1 - (1 - m0) (cos(pi step / total) + 1) / 2."""
+    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# -----------------------------------------------------------------------------
+# 6. Spectrum diagnostics (Fig. 2-3): is the embedding collapsing?
+
+
+@torch.no_grad()
+def covariance_spectrum(z, axis=0):
+    """Eigenvalues of the covariance the transformation sees, descending, float64.
+
+    Only the min(units, observations - 1) eigenvalues that can be non-zero are returned: the
+    rest are zero by construction (centring removes one dimension) and would make every
+    condition number infinite. z: [B, D] -> [min(B, D - 1)] (axis 0) or [min(D, B - 1)] (axis 1).
+    """
+    x = _units(z.detach().double(), axis)
+    _, cov = _centred_covariance(x)
+    eigvals = torch.linalg.eigvalsh(cov).flip(0)
+    return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
+
+
+def lg_ioc(eigvals):
+    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened)."""
+    return math.log10(max(eigvals.min().item(), 1e-300) / eigvals.max().item())
+
+
+def effective_rank(eigvals):
+    """exp(entropy of the normalised eigenvalues): between 1 (collapsed) and len(eigvals) (uniform)."""
+    p = eigvals.clamp(min=0) / eigvals.clamp(min=0).sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def collapsed(z, eigvals):
+    """Whether the embeddings z [B, D] have collapsed: every sample at (almost) one point (the variance over the
+    batch below 1e-6 of the mean squared norm), or the variance in about one direction (`effective_rank` of the
+    covariance's eigenvalues `eigvals` below 1.5). Either way the features carry next to no information."""
+    z = z.detach().double()
+    spread = z.var(dim=0, unbiased=False).sum().item()
+    return spread <= 1e-6 * z.pow(2).mean(dim=0).sum().item() or effective_rank(eigvals) < 1.5
+
+
+# -----------------------------------------------------------------------------
+# 7. Relatives: the power ST, CW-RGP and W-MSE
+#
+# What the paper compares INTL with, on the same pipeline: the ST by eigendecomposition with
+# g(l) = l^(-p) (Fig. 2), and the whitening losses of the predecessor CW-RGP (ZCA whitening of
+# random channel groups) and of W-MSE (Cholesky whitening), which whiten random sub-batches of
+# each view and compare the views by an MSE.
+
+
+def spectral_transform(z, power=0.5, axis=0, eps=0.0):
+    """The general ST by eigendecomposition, with g(l) = l^(-power).
+
+    power 0.5 is ZCA whitening, power 0 leaves Z unchanged (and collapses, Fig. 2).
+    z: [B, D] -> U diag(l^-power) U^T X: [B, D]. eps > 0 uses S + eps mean(l) I: real batches can
+    be singular even when the shapes allow full rank (e.g. two identical crops on axis 0). eps is
+    relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
+    """
+    x = _units(z, axis)
+    m, n = x.shape
+    if power > 0 and n - 1 < m and eps == 0:
+        units, obs = ("samples", "channels") if axis == 0 else ("channels", "samples")
+        raise ValueError(
+            f"the {m} x {m} covariance is singular by construction: {m} {units} centred over only {n} {obs} "
+            f"have rank <= {n - 1} < {m}, so l^(-{power}) is undefined. Use a batch smaller than the "
+            f"embedding dim (axis 0), an embedding dim smaller than the batch (axis 1), or IterNorm"
+        )
+    x, cov = _centred_covariance(x)
+    ridge = eps * cov.diagonal().mean() * torch.eye(m, dtype=cov.dtype, device=cov.device)
+    z_hat = matrix_power(cov + ridge, -power) @ x
+    return z_hat if axis == 0 else z_hat.t()
+
+
+def matrix_power(cov, power):
+    """S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
+
+    Autograd through torch.linalg.eigh divides by l_i - l_j, which is infinite when eigenvalues
+    repeat - and real batches repeat them (two identical crops). The derivative of a matrix
+    function needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend to
+    f'(l_i) as l_j -> l_i (Daleckii-Krein), so the backward below uses those and stays finite.
+    """
+    return _MatrixPower.apply(cov, power)
+
+
+class _MatrixPower(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cov, power):
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        ctx.save_for_backward(eigvals, eigvecs)
+        ctx.power = power
+        return eigvecs @ torch.diag(eigvals.pow(power)) @ eigvecs.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        eigvals, eigvecs = ctx.saved_tensors
+        f = eigvals.pow(ctx.power)
+        diff_l = eigvals[:, None] - eigvals[None, :]
+        diff_f = f[:, None] - f[None, :]
+        close = diff_l.abs() <= 1e3 * torch.finfo(eigvals.dtype).eps * eigvals.abs().max()
+        mid = (eigvals[:, None] + eigvals[None, :]) / 2
+        divided = torch.where(close, ctx.power * mid.pow(ctx.power - 1), diff_f / torch.where(close, 1, diff_l))
+        inner = eigvecs.t() @ ((grad + grad.t()) / 2) @ eigvecs
+        return eigvecs @ (inner * divided) @ eigvecs.t(), None
+
+
+class PowerTransform(_Float32):
+    def __init__(self, power=0.5, axis=0, eps=0.0):
+        super().__init__()
+        _check_axis(axis)
+        self.power, self.axis, self.eps = power, axis, eps
+
+    def transform(self, z):
+        return spectral_transform(z, self.power, self.axis, self.eps)
+
+    def extra_repr(self):
+        return f"power={self.power}, axis={self.axis}, eps={self.eps}"
+
+
+@float32_island
+def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
+    """CW-RGP's whitening of one sub-batch of one view: random group partition, ZCA per group.
+
+    The embedding is centred (axis 0: each sample over all D channels; axis 1: each channel over
+    the batch), its channels permuted by `perm` (a fresh torch.randperm(D) when None), split into
+    `groups` equal groups, each ZCA-whitened on its own by eigendecomposition,
+        S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])    or    X_g^T X_g / (B - 1)  (axis 1),
+        W_g = (S_g + eps I)^(-1/2),
+    and the permutation undone. h: [B, D] -> [B, D].
+    """
+    _check_axis(axis)
+    batch, dim = h.shape
+    if batch < 2:
+        raise ValueError(f"whitening needs at least 2 samples, got a batch of {batch}: use a larger --w_size")
+    perm = torch.randperm(dim) if perm is None else perm
+    if not torch.equal(perm.cpu().sort().values, torch.arange(dim)):  # no device sync for a CPU perm
+        raise ValueError(f"perm must be a permutation of the {dim} channels (e.g. torch.randperm({dim}))")
+    if groups < 1 or dim % groups:
+        raise ValueError(f"--groups {groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
+    width = dim // groups
+    units, obs = (batch, width) if axis == 0 else (width, batch)
+    if eps == 0 and obs - 1 < units:
+        what, fix = (("channels per group", "fewer groups or a smaller --w_size") if axis == 0 else
+                     ("samples per sub-batch", "more groups or a larger --w_size"))
+        raise ValueError(
+            f"each group's {units} x {units} covariance is singular by construction ({obs} {what} give rank "
+            f"<= {obs - 1} < {units}): use {fix}, or set --w_eps > 0"
+        )
+    x = h - h.mean(dim=1 if axis == 0 else 0, keepdim=True)
+    out = torch.empty_like(x)
+    for channels in perm.to(h.device).chunk(groups):
+        xg = x[:, channels] if axis == 0 else x[:, channels].t()  # [units, observations]
+        cov = xg @ xg.t() / (xg.shape[1] - 1) + eps * torch.eye(units, dtype=x.dtype, device=x.device)
+        w = matrix_power(cov, -0.5)
+        out[:, channels] = w @ xg if axis == 0 else (w @ xg).t()
+    return out
+
+
+def covariance_penalty(h, axis=0):
+    """CW-RGP's covariance term: the squared off-diagonal entries of the covariance of h, summed, over its size.
+
+    h: [B, D] -> scalar sum_{i != j} S_ij^2 / m with S [m, m] the covariance of the units of h
+    (axis 0: the B samples, each centred over its D channels; axis 1: the D channels over the batch).
+    """
+    _, cov = _centred_covariance(_units(h, axis))
+    off_diagonal = cov - torch.diag(cov.diagonal())
+    return off_diagonal.pow(2).sum() / cov.shape[0]
+
+
 class SubBatchWhitening(JointEmbedding):
     """CW-RGP and W-MSE on the same pipeline: whiten random sub-batches of each view, then an MSE
     between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats.
@@ -586,17 +633,6 @@ class SubBatchWhitening(JointEmbedding):
         return alignment_loss(a, b) if self.normalized else F.mse_loss(a, b)
 
 
-def covariance_penalty(h, axis=0):
-    """CW-RGP's covariance term: the squared off-diagonal entries of the covariance of h, summed, over its size.
-
-    h: [B, D] -> scalar sum_{i != j} S_ij^2 / m with S [m, m] the covariance of the units of h
-    (axis 0: the B samples, each centred over its D channels; axis 1: the D channels over the batch).
-    """
-    _, cov = _centred_covariance(_units(h, axis))
-    off_diagonal = cov - torch.diag(cov.diagonal())
-    return off_diagonal.pow(2).sum() / cov.shape[0]
-
-
 def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, normalized=True, cov_weight=0.0,
            cov_epochs=0):
     """CW-RGP: every sub-batch and view gets a fresh random channel permutation into `groups` groups."""
@@ -605,57 +641,25 @@ def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, 
     return SubBatchWhitening(backbone, projector, whiten, w_size, w_iter, normalized, axis, cov_weight, cov_epochs)
 
 
+@float32_island
+def cholesky_whiten(h, eps=0.0):
+    """W-MSE's batch whitening: X L^(-T) with S + eps I = L L^T the Cholesky factor of the D x D covariance.
+
+    h: [B, D] -> [B, D] whose D x D covariance is the identity (for eps = 0).
+    """
+    batch, dim = h.shape
+    if eps == 0 and batch - 1 < dim:
+        raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
+                         f"use --w_size > {dim} or a smaller embedding dim, or set --w_eps > 0")
+    x = h - h.mean(dim=0, keepdim=True)
+    cov = x.t() @ x / (batch - 1) + eps * torch.eye(dim, dtype=x.dtype, device=x.device)
+    lower = torch.linalg.cholesky(cov)
+    return torch.linalg.solve_triangular(lower, x.t(), upper=False).t()
+
+
 def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
     """W-MSE: Cholesky batch whitening of every sub-batch and view."""
     return SubBatchWhitening(backbone, projector, lambda h, generator: cholesky_whiten(h, eps), w_size, w_iter)
-
-
-# -----------------------------------------------------------------------------
-# 5. The EMA target's momentum (INTL-M)
-
-
-def ema_momentum(step, total_steps, m0):
-    """Cosine from m0 (step 0) to 1 (last step): m = 1 - (1 - m0) (cos(pi step / total) + 1) / 2."""
-    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-# -----------------------------------------------------------------------------
-# 6. Spectrum diagnostics (Fig. 2-3): is the embedding collapsing?
-
-
-@torch.no_grad()
-def covariance_spectrum(z, axis=0):
-    """Eigenvalues of the covariance the transformation sees, descending, float64.
-
-    Only the min(units, observations - 1) eigenvalues that can be non-zero are returned: the
-    rest are zero by construction (centring removes one dimension) and would make every
-    condition number infinite. z: [B, D] -> [min(B, D - 1)] (axis 0) or [min(D, B - 1)] (axis 1).
-    """
-    x = _units(z.detach().double(), axis)
-    _, cov = _centred_covariance(x)
-    eigvals = torch.linalg.eigvalsh(cov).flip(0)
-    return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
-
-
-def lg_ioc(eigvals):
-    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened)."""
-    return math.log10(max(eigvals.min().item(), 1e-300) / eigvals.max().item())
-
-
-def effective_rank(eigvals):
-    """exp(entropy of the normalised eigenvalues): between 1 (collapsed) and len(eigvals) (uniform)."""
-    p = eigvals.clamp(min=0) / eigvals.clamp(min=0).sum()
-    p = p[p > 0]
-    return math.exp(-(p * p.log()).sum().item())
-
-
-def collapsed(z, eigvals):
-    """Whether the embeddings z [B, D] have collapsed: every sample at (almost) one point (the variance over the
-    batch below 1e-6 of the mean squared norm), or the variance in about one direction (`effective_rank` of the
-    covariance's eigenvalues `eigvals` below 1.5). Either way the features carry next to no information."""
-    z = z.detach().double()
-    spread = z.var(dim=0, unbiased=False).sum().item()
-    return spread <= 1e-6 * z.pow(2).mean(dim=0).sum().item() or effective_rank(eigvals) < 1.5
 
 
 # =============================================================================
@@ -692,7 +696,7 @@ class ImageSplit:
     """One split of an image dataset: the rows, the image column, the integer label column (None: unlabelled),
     the number of classes (when a ClassLabel feature gives it) and where it came from (named in messages)."""
 
-    dataset: hf_datasets.Dataset
+    dataset: object  # a datasets.Dataset
     image_column: str
     label_column: Optional[str]
     num_classes: Optional[int]
@@ -713,7 +717,7 @@ def load_image_split(source, split, image_column=None, label_column=None):
         if os.path.isdir(path):
             load = _load_saved_split if _is_save_to_disk_folder(path) else _load_image_folder_split
             dataset, description = load(path, split), path
-        elif _looks_like_path(source):  # a typo in a path must not turn into a confusing Hub lookup
+        elif looks_like_path(source):  # a typo in a path must not turn into a confusing Hub lookup
             raise ValueError(f"Dataset folder {source!r} does not exist. Expected a folder of class sub-folders or a "
                              "save_to_disk folder, a Hugging Face Hub id such as 'uoft-cs/cifar10', or 'digits'.")
         else:
@@ -724,6 +728,8 @@ def load_image_split(source, split, image_column=None, label_column=None):
 def _load_digits_split(split):
     """scikit-learn's digits as 32x32 RGB PNGs, in a seeded, class-stratified 80/20 train/test split: the same on
     every call, so pre-training never sees the images that report test accuracy."""
+    import datasets as hf_datasets
+
     # Imported lazily: scikit-learn costs ~1.5 s to import and only this source needs it.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -750,13 +756,15 @@ def _load_digits_split(split):
 # ----------------------------------------------------------------------------- local folders
 
 
-def _looks_like_path(source):
+def looks_like_path(source):
     """True for strings that can only be meant as local paths, never as Hub ids."""
     return (source.startswith(("/", "./", "../", "~", "\\")) or source in (".", "..") or source.count("/") > 1
             or (os.sep != "/" and os.sep in source))
 
 
 def _is_save_to_disk_folder(path):
+    import datasets as hf_datasets
+
     cfg = hf_datasets.config
     dataset_files = (cfg.DATASET_INFO_FILENAME, cfg.DATASET_STATE_JSON_FILENAME)  # Dataset.save_to_disk
     return all(os.path.isfile(os.path.join(path, f)) for f in dataset_files) \
@@ -764,6 +772,8 @@ def _is_save_to_disk_folder(path):
 
 
 def _load_saved_split(path, split):
+    import datasets as hf_datasets
+
     saved = hf_datasets.load_from_disk(path)
     if isinstance(saved, hf_datasets.DatasetDict):
         return saved[_resolve_split_name(split, list(saved), path)]
@@ -785,6 +795,8 @@ def _load_image_folder_split(root, split):
     is scanned, and label indices agree across splits even when a split lacks a class. It works offline and caches
     its (path-only) Arrow table, so later loads of the same folder skip the file scan.
     """
+    import datasets as hf_datasets
+
     sub_dirs = _list_sub_dirs(root)
     if not sub_dirs:
         raise ValueError(f"{root} is neither a save_to_disk folder nor a folder of class sub-folders "
@@ -809,80 +821,23 @@ def _load_image_folder_split(root, split):
 # ----------------------------------------------------------------------------- Hugging Face Hub
 
 
-def _hub_offline_requested():
-    # datasets and huggingface_hub read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE only once, at import: read them again.
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(n, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for n in names) \
-        or bool(hf_datasets.config.HF_HUB_OFFLINE) or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout=3.0):
-    """Whether a TCP connection to the Hub (or the configured proxy) opens within `timeout` seconds.
-
-    Without this check an unreachable Hub costs ~25 s of HTTP retries inside datasets. The probe runs in a daemon
-    thread because DNS resolution ignores socket timeouts.
-    """
-    endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(endpoint.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-        host, port = proxy_url.hostname or host, proxy_url.port or 8080
-    reached = []
-
-    def probe():
-        with contextlib.suppress(OSError):
-            socket.create_connection((host, port), timeout=timeout).close()
-            reached.append(True)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(reached)
-
-
-@contextlib.contextmanager
-def _forced_hub_offline_mode():
-    """datasets and huggingface_hub in offline mode: datasets then goes straight to its local cache, without any
-    HTTP request. The module flags are patched because both libraries read the environment only at import.
-    Not thread-safe, like any global switch."""
-    saved = (hf_datasets.config.HF_HUB_OFFLINE, hf_datasets.config.HF_DATASETS_OFFLINE,
-             huggingface_hub.constants.HF_HUB_OFFLINE)
-    hf_datasets.config.HF_HUB_OFFLINE = hf_datasets.config.HF_DATASETS_OFFLINE = True
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        (hf_datasets.config.HF_HUB_OFFLINE, hf_datasets.config.HF_DATASETS_OFFLINE,
-         huggingface_hub.constants.HF_HUB_OFFLINE) = saved
-
-
 def _load_hub_split(source, split):
-    """A split of Hub dataset "id" or "id:config"; offline, or when the Hub is unreachable, the local cache only.
+    """A split of Hub dataset "id" or "id:config", through datasets' cache (with HF_HUB_OFFLINE=1, the cache only).
 
     All splits are loaded and the requested one picked afterwards: datasets prepares every split anyway, and so a
     missing split can fall back to its aliases.
     """
+    import datasets as hf_datasets
+
     repo_id, _, config_name = source.partition(":")
-    offline_requested = _hub_offline_requested()
-    offline = offline_requested or not _hub_reachable()
     try:
-        with _forced_hub_offline_mode() if offline else contextlib.nullcontext():
-            loaded = hf_datasets.load_dataset(repo_id, config_name or None)
+        loaded = hf_datasets.load_dataset(repo_id, config_name or None)
     except (ConnectionError, FileNotFoundError) as err:  # DatasetNotFoundError, "not in the cache": FileNotFoundError
-        if offline_requested:
-            problem = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
-        elif offline:
-            problem = f"the Hub ({huggingface_hub.constants.ENDPOINT}) is not reachable"
-        else:
-            problem = "the Hub could not provide it"
-        if offline:
-            problem += (f", so only the local datasets cache ({hf_datasets.config.HF_DATASETS_CACHE}) was tried, "
-                        "and it holds no copy")
+        offline = (f"offline mode is on (HF_HUB_OFFLINE), so only the local datasets cache "
+                   f"({hf_datasets.config.HF_DATASETS_CACHE}) was tried: ") if hf_datasets.config.HF_HUB_OFFLINE else ""
         # "from None": one self-contained message instead of a chain of library internals.
-        raise ValueError(f"Could not load Hugging Face Hub dataset {source!r}: {problem} "
-                         f"({type(err).__name__}: {err}). {_HOW_TO_PROVIDE_DATA}") from None
+        raise ValueError(f"Could not load Hugging Face Hub dataset {source!r}: {offline}{type(err).__name__}: {err}. "
+                         f"{_HOW_TO_PROVIDE_DATA}") from None
     return loaded[_resolve_split_name(split, list(loaded), source)]
 
 
@@ -904,6 +859,8 @@ def _resolve_split_name(split, available, where):
 def _make_image_split(dataset, image_column, label_column, description):
     """Check the given columns, or detect them: the image column is the first Image feature (else "image" / "img"),
     the label column "label", "fine_label", the first ClassLabel or "labels"; labels must be integers."""
+    import datasets as hf_datasets
+
     features, columns = dataset.features, list(dataset.features)
     for role, name in (("image", image_column), ("label", label_column)):
         if name is not None and name not in features:
@@ -951,6 +908,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, split, transform=None):
+        import datasets as hf_datasets
+
         columns = [split.image_column] + ([split.label_column] if split.label_column else [])
         # Only the needed columns: every other column would be converted on each access.
         rows = split.dataset.select_columns(columns).cast_column(split.image_column, hf_datasets.Image(decode=False))
@@ -1592,32 +1551,6 @@ def exit_interrupted(interrupt, otherwise="interrupted"):
     sys.exit(130)
 
 
-def plot_spectra(spectra, path, max_curves=6):
-    """The paper's Fig. 3 style: eigenvalues of the covariance of Z and of Z_hat, log scale, over training.
-
-    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
-    for colour, i in zip(colours, picks):
-        step, eig_z, eig_z_hat = spectra[i]
-        for ax, eig in zip(axes, (eig_z, eig_z_hat)):
-            ax.plot(range(1, len(eig) + 1), eig.clamp(min=1e-12).numpy(), color=colour,
-                    label=f"step {step}  (lg IoC {lg_ioc(eig):.2f})")
-    for ax, name in zip(axes, ("Z (projector output)", "Z_hat (transformed)")):
-        ax.set(title=name, xlabel="index", ylabel="eigenvalue of the covariance", yscale="log")
-        ax.legend(fontsize=8)
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-
 # =============================================================================
 # Loading a backbone from anywhere, and publishing it on the Hugging Face Hub
 #
@@ -1679,7 +1612,7 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
             weights, config = _read_safetensors(path), {}
         else:
             weights, config = _read_official_checkpoint(path)
-    elif _looks_like_path(repo_id := source.partition("@")[0]) or repo_id.count("/") != 1 \
+    elif looks_like_path(repo_id := source.partition("@")[0]) or repo_id.count("/") != 1 \
             or path.suffix in (".safetensors", ".pth", ".tar", ".pt", ".bin"):  # a revision may hold "/": refs/pr/1
         raise ValueError(f"backbone {source!r} not found: no such file or folder (and not a Hub repo id "
                          "'owner/name[@revision]')")
@@ -1865,24 +1798,23 @@ def _download_from_hub(source, revision=None):
 
     With HF_HUB_OFFLINE=1, or when the Hub cannot be reached, only the local Hub cache is read.
     """
+    import huggingface_hub
     repo_id, _, at_revision = source.partition("@")
     if at_revision and revision and at_revision != revision:
         raise ValueError(f"two revisions for {repo_id}: {at_revision!r} (in the id) and {revision!r}")
     revision = at_revision or revision or None
-    offline = _hub_offline_requested() or not _hub_reachable()
     where = f"Hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     files = {}
     try:
         for filename in EXPORT_FILES:
-            files[filename] = huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
-                                                              local_files_only=offline)
+            files[filename] = huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
     except huggingface_hub.errors.RevisionNotFoundError:
         raise ValueError(f"{where}: no such revision") from None
     except huggingface_hub.errors.RepositoryNotFoundError:
         raise ValueError(f"{where} not found (or private / gated without a token: see `hf auth login`)") from None
     except huggingface_hub.errors.LocalEntryNotFoundError:
-        reason = ("offline mode is on (HF_HUB_OFFLINE)" if _hub_offline_requested()
-                  else f"the Hub ({huggingface_hub.constants.ENDPOINT}) is not reachable")
+        reason = ("offline mode is on (HF_HUB_OFFLINE)" if huggingface_hub.constants.HF_HUB_OFFLINE
+                  else f"the Hub ({huggingface_hub.constants.ENDPOINT}) could not be reached")
         raise ValueError(f"{where}: {reason} and the local Hub cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
                          f"has no {filename} for it; run once with network access, or pass a local "
                          "export folder") from None
@@ -1898,259 +1830,3 @@ def _download_from_hub(source, revision=None):
     if isinstance(config, dict):
         config["hub_repo"] = repo_id + (f"@{revision}" if revision else "")
     return _read_safetensors(files["model.safetensors"]), config
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None):
-    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into an export folder.
-
-    output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*), config.json
-    and the model card README.md (with `results` and `repo_id`, see `model_card`), written atomically.
-    An existing folder is replaced only if it is an export.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists():
-        foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in EXPORT_FILES + ("README.md",)) \
-            if output_dir.is_dir() else [output_dir.name]
-        if foreign:
-            raise ValueError(f"--output_dir {output_dir} exists and is not an export folder (it holds {foreign[0]!r}); "
-                             "the export replaces the whole folder, so give a new or an export folder")
-    backbone, config = load_backbone(source, arch, stem=stem)
-    # A local path is named by its last part only: the config may be published on the Hub.
-    config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
-    write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id))
-    return output_dir
-
-
-# ----------------------------------------------------------------------------- model card
-
-_CITATIONS = """\
-@inproceedings{weng2024modulate,
-  title     = {Modulate Your Spectrum in Self-Supervised Learning},
-  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
-Khan, Fahad Shahbaz and Huang, Lei},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024}
-}
-@inproceedings{weng2022investigation,
-  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
-  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year      = {2022}
-}"""
-
-
-def _is_hub_dataset_id(dataset):
-    return isinstance(dataset, str) and dataset.count("/") == 1 and not _looks_like_path(dataset) \
-        and not os.path.exists(dataset)
-
-
-def _read_results(results):
-    """Result records (linear_eval.py's JSON files, as dicts or paths) -> list of dicts."""
-    records = []
-    for item in results or []:
-        if isinstance(item, (str, os.PathLike)):
-            try:
-                item = json.loads(Path(item).read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
-        if not isinstance(item, dict) or "rows" not in item:
-            raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
-        records.append(item)
-    return records
-
-
-def write_model_card(export_dir, results=None, repo_id=None, license="other"):
-    """(Re)write export_dir/README.md from the export's config and return its path."""
-    export_dir = Path(export_dir)
-    _, config = load_backbone(export_dir)  # the completed config, and a check that the weights load
-    write_text_atomically(export_dir / "README.md", model_card(config, results, repo_id, license))
-    return export_dir / "README.md"
-
-
-def model_card(config, results=None, repo_id=None, license="other"):
-    """The model card's text: YAML metadata for the Hub + the card body.
-
-    config: the export's (completed) config; results: linear_eval.py result files (paths or loaded dicts),
-    each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet).
-    """
-    records = _read_results(results)
-    arch, stem = config.get("arch", "resnet50"), config.get("stem", "imagenet")
-    dataset = config.get("dataset")
-    model_name = repo_id.split("/")[-1] if repo_id else f"intl-{arch}-{Path(str(dataset or 'digits')).name}"
-
-    eval_results = []
-    for record in records:
-        eval_dataset = record.get("dataset") or "digits"
-        for row in record["rows"]:
-            for metric, key in (("top-1", "top1"), ("top-5", "top5")):
-                if row.get(key) is None:
-                    continue
-                name = eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name
-                eval_results.append(huggingface_hub.EvalResult(
-                    task_type="image-classification", task_name="Image classification",
-                    dataset_type=name, dataset_name=name, dataset_split=record.get("test_split"),
-                    metric_type="accuracy", metric_value=round(float(row[key]), 2),
-                    metric_name=f"{row['name']} {metric} accuracy (%)"))
-    card_data = huggingface_hub.ModelCardData(
-        library_name="pytorch", license=license, pipeline_tag="image-feature-extraction",
-        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
-        datasets=[dataset] if _is_hub_dataset_id(dataset) else None,
-        model_name=model_name if eval_results else None, eval_results=eval_results or None)
-
-    recipe = [f"| {name} | {config[key]} |" for key, name in (
-        ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
-        ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
-        ("dataset", "pretraining data"), ("image_size", "input size"), ("epochs_trained", "epochs"),
-        ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None]
-    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for record in records:
-        for row in record["rows"]:
-            table.append(f"| {row['name']} | {record.get('dataset') or 'digits'} ({record.get('test_split')}) | "
-                         f"{fmt(row.get('top1'))} | {fmt(row.get('top5'))} |")
-    kernel, stride, padding, maxpool = STEMS[stem]
-    stem_code = "" if stem == "imagenet" else (
-        f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
-        + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    body = f"""
-# {model_name}
-
-A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in
-Self-Supervised Learning", Weng et al., ICLR 2024). Only the backbone is published: the projector is
-dropped, and the weights are a torchvision `state_dict` without `fc.*`. The final layer outputs
-{config.get('feature_dim', 'the')}-dimensional features.
-
-## Recipe
-
-| setting | value |
-|---|---|
-{chr(10).join(recipe)}
-
-Input: RGB images resized to {config.get('image_size')} px, normalised with mean {list(config.get('mean', []))}
-and std {list(config.get('std', []))}.
-
-## Evaluation protocol
-
-Frozen-feature evaluations as in the papers: k-NN (k = 5, Euclidean) and a linear classifier on
-features extracted once without augmentation (Adam, lr 1e-2 decayed exponentially to 1e-6 over
-500 epochs, weight decay 5e-6, batch 1000), or the ImageNet linear protocol (frozen backbone in eval
-mode, SGD momentum 0.9, 100 epochs, lr x0.1 at epochs 60 and 80, RandomResizedCrop + flip for
-training, Resize + CenterCrop for validation). The numbers are those of the final epoch.
-
-{chr(10).join(table) if records else "No evaluation results were recorded with this export."}
-
-## Usage (plain torchvision)
-
-```python
-import torch, torchvision
-from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file
-
-net = torchvision.models.{arch}()
-{stem_code}net.fc = torch.nn.Identity()
-net.load_state_dict(load_file(hf_hub_download("{repo_id or 'OWNER/NAME'}", "model.safetensors")))  # strict
-net.eval()  # net(images) -> features [B, {config.get('feature_dim', 'D')}]
-```
-
-## Citation
-
-```bibtex
-{_CITATIONS}
-```
-"""
-    return str(huggingface_hub.ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))  # parses: valid metadata
-
-
-# ----------------------------------------------------------------------------- Hub: upload
-
-
-def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
-    """Upload exactly model.safetensors, config.json and README.md of an export folder to a Hub model repo.
-
-    A missing README.md is generated (write_model_card without results). revision: a branch to push to, created
-    when missing. Returns the upload's commit info.
-    """
-    export_dir = Path(export_dir)
-    missing = [name for name in EXPORT_FILES if not (export_dir / name).is_file()]
-    if missing:
-        raise ValueError(f"{export_dir} is not an export folder: {missing[0]} is missing")
-    load_backbone(export_dir)  # refuse to publish weights that do not load
-    api = huggingface_hub.HfApi()
-    with tempfile.TemporaryDirectory(prefix="intl-upload-") as staging:
-        for name in EXPORT_FILES:
-            shutil.copy2(export_dir / name, Path(staging) / name)
-        if (export_dir / "README.md").is_file():
-            shutil.copy2(export_dir / "README.md", Path(staging) / "README.md")
-        else:
-            write_model_card(staging, repo_id=repo_id)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model", revision=revision,
-                                 commit_message=commit_message or f"Upload INTL backbone from {export_dir.name}")
-
-
-# ----------------------------------------------------------------------------- the `export` command
-
-
-def get_export_parser():
-    parser = argparse.ArgumentParser(
-        prog="intl.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Convert a pretrain checkpoint folder or an official INTL / CW-RGP .pth.tar (or any loadable "
-                    "backbone) into an export folder: model.safetensors + config.json + README.md; optionally "
-                    "push it to the Hugging Face Hub.")
-    parser.add_argument("--source", required=True,
-                        help="what to convert: a pretrain checkpoint folder, an official .pth.tar, an export "
-                             "folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
-    parser.add_argument("--arch", choices=RESNETS, default=None,
-                        help="encoder architecture (default: from the source's config, or inferred from the "
-                             "weights' shapes)")
-    parser.add_argument("--stem", choices=STEMS, default=None,
-                        help="the network's first layers (default: from the source's config; for an official "
-                             "checkpoint, 'cifar' for INTL's and 'cifar-unpadded' for CW-RGP's 3x3 conv1: give "
-                             "'small-maxpool' for CW-RGP's STL-10 / Tiny-ImageNet networks)")
-    parser.add_argument("--output_dir", required=True,
-                        help="the export folder to write; an existing export is replaced only with --overwrite")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the export already in --output_dir (without it, an existing export is refused)")
-    parser.add_argument("--eval_results", nargs="*", default=[],
-                        help="linear_eval.py result JSON files to list in the model card's model-index")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
-                        help="also upload the export to this Hub model repo (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--commit_message", default=None, help="commit message of the Hub upload")
-    parser.add_argument("--revision", default=None, help="Hub branch to upload to (created if missing)")
-    return parser
-
-
-def main_export(argv=None):
-    """`python intl.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
-    args = get_export_parser().parse_args(argv)
-    check_output_dir(args.output_dir)
-    if existing_results(args.output_dir, EXPORT_FILES + ("README.md",)) and not args.overwrite:
-        raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
-                         "give another --output_dir, or add --overwrite to replace it")
-    export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
-                                      args.stem)
-    print(f"exported {args.source} to {export_dir}")
-    if args.push_to_hub:
-        push_export_to_hub(export_dir, args.push_to_hub, private=args.private,
-                           commit_message=args.commit_message, revision=args.revision)
-        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
-              + (f" (branch {args.revision})" if args.revision else ""))
-    return export_dir
-
-
-if __name__ == "__main__":
-    # python intl.py export --source CHECKPOINT --output_dir OUT [--push_to_hub REPO_ID]
-    if sys.argv[1:2] != ["export"]:
-        sys.exit("usage: python intl.py export --source SOURCE --output_dir OUT [--push_to_hub REPO_ID] (see --help)")
-    try:
-        main_export(sys.argv[2:])
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt as interrupt:
-        exit_interrupted(interrupt)

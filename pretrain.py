@@ -19,6 +19,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -928,12 +929,260 @@ def export_backbone(checkpoint, export_dir, config, results=None):
 
     results: evaluation records for the model card (the final held-out 5-NN accuracy, when measured).
     """
-    intl.export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub)
+    export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
     if config.push_to_hub:
-        intl.push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
+        push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
                                 commit_message=config.commit_message, revision=config.revision)
         print(f"pushed {export_dir} to https://huggingface.co/{config.push_to_hub}")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None):
+    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into an export folder.
+
+    output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*), config.json
+    and the model card README.md (with `results` and `repo_id`, see `model_card`), written atomically.
+    An existing folder is replaced only if it is an export.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in intl.EXPORT_FILES + ("README.md",)) \
+            if output_dir.is_dir() else [output_dir.name]
+        if foreign:
+            raise ValueError(f"--output_dir {output_dir} exists and is not an export folder (it holds {foreign[0]!r}); "
+                             "the export replaces the whole folder, so give a new or an export folder")
+    backbone, config = intl.load_backbone(source, arch, stem=stem)
+    # A local path is named by its last part only: the config may be published on the Hub.
+    config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
+    intl.write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id))
+    return output_dir
+
+
+# ----------------------------------------------------------------------------- model card
+
+_CITATIONS = """\
+@inproceedings{weng2024modulate,
+  title     = {Modulate Your Spectrum in Self-Supervised Learning},
+  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
+Khan, Fahad Shahbaz and Huang, Lei},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024}
+}
+@inproceedings{weng2022investigation,
+  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
+  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022}
+}"""
+
+
+def _is_hub_dataset_id(dataset):
+    return isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
+        and not os.path.exists(dataset)
+
+
+def _read_results(results):
+    """Result records (linear_eval.py's JSON files, as dicts or paths) -> list of dicts."""
+    records = []
+    for item in results or []:
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                item = json.loads(Path(item).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
+        if not isinstance(item, dict) or "rows" not in item:
+            raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
+        records.append(item)
+    return records
+
+
+def write_model_card(export_dir, results=None, repo_id=None, license="other"):
+    """(Re)write export_dir/README.md from the export's config and return its path."""
+    export_dir = Path(export_dir)
+    _, config = intl.load_backbone(export_dir)  # the completed config, and a check that the weights load
+    intl.write_text_atomically(export_dir / "README.md", model_card(config, results, repo_id, license))
+    return export_dir / "README.md"
+
+
+def model_card(config, results=None, repo_id=None, license="other"):
+    """The model card's text: YAML metadata for the Hub + the card body.
+
+    config: the export's (completed) config; results: linear_eval.py result files (paths or loaded dicts),
+    each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet).
+    """
+    import huggingface_hub
+
+    records = _read_results(results)
+    arch, stem = config.get("arch", "resnet50"), config.get("stem", "imagenet")
+    dataset = config.get("dataset")
+    model_name = repo_id.split("/")[-1] if repo_id else f"intl-{arch}-{Path(str(dataset or 'digits')).name}"
+
+    eval_results = []
+    for record in records:
+        eval_dataset = record.get("dataset") or "digits"
+        for row in record["rows"]:
+            for metric, key in (("top-1", "top1"), ("top-5", "top5")):
+                if row.get(key) is None:
+                    continue
+                name = eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name
+                eval_results.append(huggingface_hub.EvalResult(
+                    task_type="image-classification", task_name="Image classification",
+                    dataset_type=name, dataset_name=name, dataset_split=record.get("test_split"),
+                    metric_type="accuracy", metric_value=round(float(row[key]), 2),
+                    metric_name=f"{row['name']} {metric} accuracy (%)"))
+    card_data = huggingface_hub.ModelCardData(
+        library_name="pytorch", license=license, pipeline_tag="image-feature-extraction",
+        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
+        datasets=[dataset] if _is_hub_dataset_id(dataset) else None,
+        model_name=model_name if eval_results else None, eval_results=eval_results or None)
+
+    recipe = [f"| {name} | {config[key]} |" for key, name in (
+        ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
+        ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
+        ("dataset", "pretraining data"), ("image_size", "input size"), ("epochs_trained", "epochs"),
+        ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None]
+    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for record in records:
+        for row in record["rows"]:
+            table.append(f"| {row['name']} | {record.get('dataset') or 'digits'} ({record.get('test_split')}) | "
+                         f"{fmt(row.get('top1'))} | {fmt(row.get('top5'))} |")
+    kernel, stride, padding, maxpool = intl.STEMS[stem]
+    stem_code = "" if stem == "imagenet" else (
+        f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
+        + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
+    body = f"""
+# {model_name}
+
+A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in
+Self-Supervised Learning", Weng et al., ICLR 2024). Only the backbone is published: the projector is
+dropped, and the weights are a torchvision `state_dict` without `fc.*`. The final layer outputs
+{config.get('feature_dim', 'the')}-dimensional features.
+
+## Recipe
+
+| setting | value |
+|---|---|
+{chr(10).join(recipe)}
+
+Input: RGB images resized to {config.get('image_size')} px, normalised with mean {list(config.get('mean', []))}
+and std {list(config.get('std', []))}.
+
+## Evaluation protocol
+
+Frozen-feature evaluations as in the papers: k-NN (k = 5, Euclidean) and a linear classifier on
+features extracted once without augmentation (Adam, lr 1e-2 decayed exponentially to 1e-6 over
+500 epochs, weight decay 5e-6, batch 1000), or the ImageNet linear protocol (frozen backbone in eval
+mode, SGD momentum 0.9, 100 epochs, lr x0.1 at epochs 60 and 80, RandomResizedCrop + flip for
+training, Resize + CenterCrop for validation). The numbers are those of the final epoch.
+
+{chr(10).join(table) if records else "No evaluation results were recorded with this export."}
+
+## Usage (plain torchvision)
+
+```python
+import torch, torchvision
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+
+net = torchvision.models.{arch}()
+{stem_code}net.fc = torch.nn.Identity()
+net.load_state_dict(load_file(hf_hub_download("{repo_id or 'OWNER/NAME'}", "model.safetensors")))  # strict
+net.eval()  # net(images) -> features [B, {config.get('feature_dim', 'D')}]
+```
+
+## Citation
+
+```bibtex
+{_CITATIONS}
+```
+"""
+    return str(huggingface_hub.ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))  # parses: valid metadata
+
+
+# ----------------------------------------------------------------------------- Hub: upload
+
+
+def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
+    """Upload exactly model.safetensors, config.json and README.md of an export folder to a Hub model repo.
+
+    A missing README.md is generated (write_model_card without results). revision: a branch to push to, created
+    when missing. Returns the upload's commit info.
+    """
+    import huggingface_hub
+
+    export_dir = Path(export_dir)
+    missing = [name for name in intl.EXPORT_FILES if not (export_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"{export_dir} is not an export folder: {missing[0]} is missing")
+    intl.load_backbone(export_dir)  # refuse to publish weights that do not load
+    api = huggingface_hub.HfApi()
+    with tempfile.TemporaryDirectory(prefix="intl-upload-") as staging:
+        for name in intl.EXPORT_FILES:
+            shutil.copy2(export_dir / name, Path(staging) / name)
+        if (export_dir / "README.md").is_file():
+            shutil.copy2(export_dir / "README.md", Path(staging) / "README.md")
+        else:
+            write_model_card(staging, repo_id=repo_id)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model", revision=revision,
+                                 commit_message=commit_message or f"Upload INTL backbone from {export_dir.name}")
+
+
+# ----------------------------------------------------------------------------- `python pretrain.py export`
+
+
+def get_export_parser():
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Convert a pretrain checkpoint folder or an official INTL / CW-RGP .pth.tar (or any loadable "
+                    "backbone) into an export folder: model.safetensors + config.json + README.md; optionally "
+                    "push it to the Hugging Face Hub.")
+    parser.add_argument("--source", required=True,
+                        help="what to convert: a pretrain checkpoint folder, an official .pth.tar, an export "
+                             "folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
+    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
+                        help="encoder architecture (default: from the source's config, or inferred from the "
+                             "weights' shapes)")
+    parser.add_argument("--stem", choices=intl.STEMS, default=None,
+                        help="the network's first layers (default: from the source's config; for an official "
+                             "checkpoint, 'cifar' for INTL's and 'cifar-unpadded' for CW-RGP's 3x3 conv1: give "
+                             "'small-maxpool' for CW-RGP's STL-10 / Tiny-ImageNet networks)")
+    parser.add_argument("--output_dir", required=True,
+                        help="the export folder to write; an existing export is replaced only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the export already in --output_dir (without it, an existing export is refused)")
+    parser.add_argument("--eval_results", nargs="*", default=[],
+                        help="linear_eval.py result JSON files to list in the model card's model-index")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
+                        help="also upload the export to this Hub model repo (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--commit_message", default=None, help="commit message of the Hub upload")
+    parser.add_argument("--revision", default=None, help="Hub branch to upload to (created if missing)")
+    return parser
+
+
+def main_export(argv=None):
+    """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
+    args = get_export_parser().parse_args(argv)
+    intl.check_output_dir(args.output_dir)
+    if intl.existing_results(args.output_dir, intl.EXPORT_FILES + ("README.md",)) and not args.overwrite:
+        raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
+                         "give another --output_dir, or add --overwrite to replace it")
+    export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
+                                      args.stem)
+    print(f"exported {args.source} to {export_dir}")
+    if args.push_to_hub:
+        push_export_to_hub(export_dir, args.push_to_hub, private=args.private,
+                           commit_message=args.commit_message, revision=args.revision)
+        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
+              + (f" (branch {args.revision})" if args.revision else ""))
+    return export_dir
 
 
 # -----------------------------------------------------------------------------
@@ -1016,7 +1265,7 @@ class Logger:
         """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
         spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in read_jsonl(self.spectra_path)]
         if spectra:
-            intl.plot_spectra(spectra, path)
+            plot_spectra(spectra, path)
             self.info(f"spectrum plot: {path}")
 
     def records(self):
@@ -1044,6 +1293,32 @@ class Logger:
                 lines.append(f"  {label:28s} step {first_step:6d}: {first:9.4f}  ->  step {last_step:6d}: {last:9.4f}")
         lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
         self.info("\n".join(lines))
+
+
+def plot_spectra(spectra, path, max_curves=6):
+    """The paper's Fig. 3 style: eigenvalues of the covariance of Z and of Z_hat, log scale, over training.
+
+    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
+    for colour, i in zip(colours, picks):
+        step, eig_z, eig_z_hat = spectra[i]
+        for ax, eig in zip(axes, (eig_z, eig_z_hat)):
+            ax.plot(range(1, len(eig) + 1), eig.clamp(min=1e-12).numpy(), color=colour,
+                    label=f"step {step}  (lg IoC {intl.lg_ioc(eig):.2f})")
+    for ax, name in zip(axes, ("Z (projector output)", "Z_hat (transformed)")):
+        ax.set(title=name, xlabel="index", ylabel="eigenvalue of the covariance", yscale="log")
+        ax.legend(fontsize=8)
+    with intl.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 def plotted_steps(total_steps, spectrum_every, curves=6):
@@ -1277,7 +1552,8 @@ def timed(fn, steps, accelerator):
 
 if __name__ == "__main__":
     try:
-        main()
+        # python pretrain.py export --source CHECKPOINT --output_dir OUT [--push_to_hub REPO_ID]
+        main_export(sys.argv[2:]) if sys.argv[1:2] == ["export"] else main()
     except (ValueError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
     except intl.UnreadableImageError as error:

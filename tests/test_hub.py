@@ -16,8 +16,8 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 import intl
-from intl import (CIFAR_MEAN, export_backbone_from, get_export_parser, load_backbone, main_export, push_export_to_hub,
-                            write_model_card)
+from intl import CIFAR_MEAN, load_backbone
+from pretrain import export_backbone_from, get_export_parser, main_export, push_export_to_hub, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,

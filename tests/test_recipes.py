@@ -264,7 +264,7 @@ def test_converted_official_checkpoints_give_the_features_of_the_network_they_ca
     state = {prefix + k: v for k, v in network.net.state_dict().items()}
     state[prefix.replace("backbone", "projector").replace("model", "head") + "0.weight"] = torch.randn(8, 512)
     torch.save({"state_dict": state, "epoch": 1}, tmp_path / "official.pth.tar")
-    export = intl.export_backbone_from(tmp_path / "official.pth.tar", tmp_path / "export", stem=stem)
+    export = pretrain.export_backbone_from(tmp_path / "official.pth.tar", tmp_path / "export", stem=stem)
     backbone, config = intl.load_backbone(export)
     x = torch.randn(2, 3, 64, 64) if stem else torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -421,7 +421,7 @@ def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_p
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
     state = {"step": 1, "config": json.loads(json.dumps(config)), "num_processes": 1}
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    _, exported = intl.load_backbone(intl.export_backbone_from(checkpoint, tmp_path / "export"))
+    _, exported = intl.load_backbone(pretrain.export_backbone_from(checkpoint, tmp_path / "export"))
     assert exported["stem"] == "cifar" and exported["conv1"] == {"kernel_size": 3, "stride": 1, "padding": 2}
     assert exported["maxpool"] is False
     assert tuple(exported["mean"]) == intl.CIFAR_MEAN and tuple(exported["std"]) == intl.CIFAR_STD

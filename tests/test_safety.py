@@ -203,7 +203,7 @@ def small_disk(tmp_path):
 
 def test_a_checkpoint_save_on_a_full_disk_says_so_and_leaves_the_earlier_checkpoint_intact(small_disk):
     accelerator = Accelerator(cpu=True)
-    model = a_trained_linear(accelerator, 512)  # a checkpoint of ~2 MiB: the first one fits, the second does not
+    a_trained_linear(accelerator, 512)  # a checkpoint of ~2 MiB: the first one fits, the second does not
     first = intl.save_state_atomically(accelerator, small_disk / "step-00000001", "trainer_state.json", {"step": 1}, 2)
     with pytest.raises(ValueError, match=r"no space left on the device while writing the checkpoint .*step-00000002 .*"
                                          r"the partial copy was removed and the earlier checkpoints \(step-00000001\) "
