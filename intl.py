@@ -663,7 +663,17 @@ def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
 
 
 # =============================================================================
-# Data, shared by every stage. Every source ends up as a `datasets.Dataset` in an ImageSplit:
+# What the stages share
+#
+# The method ends above. Below is what pretrain.py, linear_eval.py and detect_transfer.py all
+# use: the data, the evaluation features and kNN, checkpoints and results that are never lost
+# or half-written, and loading a backbone from anywhere.
+# =============================================================================
+
+
+# ----------------------------------------------------------------------------- data
+#
+# Every source ends up as a `datasets.Dataset` in an ImageSplit:
 #   None / "digits"   scikit-learn's handwritten digits, the offline default (no download)
 #   a folder written by Dataset.save_to_disk / DatasetDict.save_to_disk
 #   a folder of class sub-folders (ImageNet layout), flat or split into train/ val/ test/
@@ -988,8 +998,7 @@ def labels_of(split):
     return torch.from_numpy(column.fill_null(-1).to_numpy().astype(np.int64))
 
 
-# =============================================================================
-# What the scripts share: evaluation transform, features, kNN, exports, plots
+# ----------------------------------------------------------------------------- features and kNN
 
 
 def eval_transform(image_size, mean, std, resize=None):
@@ -1095,6 +1104,9 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
         predicted = (votes * num_classes + tie_break).argmax(1)
         correct += (predicted == test_labels[first:first + chunk]).sum().item()
     return {"top1": 100.0 * correct / len(test_features)}
+
+
+# ----------------------------------------------------------------------------- checkpoints, results, flags: nothing lost
 
 
 def write_export(export_dir, weights, config, card=None):
@@ -1551,8 +1563,7 @@ def exit_interrupted(interrupt, otherwise="interrupted"):
     sys.exit(130)
 
 
-# =============================================================================
-# Loading a backbone from anywhere, and publishing it on the Hugging Face Hub
+# ----------------------------------------------------------------------------- loading a backbone from anywhere
 #
 # load_backbone(source) accepts, and always loads strictly:
 #   1. an export folder (model.safetensors + config.json), or a bare .safetensors file (+ arch)
