@@ -284,16 +284,15 @@ def get_parser():
 
 
 def main(argv=None):
+    """What is not a training run (print the configuration, export a checkpoint, benchmarks, the studies) ends
+    here; a training run is `train`."""
     config = resolve_config(argv)
     if config.print_config:
-        print(json.dumps(vars(config), indent=2))
-        return
+        return print(json.dumps(vars(config), indent=2))
     if config.export_only:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.refuse_to_replace(config.output_dir, ["backbone"], config.overwrite)
-        export_backbone(checkpoint, Path(config.output_dir) / "backbone", config)
-        return
-
+        return export_backbone(checkpoint, Path(config.output_dir) / "backbone", config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               log_with=None if config.report_to == "none" else config.report_to,
                               project_dir=config.output_dir)
@@ -303,6 +302,11 @@ def main(argv=None):
         return benchmark_augment(config, accelerator)
     if config.study:
         return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
+    train(config, accelerator)
+
+
+def train(config, accelerator):
+    """Pretraining: data -> model -> optimiser -> resume -> the loop over epochs and batches -> export."""
     output_dir = Path(config.output_dir)
     log = Logger(output_dir, accelerator)
     prepare_output_dir(config, output_dir, accelerator, log)
@@ -313,6 +317,7 @@ def main(argv=None):
     train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column)
     global_batch = config.batch_size * accelerator.num_processes
     sampler, loader = training_loader(config, train_split, accelerator)
+    steps_per_epoch = sampler.batches_per_epoch
     knn_data = knn_splits(config, accelerator, train_split)
 
     # Model: built from the same seed on every process, then seeded per process for everything else.
@@ -325,60 +330,39 @@ def main(argv=None):
     # Optim: SGD or Adam, weight decay on every parameter or not on biases and normalisation parameters.
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
     peak_lr = config.lr * global_batch / 256
-    total_steps = config.epochs * sampler.batches_per_epoch
+    total_steps = config.epochs * steps_per_epoch
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else \
-        round(config.warmup_epochs * sampler.batches_per_epoch)
+        round(config.warmup_epochs * steps_per_epoch)
     log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
 
-    step = 0
+    # Resume: model, optimiser and RNG states, the step, and the log up to that step.
+    step, last_good = 0, None  # last_good: the newest checkpoint (maybe in another folder), or none yet
     if config.resume:
-        def check_state(checkpoint, state):
-            if not isinstance(state.get("step"), int):
-                raise ValueError(f"{checkpoint / 'trainer_state.json'} holds no step count: the file is damaged; "
-                                 "resume from another checkpoint")
-            if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-                raise ValueError(f"{checkpoint} was trained with {state['num_processes']} processes, this run has "
-                                 f"{accelerator.num_processes}: the global batch, and with it the data order and the "
-                                 "lr, would change; resume with the same number of processes")
-
-        checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
-                                                 say=log.info)
-        step = state["step"]
-        log.truncate_after(step)
-        log.info(f"resumed from {checkpoint} at step {step}")
+        last_good, step = resume(config, accelerator, output_dir, log)
     else:
         log.start()
     accelerator.init_trackers("intl", config={k: str(v) for k, v in vars(config).items()})
     log.info(f"{len(train_split.dataset)} training images, global batch {global_batch}, "
-             f"{sampler.batches_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
-    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
-    if recipe_batch and global_batch != recipe_batch:
-        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
-                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
-                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
+             f"{steps_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
+    note_batch_differs_from_recipe(config, global_batch, accelerator, log)
     if knn_data and step == 0:
         log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone, knn_data, accelerator)})
 
-    last_good = checkpoint if config.resume else None  # the one resumed from (maybe in another folder), or none yet
+    # The loop. After every step, in one place: logging, the spectrum, the kNN monitor, checkpoints.
     stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
     progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     model.train()
     tic, images_seen = time.time(), 0
     try:
-        while step < stop_at:
-            epoch, batch_in_epoch = divmod(step, sampler.batches_per_epoch)
-            sampler.set_epoch(epoch, start_batch=batch_in_epoch)
+        for epoch in range(step // steps_per_epoch, config.epochs):
+            sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
             for batch in loader:
-                lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, sampler.batches_per_epoch)
+                lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                if config.augment_on == "device":
-                    views = device_views(batch[0], batch[1], config, accelerator.device)
-                else:
-                    views = [v.to(accelerator.device, non_blocking=True) for v in batch[0]]
                 if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
                     accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
-                out = model(views, step=step, epoch=epoch)
+                out = model(training_views(batch, config, accelerator.device), step=step, epoch=epoch)
                 loss = out["loss"].item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
@@ -396,30 +380,64 @@ def main(argv=None):
                 if step % config.log_every == 0:
                     speed = images_seen / (time.time() - tic)
                     progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
-                    log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / sampler.batches_per_epoch,
-                                       "images_per_s": speed})
+                    log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / steps_per_epoch, "images_per_s": speed})
                 if step % config.spectrum_every == 0 or step == total_steps:
                     log.spectrum(step, out["z"], out["z_hat"], config.axis)
-                epoch_end = step % sampler.batches_per_epoch == 0
-                if epoch_end and knn_data and (step // sampler.batches_per_epoch % config.knn_every == 0
-                                               or step == total_steps):
+                epoch_end = step % steps_per_epoch == 0
+                if epoch_end and knn_data and ((epoch + 1) % config.knn_every == 0 or step == total_steps):
                     log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone,
                                                                 knn_data, accelerator)})
                 if step % config.save_every == 0 or epoch_end or step == stop_at:
-                    last_good = save_checkpoint(accelerator, config, step, sampler.batches_per_epoch, output_dir)
-                if step == stop_at or epoch_end:
+                    last_good = save_checkpoint(accelerator, config, step, steps_per_epoch, output_dir)
+                if step == stop_at:
                     break
+            if step == stop_at:
+                break
     except KeyboardInterrupt:
         raise intl.Interrupted(interrupted_message(step, last_good)) from None
     finally:
         progress.close()  # before any error message, so that the message is the last line
 
+    # Export: the backbone alone, the spectrum plot and the summary, once the last step is done.
     if step == total_steps:
         if accelerator.is_main_process:
             export_backbone(last_good, output_dir / "backbone", config, log.knn_result(step, config))
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
     accelerator.end_training()
+
+
+def training_views(batch, config, device):
+    """A loader batch -> the V views [B, 3, H_v, W_v] on the device (augmented there with --augment_on device)."""
+    if config.augment_on == "device":
+        return device_views(batch[0], batch[1], config, device)
+    return [v.to(device, non_blocking=True) for v in batch[0]]
+
+
+def resume(config, accelerator, output_dir, log):
+    """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its folder, its step)."""
+    def check_state(checkpoint, state):
+        if not isinstance(state.get("step"), int):
+            raise ValueError(f"{checkpoint / 'trainer_state.json'} holds no step count: the file is damaged; "
+                             "resume from another checkpoint")
+        if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+            raise ValueError(f"{checkpoint} was trained with {state['num_processes']} processes, this run has "
+                             f"{accelerator.num_processes}: the global batch, and with it the data order and the "
+                             "lr, would change; resume with the same number of processes")
+
+    checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
+                                             say=log.info)
+    log.truncate_after(state["step"])
+    log.info(f"resumed from {checkpoint} at step {state['step']}")
+    return checkpoint, state["step"]
+
+
+def note_batch_differs_from_recipe(config, global_batch, accelerator, log):
+    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
+    if recipe_batch and global_batch != recipe_batch:
+        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
+                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
+                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
 
 
 def prepare_output_dir(config, output_dir, accelerator, log):
