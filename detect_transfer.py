@@ -250,8 +250,9 @@ def main(argv=None):
     # Model: the backbone loaded strictly from its source; a resumed run takes every weight from its checkpoint.
     checkpoint = intl.find_checkpoint(config.resume, output_dir, "detection") if config.resume else None
     set_seed(config.seed)
-    model = build_detector(config, load_detection_backbone(config, random=checkpoint is not None),
-                           len(test["classes"]))
+    backbone, backbone_input = load_detection_backbone(config, random=checkpoint is not None)
+    config = argparse.Namespace(**{**vars(config), **backbone_input})  # its arch, and its mean / std unless given
+    model = build_detector(config, backbone, len(test["classes"]))
     if checkpoint is not None and config.eval_only:
         problem = intl.checkpoint_problem(checkpoint)
         if problem:
@@ -361,19 +362,18 @@ def resolve_config(argv=None):
         if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: OUTPUT_DIR/eval/step-N)
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
+    for key, value in ARCH_DEFAULTS[config.model.split("-")[1]].items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
+    if config.benchmark:
+        config.arch = config.arch or "resnet50"
     check_config(config)
     return config
 
 
 def check_config(config):
-    arch_kind = config.model.split("-")[1]
-    for key, value in ARCH_DEFAULTS[arch_kind].items():
-        if getattr(config, key) is None:
-            setattr(config, key, value)
     intl.check_ranges(config, RANGES)
     if config.benchmark or config.print_config:
-        if config.benchmark:
-            config.arch = config.arch or "resnet50"
         return
     if config.output_dir is None:
         raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
@@ -548,9 +548,10 @@ class DetectionTransform(GeneralizedRCNNTransform):
 
 
 def load_detection_backbone(config, random=False):
-    """The pretrained torchvision ResNet (fc = Identity), loaded strictly by intl.load_backbone; fills in
-    config.arch, mean and std from it. random: a freshly initialised ResNet of config.arch (for --backbone random,
-    or when a checkpoint provides every weight)."""
+    """The pretrained torchvision ResNet (fc = Identity), loaded strictly by intl.load_backbone -> (backbone,
+    {"arch", "mean", "std"}: its architecture and input normalisation, --mean / --std where given).
+    random: a freshly initialised ResNet of config.arch (for --backbone random, or when a checkpoint provides every
+    weight)."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         backbone_config = {"arch": config.arch, "stem": "imagenet", "mean": intl.IMAGENET_MEAN,
@@ -561,10 +562,8 @@ def load_detection_backbone(config, random=False):
         raise ValueError(f"{config.backbone} has the {backbone_config['stem']} stem (3x3 stride-1 conv): its res4 "
                          "does not have stride 16, so it does not fit the detectors; use a backbone pretrained with "
                          "the ImageNet stem")
-    config.arch = backbone_config["arch"]
-    config.mean = list(config.mean or backbone_config["mean"])
-    config.std = list(config.std or backbone_config["std"])
-    return backbone.train()
+    return backbone.train(), {"arch": backbone_config["arch"], "mean": list(config.mean or backbone_config["mean"]),
+                              "std": list(config.std or backbone_config["std"])}
 
 
 def build_detector(config, backbone, num_classes):

@@ -501,12 +501,12 @@ def resolve_config(argv=None):
             config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
                          "folder or a Hub dataset id")
+    config.mean, config.std = tuple(config.mean), tuple(config.std)
     check_config(config)
     return config
 
 
 def check_config(config):
-    config.mean, config.std = tuple(config.mean), tuple(config.std)
     if config.output_dir is None and not (config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     if not (isinstance(config.batch_size, int) and config.batch_size >= 2):

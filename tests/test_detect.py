@@ -1,6 +1,7 @@
 """detect_transfer.py: model builders, the VOC and COCO evaluators on hand-built cases, generated VOC / COCO
 datasets, learning on synthetic shapes, schedule / weight decay / precise BN, resume, evaluation-only, bad input."""
 
+import argparse
 import json
 import math
 import os
@@ -125,13 +126,18 @@ def write_coco(root, n_train=12, n_val=6, seed=0, size=96, crowd_in_first=True, 
 
 
 def make_config(*args):
-    """A parsed configuration with the per-architecture defaults filled in, for building models directly."""
-    config = dt.get_parser().parse_args(["--benchmark", "1", *map(str, args)])
-    dt.check_config(config)
+    """A resolved configuration (the per-architecture defaults filled in), for building models directly."""
+    config = dt.resolve_config(["--benchmark", "1", *map(str, args)])
     config.benchmark = 0
     if config.backbone is None:  # built from a bare ResNet: no export says the normalisation
         config.mean, config.std = list(intl.IMAGENET_MEAN), list(intl.IMAGENET_STD)
     return config
+
+
+def with_backbone(config):
+    """(the configuration with the backbone's arch and input normalisation, the backbone), as main builds them."""
+    backbone, backbone_input = dt.load_detection_backbone(config)
+    return argparse.Namespace(**{**vars(config), **backbone_input}), backbone
 
 
 def tiny_config(model="faster-c4", *args):
@@ -170,7 +176,7 @@ def r50_export(tmp_path_factory):
 
 def test_r50_c4_is_res2_to_res4_then_res5_with_one_extra_batchnorm_and_detectron2_heads(r50_export):
     config = make_config("--model", "faster-c4", "--backbone", r50_export)
-    model = dt.build_detector(config, dt.load_detection_backbone(config), num_classes=20)
+    model = dt.build_detector(*with_backbone(config), num_classes=20)
     weights = load_file(r50_export / "model.safetensors")
 
     # Every backbone weight is the export's, under torchvision's names; res5 sits in the box head.
@@ -207,7 +213,7 @@ def test_r50_c4_is_res2_to_res4_then_res5_with_one_extra_batchnorm_and_detectron
 
 def test_mask_c4_predicts_masks_from_res5_with_a_deconvolution(r50_export):
     config = make_config("--model", "mask-c4", "--backbone", r50_export)
-    model = dt.build_detector(config, dt.load_detection_backbone(config), num_classes=80)
+    model = dt.build_detector(*with_backbone(config), num_classes=80)
     heads = model.roi_heads
     assert heads.has_mask() and heads.mask_roi_pool is heads.box_roi_pool
     assert heads.mask_predictor.conv5_mask.in_channels == 2048 and heads.mask_predictor.conv5_mask.stride == (2, 2)
@@ -244,7 +250,7 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
     torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in weights.items()}}, official)
     for source in (good, official):
         config = tiny_config("faster-c4", "--backbone", source)
-        model = dt.build_detector(config, dt.load_detection_backbone(config), 2)
+        model = dt.build_detector(*with_backbone(config), 2)
         assert torch.equal(model.backbone.layer3[1].conv2.weight, weights["layer3.1.conv2.weight"])
         assert torch.equal(model.roi_heads.box_head.layer4[0].bn1.running_var, weights["layer4.0.bn1.running_var"])
         assert model.transform.image_mean == ([0.5, 0.4, 0.3] if source == good else list(intl.IMAGENET_MEAN))
