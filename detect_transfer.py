@@ -260,9 +260,7 @@ def main(argv=None):
         weights = load_file(checkpoint / "model.safetensors")
         intl.check_finite(weights, f"the weights of {checkpoint}")
         model.load_state_dict(weights, strict=True)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(accelerator.device)
+    model = intl.sync_batchnorm(model, accelerator).to(accelerator.device)
     say(f"{accelerator.num_processes} process(es) on {accelerator.device}; {config.model} on {config.arch}; "
         f"{len(test['classes'])} classes")
 
@@ -282,7 +280,8 @@ def main(argv=None):
         checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, "detection",
                                                  check_state=check_state, say=say)
         iteration = state["iteration"]
-        truncate_log(output_dir / "log.jsonl", iteration, accelerator)
+        if accelerator.is_main_process:
+            intl.truncate_jsonl(output_dir / "log.jsonl", iteration, key="iteration")
         say(f"resumed from {checkpoint} at iteration {iteration}")
     elif accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -854,8 +853,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
                              "of one orientation: lower --batch_size")
 
     def epoch_batches(self, epoch):
-        order = torch.randperm(len(self.landscape), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        order = order.numpy()
+        order = intl.epoch_order(len(self.landscape), self.seed, epoch).numpy()
         global_batch = self.batch_size * self.num_processes
         batches = []
         for orientation in (True, False):
@@ -1194,20 +1192,6 @@ def results_table(results):
 def save_checkpoint(accelerator, config, state, output_dir):
     return intl.save_state_atomically(accelerator, output_dir / "checkpoints" / f"step-{state['iteration']:08d}",
                                       "trainer_state.json", {**state, "config": vars(config)}, config.keep)
-
-
-def truncate_log(path, iteration, accelerator):
-    """Drop the log lines a resumed run will write again."""
-    if accelerator.is_main_process and path.is_file():
-        records = []
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a last line cut short by a crash is left out
-                records.append(json.loads(line))
-        kept = [r for r in records if isinstance(r, dict) and r.get("iteration", 0) <= iteration]
-        intl.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
-    elif accelerator.is_main_process:  # a copied checkpoints/ folder: the log starts again here
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
 
 
 # -----------------------------------------------------------------------------

@@ -1106,6 +1106,43 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     return {"top1": 100.0 * correct / len(test_features)}
 
 
+# ----------------------------------------------------------------------------- the loops of the three stages
+
+
+def epoch_order(num_samples, seed, epoch):
+    """The shuffled sample order of one epoch, from (seed, epoch) alone: the same on every process and again after
+    a resume. -> a permutation of range(num_samples) [num_samples]."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def sync_batchnorm(model, accelerator):
+    """With several GPU processes, BatchNorm statistics over the global batch (the authors' runs); else unchanged."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def read_jsonl(path):
+    """The JSON objects of a JSON-lines file, none if it is missing; a last line cut short by a crash is left out."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict)]
+
+
+def truncate_jsonl(path, last, key="step"):
+    """On resume: keep the records of a JSON-lines log up to `last` (by `key`), drop what will be written again.
+    Without the file (a copied checkpoints/ folder) an empty one is started."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in read_jsonl(path) if r.get(key, 0) <= last]
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 # ----------------------------------------------------------------------------- checkpoints, results, flags: nothing lost
 
 

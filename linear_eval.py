@@ -419,10 +419,8 @@ def weighted_cosine_knn(train_features, train_labels, test_features, test_labels
         similarity, nearest = (queries @ train_n.t()).topk(k, dim=1)
         votes = torch.zeros(len(queries), num_classes)
         votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())
-        ranked = votes.topk(min(5, num_classes), dim=1).indices
-        hit = ranked == test_labels[start:start + chunk, None]
-        hits1 += hit[:, 0].sum().item()
-        hits5 += hit.any(dim=1).sum().item()
+        top1, top5 = count_hits(votes.topk(min(5, num_classes), dim=1).indices, test_labels[start:start + chunk])
+        hits1, hits5 = hits1 + top1, hits5 + top5
     return {"top1": 100.0 * hits1 / len(test_features), "top5": 100.0 * hits5 / len(test_features)}
 
 
@@ -460,9 +458,14 @@ def cached_lr(epoch, epochs, lr, min_lr):
 
 
 def topk_accuracy(logits, labels):
-    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    top1, top5 = count_hits(logits.topk(min(5, logits.shape[1]), dim=1).indices, labels)
+    return {"top1": 100.0 * top1 / len(labels), "top5": 100.0 * top5 / len(labels)}
+
+
+def count_hits(ranked, labels):
+    """The five best classes of each image, best first [N, <=5], and the labels [N] -> (top-1 hits, top-5 hits)."""
     hit = ranked == labels[:, None]
-    return {"top1": 100.0 * hit[:, 0].sum().item() / len(labels), "top5": 100.0 * hit.any(dim=1).sum().item() / len(labels)}
+    return hit[:, 0].sum().item(), hit.any(dim=1).sum().item()
 
 
 def trained_record(name, settings, history):
@@ -502,8 +505,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.num_samples
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        return iter(intl.epoch_order(self.num_samples, self.seed, self.epoch).tolist())
 
 
 def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_split, num_classes, image_size,
@@ -529,9 +531,7 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
     scale = global_batch / 256
     groups = [{"params": list(head.parameters()), "base_lr": settings["lr"] * scale}]
     if finetune:
-        model = Classifier(backbone, head)
-        if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = intl.sync_batchnorm(Classifier(backbone, head), accelerator)
         groups.append({"params": list(model.backbone.parameters()), "base_lr": settings["lr_backbone"] * scale})
     else:
         model = head
@@ -670,10 +670,8 @@ def evaluate(forward, loader, accelerator, num_classes):
             logits = forward(images)
         ranked = logits.float().topk(min(5, num_classes), dim=1).indices
         ranked, labels = accelerator.gather_for_metrics((ranked.contiguous(), labels))
-        hit = ranked == labels[:, None]
-        hits1 += hit[:, 0].sum().item()
-        hits5 += hit.any(dim=1).sum().item()
-        count += len(labels)
+        top1, top5 = count_hits(ranked, labels)
+        hits1, hits5, count = hits1 + top1, hits5 + top5, count + len(labels)
     return {"top1": 100.0 * hits1 / count, "top5": 100.0 * hits5 / count, "n_evaluated": count}
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -322,9 +321,7 @@ def train(config, accelerator):
 
     # Model: built from the same seed on every process, then seeded per process for everything else.
     set_seed(config.seed)
-    model = build_model(config)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = intl.sync_batchnorm(build_model(config), accelerator)
     set_seed(config.seed, device_specific=True)
 
     # Optim: SGD or Adam, weight decay on every parameter or not on biases and normalisation parameters.
@@ -658,7 +655,7 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
     def __iter__(self):
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = intl.epoch_order(self.num_samples, self.seed, self.epoch)
         global_batch = self.batch_size * self.num_processes
         for b in range(self.start_batch, self.batches_per_epoch):
             start = b * global_batch + self.rank * self.batch_size
@@ -1232,12 +1229,10 @@ class Logger:
         if not self.accelerator.is_main_process:
             return
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
                       "steps are not in it)")
         for path in (self.path, self.spectra_path):
-            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-            intl.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+            intl.truncate_jsonl(path, step)
         self.warned = any("warning" in r for r in self.records())
 
     def info(self, message):
@@ -1281,14 +1276,14 @@ class Logger:
 
     def plot_spectra(self, path):
         """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
-        spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in read_jsonl(self.spectra_path)]
+        spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in intl.read_jsonl(self.spectra_path)]
         if spectra:
             plot_spectra(spectra, path)
             self.info(f"spectrum plot: {path}")
 
     def records(self):
         """The logged records; none without a log."""
-        return read_jsonl(self.path)
+        return intl.read_jsonl(self.path)
 
     def knn_result(self, step, config):
         """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
@@ -1347,19 +1342,6 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
     def step_of(i):
         return min((i + 1) * spectrum_every, total_steps)
     return {step_of(round(i * (logged - 1) / max(1, curves - 1))) for i in range(curves)}
-
-
-def read_jsonl(path):
-    """The JSON objects of a JSON-lines file, none if it is missing; a last line cut short by a crash is left out."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in records if isinstance(r, dict)]
 
 
 # -----------------------------------------------------------------------------
@@ -1469,7 +1451,7 @@ def plot_study(study, rows, output_dir):
     for row in rows:
         spectra = output_dir / row["run"] / "spectrum.jsonl"
         if not row["error"] and spectra.exists():
-            final = read_jsonl(spectra)[-1]
+            final = intl.read_jsonl(spectra)[-1]
             for ax, key in zip(axes, ("z", "z_hat")):
                 ax.plot(range(1, len(final[key]) + 1), [max(v, 1e-12) for v in final[key]], label=row["run"])
     for ax, name in zip(axes, ("Z", "Z_hat")):

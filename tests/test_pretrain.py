@@ -108,7 +108,7 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path):
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
     # The plot draws the spectra of the whole run, the ones logged before the interruption included.
-    expected, resumed = pretrain.read_jsonl(whole / "spectrum.jsonl"), pretrain.read_jsonl(parts / "spectrum.jsonl")
+    expected, resumed = intl.read_jsonl(whole / "spectrum.jsonl"), intl.read_jsonl(parts / "spectrum.jsonl")
     assert [r["step"] for r in resumed] == [r["step"] for r in expected] == [4, 8, 11]
     for before, after in zip(expected, resumed):
         assert after["z"] == pytest.approx(before["z"], rel=1e-4, abs=1e-9)
@@ -436,9 +436,9 @@ def test_the_plot_keeps_a_bounded_number_of_spectra_evenly_spread_first_and_last
 
 def test_a_run_writes_only_the_plotted_spectra_as_it_goes(tiny_images, tmp_path):
     tiny(tiny_images, "--output_dir", tmp_path, "--epochs", 3, "--spectrum_every", 1)  # 12 steps
-    written = pretrain.read_jsonl(tmp_path / "spectrum.jsonl")
+    written = intl.read_jsonl(tmp_path / "spectrum.jsonl")
     assert [r["step"] for r in written] == sorted(pretrain.plotted_steps(12, 1)) == [1, 3, 5, 8, 10, 12]
-    logged = [r["step"] for r in pretrain.read_jsonl(tmp_path / "log.jsonl") if "erank_z" in r]
+    logged = [r["step"] for r in intl.read_jsonl(tmp_path / "log.jsonl") if "erank_z" in r]
     assert logged == list(range(1, 13))
 
 
@@ -461,7 +461,7 @@ def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_summary(tmp_path, ca
         for i in range(8):
             Image.new("RGB", (8, 8), (128, 128, 128)).save(tmp_path / "grey" / f"class_{c}" / f"{i}.png")
     tiny(tmp_path / "grey", "--output_dir", tmp_path / "run", "--epochs", 1, "--batch_size", 16, "--jitter", "0,0,0,0")
-    warnings = [r for r in pretrain.read_jsonl(tmp_path / "run" / "log.jsonl") if "warning" in r]
+    warnings = [r for r in intl.read_jsonl(tmp_path / "run" / "log.jsonl") if "warning" in r]
     assert len(warnings) == 1 and "the embedding has collapsed at step 1" in warnings[0]["warning"]
     summary = capsys.readouterr().out.split("summary (first logged -> last logged):")[1]
     assert "warning (step 1): the embedding has collapsed" in summary
