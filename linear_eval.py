@@ -752,6 +752,14 @@ def benchmark_knn(n_train, n_test, dim, k=5):
     The features are filled in place (no temporary the size of the set), so the peak is the features plus what
     the kNN itself holds. GPU: peak allocated on the device (the features stay on the CPU and go over in blocks);
     CPU: peak resident set of the process during the kNN (Linux's VmHWM, reset before it), features included.
+
+    Measured on 2 CPU cores shared with other jobs (float32, k = 5): 1,281,167 training x 2,000 test
+    features of width 2048 took 237 s with a peak resident set of 10.9 GiB, of which the features are
+    9.8 GiB and the kNN's own blocks 0.39 GiB. Time grows linearly with the test set, so the full
+    50,000 ImageNet validation images would take about 25 x 237 s, some 1.6 h, on that CPU in the
+    same memory (no GPU was available to measure). At 128,000 x 2,000 the previous float64
+    implementation needed 4.9 GiB beyond the features and 52 s, against 0.39 GiB and 24 s now; at
+    ImageNet size its float64 copy of the training set alone would be 19.5 GiB.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(0)
