@@ -198,8 +198,11 @@ def main(argv=None):
     # Model: any backbone source, loaded strictly, frozen.
     backbone, backbone_config = intl.load_backbone(args.backbone, args.arch, args.revision, args.stem)
     backbone.requires_grad_(False).to(accelerator.device)
-    image_size = args.image_size or backbone_config["image_size"]
-    mean, std = args.mean or backbone_config["mean"], args.std or backbone_config["std"]
+    # The input the backbone was trained for, unless given: from here on, args holds the values used.
+    args = argparse.Namespace(**{**vars(args), "image_size": args.image_size or backbone_config["image_size"],
+                                 "mean": args.mean or backbone_config["mean"], "std": args.std or backbone_config["std"],
+                                 "eval_resize": None if args.image_size else backbone_config.get("eval_resize")})
+    image_size = args.image_size
     say(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {args.backbone}: "
         f"{backbone_config['arch']}, {backbone_config['feature_dim']}-d features, input {image_size} px")
     recipe = evaluation_recipe(args.recipe, backbone_config) if trained else None
@@ -211,8 +214,7 @@ def main(argv=None):
     data = dict(dataset=args.dataset, train_split=args.train_split, test_split=args.test_split,
                 n_train=len(train_split.dataset), n_test=len(test_split.dataset), num_classes=num_classes)
     say(f"{args.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} classes")
-    eval_resize = None if args.image_size else backbone_config.get("eval_resize")  # CW-RGP STL-10: 70 for 64
-    eval_images = intl.eval_transform(image_size, mean, std, eval_resize)
+    eval_images = intl.eval_transform(image_size, args.mean, args.std, args.eval_resize)  # CW-RGP STL-10: 70 for 64
 
     # Frozen features, extracted once without augmentation, for knn and linear-cached.
     if {"knn", "linear-cached"} & set(args.protocol):
@@ -228,9 +230,8 @@ def main(argv=None):
             record = run_linear_cached(features, num_classes, args, accelerator)
         else:
             try:
-                record = run_trained_protocol(protocol, backbone, backbone_config["feature_dim"], train_split,
-                                              test_split, num_classes, image_size, mean, std, args, accelerator,
-                                              output_dir, say, recipe)
+                record = run_trained_protocol(protocol, backbone, (train_split, test_split, num_classes), args,
+                                              accelerator, recipe)
             except KeyboardInterrupt:
                 raise intl.Interrupted(interrupted_message(protocol, output_dir)) from None
             if record is None:  # --stop_after_epochs
@@ -508,8 +509,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(intl.epoch_order(self.num_samples, self.seed, self.epoch).tolist())
 
 
-def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_split, num_classes, image_size,
-                         mean, std, args, accelerator, output_dir, say, recipe):
+def run_trained_protocol(protocol, backbone, splits, args, accelerator, recipe):
+    """linear or finetune: SGD on the (augmented) training split, evaluated on the test split, checkpointed every
+    epoch. splits: (train, test, number of classes). -> the protocol's record, or None after --stop_after_epochs."""
+    train_split, test_split, num_classes = splits
+    image_size, mean, std, output_dir = args.image_size, args.mean, args.std, Path(args.output_dir)
+    say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     finetune = protocol == "finetune"
     if finetune:
         train_split = training_subset(train_split, num_classes, args)
@@ -523,7 +528,7 @@ def run_trained_protocol(protocol, backbone, feature_dim, train_split, test_spli
     epochs = settings["epochs"]
 
     set_seed(args.seed)
-    head = nn.Linear(feature_dim, num_classes)
+    head = nn.Linear(backbone.feature_dim, num_classes)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
     global_batch = settings["batch_size"]
