@@ -375,6 +375,7 @@ def train(config, accelerator):
     progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     model.train()
     tic, images_seen = time.time(), 0
+    watch = NonFiniteWatch(accelerator.device)
     try:
         for epoch in range(step // steps_per_epoch, config.epochs):
             sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
@@ -385,13 +386,7 @@ def train(config, accelerator):
                 if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
                     accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
                 out = model(training_views(batch, config, accelerator.device), step=step, epoch=epoch)
-                loss = out["loss"].item()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss} at step {step}; the last good checkpoint is "
-                                             f"{last_good or 'none'}. Lower --lr or use --mixed_precision no; IterNorm "
-                                             "with many --iters: try --coupled; with an eigendecomposition (st, cw-rgp, "
-                                             "wmse) the covariance may be singular in practice: --w_eps helps"
-                                             + log.collapse_note())
+                watch.record(out["loss"], step)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(out["loss"])
                 optimizer.step()
@@ -399,17 +394,23 @@ def train(config, accelerator):
                 images_seen += global_batch
                 progress.update(1)
 
-                if step % config.log_every == 0:
+                # The host reads the device only here: at these steps, whether a loss was non-finite comes first.
+                epoch_end = step % steps_per_epoch == 0
+                log_now, spectrum_now = step % config.log_every == 0, step % config.spectrum_every == 0
+                save_now = step % config.save_every == 0 or epoch_end or step == stop_at
+                if log_now or spectrum_now or save_now or step == total_steps:
+                    watch.check(last_good, log.collapse_note())
+                if log_now:
+                    loss = out["loss"].item()
                     speed = images_seen / (time.time() - tic)
                     progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
                     log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / steps_per_epoch, "images_per_s": speed})
-                if step % config.spectrum_every == 0 or step == total_steps:
+                if spectrum_now or step == total_steps:
                     log.spectrum(step, out["z"], out["z_hat"], config.axis)
-                epoch_end = step % steps_per_epoch == 0
                 if epoch_end and knn_data and ((epoch + 1) % config.knn_every == 0 or step == total_steps):
                     log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone,
                                                                 knn_data, accelerator)})
-                if step % config.save_every == 0 or epoch_end or step == stop_at:
+                if save_now:
                     last_good = save_checkpoint(accelerator, config, step, steps_per_epoch, output_dir)
                 if step == stop_at:
                     break
@@ -427,6 +428,28 @@ def train(config, accelerator):
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
     accelerator.end_training()
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss was NaN or Inf, so that the training step never waits
+    for the host; `check` reads it (one synchronisation) where the loop reads the device anyway."""
+
+    def __init__(self, device):
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_loss = torch.zeros((), device=device)
+
+    def record(self, loss, step):
+        first = (self.first_step < 0) & ~torch.isfinite(loss.detach())
+        self.first_step = torch.where(first, step, self.first_step)
+        self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
+
+    def check(self, last_good, note=""):
+        step = self.first_step.item()
+        if step >= 0:
+            raise FloatingPointError(
+                f"the loss is {self.first_loss.item()} at step {step}; the last good checkpoint is {last_good or 'none'}. "
+                "Lower --lr or use --mixed_precision no; IterNorm with many --iters: try --coupled; with an "
+                "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note)
 
 
 def training_views(batch, config, device):

@@ -493,3 +493,23 @@ def test_ctrl_c_stops_with_one_line_saying_the_step_and_how_to_continue_and_exit
     assert re.fullmatch(r"interrupted at step \d+; continue with --resume latest \(from the last checkpoint, "
                         r"step-\d{8}\)", last), last
     assert "Traceback" not in stderr
+
+
+def test_the_first_non_finite_loss_is_kept_on_the_device_and_reported_with_its_step():
+    watch = pretrain.NonFiniteWatch("cpu")
+    watch.record(torch.tensor(1.0), 0)
+    watch.check(None)
+    watch.record(torch.tensor(float("nan")), 1)
+    watch.record(torch.tensor(float("inf")), 2)
+    with pytest.raises(FloatingPointError, match="the loss is nan at step 1; the last good checkpoint is step-0"):
+        watch.check("step-0")
+
+
+def test_a_diverging_run_names_the_same_first_bad_step_however_rarely_it_logs(tiny_images, tmp_path):
+    messages = []
+    for log_every in (1, 3):
+        with pytest.raises(FloatingPointError) as info:
+            tiny(tiny_images, "--output_dir", tmp_path / str(log_every), "--epochs", 4, "--lr", "1e12",
+                 "--warmup_epochs", 0, "--log_every", log_every, "--save_every", 100)
+        messages.append(str(info.value).split(";")[0])
+    assert messages[0] == messages[1] and messages[0].startswith("the loss is ")
