@@ -673,6 +673,7 @@ def test_presets_set_the_recipe_and_explicit_flags_win():
     assert coco.model == "mask-fpn" and coco.iterations == 180000 and coco.rpn_pre_nms_train == 2000
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_with_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "detect_transfer.py"), "--dataset", "voc", "--data_root",
                              str(tmp_path), "--backbone", "random", "--arch", "resnet18", "--output_dir",
@@ -680,6 +681,10 @@ def test_bad_input_is_refused_with_a_one_line_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith(f"error: no VOC 2007-test under {tmp_path}") and "VOCdevkit/VOC2007" in result.stderr
+
+
+def test_bad_flag_combinations_are_refused_naming_what_to_change(tmp_path):
+    # The command line turns each into one `error: ...` line (above).
     base = ["--output_dir", str(tmp_path / "out"), "--data_root", str(tmp_path)]
     for argv, message in [
         (["--dataset", "voc", "--model", "mask-c4", "--backbone", "random", "--arch", "resnet50"], "instance masks"),
@@ -695,6 +700,7 @@ def test_bad_input_is_refused_with_a_one_line_error(tmp_path):
             dt.resolve_config(base + argv)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_and_evaluate_every_test_image_once(tmp_path):
     root = write_voc(tmp_path / "voc", n_trainval=8, n_test=5)
     result = subprocess.run(
