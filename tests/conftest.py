@@ -38,5 +38,5 @@ def digits_run(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts real processes (a script's command line, Ctrl-C, several "
-                                       "processes), itself or through a fixture; deselect with -m 'not slow' "
-                                       "(about a minute or two)")
+                                       "processes), itself or through a fixture, or trains for over a minute; "
+                                       "deselect with -m 'not slow' (a loop of a minute or two)")
