@@ -604,6 +604,8 @@ def main(*args):
     dt.main([str(a) for a in SMALL + VOC_ARGS + list(args)] if "--resume" not in args else [str(a) for a in args])
 
 
+# The learning run lasts over a minute: its tests are marked slow, as those that start processes are, so that
+# `-m "not slow"` stays a quick loop.
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """A ResNet-18 C4 Faster R-CNN trained from random init for 150 iterations on synthetic shapes (96 px)."""
@@ -615,6 +617,7 @@ def learned(tmp_path_factory):
     return root, output_dir, json.loads((output_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_learns_synthetic_shapes_from_random_init_well_above_chance(learned):
     _, output_dir, results = learned
     assert results["bbox"]["AP50"] > 50  # chance is ~0; measured 80.6 here
@@ -630,6 +633,7 @@ def test_learns_synthetic_shapes_from_random_init_well_above_chance(learned):
     assert state["iteration"] == 150 and state["precise_bn_done"]
 
 
+@pytest.mark.slow
 def test_eval_only_on_the_final_checkpoint_reproduces_the_results(learned, tmp_path):
     root, output_dir, results = learned
     dt.main(["--eval_only", "--resume", str(output_dir / "checkpoints" / "step-00000150"), "--data_root", str(root),
@@ -679,6 +683,7 @@ def test_presets_set_the_recipe_and_explicit_flags_win():
     assert coco.model == "mask-fpn" and coco.iterations == 180000 and coco.rpn_pre_nms_train == 2000
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_with_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "detect_transfer.py"), "--dataset", "voc", "--data_root",
                              str(tmp_path), "--backbone", "random", "--arch", "resnet18", "--output_dir",
@@ -686,6 +691,10 @@ def test_bad_input_is_refused_with_a_one_line_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith(f"error: no VOC 2007-test under {tmp_path}") and "VOCdevkit/VOC2007" in result.stderr
+
+
+def test_bad_flag_combinations_are_refused_naming_what_to_change(tmp_path):
+    # The command line turns each into one `error: ...` line (above).
     base = ["--output_dir", str(tmp_path / "out"), "--data_root", str(tmp_path)]
     for argv, message in [
         (["--dataset", "voc", "--model", "mask-c4", "--backbone", "random", "--arch", "resnet50"], "instance masks"),
@@ -701,6 +710,7 @@ def test_bad_input_is_refused_with_a_one_line_error(tmp_path):
             dt.resolve_config(base + argv)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_and_evaluate_every_test_image_once(tmp_path):
     root = write_voc(tmp_path / "voc", n_trainval=8, n_test=5)
     result = subprocess.run(
@@ -745,11 +755,14 @@ def test_a_broken_coco_json_is_refused_naming_the_annotation_or_what_is_missing(
         dt.coco_data(json_file, images, masks=False)
 
 
-def test_eval_only_writes_next_to_the_run_and_never_over_its_results_without_overwrite(learned, tmp_path):
-    root, output_dir, _ = learned
-    checkpoint = output_dir / "checkpoints" / "step-00000150"
+def test_eval_only_writes_next_to_the_run_and_never_over_its_results_without_overwrite(tmp_path):
+    root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
+    output_dir = tmp_path / "run"
+    main("--data_root", root, "--output_dir", output_dir, "--iterations", 2, "--lr_steps", "--warmup_iters", 0,
+         "--precise_bn", 0)
+    checkpoint = output_dir / "checkpoints" / "step-00000002"
     config = dt.resolve_config(["--eval_only", "--resume", str(checkpoint), "--data_root", str(root)])
-    assert config.output_dir == str(output_dir / "eval" / "step-00000150")  # not the run's own results.json
+    assert config.output_dir == str(output_dir / "eval" / "step-00000002")  # not the run's own results.json
     before = (output_dir / "results.json").read_text()
     with pytest.raises(ValueError, match=f"--output_dir {output_dir} already holds results.json of an earlier run, "
                                          "which this command would replace"):

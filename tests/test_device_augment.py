@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import intl
 import pretrain
-from test_pretrain import SMALL, losses, run
+from test_pretrain import losses
 
 # Float ops on the same float input: only rounding-order differences remain.
 ATOL = 1e-5
@@ -151,12 +151,20 @@ def test_draft_decoded_jpegs_of_odd_size_give_every_crop_inside_the_image(tmp_pa
 
 
 def test_pretraining_runs_end_to_end_with_the_device_path_and_resumes_exactly(tmp_path):
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run("--output_dir", whole, *SMALL, "--augment_on", "device")
-    run("--output_dir", parts, *SMALL, "--augment_on", "device", "--stop_after_steps", "5")
-    run("--output_dir", parts, "--resume", "latest", *SMALL)
-    expected, resumed = losses(whole), losses(parts)
-    assert sorted(expected) == list(range(1, 12))
+    generator = torch.Generator().manual_seed(0)
+    for i in range(32):  # 4 steps of 8 images per epoch
+        (tmp_path / "images" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "images" / f"class_{i % 2}" / f"{i}.png")
+    flags = ["--dataset", str(tmp_path / "images"), "--image_size", "16", "--batch_size", "8", "--projector",
+             "32-32-32", "--arch", "resnet18", "--num_workers", "0", "--knn_every", "0", "--log_every", "1",
+             "--spectrum_every", "4", "--epochs", "2"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    pretrain.main(["--output_dir", whole, *flags, "--augment_on", "device"])
+    pretrain.main(["--output_dir", parts, *flags, "--augment_on", "device", "--stop_after_steps", "3"])
+    pretrain.main(["--output_dir", parts, "--resume", "latest", *flags])
+    expected, resumed = losses(tmp_path / "whole"), losses(tmp_path / "parts")
+    assert sorted(expected) == list(range(1, 9))
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 

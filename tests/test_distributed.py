@@ -129,6 +129,7 @@ def two_process_results(tmp_path_factory):
     return torch.load(out_file, weights_only=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,axis,n_views", LOSS_CASES)
 def test_two_process_intl_loss_and_gradients_equal_single_process_on_global_batch(
     two_process_results, name, axis, n_views
@@ -151,6 +152,7 @@ def test_two_process_intl_loss_and_gradients_equal_single_process_on_global_batc
     torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", MODULE_CASES)
 def test_two_process_module_of_every_method_matches_single_process_loss_and_gradients(two_process_results, method):
     res = two_process_results[method]
@@ -206,6 +208,7 @@ SLOW_RANK_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_atomic_checkpoint_holds_every_process_state_even_when_one_process_is_slow(tmp_path):
     script = tmp_path / "save.py"
     script.write_text(SLOW_RANK_SAVE.format(root=ROOT))

@@ -7,7 +7,27 @@ import pytest
 import torch
 
 import intl
-from test_pretrain import SMALL, run
+import pretrain
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """ROOT/class_x/*.png: 64 generated 8 x 8 images in 2 classes."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("family") / "images"
+    generator = torch.Generator().manual_seed(0)
+    for i in range(64):
+        (root / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (8, 8, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"class_{i % 2}" / f"{i}.png")
+    return root
+
+
+def small(images, *args):
+    """A run's flags on the generated images, at a budget of seconds."""
+    return ["--dataset", str(images), "--arch", "resnet18", "--projector", "64-64-64", "--num_workers", "0",
+            "--knn_every", "0", "--augment_on", "cpu", "--log_every", "1", *map(str, args)]
 
 
 def reference_cw_rgp(h, groups, perm, axis):
@@ -101,29 +121,33 @@ def test_singular_or_impossible_whitening_settings_say_what_to_change(call, mess
 
 @pytest.mark.parametrize("method_flags", [
     ["--method", "st", "--power", "0.5", "--projector", "256-256-256", "--w_eps", "1e-3"],
-    ["--method", "cw-rgp", "--projector", "64-256", "--groups", "2", "--w_size", "64", "--num_views", "4",
-     "--w_eps", "1e-3"],
-    ["--method", "wmse", "--projector", "64-16", "--w_size", "64"],
+    ["--method", "cw-rgp", "--projector", "64-256", "--groups", "2", "--w_size", "16", "--num_views", "4",
+     "--w_eps", "1e-3"],  # 2 sub-batches of 16
+    ["--method", "wmse", "--projector", "64-16", "--w_size", "32", "--batch_size", "64"],  # 2 sub-batches of 32 > 16
     ["--method", "intl-m", "--small_crops", "8,8"],
 ])
-def test_each_method_trains_end_to_end_through_pretrain(tmp_path, method_flags):
-    run("--output_dir", tmp_path, *SMALL, *method_flags, "--stop_after_steps", "3", "--knn_every", "0")
+def test_each_method_trains_end_to_end_through_pretrain(images, tmp_path, method_flags):
+    pretrain.main(small(images, "--output_dir", tmp_path, "--image_size", 16, "--batch_size", 32, "--epochs", 3,
+                        *method_flags, "--stop_after_steps", 3))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
 
 
-def test_power_study_writes_table_and_figures_and_records_failed_runs(tmp_path):
-    result = run("--study", "power", "--study_values", "0,0.5", *SMALL, "--projector", "64-64-64", "--w_eps", "0",
-                 "--output_dir", tmp_path)
+@pytest.mark.slow
+def test_power_study_writes_table_and_figures_and_records_failed_runs(images, tmp_path, capsys, monkeypatch):
+    # The study in this process; each of its runs is a process of its own (one thread each, as conftest's).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    pretrain.main(small(images, "--study", "power", "--study_values", "0,0.5", "--image_size", 8, "--batch_size", 16,
+                        "--epochs", 1, "--projector", "8-8-8", "--w_eps", "0", "--output_dir", tmp_path))
     rows = json.loads((tmp_path / "power_study.json").read_text())
     assert [r["power"] for r in rows] == [0, 0.5]
     assert rows[0]["error"] == "" and rows[0]["lg_ioc_z"] is not None
-    # B = 128 samples over D = 64 channels: whitening is impossible, and the table says so.
+    # B = 16 samples over D = 8 channels: whitening is impossible, and the table says so.
     assert "singular by construction" in rows[1]["error"]
     for name in ("power_study.csv", "power_study.png", "power_study_spectra.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "power study: 2 runs" in result.stdout
+    assert "power study: 2 runs" in capsys.readouterr().out
 
 
 def test_eigendecomposition_gradients_stay_finite_and_exact_when_eigenvalues_repeat():
@@ -212,8 +236,12 @@ def test_cw_rgp_objective_draws_a_fresh_permutation_per_sub_batch_view_and_repea
     assert loss.item() == pytest.approx(sum(pair_losses).item() / len(pair_losses), rel=1e-9)
 
 
-def test_trace_study_trains_each_t_with_and_without_the_trace_loss(tmp_path):
-    result = run("--study", "trace", "--study_values", "2", *SMALL, "--output_dir", tmp_path)
+@pytest.mark.slow
+def test_trace_study_trains_each_t_with_and_without_the_trace_loss(images, tmp_path, capsys, monkeypatch):
+    # The study in this process; each of its runs is a process of its own (one thread each, as conftest's).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    pretrain.main(small(images, "--study", "trace", "--study_values", "2", "--image_size", 8, "--batch_size", 16,
+                        "--epochs", 1, "--projector", "16-16-16", "--output_dir", tmp_path))
     rows = json.loads((tmp_path / "trace_study.json").read_text())
     assert [(r["iters"], r["trace_loss"]) for r in rows] == [(2, True), (2, False)]
     assert all(r["error"] == "" and r["lg_ioc_z"] is not None for r in rows)
@@ -221,4 +249,4 @@ def test_trace_study_trains_each_t_with_and_without_the_trace_loss(tmp_path):
     assert [c["recipe"]["beta"] for c in configs] == [None, 0]  # None: the default beta of the objective
     for name in ("trace_study.csv", "trace_study.png", "trace_study_spectra.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "trace study: 2 runs" in result.stdout
+    assert "trace study: 2 runs" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import intl
 from intl import CIFAR_MEAN, load_backbone
-from pretrain import export_backbone_from, get_export_parser, main_export, push_export_to_hub, write_model_card
+from pretrain import export_backbone_from, main_export, push_export_to_hub, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,
@@ -146,6 +146,7 @@ def populate_hub_cache(cache, repo_id, revisions):
         (storage / "refs" / ref).write_text(commit)
 
 
+@pytest.mark.slow
 def test_hub_id_and_revision_load_from_the_local_hub_cache_with_hf_hub_offline(export, tmp_path):
     other = tmp_path / "other"
     intl.write_export(other, backbone_weights(1), CONFIG)
@@ -273,10 +274,6 @@ def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previou
         export_backbone_from(export, copy, results=[tmp_path / "missing.json"])
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "export"]  # no temporary folder left behind
-
-
-def test_every_export_flag_has_help():
-    assert all(action.help for action in get_export_parser()._actions)
 
 
 # ----------------------------------------------------------------------------- nothing lost, nothing silently wrong

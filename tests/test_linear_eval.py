@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import intl
 import linear_eval
+import pretrain
 from intl import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 def run(script, *args, env=None, check=True, launcher=None):
     command = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, **OFFLINE, **(env or {})})
+                            env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -36,19 +37,21 @@ def evaluate(*args):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A ResNet-18 pretrained for 2 epochs on digits at 16 px: OUTPUT_DIR with backbone/, checkpoints/, log.jsonl."""
+def pretrained(folder, tmp_path_factory):
+    """A ResNet-18 pretrained in this process for 2 epochs (6 steps) at 16 px on the 24 training images of `folder`:
+    OUTPUT_DIR with backbone/, checkpoints/, log.jsonl. (The digits run of the README: conftest's digits_run.)"""
     output_dir = tmp_path_factory.mktemp("pretrain")
-    run("pretrain.py", "--output_dir", output_dir, "--image_size", "16", "--batch_size", "128",
-        "--projector", "64-64-64", "--num_workers", "0", "--epochs", "2", "--knn_every", "2")
+    pretrain.main(["--dataset", str(folder), "--output_dir", str(output_dir), "--image_size", "16", "--batch_size", "8",
+                   "--projector", "16-16-16", "--arch", "resnet18", "--num_workers", "0", "--epochs", "2",
+                   "--knn_every", "0", "--augment_on", "cpu"])
     return output_dir
 
 
 @pytest.fixture(scope="module")
-def initial(pretrained, tmp_path_factory):
-    """The same network at initialisation: pretrain.py builds its backbone right after seeding with 0."""
+def initial(digits_run, tmp_path_factory):
+    """The digits run's network at initialisation: pretrain.py builds its backbone right after seeding with 0."""
     export = tmp_path_factory.mktemp("init") / "backbone"
-    config = json.loads((pretrained / "backbone" / "config.json").read_text())
+    config = json.loads((digits_run[0] / "backbone" / "config.json").read_text())
     torch.manual_seed(0)
     intl.write_export(export, intl.build_backbone("resnet18", "imagenet").state_dict(), {**config, "epochs_trained": 0})
     return export
@@ -77,7 +80,9 @@ def folder(tmp_path_factory):
 TINY = ["--epochs", "3", "--batch_size", "8", "--lr", "0.05", "--eval_batch_size", "4"]
 
 
-def test_default_run_is_offline_on_digits_and_pretraining_beats_initialisation(pretrained, initial, tmp_path):
+@pytest.mark.slow
+def test_default_run_is_offline_on_digits_and_pretraining_beats_initialisation(digits_run, initial, tmp_path):
+    pretrained = digits_run[0]
     result = run("linear_eval.py", "--backbone", pretrained / "backbone")
     records = {p: json.loads((pretrained / "eval" / "backbone" / f"{p}.json").read_text())
                for p in ("knn", "linear-cached")}
@@ -192,6 +197,7 @@ def test_cached_linear_lr_decays_exponentially_from_1e2_to_1e6_over_the_epochs()
     assert torch.allclose(ratios, torch.full_like(ratios, 1e-4 ** (1 / 499)))
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_every_test_image_exactly_once(pretrained, folder, tmp_path):
     # 11 test images, batches of 4 on each of 2 processes: 11 is not a multiple of 8.
     common = ["--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "knn", "linear", *TINY]
@@ -210,6 +216,7 @@ def test_two_processes_evaluate_every_test_image_exactly_once(pretrained, folder
     assert two["knn"]["rows"] == one["knn"]["rows"]  # every feature exactly once, none twice
 
 
+@pytest.mark.slow
 def test_missing_backbone_gives_one_error_line_and_a_nonzero_exit(tmp_path):
     result = run("linear_eval.py", "--backbone", tmp_path / "nothing", check=False)
     assert result.returncode != 0
@@ -241,10 +248,6 @@ def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, unlabelled,
     args = [a.replace("{unlabelled}", str(unlabelled)) for a in args]
     with pytest.raises(ValueError, match=message):
         evaluate("--backbone", pretrained / "backbone", "--output_dir", tmp_path, *args)
-
-
-def test_every_flag_has_help():
-    assert all(action.help for action in linear_eval.get_parser()._actions)
 
 
 # ----------------------------------------------------------------------------- 5-NN (intl.knn_classify)

@@ -646,15 +646,3 @@ def test_bad_inputs_raise_value_error_with_useful_message(name):
     fn, pattern = _bad_input_cases()[name]
     with pytest.raises(ValueError, match=pattern):
         fn()
-
-
-def test_gather_with_grad_is_identity_without_process_group():
-    import torch.distributed as dist
-
-    assert not (dist.is_available() and dist.is_initialized())
-    z = torch.randn(5, 3, requires_grad=True)
-    out = intl.gather_with_grad(z)
-    assert torch.equal(out, z)
-    g = torch.randn(5, 3)
-    (out * g).sum().backward()
-    assert torch.equal(z.grad, g)

@@ -24,8 +24,8 @@ SMALL = ["--image_size", "16", "--batch_size", "128", "--projector", "64-64-64",
 
 def run(*args, env=None, check=True, launcher=None):
     command = (launcher or [sys.executable]) + [str(ROOT / "pretrain.py"), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -50,13 +50,11 @@ def image_folder(tmp_path):
     return tmp_path / "images"
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("digits")
-    result = run("--output_dir", output_dir, *SMALL, "--epochs", "2", "--knn_every", "1", "--save_every", "5")
-    return output_dir, result
+# digits_run (tests/conftest.py): `pretrain.py --output_dir DIR` (the README's first run) with SMALL, 2 epochs, the
+# 5-NN every epoch and a checkpoint every 5 steps, in its own process; test_linear_eval evaluates the same run.
 
 
+@pytest.mark.slow
 def test_offline_default_writes_checkpoint_export_log_plot_and_summary(digits_run):
     output_dir, result = digits_run
     assert (output_dir / "spectrum.png").stat().st_size > 10_000
@@ -75,6 +73,7 @@ def test_offline_default_writes_checkpoint_export_log_plot_and_summary(digits_ru
     assert f"value: {round(final_knn, 2)}" in card and "5-NN (euclidean) top-1 accuracy" in card
 
 
+@pytest.mark.slow
 def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_run):
     output_dir, _ = digits_run
     config = json.loads((output_dir / "backbone" / "config.json").read_text())
@@ -86,35 +85,43 @@ def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_ru
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
+@pytest.mark.slow
 def test_export_only_rebuilds_the_same_backbone_from_a_checkpoint(digits_run, tmp_path):
     output_dir, _ = digits_run
-    run("--resume", output_dir / "checkpoints" / "step-00000022", "--export_only", "--output_dir", tmp_path)
+    pretrain.main(["--resume", str(output_dir / "checkpoints" / "step-00000022"), "--export_only", "--output_dir",
+                   str(tmp_path)])
     exported = load_file(tmp_path / "backbone" / "model.safetensors")
     original = load_file(output_dir / "backbone" / "model.safetensors")
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
 
 
-def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path):
+@pytest.mark.slow
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_images, tmp_path):
+    """The uninterrupted and the interrupted run in this process; the resumed one in a fresh process, as after a
+    crash: only what the checkpoint holds carries over."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run("--output_dir", whole, *SMALL, "--method", "intl-m")
-    run("--output_dir", parts, *SMALL, "--method", "intl-m", "--stop_after_steps", "4")
-    assert max(losses(parts)) == 4
-    refused = run("--output_dir", parts, *SMALL, "--method", "intl-m", check=False)  # forgot --resume
-    assert refused.returncode != 0 and "holds the checkpoints of an earlier run" in refused.stderr
-    run("--output_dir", parts, "--resume", "latest", *SMALL)
+    flags = ["--epochs", 3, "--log_every", 1, "--spectrum_every", 1]  # 4 steps per epoch, 12 steps
+    tiny(tiny_images, "--output_dir", whole, *flags, "--method", "intl-m")
+    tiny(tiny_images, "--output_dir", parts, *flags, "--method", "intl-m", "--stop_after_steps", 5)
+    assert max(losses(parts)) == 5
+    with pytest.raises(ValueError, match="holds the checkpoints of an earlier run"):  # forgot --resume
+        tiny(tiny_images, "--output_dir", parts, *flags, "--method", "intl-m")
+    run("--output_dir", parts, "--resume", "latest", *tiny_args(tiny_images, *flags))
     expected, resumed = losses(whole), losses(parts)
-    assert sorted(resumed) == sorted(expected) == list(range(1, 12))
+    assert sorted(resumed) == sorted(expected) == list(range(1, 13))
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
     # The plot draws the spectra of the whole run, the ones logged before the interruption included.
     expected, resumed = intl.read_jsonl(whole / "spectrum.jsonl"), intl.read_jsonl(parts / "spectrum.jsonl")
-    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == [4, 8, 11]
+    plotted = sorted(pretrain.plotted_steps(12, 1))
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == plotted and plotted[:3] == [1, 3, 5]
     for before, after in zip(expected, resumed):
         assert after["z"] == pytest.approx(before["z"], rel=1e-4, abs=1e-9)
     assert (parts / "spectrum.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
     result = run("--preset", "digits", "--dataset", image_folder, "--output_dir", tmp_path / "out", "--image_size",
                  "16", "--batch_size", "8", "--projector", "32-32-32", "--arch", "resnet18", "--epochs", "1",
@@ -128,8 +135,8 @@ def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
     recipe = json.loads((tmp_path / "out" / "backbone" / "config.json").read_text())["recipe"]
     assert (recipe["batch_size"], recipe["global_batch_size"], recipe["method"]) == (8, 16, "intl")
     # One process cannot continue what two started: the global batch would change.
-    refused = run("--output_dir", tmp_path / "out", "--resume", "latest", "--num_workers", "0", check=False)
-    assert refused.returncode != 0 and "trained with 2 processes, this run has 1" in refused.stderr
+    with pytest.raises(ValueError, match="trained with 2 processes, this run has 1"):
+        pretrain.main(["--output_dir", str(tmp_path / "out"), "--resume", "latest", "--num_workers", "0"])
 
 
 LOADER_SCRIPT = """
@@ -156,6 +163,7 @@ if accelerator.is_main_process:
 """
 
 
+@pytest.mark.slow
 def test_two_real_processes_load_disjoint_shares_of_every_epoch_and_a_new_order_each_epoch(tmp_path):
     from PIL import Image
 
@@ -243,33 +251,51 @@ def test_interrupted_save_never_counts_as_a_checkpoint(tmp_path):
     assert intl.latest_checkpoint(tmp_path) == good
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--batch_size", "1"], "at least 2 samples"),
+    (["--batch_size", "1"], "at least 2 samples"),  # refused while reading the flags
+    (["--dataset", "someone/not-cached"], "--dataset"),  # refused while loading the data, after the Accelerator
+])
+def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
+    result = run("--output_dir", tmp_path, *args, "--num_workers", "0", check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("args, message", [
     (["--preset", "nope"], "invalid choice: 'nope'"),
     (["--resume", "{tmp}"], "not a checkpoint folder"),
     (["--resume", "latest"], "no checkpoint in"),
     (["--projector", "12-x"], "cannot parse projector spec"),
-    (["--dataset", "someone/not-cached"], "--dataset"),
     (["--batch_size", "4000"], "fewer than one global batch"),
     (["--save_every", "0"], "--save_every 0: must be at least 1"),
     (["--min_scale", "1.5"], "--min_scale 1.5: the smallest crop is a fraction"),
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
 ])
-def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
+def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys, args, message):
+    """What the command line turns into one `error: ...` line and a non-zero exit (above): a ValueError, or
+    argparse's own exit with its message on stderr."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = run("--output_dir", tmp_path, *args, "--num_workers", "0", check=False)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises((ValueError, SystemExit)) as info:
+        pretrain.main(["--output_dir", str(tmp_path), *args, "--num_workers", "0"])
+    if info.type is SystemExit:
+        assert info.value.code != 0 and message in capsys.readouterr().err
+    else:
+        assert message in str(info.value)
 
 
-def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
-    result = run("--output_dir", tmp_path, *SMALL, "--lr", "1e12", "--warmup_epochs", "0", check=False)
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tiny_images, tmp_path):
+    result = run("--output_dir", tmp_path, *tiny_args(tiny_images, "--epochs", 2, "--lr", "1e12", "--warmup_epochs", 0),
+                 check=False)
     assert result.returncode != 0
     assert "at step" in result.stderr and "last good checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_image_stops_with_one_line_naming_the_file(tmp_path, image_folder):
     (image_folder / "class_0" / "3.png").write_bytes(b"not a png")
     result = run("--dataset", image_folder, "--output_dir", tmp_path / "out", "--image_size", "16",
@@ -297,11 +323,15 @@ def tiny_images(tmp_path_factory):
     return root
 
 
+def tiny_args(images, *args):
+    """The flags of a run on the tiny images (4 steps per epoch)."""
+    return ["--dataset", str(images), "--image_size", "8", "--batch_size", "4", "--projector", "16-16-16",
+            "--arch", "resnet18", "--num_workers", "0", "--knn_every", "0", "--augment_on", "cpu", *map(str, args)]
+
+
 def tiny(images, *args):
     """pretrain.main in this process on the tiny images (no start-up cost)."""
-    pretrain.main(["--dataset", str(images), "--image_size", "8", "--batch_size", "4", "--projector", "16-16-16",
-                   "--arch", "resnet18", "--num_workers", "0", "--knn_every", "0", "--augment_on", "cpu",
-                   *map(str, args)])
+    pretrain.main(tiny_args(images, *args))
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +340,14 @@ def stopped_run(tiny_images, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("stopped")
     tiny(tiny_images, "--output_dir", output_dir, "--epochs", 2, "--save_every", 2, "--log_every", 1,
          "--stop_after_steps", 4)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_images, tmp_path_factory):
+    """A finished run of 8 steps (2 epochs): checkpoints of steps 6 and 8, backbone/ exported."""
+    output_dir = tmp_path_factory.mktemp("finished")
+    tiny(tiny_images, "--output_dir", output_dir, "--epochs", 2, "--save_every", 2)
     return output_dir
 
 
@@ -384,10 +422,10 @@ def test_a_resumed_run_removes_what_interrupted_saves_left(stopped_run, tmp_path
 
 
 @pytest.mark.parametrize("case", ["latest, at the end of a finished run", "a copied checkpoint, into a new folder"])
-def test_resuming_copied_checkpoints_without_their_log_starts_the_log_again(digits_run, stopped_run, tmp_path,
+def test_resuming_copied_checkpoints_without_their_log_starts_the_log_again(finished_run, stopped_run, tmp_path,
                                                                              capsys, case):
     if case.startswith("latest"):
-        run = copy_run(digits_run[0], tmp_path / "copy", only="checkpoints")  # checkpoints/ alone, no log.jsonl
+        run = copy_run(finished_run, tmp_path / "copy", only="checkpoints")  # checkpoints/ alone, no log.jsonl
         pretrain.main(["--output_dir", str(run), "--resume", "latest"])
         assert (run / "backbone" / "model.safetensors").is_file()  # the finished run's export, made again
         assert "no log.jsonl" in capsys.readouterr().out
@@ -400,12 +438,12 @@ def test_resuming_copied_checkpoints_without_their_log_starts_the_log_again(digi
         assert "the log starts again at step 4" in capsys.readouterr().out
 
 
-def test_export_only_replaces_another_runs_backbone_only_with_overwrite(digits_run, tmp_path):
-    output_dir, _ = digits_run
+def test_export_only_replaces_another_runs_backbone_only_with_overwrite(finished_run, tmp_path):
+    output_dir = finished_run
     other = tmp_path / "other-run"
     intl.write_export(other / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
     before = (other / "backbone" / "model.safetensors").read_bytes()
-    argv = ["--resume", str(output_dir / "checkpoints" / "step-00000022"), "--export_only", "--output_dir", str(other)]
+    argv = ["--resume", str(output_dir / "checkpoints" / "step-00000008"), "--export_only", "--output_dir", str(other)]
     with pytest.raises(ValueError, match=f"--output_dir {other} already holds backbone/ of an earlier run, which this "
                                          "command would replace: give another --output_dir, or add --overwrite"):
         pretrain.main(argv)
@@ -480,7 +518,8 @@ def test_ctrl_c_stops_with_one_line_saying_the_step_and_how_to_continue_and_exit
                "--knn_every", "0", "--epochs", "200", "--save_every", "2", "--log_every", "1", "--output_dir",
                str(tmp_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                    "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if (tmp_path / "log.jsonl").exists() and len(losses(tmp_path)) >= 3:
