@@ -1,6 +1,7 @@
 """Shared test setup: make the repository root importable (`import intl`) and keep runs deterministic."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,16 +25,41 @@ def _seed_and_threads():
     yield
 
 
-@pytest.fixture(scope="session")
-def digits_run(tmp_path_factory):
-    """The README's first run, `pretrain.py --output_dir DIR` (the digits preset), at test_pretrain's reduced budget
-    (SMALL, 2 epochs), the 5-NN every epoch, a checkpoint every 5 steps, in its own process: (DIR, the process).
-    test_pretrain checks the run; test_linear_eval evaluates it as the README's next step does."""
-    from test_pretrain import SMALL, run
+DIGITS_RUN = ["--epochs", "2", "--knn_every", "1", "--save_every", "5"]  # after test_pretrain's SMALL
 
-    output_dir = tmp_path_factory.mktemp("digits")
-    result = run("--output_dir", output_dir, *SMALL, "--epochs", "2", "--knn_every", "1", "--save_every", "5")
-    return output_dir, result
+
+@pytest.fixture(scope="session")
+def digits_run(_digits_run_started):
+    """The README's first run, `pretrain.py --output_dir DIR` (the digits preset), at test_pretrain's reduced budget
+    (SMALL, 2 epochs), the 5-NN every epoch, a checkpoint every 5 steps, in its own process: (DIR, the finished
+    process). test_pretrain checks the run; test_linear_eval evaluates it as the README's next step does."""
+    from test_pretrain import checked
+
+    output_dir, process, logs = _digits_run_started
+    process.wait(timeout=1200)
+    return output_dir, checked(subprocess.CompletedProcess(process.args, process.returncode,
+                                                           (logs / "stdout").read_text(), (logs / "stderr").read_text()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _digits_run_started(request, tmp_path_factory):
+    """The digits run lasts a minute or more on one thread: when a selected test needs it, it starts with the session
+    and runs on the second core while the tests before it run (its first user, test_linear_eval, comes minutes in)."""
+    if not any("digits_run" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    from test_pretrain import SMALL, command
+
+    output_dir, logs = tmp_path_factory.mktemp("digits"), tmp_path_factory.mktemp("digits-output")
+    argv, env = command("--output_dir", output_dir, *SMALL, *DIGITS_RUN)
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        process = subprocess.Popen(argv, stdout=stdout, stderr=stderr, text=True, cwd=ROOT, env=env)
+    try:
+        yield output_dir, process, logs
+    finally:
+        if process.poll() is None:  # the session ended before a test needed it (-x, Ctrl-C)
+            process.kill()
+            process.wait()
 
 
 def pytest_configure(config):

@@ -121,13 +121,14 @@ def test_singular_or_impossible_whitening_settings_say_what_to_change(call, mess
 
 @pytest.mark.parametrize("method_flags", [
     ["--method", "st", "--power", "0.5", "--projector", "256-256-256", "--w_eps", "1e-3"],
-    ["--method", "cw-rgp", "--projector", "64-256", "--groups", "2", "--w_size", "16", "--num_views", "4",
-     "--w_eps", "1e-3"],  # 2 sub-batches of 16
+    ["--method", "cw-rgp", "--projector", "64-256", "--groups", "2", "--w_size", "8", "--num_views", "4",
+     "--w_eps", "1e-3"],  # 2 sub-batches of 8
     ["--method", "wmse", "--projector", "64-16", "--w_size", "32", "--batch_size", "64"],  # 2 sub-batches of 32 > 16
     ["--method", "intl-m", "--small_crops", "8,8"],
 ])
 def test_each_method_trains_end_to_end_through_pretrain(images, tmp_path, method_flags):
-    pretrain.main(small(images, "--output_dir", tmp_path, "--image_size", 16, "--batch_size", 32, "--epochs", 3,
+    # 3 steps, stopped before the end of the run (4 epochs: 4 steps of 64 images to 16 of 16).
+    pretrain.main(small(images, "--output_dir", tmp_path, "--image_size", 16, "--batch_size", 16, "--epochs", 4,
                         *method_flags, "--stop_after_steps", 3))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]

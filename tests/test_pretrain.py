@@ -22,12 +22,21 @@ SMALL = ["--image_size", "16", "--batch_size", "128", "--projector", "64-64-64",
          "--log_every", "1", "--spectrum_every", "4", "--epochs", "1"]
 
 
+def command(*args, env=None, launcher=None):
+    """The command line of pretrain.py with these arguments, and its environment: offline, one thread (conftest)."""
+    return ((launcher or [sys.executable]) + [str(ROOT / "pretrain.py"), *map(str, args)],
+            {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
 def run(*args, env=None, check=True, launcher=None):
-    command = (launcher or [sys.executable]) + [str(ROOT / "pretrain.py"), *map(str, args)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed:\n{result.stdout}\n{result.stderr}")
+    argv, env = command(*args, env=env, launcher=launcher)
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    return checked(result) if check else result
+
+
+def checked(result):
+    if result.returncode != 0:
+        raise AssertionError(f"{result.args} failed:\n{result.stdout}\n{result.stderr}")
     return result
 
 
