@@ -399,7 +399,7 @@ def train(config, accelerator):
                 log_now, spectrum_now = step % config.log_every == 0, step % config.spectrum_every == 0
                 save_now = step % config.save_every == 0 or epoch_end or step == stop_at
                 if log_now or spectrum_now or save_now or step == total_steps:
-                    watch.check(last_good, log.collapse_note())
+                    watch.check(last_good, log.collapse_note)
                 if log_now:
                     loss = out["loss"].item()
                     speed = images_seen / (time.time() - tic)
@@ -443,13 +443,14 @@ class NonFiniteWatch:
         self.first_step = torch.where(first, step, self.first_step)
         self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
 
-    def check(self, last_good, note=""):
+    def check(self, last_good, note=lambda: ""):
+        """note: called only when a loss was non-finite, for what the log can add (an earlier collapse)."""
         step = self.first_step.item()
         if step >= 0:
             raise FloatingPointError(
                 f"the loss is {self.first_loss.item()} at step {step}; the last good checkpoint is {last_good or 'none'}. "
                 "Lower --lr or use --mixed_precision no; IterNorm with many --iters: try --coupled; with an "
-                "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note)
+                "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note())
 
 
 def training_views(batch, config, device):
