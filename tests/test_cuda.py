@@ -3,6 +3,7 @@ the CPU's; IterNorm stays float32 under autocast; exact resume; linear_eval and 
 `.ci/gpu-check` runs this module on a GPU machine."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from test_detect import SMALL, write_coco
 from test_linear_eval import TINY, evaluate, folder  # noqa: F401 (folder: a fixture)
 from test_pretrain import losses, tiny, tiny_images  # noqa: F401 (tiny_images: a fixture)
 
+# Deterministic cuBLAS needs this before its first use in the process (the resume test below).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run .ci/gpu-check there)")
 
 
@@ -89,17 +92,21 @@ def test_iternorm_stays_float32_under_autocast_and_equals_the_float32_result(dty
 
 
 def test_a_resumed_run_on_the_gpu_continues_the_uninterrupted_loss_curve(tiny_images, tmp_path):  # noqa: F811
+    # Without deterministic kernels two runs differ in the last bits (cuDNN's choices, atomic sums), and whitening
+    # batches of 4 amplifies that to percents within 4 steps (seen on an H200): compare deterministic runs.
     flags = ["--epochs", 2, "--save_every", 2, "--log_every", 1, "--augment_on", "device"]
-    tiny(tiny_images, "--output_dir", tmp_path / "whole", *flags)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    tiny(tiny_images, "--output_dir", tmp_path / "resumed", *flags, "--stop_after_steps", 4)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    tiny(tiny_images, "--output_dir", tmp_path / "resumed", *flags, "--resume", "latest")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        tiny(tiny_images, "--output_dir", tmp_path / "whole", *flags)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        tiny(tiny_images, "--output_dir", tmp_path / "resumed", *flags, "--stop_after_steps", 4)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        tiny(tiny_images, "--output_dir", tmp_path / "resumed", *flags, "--resume", "latest")
+    finally:
+        torch.use_deterministic_algorithms(False)
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert sorted(whole) == sorted(resumed) == list(range(1, 9))
-    # cuDNN may choose other kernels in another run, so equal up to float rounding rather than bit for bit.
-    for step in whole:
-        assert resumed[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-5), step
+    assert [resumed[step] for step in whole] == pytest.approx(list(whole.values()), rel=1e-5, abs=1e-6)
     assert (tmp_path / "resumed" / "backbone" / "model.safetensors").is_file()
 
 
