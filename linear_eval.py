@@ -210,7 +210,8 @@ def main(argv=None):
         say(recipe_lr_note(protocol, recipe, args))
 
     # Data: a labelled training split and a labelled test split.
-    train_split, test_split, num_classes = load_labelled_splits(args)
+    with accelerator.main_process_first():  # one process indexes a folder (or prepares a Hub dataset), the others reuse it
+        train_split, test_split, num_classes = load_labelled_splits(args)
     data = dict(dataset=args.dataset, train_split=args.train_split, test_split=args.test_split,
                 n_train=len(train_split.dataset), n_test=len(test_split.dataset), num_classes=num_classes)
     say(f"{args.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} classes")

@@ -2,7 +2,9 @@
 
 import io
 import json
+import os
 import shutil
+import time
 from collections import Counter
 
 import datasets
@@ -133,6 +135,34 @@ def test_image_folder_loads_with_hub_offline_environment(tmp_path, monkeypatch):
     write_png(tmp_path / "f" / "bee" / "0.png", CLASS_COLORS["bee"])
     assert labels_of(load_image_split(tmp_path / "f", "train")).tolist() == [0, 1]
 
+
+
+def test_image_folder_labels_files_at_any_depth_by_class_folder_and_skips_other_files(tmp_path):
+    root = tmp_path / "f"
+    write_png(root / "ant" / "0.png", CLASS_COLORS["ant"])
+    write_png(root / "ant" / "more" / "deeper" / "1.png", CLASS_COLORS["ant"])
+    write_png(root / "bee" / "0.PNG", CLASS_COLORS["bee"])
+    (root / "bee" / "notes.txt").write_text("not an image")
+    write_png(root / "bee" / ".hidden.png", CLASS_COLORS["bee"])
+    split = load_image_split(root, "train")
+    assert labels_of(split).tolist() == [0, 0, 1]
+    for image, label in ImageDataset(split, transform=None):
+        assert class_of_pixel(image) == ["ant", "bee"][label]
+
+
+def test_image_folder_is_indexed_once_and_indexed_again_when_a_folder_changes(tmp_path, monkeypatch):
+    root = tmp_path / "f"
+    for name in ("ant", "bee"):
+        write_png(root / name / "0.png", CLASS_COLORS[name])
+    assert len(load_image_split(root, "train").dataset) == 2
+
+    walked = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda *args, **kwargs: walked.append(args[0]) or real_walk(*args, **kwargs))
+    assert len(load_image_split(root, "train").dataset) == 2 and walked == []  # the cached list: no scan
+    time.sleep(0.01)  # a later modification time, also on coarse clocks
+    write_png(root / "bee" / "1.png", CLASS_COLORS["bee"])
+    assert labels_of(load_image_split(root, "train")).tolist() == [0, 1, 1] and walked  # scanned again
 
 def test_missing_local_folder_is_reported_as_such(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
