@@ -340,6 +340,11 @@ def train(config, accelerator):
     prepare_output_dir(config, output_dir, accelerator, log)
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
              f"precision {accelerator.mixed_precision}")
+    if intl.slow_precision_warning(accelerator):
+        log.info(intl.slow_precision_warning(accelerator))
+    recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
+    log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
+             f"{config.batch_size * accelerator.num_processes}, {config.epochs} epochs")
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so a resume replays them.
     with accelerator.main_process_first():  # one process indexes a folder (or prepares a Hub dataset), the others reuse it
@@ -368,7 +373,7 @@ def train(config, accelerator):
         last_good, step = resume(config, accelerator, output_dir, log)
     else:
         log.start()
-    accelerator.init_trackers("intl", config={k: str(v) for k, v in vars(config).items()})
+    accelerator.init_trackers("intl", config=intl.hyperparameters(config))
     log.info(f"{len(train_split.dataset)} training images, global batch {global_batch}, "
              f"{steps_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
     note_batch_differs_from_recipe(config, global_batch, accelerator, log)
@@ -722,7 +727,9 @@ def training_loader(config, train_split, accelerator):
                                   accelerator.process_index, config.seed)
     if sampler.batches_per_epoch == 0:
         raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
-                         f"{config.batch_size * accelerator.num_processes}: lower --batch_size")
+                         f"{config.batch_size * accelerator.num_processes} (--batch_size {config.batch_size} x "
+                         f"{accelerator.num_processes} process(es)): give --batch_size "
+                         f"{len(train_split.dataset) // accelerator.num_processes} or less")
     if config.augment_on == "device":
         train_data = CroppedViews(train_split, view_specs(config), config.seed, parse_floats(config.jitter, "jitter"),
                                   config.grayscale_prob, config.crop_interpolation)

@@ -1,5 +1,6 @@
 """pretrain.py: the offline default end to end, exact resume, multi-process data, export, bad input."""
 
+import argparse
 import json
 import os
 import re
@@ -278,7 +279,8 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, messa
     (["--resume", "{tmp}"], "not a checkpoint folder"),
     (["--resume", "latest"], "no checkpoint in"),
     (["--projector", "12-x"], "cannot parse projector spec"),
-    (["--batch_size", "4000"], "fewer than one global batch"),
+    (["--batch_size", "4000"], "1437 images, fewer than one global batch of 4000 (--batch_size 4000 x 1 "
+                               "process(es)): give --batch_size 1437 or less"),
     (["--save_every", "0"], "--save_every 0: must be at least 1"),
     (["--min_scale", "1.5"], "--min_scale 1.5: the smallest crop is a fraction"),
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
@@ -591,3 +593,27 @@ def test_compiled_encoder_and_projector_give_the_eager_loss_gradients_and_parame
     for name, grad in grads.items():  # compiled kernels sum in another order: equal relative to each gradient's norm
         assert (grad - eager_grads[name]).norm() <= 1e-3 * eager_grads[name].norm() + 1e-8, name
     assert list(state) == list(eager_state)  # checkpoints and exports keep their keys
+
+
+def test_a_run_prints_its_method_data_preset_encoder_size_batch_and_epochs_first(tiny_images, tmp_path, capsys):
+    tiny(tiny_images, "--output_dir", tmp_path, "--stop_after_steps", 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert f"intl on {tiny_images} (no preset: the flags and their defaults): resnet18, 8 px, global batch 4, " \
+           "800 epochs" in lines[:3]
+
+
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about(monkeypatch):
+    cpu_bf16 = argparse.Namespace(mixed_precision="bf16", device=torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "use --mixed_precision no" in intl.slow_precision_warning(cpu_bf16)
+    assert intl.slow_precision_warning(argparse.Namespace(mixed_precision="no", device=torch.device("cpu"))) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert intl.slow_precision_warning(cpu_bf16) is None
+
+
+def test_trackers_get_numbers_as_numbers_and_the_rest_as_text():
+    config = pretrain.resolve_config(["--print_config"])
+    values = intl.hyperparameters(config)
+    assert values["lr"] == config.lr and isinstance(values["epochs"], int) and values["compile"] is False
+    assert values["mean"] == str(config.mean) and values["beta"] == "None"
