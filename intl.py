@@ -1053,6 +1053,11 @@ def labels_of(split):
 # ----------------------------------------------------------------------------- features and kNN
 
 
+def eval_resize(image_size, resize=None):
+    """The side the un-augmented input is resized to before its centre crop (see `eval_transform`)."""
+    return resize or (round(image_size / 0.875) if image_size >= 128 else image_size)
+
+
 def eval_transform(image_size, mean, std, resize=None):
     """Un-augmented input: Resize(resize) + CenterCrop(size). resize defaults to size / 0.875 for large images
     (224 -> 256 -> 224) and to the size itself for small ones (CIFAR, digits); CW-RGP's STL-10 uses 70 for 64.
@@ -1062,7 +1067,7 @@ def eval_transform(image_size, mean, std, resize=None):
     protocol sees one un-augmented input; at the small-data sets' native size (CIFAR at 32 px) the resize leaves
     the image as it is, so the interpolation does not touch their numbers.
     """
-    resize = resize or (round(image_size / 0.875) if image_size >= 128 else image_size)
+    resize = eval_resize(image_size, resize)
     return v2.Compose([
         v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(image_size),
@@ -1767,7 +1772,11 @@ def _read_pretrain_checkpoint(folder):
         raise ValueError(f"{folder / 'trainer_state.json'} holds no 'config' object: it is damaged or was not "
                          "written by pretrain.py")
     config = {key: train[key] for key in ("arch", "stem", "cifar_stem", "image_size", "method", "preset", "dataset",
-                                          "projector", "iters", "axis") if key in train}
+                                          "split", "projector", "iters", "axis") if key in train}
+    dataset = config.get("dataset")
+    if isinstance(dataset, str) and (looks_like_path(dataset) or os.path.exists(dataset)):
+        # An export may be published: a local folder is named by its last part, never by its path.
+        config.update(dataset=Path(dataset).name, dataset_is_local_folder=True)
     # What a user of the features feeds them: the recipe's evaluation input (cifar100 pretrains with its own
     # mean / std but is evaluated with CIFAR-10's, as the authors do).
     config.update(mean=train.get("eval_mean") or train.get("mean"), std=train.get("eval_std") or train.get("std"))

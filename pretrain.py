@@ -130,7 +130,7 @@ PRESETS = {
 # when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "compile", "log_every",
                "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "benchmark_augment", "study",
-               "study_values", "push_to_hub", "private", "commit_message", "revision", "overwrite"}
+               "study_values", "push_to_hub", "private", "license", "commit_message", "revision", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark",
                "benchmark_augment", "study", "study_values", "overwrite"}
@@ -283,6 +283,9 @@ def get_parser():
     parser.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
                         help="publish the exported backbone (weights, config, model card) to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
+    parser.add_argument("--license", type=str, default=None,
+                        help="the model card's license, a Hub id such as apache-2.0 (default: the card says that "
+                             "none was chosen)")
     parser.add_argument("--commit_message", type=str, default=None, help="with --push_to_hub: the commit message")
     parser.add_argument("--revision", type=str, default=None, help="with --push_to_hub: the branch to push to")
     parser.add_argument("--stop_after_steps", type=int, default=None,
@@ -342,6 +345,8 @@ def train(config, accelerator):
              f"precision {accelerator.mixed_precision}")
     if intl.slow_precision_warning(accelerator):
         log.info(intl.slow_precision_warning(accelerator))
+    if config.push_to_hub and accelerator.is_main_process:
+        log.info(f"the export will be pushed to {config.push_to_hub} as {check_hub_access(config.push_to_hub, config.private)}")
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
     log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
              f"{config.batch_size * accelerator.num_processes}, {config.epochs} epochs")
@@ -1042,7 +1047,7 @@ def export_backbone(checkpoint, export_dir, config, results=None):
 
     results: evaluation records for the model card (the final held-out 5-NN accuracy, when measured).
     """
-    export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub)
+    export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub, license=config.license)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
     if config.push_to_hub:
         push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
@@ -1053,7 +1058,7 @@ def export_backbone(checkpoint, export_dir, config, results=None):
 # ----------------------------------------------------------------------------- conversion
 
 
-def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None):
+def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
     """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into an export folder.
 
     output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*), config.json
@@ -1070,8 +1075,23 @@ def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=No
     backbone, config = intl.load_backbone(source, arch, stem=stem)
     # A local path is named by its last part only: the config may be published on the Hub.
     config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
-    intl.write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id))
+    config.update(timm_config(config))
+    intl.write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id, license))
     return output_dir
+
+
+def timm_config(config):
+    """The config.json fields with which timm builds an export, `timm.create_model("hf-hub:OWNER/NAME",
+    pretrained=True)` or ("local-dir:FOLDER"): timm's ResNets are torchvision's, parameter names included, and
+    num_classes 0 leaves out fc as the export does. timm has no ResNet with the CIFAR stems: none for those."""
+    if config.get("stem", "imagenet") != "imagenet" or config.get("cifar_stem"):
+        return {}
+    size = config["image_size"]
+    return {"architecture": config["arch"], "num_classes": 0, "num_features": config["feature_dim"],
+            "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bilinear", "crop_mode": "center",
+                               "crop_pct": round(size / intl.eval_resize(size, config.get("eval_resize")), 6),
+                               "mean": list(config["mean"]), "std": list(config["std"]), "num_classes": 0,
+                               "first_conv": "conv1", "classifier": "fc"}}
 
 
 # ----------------------------------------------------------------------------- model card
@@ -1097,6 +1117,13 @@ def _is_hub_dataset_id(dataset):
         and not os.path.exists(dataset)
 
 
+def published_name(dataset):
+    """What a card may say of a dataset: a Hub id as it is, a local folder by its last part only."""
+    if not dataset:
+        return intl.DIGITS_SOURCE
+    return dataset if _is_hub_dataset_id(dataset) else Path(str(dataset)).name
+
+
 def _read_results(results):
     """Result records (linear_eval.py's JSON files, as dicts or paths) -> list of dicts."""
     records = []
@@ -1112,7 +1139,7 @@ def _read_results(results):
     return records
 
 
-def write_model_card(export_dir, results=None, repo_id=None, license="other"):
+def write_model_card(export_dir, results=None, repo_id=None, license=None):
     """(Re)write export_dir/README.md from the export's config and return its path."""
     export_dir = Path(export_dir)
     _, config = intl.load_backbone(export_dir)  # the completed config, and a check that the weights load
@@ -1120,11 +1147,12 @@ def write_model_card(export_dir, results=None, repo_id=None, license="other"):
     return export_dir / "README.md"
 
 
-def model_card(config, results=None, repo_id=None, license="other"):
+def model_card(config, results=None, repo_id=None, license=None):
     """The model card's text: YAML metadata for the Hub + the card body.
 
     config: the export's (completed) config; results: linear_eval.py result files (paths or loaded dicts),
-    each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet).
+    each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet);
+    license: a Hub license id (apache-2.0, cc-by-4.0, ...), or None: the card then says that none was chosen.
     """
     import huggingface_hub
 
@@ -1140,33 +1168,46 @@ def model_card(config, results=None, repo_id=None, license="other"):
             for metric, key in (("top-1", "top1"), ("top-5", "top5")):
                 if row.get(key) is None:
                     continue
-                name = eval_dataset if _is_hub_dataset_id(eval_dataset) else Path(eval_dataset).name
+                name = published_name(eval_dataset)
                 eval_results.append(huggingface_hub.EvalResult(
                     task_type="image-classification", task_name="Image classification",
                     dataset_type=name, dataset_name=name, dataset_split=record.get("test_split"),
                     metric_type="accuracy", metric_value=round(float(row[key]), 2),
                     metric_name=f"{row['name']} {metric} accuracy (%)"))
+    with_timm = "architecture" in config  # see timm_config
     card_data = huggingface_hub.ModelCardData(
-        library_name="pytorch", license=license, pipeline_tag="image-feature-extraction",
-        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
-        datasets=[dataset] if _is_hub_dataset_id(dataset) else None,
+        library_name="timm" if with_timm else "pytorch", pipeline_tag="image-feature-extraction",
+        **(dict(license=license) if license else dict(license="other", license_name="none-chosen")),
+        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"]
+        + (["timm"] if with_timm else []),
+        datasets=[dataset] if _is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None,
         model_name=model_name if eval_results else None, eval_results=eval_results or None)
 
     recipe = [f"| {name} | {config[key]} |" for key, name in (
         ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
         ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
-        ("dataset", "pretraining data"), ("image_size", "input size"), ("epochs_trained", "epochs"),
+        ("dataset", "pretraining data"), ("split", "split"), ("image_size", "input size"), ("epochs_trained", "epochs"),
         ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None]
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for record in records:
         for row in record["rows"]:
-            table.append(f"| {row['name']} | {record.get('dataset') or 'digits'} ({record.get('test_split')}) | "
+            table.append(f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
                          f"{fmt(row.get('top1'))} | {fmt(row.get('top5'))} |")
     kernel, stride, padding, maxpool = intl.STEMS[stem]
     stem_code = "" if stem == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
         + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
+    size, repo, dim = config.get("image_size"), repo_id or "OWNER/NAME", config.get("feature_dim", "D")
+    resize = intl.eval_resize(size, config.get("eval_resize")) if size else "?"
+    mean, std = list(config.get("mean", [])), list(config.get("std", []))
+    timm_usage = f"""With timm (its ResNets are torchvision's):
+
+```python
+import timm
+net = timm.create_model("hf-hub:{repo}", pretrained=True).eval()  # net(preprocess(image)[None]) -> [1, {dim}]
+preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=net))
+```""" if with_timm else "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
     body = f"""
 # {model_name}
 
@@ -1181,9 +1222,6 @@ dropped, and the weights are a torchvision `state_dict` without `fc.*`. The fina
 |---|---|
 {chr(10).join(recipe)}
 
-Input: RGB images resized to {config.get('image_size')} px, normalised with mean {list(config.get('mean', []))}
-and std {list(config.get('std', []))}.
-
 ## Evaluation protocol
 
 Frozen-feature evaluations as in the papers: k-NN (k = 5, Euclidean) and a linear classifier on
@@ -1194,18 +1232,28 @@ training, Resize + CenterCrop for validation). The numbers are those of the fina
 
 {chr(10).join(table) if records else "No evaluation results were recorded with this export."}
 
-## Usage (plain torchvision)
+## Usage
+
+Input: RGB images resized to {resize} px (bilinear), centre-cropped to {size} px, scaled to [0, 1] and
+normalised with mean {mean} and std {std}. With plain torchvision:
 
 ```python
 import torch, torchvision
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
+from torchvision.transforms import v2 as T
 
 net = torchvision.models.{arch}()
 {stem_code}net.fc = torch.nn.Identity()
-net.load_state_dict(load_file(hf_hub_download("{repo_id or 'OWNER/NAME'}", "model.safetensors")))  # strict
-net.eval()  # net(images) -> features [B, {config.get('feature_dim', 'D')}]
+net.load_state_dict(load_file(hf_hub_download("{repo}", "model.safetensors")))  # strict
+net.eval()  # net(preprocess(image)[None]) -> features [1, {dim}]
+preprocess = T.Compose([T.Resize({resize}, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop({size}),
+                        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize({mean}, {std})])
 ```
+
+{timm_usage}
+
+With this project's `intl.py`: `net, config = intl.load_backbone("{repo}")`.
 
 ## Citation
 
@@ -1217,6 +1265,23 @@ net.eval()  # net(images) -> features [B, {config.get('feature_dim', 'D')}]
 
 
 # ----------------------------------------------------------------------------- Hub: upload
+
+
+def check_hub_access(repo_id, private=False):
+    """Before any work: a Hugging Face token, and the repo created (or found) with it, so that a missing login
+    or a repo one cannot write fails now rather than after the training."""
+    import huggingface_hub
+
+    api = huggingface_hub.HfApi()
+    try:
+        user = api.whoami()["name"]
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    except Exception as error:  # no token, offline, no right to the namespace: the library's own words say which
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--push_to_hub {repo_id}: the Hub refused or could not be reached ({message}). Log in with "
+                         "`hf auth login` (or set HF_TOKEN) with write access to that namespace, or leave out "
+                         "--push_to_hub and push later with `python pretrain.py export --push_to_hub`") from None
+    return user
 
 
 def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
@@ -1275,6 +1340,8 @@ def get_export_parser():
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
                         help="also upload the export to this Hub model repo (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--license", default=None,
+                        help="the model card's license, a Hub id such as apache-2.0 (default: none chosen)")
     parser.add_argument("--commit_message", default=None, help="commit message of the Hub upload")
     parser.add_argument("--revision", default=None, help="Hub branch to upload to (created if missing)")
     return parser
@@ -1287,8 +1354,10 @@ def main_export(argv=None):
     if intl.existing_results(args.output_dir, intl.EXPORT_FILES + ("README.md",)) and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
                          "give another --output_dir, or add --overwrite to replace it")
+    if args.push_to_hub:
+        check_hub_access(args.push_to_hub, args.private)
     export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
-                                      args.stem)
+                                      args.stem, args.license)
     print(f"exported {args.source} to {export_dir}")
     if args.push_to_hub:
         push_export_to_hub(export_dir, args.push_to_hub, private=args.private,

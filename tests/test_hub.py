@@ -196,6 +196,7 @@ def fake_hub(monkeypatch):
         calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
         return "commit-info"
 
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "me"})
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
@@ -356,3 +357,88 @@ def test_export_command_replaces_an_existing_export_only_with_overwrite(export, 
     assert (tmp_path / "out" / "config.json").read_text() == before
     main_export(["--source", str(other), "--output_dir", str(tmp_path / "out"), "--overwrite"])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == 24
+
+
+# ----------------------------------------------------------------------------- on the Hub like a native
+
+
+@pytest.mark.slow
+def test_an_export_loads_with_timm_from_a_folder_and_a_hub_id_with_the_features_of_load_backbone(export, tmp_path):
+    import timm
+
+    converted = export_backbone_from(export, tmp_path / "timm-ready")
+    config = json.loads((converted / "config.json").read_text())
+    assert config["architecture"] == "resnet18" and config["pretrained_cfg"]["mean"] == [0.5] * 3
+    net = timm.create_model(f"local-dir:{converted}", pretrained=True).eval()
+    ours, _ = load_backbone(converted)
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), ours.eval()(images))
+    data_config = timm.data.resolve_data_config({}, model=net)
+    assert tuple(data_config["input_size"]) == (3, 16, 16) and data_config["interpolation"] == "bilinear"
+    card = huggingface_hub.ModelCard.load(converted / "README.md")
+    assert card.data.library_name == "timm" and "timm" in card.data.tags
+    assert 'timm.create_model("hf-hub:OWNER/NAME", pretrained=True)' in card.text
+
+    # From a Hub id, here a local Hub cache read offline (in its own process: offline mode is read at import).
+    cache = tmp_path / "hub-cache"
+    populate_hub_cache(cache, "someone/intl-timm", {"main": ("d" * 40, converted)})
+    script = f"""
+import sys, timm, torch
+from safetensors.torch import save_file
+net = timm.create_model("hf-hub:someone/intl-timm", pretrained=True).eval()
+with torch.no_grad():
+    save_file({{"features": net(torch.load({str(tmp_path / "images.pt")!r}))}}, {str(tmp_path / "hub.safetensors")!r})
+"""
+    torch.save(images, tmp_path / "images.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(load_file(tmp_path / "hub.safetensors")["features"], ours(images))
+
+
+def test_a_cifar_stem_export_says_timm_cannot_build_it_and_keeps_the_torchvision_snippet(tmp_path):
+    intl.write_export(tmp_path / "cifar", backbone_weights(0, stem="cifar"), {**CONFIG, "stem": "cifar"})
+    converted = export_backbone_from(tmp_path / "cifar", tmp_path / "out")
+    assert "architecture" not in json.loads((converted / "config.json").read_text())
+    card = huggingface_hub.ModelCard.load(converted / "README.md")
+    assert card.data.library_name == "pytorch" and "timm has no ResNet with this network's CIFAR-style stem" in card.text
+    assert "net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3" in card.text
+
+
+def test_a_card_names_no_local_path_the_split_used_and_says_when_no_license_was_chosen(tmp_path):
+    from test_pretrain import tiny, tiny_args  # noqa: F401
+
+    images = tmp_path / "my-private-photos"
+    for i in range(8):
+        (images / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(images / f"class_{i % 2}" / f"{i}.png")
+    tiny(images, "--output_dir", tmp_path / "run", "--epochs", 1)
+    export = tmp_path / "run" / "backbone"
+    for text in ((export / "config.json").read_text(), (export / "README.md").read_text()):
+        assert str(tmp_path) not in text
+    config = json.loads((export / "config.json").read_text())
+    assert config["dataset"] == "my-private-photos" and config["dataset_is_local_folder"] is True
+    assert config["split"] == "train"
+    card = huggingface_hub.ModelCard.load(export / "README.md")
+    assert card.data.license == "other" and card.data.license_name == "none-chosen" and card.data.datasets is None
+    assert "T.Resize(8, interpolation=T.InterpolationMode.BILINEAR" in card.text and "T.Normalize(" in card.text
+    licensed = export_backbone_from(export, tmp_path / "licensed", license="apache-2.0")
+    assert huggingface_hub.ModelCard.load(licensed / "README.md").data.license == "apache-2.0"
+
+
+def test_push_to_hub_without_a_token_fails_before_any_training(tmp_path, monkeypatch):
+    from test_pretrain import tiny
+
+    def no_token(self):
+        raise huggingface_hub.errors.LocalTokenNotFoundError("Token is required, but no token found")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", no_token)
+    images = tmp_path / "images"
+    for i in range(8):
+        (images / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(images / f"class_{i % 2}" / f"{i}.png")
+    with pytest.raises(ValueError, match="--push_to_hub me/m: the Hub refused.*no token found.*hf auth login"):
+        tiny(images, "--output_dir", tmp_path / "run", "--push_to_hub", "me/m")
+    assert not (tmp_path / "run" / "checkpoints").exists()
