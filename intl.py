@@ -753,7 +753,8 @@ def _load_digits_split(split):
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
     splits = {"train": np.sort(train_idx), "test": np.sort(test_idx)}
-    indices = splits[_resolve_split_name(split, list(splits), DIGITS_SOURCE)]
+    split = _resolve_split_name(split, list(splits), DIGITS_SOURCE)
+    indices = splits[split]
     encoded = []
     for pixels in digits.images[indices]:
         # Resample in float ("F" mode) so the 0..16 -> 0..255 rescale is quantised only once.
@@ -765,7 +766,8 @@ def _load_digits_split(split):
         encoded.append({"bytes": buffer.getvalue(), "path": None})
     features = hf_datasets.Features({"image": hf_datasets.Image(),
                                      "label": hf_datasets.ClassLabel(names=[str(d) for d in range(10)])})
-    return hf_datasets.Dataset.from_dict({"image": encoded, "label": labels[indices].tolist()}, features=features)
+    return hf_datasets.Dataset.from_dict({"image": encoded, "label": labels[indices].tolist()}, features=features,
+                                         split=split)
 
 
 # ----------------------------------------------------------------------------- local folders
@@ -825,7 +827,8 @@ def _load_image_folder_split(root, split):
         roots_of_split["train"], class_names = [root], set(sub_dirs)
     class_names = sorted(class_names)
     paths, labels = [], []
-    for split_root in roots_of_split[_resolve_split_name(split, list(roots_of_split), root)]:
+    split = _resolve_split_name(split, list(roots_of_split), root)
+    for split_root in roots_of_split[split]:
         files, file_labels = _image_folder_index(split_root, class_names)
         paths += [os.path.join(split_root, f) for f in files]
         labels += file_labels
@@ -833,7 +836,7 @@ def _load_image_folder_split(root, split):
         raise ValueError(f"no image files in the class folders of {root} (split {split!r}). {_HOW_TO_PROVIDE_DATA}")
     features = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.ClassLabel(names=class_names)})
     return hf_datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths], "label": labels},
-                                         features=features)
+                                         features=features, split=split)
 
 
 def _image_folder_index(split_root, class_names):
@@ -1730,8 +1733,10 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
                              "pretrain checkpoint (model.safetensors + trainer_state.json)")
     elif path.is_file():
         config_file = path
-        if path.suffix == ".safetensors":
-            weights, config = _read_safetensors(path), {}
+        if path.suffix == ".safetensors":  # an export's weights alone: the config.json beside them, if there
+            beside = path.with_name("config.json")
+            weights, config = _read_safetensors(path), read_json(beside) if beside.is_file() else {}
+            config_file = beside if beside.is_file() else path
         else:
             weights, config = _read_official_checkpoint(path)
     elif looks_like_path(repo_id := source.partition("@")[0]) or repo_id.count("/") != 1 \

@@ -214,7 +214,7 @@ def main(argv=None):
     # Data: a labelled training split and a labelled test split.
     with accelerator.main_process_first():  # one process indexes a folder (or prepares a Hub dataset), the others reuse it
         train_split, test_split, num_classes = load_labelled_splits(args)
-    data = dict(dataset=args.dataset, train_split=args.train_split, test_split=args.test_split,
+    data = dict(dataset=args.dataset, train_split=split_used(train_split, args.train_split), test_split=split_used(test_split, args.test_split),
                 n_train=len(train_split.dataset), n_test=len(test_split.dataset), num_classes=num_classes)
     say(f"{args.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} classes")
     eval_images = intl.eval_transform(image_size, args.mean, args.std, args.eval_resize)  # CW-RGP STL-10: 70 for 64
@@ -358,6 +358,11 @@ def per_process_batch(global_batch, processes):
                          f"{processes} processes: give a multiple of {processes}, or run a number of processes "
                          f"that divides {global_batch}")
     return global_batch // processes
+
+
+def split_used(split, asked):
+    """The name of the split that was loaded ("validation" where "test" was asked for and only that exists)."""
+    return str(split.dataset.split) if split.dataset.split is not None else asked
 
 
 def load_labelled_splits(args):

@@ -433,3 +433,10 @@ def test_every_pil_mode_decodes_to_the_8_bit_rgb_it_shows(case):
     image, _ = ImageDataset(ImageSplit(dataset, "image", None, None, case), transform=None)[0]
     assert image.mode == "RGB"
     assert np.array_equal(np.asarray(image), expected)
+
+
+def test_a_split_asked_for_by_an_alias_knows_the_name_it_was_loaded_as(tmp_path):
+    write_png(tmp_path / "f" / "train" / "ant" / "0.png", CLASS_COLORS["ant"])
+    write_png(tmp_path / "f" / "val" / "ant" / "0.png", CLASS_COLORS["ant"])
+    assert str(load_image_split(tmp_path / "f", "test").dataset.split) == "validation"
+    assert str(load_image_split(None, "validation").dataset.split) == "test"  # digits' held-out split

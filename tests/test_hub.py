@@ -42,16 +42,22 @@ def export(tmp_path):
     return tmp_path / "export"
 
 
-def test_export_folder_and_bare_file_round_trip_bit_identical(export, tmp_path):
+def test_export_folder_and_bare_file_round_trip_bit_identical_the_file_reading_the_config_beside_it(export, tmp_path):
     original = load_file(export / "model.safetensors")
     backbone, config = load_backbone(export)
     assert_same_weights(backbone.state_dict(), original)
     assert not backbone.training and config["image_size"] == 16 and config["mean"] == [0.5] * 3
     copy = export_backbone_from(export, tmp_path / "copy")
     assert_same_weights(load_file(copy / "model.safetensors"), original)
-    # A bare file: the arch given, or inferred from the shapes; the stem and normalisation from the weights.
+    # A bare file beside its config.json reads it; alone, the arch is given or inferred from the shapes, the stem
+    # from the weights, the input size and normalisation are the defaults.
+    backbone, config = load_backbone(export / "model.safetensors")
+    assert config["image_size"] == 16 and config["mean"] == [0.5] * 3
+    alone = tmp_path / "alone" / "weights.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes((export / "model.safetensors").read_bytes())
     for arch in ("resnet18", None):
-        backbone, config = load_backbone(export / "model.safetensors", arch=arch)
+        backbone, config = load_backbone(alone, arch=arch)
         assert_same_weights(backbone.state_dict(), original)
         assert (config["arch"], config["stem"], config["image_size"]) == ("resnet18", "imagenet", 224)
 
