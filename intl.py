@@ -430,9 +430,18 @@ def covariance_spectrum(z, axis=0):
     return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
 
 
+# Eigenvalues below this fraction of the largest are zero to the precision of float32 embeddings (rounding leaves
+# about 1e-14 of the largest in directions the embedding does not span).
+RANK_FLOOR = 1e-12
+
+
 def lg_ioc(eigvals):
-    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened)."""
-    return math.log10(max(eigvals.min().item(), 1e-300) / eigvals.max().item())
+    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened); -inf when the
+    covariance is rank-deficient (its smallest eigenvalue at or below RANK_FLOOR x the largest)."""
+    largest, smallest = eigvals.max().item(), eigvals.min().item()
+    if largest <= 0 or smallest <= RANK_FLOOR * largest:
+        return -math.inf
+    return math.log10(smallest / largest)
 
 
 def effective_rank(eigvals):

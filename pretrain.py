@@ -1445,7 +1445,7 @@ class Logger:
         """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
         spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in intl.read_jsonl(self.spectra_path)]
         if spectra:
-            plot_spectra(spectra, path)
+            plot_spectra(spectra, path, title=self.path.parent.name)
             self.info(f"spectrum plot: {path}")
 
     def records(self):
@@ -1470,34 +1470,56 @@ class Logger:
             values = [(r["step"], r[key]) for r in records if key in r]
             if values:
                 (first_step, first), (last_step, last) = values[0], values[-1]
-                lines.append(f"  {label:28s} step {first_step:6d}: {first:9.4f}  ->  step {last_step:6d}: {last:9.4f}")
+                lines.append(f"  {label:28s} step {first_step:6d}: {shown(first)}  ->  step {last_step:6d}: "
+                             f"{shown(last)}")
         lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
         self.info("\n".join(lines))
 
 
-def plot_spectra(spectra, path, max_curves=6):
-    """The paper's Fig. 3 style: eigenvalues of the covariance of Z and of Z_hat, log scale, over training.
+def shown(value):
+    """A logged figure for a person: lg IoC's -inf says what it means."""
+    return "rank-deficient" if value == -math.inf else f"{value:9.4f}"
 
-    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending.
+
+def plot_spectra(spectra, path, title, max_curves=6):
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training, each divided by its
+    largest, against their index, on a log scale. Eigenvalues at the numerical floor (intl.RANK_FLOOR x the
+    largest: rank-deficient directions) are drawn on the dotted floor line, and their curve's lg IoC reads
+    "rank-deficient".
+
+    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending; title: the run.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    at_floor = any(intl.lg_ioc(eig) == -math.inf for i in picks for eig in spectra[i][1:])
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
     colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
     for colour, i in zip(colours, picks):
         step, eig_z, eig_z_hat = spectra[i]
         for ax, eig in zip(axes, (eig_z, eig_z_hat)):
-            ax.plot(range(1, len(eig) + 1), eig.clamp(min=1e-12).numpy(), color=colour,
-                    label=f"step {step}  (lg IoC {intl.lg_ioc(eig):.2f})")
-    for ax, name in zip(axes, ("Z (projector output)", "Z_hat (transformed)")):
-        ax.set(title=name, xlabel="index", ylabel="eigenvalue of the covariance", yscale="log")
-        ax.legend(fontsize=8)
+            normalised = (eig / eig.max()).clamp(min=intl.RANK_FLOOR) if eig.max() > 0 else torch.full_like(
+                eig, intl.RANK_FLOOR)
+            ioc = intl.lg_ioc(eig)
+            ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
+                    label=f"step {step}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+    for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
+        if at_floor:
+            ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
+            ax.set_ylim(intl.RANK_FLOOR / 3, 3)
+        ax.set_title(name, fontsize=9)
+        ax.set(xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{title}: eigenvalues of the covariance over training"
+                 + (" (dotted: the numerical floor)" if at_floor else ""), fontsize=9)
     with intl.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=200)
     plt.close(fig)
 
 

@@ -302,6 +302,10 @@ def test_spectrum_diagnostics_match_numpy_eigenvalues():
         np.testing.assert_allclose(eigs.numpy(), want, rtol=1e-8, atol=1e-10)
         assert eigs[-1] > 1e-6  # the structurally-zero eigenvalues are excluded
     assert intl.lg_ioc(torch.tensor([10.0, 5.0, 1.0], dtype=F64)) == pytest.approx(-1.0)
+    # Rank-deficient: -inf, not a number made up from a clamp.
+    assert intl.lg_ioc(torch.tensor([10.0, 5.0, 1e-12], dtype=F64)) == -math.inf
+    assert intl.lg_ioc(torch.tensor([10.0, 5.0, 0.0], dtype=F64)) == -math.inf
+    assert intl.lg_ioc(torch.zeros(3, dtype=F64)) == -math.inf
     assert intl.effective_rank(torch.ones(7, dtype=F64)) == pytest.approx(7.0)
     assert intl.effective_rank(torch.tensor([3.0, 0.0, 0.0], dtype=F64)) == pytest.approx(1.0)
     p = np.array([4.0, 2.0, 1.0, 1.0]) / 8

@@ -514,6 +514,8 @@ def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_summary(tmp_path, ca
     assert len(warnings) == 1 and "the embedding has collapsed at step 1" in warnings[0]["warning"]
     summary = capsys.readouterr().out.split("summary (first logged -> last logged):")[1]
     assert "warning (step 1): the embedding has collapsed" in summary
+    assert re.search(r"lg IoC of Z +step +1: rank-deficient", summary)  # never a number made up from a clamp
+    assert (tmp_path / "run" / "spectrum.png").is_file()
     with pytest.raises(FloatingPointError, match="the embedding had collapsed at step 1 before"):
         tiny(tmp_path / "grey", "--output_dir", tmp_path / "longer", "--epochs", 2, "--jitter", "0,0,0,0",
              "--spectrum_every", 1)
