@@ -727,12 +727,22 @@ class ImageSplit:
     source: str
 
 
-def load_image_split(source, split, image_column=None, label_column=None):
+def load_image_split(source, split, image_column=None, label_column=None, accelerator=None):
     """One split ("train", "test", ...) of any source above -> ImageSplit; the columns are detected unless given.
 
     A missing split falls back to its aliases ("test" <-> "validation" / "val"). Raises ValueError naming the
-    available splits or columns, or saying why a folder or a Hub dataset cannot be used.
+    available splits or columns, or saying why a folder or a Hub dataset cannot be used. With an `accelerator`
+    of several processes the main process loads first (it indexes a folder, or downloads and prepares a Hub
+    dataset) and the others then read what it cached; every process passes the same barriers, errors included.
     """
+    if accelerator is not None and accelerator.num_processes > 1:
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+        try:
+            return load_image_split(source, split, image_column, label_column)
+        finally:
+            if accelerator.is_main_process:
+                accelerator.wait_for_everyone()
     if source is None or source == DIGITS_SOURCE:
         dataset, description = _load_digits_split(split), DIGITS_SOURCE
     else:
@@ -881,6 +891,7 @@ def _image_folder_index(split_root, class_names):
                 if not file.startswith(".") and os.path.splitext(file)[1].lower() in extensions:
                     files.append(os.path.join(relative, file))
                     labels.append(label)
+    print(f"indexed {len(files)} images in {split_root} (the list is cached for later runs and other processes)")
     try:  # written to a temporary file and renamed: a reader never sees half of it
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")

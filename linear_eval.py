@@ -212,8 +212,7 @@ def main(argv=None):
         say(recipe_lr_note(protocol, recipe, args))
 
     # Data: a labelled training split and a labelled test split.
-    with accelerator.main_process_first():  # one process indexes a folder (or prepares a Hub dataset), the others reuse it
-        train_split, test_split, num_classes = load_labelled_splits(args)
+    train_split, test_split, num_classes = load_labelled_splits(args, accelerator)
     data = dict(dataset=args.dataset, train_split=split_used(train_split, args.train_split), test_split=split_used(test_split, args.test_split),
                 n_train=len(train_split.dataset), n_test=len(test_split.dataset), num_classes=num_classes)
     say(f"{args.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} classes")
@@ -365,8 +364,8 @@ def split_used(split, asked):
     return str(split.dataset.split) if split.dataset.split is not None else asked
 
 
-def load_labelled_splits(args):
-    splits = [intl.load_image_split(args.dataset, name, args.image_column, args.label_column)
+def load_labelled_splits(args, accelerator=None):
+    splits = [intl.load_image_split(args.dataset, name, args.image_column, args.label_column, accelerator)
               for name in (args.train_split, args.test_split)]
     num_classes = 0
     for split in splits:

@@ -352,8 +352,8 @@ def train(config, accelerator):
              f"{config.batch_size * accelerator.num_processes}, {config.epochs} epochs")
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so a resume replays them.
-    with accelerator.main_process_first():  # one process indexes a folder (or prepares a Hub dataset), the others reuse it
-        train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column)
+    train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column,
+                                        accelerator)
     global_batch = config.batch_size * accelerator.num_processes
     sampler, loader = training_loader(config, train_split, accelerator)
     steps_per_epoch = sampler.batches_per_epoch
@@ -1007,14 +1007,11 @@ def knn_splits(config, accelerator, train_split):
     """Loaders of the training and held-out splits without augmentation, or None without labels."""
     if not config.knn_every or train_split.label_column is None:
         return None
-    with accelerator.main_process_first():  # inside: every process leaves it through the same barrier
-        try:
-            test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column,
-                                               config.label_column)
-        except ValueError as error:
-            test_split = None
-            print(f"no kNN monitor: {error}", file=sys.stderr)
-    if test_split is None:
+    try:
+        test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
+                                           accelerator)
+    except ValueError as error:
+        print(f"no kNN monitor: {error}", file=sys.stderr)
         return None
     transform = intl.eval_transform(config.image_size, config.eval_mean or config.mean, config.eval_std or config.std,
                                     config.eval_resize)

@@ -222,3 +222,60 @@ def test_atomic_checkpoint_holds_every_process_state_even_when_one_process_is_sl
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0002"]
     saved = {p.name for p in (tmp_path / "checkpoints" / "step-0002").iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= saved
+
+
+SLOW_MAIN_INDEXES_FOLDER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, {root!r})
+    from accelerate import Accelerator
+    import intl
+
+    def say(line):  # one write per line: the two processes share stdout
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
+    accelerator = Accelerator()
+    scan, walk, walked = intl._image_folder_index, os.walk, []
+    os.walk = lambda *args, **kwargs: walked.append(args[0]) or walk(*args, **kwargs)
+
+    def slow_scan(*args):  # the main process starts late: without the barrier the other one would scan first
+        if accelerator.is_main_process:
+            time.sleep(3)
+        found = scan(*args)
+        scanned = any(os.fspath(path).startswith(sys.argv[1]) for path in walked)  # not other libraries' walks
+        say(json.dumps({{"rank": accelerator.process_index, "files": len(found[0]), "walked": scanned}}))
+        return found
+
+    intl._image_folder_index = slow_scan
+    split = intl.load_image_split(sys.argv[1], "train", accelerator=accelerator)
+    try:
+        intl.load_image_split(sys.argv[1], "nope", accelerator=accelerator)
+    except ValueError:
+        say(f"refused on rank {{accelerator.process_index}}")
+    accelerator.wait_for_everyone()  # the barriers of both processes still pair up after the error
+    say(f"done on rank {{accelerator.process_index}} {{len(split.dataset)}}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_only_the_main_process_scans_an_image_folder_the_others_read_its_list(tmp_path):
+    from PIL import Image
+
+    for i in range(6):
+        (tmp_path / "images" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "images" / f"class_{i % 2}" / f"{i}.png")
+    script = tmp_path / "index.py"
+    script.write_text(SLOW_MAIN_INDEXES_FOLDER.format(root=ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", HF_DATASETS_CACHE=str(tmp_path / "cache"),
+               GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "images")]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count("indexed 6 images") == 1
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("{")) == [  # the main process scanned
+        '{"rank": 0, "files": 6, "walked": true}', '{"rank": 1, "files": 6, "walked": false}']
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith(("refused", "done"))) == [
+        "done on rank 0 6", "done on rank 1 6", "refused on rank 0", "refused on rank 1"]
