@@ -1359,14 +1359,19 @@ def keep_resumed_config(config, explicit, checkpoint, run_control, per_command=(
         if key not in per_command and not _same_kind(value, current):
             raise ValueError(f"{state_file}: the configuration has {key} = {value!r}, but {key} takes values like "
                              f"{current!r}: the file is damaged; resume from another checkpoint")
-    changed = [k for k in explicit
-               if k not in run_control and saved.get(k) != json.loads(json.dumps(getattr(config, k)))]
+    changed = changed_settings(saved, {k: getattr(config, k) for k in explicit if k not in run_control})
     if changed:
         raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
                          "configuration: drop the flag or start a new run in another --output_dir")
     for key, value in saved.items():
         if key not in per_command and not (key in run_control and key in explicit):
             setattr(config, key, value)
+
+
+def changed_settings(saved, current):
+    """The keys of `current` whose values differ from those `saved` in a checkpoint's JSON (compared as JSON, so
+    that a tuple equals its saved list): a resumed run or evaluation keeps its settings."""
+    return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
 
 
 def _same_kind(saved, current):

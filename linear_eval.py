@@ -742,7 +742,7 @@ def resume(root, settings, accelerator):
     if not isinstance(saved, dict) or not isinstance(state.get("epoch"), int) or not isinstance(state.get("history"), list):
         raise ValueError(f"--resume: {done[-1]} lacks the epoch, settings or history of the evaluation: the file is "
                          "damaged; start again without --resume (and with --overwrite)")
-    changed = [k for k in settings if saved.get(k) != json.loads(json.dumps(settings[k]))]
+    changed = intl.changed_settings(saved, settings)
     if changed:
         raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} in "
                          f"{done[-1].parent}; a resumed evaluation keeps its settings")
