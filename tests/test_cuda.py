@@ -1,5 +1,5 @@
 """On a CUDA GPU (skipped elsewhere): every method in float32, fp16 and bf16; the device augmentations equal
-the CPU's; IterNorm stays float32 under autocast; exact resume; linear_eval and a detect_transfer step.
+the CPU's; IterNorm stays float32 under autocast; a deterministic resume; linear_eval and a detect_transfer step.
 `.ci/gpu-check` runs this module on a GPU machine."""
 
 import json
