@@ -235,8 +235,8 @@ def main(argv=None):
         print(json.dumps(vars(config), indent=2))
         return
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    if intl.slow_precision_warning(accelerator):
-        print(intl.slow_precision_warning(accelerator), file=sys.stderr)
+    if warning := intl.slow_precision_warning(accelerator):
+        print(warning, file=sys.stderr)
     if config.benchmark:
         return benchmark(config, accelerator)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)

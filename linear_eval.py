@@ -190,8 +190,8 @@ def main(argv=None):
         intl.refuse_to_replace(output_dir, [f"{p}.json" for p in args.protocol] +
                                [f"checkpoints/{p}" for p in args.protocol if p in TRAINED], args.overwrite)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    if intl.slow_precision_warning(accelerator):
-        print(intl.slow_precision_warning(accelerator), file=sys.stderr)
+    if warning := intl.slow_precision_warning(accelerator):
+        print(warning, file=sys.stderr)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     trained = [p for p in args.protocol if p in TRAINED]
     for protocol in trained:  # before any loading: a batch that does not split is refused at once

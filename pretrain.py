@@ -343,8 +343,8 @@ def train(config, accelerator):
     prepare_output_dir(config, output_dir, accelerator, log)
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
              f"precision {accelerator.mixed_precision}")
-    if intl.slow_precision_warning(accelerator):
-        log.info(intl.slow_precision_warning(accelerator))
+    if warning := intl.slow_precision_warning(accelerator):
+        log.info(warning)
     if config.push_to_hub and accelerator.is_main_process:
         log.info(f"the export will be pushed to {config.push_to_hub} as {check_hub_access(config.push_to_hub, config.private)}")
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
@@ -1737,11 +1737,11 @@ def plain_loop_step(config, views, device, precision, tuned):
     """The obvious loop's step for the same model, objective and optimiser: autocast and a gradient scaler by hand,
     no Accelerate, no non-finite watch. tuned: with channels_last and cuDNN's autotuner, as `on_the_accelerator`."""
     set_seed(config.seed)
+    torch.backends.cudnn.benchmark = False
     model = build_model(config).to(device)
-    torch.backends.cudnn.benchmark = tuned
-    if tuned and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if config.compile:
+    if tuned:
+        model = on_the_accelerator(model, config, device)
+    elif config.compile:
         model.backbone.compile()
         model.projector.compile()
     optimizer = build_optimizer(config, model)
