@@ -14,8 +14,7 @@ This file reads like the method section of the paper, in its order:
     6. spectrum diagnostics           eigenvalues, lg IoC, effective rank   (the paper's Fig. 2-3)
     7. relatives                      the power ST (Fig. 2), CW-RGP, W-MSE on the same pipeline
 
-and, after the method, a fenced part with what the three stages (pretrain.py, linear_eval.py,
-detect_transfer.py) share. The method needs only torch and torchvision.
+then, fenced off, what the three stages share. The method needs only torch and torchvision.
 
 Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened:
     axis=0  "channel whitening" (the official default): each sample is centred over its D
@@ -26,37 +25,16 @@ Both are written once: the rows being whitened ("units") and the values each uni
 on ("observations") are swapped by a transpose, see `_units`.
 """
 
-import argparse
-import contextlib
 import copy
-import errno
 import functools
-import hashlib
-import io
-import json
-import logging
+import itertools
 import math
-import os
-import pickle
-import re
-import shutil
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image as PILImage
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torchvision.transforms import v2
 
 
 # -----------------------------------------------------------------------------
@@ -73,18 +51,13 @@ STEMS = {
 }
 
 
-
 def build_backbone(arch="resnet50", stem="imagenet", zero_init_residual=True):
     """A torchvision ResNet without its classifier: images [B, 3, H, W] -> features [B, feature_dim].
 
-    The state_dict keys are exactly torchvision's minus `fc.*`, so exported weights load into
-    `torchvision.models.<arch>()` with only the classifier missing (and, for the small-image stems,
-    conv1 / maxpool replaced as in `STEMS`).
-    stem: a key of STEMS. INTL's CIFAR network pads its 32 x 32 input with one zero pixel before
-    a 3x3 padding-1 conv1, so its maps are 34 -> 17 -> 9 -> 5; a zero pad followed by a zero-padded
-    convolution is one convolution with the two paddings added, which keeps torchvision's keys.
-    zero_init_residual: the last BN of every residual block starts at zero, so each block starts
-    as the identity (the authors' ResNet-50 runs and CW-RGP's; not INTL's ResNet-18 runs).
+    The state_dict keys are torchvision's minus `fc.*`, so exports load into `torchvision.models.<arch>()`
+    (with conv1 / maxpool replaced as in `STEMS` for the small-image stems). A zero pad followed by a
+    zero-padded convolution is one convolution with the paddings added: INTL's CIFAR stem keeps the keys.
+    zero_init_residual: every residual block starts as the identity (the authors' ResNet-50 and CW-RGP runs).
     """
     if arch not in RESNETS:
         raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(RESNETS)}")
@@ -104,25 +77,18 @@ def build_backbone(arch="resnet50", stem="imagenet", zero_init_residual=True):
 
 def parse_projector_spec(spec):
     """"8192-8192-8192" -> [8192, 8192, 8192]: the widths of the projector's linear layers."""
-    try:
-        widths = [int(w) for w in str(spec).split("-")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) < 1:
-        raise ValueError(
-            f"cannot parse projector spec {spec!r}: give positive layer widths joined by '-', "
-            "e.g. '8192-8192-8192' (ImageNet) or '2048-2048-2048' (CIFAR)"
-        )
+    widths = [int(w) for w in str(spec).split("-") if w.isdigit()]
+    if len(widths) != len(str(spec).split("-")) or min(widths) < 1:
+        raise ValueError(f"cannot parse projector spec {spec!r}: give positive layer widths joined by '-', "
+                         "e.g. '8192-8192-8192' (ImageNet) or '2048-2048-2048' (CIFAR)")
     return widths
 
 
 def build_projector(in_dim, spec, hidden_bias=False):
     """The projector g: features [B, in_dim] -> embedding Z [B, widths[-1]].
 
-    Every hidden layer is Linear -> BatchNorm -> ReLU, the last is a Linear with bias (the "3
-    layers" projector of both papers; spec "2048-2048-2048" has two hidden layers). The hidden
-    Linear layers have no bias (INTL: the BN after them removes it) unless hidden_bias (CW-RGP's
-    projector keeps it).
+    Hidden layers are Linear -> BatchNorm -> ReLU, the last a Linear with bias (the papers' "3 layers"
+    projector). Hidden Linear layers have no bias, as the BN after them removes it, unless hidden_bias (CW-RGP).
     """
     widths = [in_dim] + parse_projector_spec(spec)
     layers = []
@@ -171,14 +137,10 @@ def iternorm(z, iters=4, axis=0, coupled=False):
     z: [B, D] -> Z_hat = W X: [B, D]. With finite T the output is not fully whitened: eigenvalue
     l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1 - that is the point.
 
-    coupled=True computes the same iterates (in exact arithmetic) by the coupled Newton-Schulz
-    form, Y_0 = S_N, P_0 = I, M = (3 I - P_{k-1} Y_{k-1}) / 2, Y_k = Y_{k-1} M, P_k = M P_{k-1}
-    (Y_k = S_N P_k), which does not amplify rounding errors: the paper's uncoupled form loses
-    precision for large T, even in float64, and is kept as the default. On a random 64 x 256 batch
-    in float32 the paper's form is already off by 17 at T = 20 and NaN at T = 30, while the coupled
-    form stays within 6e-6 of the float64 result (tested). On the digits default at T = 12 with the
-    trace loss (5 epochs), the paper's form gives a NaN loss at step 1 while --coupled trains
-    normally (held-out 5-NN 90.3%, effective rank of Z 30.4).
+    coupled=True: the same iterates by the coupled Newton-Schulz form (M = (3 I - P Y) / 2, Y <- Y M,
+    P <- M P, Y_0 = S_N), which does not amplify rounding errors. The paper's form (the default) does:
+    in float32 it is off by 17 at T = 20 on a random 64 x 256 batch, where the coupled form stays within
+    6e-6 of float64 (tested), and at T = 12 on digits it gives a NaN loss at step 1.
     """
     x, cov = _centred_covariance(_units(z, axis))
     trace = cov.diagonal().sum()
@@ -196,12 +158,8 @@ def iternorm(z, iters=4, axis=0, coupled=False):
 
 
 def float32_island(transform):
-    """Wraps transform(z, ...) to compute in float32 at least (also under fp16/bf16 autocast) and to
-    return the caller's dtype.
-
-    The Newton iteration cubes matrices and the eigendecomposition divides by small eigenvalues:
-    neither survives half precision.
-    """
+    """transform(z, ...) computed in float32 at least, also under fp16/bf16 autocast, returned in z's dtype:
+    Newton's iteration cubes matrices and eigendecompositions divide by small eigenvalues."""
     @functools.wraps(transform)
     def wrapped(z, *args, **kwargs):
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -209,24 +167,24 @@ def float32_island(transform):
     return wrapped
 
 
-class _Float32(nn.Module):
-    """A transformation module whose `transform` runs as a `float32_island`."""
+class SpectralTransform(nn.Module):
+    """A transformation as a module: z [B, D] -> function(z, **settings), computed as a `float32_island`."""
+
+    def __init__(self, function, **settings):
+        super().__init__()
+        _check_axis(settings["axis"])
+        self.function, self.settings = float32_island(function), settings
 
     def forward(self, z):
-        return float32_island(self.transform)(z)
-
-
-class IterNorm(_Float32):
-    def __init__(self, iters=4, axis=0, coupled=False):
-        super().__init__()
-        _check_axis(axis)
-        self.iters, self.axis, self.coupled = iters, axis, coupled
-
-    def transform(self, z):
-        return iternorm(z, self.iters, self.axis, self.coupled)
+        return self.function(z, **self.settings)
 
     def extra_repr(self):
-        return f"iters={self.iters}, axis={self.axis}, coupled={self.coupled}"
+        return ", ".join(f"{name}={value}" for name, value in self.settings.items())
+
+
+class IterNorm(SpectralTransform):
+    def __init__(self, iters=4, axis=0, coupled=False):
+        super().__init__(iternorm, iters=iters, axis=axis, coupled=coupled)
 
 
 # -----------------------------------------------------------------------------
@@ -234,16 +192,12 @@ class IterNorm(_Float32):
 
 
 def trace_loss(z_hat, axis=0):
-    """TL(Z_hat) = sum_i (1 - var_i)^2 = sum of (1 - diag(S_hat))^2.
+    """TL(Z_hat) = sum_i (1 - var_i)^2, var_i the variance of unit i of Z_hat (the diagonal of its covariance).
 
-    var_i is the variance of unit i of Z_hat (axis 0: sample i over its D channels, divisor D - 1).
-    Pushing the diagonal of the transformed covariance to 1 keeps IterNorm's output well scaled,
-    which is what drives the spectrum of Z towards equal eigenvalues (Theorem 2).
-    z_hat: [B, D] -> scalar.
+    Keeping IterNorm's output at unit variance drives the spectrum of Z towards equal eigenvalues
+    (Theorem 2). z_hat: [B, D] -> scalar.
     """
-    x = _units(z_hat, axis)
-    var = x.var(dim=1, correction=1)
-    return (1 - var).pow(2).sum()
+    return (1 - _units(z_hat, axis).var(dim=1, correction=1)).pow(2).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -283,10 +237,8 @@ def intl_objective(z_hat, beta, axis=0, view0_is_target=False):
 
 
 def intl_loss(views, iters=4, axis=0, beta=None):
-    """`intl_objective` of V >= 2 views of the same B samples, each [B, D] -> scalar, each view
-    transformed by IterNorm on its own; beta defaults to `default_beta` of this batch. For
-    training, pass the embeddings of the global batch (`gather_with_grad`), as `INTL` does.
-    """
+    """`intl_objective` of V >= 2 views [B, D] of the same samples, each through IterNorm -> scalar; beta
+    defaults to `default_beta`. In training, the views are the global batch's (`gather_with_grad`), as in `INTL`."""
     _check_views(views)
     beta = default_beta(*views[0].shape, axis) if beta is None else beta
     return intl_objective([iternorm(z, iters, axis) for z in views], beta, axis)
@@ -295,9 +247,8 @@ def intl_loss(views, iters=4, axis=0, beta=None):
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward hands each process the gradient of its own rows.
 
-    Every process computes the same loss on the same gathered batch, so each holds the full
-    gradient dL/dZ_all. Summing it over processes and keeping the own slice gives world_size x
-    the true gradient of the local rows, which DDP's gradient averaging divides back.
+    Every process computes the same loss on the same gathered batch, so each holds all of dL/dZ. Summing
+    over processes and keeping the own rows gives world_size x their gradient, which DDP's averaging divides back.
     """
 
     @staticmethod
@@ -314,25 +265,19 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(z):
-    """[B_local, D] -> [B_local x world_size, D], rank order; the identity with one process.
-
-    Not `accelerator.gather`: that one carries no gradient. All processes must pass the same
-    batch size (use drop_last in the data loader).
-    """
+    """[B_local, D] -> [B_local x world_size, D] in rank order, with gradient (`accelerator.gather` has none);
+    the identity with one process. Every process must pass the same batch size (drop_last)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z
     return _GatherWithGrad.apply(z)
 
 
 class JointEmbedding(nn.Module):
-    """What every method here shares: encoder f and projector g embed V >= 2 views of the same
-    images, and an objective (`objective`, per method) compares the embeddings of the global batch.
-    One forward per step, so that DDP synchronises once.
+    """What every method here shares: encoder f and projector g embed V >= 2 views of the same images, and the
+    method's `objective` compares the embeddings of the global batch; one forward per step (one DDP sync).
 
-    forward(views) with views a list of V image batches [B, 3, H_v, W_v] returns a dict:
-        loss   the objective on the global batch (scalar)
-        z      view 0's embedding of the global batch, detached [B_global, D] (for monitoring)
-        z_hat  its transformed embedding, detached [B_global, D]
+    forward(views: V image batches [B, 3, H_v, W_v]) -> {"loss": scalar, "z": view 0's embedding of the global
+    batch [B_global, D], "z_hat": its transformed embedding [B_global, D]} (z, z_hat detached, for monitoring).
     """
 
     def __init__(self, backbone, projector):
@@ -345,26 +290,19 @@ class JointEmbedding(nn.Module):
         return [self.projector(self.backbone(v)) for v in views]
 
     def forward(self, views, step=0, epoch=0):
-        """`step` seeds the random partitions of the sub-batch methods (the same on every process);
-        `epoch` switches CW-RGP's covariance term off after its epochs."""
-        if len(views) < 2:
-            raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
+        """step seeds the sub-batch methods' random partitions (alike on every process); epoch ends CW-RGP's
+        covariance term."""
         return self.objective(self.embed(views), step, epoch)
 
 
 class INTL(JointEmbedding):
-    """Encoder + projector + IterNorm + the INTL objective (see `JointEmbedding` for forward's dict).
+    """Encoder + projector + IterNorm + the INTL objective (forward's dict: see `JointEmbedding`).
 
-    Every view goes through the encoder and projector on its own, as in the authors' runs: in
-    training, each view's BatchNorm layers normalise it with its own batch statistics.
-
-    momentum_target=True is INTL-M: an EMA copy of encoder + projector, without
-    gradients, embeds view 0 only; the online network embeds views 1..V-1, each matched to the
-    target's view 0, with the trace loss on the online views.
-
-    power=p replaces IterNorm by the eigendecomposition ST with g(l) = l^(-p) (the paper's
-    power study; eps regularises its covariance); beta=0 drops the trace loss; coupled=True runs
-    IterNorm in its coupled form (see `iternorm`).
+    Each view goes through encoder and projector on its own, as in the authors' runs, so BatchNorm
+    normalises each view with its own statistics. momentum_target=True is INTL-M: an EMA copy of encoder +
+    projector, without gradients, embeds view 0; the online network embeds the other views, each matched to it.
+    power=p replaces IterNorm by the ST g(l) = l^(-p) (the power study; eps regularises its covariance);
+    beta=0 drops the trace loss; coupled=True: see `iternorm`.
     """
 
     def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False, power=None,
@@ -418,12 +356,8 @@ def ema_momentum(step, total_steps, m0):
 
 @torch.no_grad()
 def covariance_spectrum(z, axis=0):
-    """Eigenvalues of the covariance the transformation sees, descending, float64.
-
-    Only the min(units, observations - 1) eigenvalues that can be non-zero are returned: the
-    rest are zero by construction (centring removes one dimension) and would make every
-    condition number infinite. z: [B, D] -> [min(B, D - 1)] (axis 0) or [min(D, B - 1)] (axis 1).
-    """
+    """Eigenvalues of the covariance the transformation sees, descending, float64: z [B, D] -> [min(B, D - 1)]
+    (axis 0) or [min(D, B - 1)] (axis 1). The others are zero by construction (centring removes a dimension)."""
     x = _units(z.detach().double(), axis)
     _, cov = _centred_covariance(x)
     eigvals = torch.linalg.eigvalsh(cov).flip(0)
@@ -452,9 +386,8 @@ def effective_rank(eigvals):
 
 
 def collapsed(z, eigvals):
-    """Whether the embeddings z [B, D] have collapsed: every sample at (almost) one point (the variance over the
-    batch below 1e-6 of the mean squared norm), or the variance in about one direction (`effective_rank` of the
-    covariance's eigenvalues `eigvals` below 1.5). Either way the features carry next to no information."""
+    """Whether the embeddings z [B, D] collapsed: all samples at about one point (variance over the batch below
+    1e-6 of the mean squared norm) or all variance in about one direction (`effective_rank` of eigvals < 1.5)."""
     z = z.detach().double()
     spread = z.var(dim=0, unbiased=False).sum().item()
     return spread <= 1e-6 * z.pow(2).mean(dim=0).sum().item() or effective_rank(eigvals) < 1.5
@@ -463,19 +396,16 @@ def collapsed(z, eigvals):
 # -----------------------------------------------------------------------------
 # 7. Relatives: the power ST, CW-RGP and W-MSE
 #
-# What the paper compares INTL with, on the same pipeline: the ST by eigendecomposition with
-# g(l) = l^(-p) (Fig. 2), and the whitening losses of the predecessor CW-RGP (ZCA whitening of
-# random channel groups) and of W-MSE (Cholesky whitening), which whiten random sub-batches of
-# each view and compare the views by an MSE.
+# What the paper compares INTL with, on the same pipeline: the ST g(l) = l^(-p) (Fig. 2), and the losses
+# of CW-RGP (ZCA whitening of random channel groups) and W-MSE (Cholesky), on random sub-batches of each view.
 
 
 def spectral_transform(z, power=0.5, axis=0, eps=0.0):
-    """The general ST by eigendecomposition, with g(l) = l^(-power).
+    """The ST by eigendecomposition with g(l) = l^(-power): z [B, D] -> U diag(l^-power) U^T X [B, D].
 
-    power 0.5 is ZCA whitening, power 0 leaves Z unchanged (and collapses, Fig. 2).
-    z: [B, D] -> U diag(l^-power) U^T X: [B, D]. eps > 0 uses S + eps mean(l) I: real batches can
-    be singular even when the shapes allow full rank (e.g. two identical crops on axis 0). eps is
-    relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
+    power 0.5 is ZCA whitening; power 0 leaves Z unchanged (and collapses, Fig. 2). eps > 0 uses
+    S + eps mean(l) I, for batches that are singular although the shapes allow full rank (two identical
+    crops); relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
     """
     x = _units(z, axis)
     m, n = x.shape
@@ -495,10 +425,9 @@ def spectral_transform(z, power=0.5, axis=0, eps=0.0):
 def matrix_power(cov, power):
     """S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
 
-    Autograd through torch.linalg.eigh divides by l_i - l_j, which is infinite when eigenvalues
-    repeat - and real batches repeat them (two identical crops). The derivative of a matrix
-    function needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend to
-    f'(l_i) as l_j -> l_i (Daleckii-Krein), so the backward below uses those and stays finite.
+    Autograd through torch.linalg.eigh divides by l_i - l_j, infinite when eigenvalues repeat, as they do in
+    real batches. The derivative needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend
+    to f'(l_i) as l_j -> l_i (Daleckii-Krein): the backward below uses those and stays finite.
     """
     return _MatrixPower.apply(cov, power)
 
@@ -524,29 +453,19 @@ class _MatrixPower(torch.autograd.Function):
         return eigvecs @ (inner * divided) @ eigvecs.t(), None
 
 
-class PowerTransform(_Float32):
+class PowerTransform(SpectralTransform):
     def __init__(self, power=0.5, axis=0, eps=0.0):
-        super().__init__()
-        _check_axis(axis)
-        self.power, self.axis, self.eps = power, axis, eps
-
-    def transform(self, z):
-        return spectral_transform(z, self.power, self.axis, self.eps)
-
-    def extra_repr(self):
-        return f"power={self.power}, axis={self.axis}, eps={self.eps}"
+        super().__init__(spectral_transform, power=power, axis=axis, eps=eps)
 
 
 @float32_island
 def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
-    """CW-RGP's whitening of one sub-batch of one view: random group partition, ZCA per group.
+    """CW-RGP's whitening of one sub-batch of one view, h [B, D] -> [B, D]: random group partition, ZCA per group.
 
-    The embedding is centred (axis 0: each sample over all D channels; axis 1: each channel over
-    the batch), its channels permuted by `perm` (a fresh torch.randperm(D) when None), split into
-    `groups` equal groups, each ZCA-whitened on its own by eigendecomposition,
-        S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])    or    X_g^T X_g / (B - 1)  (axis 1),
-        W_g = (S_g + eps I)^(-1/2),
-    and the permutation undone. h: [B, D] -> [B, D].
+    h is centred (axis 0: each sample over its D channels; axis 1: each channel over the batch), its channels
+    permuted by `perm` (default: a fresh torch.randperm(D)) into `groups` equal groups, each ZCA-whitened,
+        S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])  or  X_g^T X_g / (B - 1)  (axis 1),  W_g = (S_g + eps I)^(-1/2),
+    and the permutation undone.
     """
     _check_axis(axis)
     batch, dim = h.shape
@@ -562,10 +481,8 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
     if eps == 0 and obs - 1 < units:
         what, fix = (("channels per group", "fewer groups or a smaller --w_size") if axis == 0 else
                      ("samples per sub-batch", "more groups or a larger --w_size"))
-        raise ValueError(
-            f"each group's {units} x {units} covariance is singular by construction ({obs} {what} give rank "
-            f"<= {obs - 1} < {units}): use {fix}, or set --w_eps > 0"
-        )
+        raise ValueError(f"each group's {units} x {units} covariance is singular by construction ({obs} {what} "
+                         f"give rank <= {obs - 1} < {units}): use {fix}, or set --w_eps > 0")
     x = h - h.mean(dim=1 if axis == 0 else 0, keepdim=True)
     out = torch.empty_like(x)
     for channels in perm.to(h.device).chunk(groups):
@@ -577,31 +494,23 @@ def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
 
 
 def covariance_penalty(h, axis=0):
-    """CW-RGP's covariance term: the squared off-diagonal entries of the covariance of h, summed, over its size.
-
-    h: [B, D] -> scalar sum_{i != j} S_ij^2 / m with S [m, m] the covariance of the units of h
-    (axis 0: the B samples, each centred over its D channels; axis 1: the D channels over the batch).
-    """
+    """CW-RGP's covariance term, h [B, D] -> sum_{i != j} S_ij^2 / m, with S [m, m] the covariance of h's units
+    (axis 0: the B samples, each centred over its D channels; axis 1: the D channels)."""
     _, cov = _centred_covariance(_units(h, axis))
     off_diagonal = cov - torch.diag(cov.diagonal())
     return off_diagonal.pow(2).sum() / cov.shape[0]
 
 
 class SubBatchWhitening(JointEmbedding):
-    """CW-RGP and W-MSE on the same pipeline: whiten random sub-batches of each view, then an MSE
-    between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats.
+    """CW-RGP and W-MSE: whiten random sub-batches of each view, then an MSE between every pair of views,
+    averaged over pairs, sub-batches and `w_iter` repeats.
 
-    As in the authors' CW-RGP (and W-MSE) runs, the encoder runs once per view but the projector
-    once on all views together: its BatchNorm layers see the V x B embeddings as one batch.
-    whiten(h [w_size, D], generator) -> [w_size, D] whitens one sub-batch of one view. The global
-    batch is cut into random sub-batches of w_size (which must divide it); the partition and every
-    random channel permutation come from a generator seeded by the step, so all processes draw the
-    same ones. normalized: 2 - 2 cos between rows (CW-RGP, W-MSE); else the mean squared error over
-    the B x D entries.
-    cov_weight, cov_epochs: CW-RGP's optional covariance term on the un-whitened embeddings (its
-    ImageNet runs), cov_weight x sum over views of `covariance_penalty`, for the first cov_epochs
-    epochs; it is averaged over the sub-batches, each standing for one GPU's batch of the authors'
-    runs (their per-GPU batch equals their whitening sub-batch).
+    As in the authors' runs, the encoder runs once per view but the projector once on all views together (its
+    BatchNorm sees the V x B embeddings as one batch). whiten(h [w_size, D], generator) -> [w_size, D]. The
+    partition into sub-batches of w_size and every channel permutation come from a generator seeded by the step,
+    so all processes draw the same. normalized: 2 - 2 cos between rows; else the MSE over the entries.
+    cov_weight, cov_epochs: CW-RGP's covariance term on the un-whitened embeddings (its ImageNet runs) for the
+    first cov_epochs epochs, averaged over sub-batches (each stands for one GPU's batch of the authors' runs).
     """
 
     def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True, axis=0, cov_weight=0.0,
@@ -635,9 +544,7 @@ class SubBatchWhitening(JointEmbedding):
                         z_hat[rows] = whitened[0].detach().to(z_hat.dtype)
                         if with_covariance:
                             covariance_terms.append(sum(covariance_penalty(v[rows], self.axis) for v in z))
-                    for i in range(len(whitened)):
-                        for j in range(i + 1, len(whitened)):
-                            losses.append(self.pair_loss(whitened[i], whitened[j]))
+                    losses += [self.pair_loss(a, b) for a, b in itertools.combinations(whitened, 2)]
             loss = sum(losses) / len(losses)
             if with_covariance:
                 loss = loss + self.cov_weight * sum(covariance_terms) / len(covariance_terms)
@@ -657,10 +564,8 @@ def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, 
 
 @float32_island
 def cholesky_whiten(h, eps=0.0):
-    """W-MSE's batch whitening: X L^(-T) with S + eps I = L L^T the Cholesky factor of the D x D covariance.
-
-    h: [B, D] -> [B, D] whose D x D covariance is the identity (for eps = 0).
-    """
+    """W-MSE's batch whitening, h [B, D] -> X L^(-T) [B, D], with S + eps I = L L^T the Cholesky factor of the
+    D x D covariance: its output's covariance is the identity (for eps = 0)."""
     batch, dim = h.shape
     if eps == 0 and batch - 1 < dim:
         raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
@@ -683,6 +588,30 @@ def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
 # use: the data, the evaluation features and kNN, checkpoints and results that are never lost
 # or half-written, and loading a backbone from anywhere.
 # =============================================================================
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image as PILImage
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torchvision.transforms import v2
 
 
 # ----------------------------------------------------------------------------- data
