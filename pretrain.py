@@ -7,6 +7,10 @@
 The run writes into --output_dir: checkpoints/ (resumable state), log.jsonl (one JSON object per
 logged step), spectrum.png (eigenvalues of the covariance of Z and Z_hat, the paper's Fig. 3) and
 backbone/ (model.safetensors + config.json: the encoder alone, loadable into torchvision).
+
+Reading order: the presets and the flags, `main`, then `train` (the whole run in one function: data, model,
+optimiser, resume, the loop, the export) followed by its parts in the order it uses them. Below a fence: the
+export's model card and Hub upload, the `pretrain.py export` command, the paper's studies and the benchmarks.
 """
 
 import argparse
@@ -1048,9 +1052,182 @@ def export_backbone(checkpoint, export_dir, config, results=None):
     print(f"exported the backbone of {checkpoint} to {export_dir}")
     if config.push_to_hub:
         push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
-                                commit_message=config.commit_message, revision=config.revision)
+                           commit_message=config.commit_message, revision=config.revision)
         print(f"pushed {export_dir} to https://huggingface.co/{config.push_to_hub}")
 
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """A JSON-lines log in output_dir, Accelerate's trackers, and the spectra of the final plot in spectrum.jsonl.
+
+    Both files are appended to as the run goes, so a resumed run (which first drops what the interrupted one
+    wrote after its checkpoint) ends with the same log, plot and summary as an uninterrupted one. Only the spectra
+    of `plotted_steps` are kept: a few curves, however long the run and however wide Z.
+    """
+
+    def __init__(self, output_dir, accelerator):
+        self.path, self.spectra_path = output_dir / "log.jsonl", output_dir / "spectrum.jsonl"
+        self.accelerator = accelerator
+        self.plotted_steps, self.warned = set(), False
+
+    def start(self):
+        if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for path in (self.path, self.spectra_path):
+                path.write_text("")
+
+    def truncate_after(self, step):
+        """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
+        checkpoints/ folder) the log starts again at this step, and the summary starts there."""
+        if not self.accelerator.is_main_process:
+            return
+        if not self.path.exists():
+            self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
+                      "steps are not in it)")
+        for path in (self.path, self.spectra_path):
+            intl.truncate_jsonl(path, step)
+        self.warned = any("warning" in r for r in self.records())
+
+    def info(self, message):
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
+
+    def metrics(self, step, values):
+        self.accelerator.log(values, step=step)
+        if "knn_top1" in values:
+            self.info(f"step {step}: 5-NN top-1 {values['knn_top1']:.2f}%")
+        self.append(self.path, {"step": step, **values})
+
+    def append(self, path, record):
+        if self.accelerator.is_main_process:
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def spectrum(self, step, z, z_hat, axis):
+        """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
+        the eigenvalues themselves at the plotted steps."""
+        if not self.accelerator.is_main_process:
+            return
+        eig_z, eig_z_hat = intl.covariance_spectrum(z, axis), intl.covariance_spectrum(z_hat, axis)
+        self.metrics(step, {"lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
+                            "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
+        if not self.warned and intl.collapsed(z, eig_z):
+            warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
+                       f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
+                       "one direction, so the features will carry little information. Check the data (many "
+                       "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
+            self.info(f"warning: {warning}")
+            self.append(self.path, {"step": step, "warning": warning})
+            self.warned = True
+        if step in self.plotted_steps:
+            self.append(self.spectra_path, {"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()})
+
+    def collapse_note(self):
+        warnings = [r for r in self.records() if "warning" in r] if self.warned else []
+        return f". Note: the embedding had collapsed at step {warnings[0]['step']} before (see the warning)" \
+            if warnings else ""
+
+    def plot_spectra(self, path):
+        """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
+        spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in intl.read_jsonl(self.spectra_path)]
+        if spectra:
+            plot_spectra(spectra, path, title=self.path.parent.name)
+            self.info(f"spectrum plot: {path}")
+
+    def records(self):
+        """The logged records; none without a log."""
+        return intl.read_jsonl(self.path)
+
+    def knn_result(self, step, config):
+        """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
+        top1 = [r["knn_top1"] for r in self.records() if "knn_top1" in r and r["step"] == step]
+        return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
+                 "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
+
+    def summary(self):
+        """First and last value of the main figures, read back from the log (so it spans resumes)."""
+        if not self.accelerator.is_main_process:
+            return
+        records = self.records()
+        lines = ["summary (first logged -> last logged):"]
+        for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
+                           ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
+                           ("images_per_s", "images/s since the start")):
+            values = [(r["step"], r[key]) for r in records if key in r]
+            if values:
+                (first_step, first), (last_step, last) = values[0], values[-1]
+                lines.append(f"  {label:28s} step {first_step:6d}: {shown(first)}  ->  step {last_step:6d}: "
+                             f"{shown(last)}")
+        lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
+        self.info("\n".join(lines))
+
+
+def shown(value):
+    """A logged figure for a person: lg IoC's -inf says what it means."""
+    return "rank-deficient" if value == -math.inf else f"{value:9.4f}"
+
+
+def plot_spectra(spectra, path, title, max_curves=6):
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training, each divided by its
+    largest, against their index, on a log scale. Eigenvalues at the numerical floor (intl.RANK_FLOOR x the
+    largest: rank-deficient directions) are drawn on the dotted floor line, and their curve's lg IoC reads
+    "rank-deficient".
+
+    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending; title: the run.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
+    at_floor = any(intl.lg_ioc(eig) == -math.inf for i in picks for eig in spectra[i][1:])
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
+    colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
+    for colour, i in zip(colours, picks):
+        step, eig_z, eig_z_hat = spectra[i]
+        for ax, eig in zip(axes, (eig_z, eig_z_hat)):
+            normalised = (eig / eig.max()).clamp(min=intl.RANK_FLOOR) if eig.max() > 0 else torch.full_like(
+                eig, intl.RANK_FLOOR)
+            ioc = intl.lg_ioc(eig)
+            ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
+                    label=f"step {step}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+    for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
+        if at_floor:
+            ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
+            ax.set_ylim(intl.RANK_FLOOR / 3, 3)
+        ax.set_title(name, fontsize=9)
+        ax.set(xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{title}: eigenvalues of the covariance over training"
+                 + (" (dotted: the numerical floor)" if at_floor else ""), fontsize=9)
+    with intl.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=200)
+    plt.close(fig)
+
+
+def plotted_steps(total_steps, spectrum_every, curves=6):
+    """The steps whose spectra spectrum.png draws: `curves` of the logged ones (every `spectrum_every`-th step and
+    the last), evenly spread, the first and the last included. Known before the run starts, so only those spectra
+    are written, and a resumed run keeps the same ones."""
+    logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
+    def step_of(i):
+        return min((i + 1) * spectrum_every, total_steps)
+    return {step_of(round(i * (logged - 1) / max(1, curves - 1))) for i in range(curves)}
+
+
+# =============================================================================
+# Beyond the training run
+#
+# The training run ends above. Below: what the export needs (the conversion, the model card, the Hub upload),
+# and the commands that `main` runs instead of training (`pretrain.py export`, the studies, the benchmarks).
+# =============================================================================
 
 # ----------------------------------------------------------------------------- conversion
 
@@ -1362,172 +1539,6 @@ def main_export(argv=None):
         print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
               + (f" (branch {args.revision})" if args.revision else ""))
     return export_dir
-
-
-# -----------------------------------------------------------------------------
-# Logging
-
-
-class Logger:
-    """A JSON-lines log in output_dir, Accelerate's trackers, and the spectra of the final plot in spectrum.jsonl.
-
-    Both files are appended to as the run goes, so a resumed run (which first drops what the interrupted one
-    wrote after its checkpoint) ends with the same log, plot and summary as an uninterrupted one. Only the spectra
-    of `plotted_steps` are kept: a few curves, however long the run and however wide Z.
-    """
-
-    def __init__(self, output_dir, accelerator):
-        self.path, self.spectra_path = output_dir / "log.jsonl", output_dir / "spectrum.jsonl"
-        self.accelerator = accelerator
-        self.plotted_steps, self.warned = set(), False
-
-    def start(self):
-        if self.accelerator.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            for path in (self.path, self.spectra_path):
-                path.write_text("")
-
-    def truncate_after(self, step):
-        """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
-        checkpoints/ folder) the log starts again at this step, and the summary starts there."""
-        if not self.accelerator.is_main_process:
-            return
-        if not self.path.exists():
-            self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
-                      "steps are not in it)")
-        for path in (self.path, self.spectra_path):
-            intl.truncate_jsonl(path, step)
-        self.warned = any("warning" in r for r in self.records())
-
-    def info(self, message):
-        if self.accelerator.is_main_process:
-            tqdm.write(message)
-
-    def metrics(self, step, values):
-        self.accelerator.log(values, step=step)
-        if "knn_top1" in values:
-            self.info(f"step {step}: 5-NN top-1 {values['knn_top1']:.2f}%")
-        self.append(self.path, {"step": step, **values})
-
-    def append(self, path, record):
-        if self.accelerator.is_main_process:
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def spectrum(self, step, z, z_hat, axis):
-        """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
-        the eigenvalues themselves at the plotted steps."""
-        if not self.accelerator.is_main_process:
-            return
-        eig_z, eig_z_hat = intl.covariance_spectrum(z, axis), intl.covariance_spectrum(z_hat, axis)
-        self.metrics(step, {"lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
-                            "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
-        if not self.warned and intl.collapsed(z, eig_z):
-            warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
-                       f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
-                       "one direction, so the features will carry little information. Check the data (many "
-                       "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
-            self.info(f"warning: {warning}")
-            self.append(self.path, {"step": step, "warning": warning})
-            self.warned = True
-        if step in self.plotted_steps:
-            self.append(self.spectra_path, {"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()})
-
-    def collapse_note(self):
-        warnings = [r for r in self.records() if "warning" in r] if self.warned else []
-        return f". Note: the embedding had collapsed at step {warnings[0]['step']} before (see the warning)" \
-            if warnings else ""
-
-    def plot_spectra(self, path):
-        """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
-        spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in intl.read_jsonl(self.spectra_path)]
-        if spectra:
-            plot_spectra(spectra, path, title=self.path.parent.name)
-            self.info(f"spectrum plot: {path}")
-
-    def records(self):
-        """The logged records; none without a log."""
-        return intl.read_jsonl(self.path)
-
-    def knn_result(self, step, config):
-        """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
-        top1 = [r["knn_top1"] for r in self.records() if "knn_top1" in r and r["step"] == step]
-        return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
-                 "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
-
-    def summary(self):
-        """First and last value of the main figures, read back from the log (so it spans resumes)."""
-        if not self.accelerator.is_main_process:
-            return
-        records = self.records()
-        lines = ["summary (first logged -> last logged):"]
-        for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
-                           ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
-                           ("images_per_s", "images/s since the start")):
-            values = [(r["step"], r[key]) for r in records if key in r]
-            if values:
-                (first_step, first), (last_step, last) = values[0], values[-1]
-                lines.append(f"  {label:28s} step {first_step:6d}: {shown(first)}  ->  step {last_step:6d}: "
-                             f"{shown(last)}")
-        lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
-        self.info("\n".join(lines))
-
-
-def shown(value):
-    """A logged figure for a person: lg IoC's -inf says what it means."""
-    return "rank-deficient" if value == -math.inf else f"{value:9.4f}"
-
-
-def plot_spectra(spectra, path, title, max_curves=6):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training, each divided by its
-    largest, against their index, on a log scale. Eigenvalues at the numerical floor (intl.RANK_FLOOR x the
-    largest: rank-deficient directions) are drawn on the dotted floor line, and their curve's lg IoC reads
-    "rank-deficient".
-
-    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending; title: the run.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
-    at_floor = any(intl.lg_ioc(eig) == -math.inf for i in picks for eig in spectra[i][1:])
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
-    for colour, i in zip(colours, picks):
-        step, eig_z, eig_z_hat = spectra[i]
-        for ax, eig in zip(axes, (eig_z, eig_z_hat)):
-            normalised = (eig / eig.max()).clamp(min=intl.RANK_FLOOR) if eig.max() > 0 else torch.full_like(
-                eig, intl.RANK_FLOOR)
-            ioc = intl.lg_ioc(eig)
-            ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"step {step}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
-    for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
-        if at_floor:
-            ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
-            ax.set_ylim(intl.RANK_FLOOR / 3, 3)
-        ax.set_title(name, fontsize=9)
-        ax.set(xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{title}: eigenvalues of the covariance over training"
-                 + (" (dotted: the numerical floor)" if at_floor else ""), fontsize=9)
-    with intl.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=200)
-    plt.close(fig)
-
-
-def plotted_steps(total_steps, spectrum_every, curves=6):
-    """The steps whose spectra spectrum.png draws: `curves` of the logged ones (every `spectrum_every`-th step and
-    the last), evenly spread, the first and the last included. Known before the run starts, so only those spectra
-    are written, and a resumed run keeps the same ones."""
-    logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
-    def step_of(i):
-        return min((i + 1) * spectrum_every, total_steps)
-    return {step_of(round(i * (logged - 1) / max(1, curves - 1))) for i in range(curves)}
 
 
 # -----------------------------------------------------------------------------
