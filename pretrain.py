@@ -98,7 +98,8 @@ _CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", 
 PRESETS = {
     # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
     # Its blocks start as identities (zero-init): a random ResNet-18 already separates digits (held-out 5-NN 95%
-    # at 16 px), the zero-initialised one much less (53%), so the 5-NN's rise shows what INTL learned.
+    # at 16 px), the zero-initialised one much less (53%), so the 5-NN's rise shows what INTL learned. Measured on
+    # 2 cores: 9-11 minutes, peak 1.3-1.7 GB, held-out 5-NN 21.7% -> 83.3% (epoch 5) -> 92.2% (epoch 20).
     "digits": dict(_CIFAR, dataset="digits", stem="imagenet", zero_init_residual=True, projector="512-512-512",
                    batch_size=128, epochs=20, momentum=0.99, mean=IMAGENET_MEAN, std=IMAGENET_STD, knn_every=5,
                    spectrum_every=20, num_workers=2),
@@ -1691,7 +1692,12 @@ def benchmark(config, accelerator):
     Measured on a CPU (2 threads, float32): ResNet-18 with the CIFAR stem at 32 px, batch 256,
     projector 2048-2048-2048: 19.5 images/s, peak 3.6 GB, IterNorm + loss 0.31% of the step;
     ResNet-50 at 224 px, batch 32, projector 8192-8192-8192: 1.4 images/s, peak 8.8 GB,
-    IterNorm + loss 0.04%. GPU figures: the README's "On a GPU".
+    IterNorm + loss 0.04%.
+    Measured on an H200 (torch 2.11, `.ci/gpu-check`): ResNet-50 at 224 px, batch 128, projector 8192-8192-8192:
+        fp16  0.059 s per step (2,168-2,185 images/s), 1.55-1.63x the obvious loop, 1.05-1.17x the tuned one
+        bf16  0.064 s per step (1,986-2,002 images/s), 1.77-1.79x the obvious loop, 0.99-1.00x the tuned one
+    peak 13.0 GiB, IterNorm + loss 7.3 ms (11-12% of the step); --compile (bf16) 0.0589 s, 1.09x eager after
+    about 100 s of compiling.
     """
     device = accelerator.device
     set_seed(config.seed)
