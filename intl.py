@@ -584,9 +584,14 @@ def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
 # =============================================================================
 # What the stages share
 #
-# The method ends above. Below is what pretrain.py, linear_eval.py and detect_transfer.py all
-# use: the data, the evaluation features and kNN, checkpoints and results that are never lost
-# or half-written, and loading a backbone from anywhere.
+# The method ends above. Below is what pretrain.py, linear_eval.py and detect_transfer.py share:
+#   data                          load_image_split (digits, folders, save_to_disk, the Hub), ImageDataset
+#   features and kNN              extract_features, knn_classify (the papers' 5-NN)
+#   the loops                     epoch_order, sync_batchnorm, the JSON-lines logs
+#   configuration and flags       presets vs explicit flags, a resumed run keeps its settings, valid ranges
+#   nothing lost or half-written  atomic checkpoints and exports, a full disk, results never silently replaced
+#   resuming from a checkpoint    the newest intact one, and why the others were skipped
+#   loading a backbone            load_backbone: an export, a Hub id, a checkpoint or an official .pth.tar
 # =============================================================================
 
 import argparse
@@ -1152,7 +1157,121 @@ def truncate_jsonl(path, last, key="step"):
     write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-# ----------------------------------------------------------------------------- checkpoints, results, flags: nothing lost
+# ----------------------------------------------------------------------------- configuration and flags
+
+
+def explicit_flags(parser, argv):
+    """The names of the flags given on the command line (so a preset does not override them)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def keep_resumed_config(config, explicit, checkpoint, run_control, per_command=()):
+    """A resumed run takes the configuration saved in `checkpoint`.
+
+    Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...) may differ from it. A
+    run-control flag not given again keeps the run's saved value, not the default: a run started with --log_every 1
+    and resumed without it still logs every step. `per_command` flags say what this one command does (--output_dir,
+    --stop_after_steps, ...) and are never taken from the checkpoint.
+    """
+    state_file = Path(checkpoint) / "trainer_state.json"
+    state = read_json(state_file)
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged; "
+                         "resume from another checkpoint")
+    for key, value in saved.items():
+        current = getattr(config, key, None)
+        if key not in per_command and not _same_kind(value, current):
+            raise ValueError(f"{state_file}: the configuration has {key} = {value!r}, but {key} takes values like "
+                             f"{current!r}: the file is damaged; resume from another checkpoint")
+    changed = changed_settings(saved, {k: getattr(config, k) for k in explicit if k not in run_control})
+    if changed:
+        raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
+                         "configuration: drop the flag or start a new run in another --output_dir")
+    for key, value in saved.items():
+        if key not in per_command and not (key in run_control and key in explicit):
+            setattr(config, key, value)
+
+
+def changed_settings(saved, current):
+    """The keys of `current` whose values differ from those `saved` in a checkpoint's JSON (compared as JSON, so
+    that a tuple equals its saved list): a resumed run or evaluation keeps its settings."""
+    return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
+
+
+def _same_kind(saved, current):
+    """Whether a value read from a file can stand for a flag whose value is now `current` (None: anything)."""
+    if saved is None or current is None:
+        return True
+    if isinstance(current, bool) or isinstance(saved, bool):
+        return isinstance(current, bool) and isinstance(saved, bool)
+    if isinstance(current, (int, float)):
+        return isinstance(saved, (int, float))
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, list)
+    return isinstance(saved, type(current))
+
+
+def check_ranges(config, ranges):
+    """Refuse any numeric flag outside its valid range, naming the flag and the range: "--lr -1.0: must be greater
+    than 0".
+
+    ranges: {flag: interval}, the interval written as in maths: "[1, inf)", "(0, inf)", "[0, 1]", "(-inf, inf)" (any
+    finite number). A flag at None (not set) passes; every value of a multi-value flag is checked; NaN lies in no
+    interval.
+    """
+    for flag, interval in ranges.items():
+        value = getattr(config, flag, None)
+        several = isinstance(value, (list, tuple))
+        values = list(value) if several else [value]
+        if all(v is None or _in_interval(v, interval) for v in values):
+            continue
+        shown = " ".join(map(str, values)) if several else repr(value) if isinstance(value, str) else value
+        raise ValueError(f"--{flag} {shown}: {'each value ' if several else ''}must be {_describe_interval(interval)}")
+
+
+def _parse_interval(interval):
+    match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", interval)
+    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
+
+
+def _in_interval(value, interval):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low, high, low_closed, high_closed = _parse_interval(interval)
+    return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
+
+
+def _describe_interval(interval):
+    low, high, low_closed, high_closed = _parse_interval(interval)
+    number = lambda x: str(int(x)) if x.is_integer() else repr(x)  # noqa: E731
+    if math.isinf(low) and math.isinf(high):
+        return "a finite number"
+    if math.isinf(high):
+        return f"at least {number(low)}" if low_closed else f"greater than {number(low)}"
+    return f"in {interval}"
+
+
+def hyperparameters(config):
+    """The configuration for TensorBoard / wandb: numbers, strings and booleans as themselves, the rest as text."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in vars(config).items()}
+
+
+def slow_precision_warning(accelerator):
+    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None.
+
+    There autocast emulates bf16: a ResNet-18 training step measured 67x slower than in float32 on this project's
+    2-core machine (335 s against 5 s for the same 6 steps)."""
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return ("warning: --mixed_precision bf16 on a CPU without bf16 arithmetic (AVX512-BF16 or AMX) is emulated "
+                "and runs many times slower than float32 (67x measured): use --mixed_precision no on this machine")
+    return None
+
+
+# ----------------------------------------------------------------------------- nothing lost or half-written
 
 
 def write_export(export_dir, weights, config, card=None):
@@ -1245,75 +1364,106 @@ def _free_bytes(path):
     return shutil.disk_usage(path).free
 
 
-def slow_precision_warning(accelerator):
-    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None.
-
-    There autocast emulates bf16: a ResNet-18 training step measured 67x slower than in float32 on this project's
-    2-core machine (335 s against 5 s for the same 6 steps)."""
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return ("warning: --mixed_precision bf16 on a CPU without bf16 arithmetic (AVX512-BF16 or AMX) is emulated "
-                "and runs many times slower than float32 (67x measured): use --mixed_precision no on this machine")
-    return None
-
-
-def hyperparameters(config):
-    """The configuration for TensorBoard / wandb: numbers, strings and booleans as themselves, the rest as text."""
-    return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in vars(config).items()}
-
-
-def explicit_flags(parser, argv):
-    """The names of the flags given on the command line (so a preset does not override them)."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+@contextlib.contextmanager
+def replacing(path):
+    """Yields a temporary path next to `path` to write the new file to; when the block ends without an error, one
+    os.replace puts it in place. A reader, or a crash, sees the old file or the new one, never half of one; on an
+    error the old file stays and the temporary one is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savefig picks the format from it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def keep_resumed_config(config, explicit, checkpoint, run_control, per_command=()):
-    """A resumed run takes the configuration saved in `checkpoint`.
-
-    Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...) may differ from it. A
-    run-control flag not given again keeps the run's saved value, not the default: a run started with --log_every 1
-    and resumed without it still logs every step. `per_command` flags say what this one command does (--output_dir,
-    --stop_after_steps, ...) and are never taken from the checkpoint.
-    """
-    state_file = Path(checkpoint) / "trainer_state.json"
-    state = read_json(state_file)
-    saved = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged; "
-                         "resume from another checkpoint")
-    for key, value in saved.items():
-        current = getattr(config, key, None)
-        if key not in per_command and not _same_kind(value, current):
-            raise ValueError(f"{state_file}: the configuration has {key} = {value!r}, but {key} takes values like "
-                             f"{current!r}: the file is damaged; resume from another checkpoint")
-    changed = changed_settings(saved, {k: getattr(config, k) for k in explicit if k not in run_control})
-    if changed:
-        raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
-                         "configuration: drop the flag or start a new run in another --output_dir")
-    for key, value in saved.items():
-        if key not in per_command and not (key in run_control and key in explicit):
-            setattr(config, key, value)
+def write_text_atomically(path, text):
+    """path.write_text(text), all or nothing (see `replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
-def changed_settings(saved, current):
-    """The keys of `current` whose values differ from those `saved` in a checkpoint's JSON (compared as JSON, so
-    that a tuple equals its saved list): a resumed run or evaluation keeps its settings."""
-    return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
+def read_json(path):
+    """A JSON file -> its value; ValueError naming the file when it is missing, unreadable or not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}): "
+                         "the file is damaged or was not written by this project") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
-def _same_kind(saved, current):
-    """Whether a value read from a file can stand for a flag whose value is now `current` (None: anything)."""
-    if saved is None or current is None:
-        return True
-    if isinstance(current, bool) or isinstance(saved, bool):
-        return isinstance(current, bool) and isinstance(saved, bool)
-    if isinstance(current, (int, float)):
-        return isinstance(saved, (int, float))
-    if isinstance(current, (list, tuple)):
-        return isinstance(saved, list)
-    return isinstance(saved, type(current))
+def check_output_dir(path, flag="--output_dir"):
+    """Refuse, before any work, an output folder that is a file (or lies inside one) or cannot be written in."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies inside {existing}, which is a file"
+        raise ValueError(f"{flag} {path} {where}, not a folder: give the path of a folder (new or existing)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error}); give a folder you "
+                         "can write to") from None
+
+
+def existing_results(output_dir, names):
+    """Those of `names` (files and folders directly in output_dir) that hold something: a folder counts when it
+    has an entry that is not hidden (the .tmp-* of an interrupted save is not a result)."""
+    found = []
+    for name in names:
+        path = Path(output_dir) / name
+        if path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()):
+            found.append(name + "/")
+        elif path.is_file():
+            found.append(name)
+    return found
+
+
+def refuse_to_replace(output_dir, names, overwrite, advice=""):
+    """No command replaces or deletes results it did not write in this run unless the user says so: ValueError
+    when output_dir already holds any of `names`, unless `overwrite` (--overwrite). Returns those found."""
+    found = existing_results(output_dir, names)
+    if found and not overwrite:
+        them = "them" if len(found) > 1 else "it"
+        raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
+                         f"command would replace: give another --output_dir{advice}, or add --overwrite to replace "
+                         f"{them}")
+    return found
+
+
+def remove_results(output_dir, names):
+    """Delete the entries `names` of output_dir (what --overwrite replaces)."""
+    for name in names:
+        path = Path(output_dir) / name.rstrip("/")
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def remove_interrupted_saves(folder):
+    """Delete the hidden .tmp-* folders that interrupted saves left in `folder` (save_state_atomically writes into
+    one and renames it at the end; a save cut short leaves ~90 MB behind). Returns their names."""
+    removed = []
+    for leftover in sorted(Path(folder).glob(".tmp-*")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+            removed.append(leftover.name)
+    return removed
+
+
+# ----------------------------------------------------------------------------- resuming from a checkpoint
 
 
 def latest_checkpoint(output_dir):
@@ -1470,145 +1620,6 @@ def _first_line(error):
     return lines[0] if lines else type(error).__name__
 
 
-def remove_interrupted_saves(folder):
-    """Delete the hidden .tmp-* folders that interrupted saves left in `folder` (save_state_atomically writes into
-    one and renames it at the end; a save cut short leaves ~90 MB behind). Returns their names."""
-    removed = []
-    for leftover in sorted(Path(folder).glob(".tmp-*")):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-            removed.append(leftover.name)
-    return removed
-
-
-def read_json(path):
-    """A JSON file -> its value; ValueError naming the file when it is missing, unreadable or not valid JSON."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}): "
-                         "the file is damaged or was not written by this project") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
-
-
-@contextlib.contextmanager
-def replacing(path):
-    """Yields a temporary path next to `path` to write the new file to; when the block ends without an error, one
-    os.replace puts it in place. A reader, or a crash, sees the old file or the new one, never half of one; on an
-    error the old file stays and the temporary one is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savefig picks the format from it
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomically(path, text):
-    """path.write_text(text), all or nothing (see `replacing`)."""
-    with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def check_output_dir(path, flag="--output_dir"):
-    """Refuse, before any work, an output folder that is a file (or lies inside one) or cannot be written in."""
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"lies inside {existing}, which is a file"
-        raise ValueError(f"{flag} {path} {where}, not a folder: give the path of a folder (new or existing)")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error}); give a folder you "
-                         "can write to") from None
-
-
-def existing_results(output_dir, names):
-    """Those of `names` (files and folders directly in output_dir) that hold something: a folder counts when it
-    has an entry that is not hidden (the .tmp-* of an interrupted save is not a result)."""
-    found = []
-    for name in names:
-        path = Path(output_dir) / name
-        if path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()):
-            found.append(name + "/")
-        elif path.is_file():
-            found.append(name)
-    return found
-
-
-def refuse_to_replace(output_dir, names, overwrite, advice=""):
-    """No command replaces or deletes results it did not write in this run unless the user says so: ValueError
-    when output_dir already holds any of `names`, unless `overwrite` (--overwrite). Returns those found."""
-    found = existing_results(output_dir, names)
-    if found and not overwrite:
-        them = "them" if len(found) > 1 else "it"
-        raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
-                         f"command would replace: give another --output_dir{advice}, or add --overwrite to replace "
-                         f"{them}")
-    return found
-
-
-def remove_results(output_dir, names):
-    """Delete the entries `names` of output_dir (what --overwrite replaces)."""
-    for name in names:
-        path = Path(output_dir) / name.rstrip("/")
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def check_ranges(config, ranges):
-    """Refuse any numeric flag outside its valid range, naming the flag and the range: "--lr -1.0: must be greater
-    than 0".
-
-    ranges: {flag: interval}, the interval written as in maths: "[1, inf)", "(0, inf)", "[0, 1]", "(-inf, inf)" (any
-    finite number). A flag at None (not set) passes; every value of a multi-value flag is checked; NaN lies in no
-    interval.
-    """
-    for flag, interval in ranges.items():
-        value = getattr(config, flag, None)
-        several = isinstance(value, (list, tuple))
-        values = list(value) if several else [value]
-        if all(v is None or _in_interval(v, interval) for v in values):
-            continue
-        shown = " ".join(map(str, values)) if several else repr(value) if isinstance(value, str) else value
-        raise ValueError(f"--{flag} {shown}: {'each value ' if several else ''}must be {_describe_interval(interval)}")
-
-
-def _parse_interval(interval):
-    match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", interval)
-    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
-
-
-def _in_interval(value, interval):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    low, high, low_closed, high_closed = _parse_interval(interval)
-    return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
-
-
-def _describe_interval(interval):
-    low, high, low_closed, high_closed = _parse_interval(interval)
-    number = lambda x: str(int(x)) if x.is_integer() else repr(x)  # noqa: E731
-    if math.isinf(low) and math.isinf(high):
-        return "a finite number"
-    if math.isinf(high):
-        return f"at least {number(low)}" if low_closed else f"greater than {number(low)}"
-    return f"in {interval}"
-
-
 def check_finite(weights, where):
     """Refuse weights holding NaN or Inf, naming the first such tensor: a network with them evaluates to chance
     without any error (a diverged run, a damaged file)."""
@@ -1618,6 +1629,9 @@ def check_finite(weights, where):
         raise ValueError(f"{where}: tensor {bad[0]!r} holds {count} NaN / Inf value(s) ({len(bad)} tensor(s) are "
                          "not finite): these weights are broken (a diverged run or a damaged file); use an earlier "
                          "checkpoint")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
 
 
 class Interrupted(KeyboardInterrupt):
