@@ -1,7 +1,6 @@
 """detect_transfer.py: model builders, the VOC and COCO evaluators on hand-built cases, generated VOC / COCO
 datasets, learning on synthetic shapes, schedule / weight decay / precise BN, resume, evaluation-only, bad input."""
 
-import argparse
 import json
 import math
 import os
@@ -136,8 +135,8 @@ def make_config(*args):
 
 def with_backbone(config):
     """(the configuration with the backbone's arch and input normalisation, the backbone), as main builds them."""
-    backbone, backbone_input = dt.load_detection_backbone(config)
-    return argparse.Namespace(**{**vars(config), **backbone_input}), backbone
+    backbone, found = dt.load_detection_backbone(config)
+    return dt.with_backbone(config, found), backbone
 
 
 def tiny_config(model="faster-c4", *args):
@@ -453,7 +452,7 @@ def test_generated_coco_loads_with_contiguous_labels_no_crowd_and_no_empty_train
     assert masks.shape == (len(non_crowd), 96, 96) and masks[0, int(y) + 1, int(x) + 1] == 1 and masks[0].sum() > 0
     assert len(data["records"][-1]["boxes"]) == 0
     config = dt.get_parser().parse_args(["--dataset", "coco", "--data_root", str(root), "--model", "mask-c4"])
-    assert len(dt.load_train_data(config)["records"]) == 4  # the empty image is not trained on
+    assert len(dt.load_train_records(config)) == 4  # the empty image is not trained on
     with pytest.raises(ValueError, match="annotations/instances_train2017.json"):
         dt.coco_data(str(tmp_path / "nowhere.json"), str(root / "train2017"), masks=False)
 
@@ -514,21 +513,31 @@ def test_training_items_flip_boxes_and_masks_with_the_image_reproducibly(tmp_pat
     assert 0 < flips < 8
 
 
+def epochs_of(sampler, epochs, start_batch=0):
+    """The sampler's batches over `epochs`, from batch `start_batch` of the first, as the training loop runs it."""
+    batches = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch, start_batch if epoch == epochs[0] else 0)
+        assert len(sampler) == sampler.batches_per_epoch - (start_batch if epoch == epochs[0] else 0)
+        batches += list(sampler)
+    return batches
+
+
 def test_batches_hold_one_orientation_and_processes_split_the_same_global_batches():
     records = [{"width": 100, "height": 60 if i % 3 else 140} for i in range(40)]
     one = dt.GroupedBatchSampler(records, 4, 1, 0, seed=0)
-    stream = iter(one)
-    batches = [next(stream) for _ in range(3 * one.batches_per_epoch)]
+    batches = epochs_of(one, range(3))
+    assert len(batches) == 3 * one.batches_per_epoch
     for batch in batches:
         assert len({records[i]["width"] >= records[i]["height"] for _, i in batch}) == 1
     assert one.batches_per_epoch == 27 // 4 + 13 // 4
     first_epoch = [i for batch in batches[:one.batches_per_epoch] for _, i in batch]
     assert len(set(first_epoch)) == len(first_epoch)  # no image twice in an epoch
-    halves = [iter(dt.GroupedBatchSampler(records, 2, 2, rank, seed=0)) for rank in (0, 1)]
-    for batch in batches[:10]:
-        assert next(halves[0]) + next(halves[1]) == batch
-    later = iter(dt.GroupedBatchSampler(records, 4, 1, 0, seed=0, start=11))
-    assert next(later) == batches[11]
+    halves = [epochs_of(dt.GroupedBatchSampler(records, 2, 2, rank, seed=0), range(2)) for rank in (0, 1)]
+    for n, batch in enumerate(batches[:10]):
+        assert halves[0][n] + halves[1][n] == batch
+    # A resumed run starts at iteration 11: epoch 11 // 9 = 1, its batch 11 % 9 = 2, and goes on as before.
+    assert epochs_of(dt.GroupedBatchSampler(records, 4, 1, 0, seed=0), range(1, 3), start_batch=2) == batches[11:]
 
 
 # ----------------------------------------------------------------------------- schedule, weight decay, precise BN
