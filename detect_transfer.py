@@ -223,7 +223,10 @@ def main(argv=None):
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     output_dir = Path(config.output_dir)
     checkpoint = intl.find_checkpoint(config.resume, output_dir, "detection") if config.resume else None
-    prepare_output_dir(config, checkpoint, accelerator, say)
+    if config.eval_only:  # its results.json only; the checkpoints are another run's
+        intl.refuse_to_replace(output_dir, ["results.json"], config.overwrite)
+    else:
+        intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, say)
 
     # Data: the test images with their ground truth; the training records unless only evaluating.
     test_data = load_test_data(config)
@@ -323,10 +326,7 @@ def train(model, optimizer, train_records, plan, iterations, config, accelerator
                 if iteration == stop_at:
                     break
     except KeyboardInterrupt:
-        raise intl.Interrupted(f"interrupted at iteration {iteration}; continue with --resume latest (from the last "
-                               f"checkpoint, {last_good.name})" if last_good else
-                               f"interrupted at iteration {iteration}, before the first checkpoint: nothing to "
-                               "resume; start the run again") from None
+        raise intl.Interrupted(intl.interrupted_message(f"iteration {iteration}", last_good)) from None
     finally:
         progress.close()  # before any error message, so that the message is the last line
     return {"iteration": iteration, "precise_bn_done": False}
@@ -421,24 +421,6 @@ def with_backbone(config, found):
 
 def has_masks(config):
     return config.model.startswith("mask")
-
-
-def prepare_output_dir(config, checkpoint, accelerator, say):
-    """Before any work: what an earlier run left in --output_dir (for --eval_only, its results.json) is refused, or
-    deleted with --overwrite, unless this run continues from its checkpoints; interrupted saves are removed."""
-    output_dir = Path(config.output_dir)
-    if config.eval_only:
-        intl.refuse_to_replace(output_dir, ["results.json"], config.overwrite)
-    elif not (checkpoint and checkpoint.resolve().parent == (output_dir / "checkpoints").resolve()):
-        found = intl.refuse_to_replace(output_dir, RESULTS, config.overwrite,
-                                       " (or continue the earlier run with --resume latest)")
-        if found and accelerator.is_main_process:
-            intl.remove_results(output_dir, found)
-            say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
-    if accelerator.is_main_process:
-        for name in intl.remove_interrupted_saves(output_dir / "checkpoints"):
-            say(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
-    accelerator.wait_for_everyone()
 
 
 def resume(config, accelerator, say):

@@ -1463,6 +1463,33 @@ def remove_interrupted_saves(folder):
     return removed
 
 
+def prepare_output_dir(output_dir, results, overwrite, checkpoint, accelerator, say):
+    """Before a training run's first step: what an earlier run left in output_dir (those of `results`) is refused,
+    or deleted with --overwrite, unless this run continues from that folder's own `checkpoint` (None: a new run);
+    the folders of interrupted checkpoint saves are removed. Every process calls this; say() prints on the main one."""
+    output_dir = Path(output_dir)
+    if not (checkpoint and Path(checkpoint).resolve().parent == (output_dir / "checkpoints").resolve()):
+        found = existing_results(output_dir, results)
+        if "checkpoints/" in found and not overwrite:
+            raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
+                             "or give another --output_dir (or add --overwrite to replace that run)")
+        refuse_to_replace(output_dir, results, overwrite, " (or continue the earlier run with --resume latest)")
+        if found and accelerator.is_main_process:
+            remove_results(output_dir, found)
+            say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
+    if accelerator.is_main_process:
+        for name in remove_interrupted_saves(output_dir / "checkpoints"):
+            say(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
+    accelerator.wait_for_everyone()
+
+
+def interrupted_message(where, checkpoint):
+    """The one line Ctrl-C prints in a training loop: where it stopped ("step 12") and how to continue."""
+    if checkpoint is None:
+        return f"interrupted at {where}, before the first checkpoint: nothing to resume; start the run again"
+    return f"interrupted at {where}; continue with --resume latest (from the last checkpoint, {Path(checkpoint).name})"
+
+
 # ----------------------------------------------------------------------------- resuming from a checkpoint
 
 

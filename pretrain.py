@@ -345,7 +345,8 @@ def train(config, accelerator):
     """Pretraining: data -> model -> optimiser -> resume -> the loop over epochs and batches -> export."""
     output_dir = Path(config.output_dir)
     log = Logger(output_dir, accelerator)
-    prepare_output_dir(config, output_dir, accelerator, log)
+    checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
+    intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, log.info)
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
              f"precision {accelerator.mixed_precision}")
     if warning := intl.slow_precision_warning(accelerator):
@@ -437,7 +438,7 @@ def train(config, accelerator):
             if step == stop_at:
                 break
     except KeyboardInterrupt:
-        raise intl.Interrupted(interrupted_message(step, last_good)) from None
+        raise intl.Interrupted(intl.interrupted_message(f"step {step}", last_good)) from None
     finally:
         progress.close()  # before any error message, so that the message is the last line
 
@@ -504,35 +505,6 @@ def note_batch_differs_from_recipe(config, global_batch, accelerator, log):
         log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
                  f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
                  f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
-
-
-def prepare_output_dir(config, output_dir, accelerator, log):
-    """Before any work: a new run (or one continued from another folder's checkpoint) must not mix with, nor
-    replace, what an earlier run left in output_dir, unless --overwrite (which deletes it first); the folders of
-    interrupted checkpoint saves are removed."""
-    continuing = config.resume and (intl.find_checkpoint(config.resume, output_dir).resolve().parent
-                                    == (output_dir / "checkpoints").resolve())
-    if not continuing:
-        found = intl.existing_results(output_dir, RESULTS)
-        if "checkpoints/" in found and not config.overwrite:
-            raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
-                             "or give another --output_dir (or add --overwrite to replace that run)")
-        intl.refuse_to_replace(output_dir, RESULTS, config.overwrite)
-        if found and accelerator.is_main_process:
-            intl.remove_results(output_dir, found)
-            log.info(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
-    if accelerator.is_main_process:
-        for name in intl.remove_interrupted_saves(output_dir / "checkpoints"):
-            log.info(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
-    accelerator.wait_for_everyone()
-
-
-def interrupted_message(step, checkpoint):
-    """The one line Ctrl-C prints: where the run stopped and how to continue it."""
-    if checkpoint is None:
-        return f"interrupted at step {step}, before the first checkpoint: nothing to resume; start the run again"
-    return (f"interrupted at step {step}; continue with --resume latest (from the last checkpoint, "
-            f"{Path(checkpoint).name})")
 
 
 # -----------------------------------------------------------------------------
