@@ -379,11 +379,12 @@ def test_linear_head_lr_is_0_2_for_intl_and_0_4_for_intl_m_by_the_recorded_metho
     for flag, config, recipe in ((None, {"method": "intl"}, "intl"), (None, {"recipe": {"method": "intl-m"}}, "intl-m"),
                                  ("intl-m", {}, "intl-m"), ("intl", {"method": "intl"}, "intl"),
                                  (None, {"method": "cw-rgp"}, "intl"), ("intl-m", {"method": "cw-rgp"}, "intl-m")):
-        chosen = linear_eval.evaluation_recipe(flag, config)
-        assert chosen["recipe"] == recipe
-        assert linear_eval.protocol_settings("linear", args, chosen)["lr"] == {"intl": 0.2, "intl-m": 0.4}[recipe]
+        args.recipe, args.recipe_chosen_by = linear_eval.evaluation_recipe(flag, config)
+        assert args.recipe == recipe
+        assert linear_eval.protocol_settings("linear", args)["lr"] == {"intl": 0.2, "intl-m": 0.4}[recipe]
     args.lr = 0.3  # an explicit --lr wins
-    assert linear_eval.protocol_settings("linear", args, linear_eval.evaluation_recipe("intl-m", {}))["lr"] == 0.3
+    args.recipe, args.recipe_chosen_by = linear_eval.evaluation_recipe("intl-m", {})
+    assert linear_eval.protocol_settings("linear", args)["lr"] == 0.3
     assert "--recipe" in linear_eval.get_parser().format_help()
 
 
