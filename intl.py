@@ -615,7 +615,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image as PILImage
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torchvision.transforms import v2
 
 
@@ -1254,11 +1254,6 @@ def _describe_interval(interval):
     return f"in {interval}"
 
 
-def hyperparameters(config):
-    """The configuration for TensorBoard / wandb: numbers, strings and booleans as themselves, the rest as text."""
-    return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in vars(config).items()}
-
-
 def slow_precision_warning(accelerator):
     """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None.
 
@@ -1272,34 +1267,6 @@ def slow_precision_warning(accelerator):
 
 
 # ----------------------------------------------------------------------------- nothing lost or half-written
-
-
-def write_export(export_dir, weights, config, card=None):
-    """Write export_dir/model.safetensors + config.json (+ README.md) atomically: a reader sees the old export
-    or the new one.
-
-    weights: the backbone's state_dict (torchvision keys, no fc.*); config: JSON-able description; card: the
-    model card's text (see `model_card`).
-    """
-    export_dir = Path(export_dir)
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = export_dir.with_name(f".tmp-{export_dir.name}"), export_dir.with_name(f".old-{export_dir.name}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    with removed_if_the_disk_fills(tmp, f"the export {export_dir}",
-                                   f"{export_dir} is unchanged" if export_dir.exists() else "nothing was exported"):
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-    if export_dir.exists():
-        export_dir.rename(old)
-    tmp.rename(export_dir)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def save_state_atomically(accelerator, folder, state_file, state, keep):

@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image as PILImage
 from PIL import ImageFilter
+from safetensors.torch import save_file
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
@@ -384,7 +385,7 @@ def train(config, accelerator):
         last_good, step = resume(config, accelerator, output_dir, log)
     else:
         log.start()
-    accelerator.init_trackers("intl", config=intl.hyperparameters(config))
+    accelerator.init_trackers("intl", config=hyperparameters(config))
     log.info(f"{len(train_split.dataset)} training images, global batch {global_batch}, "
              f"{steps_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
     note_batch_differs_from_recipe(config, global_batch, accelerator, log)
@@ -1016,6 +1017,34 @@ def save_checkpoint(accelerator, config, step, batches_per_epoch, output_dir):
                                       "trainer_state.json", state, config.keep)
 
 
+def write_export(export_dir, weights, config, card=None):
+    """Write export_dir/model.safetensors + config.json (+ README.md) atomically: a reader sees the old export
+    or the new one.
+
+    weights: the backbone's state_dict (torchvision keys, no fc.*); config: JSON-able description; card: the
+    model card's text (see `model_card`).
+    """
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = export_dir.with_name(f".tmp-{export_dir.name}"), export_dir.with_name(f".old-{export_dir.name}")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    with intl.removed_if_the_disk_fills(tmp, f"the export {export_dir}",
+                                   f"{export_dir} is unchanged" if export_dir.exists() else "nothing was exported"):
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+    if export_dir.exists():
+        export_dir.rename(old)
+    tmp.rename(export_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def export_backbone(checkpoint, export_dir, config, results=None):
     """checkpoint -> export_dir/{model.safetensors, config.json, README.md}; then --push_to_hub.
 
@@ -1031,6 +1060,11 @@ def export_backbone(checkpoint, export_dir, config, results=None):
 
 # -----------------------------------------------------------------------------
 # Logging
+
+
+def hyperparameters(config):
+    """The configuration for TensorBoard / wandb: numbers, strings and booleans as themselves, the rest as text."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in vars(config).items()}
 
 
 class Logger:
@@ -1223,7 +1257,7 @@ def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=No
     # A local path is named by its last part only: the config may be published on the Hub.
     config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
     config.update(timm_config(config))
-    intl.write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id, license))
+    write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id, license))
     return output_dir
 
 

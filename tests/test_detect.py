@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import detect_transfer as dt
+import pretrain
 import intl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def r50_export(tmp_path_factory):
     """A random torchvision ResNet-50 written as an export folder (what pretrain.py writes)."""
     export = tmp_path_factory.mktemp("r50") / "backbone"
     weights = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
-    intl.write_export(export, weights, {"arch": "resnet50", "cifar_stem": False})
+    pretrain.write_export(export, weights, {"arch": "resnet50", "cifar_stem": False})
     return export
 
 
@@ -243,7 +244,7 @@ def test_pooler_is_roi_align_with_aligned_true_on_every_level():
 def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
     weights = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     good = tmp_path / "good"
-    intl.write_export(good, weights, {"arch": "resnet18", "cifar_stem": False, "mean": [0.5, 0.4, 0.3],
+    pretrain.write_export(good, weights, {"arch": "resnet18", "cifar_stem": False, "mean": [0.5, 0.4, 0.3],
                                       "std": [0.2, 0.2, 0.2]})
     official = tmp_path / "official.pth.tar"
     torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in weights.items()}}, official)
@@ -255,17 +256,17 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
         assert model.transform.image_mean == ([0.5, 0.4, 0.3] if source == good else list(intl.IMAGENET_MEAN))
 
     extra = tmp_path / "extra"
-    intl.write_export(extra, {**weights, "fc.weight": torch.zeros(3, 512), "head.bias": torch.zeros(3)},
+    pretrain.write_export(extra, {**weights, "fc.weight": torch.zeros(3, 512), "head.bias": torch.zeros(3)},
                       {"arch": "resnet18", "cifar_stem": False})
     with pytest.raises(ValueError, match="unexpected"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", extra))
     missing = tmp_path / "missing"
-    intl.write_export(missing, {k: v for k, v in weights.items() if k != "layer2.0.conv1.weight"},
+    pretrain.write_export(missing, {k: v for k, v in weights.items() if k != "layer2.0.conv1.weight"},
                       {"arch": "resnet18", "cifar_stem": False})
     with pytest.raises(ValueError, match="missing"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", missing))
     cifar = tmp_path / "cifar"
-    intl.write_export(cifar, intl.build_backbone("resnet18", "cifar").state_dict(),
+    pretrain.write_export(cifar, intl.build_backbone("resnet18", "cifar").state_dict(),
                       {"arch": "resnet18", "stem": "cifar"})
     with pytest.raises(ValueError, match="cifar stem"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", cifar))

@@ -16,6 +16,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 import intl
+import pretrain
 from intl import CIFAR_MEAN, load_backbone
 from pretrain import export_backbone_from, main_export, push_export_to_hub, write_model_card
 
@@ -38,7 +39,7 @@ def assert_same_weights(a, b):
 
 @pytest.fixture
 def export(tmp_path):
-    intl.write_export(tmp_path / "export", backbone_weights(0), CONFIG)
+    pretrain.write_export(tmp_path / "export", backbone_weights(0), CONFIG)
     return tmp_path / "export"
 
 
@@ -155,7 +156,7 @@ def populate_hub_cache(cache, repo_id, revisions):
 @pytest.mark.slow
 def test_hub_id_and_revision_load_from_the_local_hub_cache_with_hf_hub_offline(export, tmp_path):
     other = tmp_path / "other"
-    intl.write_export(other, backbone_weights(1), CONFIG)
+    pretrain.write_export(other, backbone_weights(1), CONFIG)
     cache = tmp_path / "hub-cache"
     populate_hub_cache(cache, "someone/intl-r18", {"main": ("a" * 40, export), "v1": ("b" * 40, other),
                                                    "refs/pr/1": ("c" * 40, other)})
@@ -298,7 +299,7 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind
     weights = nan_in(backbone_weights(0), "layer2.0.conv1.weight")
     if kind == "export folder":
         source = tmp_path / "export"
-        intl.write_export(source, weights, CONFIG)
+        pretrain.write_export(source, weights, CONFIG)
     elif kind == ".safetensors file":
         save_file(weights, tmp_path / "weights.safetensors")
         source = tmp_path / "weights.safetensors"
@@ -356,7 +357,7 @@ def test_export_command_replaces_an_existing_export_only_with_overwrite(export, 
     main_export(argv)
     before = (tmp_path / "out" / "config.json").read_text()
     other = tmp_path / "other"
-    intl.write_export(other, backbone_weights(5), {**CONFIG, "image_size": 24})
+    pretrain.write_export(other, backbone_weights(5), {**CONFIG, "image_size": 24})
     with pytest.raises(ValueError, match="already holds an export, which this command would replace: give another "
                                          "--output_dir, or add --overwrite"):
         main_export(["--source", str(other), "--output_dir", str(tmp_path / "out")])
@@ -405,7 +406,7 @@ with torch.no_grad():
 
 
 def test_a_cifar_stem_export_says_timm_cannot_build_it_and_keeps_the_torchvision_snippet(tmp_path):
-    intl.write_export(tmp_path / "cifar", backbone_weights(0, stem="cifar"), {**CONFIG, "stem": "cifar"})
+    pretrain.write_export(tmp_path / "cifar", backbone_weights(0, stem="cifar"), {**CONFIG, "stem": "cifar"})
     converted = export_backbone_from(tmp_path / "cifar", tmp_path / "out")
     assert "architecture" not in json.loads((converted / "config.json").read_text())
     card = huggingface_hub.ModelCard.load(converted / "README.md")

@@ -53,7 +53,7 @@ def initial(digits_run, tmp_path_factory):
     export = tmp_path_factory.mktemp("init") / "backbone"
     config = json.loads((digits_run[0] / "backbone" / "config.json").read_text())
     torch.manual_seed(0)
-    intl.write_export(export, intl.build_backbone("resnet18", "imagenet").state_dict(), {**config, "epochs_trained": 0})
+    pretrain.write_export(export, intl.build_backbone("resnet18", "imagenet").state_dict(), {**config, "epochs_trained": 0})
     return export
 
 
@@ -454,7 +454,7 @@ def test_knn_benchmark_prints_seconds_and_peak_memory_as_json(capsys):
 
 def small_export(path, seed, **config):
     torch.manual_seed(seed)
-    return intl.write_export(path, intl.build_backbone("resnet18", "imagenet").state_dict(),
+    return pretrain.write_export(path, intl.build_backbone("resnet18", "imagenet").state_dict(),
                              {"arch": "resnet18", "cifar_stem": False, "image_size": 16, **config})
 
 
@@ -495,7 +495,7 @@ def test_a_backbone_with_non_finite_weights_is_refused_naming_the_tensor(folder,
     torch.manual_seed(0)
     weights = intl.build_backbone("resnet18", "imagenet").state_dict()
     weights["layer3.1.bn2.running_var"][5] = float("nan")
-    intl.write_export(tmp_path / "diverged", weights, {"arch": "resnet18", "cifar_stem": False, "image_size": 16})
+    pretrain.write_export(tmp_path / "diverged", weights, {"arch": "resnet18", "cifar_stem": False, "image_size": 16})
     with pytest.raises(ValueError, match=r"tensor 'layer3.1.bn2.running_var' holds 1 NaN / Inf value\(s\)"):
         evaluate("--backbone", tmp_path / "diverged", "--dataset", folder, "--protocol", "knn", "--output_dir", tmp_path)
 

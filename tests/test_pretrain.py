@@ -452,7 +452,7 @@ def test_resuming_copied_checkpoints_without_their_log_starts_the_log_again(fini
 def test_export_only_replaces_another_runs_backbone_only_with_overwrite(finished_run, tmp_path):
     output_dir = finished_run
     other = tmp_path / "other-run"
-    intl.write_export(other / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
+    pretrain.write_export(other / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
     before = (other / "backbone" / "model.safetensors").read_bytes()
     argv = ["--resume", str(output_dir / "checkpoints" / "step-00000008"), "--export_only", "--output_dir", str(other)]
     with pytest.raises(ValueError, match=f"--output_dir {other} already holds backbone/ of an earlier run, which this "
@@ -466,7 +466,7 @@ def test_export_only_replaces_another_runs_backbone_only_with_overwrite(finished
 
 def test_a_new_run_replaces_what_an_earlier_run_left_only_with_overwrite(tiny_images, tmp_path):
     run = tmp_path / "run"
-    intl.write_export(run / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
+    pretrain.write_export(run / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
     (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ValueError, match="already holds log.jsonl, backbone/ of an earlier run"):
         tiny(tiny_images, "--output_dir", run, "--stop_after_steps", 1)
@@ -616,6 +616,6 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about(monkeypatch):
 
 def test_trackers_get_numbers_as_numbers_and_the_rest_as_text():
     config = pretrain.resolve_config(["--print_config"])
-    values = intl.hyperparameters(config)
+    values = pretrain.hyperparameters(config)
     assert values["lr"] == config.lr and isinstance(values["epochs"], int) and values["compile"] is False
     assert values["mean"] == str(config.mean) and values["beta"] == "None"

@@ -275,7 +275,7 @@ def test_converted_official_checkpoints_give_the_features_of_the_network_they_ca
 
 def test_an_export_of_this_projects_first_format_keeps_its_unpadded_cifar_stem(tmp_path):
     weights = intl.build_backbone("resnet18", "cifar-unpadded").state_dict()
-    intl.write_export(tmp_path / "old", weights, {"arch": "resnet18", "cifar_stem": True})
+    pretrain.write_export(tmp_path / "old", weights, {"arch": "resnet18", "cifar_stem": True})
     _, config = intl.load_backbone(tmp_path / "old")
     assert config["stem"] == "cifar-unpadded" and "cifar_stem" not in config
 

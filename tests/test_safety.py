@@ -215,11 +215,11 @@ def test_a_checkpoint_save_on_a_full_disk_says_so_and_leaves_the_earlier_checkpo
 
 
 def test_an_export_on_a_full_disk_says_so_and_leaves_the_earlier_export_unchanged(small_disk):
-    intl.write_export(small_disk / "backbone", {"w": torch.ones(4)}, {"arch": "tiny"})
+    pretrain.write_export(small_disk / "backbone", {"w": torch.ones(4)}, {"arch": "tiny"})
     before = (small_disk / "backbone" / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match=r"no space left on the device while writing the export .*backbone .*"
                                          r"backbone is unchanged"):
-        intl.write_export(small_disk / "backbone", {"w": torch.ones(2**20)}, {"arch": "tiny"})  # 4 MiB
+        pretrain.write_export(small_disk / "backbone", {"w": torch.ones(2**20)}, {"arch": "tiny"})  # 4 MiB
     assert sorted(p.name for p in small_disk.iterdir()) == ["backbone"]
     assert (small_disk / "backbone" / "model.safetensors").read_bytes() == before
 
