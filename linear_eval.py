@@ -392,6 +392,12 @@ def image_loader(split, transform, batch_size, config, accelerator, **options):
                                        pin_memory=accelerator.device.type == "cuda", **options)
 
 
+def eval_images(config):
+    """The un-augmented input of every protocol: the backbone's evaluation resize (e.g. CW-RGP STL-10: 70 for 64 px),
+    centre crop and normalisation."""
+    return intl.eval_transform(config.image_size, config.mean, config.std, config.eval_resize)
+
+
 def train_transform(image_size, mean, std):
     """The training input of linear and finetune: RandomResizedCrop + flip, resized bilinearly (torchvision's
     default, as in the authors' runs)."""
@@ -473,11 +479,10 @@ def trained_record(name, settings, history):
 
 def frozen_features(backbone, splits, config, accelerator):
     """knn and linear-cached: {"train" / "test": (features, labels)}, extracted once without augmentation."""
-    eval_images = intl.eval_transform(config.image_size, config.mean, config.std, config.eval_resize)
     features = {}
     for name, split in (("train", splits.train), ("test", splits.test)):
-        loader = accelerator.prepare_data_loader(image_loader(split, eval_images, config.eval_batch_size, config,
-                                                              accelerator))
+        loader = accelerator.prepare_data_loader(image_loader(split, eval_images(config), config.eval_batch_size,
+                                                              config, accelerator))
         progress = tqdm(loader, desc=f"features ({name})", disable=not accelerator.is_main_process, leave=False)
         features[name] = intl.extract_features(backbone, progress, accelerator)
     return features
@@ -593,8 +598,7 @@ def run_trained_protocol(protocol, config, backbone, splits, accelerator):
                                 per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
                                 sampler=EpochSampler(len(train_split.dataset), config.seed),
                                 drop_last=len(train_split.dataset) >= global_batch)
-    test_loader = image_loader(splits.test, intl.eval_transform(config.image_size, config.mean, config.std),
-                               config.eval_batch_size, config, accelerator)
+    test_loader = image_loader(splits.test, eval_images(config), config.eval_batch_size, config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
 
     # Resume: the model, the optimiser, the RNG states and the history of the epochs done.

@@ -434,6 +434,18 @@ def test_linear_and_finetune_resize_bilinearly_as_torchvision_does_by_default():
     assert torch.equal(ours, default)
 
 
+def test_every_protocol_sees_the_backbones_evaluation_resize_unless_the_input_size_is_given(tmp_path):
+    """CW-RGP's STL-10 backbone records Resize(70) + CenterCrop(64): knn, linear-cached, linear and finetune all
+    evaluate on that input (`eval_images` is their one test transform); --image_size asks for another input."""
+    backbone_config = {"image_size": 64, "mean": [0.4] * 3, "std": [0.2] * 3, "eval_resize": 70, "method": "cw-rgp"}
+    argv = ["--backbone", "unused", "--protocol", "knn", "linear", "--output_dir", str(tmp_path)]
+    config = linear_eval.completed_by_backbone(linear_eval.resolve_args(argv), backbone_config)
+    resize, crop = linear_eval.eval_images(config).transforms[:2]
+    assert resize.size == [70] and crop.size == (64, 64)
+    config = linear_eval.completed_by_backbone(linear_eval.resolve_args(argv + ["--image_size", "64"]), backbone_config)
+    assert linear_eval.eval_images(config).transforms[0].size == [64]
+
+
 def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
     assert linear_eval.per_process_batch(256, 1) == 256 and linear_eval.per_process_batch(256, 8) == 32
     with pytest.raises(ValueError, match="--batch_size 256 is the global batch and must split evenly over the 3"):
