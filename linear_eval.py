@@ -170,6 +170,10 @@ def get_parser():
     parser.add_argument("--stop_after_epochs", type=int, default=None, help="linear, finetune: save and stop after "
                         "this many epochs (the schedule still spans --epochs); continue with --resume")
 
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the configuration completed by the backbone (input size, normalisation, recipe) "
+                             "and exit, before any data is read")
+
     # Benchmark
     parser.add_argument("--benchmark_knn", type=int, nargs=3, default=None, metavar=("N_TRAIN", "N_TEST", "DIM"),
                         help="time the 5-NN (intl.knn_classify) on random float32 features of this size, on the GPU "
@@ -183,6 +187,9 @@ def main(argv=None):
     config = resolve_args(argv)
     if config.benchmark_knn:
         return print(json.dumps(benchmark_knn(*config.benchmark_knn), indent=2))
+    if config.print_config:
+        _, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
+        return print(json.dumps(vars(completed_by_backbone(config, backbone_config)), indent=2))
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
     if not config.resume:  # a resumed evaluation continues the results in output_dir: they are its own

@@ -446,6 +446,16 @@ def test_every_protocol_sees_the_backbones_evaluation_resize_unless_the_input_si
     assert linear_eval.eval_images(config).transforms[0].size == [64]
 
 
+def test_print_config_shows_the_configuration_completed_by_the_backbone_and_writes_nothing(tmp_path, capsys):
+    export = tmp_path / "backbone"
+    pretrain.write_export(export, intl.build_backbone("resnet18", "cifar").state_dict(),
+                          {"arch": "resnet18", "stem": "cifar", "image_size": 32, "method": "intl-m"})
+    linear_eval.main(["--backbone", str(export), "--protocol", "linear", "--print_config"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["image_size"] == 32 and printed["mean"] == list(intl.CIFAR_MEAN) and printed["recipe"] == "intl-m"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]  # no eval/ folder: nothing was written
+
+
 def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
     assert linear_eval.per_process_batch(256, 1) == 256 and linear_eval.per_process_batch(256, 8) == 32
     with pytest.raises(ValueError, match="--batch_size 256 is the global batch and must split evenly over the 3"):
