@@ -1055,8 +1055,10 @@ def extract_features(backbone, loader, accelerator):
 
 
 @torch.no_grad()
-def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None):
-    """Indices [N_test, k] of each test feature's k nearest training features (Euclidean), nearest first.
+def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None, cosine=False):
+    """Each test feature's k nearest training features (Euclidean; cosine=True: the k most similar by cosine
+    similarity), nearest first -> (indices [N_test, k], their ranking keys [N_test, k], ascending: ||t||^2 - 2 q.t,
+    or -cos(q, t) with cosine).
 
     Memory stays bounded at ImageNet size (1.28 M x 2048 training features, 10.5 GB in float32): the distances
     are computed block by block, `chunk` queries against `train_chunk` training features at a time, on `device`
@@ -1080,17 +1082,19 @@ def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chu
     best_index = torch.zeros((n_test, k), dtype=torch.long, device=device)
     for start in range(0, len(train_features), train_chunk):
         block = train_features[start:start + train_chunk].to(device, torch.float32)
-        block_norms = block.square().sum(1)
+        block = F.normalize(block, dim=1) if cosine else block
+        block_norms = torch.zeros(len(block), device=device) if cosine else block.square().sum(1)
         for first in range(0, n_test, chunk):
             rows = slice(first, first + chunk)
             queries = test_features[rows].to(device, torch.float32)
-            key = torch.addmm(block_norms[None], queries, block.t(), alpha=-2.0)
+            queries = F.normalize(queries, dim=1) if cosine else queries
+            key = torch.addmm(block_norms[None], queries, block.t(), alpha=-1.0 if cosine else -2.0)
             block_key, block_index = key.topk(min(k, len(block)), dim=1, largest=False)
             merged_key = torch.cat([best_key[rows], block_key], 1)
             merged_index = torch.cat([best_index[rows], block_index + start], 1)
             best_key[rows], order = merged_key.topk(k, dim=1, largest=False)  # sorted: nearest first
             best_index[rows] = merged_index.gather(1, order)
-    return best_index
+    return best_index, best_key
 
 
 @torch.no_grad()
@@ -1105,7 +1109,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     """
     device = torch.device(device) if device is not None else train_features.device
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    nearest = nearest_neighbours(train_features, test_features, k, chunk, train_chunk, device)
+    nearest, _ = nearest_neighbours(train_features, test_features, k, chunk, train_chunk, device)
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     # Votes x num_classes + (num_classes - 1 - class): the most votes win, and among equal votes the smallest
     # class id; no two scores are equal, so the rule does not rest on which of equal maxima argmax returns.

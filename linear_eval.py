@@ -504,7 +504,7 @@ def run_knn(features, config, device="cpu"):
             top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k, device=device)["top1"]
             rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
         else:
-            result = weighted_cosine_knn(train_f, train_l, test_f, test_l, k, config.temperature)
+            result = weighted_cosine_knn(train_f, train_l, test_f, test_l, k, config.temperature, device)
             rows.append({"name": f"{k}-NN (cosine, T={config.temperature:g})", **result})
     settings = {"metric": config.knn_metric, "k": config.k}
     if config.knn_metric == "cosine":
@@ -513,18 +513,14 @@ def run_knn(features, config, device="cpu"):
 
 
 @torch.no_grad()
-def weighted_cosine_knn(train_features, train_labels, test_features, test_labels, k, temperature, chunk=1024):
-    """k-NN with cosine similarity, each neighbour voting exp(similarity / T) for its class: top-1 / top-5 (%)."""
+def weighted_cosine_knn(train_features, train_labels, test_features, test_labels, k, temperature, device=None):
+    """k-NN with cosine similarity, each neighbour voting exp(similarity / T) for its class: top-1 / top-5 (%).
+    The neighbours come from `intl.nearest_neighbours` (blocks: memory bounded at ImageNet size)."""
+    nearest, key = intl.nearest_neighbours(train_features, test_features, k, device=device, cosine=True)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    train_features = F.normalize(train_features.float(), dim=1)
-    correct = []
-    for start in range(0, len(test_features), chunk):
-        queries = F.normalize(test_features[start:start + chunk].float(), dim=1)
-        similarity, nearest = (queries @ train_features.t()).topk(k, dim=1)
-        votes = torch.zeros(len(queries), num_classes)
-        votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())
-        correct.append(top5_correct(votes, test_labels[start:start + chunk]))
-    return accuracy(torch.cat(correct))
+    votes = torch.zeros(len(test_features), num_classes, device=nearest.device)
+    votes.scatter_add_(1, train_labels.to(nearest.device)[nearest], (-key / temperature).exp())
+    return accuracy(top5_correct(votes.cpu(), test_labels))
 
 
 def run_linear_cached(features, num_classes, config, accelerator):

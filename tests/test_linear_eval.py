@@ -301,13 +301,31 @@ def test_knn_in_float32_blocks_finds_the_same_neighbours_and_accuracy_as_an_inde
         nearest, predicted = float64_knn(train, train_labels, test, k)
         expected_top1 = 100.0 * (predicted == test_labels).sum().item() / len(test)
         # Blocks of 7 queries x 13 training features: many blocks, a ragged last one, and k > a block for k = 20.
-        found = intl.nearest_neighbours(train.float(), test.float(), k=k, chunk=7, train_chunk=13)
+        found, _ = intl.nearest_neighbours(train.float(), test.float(), k=k, chunk=7, train_chunk=13)
         assert torch.equal(found, nearest)  # the same neighbours in the same order, nearest first
         for chunk, train_chunk in ((7, 13), (1024, 32768)):
             result = intl.knn_classify(train.float(), train_labels, test.float(), test_labels, k=k, chunk=chunk,
                                        train_chunk=train_chunk, device="cpu")
             assert result["top1"] == expected_top1
         assert 0 < expected_top1 < 100  # the votes are not trivial
+
+
+def test_cosine_neighbours_in_float32_blocks_and_their_weighted_votes_match_a_float64_computation():
+    generator = torch.Generator().manual_seed(1)
+    train, test = torch.randn(60, 16, generator=generator), torch.randn(25, 16, generator=generator)
+    train_labels, test_labels = torch.arange(60) % 4, torch.arange(25) % 4
+    unit = lambda x: x.double() / x.double().norm(dim=1, keepdim=True)  # noqa: E731
+    similarity = unit(test) @ unit(train).t()
+    expected_sim, expected = similarity.sort(dim=1, descending=True)
+    found, key = intl.nearest_neighbours(train, test, k=9, chunk=4, train_chunk=7, cosine=True)
+    assert torch.equal(found, expected[:, :9])  # the most similar first, across ragged blocks
+    assert torch.allclose(-key.double(), expected_sim[:, :9], atol=1e-6)
+    votes = torch.zeros(25, 4, dtype=torch.float64).scatter_add_(1, train_labels[expected[:, :9]],
+                                                                   (expected_sim[:, :9] / 0.07).exp())
+    ranked = votes.argsort(dim=1, descending=True)
+    top1 = 100.0 * (ranked[:, 0] == test_labels).double().mean().item()
+    result = linear_eval.weighted_cosine_knn(train, train_labels, test, test_labels, k=9, temperature=0.07)
+    assert result["top1"] == pytest.approx(top1) and result["top5"] == 100.0  # 4 classes: all in the top 5
 
 
 class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
@@ -334,6 +352,10 @@ def test_knn_memory_is_bounded_by_its_blocks_not_by_the_training_set():
         intl.knn_classify(train, train_labels, test, test_labels, k=5, chunk=64, train_chunk=500)
     block_bytes = 4 * 500 * max(64, 32)  # one float32 distance block (64 x 500) or training block (500 x 32)
     assert 0 < tracked.largest <= block_bytes < train.nbytes / 4
+    with LargestAllocation(train, test) as tracked:  # the cosine neighbours of weighted_cosine_knn: the same blocks
+        intl.nearest_neighbours(train, test, k=200, chunk=64, train_chunk=500, cosine=True)
+    merged_indices = 8 * 64 * (200 + 200)  # a query block's running top-k and the block's own, int64
+    assert 0 < tracked.largest <= max(merged_indices, 4 * 64 * 500) < train.nbytes / 4
 
 
 # ----------------------------------------------------------------------------- the authors' ImageNet protocols
