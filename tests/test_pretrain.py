@@ -532,14 +532,19 @@ def test_ctrl_c_stops_with_one_line_saying_the_step_and_how_to_continue_and_exit
                str(tmp_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                    "OMP_NUM_THREADS": "1"})
+                                    "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if (tmp_path / "log.jsonl").exists() and len(losses(tmp_path)) >= 3:
             break
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # still running: make it print where it is (faulthandler), then fail with that
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=60)
+        pytest.fail(f"still running 120 s after Ctrl-C; its stacks:\n{stderr[-6000:]}")
     assert process.returncode == 130, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"interrupted at step \d+; continue with --resume latest \(from the last checkpoint, "
