@@ -173,10 +173,10 @@ class SpectralTransform(nn.Module):
     def __init__(self, function, **settings):
         super().__init__()
         _check_axis(settings["axis"])
-        self.function, self.settings = float32_island(function), settings
+        self.function, self.settings = function, settings
 
     def forward(self, z):
-        return self.function(z, **self.settings)
+        return float32_island(self.function)(z, **self.settings)
 
     def extra_repr(self):
         return ", ".join(f"{name}={value}" for name, value in self.settings.items())

@@ -366,6 +366,18 @@ def _module_cases():
 
 
 @pytest.mark.parametrize("case", range(4))
+def test_transform_modules_survive_saving_the_whole_module_and_compute_the_same(case):
+    import io
+
+    module, _, shape = _module_cases()[case]
+    buffer = io.BytesIO()
+    torch.save(module, buffer)  # a whole model with its transform, as some users save one
+    buffer.seek(0)
+    z = torch.randn(*shape)
+    assert torch.equal(torch.load(buffer, weights_only=False)(z), module(z))
+
+
+@pytest.mark.parametrize("case", range(4))
 def test_transform_modules_under_bf16_autocast_compute_in_float32_and_return_input_dtype(case):
     module, fn, shape = _module_cases()[case]
     z32 = 2 * torch.randn(*shape) + 1  # well conditioned, so bf16 rounding of the input stays small
