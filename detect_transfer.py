@@ -294,6 +294,7 @@ def train(model, optimizer, train_records, plan, iterations, config, accelerator
         for epoch in range(iteration // per_epoch, math.ceil(stop_at / per_epoch)):
             sampler.set_epoch(epoch, start_batch=iteration - epoch * per_epoch)
             for images, targets, _ in loader:
+                intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
                 images, targets = to_device(images, targets, accelerator.device)
                 lr = learning_rate(iteration, plan)
                 for group in optimizer.param_groups:
@@ -1200,6 +1201,7 @@ def benchmark(config, accelerator):
 
 
 if __name__ == "__main__":
+    intl.remember_ctrl_c()
     try:
         main()
     except (ValueError, FloatingPointError) as error:

@@ -605,6 +605,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import zipfile
@@ -1634,6 +1635,26 @@ def check_finite(weights, where):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with the one line that says where the run stopped and how to continue."""
+
+
+_ctrl_c_pressed = False
+
+
+def remember_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt as always, and is also remembered for `stop_if_ctrl_c`. Python discards an
+    exception raised inside a finaliser (a __del__, a garbage-collection callback), so a Ctrl-C that arrives while
+    one runs would otherwise be lost and the training would go on. Call it once, from the main thread."""
+    def handler(signum, frame):
+        global _ctrl_c_pressed
+        _ctrl_c_pressed = True
+        signal.default_int_handler(signum, frame)
+    signal.signal(signal.SIGINT, handler)
+
+
+def stop_if_ctrl_c():
+    """In a training loop, once per step: raise KeyboardInterrupt if Ctrl-C was pressed (see `remember_ctrl_c`)."""
+    if _ctrl_c_pressed:
+        raise KeyboardInterrupt
 
 
 def exit_interrupted(interrupt, otherwise="interrupted"):

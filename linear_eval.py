@@ -629,6 +629,7 @@ def run_trained_protocol(protocol, config, backbone, splits, accelerator):
                 freeze(backbone)
             loss_sum = torch.zeros((), device=accelerator.device)
             for images, labels in train_loader:
+                intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
                 with accelerator.autocast():
                     loss = F.cross_entropy(forward(images).float(), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -851,6 +852,7 @@ def results_table(records, data, output_dir):
 
 
 if __name__ == "__main__":
+    intl.remember_ctrl_c()
     try:
         main()
     except (ValueError, FileNotFoundError, BackboneChanged) as error:

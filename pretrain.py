@@ -402,6 +402,7 @@ def train(config, accelerator):
         for epoch in range(step // steps_per_epoch, config.epochs):
             sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
             for batch in loader:
+                intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
                 lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -1847,6 +1848,7 @@ def timed(fn, steps, accelerator, warmup=1):
 
 
 if __name__ == "__main__":
+    intl.remember_ctrl_c()
     try:
         # python pretrain.py export --source CHECKPOINT --output_dir OUT [--push_to_hub REPO_ID]
         main_export(sys.argv[2:]) if sys.argv[1:2] == ["export"] else main()
