@@ -591,6 +591,7 @@ def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
 #   configuration and flags       presets vs explicit flags, a resumed run keeps its settings, valid ranges
 #   nothing lost or half-written  atomic checkpoints and exports, a full disk, results never silently replaced
 #   resuming from a checkpoint    the newest intact one, and why the others were skipped
+#   Ctrl-C                        one line and exit status 130; a press Python discarded still stops the loop
 #   loading a backbone            load_backbone: an export, a Hub id, a checkpoint or an official .pth.tar
 # =============================================================================
 
