@@ -64,5 +64,6 @@ def _digits_run_started(request, tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts real processes (a script's command line, Ctrl-C, several "
-                                       "processes), itself or through a fixture, or trains for over a minute; "
-                                       "deselect with -m 'not slow' (a loop of a minute or two)")
+                                       "processes), itself or through a fixture, or runs a stage end to end for "
+                                       "seconds (pretraining, an evaluation protocol, detection); deselect with "
+                                       "-m 'not slow' for a quick loop")

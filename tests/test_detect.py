@@ -652,6 +652,7 @@ def test_eval_only_on_the_final_checkpoint_reproduces_the_results(learned, tmp_p
     assert again["bbox"] == results["bbox"] and again["iterations"] == 150 and again["precise_bn"]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
     root = write_voc(tmp_path / "voc", n_trainval=8, n_test=2)
     common = ["--data_root", root, "--iterations", 6, "--lr_steps", 4, "--warmup_iters", 2, "--log_every", 1,
@@ -671,6 +672,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
         dt.resolve_config(["--resume", "latest", "--output_dir", str(tmp_path / "resumed"), "--lr", "0.5"])
 
 
+@pytest.mark.slow
 def test_mask_c4_trains_and_evaluates_boxes_and_masks_on_coco_format_data(tmp_path):
     root = write_coco(tmp_path / "coco", n_train=6, n_val=3)
     dt.main([str(a) for a in SMALL + ["--dataset", "coco", "--data_root", root, "--model", "mask-c4", "--backbone",
@@ -799,6 +801,7 @@ def test_a_new_run_replaces_what_an_earlier_run_left_only_with_overwrite(tmp_pat
     assert [json.loads(line)["iteration"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_removes_what_interrupted_saves_left(tmp_path):
     root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
     main("--data_root", root, "--output_dir", tmp_path / "run", "--iterations", 2, "--lr_steps", "--warmup_iters", 0,
@@ -810,6 +813,7 @@ def test_a_resumed_run_removes_what_interrupted_saves_left(tmp_path):
     assert not leftover.exists() and (tmp_path / "run" / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_training_with_one_line_saying_the_iteration_and_how_to_continue(tmp_path, monkeypatch):
     root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
     learning_rate = dt.learning_rate

@@ -82,6 +82,7 @@ def test_photometric_keeps_values_in_range_before_normalisation():
     assert out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.slow
 def test_probabilities_and_ranges_of_the_drawn_parameters_match_the_recipe():
     torch.manual_seed(0)
     n = 20_000
@@ -150,6 +151,7 @@ def test_draft_decoded_jpegs_of_odd_size_give_every_crop_inside_the_image(tmp_pa
     assert max(decoded_widths) < 1001  # every decode was a reduced one
 
 
+@pytest.mark.slow
 def test_pretraining_runs_end_to_end_with_the_device_path_and_resumes_exactly(tmp_path):
     generator = torch.Generator().manual_seed(0)
     for i in range(32):  # 4 steps of 8 images per epoch

@@ -126,6 +126,7 @@ def test_singular_or_impossible_whitening_settings_say_what_to_change(call, mess
     ["--method", "wmse", "--projector", "64-16", "--w_size", "32", "--batch_size", "64"],  # 2 sub-batches of 32 > 16
     ["--method", "intl-m", "--small_crops", "8,8"],
 ])
+@pytest.mark.slow
 def test_each_method_trains_end_to_end_through_pretrain(images, tmp_path, method_flags):
     # 3 steps, stopped before the end of the run (4 epochs: 4 steps of 64 images to 16 of 16).
     pretrain.main(small(images, "--output_dir", tmp_path, "--image_size", 16, "--batch_size", 16, "--epochs", 4,

@@ -131,6 +131,7 @@ def test_backbone_check_catches_bn_statistics_updated_by_a_backbone_left_in_trai
                  "--output_dir", tmp_path, *TINY, "--epochs", "1")
 
 
+@pytest.mark.slow
 def test_interrupted_linear_evaluation_resumes_to_the_uninterrupted_result(pretrained, folder, tmp_path):
     common = ["--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "linear", *TINY]
     whole = evaluate(*common, "--output_dir", tmp_path / "whole")["linear"]
@@ -144,6 +145,7 @@ def test_interrupted_linear_evaluation_resumes_to_the_uninterrupted_result(pretr
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["top1"] == b["top1"]
 
 
+@pytest.mark.slow
 def test_finetune_learns_from_the_named_images_or_a_seeded_class_balanced_subset(pretrained, folder, tmp_path):
     split = intl.load_image_split(folder, "train")
     args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "finetune", "--train_fraction", "0.25"])
@@ -410,6 +412,7 @@ def test_linear_head_lr_is_0_2_for_intl_and_0_4_for_intl_m_by_the_recorded_metho
     assert "--recipe" in linear_eval.get_parser().format_help()
 
 
+@pytest.mark.slow
 def test_finetune_keeps_a_constant_lr_head_0_2_and_backbone_0_006_for_intl_or_0_004_for_intl_m(
         pretrained, intl_m_export, folder, tmp_path):
     names = tmp_path / "subset.txt"

@@ -483,6 +483,7 @@ def test_the_plot_keeps_a_bounded_number_of_spectra_evenly_spread_first_and_last
     assert len(imagenet) == 6 and min(imagenet) == 100 and max(imagenet) == 800 * 5004
 
 
+@pytest.mark.slow
 def test_a_run_writes_only_the_plotted_spectra_as_it_goes(tiny_images, tmp_path):
     tiny(tiny_images, "--output_dir", tmp_path, "--epochs", 3, "--spectrum_every", 1)  # 12 steps
     written = intl.read_jsonl(tmp_path / "spectrum.jsonl")
@@ -502,6 +503,7 @@ def test_collapse_is_an_embedding_at_one_point_or_along_one_direction():
         assert intl.collapsed(line, intl.covariance_spectrum(line, axis))
 
 
+@pytest.mark.slow
 def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_summary(tmp_path, capsys):
     from PIL import Image
 
@@ -601,6 +603,7 @@ def test_a_diverging_run_names_the_same_first_bad_step_however_rarely_it_logs(ti
     assert messages[0] == messages[1] and messages[0].startswith("the loss is ")
 
 
+@pytest.mark.slow
 def test_benchmark_times_our_step_against_the_plain_loop_of_the_same_model(capsys):
     figures = pretrain.main(["--benchmark", "1", "--arch", "resnet18", "--image_size", "16", "--batch_size", "8",
                              "--projector", "16-16-16"])
