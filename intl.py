@@ -192,11 +192,8 @@ class IterNorm(SpectralTransform):
 
 
 def trace_loss(z_hat, axis=0):
-    """TL(Z_hat) = sum_i (1 - var_i)^2, var_i the variance of unit i of Z_hat (the diagonal of its covariance).
-
-    Keeping IterNorm's output at unit variance drives the spectrum of Z towards equal eigenvalues
-    (Theorem 2). z_hat: [B, D] -> scalar.
-    """
+    """TL(Z_hat) = sum_i (1 - var_i)^2 over the units i of Z_hat [B, D] -> scalar. Keeping IterNorm's output at unit
+    variance drives the spectrum of Z towards equal eigenvalues (Theorem 2)."""
     return (1 - _units(z_hat, axis).var(dim=1, correction=1)).pow(2).sum()
 
 
@@ -342,7 +339,7 @@ class INTL(JointEmbedding):
 
 
 # -----------------------------------------------------------------------------
-# 5. The EMA target's momentum (INTL-M)
+# 5. The EMA target's momentum (INTL-M); the update itself is `INTL.update_target`
 
 
 def ema_momentum(step, total_steps, m0):
@@ -411,11 +408,9 @@ def spectral_transform(z, power=0.5, axis=0, eps=0.0):
     m, n = x.shape
     if power > 0 and n - 1 < m and eps == 0:
         units, obs = ("samples", "channels") if axis == 0 else ("channels", "samples")
-        raise ValueError(
-            f"the {m} x {m} covariance is singular by construction: {m} {units} centred over only {n} {obs} "
-            f"have rank <= {n - 1} < {m}, so l^(-{power}) is undefined. Use a batch smaller than the "
-            f"embedding dim (axis 0), an embedding dim smaller than the batch (axis 1), or IterNorm"
-        )
+        raise ValueError(f"the {m} x {m} covariance is singular by construction ({m} {units} centred over {n} {obs} "
+                         f"have rank <= {n - 1}), so l^(-{power}) is undefined: use a batch smaller than the embedding "
+                         "dim (axis 0), a dim smaller than the batch (axis 1), or IterNorm")
     x, cov = _centred_covariance(x)
     ridge = eps * cov.diagonal().mean() * torch.eye(m, dtype=cov.dtype, device=cov.device)
     z_hat = matrix_power(cov + ridge, -power) @ x
