@@ -1687,7 +1687,8 @@ def load_backbone(source, arch=None, revision=None, stem=None):
     weights.
     """
     weights, config = load_backbone_weights(source, arch, revision, stem)
-    backbone = build_backbone(config["arch"], config["stem"])
+    with torch.device("meta"):  # no random initialisation to overwrite (a ResNet-50's takes about a second)
+        backbone = build_backbone(config["arch"], config["stem"])
     _load_strict(backbone, weights, f"{source} ({config['arch']}, {config['stem']} stem)")
     config["feature_dim"] = backbone.feature_dim
     return backbone.eval(), config
@@ -1901,7 +1902,8 @@ def _load_strict(module, weights, what):
                         f"{tuple(weights[k].shape)} in the weights, {tuple(expected[k].shape)} in the model")
     if problems:
         raise ValueError(f"the weights do not fit {what}: {'; '.join(problems)}. Check --arch (and the stem)")
-    module.load_state_dict(weights, strict=True)
+    # assign: the module may live on the meta device; each tensor in the module's dtype (an fp16 file loads as float32)
+    module.load_state_dict({k: weights[k].to(v.dtype) for k, v in expected.items()}, strict=True, assign=True)
 
 
 # ----------------------------------------------------------------------------- Hub: download

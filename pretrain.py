@@ -356,7 +356,7 @@ def train(config, accelerator):
         log.info(f"the export will be pushed to {config.push_to_hub} as {check_hub_access(config.push_to_hub, config.private)}")
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
     log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
-             f"{config.batch_size * accelerator.num_processes}, {config.epochs} epochs")
+             f"{config.batch_size * accelerator.num_processes}, {config.epochs} epoch{'s' * (config.epochs != 1)}")
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so a resume replays them.
     train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column,

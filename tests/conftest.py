@@ -25,6 +25,47 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="session")
+def digits_split():
+    """digits_split(name): `intl.load_image_split("digits", name)`, loaded (and PNG-encoded: ~0.5 s for the 1437
+    training images) once per session. Each call returns a new ImageSplit around the same datasets.Dataset, which no
+    code changes in place (its methods return new datasets). For tests that need the digits as input data; the tests
+    of loading itself (test_data) also load them afresh where loading is what they check."""
+    import dataclasses
+
+    import intl
+
+    loaded = {}
+
+    def split(name):
+        if name not in loaded:
+            loaded[name] = intl.load_image_split("digits", name)
+        return dataclasses.replace(loaded[name])
+
+    return split
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tmp_path_factory):
+    """A finished pretraining run in this process, shared by test_pretrain (finished_run, and what a run prints),
+    test_linear_eval (pretrained) and test_hub, which only read it (or change copies of it): test_pretrain's tiny run
+    (`tiny_args`: a ResNet-18 at 8 px, batch 4) on its 16 generated 8 x 8 images in 2 classes, in
+    ROOT/my-private-photos, for 1 epoch of 4 steps saved every 2 steps: RUN with checkpoints/ (steps 2 and 4),
+    backbone/ (weights, config.json and the model card), log.jsonl and spectrum.png. Returns a namespace: root (ROOT),
+    images, run (RUN) and stdout (what the run printed)."""
+    import contextlib
+    import io
+    import types
+
+    from test_pretrain import tiny, write_tiny_images
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    images = write_tiny_images(root / "my-private-photos")
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        tiny(images, "--output_dir", root / "run", "--epochs", 1, "--save_every", 2)
+    return types.SimpleNamespace(root=root, images=images, run=root / "run", stdout=stdout.getvalue())
+
+
 DIGITS_RUN = ["--epochs", "2", "--knn_every", "1", "--save_every", "5"]  # after test_pretrain's SMALL
 
 

@@ -48,9 +48,9 @@ def class_of_pixel(image):
 # ----------------------------------------------------------------------------- digits
 
 
-def test_digits_default_gives_1797_rgb_32x32_images_in_10_classes():
-    train = load_image_split(None, "train")
-    test = load_image_split("digits", "test")
+def test_digits_default_gives_1797_rgb_32x32_images_in_10_classes(digits_split):
+    train = digits_split("train")  # load_image_split("digits", "train"), loaded once per session
+    test = load_image_split(None, "test")  # the default source
     assert len(train.dataset) + len(test.dataset) == 1797
     assert len(test.dataset) == 360
     for split in (train, test):
@@ -66,7 +66,7 @@ def test_digits_default_gives_1797_rgb_32x32_images_in_10_classes():
     assert (pixels[..., 0] == pixels[..., 1]).all()  # grey digits replicated over RGB
 
 
-def test_digits_split_is_deterministic_stratified_and_aliased():
+def test_digits_split_is_deterministic_stratified_and_aliased(digits_split):
     first, second = load_image_split(None, "test"), load_image_split(None, "test")
     assert torch.equal(labels_of(first), labels_of(second))
     undecoded = datasets.Image(decode=False)
@@ -74,7 +74,7 @@ def test_digits_split_is_deterministic_stratified_and_aliased():
     second_bytes = [v["bytes"] for v in second.dataset.cast_column("image", undecoded)["image"]]
     assert first_bytes == second_bytes
 
-    train_counts = Counter(labels_of(load_image_split(None, "train")).tolist())
+    train_counts = Counter(labels_of(digits_split("train")).tolist())
     test_counts = Counter(labels_of(first).tolist())
     for digit in range(10):
         total = train_counts[digit] + test_counts[digit]
@@ -333,8 +333,8 @@ def test_corrupt_embedded_image_without_path_names_its_index():
         ImageDataset(split, transform=None)[1]
 
 
-def test_labels_of_reads_labels_without_decoding_images(monkeypatch):
-    split = load_image_split(None, "test")
+def test_labels_of_reads_labels_without_decoding_images(monkeypatch, digits_split):
+    split = digits_split("test")
     shuffled = ImageSplit(split.dataset.shuffle(seed=1).select(range(50)), "image", "label", 10, "x")
 
     def no_decoding(*args, **kwargs):
@@ -346,8 +346,8 @@ def test_labels_of_reads_labels_without_decoding_images(monkeypatch):
     assert labels.tolist() == list(shuffled.dataset.with_format(None)["label"])
 
 
-def test_image_dataset_works_in_dataloader_with_two_workers():
-    split = load_image_split(None, "test")
+def test_image_dataset_works_in_dataloader_with_two_workers(digits_split):
+    split = digits_split("test")
     loader = torch.utils.data.DataLoader(
         ImageDataset(split, transform=pil_to_tensor), batch_size=64, num_workers=2
     )

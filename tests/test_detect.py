@@ -274,7 +274,9 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("model_name", dt.MODELS)
 def test_a_training_step_gives_finite_losses_and_evaluation_gives_boxes_in_original_pixels(model_name):
-    config = tiny_config(model_name)
+    # 5 proposals per test image (tiny_config: 20): the untrained heads keep nearly every proposal for both classes,
+    # and the mask heads run on each detection.
+    config = tiny_config(model_name, "--rpn_post_nms_test", 5)
     torch.manual_seed(0)
     model = dt.build_detector(config, intl.build_backbone("resnet18", "imagenet", zero_init_residual=False), 2)
     masks = model_name.startswith("mask")
@@ -770,11 +772,11 @@ def test_a_broken_coco_json_is_refused_naming_the_annotation_or_what_is_missing(
 def test_eval_only_writes_next_to_the_run_and_never_over_its_results_without_overwrite(tmp_path):
     root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
     output_dir = tmp_path / "run"
-    main("--data_root", root, "--output_dir", output_dir, "--iterations", 2, "--lr_steps", "--warmup_iters", 0,
+    main("--data_root", root, "--output_dir", output_dir, "--iterations", 1, "--lr_steps", "--warmup_iters", 0,
          "--precise_bn", 0)
-    checkpoint = output_dir / "checkpoints" / "step-00000002"
+    checkpoint = output_dir / "checkpoints" / "step-00000001"
     config = dt.resolve_config(["--eval_only", "--resume", str(checkpoint), "--data_root", str(root)])
-    assert config.output_dir == str(output_dir / "eval" / "step-00000002")  # not the run's own results.json
+    assert config.output_dir == str(output_dir / "eval" / "step-00000001")  # not the run's own results.json
     before = (output_dir / "results.json").read_text()
     with pytest.raises(ValueError, match=f"--output_dir {output_dir} already holds results.json of an earlier run, "
                                          "which this command would replace"):

@@ -102,9 +102,9 @@ def test_probabilities_and_ranges_of_the_drawn_parameters_match_the_recipe():
     assert len({tuple(o.tolist()) for o in orders}) == 24  # every order occurs
 
 
-def test_cropped_views_differ_per_sample_and_replay_from_seed_epoch_and_index():
+def test_cropped_views_differ_per_sample_and_replay_from_seed_epoch_and_index(digits_split):
     config = pretrain.resolve_config(["--print_config", "--image_size", "16", "--num_views", "2"])
-    data = pretrain.CroppedViews(intl.load_image_split("digits", "train"), pretrain.view_specs(config), seed=0)
+    data = pretrain.CroppedViews(digits_split("train"), pretrain.view_specs(config), seed=0)
     crops, params, label = data[(0, 5)]
     again = data[(0, 5)]
     assert [c.shape for c in crops] == [(3, 16, 16)] * 2 and all(c.dtype == torch.uint8 for c in crops)
@@ -171,9 +171,9 @@ def test_pretraining_runs_end_to_end_with_the_device_path_and_resumes_exactly(tm
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 
 
-def test_device_path_makes_the_multi_crop_views_of_the_intl_m_recipe():
+def test_device_path_makes_the_multi_crop_views_of_the_intl_m_recipe(digits_split):
     config = pretrain.resolve_config(["--preset", "intl-m-100ep", "--print_config"])
-    data = pretrain.CroppedViews(intl.load_image_split("digits", "train"), pretrain.view_specs(config), seed=0)
+    data = pretrain.CroppedViews(digits_split("train"), pretrain.view_specs(config), seed=0)
     crops, params, _ = data[(0, 3)]
     assert [c.shape[-1] for c in crops] == [224, 224, 192, 160, 128, 96]
     views = pretrain.device_views([c[None] for c in crops], [p[None] for p in params], config, "cpu")

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,26 @@ CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_siz
           "epochs_trained": 2}
 
 
+_BUILT = {}  # (seed, arch, stem) -> (state_dict, RNG state after building it); emptied after this module
+
+
 def backbone_weights(seed, arch="resnet18", stem="imagenet"):
-    torch.manual_seed(seed)
-    return intl.build_backbone(arch, stem).state_dict()
+    """intl.build_backbone(arch, stem).state_dict() after torch.manual_seed(seed), and the global RNG left as that
+    leaves it. Each network is built once in this module (a ResNet-18's random initialisation takes ~0.1 s); every
+    call gets its own copy of the tensors."""
+    key = (seed, arch, stem)
+    if key not in _BUILT:
+        torch.manual_seed(seed)
+        _BUILT[key] = intl.build_backbone(arch, stem).state_dict(), torch.get_rng_state()
+    weights, rng_state = _BUILT[key]
+    torch.set_rng_state(rng_state)
+    return {k: v.clone() for k, v in weights.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_built_backbones():
+    yield
+    _BUILT.clear()
 
 
 def assert_same_weights(a, b):
@@ -37,10 +55,19 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.fixture(scope="module")
+def _written_export(tmp_path_factory):
+    """pretrain.write_export of backbone_weights(0) with CONFIG, once: `export` gives each test a copy."""
+    folder = tmp_path_factory.mktemp("export") / "export"
+    pretrain.write_export(folder, backbone_weights(0), CONFIG)
+    return folder
+
+
 @pytest.fixture
-def export(tmp_path):
-    pretrain.write_export(tmp_path / "export", backbone_weights(0), CONFIG)
-    return tmp_path / "export"
+def export(_written_export, tmp_path):
+    """TMP/export: an export folder of backbone_weights(0) with CONFIG, this test's own copy (real copies, no links:
+    tests damage its files)."""
+    return shutil.copytree(_written_export, tmp_path / "export")
 
 
 def test_export_folder_and_bare_file_round_trip_bit_identical_the_file_reading_the_config_beside_it(export, tmp_path):
@@ -61,6 +88,18 @@ def test_export_folder_and_bare_file_round_trip_bit_identical_the_file_reading_t
         backbone, config = load_backbone(alone, arch=arch)
         assert_same_weights(backbone.state_dict(), original)
         assert (config["arch"], config["stem"], config["image_size"]) == ("resnet18", "imagenet", 224)
+
+
+def test_a_loaded_backbone_is_a_trainable_float32_network_also_from_half_precision_weights(tmp_path):
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in backbone_weights(0).items()}
+    save_file(weights, tmp_path / "half.safetensors")
+    backbone, _ = load_backbone(tmp_path / "half.safetensors", arch="resnet18")
+    state = backbone.state_dict()
+    assert all(not t.is_meta for t in state.values())
+    assert all(torch.equal(state[k], v.float() if v.is_floating_point() else v) for k, v in weights.items())
+    assert {state[k].dtype for k in weights if weights[k].is_floating_point()} == {torch.float32}
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert backbone(torch.randn(2, 3, 16, 16)).dtype == torch.float32
 
 
 def test_pretrain_checkpoint_folder_gives_the_backbone_of_the_checkpoint(tmp_path):
@@ -414,17 +453,11 @@ def test_a_cifar_stem_export_says_timm_cannot_build_it_and_keeps_the_torchvision
     assert "net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3" in card.text
 
 
-def test_a_card_names_no_local_path_the_split_used_and_says_when_no_license_was_chosen(tmp_path):
-    from test_pretrain import tiny, tiny_args  # noqa: F401
-
-    images = tmp_path / "my-private-photos"
-    for i in range(8):
-        (images / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
-        torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(images / f"class_{i % 2}" / f"{i}.png")
-    tiny(images, "--output_dir", tmp_path / "run", "--epochs", 1)
-    export = tmp_path / "run" / "backbone"
+def test_a_card_names_no_local_path_the_split_used_and_says_when_no_license_was_chosen(tiny_finished_run, tmp_path):
+    # conftest's run of `pretrain.py --dataset ROOT/my-private-photos --output_dir ROOT/run` (test_pretrain's tiny run)
+    export = tiny_finished_run.run / "backbone"
     for text in ((export / "config.json").read_text(), (export / "README.md").read_text()):
-        assert str(tmp_path) not in text
+        assert str(tiny_finished_run.root) not in text
     config = json.loads((export / "config.json").read_text())
     assert config["dataset"] == "my-private-photos" and config["dataset_is_local_folder"] is True
     assert config["split"] == "train"

@@ -211,9 +211,9 @@ def test_processes_see_disjoint_slices_of_every_global_batch_and_resume_skips_do
     assert [i for _, i in ranks[1]] != [i for _, i in per_rank[1]]
 
 
-def test_augmentations_are_per_sample_and_replayed_from_seed_epoch_and_index():
+def test_augmentations_are_per_sample_and_replayed_from_seed_epoch_and_index(digits_split):
     config = pretrain.resolve_config(["--print_config", "--image_size", "16"])
-    split = pretrain.intl.load_image_split("digits", "train")
+    split = digits_split("train")
     views = pretrain.AugmentedViews(split, pretrain.view_transforms(config), seed=0)
     first, _ = views[(0, 5)]
     again, _ = views[(0, 5)]
@@ -319,12 +319,10 @@ def test_unreadable_image_stops_with_one_line_naming_the_file(tmp_path, image_fo
 # ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
 
 
-@pytest.fixture(scope="module")
-def tiny_images(tmp_path_factory):
+def write_tiny_images(root):
     """ROOT/class_x/*.png: 16 generated 8 x 8 images in 2 classes (a run of 4 steps per epoch takes seconds)."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("tiny") / "images"
     generator = torch.Generator().manual_seed(0)
     for c in range(2):
         (root / f"class_{c}").mkdir(parents=True)
@@ -332,6 +330,12 @@ def tiny_images(tmp_path_factory):
             pixels = torch.randint(0, 256, (8, 8, 3), generator=generator, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory):
+    """ROOT/class_x/*.png: write_tiny_images in a new folder."""
+    return write_tiny_images(tmp_path_factory.mktemp("tiny") / "images")
 
 
 def tiny_args(images, *args):
@@ -355,11 +359,10 @@ def stopped_run(tiny_images, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_images, tmp_path_factory):
-    """A finished run of 8 steps (2 epochs): checkpoints of steps 6 and 8, backbone/ exported."""
-    output_dir = tmp_path_factory.mktemp("finished")
-    tiny(tiny_images, "--output_dir", output_dir, "--epochs", 2, "--save_every", 2)
-    return output_dir
+def finished_run(tiny_finished_run):
+    """A finished run of 4 steps (1 epoch) on the tiny images: checkpoints of steps 2 and 4, backbone/ exported
+    (conftest's tiny_finished_run, which test_linear_eval and test_hub read too: only copies of it are changed)."""
+    return tiny_finished_run.run
 
 
 def copy_run(run, to, only=None):
@@ -454,7 +457,7 @@ def test_export_only_replaces_another_runs_backbone_only_with_overwrite(finished
     other = tmp_path / "other-run"
     pretrain.write_export(other / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
     before = (other / "backbone" / "model.safetensors").read_bytes()
-    argv = ["--resume", str(output_dir / "checkpoints" / "step-00000008"), "--export_only", "--output_dir", str(other)]
+    argv = ["--resume", str(output_dir / "checkpoints" / "step-00000004"), "--export_only", "--output_dir", str(other)]
     with pytest.raises(ValueError, match=f"--output_dir {other} already holds backbone/ of an earlier run, which this "
                                          "command would replace: give another --output_dir, or add --overwrite"):
         pretrain.main(argv)
@@ -634,11 +637,10 @@ def test_compiled_encoder_and_projector_give_the_eager_loss_gradients_and_parame
     assert list(state) == list(eager_state)  # checkpoints and exports keep their keys
 
 
-def test_a_run_prints_its_method_data_preset_encoder_size_batch_and_epochs_first(tiny_images, tmp_path, capsys):
-    tiny(tiny_images, "--output_dir", tmp_path, "--stop_after_steps", 1)
-    lines = capsys.readouterr().out.splitlines()
-    assert f"intl on {tiny_images} (no preset: the flags and their defaults): resnet18, 8 px, global batch 4, " \
-           "800 epochs" in lines[:3]
+def test_a_run_prints_its_method_data_preset_encoder_size_batch_and_epochs_first(tiny_finished_run):
+    lines = tiny_finished_run.stdout.splitlines()  # what conftest's tiny run printed (tiny_args, --epochs 1)
+    assert f"intl on {tiny_finished_run.images} (no preset: the flags and their defaults): resnet18, 8 px, global " \
+           "batch 4, 1 epoch" in lines[:3]
 
 
 def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about(monkeypatch):
