@@ -27,26 +27,9 @@ CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_siz
           "epochs_trained": 2}
 
 
-_BUILT = {}  # (seed, arch, stem) -> (state_dict, RNG state after building it); emptied after this module
-
-
 def backbone_weights(seed, arch="resnet18", stem="imagenet"):
-    """intl.build_backbone(arch, stem).state_dict() after torch.manual_seed(seed), and the global RNG left as that
-    leaves it. Each network is built once in this module (a ResNet-18's random initialisation takes ~0.1 s); every
-    call gets its own copy of the tensors."""
-    key = (seed, arch, stem)
-    if key not in _BUILT:
-        torch.manual_seed(seed)
-        _BUILT[key] = intl.build_backbone(arch, stem).state_dict(), torch.get_rng_state()
-    weights, rng_state = _BUILT[key]
-    torch.set_rng_state(rng_state)
-    return {k: v.clone() for k, v in weights.items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_built_backbones():
-    yield
-    _BUILT.clear()
+    torch.manual_seed(seed)
+    return intl.build_backbone(arch, stem).state_dict()
 
 
 def assert_same_weights(a, b):
