@@ -620,11 +620,14 @@ def main(*args):
 # `-m "not slow"` stays a quick loop.
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """A ResNet-18 C4 Faster R-CNN trained from random init for 150 iterations on synthetic shapes (96 px)."""
+    """A ResNet-18 C4 Faster R-CNN trained from random init for 250 iterations on synthetic shapes (96 px).
+
+    250, not fewer: seeds 1-6 gave AP50 79-85 after 250 iterations here, but 59-83 after 150, and 49.7 after 150 on
+    another CPU, whose kernels round differently (a change of CPU acts like a change of seed)."""
     torch.set_num_threads(1)  # a module fixture runs before the per-test ones
     root = write_voc(tmp_path_factory.mktemp("voc"), n_trainval=64, n_test=32)
     output_dir = tmp_path_factory.mktemp("learned")
-    main("--data_root", root, "--output_dir", output_dir, "--iterations", 150, "--lr", 0.02, "--lr_steps", 112,
+    main("--data_root", root, "--output_dir", output_dir, "--iterations", 250, "--lr", 0.02, "--lr_steps", 187,
          "--warmup_iters", 20, "--save_every", 1000)
     return root, output_dir, json.loads((output_dir / "results.json").read_text())
 
@@ -632,26 +635,26 @@ def learned(tmp_path_factory):
 @pytest.mark.slow
 def test_learns_synthetic_shapes_from_random_init_well_above_chance(learned):
     _, output_dir, results = learned
-    assert results["bbox"]["AP50"] > 50  # chance is ~0; measured 80.6 here
+    assert results["bbox"]["AP50"] > 40  # chance is ~0; 79-85 over six seeds (see `learned`)
     assert 0 < results["bbox"]["AP"] < results["bbox"]["AP50"]
-    assert results["iterations"] == 150 and results["precise_bn"] and results["test_images"] == 32
+    assert results["iterations"] == 250 and results["precise_bn"] and results["test_images"] == 32
     assert set(results["bbox"]["per_class_AP50"]) == set(SHAPES)
     log = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in log] == list(range(5, 151, 5))
+    assert [r["iteration"] for r in log] == list(range(5, 251, 5))
     # The RPN learns what is an object (the head losses rise at first, as the proposals get harder).
     assert np.mean([r["loss_objectness"] for r in log[-5:]]) < 0.5 * log[0]["loss_objectness"]
-    assert log[0]["lr"] == pytest.approx(0.02 * (0.001 * 0.8 + 0.2))  # the lr of iteration 4 (of 0..149), warming up
-    state = json.loads((output_dir / "checkpoints" / "step-00000150" / "trainer_state.json").read_text())
-    assert state["iteration"] == 150 and state["precise_bn_done"]
+    assert log[0]["lr"] == pytest.approx(0.02 * (0.001 * 0.8 + 0.2))  # the lr of iteration 4 (of 0..249), warming up
+    state = json.loads((output_dir / "checkpoints" / "step-00000250" / "trainer_state.json").read_text())
+    assert state["iteration"] == 250 and state["precise_bn_done"]
 
 
 @pytest.mark.slow
 def test_eval_only_on_the_final_checkpoint_reproduces_the_results(learned, tmp_path):
     root, output_dir, results = learned
-    dt.main(["--eval_only", "--resume", str(output_dir / "checkpoints" / "step-00000150"), "--data_root", str(root),
+    dt.main(["--eval_only", "--resume", str(output_dir / "checkpoints" / "step-00000250"), "--data_root", str(root),
              "--output_dir", str(tmp_path), "--num_workers", "0"])
     again = json.loads((tmp_path / "results.json").read_text())
-    assert again["bbox"] == results["bbox"] and again["iterations"] == 150 and again["precise_bn"]
+    assert again["bbox"] == results["bbox"] and again["iterations"] == 250 and again["precise_bn"]
 
 
 @pytest.mark.slow
