@@ -54,7 +54,6 @@ import torchvision
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from PIL import Image as PILImage
-from safetensors.torch import load_file
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -100,7 +99,7 @@ PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_
                "overwrite"}
 # What a training run writes into --output_dir: a new run there must not mix with, nor replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "results.json")
-# The valid range of every numeric flag (intl.check_ranges), checked before any work.
+# The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {"seed": "[0, 4294967295]", "train_sizes": "[1, inf)", "test_size": "[1, inf)", "max_size": "[1, inf)",
           "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)", "anchor_sizes": "[1, inf)",
           "rpn_pre_nms_train": "[1, inf)", "rpn_post_nms_train": "[1, inf)", "rpn_pre_nms_test": "[1, inf)",
@@ -294,7 +293,7 @@ def train(model, optimizer, train_records, plan, iterations, config, accelerator
         for epoch in range(iteration // per_epoch, math.ceil(stop_at / per_epoch)):
             sampler.set_epoch(epoch, start_batch=iteration - epoch * per_epoch)
             for images, targets, _ in loader:
-                intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
+                intl.stop_if_interrupted()
                 images, targets = to_device(images, targets, accelerator.device)
                 lr = learning_rate(iteration, plan)
                 for group in optimizer.param_groups:
@@ -370,7 +369,7 @@ def resolve_config(argv=None):
         raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir) to say what to evaluate")
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection")
-        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
         if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: OUTPUT_DIR/eval/step-N)
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
@@ -384,7 +383,7 @@ def resolve_config(argv=None):
 
 
 def check_config(config):
-    intl.check_ranges(config, RANGES)
+    intl.check_settings(vars(config), get_parser(), RANGES)
     if config.benchmark or config.print_config:
         return
     if config.output_dir is None:
@@ -444,11 +443,8 @@ def resume(config, accelerator, say):
 
 def load_evaluated_weights(model, checkpoint, resume_flag):
     """--eval_only: the checkpoint's weights into `model`, strictly and only if finite -> its trainer state."""
-    problem = intl.checkpoint_problem(checkpoint)
-    if problem:
-        raise ValueError(f"--resume {resume_flag}: {problem}; evaluate another checkpoint")
-    weights = load_file(checkpoint / "model.safetensors")
-    intl.check_finite(weights, f"the weights of {checkpoint}")
+    weights = intl.read_safetensors(checkpoint / "model.safetensors")
+    intl.check_weights(weights, f"the weights of {checkpoint}")
     model.load_state_dict(weights, strict=True)
     return intl.read_json(checkpoint / "trainer_state.json")
 
@@ -1201,12 +1197,4 @@ def benchmark(config, accelerator):
 
 
 if __name__ == "__main__":
-    intl.remember_ctrl_c()
-    try:
-        main()
-    except (ValueError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
-    except intl.UnreadableImageError as error:
-        sys.exit(f"error: {error.one_line()}")
-    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, exit status 130
-        intl.exit_interrupted(interrupt, "interrupted; if OUTPUT_DIR holds a checkpoint, continue with --resume latest")
+    intl.run(main, interrupted="interrupted; if OUTPUT_DIR holds a checkpoint, continue with --resume latest")

@@ -583,17 +583,15 @@ def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
 #   data                          load_image_split (digits, folders, save_to_disk, the Hub), ImageDataset
 #   features and kNN              extract_features, knn_classify (the papers' 5-NN)
 #   the loops                     epoch_order, sync_batchnorm, the JSON-lines logs
-#   configuration and flags       presets vs explicit flags, a resumed run keeps its settings, valid ranges
-#   nothing lost or half-written  atomic checkpoints and exports, a full disk, results never silently replaced
-#   resuming from a checkpoint    the newest intact one, and why the others were skipped
-#   Ctrl-C                        one line and exit status 130; a press Python discarded still stops the loop
+#   configuration and flags       presets vs explicit flags; one table checks flags and saved configurations
+#   nothing lost or half-written  one atomic write, one lock per output folder, results never silently replaced
+#   resuming from a checkpoint    the newest that loads; one check of loaded weights
+#   the error boundary            one line per error; Ctrl-C and SIGTERM: where it stopped, exit status 130
 #   loading a backbone            load_backbone: an export, a Hub id, a checkpoint or an official .pth.tar
 # =============================================================================
 
 import argparse
 import contextlib
-import errno
-import hashlib
 import io
 import json
 import logging
@@ -604,7 +602,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -662,18 +659,12 @@ def load_image_split(source, split, image_column=None, label_column=None, accele
     """One split ("train", "test", ...) of any source above -> ImageSplit; the columns are detected unless given.
 
     A missing split falls back to its aliases ("test" <-> "validation" / "val"). Raises ValueError naming the
-    available splits or columns, or saying why a folder or a Hub dataset cannot be used. With an `accelerator`
-    of several processes the main process loads first (it indexes a folder, or downloads and prepares a Hub
-    dataset) and the others then read what it cached; every process passes the same barriers, errors included.
+    available splits or columns, or saying why a folder or a Hub dataset cannot be used. With an `accelerator`,
+    its main process loads first (a Hub dataset is downloaded and prepared once) and the others then read the cache.
     """
-    if accelerator is not None and accelerator.num_processes > 1:
-        if not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-        try:
+    if accelerator is not None:
+        with accelerator.main_process_first():
             return load_image_split(source, split, image_column, label_column)
-        finally:
-            if accelerator.is_main_process:
-                accelerator.wait_for_everyone()
     if source is None or source == DIGITS_SOURCE:
         dataset, description = _load_digits_split(split), DIGITS_SOURCE
     else:
@@ -758,8 +749,7 @@ def _list_sub_dirs(path):
 def _load_image_folder_split(root, split):
     """A split of a folder of class sub-folders: every image file below ROOT/<class>/ (or ROOT/<split>/<class>/),
     at any depth, labelled by its class folder; the class indices are those of the sorted class names of all
-    splits, so they agree across splits even when a split lacks a class. The file list is cached
-    (`_image_folder_index`), so that later runs and the other processes of a run do not scan the folder again.
+    splits, so they agree across splits even when a split lacks a class.
     """
     import datasets as hf_datasets
 
@@ -791,46 +781,16 @@ def _load_image_folder_split(root, split):
 
 def _image_folder_index(split_root, class_names):
     """(image paths relative to split_root, their class indices), sorted, for the class folders that split_root has.
-
-    The list is kept in datasets' cache folder with the modification time of every folder it came from, and used
-    again while none of them changed (adding or removing a file changes its folder's time): a later run, and the
-    other processes of a run (`load_image_split` lets the main process go first), read one file instead of walking
-    the folders. Measured on 100,000 files in 1,000 class folders (2-core machine, local disk, the folders in the
-    OS's cache): the scan 0.56 s, the cached list 0.04 s, the whole split with its Dataset 1.2-1.35 s and
-    110 MiB; datasets' "imagefolder" builder took 57 s and 29 s (cached) for the same. For ImageNet's 1.28 M
-    files that is about 7 s to scan, 16 s and 1.4 GiB for the split, and a 42 MB list.
-    """
-    import datasets as hf_datasets
-
-    key = hashlib.sha1(os.path.realpath(split_root).encode()).hexdigest()[:20]
-    cache = Path(hf_datasets.config.HF_DATASETS_CACHE) / "intl-image-folders" / f"{key}.json"
-    try:
-        saved = json.loads(cache.read_text())
-        if saved["classes"] == class_names and all(
-                os.stat(os.path.join(split_root, d)).st_mtime_ns == t for d, t in saved["folders"].items()):
-            return saved["files"], saved["labels"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no usable cache: scan
+    The scan takes about 0.6 s per 100,000 files."""
     extensions = {e.lower() for e in PILImage.registered_extensions()}
-    files, labels, folders = [], [], {".": os.stat(split_root).st_mtime_ns}
+    files, labels = [], []
     for label, name in enumerate(class_names):
         for folder, sub_folders, names in os.walk(os.path.join(split_root, name)):
             sub_folders[:] = sorted(d for d in sub_folders if not d.startswith("."))
             relative = os.path.relpath(folder, split_root)
-            folders[relative] = os.stat(folder).st_mtime_ns
-            for file in sorted(names):
-                if not file.startswith(".") and os.path.splitext(file)[1].lower() in extensions:
-                    files.append(os.path.join(relative, file))
-                    labels.append(label)
-    print(f"indexed {len(files)} images in {split_root} (the list is cached for later runs and other processes)")
-    try:  # written to a temporary file and renamed: a reader never sees half of it
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"root": os.path.realpath(split_root), "classes": class_names, "folders": folders,
-                                   "files": files, "labels": labels}))
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only cache folder: the next run scans again
+            files += [os.path.join(relative, f) for f in sorted(names)
+                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
+            labels += [label] * (len(files) - len(labels))
     return files, labels
 
 
@@ -936,9 +896,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, index, before_decode=None):
-        """before_decode(handle) may look at the opened, not yet decoded image (its size) and set up a reduced-size
-        decode (JPEG draft mode)."""
+    def __getitem__(self, index):
         row = self.rows[int(index)]
         value = row[self.image_column] or {}  # undecoded: {"bytes", "path"}
         path, data = value.get("path"), value.get("bytes")
@@ -949,8 +907,6 @@ class ImageDataset(torch.utils.data.Dataset):
                 handle = PILImage.open(path)
             else:
                 raise ValueError("the entry has neither bytes nor a path")
-            if before_decode is not None:
-                before_decode(handle)
             with handle:
                 image = to_rgb(handle)  # forces the full decode, so truncation shows up here
         except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
@@ -1168,69 +1124,47 @@ def explicit_flags(parser, argv):
     return set(vars(parser.parse_args(argv)))
 
 
-def keep_resumed_config(config, explicit, checkpoint, run_control, per_command=()):
-    """A resumed run takes the configuration saved in `checkpoint`.
+def check_settings(settings, parser, ranges, where="--"):
+    """Refuse any setting that its flag would not accept: one table, the parser's types and choices and `ranges`
+    ({flag: interval written as in maths, "[1, inf)", "(0, 1]"}), checks the flags (where="--": "--lr -1.0: must be
+    greater than 0") and every saved configuration (where=a file: "FILE: lr is -1.0, must be greater than 0").
 
-    Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...) may differ from it. A
-    run-control flag not given again keeps the run's saved value, not the default: a run started with --log_every 1
-    and resumed without it still logs every step. `per_command` flags say what this one command does (--output_dir,
-    --stop_after_steps, ...) and are never taken from the checkpoint.
-    """
-    state_file = Path(checkpoint) / "trainer_state.json"
-    state = read_json(state_file)
-    saved = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged; "
-                         "resume from another checkpoint")
-    for key, value in saved.items():
-        current = getattr(config, key, None)
-        if key not in per_command and not _same_kind(value, current):
-            raise ValueError(f"{state_file}: the configuration has {key} = {value!r}, but {key} takes values like "
-                             f"{current!r}: the file is damaged; resume from another checkpoint")
-    changed = changed_settings(saved, {k: getattr(config, k) for k in explicit if k not in run_control})
-    if changed:
-        raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
-                         "configuration: drop the flag or start a new run in another --output_dir")
-    for key, value in saved.items():
-        if key not in per_command and not (key in run_control and key in explicit):
-            setattr(config, key, value)
-
-
-def changed_settings(saved, current):
-    """The keys of `current` whose values differ from those `saved` in a checkpoint's JSON (compared as JSON, so
-    that a tuple equals its saved list): a resumed run or evaluation keeps its settings."""
-    return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
-
-
-def _same_kind(saved, current):
-    """Whether a value read from a file can stand for a flag whose value is now `current` (None: anything)."""
-    if saved is None or current is None:
-        return True
-    if isinstance(current, bool) or isinstance(saved, bool):
-        return isinstance(current, bool) and isinstance(saved, bool)
-    if isinstance(current, (int, float)):
-        return isinstance(saved, (int, float))
-    if isinstance(current, (list, tuple)):
-        return isinstance(saved, list)
-    return isinstance(saved, type(current))
-
-
-def check_ranges(config, ranges):
-    """Refuse any numeric flag outside its valid range, naming the flag and the range: "--lr -1.0: must be greater
-    than 0".
-
-    ranges: {flag: interval}, the interval written as in maths: "[1, inf)", "(0, inf)", "[0, 1]", "(-inf, inf)" (any
-    finite number). A flag at None (not set) passes; every value of a multi-value flag is checked; NaN lies in no
-    interval.
-    """
-    for flag, interval in ranges.items():
-        value = getattr(config, flag, None)
-        several = isinstance(value, (list, tuple))
-        values = list(value) if several else [value]
-        if all(v is None or _in_interval(v, interval) for v in values):
+    Settings without a flag, and None (not set), pass; every value of a multi-value flag is checked; NaN lies in no
+    interval."""
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in settings.items():
+        action = actions.get(key)
+        if action is None or value is None:
             continue
-        shown = " ".join(map(str, values)) if several else repr(value) if isinstance(value, str) else value
-        raise ValueError(f"--{flag} {shown}: {'each value ' if several else ''}must be {_describe_interval(interval)}")
+        problem = _setting_problem(action, value, ranges.get(key))
+        if problem:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise ValueError(f"--{key} {shown}: {problem}" if where == "--" else
+                             f"{where}: {key} is {value!r}, {problem}; the file is damaged or was edited: repair it "
+                             "or use another one")
+
+
+def _setting_problem(action, value, interval):
+    several = action.nargs in ("*", "+") or isinstance(action.nargs, int) and action.nargs > 0
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)) != several:
+        return "must be a list of values" if several else "must be a single value"
+    if isinstance(action.nargs, int) and several and len(values) != action.nargs:
+        return f"must be {action.nargs} values"
+    boolean = isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction)
+    for v in values:
+        if boolean and not isinstance(v, bool):
+            return "must be true or false"
+        if action.type in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                action.type is int and v != int(v))):
+            return f"must be {'an integer' if action.type is int else 'a number'}"
+        if action.type is str and not isinstance(v, str):
+            return "must be a string"
+        if action.choices is not None and v not in action.choices:
+            return f"must be one of {', '.join(map(str, action.choices))}"
+        if interval and not _in_interval(v, interval):
+            return f"{'each value ' if several else ''}must be {_describe_interval(interval)}"
+    return None
 
 
 def _parse_interval(interval):
@@ -1255,97 +1189,71 @@ def _describe_interval(interval):
     return f"in {interval}"
 
 
-def slow_precision_warning(accelerator):
-    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None.
+def keep_resumed_config(config, explicit, checkpoint, run_control, per_command, parser, ranges):
+    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table
+    (`check_settings`).
 
-    There autocast emulates bf16: a ResNet-18 training step measured 67x slower than in float32 on this project's
-    2-core machine (335 s against 5 s for the same 6 steps)."""
+    Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...) may differ from it. A
+    run-control flag not given again keeps the run's saved value, not the default: a run started with --log_every 1
+    and resumed without it still logs every step. `per_command` flags say what this one command does (--output_dir,
+    --stop_after_steps, ...) and are never taken from the checkpoint.
+    """
+    state_file = Path(checkpoint) / "trainer_state.json"
+    state = read_json(state_file)
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged; "
+                         "resume from another checkpoint")
+    check_settings({k: v for k, v in saved.items() if k not in per_command}, parser, ranges, state_file)
+    changed = changed_settings(saved, {k: getattr(config, k) for k in explicit if k not in run_control})
+    if changed:
+        raise ValueError(f"--{changed[0]} differs from the checkpoint's configuration; a resumed run keeps its "
+                         "configuration: drop the flag or start a new run in another --output_dir")
+    for key, value in saved.items():
+        if key not in per_command and not (key in run_control and key in explicit):
+            setattr(config, key, value)
+
+
+def changed_settings(saved, current):
+    """The keys of `current` whose values differ from those `saved` in a checkpoint's JSON (compared as JSON, so
+    that a tuple equals its saved list): a resumed run or evaluation keeps its settings."""
+    return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
+
+
+def slow_precision_warning(accelerator):
+    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None:
+    there autocast emulates bf16, many times slower than float32."""
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not (
             torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return ("warning: --mixed_precision bf16 on a CPU without bf16 arithmetic (AVX512-BF16 or AMX) is emulated "
-                "and runs many times slower than float32 (67x measured): use --mixed_precision no on this machine")
+                "and runs many times slower than float32: use --mixed_precision no on this machine")
     return None
 
 
 # ----------------------------------------------------------------------------- nothing lost or half-written
-
-
-def save_state_atomically(accelerator, folder, state_file, state, keep):
-    """accelerator.save_state into a hidden sibling of `folder`, plus `state_file` (JSON), then a rename.
-
-    An interrupted save leaves every earlier checkpoint intact (and its hidden folder, which
-    `remove_interrupted_saves` deletes at the next start). Afterwards only the newest `keep` siblings named like
-    `folder` ("step-*" next to "step-00000100") up to `folder` remain; newer ones (checkpoints a resume skipped as
-    damaged, see `load_checkpoint`) are left alone until a save replaces them. Every process calls this.
-    """
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)  # before the barrier: every process writes its own RNG state into it
-    accelerator.wait_for_everyone()
-    earlier = sorted(p.name for p in folder.parent.glob(f"{folder.name.split('-')[0]}-*"))
-    intact = f"the earlier checkpoints ({', '.join(earlier)}) are intact" if earlier else "no checkpoint was saved yet"
-    with removed_if_the_disk_fills(tmp, f"the checkpoint {folder}", intact, main=accelerator.is_main_process):
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # save_state returns per process: the rename must wait for the slowest one
-        if accelerator.is_main_process:
-            (tmp / state_file).write_text(json.dumps(state, indent=2))
-    if accelerator.is_main_process:
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        prefix = folder.name.split("-")[0]
-        for old in sorted(p for p in folder.parent.glob(f"{prefix}-*") if p.name <= folder.name)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return folder
-
-
-@contextlib.contextmanager
-def removed_if_the_disk_fills(tmp, what, intact, main=True):
-    """Run a save into the temporary folder `tmp`. If it fails, `tmp` goes (by the main process); if it failed
-    because the disk is full, one ValueError says so, naming what was being written and what is `intact`.
-
-    A full disk does not always say so: safetensors reports "(os error 28)" inside its own error and torch.save
-    a bare "unexpected pos" RuntimeError, so the free space right after the failure decides as well.
-    """
-    try:
-        yield
-    except Exception as error:
-        full = (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(error)
-                or "No space left" in str(error) or _free_bytes(tmp) < 16 * 2**20)
-        if main and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise ValueError(f"no space left on the device while writing {what} ({_first_line(error)}); the partial "
-                             f"copy was removed and {intact}. Free some space, then run the "
-                             "command again (with --resume latest to continue a training run)") from None
-        raise
-
-
-def _free_bytes(path):
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
+#
+# Every file and folder is written under a temporary name and renamed into place (`replacing`), so a crash, a full
+# disk or a kill leaves the old version or the new one, never half of one. One run per output folder
+# (`lock_output_dir`); results of an earlier run are replaced only with --overwrite.
 
 
 @contextlib.contextmanager
 def replacing(path):
-    """Yields a temporary path next to `path` to write the new file to; when the block ends without an error, one
-    os.replace puts it in place. A reader, or a crash, sees the old file or the new one, never half of one; on an
-    error the old file stays and the temporary one is removed."""
+    """Yields a temporary path next to `path` to write the new file or folder to; when the block ends without an
+    error, a rename puts it in place (an old folder is renamed away first, then deleted). On an error the old
+    version stays and the temporary one is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savefig picks the format from it
+    old = path.with_name(f".old-{os.getpid()}-{path.name}")
     try:
         yield tmp
+        if tmp.is_dir() and path.is_dir():
+            os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
 def write_text_atomically(path, text):
@@ -1366,6 +1274,32 @@ def read_json(path):
                          "the file is damaged or was not written by this project") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read {path}: {error}") from None
+
+
+_held_locks = []
+
+
+def lock_output_dir(output_dir):
+    """One run per output folder: an exclusive lock on OUTPUT_DIR/.lock, held until this process ends (the
+    operating system releases it even after kill -9). A second run on the folder is refused at once, naming the
+    process that holds it. Call it from the main process, before anything in the folder is read or changed."""
+    import fcntl  # POSIX; the clusters and machines this runs on
+
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ValueError(f"{path} is in use by another run (process {holder}): wait for it to end, or give another "
+                         "--output_dir") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks.append(handle)
 
 
 def check_output_dir(path, flag="--output_dir"):
@@ -1410,32 +1344,23 @@ def refuse_to_replace(output_dir, names, overwrite, advice=""):
     return found
 
 
-def remove_results(output_dir, names):
-    """Delete the entries `names` of output_dir (what --overwrite replaces)."""
-    for name in names:
-        path = Path(output_dir) / name.rstrip("/")
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def remove_interrupted_saves(folder):
-    """Delete the hidden .tmp-* folders that interrupted saves left in `folder` (save_state_atomically writes into
-    one and renames it at the end; a save cut short leaves ~90 MB behind). Returns their names."""
+def remove_leftovers(folder):
+    """Delete the hidden .tmp-* / .old-* entries that interrupted writes left in `folder`. Returns their names."""
     removed = []
-    for leftover in sorted(Path(folder).glob(".tmp-*")):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-            removed.append(leftover.name)
+    for leftover in sorted([*Path(folder).glob(".tmp-*"), *Path(folder).glob(".old-*")]):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        removed.append(leftover.name)
     return removed
 
 
 def prepare_output_dir(output_dir, results, overwrite, checkpoint, accelerator, say):
-    """Before a training run's first step: what an earlier run left in output_dir (those of `results`) is refused,
-    or deleted with --overwrite, unless this run continues from that folder's own `checkpoint` (None: a new run);
-    the folders of interrupted checkpoint saves are removed. Every process calls this; say() prints on the main one."""
+    """Before a training run's first step: lock output_dir (`lock_output_dir`); what an earlier run left there
+    (those of `results`) is refused, or deleted with --overwrite, unless this run continues from that folder's own
+    `checkpoint` (None: a new run); what interrupted saves left is removed. Every process calls this; say() prints
+    on the main one."""
     output_dir = Path(output_dir)
+    if accelerator.is_main_process:
+        lock_output_dir(output_dir)
     if not (checkpoint and Path(checkpoint).resolve().parent == (output_dir / "checkpoints").resolve()):
         found = existing_results(output_dir, results)
         if "checkpoints/" in found and not overwrite:
@@ -1443,19 +1368,40 @@ def prepare_output_dir(output_dir, results, overwrite, checkpoint, accelerator, 
                              "or give another --output_dir (or add --overwrite to replace that run)")
         refuse_to_replace(output_dir, results, overwrite, " (or continue the earlier run with --resume latest)")
         if found and accelerator.is_main_process:
-            remove_results(output_dir, found)
+            for name in found:
+                shutil.rmtree(output_dir / name) if name.endswith("/") else (output_dir / name).unlink()
             say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
     if accelerator.is_main_process:
-        for name in remove_interrupted_saves(output_dir / "checkpoints"):
+        for name in remove_leftovers(output_dir / "checkpoints"):
             say(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
     accelerator.wait_for_everyone()
 
 
-def interrupted_message(where, checkpoint):
-    """The one line Ctrl-C prints in a training loop: where it stopped ("step 12") and how to continue."""
-    if checkpoint is None:
-        return f"interrupted at {where}, before the first checkpoint: nothing to resume; start the run again"
-    return f"interrupted at {where}; continue with --resume latest (from the last checkpoint, {Path(checkpoint).name})"
+def save_state_atomically(accelerator, folder, state_file, state, keep):
+    """accelerator.save_state into a hidden sibling of `folder`, plus `state_file` (JSON), then a rename: an
+    interrupted save leaves every earlier checkpoint intact. Afterwards only the newest `keep` siblings named like
+    `folder` ("step-*" next to "step-00000100") up to `folder` remain. Every process calls this."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")  # one name for all processes: each writes its RNG state into it
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # save_state returns per process: the rename must wait for the slowest one
+        if accelerator.is_main_process:
+            (tmp / state_file).write_text(json.dumps(state, indent=2))
+            with replacing(folder) as new:
+                os.replace(tmp, new)
+            prefix = folder.name.split("-")[0]
+            for old in sorted(p for p in folder.parent.glob(f"{prefix}-*") if p.name <= folder.name)[:-keep]:
+                shutil.rmtree(old)
+    finally:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
 
 
 # ----------------------------------------------------------------------------- resuming from a checkpoint
@@ -1473,21 +1419,14 @@ def _saved_checkpoints(output_dir):
 
 
 def find_checkpoint(resume, output_dir, kind=""):
-    """--resume: "latest" in output_dir, or a checkpoint folder (`kind` names it in the error, e.g. "detection").
-
-    "latest" is the newest checkpoint whose files are intact (`checkpoint_problem`); `load_checkpoint` says which
-    newer ones it passes over and why.
-    """
+    """--resume: "latest" (the newest checkpoint in output_dir) or a checkpoint folder (`kind` names it in the
+    error, e.g. "detection")."""
     if resume == "latest":
         saved = _saved_checkpoints(output_dir or ".")
         if not saved:
             raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
                              "give a checkpoint folder or start without --resume")
-        for checkpoint in saved:
-            if checkpoint_problem(checkpoint) is None:
-                return checkpoint
-        raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints is intact (the newest, "
-                         f"{saved[0].name}: {checkpoint_problem(saved[0])}); start without --resume")
+        return saved[0]
     checkpoint = Path(resume)
     if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
         raise ValueError(f"--resume {resume}: not a {kind + ' ' if kind else ''}checkpoint folder (it needs "
@@ -1499,25 +1438,26 @@ def find_checkpoint(resume, output_dir, kind=""):
 def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, say=print):
     """--resume: load a checkpoint into the objects prepared by `accelerator`; returns (folder, trainer_state).
 
-    "latest" takes the newest checkpoint that loads, and says which newer ones it skipped and why (a truncated file,
-    invalid JSON, ...). An explicit folder that does not load is an error naming the broken file. check_state(folder,
-    state) may refuse the run's state itself (another number of processes, ...): that holds for every checkpoint of
-    the run, so it is an error, not a reason to skip.
+    "latest" takes the newest checkpoint that loads and says which newer ones it skipped and why; an explicit folder
+    that does not load is an error. check_state(folder, state) may refuse the run's state itself (another number
+    of processes, ...): that holds for every checkpoint of the run, so it is an error, not a reason to skip.
     """
     candidates = _saved_checkpoints(output_dir or ".") if resume == "latest" else []
-    if not candidates:
-        candidates = [find_checkpoint(resume, output_dir, kind)]  # an explicit folder, or the no-checkpoint error
-    for checkpoint in candidates:
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
+    for checkpoint in candidates or [find_checkpoint(resume, output_dir, kind)]:
+        try:
             state = read_json(checkpoint / "trainer_state.json")
+            if not isinstance(state, dict):
+                raise ValueError(f"{checkpoint / 'trainer_state.json'} is not a JSON object")
+        except ValueError as error:
+            problem = error
+        else:
             if check_state is not None:
                 check_state(checkpoint, state)
             try:
                 load_state(accelerator, checkpoint)
                 return checkpoint, state
             except ValueError as error:
-                problem = str(error)
+                problem = error
         if resume != "latest":
             raise ValueError(f"--resume {resume}: {problem}; resume from another checkpoint (--resume latest skips "
                              "damaged ones)")
@@ -1526,138 +1466,102 @@ def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, 
                      "start without --resume")
 
 
-def load_state(accelerator, checkpoint, state_file="trainer_state.json"):
-    """accelerator.load_state(checkpoint); a file that does not load is a ValueError naming it and saying why."""
+def load_state(accelerator, checkpoint):
+    """accelerator.load_state(checkpoint) after `check_weights` on its weights; a file that does not load is a
+    ValueError: "FILE could not be read: <the library's own message>"."""
+    checkpoint = Path(checkpoint)
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        check_weights(read_safetensors(path), path)
     try:
         accelerator.load_state(str(checkpoint))
-    except Exception as error:  # safetensors, torch.load and pickle raise many types on a damaged file
-        raise ValueError(_load_problem(Path(checkpoint), state_file, error)) from None
+    except Exception as error:  # torch.load and pickle raise many types on a damaged file
+        raise unreadable(checkpoint, error) from None
 
 
-def _load_problem(checkpoint, state_file, error):
-    problem = checkpoint_problem(checkpoint, state_file)
-    if problem is not None:
-        return problem
-    from accelerate.utils import load as accelerate_load  # torch.load as load_state calls it (weights_only=True)
-
-    for path in sorted(checkpoint.glob("*.bin")) + sorted(checkpoint.glob("*.pkl")):
-        try:
-            accelerate_load(path, map_location="cpu")
-        except Exception as file_error:  # noqa: BLE001 - described, not swallowed
-            return f"{path.name} {torch_load_problem(file_error)}"
-    return f"it does not fit this run ({_first_line(error)})"
-
-
-def checkpoint_problem(folder, state_file="trainer_state.json"):
-    """Why a checkpoint folder cannot be resumed from, found without loading it; None when it looks intact.
-
-    The state file must be a JSON object, model.safetensors must be there, every .safetensors file must be as long as
-    its header says, and every torch.save archive (.bin, .pkl, .pt) must end with its central directory (a truncated
-    file does not). Every process finds the same answer, so all of them pick the same checkpoint.
-    """
-    folder = Path(folder)
+def read_safetensors(path):
+    """A .safetensors file -> its tensors; "FILE could not be read: <the library's message>" when it does not load."""
     try:
-        state = read_json(folder / state_file)
-    except ValueError as error:
-        return str(error)
-    if not isinstance(state, dict):
-        return f"{state_file} is not a JSON object"
-    if not (folder / "model.safetensors").is_file():
-        return "model.safetensors is missing"
-    for path in sorted(folder.iterdir()):
-        if path.suffix == ".safetensors":
-            problem = _safetensors_problem(path)
-        elif path.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(path):
-            problem = f"{path.name} is truncated or damaged (not a complete torch.save archive)"
-        else:
-            problem = None
-        if problem:
-            return problem
-    return None
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise unreadable(path, error) from None
 
 
-def _safetensors_problem(path):
-    """A .safetensors file is 8 bytes of header length, the JSON header, then exactly the bytes the header lists."""
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + header_size > size:
-                return f"{path.name} is truncated (its {size} bytes end inside the header)"
-            header = json.loads(f.read(header_size))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
-        return f"{path.name} is not a readable safetensors file ({type(error).__name__}: {error})"
-    expected = 8 + header_size + end
-    if size < expected:
-        return f"{path.name} is truncated (the file has {size} bytes, its header announces {expected})"
-    if size > expected:
-        return f"{path.name} is damaged (the file has {size} bytes, its header announces {expected})"
-    return None
+def unreadable(path, error):
+    """The one error for a file that does not load: "FILE could not be read: <the library's own message>", except
+    that a refused pickle never suggests weights_only=False (as torch's message does): that runs what the file holds."""
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+        why = "it holds Python objects that torch.load(weights_only=True) refuses (only tensors and containers load)"
+    else:
+        lines = str(error).strip().splitlines()
+        why = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return ValueError(f"{path} could not be read: {why}")
 
 
-def torch_load_problem(error):
-    """What a torch.load failure means, in words that do not suggest weights_only=False."""
-    text = str(error)
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if refused:
-        return (f"holds a Python object ({refused.group(1)}) that torch.load(weights_only=True) does not load: "
-                "only checkpoints of tensors and plain containers are loaded")
-    if "central directory" in text or isinstance(error, EOFError):
-        return "is truncated or damaged (not a complete torch.save archive)"
-    if isinstance(error, pickle.UnpicklingError) or "WeightsUnpickler" in text:
-        return "is not a PyTorch checkpoint (torch.load does not recognise its contents)"
-    return f"cannot be loaded ({type(error).__name__}: {_first_line(error)})"
+def check_weights(weights, where):
+    """The one check of loaded weights, whatever their source: floating-point tensors (integer ones only as
+    BatchNorm's batch counters), finite values, BatchNorm running variances >= 0. A network that fails it would
+    compute NaN or chance without any error (a diverged run, a damaged or converted file)."""
+    for key, value in weights.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"{where}: {key!r} is not a tensor")
+        if not value.is_floating_point():
+            if key.endswith("num_batches_tracked") and not value.dtype == torch.bool:
+                continue
+            raise ValueError(f"{where}: tensor {key!r} is {value.dtype}, not floating point: these are not the weights "
+                             "of a network this project trained (a quantised or damaged file)")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where}: tensor {key!r} holds {int((~torch.isfinite(value)).sum())} NaN / Inf value(s): "
+                             "these weights are broken (a diverged run or a damaged file); use an earlier checkpoint")
+        if key.endswith("running_var") and (value < 0).any():
+            raise ValueError(f"{where}: tensor {key!r} holds negative variances: the file is damaged")
 
 
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def check_finite(weights, where):
-    """Refuse weights holding NaN or Inf, naming the first such tensor: a network with them evaluates to chance
-    without any error (a diverged run, a damaged file)."""
-    bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        count = int((~torch.isfinite(weights[bad[0]])).sum())
-        raise ValueError(f"{where}: tensor {bad[0]!r} holds {count} NaN / Inf value(s) ({len(bad)} tensor(s) are "
-                         "not finite): these weights are broken (a diverged run or a damaged file); use an earlier "
-                         "checkpoint")
-
-
-# ----------------------------------------------------------------------------- Ctrl-C
+# ----------------------------------------------------------------------------- the error boundary, Ctrl-C and SIGTERM
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with the one line that says where the run stopped and how to continue."""
+    """Ctrl-C or SIGTERM, with the one line that says where the run stopped and how to continue."""
 
 
-_ctrl_c_pressed = False
+_stop_requested = False
 
 
-def remember_ctrl_c():
-    """Ctrl-C raises KeyboardInterrupt as always, and is also remembered for `stop_if_ctrl_c`. Python discards an
-    exception raised inside a finaliser (a __del__, a garbage-collection callback), so a Ctrl-C that arrives while
-    one runs would otherwise be lost and the training would go on. Call it once, from the main thread."""
-    def handler(signum, frame):
-        global _ctrl_c_pressed
-        _ctrl_c_pressed = True
-        signal.default_int_handler(signum, frame)
-    signal.signal(signal.SIGINT, handler)
+def _on_stop_signal(signum, frame):
+    global _stop_requested
+    _stop_requested = True
+    signal.default_int_handler(signum, frame)
 
 
-def stop_if_ctrl_c():
-    """In a training loop, once per step: raise KeyboardInterrupt if Ctrl-C was pressed (see `remember_ctrl_c`)."""
-    if _ctrl_c_pressed:
+def stop_if_interrupted():
+    """In a training loop, once per step: raise KeyboardInterrupt if Ctrl-C or SIGTERM came. Python discards an
+    exception raised inside a finaliser (a __del__, a garbage-collection callback), so a signal that arrives while
+    one runs would otherwise be lost and the training would go on."""
+    if _stop_requested:
         raise KeyboardInterrupt
 
 
-def exit_interrupted(interrupt, otherwise="interrupted"):
-    """The scripts' answer to Ctrl-C: one line on stderr (the `Interrupted` message, else `otherwise`), no
-    traceback, exit status 130 (128 + SIGINT, as a shell reports a command it interrupted)."""
-    print(str(interrupt) or otherwise, file=sys.stderr)
-    sys.exit(130)
+def interrupted_message(where, checkpoint):
+    """The one line an interrupted training loop prints: where it stopped ("step 12") and how to continue."""
+    if checkpoint is None:
+        return f"interrupted at {where}, before the first checkpoint: nothing to resume; start the run again"
+    return f"interrupted at {where}; continue with --resume latest (from the last checkpoint, {Path(checkpoint).name})"
+
+
+def run(main, argv=None, interrupted="interrupted"):
+    """The error boundary of each script: main(argv) with Ctrl-C and SIGTERM (what a cluster's scheduler sends)
+    raising KeyboardInterrupt. Our readers' errors (ValueError, naming the file and the field; an OSError names its
+    file) end as one line "error: ..." and exit status 1; an interruption as its `Interrupted` line (else
+    `interrupted`) and exit status 130, as a shell reports a command it interrupted."""
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    try:
+        main(argv)
+    except (ValueError, OSError, FloatingPointError, SafetensorError) as error:
+        text = error.one_line() if isinstance(error, UnreadableImageError) else str(error)
+        sys.exit(f"error: {text}")
+    except KeyboardInterrupt as interrupt:
+        print(str(interrupt) or interrupted, file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- loading a backbone from anywhere
@@ -1711,7 +1615,7 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
         elif (path / "model.safetensors").is_file():  # an export; its config.json is optional
             config_file = path / "config.json"
             config = read_json(config_file) if config_file.is_file() else {}
-            weights = _read_safetensors(path / "model.safetensors")
+            weights = read_safetensors(path / "model.safetensors")
         else:
             raise ValueError(f"{source} is a folder but neither an export (model.safetensors + config.json) nor a "
                              "pretrain checkpoint (model.safetensors + trainer_state.json)")
@@ -1719,7 +1623,7 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
         config_file = path
         if path.suffix == ".safetensors":  # an export's weights alone: the config.json beside them, if there
             beside = path.with_name("config.json")
-            weights, config = _read_safetensors(path), read_json(beside) if beside.is_file() else {}
+            weights, config = read_safetensors(path), read_json(beside) if beside.is_file() else {}
             config_file = beside if beside.is_file() else path
         else:
             weights, config = _read_official_checkpoint(path)
@@ -1732,15 +1636,9 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
         config_file = f"config.json of Hub model {source!r}"
     if not isinstance(config, dict):
         raise ValueError(f"{config_file} is not a JSON object: the backbone's configuration is damaged")
-    check_finite(weights, f"the weights of {source}")
-    return weights, _complete_config(config, weights, arch, source, stem, config_file)
-
-
-def _read_safetensors(path):
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"cannot read {path} as safetensors: {error}") from None
+    check_weights(weights, f"the weights of {source}")
+    check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, config_file)
+    return weights, _complete_config(config, weights, arch, stem, source)
 
 
 # What an export records of the pretraining run that made it.
@@ -1755,12 +1653,12 @@ RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bi
 def _read_pretrain_checkpoint(folder):
     """pretrain.py's checkpoint: keys backbone.* / projector.* / target.*, the run's config in trainer_state.json."""
     state = read_json(folder / "trainer_state.json")
-    weights = _strip_prefix(_read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
+    weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
     train = state.get("config", {}) if isinstance(state, dict) else None
     if not isinstance(train, dict):
         raise ValueError(f"{folder / 'trainer_state.json'} holds no 'config' object: it is damaged or was not "
                          "written by pretrain.py")
-    config = {key: train[key] for key in ("arch", "stem", "cifar_stem", "image_size", "method", "preset", "dataset",
+    config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset",
                                           "split", "projector", "iters", "axis") if key in train}
     dataset = config.get("dataset")
     if isinstance(dataset, str) and (looks_like_path(dataset) or os.path.exists(dataset)):
@@ -1784,10 +1682,8 @@ def _read_official_checkpoint(path):
     (INTL) or "module.model.*" (CW-RGP)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
-        # Never suggest weights_only=False (as torch's own message does): that runs whatever the file holds.
-        raise ValueError(f"{path} {torch_load_problem(error)}; give an official INTL / CW-RGP .pth.tar, a pretrain "
-                         "checkpoint folder, an export folder or a .safetensors file") from None
+    except Exception as error:  # torch.load and pickle raise many types on a damaged file
+        raise unreadable(path, error) from None
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError(f"{path} holds no state_dict of tensors (expected a dict with a 'state_dict' entry, "
@@ -1813,21 +1709,16 @@ def _strip_prefix(state_dict, prefixes, where):
                      f"(first keys: {shown or 'none'})")
 
 
-# What a backbone's config must hold where it says anything, checked so that a damaged config.json cannot turn into
-# a deep traceback (or a silently wrong evaluation) later.
-_CONFIG_TYPES = {
-    "arch": (lambda v: v in RESNETS, f"one of {', '.join(RESNETS)}"),
-    "stem": (lambda v: v in STEMS, f"one of {', '.join(STEMS)}"),
-    "cifar_stem": (lambda v: isinstance(v, bool), "true or false"),
-    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer (pixels)"),
-    "mean": (lambda v: _finite_numbers(v, 3), "3 finite numbers (RGB)"),
-    "std": (lambda v: _finite_numbers(v, 3) and min(v) > 0, "3 positive numbers (RGB)"),
-}
-
-
-def _finite_numbers(value, count):
-    return isinstance(value, (list, tuple)) and len(value) == count and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+# What a backbone's config.json may say, checked as the flags that set it are (`check_settings`): a damaged file
+# cannot turn into a deep traceback, or a silently wrong evaluation, later.
+BACKBONE_SETTINGS = argparse.ArgumentParser(add_help=False)
+BACKBONE_SETTINGS.add_argument("--arch", type=str, choices=RESNETS)
+BACKBONE_SETTINGS.add_argument("--stem", type=str, choices=list(STEMS))
+BACKBONE_SETTINGS.add_argument("--image_size", type=int)
+BACKBONE_SETTINGS.add_argument("--eval_resize", type=int)
+BACKBONE_SETTINGS.add_argument("--mean", type=float, nargs=3)
+BACKBONE_SETTINGS.add_argument("--std", type=float, nargs=3)
+BACKBONE_RANGES = {"image_size": "[1, inf)", "eval_resize": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)"}
 
 
 def _has_small_image_conv1(weights):
@@ -1835,30 +1726,20 @@ def _has_small_image_conv1(weights):
     return conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3)
 
 
-def _complete_config(config, weights, arch, source, stem=None, config_file=None):
+def _complete_config(config, weights, arch, stem, source):
     """Fill in arch, stem, input size and normalisation; the weights decide what the config does not say.
 
-    The stem: `stem` if given, else the config's; a config of this project's first exports has only
-    "cifar_stem", which meant 3x3 stride 1 padding 1 without max-pool ("cifar-unpadded"). Weights with a
-    7x7 conv1 have the ImageNet stem; a 3x3 conv1 that nothing names is read as INTL's CIFAR network.
+    The stem: `stem` if given, else the config's; weights with a 7x7 conv1 have the ImageNet stem, a 3x3 conv1 that
+    nothing names is read as INTL's CIFAR network.
     """
-    for key, (valid, expected) in _CONFIG_TYPES.items():
-        if key in config and not (key == "arch" and arch is not None) and not valid(config[key]):
-            raise ValueError(f"{config_file or source}: {key} is {config[key]!r}, expected {expected}; the file is "
-                             "damaged: repair it, or export the backbone again")
+    check_settings({"arch": arch, "stem": stem}, BACKBONE_SETTINGS, {})
     config = dict(config)
-    legacy = config.pop("cifar_stem", None)
     if stem is not None:
-        if stem not in STEMS:
-            raise ValueError(f"unknown --stem {stem!r}: choose one of {', '.join(STEMS)}")
         config["stem"] = stem
     elif "stem" not in config:
-        small = _has_small_image_conv1(weights) if legacy is None else legacy
-        config["stem"] = ("cifar" if legacy is None else "cifar-unpadded") if small else "imagenet"
+        config["stem"] = "cifar" if _has_small_image_conv1(weights) else "imagenet"
     config["conv1"], config["maxpool"] = _describe_stem(config["stem"])
     if arch is not None:
-        if arch not in RESNETS:
-            raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(RESNETS)}")
         config["arch"] = arch
     elif "arch" not in config:
         config["arch"] = _infer_arch(weights, config["stem"], source)
@@ -1945,4 +1826,4 @@ def _download_from_hub(source, revision=None):
     config = read_json(files["config.json"])
     if isinstance(config, dict):
         config["hub_repo"] = repo_id + (f"@{revision}" if revision else "")
-    return _read_safetensors(files["model.safetensors"]), config
+    return read_safetensors(files["model.safetensors"]), config

@@ -68,7 +68,7 @@ RECIPE_LRS = {
     "intl": {"linear": {"lr": 0.2}, "finetune": {"lr_backbone": 0.006}},
     "intl-m": {"linear": {"lr": 0.4}, "finetune": {"lr_backbone": 0.004}},
 }
-# The valid range of every numeric flag (intl.check_ranges), checked before any work.
+# The valid range of every numeric flag (intl.check_settings), checked before any work.
 RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)",
           "eval_batch_size": "[1, inf)", "k": "[1, inf)", "temperature": "(0, inf)", "train_fraction": "(0, 1]",
           "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
@@ -257,7 +257,7 @@ def resolve_args(argv=None):
     """The flags, with the defaults that follow from other flags, checked before any work."""
     config = get_parser().parse_args(argv)
     if config.benchmark_knn:
-        intl.check_ranges(config, {"benchmark_knn": RANGES["benchmark_knn"]})
+        intl.check_settings({"benchmark_knn": config.benchmark_knn}, get_parser(), RANGES)
         return config
     if config.k is None:
         config.k = [5] if config.knn_metric == "euclidean" else [20, 200]
@@ -277,7 +277,7 @@ def check_args(config):
         raise ValueError("--resume applies to --protocol linear and finetune only")
     if len(set(config.protocol)) != len(config.protocol):
         raise ValueError(f"--protocol {' '.join(config.protocol)}: each protocol once")
-    intl.check_ranges(config, RANGES)
+    intl.check_settings(vars(config), get_parser(), RANGES)
     intl.check_output_dir(config.output_dir)
 
 
@@ -629,7 +629,7 @@ def run_trained_protocol(protocol, config, backbone, splits, accelerator):
                 freeze(backbone)
             loss_sum = torch.zeros((), device=accelerator.device)
             for images, labels in train_loader:
-                intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
+                intl.stop_if_interrupted()
                 with accelerator.autocast():
                     loss = F.cross_entropy(forward(images).float(), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -687,7 +687,7 @@ def freeze(backbone):
     backbone.eval()
 
 
-class BackboneChanged(RuntimeError):
+class BackboneChanged(ValueError):
     pass
 
 
@@ -732,7 +732,7 @@ def resume_or_start(root, settings, config, accelerator):
     """-> (the epoch to start from, the history so far): with --resume, those of the latest checkpoint in root, whose
     settings must be these; else 0 and none, and an earlier run's checkpoints go."""
     if accelerator.is_main_process:
-        for name in intl.remove_interrupted_saves(root):
+        for name in intl.remove_leftovers(root):
             accelerator.print(f"removed {root / name}, left by an interrupted save")
     if not config.resume:
         if accelerator.is_main_process and root.exists():
@@ -751,7 +751,7 @@ def resume_or_start(root, settings, config, accelerator):
         raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} in "
                          f"{done[-1].parent}; a resumed evaluation keeps its settings")
     try:
-        intl.load_state(accelerator, done[-1].parent, "eval_state.json")
+        intl.load_state(accelerator, done[-1].parent)
     except ValueError as error:
         raise ValueError(f"--resume: {done[-1].parent}: {error}; start again without --resume (and with "
                          "--overwrite)") from None
@@ -852,13 +852,4 @@ def results_table(records, data, output_dir):
 
 
 if __name__ == "__main__":
-    intl.remember_ctrl_c()
-    try:
-        main()
-    except (ValueError, FileNotFoundError, BackboneChanged) as error:
-        sys.exit(f"error: {error}")
-    except intl.UnreadableImageError as error:
-        sys.exit(f"error: {error.one_line()}")
-    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, exit status 130
-        intl.exit_interrupted(interrupt, "interrupted (knn and linear-cached keep no checkpoints: run the command "
-                                         "again)")
+    intl.run(main, interrupted="interrupted (knn and linear-cached keep no checkpoints: run the command again)")

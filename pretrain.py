@@ -142,7 +142,7 @@ PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_afte
                "benchmark_augment", "study", "study_values", "overwrite"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.jsonl")
-# The valid range of every numeric flag (intl.check_ranges), checked before any work.
+# The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
           "num_workers": "[0, inf)", "iters": "[1, inf)", "beta": "[0, inf)", "momentum": "[0, 1]", "power": "[0, inf)",
           "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
@@ -402,7 +402,7 @@ def train(config, accelerator):
         for epoch in range(step // steps_per_epoch, config.epochs):
             sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
             for batch in loader:
-                intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
+                intl.stop_if_interrupted()
                 lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -534,7 +534,7 @@ def resolve_config(argv=None):
         config.zero_init_residual = config.arch not in ("resnet18", "resnet34")
     if config.resume and not config.export_only:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
-        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
     if config.dataset is None and config.preset not in (None, "digits") and not (
             config.print_config or config.benchmark or config.benchmark_augment):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
@@ -551,7 +551,7 @@ def check_config(config):
         raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
     if not (isinstance(config.min_scale, (int, float)) and 0 < config.min_scale <= 1):
         raise ValueError(f"--min_scale {config.min_scale}: the smallest crop is a fraction of the image, in (0, 1]")
-    intl.check_ranges(config, RANGES)
+    intl.check_settings(vars(config), get_parser(), RANGES)
     if config.output_dir is not None and not config.print_config:
         intl.check_output_dir(config.output_dir)
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
@@ -1028,23 +1028,13 @@ def write_export(export_dir, weights, config, card=None):
     """
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = export_dir.with_name(f".tmp-{export_dir.name}"), export_dir.with_name(f".old-{export_dir.name}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    with intl.removed_if_the_disk_fills(tmp, f"the export {export_dir}",
-                                   f"{export_dir} is unchanged" if export_dir.exists() else "nothing was exported"):
+    with intl.replacing(export_dir) as tmp:
+        tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
-    if export_dir.exists():
-        export_dir.rename(old)
-    tmp.rename(export_dir)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def export_backbone(checkpoint, export_dir, config, results=None):
@@ -1853,13 +1843,5 @@ def timed(fn, steps, accelerator, warmup=1):
 
 
 if __name__ == "__main__":
-    intl.remember_ctrl_c()
-    try:
-        # python pretrain.py export --source CHECKPOINT --output_dir OUT [--push_to_hub REPO_ID]
-        main_export(sys.argv[2:]) if sys.argv[1:2] == ["export"] else main()
-    except (ValueError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
-    except intl.UnreadableImageError as error:
-        sys.exit(f"error: {error.one_line()}")
-    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (intl.Interrupted says where), exit status 130
-        intl.exit_interrupted(interrupt)
+    # python pretrain.py export --source CHECKPOINT --output_dir OUT [--push_to_hub REPO_ID]
+    intl.run(main_export, sys.argv[2:]) if sys.argv[1:2] == ["export"] else intl.run(main)
