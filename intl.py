@@ -1276,17 +1276,20 @@ def read_json(path):
         raise ValueError(f"cannot read {path}: {error}") from None
 
 
-_held_locks = []
+_held_locks = {}  # resolved folder -> its open .lock file, held until this process ends
 
 
 def lock_output_dir(output_dir):
     """One run per output folder: an exclusive lock on OUTPUT_DIR/.lock, held until this process ends (the
     operating system releases it even after kill -9). A second run on the folder is refused at once, naming the
-    process that holds it. Call it from the main process, before anything in the folder is read or changed."""
-    import fcntl  # POSIX; the clusters and machines this runs on
+    process that holds it; later runs in this same process (the studies, tests) keep the lock they hold. Call it
+    from the main process, before anything in the folder is read or changed."""
+    import fcntl  # POSIX: Linux and macOS
 
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
+    if path.resolve() in _held_locks:
+        return
     handle = open(path / ".lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1299,7 +1302,7 @@ def lock_output_dir(output_dir):
     handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    _held_locks.append(handle)
+    _held_locks[path.resolve()] = handle
 
 
 def check_output_dir(path, flag="--output_dir"):
