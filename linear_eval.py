@@ -6,7 +6,6 @@
         --dataset ILSVRC/imagenet-1k --test_split validation
     accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --recipe intl --arch resnet50 \\
         --protocol finetune --subset_file 1percent.txt --dataset /data/imagenet
-    python linear_eval.py --benchmark_knn 1281167 50000 2048         # the 5-NN at ImageNet size: time, memory
 
 Protocols (the papers' evaluation protocols; batches are global, all processes together):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie between classes to the
@@ -31,7 +30,6 @@ finetune save a checkpoint every epoch and continue with --resume.
 """
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -73,7 +71,7 @@ RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "n
           "eval_batch_size": "[1, inf)", "k": "[1, inf)", "temperature": "(0, inf)", "train_fraction": "(0, 1]",
           "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
           "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
-          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)", "benchmark_knn": "[1, inf)"}
+          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
 RANDOM_SUBSET_NOTE = ("a random --train_fraction subset, not the standard 1% / 10% image lists (--subset_file): "
                       "not comparable to the papers' semi-supervised numbers")
 
@@ -174,19 +172,12 @@ def get_parser():
                         help="print the configuration completed by the backbone (input size, normalisation, recipe) "
                              "and exit, before any data is read")
 
-    # Benchmark
-    parser.add_argument("--benchmark_knn", type=int, nargs=3, default=None, metavar=("N_TRAIN", "N_TEST", "DIM"),
-                        help="time the 5-NN (intl.knn_classify) on random float32 features of this size, on the GPU "
-                             "if there is one, print JSON (seconds, peak memory) and exit; needs no --backbone "
-                             "(ImageNet: 1281167 50000 2048)")
     return parser
 
 
 def main(argv=None):
-    """Configuration -> backbone -> data -> each protocol -> results; the benchmark is not an evaluation."""
+    """Configuration -> backbone -> data -> each protocol -> results."""
     config = resolve_args(argv)
-    if config.benchmark_knn:
-        return print(json.dumps(benchmark_knn(*config.benchmark_knn), indent=2))
     if config.print_config:
         _, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
         return print(json.dumps(vars(completed_by_backbone(config, backbone_config)), indent=2))
@@ -256,9 +247,6 @@ def main(argv=None):
 def resolve_args(argv=None):
     """The flags, with the defaults that follow from other flags, checked before any work."""
     config = get_parser().parse_args(argv)
-    if config.benchmark_knn:
-        intl.check_ranges(config, {"benchmark_knn": RANGES["benchmark_knn"]})
-        return config
     if config.k is None:
         config.k = [5] if config.knn_metric == "euclidean" else [20, 200]
     if config.output_dir is None and config.backbone is not None:
@@ -767,62 +755,6 @@ def interrupted_message(protocol, output_dir):
         return (f"interrupted in epoch 1 of {protocol}, before its first checkpoint: nothing to resume; run the "
                 "command again")
     return f"interrupted in epoch {done + 1} of {protocol}; continue with --resume (from the end of epoch {done})"
-
-
-# -----------------------------------------------------------------------------
-# Benchmark of the 5-NN at ImageNet size
-
-
-def benchmark_knn(n_train, n_test, dim, k=5):
-    """Seconds and peak memory of intl.knn_classify on random features, on the GPU if there is one.
-
-    GPU: peak allocated on the device (the features stay on the CPU and go over in blocks); CPU: peak resident set
-    of the process during the kNN (Linux's VmHWM, reset before it), features included.
-
-    Measured on 2 shared CPU cores (float32, k = 5): 1,281,167 training x 2,000 test features of width 2048,
-    237 s, peak resident set 10.9 GiB (features 9.8 GiB, the kNN's own blocks 0.39 GiB); time grows linearly with
-    the test set, so ImageNet's 50,000 would take some 1.6 h in the same memory. At 128,000 x 2,000 the previous
-    float64 implementation took 52 s and 4.9 GiB beyond the features (now 24 s, 0.39 GiB); at ImageNet size its
-    float64 copy of the training set alone would be 19.5 GiB.
-    """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = torch.Generator().manual_seed(0)
-    train, test = torch.empty(n_train, dim), torch.empty(n_test, dim)
-    for features in (train, test):  # filled in place: no temporary the size of the set adds to the peak
-        for start in range(0, len(features), 65536):
-            features[start:start + 65536].uniform_(generator=generator)  # non-negative, like ReLU features
-    train_labels = torch.randint(0, 1000, (n_train,), generator=generator)
-    test_labels = torch.randint(0, 1000, (n_test,), generator=generator)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with contextlib.suppress(OSError):  # Linux: resets the process's peak resident set (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
-    before = torch.cuda.memory_allocated() if device.type == "cuda" else resident_set("VmRSS")
-    tic = time.perf_counter()
-    intl.knn_classify(train, train_labels, test, test_labels, k=k, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - tic
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resident_set("VmHWM")
-    return {"n_train": n_train, "n_test": n_test, "dim": dim, "k": k, "device": str(device),
-            "cpu_threads": torch.get_num_threads(), "seconds": round(seconds, 4),
-            "features_gib": round((train.nbytes + test.nbytes) / 2**30, 3),
-            "peak_memory_gib": round(peak / 2**30, 3), "knn_own_memory_gib": round((peak - before) / 2**30, 3),
-            "peak_memory_is": "GPU peak allocated (the features stay on the CPU)" if device.type == "cuda" else
-                              "peak resident set of the process (features and Python included); "
-                              "knn_own_memory_gib: that peak minus the resident set just before the kNN"}
-
-
-def resident_set(field):
-    """Bytes of /proc/self/status's field (VmRSS: now; VmHWM: the peak), Linux; elsewhere the lifetime peak."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 # -----------------------------------------------------------------------------
