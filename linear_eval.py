@@ -273,11 +273,8 @@ def completed_by_backbone(config, backbone_config):
 
 
 def evaluation_recipe(flag, backbone_config):
-    """Which of the authors' evaluation recipes applies, 'intl' or 'intl-m', and what chose it.
-
-    An export records its method (config.json: `method`, and `recipe.method`); an official .pth.tar records none,
-    so --recipe says it. Neither: INTL's, and the reason says so (the run prints it).
-    """
+    """Which of the authors' evaluation recipes applies, 'intl' or 'intl-m', and what chose it. An export records its
+    method (config.json: `method`, and `recipe.method`); an official .pth.tar records none, so --recipe says it."""
     recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
     if flag is not None:
         if recorded in RECIPE_LRS and recorded != flag:
@@ -286,10 +283,8 @@ def evaluation_recipe(flag, backbone_config):
         return flag, f"--recipe {flag}"
     if recorded in RECIPE_LRS:
         return recorded, f"the backbone's recorded method {recorded!r}"
-    if recorded is not None:
-        return "intl", f"default (the backbone's method {recorded!r} is neither intl nor intl-m; --recipe chooses)"
-    return "intl", ("default (neither --recipe nor the backbone records a method; --recipe intl-m for an INTL-M "
-                    "backbone)")
+    return "intl", ("default (neither --recipe nor the backbone records a method, intl or intl-m; --recipe intl-m "
+                    "for an INTL-M backbone)")
 
 
 def protocol_settings(protocol, config):
