@@ -21,12 +21,9 @@ Protocols (the papers' evaluation protocols; batches are global, all processes t
                    0.006 INTL / 0.004 INTL-M), batch 256, on the images named in --subset_file (the standard
                    1% / 10% lists) or, not comparable to the papers, a random --train_fraction
 
-The backbone is any source intl.load_backbone accepts: an export folder, a .safetensors file, a Hub
-repo id (owner/name[@revision]), a pretrain checkpoint folder or an official .pth.tar. The reported
-number is the final epoch's top-1 / top-5 (the best epoch is listed as a labelled extra), printed as
-a table and written to OUTPUT_DIR/<protocol>.json (by default OUTPUT_DIR is eval/<backbone name> next to the
-backbone: one folder per backbone). Results already there are replaced only with --overwrite. linear and
-finetune save a checkpoint every epoch and continue with --resume.
+The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
+written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
+and continue with --resume.
 """
 
 import argparse
