@@ -211,7 +211,7 @@ def load_frozen_backbone(config, accelerator):
     """Any backbone source, loaded strictly and frozen, and the configuration it completes. It comes before the
     data, so that a wrong backbone fails in seconds. -> (backbone, completed configuration)"""
     backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
-    backbone.requires_grad_(False).to(accelerator.device)
+    freeze(backbone.to(accelerator.device))
     config = completed_by_backbone(config, backbone_config)
     config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
@@ -550,9 +550,7 @@ def run_trained_protocol(protocol, config, backbone, splits, accelerator):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(protocol, epoch, epochs, config.milestones)
             train_loader.set_epoch(epoch)
-            model.train()
-            if not finetune:  # linear's model is the head alone: the backbone's BN statistics must stay as pretrained
-                freeze(backbone)
+            model.train()  # linear's model is the head alone: the frozen backbone's BN statistics stay as pretrained
             loss = train_one_epoch(forward, optimizer, train_loader, progress, accelerator)
             entry = {"epoch": epoch + 1, "train_loss": loss,
                      **{f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}}
@@ -645,7 +643,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def freeze(backbone):
-    """The linear protocol's backbone: no gradients, BN in eval mode (running statistics are not updated)."""
+    """The evaluated backbone: no gradients, BN in eval mode (running statistics are not updated)."""
     backbone.requires_grad_(False)
     backbone.eval()
 
