@@ -229,7 +229,7 @@ def load_frozen_backbone(config, accelerator):
 def resolve_args(argv=None):
     """The flags, with the defaults that follow from other flags, checked before any work."""
     config = get_parser().parse_args(argv)
-    config.protocol = list(dict.fromkeys(config.protocol))  # each once
+    config.protocol = list(dict.fromkeys(config.protocol))  # a protocol named twice runs once
     if config.k is None:
         config.k = [5] if config.knn_metric == "euclidean" else [20, 200]
     if config.output_dir is None:
