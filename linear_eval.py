@@ -6,7 +6,6 @@
         --dataset ILSVRC/imagenet-1k --test_split validation
     accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --recipe intl --arch resnet50 \\
         --protocol finetune --subset_file 1percent.txt --dataset /data/imagenet
-    python linear_eval.py --benchmark_knn 1281167 50000 2048         # the 5-NN at ImageNet size: time, memory
 
 Protocols (the papers' evaluation protocols; batches are global, all processes together):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie between classes to the
@@ -22,16 +21,12 @@ Protocols (the papers' evaluation protocols; batches are global, all processes t
                    0.006 INTL / 0.004 INTL-M), batch 256, on the images named in --subset_file (the standard
                    1% / 10% lists) or, not comparable to the papers, a random --train_fraction
 
-The backbone is any source intl.load_backbone accepts: an export folder, a .safetensors file, a Hub
-repo id (owner/name[@revision]), a pretrain checkpoint folder or an official .pth.tar. The reported
-number is the final epoch's top-1 / top-5 (the best epoch is listed as a labelled extra), printed as
-a table and written to OUTPUT_DIR/<protocol>.json (by default OUTPUT_DIR is eval/<backbone name> next to the
-backbone: one folder per backbone). Results already there are replaced only with --overwrite. linear and
-finetune save a checkpoint every epoch and continue with --resume.
+The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
+written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
+and continue with --resume.
 """
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -73,7 +68,7 @@ RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "n
           "eval_batch_size": "[1, inf)", "k": "[1, inf)", "temperature": "(0, inf)", "train_fraction": "(0, 1]",
           "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
           "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
-          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)", "benchmark_knn": "[1, inf)"}
+          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
 RANDOM_SUBSET_NOTE = ("a random --train_fraction subset, not the standard 1% / 10% image lists (--subset_file): "
                       "not comparable to the papers' semi-supervised numbers")
 
@@ -81,150 +76,117 @@ RANDOM_SUBSET_NOTE = ("a random --train_fraction subset, not the standard 1% / 1
 def get_parser():
     parser = argparse.ArgumentParser(description="Evaluate a pretrained INTL backbone (kNN, linear, fine-tuning)",
                                      allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="digits",
+                      help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
+    data.add_argument("--train_split", default="train", help="labelled split the classifiers learn from")
+    data.add_argument("--test_split", default="test",
+                      help="labelled split the accuracy is measured on ('validation' / 'val' stand in for it)")
+    data.add_argument("--image_column", help="image column; None: detected")
+    data.add_argument("--label_column", help="label column; None: detected")
+    data.add_argument("--image_size", type=int, help="input side in pixels; None: the backbone's pretraining size "
+                      "(224 evaluates on Resize 256 + CenterCrop 224)")
+    data.add_argument("--mean", type=float, nargs=3, help="normalisation mean; None: the backbone's")
+    data.add_argument("--std", type=float, nargs=3, help="normalisation std; None: the backbone's")
+    data.add_argument("--num_workers", type=int, default=2, help="data loader processes per evaluation process")
+    data.add_argument("--eval_batch_size", type=int, default=256,
+                      help="batch per process for feature extraction and testing")
 
-    # Data
-    parser.add_argument("--dataset", type=str, default="digits",
-                        help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
-    parser.add_argument("--train_split", type=str, default="train", help="labelled split the classifiers learn from")
-    parser.add_argument("--test_split", type=str, default="test",
-                        help="labelled split the accuracy is measured on ('validation' / 'val' stand in for it)")
-    parser.add_argument("--image_column", type=str, default=None, help="image column (default: detected)")
-    parser.add_argument("--label_column", type=str, default=None, help="label column (default: detected)")
-    parser.add_argument("--image_size", type=int, default=None, help="input side in pixels (default: the backbone's "
-                        "pretraining size); 224 gives Resize 256 + CenterCrop 224 for evaluation")
-    parser.add_argument("--mean", type=float, nargs=3, default=None,
-                        help="normalisation mean (default: the backbone's)")
-    parser.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (default: the backbone's)")
-    parser.add_argument("--num_workers", type=int, default=2, help="data loader processes per evaluation process")
-    parser.add_argument("--eval_batch_size", type=int, default=256,
-                        help="batch per process for feature extraction and test-set evaluation")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", required=True, help="export folder, .safetensors file, Hub repo id "
+                       "'owner/name[@revision]', pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
+    model.add_argument("--arch", choices=intl.RESNETS,
+                       help="encoder architecture; None: from the backbone's config or its weights' shapes")
+    model.add_argument("--revision", help="Hub branch, tag or commit of --backbone")
+    model.add_argument("--stem", choices=list(intl.STEMS),
+                       help="the backbone's first layers when its config does not say them (official checkpoints: "
+                            "'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' for "
+                            "CW-RGP's STL-10 / Tiny-ImageNet networks)")
+    model.add_argument("--recipe", choices=sorted(RECIPE_LRS),
+                       help="the backbone's pretraining recipe, which picks the authors' learning rates (linear head "
+                            "0.2 / 0.4, finetune backbone 0.006 / 0.004); None: the method in the backbone's "
+                            "config.json, else INTL's (official .pth.tar checkpoints record none; the run says so)")
 
-    # Model
-    parser.add_argument("--backbone", type=str, default=None,
-                        help="(required) export folder, .safetensors file, Hub repo id 'owner/name[@revision]', "
-                             "pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
-    parser.add_argument("--arch", type=str, default=None, choices=intl.RESNETS,
-                        help="encoder architecture (default: from the backbone's config or its weights' shapes)")
-    parser.add_argument("--revision", type=str, default=None, help="Hub branch, tag or commit of --backbone")
-    parser.add_argument("--stem", type=str, default=None, choices=list(intl.STEMS),
-                        help="the backbone's first layers when its config does not say them (an official checkpoint: "
-                             "'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's; give 'small-maxpool' for "
-                             "CW-RGP's STL-10 / Tiny-ImageNet networks)")
+    protocol = parser.add_argument_group("evaluation protocol")
+    protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
+                          help="one or more evaluations; knn and linear-cached share one feature extraction")
+    protocol.add_argument("--knn_metric", default="euclidean", choices=["euclidean", "cosine"],
+                          help="euclidean: one vote per neighbour (the papers'); cosine: votes exp(similarity / T)")
+    protocol.add_argument("--k", type=int, nargs="+", help="numbers of neighbours; None: 5 (euclidean), 20 and 200 "
+                          "(cosine)")
+    protocol.add_argument("--temperature", type=float, default=0.07, help="T of the weighted-cosine kNN")
+    protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line: the standard "
+                          "ImageNet 1%% / 10%% lists of the papers' semi-supervised results")
+    protocol.add_argument("--train_fraction", type=float,
+                          help="finetune, instead of --subset_file: a random class-balanced fraction of the training "
+                               "split drawn with --seed; NOT comparable to the papers' numbers (standard lists)")
 
-    # Protocol
-    parser.add_argument("--protocol", type=str, nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
-                        help="one or more evaluations; knn and linear-cached share one feature extraction")
-    parser.add_argument("--knn_metric", type=str, default="euclidean", choices=["euclidean", "cosine"],
-                        help="euclidean: one vote per neighbour (the papers'); cosine: votes weighted by "
-                             "exp(cosine similarity / T)")
-    parser.add_argument("--k", type=int, nargs="+", default=None,
-                        help="numbers of neighbours (default: 5 for euclidean, 20 and 200 for cosine)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="T of the weighted-cosine kNN")
-    parser.add_argument("--subset_file", type=str, default=None, help="finetune: text file of image file names, one a "
-                        "line: the standard ImageNet 1%% / 10%% lists, as the papers' semi-supervised results")
-    parser.add_argument("--train_fraction", type=float, default=None,
-                        help="finetune, instead of --subset_file: a random class-balanced fraction of the training "
-                             "split, drawn with --seed; NOT comparable to the papers' numbers, which use the standard "
-                             "lists (--subset_file)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the head's init, the data order and subsets")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, help="training epochs; None: linear-cached 500, linear 100, finetune 20")
+    optim.add_argument("--batch_size", type=int,
+                       help="GLOBAL training batch, all processes together; None: linear-cached 1000, linear and "
+                            "finetune 256 (the authors'); linear and finetune split it evenly over the processes, "
+                            "so it must be divisible by their number")
+    optim.add_argument("--lr", type=float,
+                       help="head learning rate; None: linear-cached 1e-2 (Adam); per 256 images of global batch "
+                            "(SGD): linear 0.2 / 0.4 by --recipe, finetune 0.2")
+    optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images of global "
+                       "batch; None: 0.006 / 0.004 by --recipe")
+    optim.add_argument("--min_lr", type=float, default=1e-6,
+                       help="linear-cached: the learning rate its exponential decay reaches at the last epoch")
+    optim.add_argument("--weight_decay", type=float, help="None: linear-cached 5e-6, linear and finetune 0")
+    optim.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
+                       help="linear: lr x0.1 after these fractions of --epochs (finetune's lr is constant: the "
+                            "authors' milestones lie beyond its 20 epochs)")
 
-    # Optim
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="training epochs (default: linear-cached 500, linear 100, finetune 20)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="GLOBAL training batch, all processes together (default: linear-cached 1000, linear and "
-                             "finetune 256, the authors' global batches); linear and finetune split it evenly over "
-                             "the processes, so it must be divisible by their number")
-    parser.add_argument("--recipe", type=str, default=None, choices=sorted(RECIPE_LRS),
-                        help="the backbone's pretraining recipe, which picks the authors' learning rates: linear head "
-                             "0.2 (intl) / 0.4 (intl-m), finetune backbone 0.006 / 0.004 (default: the method recorded "
-                             "in the backbone's config.json; official .pth.tar checkpoints record none, and then "
-                             "INTL's are used and the run says so)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="head learning rate (default: linear-cached 1e-2 with Adam; with SGD, per 256 images of "
-                             "global batch: linear 0.2 for INTL / 0.4 for INTL-M (see --recipe), finetune 0.2)")
-    parser.add_argument("--lr_backbone", type=float, default=None, help="finetune: backbone learning rate per 256 "
-                        "images of global batch (default: 0.006 for INTL / 0.004 for INTL-M, see --recipe)")
-    parser.add_argument("--min_lr", type=float, default=1e-6,
-                        help="linear-cached: the learning rate reached by the exponential decay at the last epoch")
-    parser.add_argument("--weight_decay", type=float, default=None,
-                        help="weight decay (default: linear-cached 5e-6, linear and finetune 0)")
-    parser.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
-                        help="linear: lr x0.1 after these fractions of --epochs (epochs 60 and 80 of 100); finetune "
-                             "keeps its lr constant (the authors' milestones 60 and 80 lie beyond its 20 epochs)")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                        help="autocast precision (default: Accelerate's config)")
-
-    # Output
-    parser.add_argument("--output_dir", type=str, default=None,
-                        help="where <protocol>.json and checkpoints/ go (default: eval/<backbone name> next to a local "
-                             "backbone, in its run folder for a checkpoint (OUTPUT_DIR/eval/step-N); "
-                             "runs/eval/<repo>[--<revision>] for a Hub id): one folder per backbone")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results (<protocol>.json) and checkpoints of the same protocols already in "
-                             "--output_dir; without it such a folder is refused before any work")
-    parser.add_argument("--eval_every", type=int, default=1,
-                        help="linear, finetune: test accuracy every N epochs (always after the last)")
-    parser.add_argument("--resume", action="store_true", help="linear, finetune: continue from the latest checkpoint "
-                        "in OUTPUT_DIR/checkpoints/<protocol>")
-    parser.add_argument("--stop_after_epochs", type=int, default=None, help="linear, finetune: save and stop after "
-                        "this many epochs (the schedule still spans --epochs); continue with --resume")
-
-    parser.add_argument("--print_config", action="store_true",
-                        help="print the configuration completed by the backbone (input size, normalisation, recipe) "
-                             "and exit, before any data is read")
-
-    # Benchmark
-    parser.add_argument("--benchmark_knn", type=int, nargs=3, default=None, metavar=("N_TRAIN", "N_TEST", "DIM"),
-                        help="time the 5-NN (intl.knn_classify) on random float32 features of this size, on the GPU "
-                             "if there is one, print JSON (seconds, peak memory) and exit; needs no --backbone "
-                             "(ImageNet: 1281167 50000 2048)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="seed of the head's init, the data order and subsets")
+    run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+                     help="autocast precision; None: Accelerate's config")
+    run.add_argument("--output_dir", help="where <protocol>.json and checkpoints/ go, one folder per backbone; None: "
+                     "eval/<backbone name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), "
+                     "runs/eval/<repo>[--<revision>] for a Hub id")
+    run.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of the same "
+                     "protocols in --output_dir; without it such a folder is refused before any work")
+    run.add_argument("--eval_every", type=int, default=1,
+                     help="linear, finetune: test accuracy every N epochs and after the last")
+    run.add_argument("--resume", action="store_true",
+                     help="linear, finetune: continue from the latest checkpoint in OUTPUT_DIR/checkpoints/<protocol>")
+    run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
+                     "(the schedule still spans --epochs); continue with --resume")
+    run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone "
+                     "(input size, normalisation, recipe) and exit before any data is read")
     return parser
 
 
 def main(argv=None):
-    """Configuration -> backbone -> data -> each protocol -> results; the benchmark is not an evaluation."""
+    """Configuration -> backbone -> data -> each protocol -> results."""
     config = resolve_args(argv)
-    if config.benchmark_knn:
-        return print(json.dumps(benchmark_knn(*config.benchmark_knn), indent=2))
     if config.print_config:
         _, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
         return print(json.dumps(vars(completed_by_backbone(config, backbone_config)), indent=2))
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if accelerator.is_main_process:
+        intl.lock_output_dir(output_dir)
     if not config.resume:  # a resumed evaluation continues the results in output_dir: they are its own
         intl.refuse_to_replace(output_dir, [f"{p}.json" for p in config.protocol] +
                                [f"checkpoints/{p}" for p in trained], config.overwrite)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
     if warning := intl.slow_precision_warning(accelerator):
         print(warning, file=sys.stderr)
     for protocol in trained:  # a global batch that does not split over the processes is refused before any loading
         per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
-
-    # Model: any backbone source, loaded strictly, frozen. It comes before the data because it completes the
-    # configuration (input size, normalisation, the recipe's learning rates), and a wrong one fails in seconds.
-    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
-    backbone.requires_grad_(False).to(accelerator.device)
-    config = completed_by_backbone(config, backbone_config)
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
-                      f"{backbone_config['arch']}, {backbone_config['feature_dim']}-d features, "
-                      f"input {config.image_size} px")
-    for protocol in trained:
-        accelerator.print(learning_rates_note(protocol, config))
-
-    # Data: a labelled training split and a labelled test split.
+    backbone, config = load_frozen_backbone(config, accelerator)
     splits = load_labelled_splits(config, accelerator)
     data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
                 test_split=split_name(splits.test, config.test_split), n_train=len(splits.train.dataset),
                 n_test=len(splits.test.dataset), num_classes=splits.num_classes)
-    accelerator.print(f"{config.dataset}: {data['n_train']} training and {data['n_test']} test images, "
-                      f"{splits.num_classes} classes")
 
-    # Protocols, one after the other, each written to its own results file.
     if {"knn", "linear-cached"} & set(config.protocol):
         features = frozen_features(backbone, splits, config, accelerator)
     records = []
-    for protocol in config.protocol:
+    for protocol in config.protocol:  # each written to its own results file as soon as it is done
         tic = time.time()
         if protocol == "knn":
             record = run_knn(features, config, accelerator.device)
@@ -237,16 +199,29 @@ def main(argv=None):
                 raise intl.Interrupted(interrupted_message(protocol, output_dir)) from None
             if record is None:  # --stop_after_epochs
                 return
-        record = {"protocol": protocol, **record, "backbone": config.backbone, "arch": backbone_config["arch"],
+        record = {"protocol": protocol, **record, "backbone": config.backbone, "arch": config.arch,
                   "image_size": config.image_size, **data, "processes": accelerator.num_processes,
                   "seconds": round(time.time() - tic, 2)}
         records.append(record)
         if accelerator.is_main_process:
             intl.write_text_atomically(output_dir / f"{protocol}.json", json.dumps(record, indent=2) + "\n")
-
-    # Results
     accelerator.print(results_table(records, data, output_dir))
     accelerator.end_training()
+
+
+def load_frozen_backbone(config, accelerator):
+    """Any backbone source, loaded strictly and frozen, and the configuration it completes. It comes before the
+    data, so that a wrong backbone fails in seconds. -> (backbone, completed configuration)"""
+    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
+    freeze(backbone.to(accelerator.device))
+    config = completed_by_backbone(config, backbone_config)
+    config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
+                      f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
+    for protocol in config.protocol:
+        if protocol in TRAINED:
+            accelerator.print(learning_rates_note(protocol, config))
+    return backbone, config
 
 
 # -----------------------------------------------------------------------------
@@ -256,29 +231,18 @@ def main(argv=None):
 def resolve_args(argv=None):
     """The flags, with the defaults that follow from other flags, checked before any work."""
     config = get_parser().parse_args(argv)
-    if config.benchmark_knn:
-        intl.check_settings({"benchmark_knn": config.benchmark_knn}, get_parser(), RANGES)
-        return config
+    config.protocol = list(dict.fromkeys(config.protocol))  # a protocol named twice runs once
     if config.k is None:
         config.k = [5] if config.knn_metric == "euclidean" else [20, 200]
-    if config.output_dir is None and config.backbone is not None:
+    if config.output_dir is None:
         config.output_dir = str(default_output_dir(config.backbone, config.revision))
-    check_args(config)
-    return config
-
-
-def check_args(config):
-    if config.backbone is None:
-        raise ValueError("--backbone is required: an export folder, a .safetensors file, a Hub repo id, a pretrain "
-                         "checkpoint folder or an official .pth.tar checkpoint")
     if "finetune" in config.protocol and (config.train_fraction is None) == (config.subset_file is None):
         raise ValueError("--protocol finetune needs exactly one of --train_fraction (e.g. 0.01) and --subset_file")
     if config.resume and not set(TRAINED) & set(config.protocol):
         raise ValueError("--resume applies to --protocol linear and finetune only")
-    if len(set(config.protocol)) != len(config.protocol):
-        raise ValueError(f"--protocol {' '.join(config.protocol)}: each protocol once")
     intl.check_settings(vars(config), get_parser(), RANGES)
     intl.check_output_dir(config.output_dir)
+    return config
 
 
 def default_output_dir(backbone, revision=None):
@@ -308,11 +272,8 @@ def completed_by_backbone(config, backbone_config):
 
 
 def evaluation_recipe(flag, backbone_config):
-    """Which of the authors' evaluation recipes applies, 'intl' or 'intl-m', and what chose it.
-
-    An export records its method (config.json: `method`, and `recipe.method`); an official .pth.tar records none,
-    so --recipe says it. Neither: INTL's, and the reason says so (the run prints it).
-    """
+    """Which of the authors' evaluation recipes applies, 'intl' or 'intl-m', and what chose it. An export records its
+    method (config.json: `method`, and `recipe.method`); an official .pth.tar records none, so --recipe says it."""
     recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
     if flag is not None:
         if recorded in RECIPE_LRS and recorded != flag:
@@ -321,10 +282,8 @@ def evaluation_recipe(flag, backbone_config):
         return flag, f"--recipe {flag}"
     if recorded in RECIPE_LRS:
         return recorded, f"the backbone's recorded method {recorded!r}"
-    if recorded is not None:
-        return "intl", f"default (the backbone's method {recorded!r} is neither intl nor intl-m; --recipe chooses)"
-    return "intl", ("default (neither --recipe nor the backbone records a method; --recipe intl-m for an INTL-M "
-                    "backbone)")
+    return "intl", ("default (neither --recipe nor the backbone records a method, intl or intl-m; --recipe intl-m "
+                    "for an INTL-M backbone)")
 
 
 def protocol_settings(protocol, config):
@@ -384,6 +343,8 @@ def load_labelled_splits(config, accelerator):
         if labels.min() < 0:
             raise ValueError(f"{split.source} has {int((labels < 0).sum())} image(s) without a label")
         num_classes = max(num_classes, split.num_classes or 0, int(labels.max()) + 1)
+    accelerator.print(f"{config.dataset}: {len(splits[0].dataset)} training and {len(splits[1].dataset)} test "
+                      f"images, {num_classes} classes")
     return Splits(*splits, num_classes)
 
 
@@ -421,24 +382,21 @@ def training_subset(split, num_classes, config):
         if not names:
             raise ValueError(f"--subset_file {config.subset_file} lists no image names")
         files = image_file_names(split)
-        wanted = set(names)
-        indices = [i for i, name in enumerate(files) if name in wanted]
-        found = {files[i] for i in indices}
-        absent = [name for name in names if name not in found]
+        present, wanted = set(files), set(names)
+        absent = [name for name in names if name not in present]
         if absent:
             raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
                              f"(first {absent[0]!r})")
-    else:
-        labels = intl.labels_of(split)
-        generator = torch.Generator().manual_seed(config.seed)
-        indices = []
-        for c in range(num_classes):
-            members = (labels == c).nonzero().flatten()
-            if len(members):
-                take = max(1, round(config.train_fraction * len(members)))
-                indices += members[torch.randperm(len(members), generator=generator)[:take]].tolist()
-        indices.sort()
-    return replace(split, dataset=split.dataset.select(indices))
+        return replace(split, dataset=split.dataset.select([i for i, name in enumerate(files) if name in wanted]))
+    labels = intl.labels_of(split)
+    generator = torch.Generator().manual_seed(config.seed)
+    indices = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if len(members):
+            take = max(1, round(config.train_fraction * len(members)))
+            indices += members[torch.randperm(len(members), generator=generator)[:take]].tolist()
+    return replace(split, dataset=split.dataset.select(sorted(indices)))
 
 
 def image_file_names(split):
@@ -562,49 +520,19 @@ def cached_lr(epoch, epochs, lr, min_lr):
 def run_trained_protocol(protocol, config, backbone, splits, accelerator):
     """linear or finetune: SGD on augmented training images, tested every --eval_every epochs, a checkpoint every
     epoch. -> the protocol's record, or None after --stop_after_epochs."""
-    finetune, random_subset = protocol == "finetune", config.train_fraction is not None
-    name, train_split = "linear (ImageNet protocol)", splits.train
+    finetune = protocol == "finetune"
+    train_split = training_subset(splits.train, splits.num_classes, config) if finetune else splits.train
     if finetune:
-        train_split = training_subset(splits.train, splits.num_classes, config)
-        name = f"fine-tune on {len(train_split.dataset)} images"
-        if random_subset:
-            name += f" (random {config.train_fraction:g}: not comparable to the paper)"
         accelerator.print(f"finetune on {len(train_split.dataset)} training images"
-                          + (f" ({RANDOM_SUBSET_NOTE})" if random_subset else ""))
+                          + (f" ({RANDOM_SUBSET_NOTE})" if config.train_fraction is not None else ""))
     settings = {**protocol_settings(protocol, config), "batch_size_is": "global", "image_size": config.image_size,
                 "processes": accelerator.num_processes, "n_train": len(train_split.dataset),
                 "train_fraction": config.train_fraction if finetune else None,
                 "subset_file": config.subset_file if finetune else None}
-    epochs, global_batch = settings["epochs"], settings["batch_size"]
-
-    # Model: a new head from N(0, 0.01), on the frozen backbone (linear) or on a copy trained with it (finetune).
-    set_seed(config.seed)
-    head = nn.Linear(backbone.feature_dim, splits.num_classes)
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    if finetune:
-        backbone = copy.deepcopy(backbone).requires_grad_(True)  # the other protocols keep the pretrained one
-        model = intl.sync_batchnorm(nn.Sequential(OrderedDict(backbone=backbone, head=head)), accelerator)
-    else:
-        model, pretrained = head, {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-
-    # Optim: SGD with momentum, each learning rate given per 256 images of global batch.
-    scale = global_batch / 256
-    groups = [{"params": list(head.parameters()), "base_lr": settings["lr"] * scale}]
-    if finetune:
-        groups.append({"params": list(model.backbone.parameters()), "base_lr": settings["lr_backbone"] * scale})
-    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=settings["weight_decay"])
-
-    # Data: one shuffled order per epoch, the same on every process; a subset smaller than the global batch still
-    # makes one batch.
-    train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
-                                per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
-                                sampler=EpochSampler(len(train_split.dataset), config.seed),
-                                drop_last=len(train_split.dataset) >= global_batch)
-    test_loader = image_loader(splits.test, eval_images(config), config.eval_batch_size, config, accelerator)
+    pretrained = {key: value.clone() for key, value in backbone.state_dict().items()}  # linear checks it is unchanged
+    model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings, accelerator)
+    train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-
-    # Resume: the model, the optimiser, the RNG states and the history of the epochs done.
     checkpoints = Path(config.output_dir) / "checkpoints" / protocol
     start_epoch, history = resume_or_start(checkpoints, settings, config, accelerator)
 
@@ -615,54 +543,89 @@ def run_trained_protocol(protocol, config, backbone, splits, accelerator):
             features = backbone(images)
         return model(features.float())
 
-    # The loop. After every epoch, in one place: the history entry, the test accuracy, the checkpoint, the stop.
-    steps_per_epoch = len(train_loader)
-    progress = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=protocol,
+    # After every epoch, in one place: the history entry, the test accuracy, the checkpoint, the stop.
+    epochs = settings["epochs"]
+    progress = tqdm(total=epochs * len(train_loader), initial=start_epoch * len(train_loader), desc=protocol,
                     disable=not accelerator.is_main_process, leave=False)
-    try:
+    with progress:  # closed before any message, so that the message is not drawn over
         for epoch in range(start_epoch, epochs):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(protocol, epoch, epochs, config.milestones)
             train_loader.set_epoch(epoch)
-            model.train()
-            if not finetune:  # linear's model is the head alone: the backbone's BN statistics must stay as pretrained
-                freeze(backbone)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for images, labels in train_loader:
-                intl.stop_if_interrupted()
-                with accelerator.autocast():
-                    loss = F.cross_entropy(forward(images).float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                optimizer.step()
-                loss_sum += loss.detach()
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-
-            done = epoch + 1
-            entry = {"epoch": done, "train_loss": accelerator.reduce(loss_sum / steps_per_epoch, "mean").item(),
-                     "lr_head": optimizer.param_groups[0]["lr"]}
-            if finetune:
-                entry["lr_backbone"] = optimizer.param_groups[1]["lr"]
-            if done % config.eval_every == 0 or done == epochs:
+            model.train()  # linear's model is the head alone: the frozen backbone's BN statistics stay as pretrained
+            loss = train_one_epoch(forward, optimizer, train_loader, progress, accelerator)
+            entry = {"epoch": epoch + 1, "train_loss": loss,
+                     **{f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}}
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == epochs:
                 model.eval()
                 entry.update(evaluate(forward, test_loader, accelerator))
             history.append(entry)
-            save_epoch(checkpoints, done, settings, history, accelerator)
-            if config.stop_after_epochs is not None and config.stop_after_epochs <= done < epochs:
+            save_epoch(checkpoints, epoch + 1, settings, history, accelerator)
+            if config.stop_after_epochs is not None and config.stop_after_epochs <= epoch + 1 < epochs:
                 break
-    finally:
-        progress.close()  # before any message, so that the message is not drawn over
     if history[-1]["epoch"] < epochs:  # --stop_after_epochs
         accelerator.print(f"{protocol}: stopped after epoch {history[-1]['epoch']} of {epochs}; continue with --resume")
         return None
-
-    record = trained_record(name, settings, [h for h in history if "top1" in h])
+    record = trained_protocol_record(protocol, settings, [h for h in history if "top1" in h], config)
     if not finetune:
-        return {**record, "backbone_unchanged": check_backbone_unchanged(backbone, pretrained)}
-    if random_subset:
-        return {**record, "comparable_to_paper": False, "note": RANDOM_SUBSET_NOTE}
-    return {**record, "comparable_to_paper": True}
+        record["backbone_unchanged"] = check_backbone_unchanged(backbone, pretrained)
+    return record
+
+
+def model_and_optimizer(finetune, backbone, num_classes, settings, accelerator):
+    """A new head from N(0, 0.01) on the frozen backbone (linear: the model is the head alone) or on a copy of the
+    backbone trained with it (finetune); SGD with momentum, each learning rate given per 256 images of global
+    batch."""
+    set_seed(settings["seed"])
+    head = nn.Linear(backbone.feature_dim, num_classes)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    scale = settings["batch_size"] / 256
+    model, groups = head, [{"name": "head", "params": list(head.parameters()), "base_lr": settings["lr"] * scale}]
+    if finetune:
+        backbone = copy.deepcopy(backbone).requires_grad_(True)  # the other protocols keep the pretrained one
+        model = intl.sync_batchnorm(nn.Sequential(OrderedDict(backbone=backbone, head=head)), accelerator)
+        groups.append({"name": "backbone", "params": list(model.backbone.parameters()),
+                       "base_lr": settings["lr_backbone"] * scale})
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=settings["weight_decay"])
+    return model, optimizer
+
+
+def image_loaders(train_split, test_split, global_batch, config, accelerator):
+    """Training: augmented, one shuffled order per epoch, the same on every process (a subset smaller than the
+    global batch still makes one batch). Test: the evaluation transform."""
+    train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
+                                per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
+                                sampler=EpochSampler(len(train_split.dataset), config.seed),
+                                drop_last=len(train_split.dataset) >= global_batch)
+    return train_loader, image_loader(test_split, eval_images(config), config.eval_batch_size, config, accelerator)
+
+
+def train_one_epoch(forward, optimizer, loader, progress, accelerator):
+    """One pass over the training images -> the mean loss of all processes."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for images, labels in loader:
+        intl.stop_if_interrupted()
+        with accelerator.autocast():
+            loss = F.cross_entropy(forward(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        loss_sum += loss.detach()
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    return accelerator.reduce(loss_sum / len(loader), "mean").item()
+
+
+def trained_protocol_record(protocol, settings, history, config):
+    """linear's or finetune's record; finetune on a random --train_fraction says it is not comparable."""
+    if protocol == "linear":
+        return trained_record("linear (ImageNet protocol)", settings, history)
+    name = f"fine-tune on {settings['n_train']} images"
+    if config.train_fraction is None:
+        return {**trained_record(name, settings, history), "comparable_to_paper": True}
+    name += f" (random {config.train_fraction:g}: not comparable to the paper)"
+    return {**trained_record(name, settings, history), "comparable_to_paper": False, "note": RANDOM_SUBSET_NOTE}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -682,7 +645,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def freeze(backbone):
-    """The linear protocol's backbone: no gradients, BN in eval mode (running statistics are not updated)."""
+    """The evaluated backbone: no gradients, BN in eval mode (running statistics are not updated)."""
     backbone.requires_grad_(False)
     backbone.eval()
 
@@ -767,62 +730,6 @@ def interrupted_message(protocol, output_dir):
         return (f"interrupted in epoch 1 of {protocol}, before its first checkpoint: nothing to resume; run the "
                 "command again")
     return f"interrupted in epoch {done + 1} of {protocol}; continue with --resume (from the end of epoch {done})"
-
-
-# -----------------------------------------------------------------------------
-# Benchmark of the 5-NN at ImageNet size
-
-
-def benchmark_knn(n_train, n_test, dim, k=5):
-    """Seconds and peak memory of intl.knn_classify on random features, on the GPU if there is one.
-
-    GPU: peak allocated on the device (the features stay on the CPU and go over in blocks); CPU: peak resident set
-    of the process during the kNN (Linux's VmHWM, reset before it), features included.
-
-    Measured on 2 shared CPU cores (float32, k = 5): 1,281,167 training x 2,000 test features of width 2048,
-    237 s, peak resident set 10.9 GiB (features 9.8 GiB, the kNN's own blocks 0.39 GiB); time grows linearly with
-    the test set, so ImageNet's 50,000 would take some 1.6 h in the same memory. At 128,000 x 2,000 the previous
-    float64 implementation took 52 s and 4.9 GiB beyond the features (now 24 s, 0.39 GiB); at ImageNet size its
-    float64 copy of the training set alone would be 19.5 GiB.
-    """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = torch.Generator().manual_seed(0)
-    train, test = torch.empty(n_train, dim), torch.empty(n_test, dim)
-    for features in (train, test):  # filled in place: no temporary the size of the set adds to the peak
-        for start in range(0, len(features), 65536):
-            features[start:start + 65536].uniform_(generator=generator)  # non-negative, like ReLU features
-    train_labels = torch.randint(0, 1000, (n_train,), generator=generator)
-    test_labels = torch.randint(0, 1000, (n_test,), generator=generator)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with contextlib.suppress(OSError):  # Linux: resets the process's peak resident set (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
-    before = torch.cuda.memory_allocated() if device.type == "cuda" else resident_set("VmRSS")
-    tic = time.perf_counter()
-    intl.knn_classify(train, train_labels, test, test_labels, k=k, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - tic
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resident_set("VmHWM")
-    return {"n_train": n_train, "n_test": n_test, "dim": dim, "k": k, "device": str(device),
-            "cpu_threads": torch.get_num_threads(), "seconds": round(seconds, 4),
-            "features_gib": round((train.nbytes + test.nbytes) / 2**30, 3),
-            "peak_memory_gib": round(peak / 2**30, 3), "knn_own_memory_gib": round((peak - before) / 2**30, 3),
-            "peak_memory_is": "GPU peak allocated (the features stay on the CPU)" if device.type == "cuda" else
-                              "peak resident set of the process (features and Python included); "
-                              "knn_own_memory_gib: that peak minus the resident set just before the kNN"}
-
-
-def resident_set(field):
-    """Bytes of /proc/self/status's field (VmRSS: now; VmHWM: the peak), Linux; elsewhere the lifetime peak."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 # -----------------------------------------------------------------------------

@@ -492,13 +492,6 @@ def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
     assert help_text.startswith("GLOBAL training batch") and "divisible" in help_text
 
 
-def test_knn_benchmark_prints_seconds_and_peak_memory_as_json(capsys):
-    linear_eval.main(["--benchmark_knn", "3000", "200", "16"])
-    result = json.loads(capsys.readouterr().out)
-    assert (result["n_train"], result["n_test"], result["dim"], result["k"]) == (3000, 200, 16, 5)
-    assert result["seconds"] >= 0 and result["peak_memory_gib"] > 0 and result["knn_own_memory_gib"] >= 0
-
-
 # ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
 
 
