@@ -531,7 +531,7 @@ def test_results_of_an_earlier_evaluation_are_replaced_only_with_overwrite(folde
     assert (tmp_path / "out" / "knn.json").read_text() == before and not (tmp_path / "out" / "linear-cached.json").exists()
     records = evaluate(*common, "--protocol", "knn", "linear-cached", "--epochs", "2", "--overwrite")
     assert set(records) == {"knn", "linear-cached"}
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["knn.json", "linear-cached.json"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "knn.json", "linear-cached.json"]  # no temp files
 
 
 def test_a_backbone_with_non_finite_weights_is_refused_naming_the_tensor(folder, tmp_path):
