@@ -96,7 +96,7 @@ def test_cholesky_whitening_gives_identity_covariance_and_equals_inverse_cholesk
 
 def test_sub_batch_methods_whiten_each_sub_batch_and_average_all_view_pairs():
     projector = torch.nn.Identity()
-    model = intl.wmse(torch.nn.Flatten(), projector, w_size=8)
+    model = intl.SubBatchWhitening(torch.nn.Flatten(), projector, intl.CholeskyWhitening(), w_size=8)
     z = [torch.randn(16, 4, dtype=torch.float64) for _ in range(3)]
     out = model.objective(z, step=5)
     rows = torch.randperm(16, generator=torch.Generator().manual_seed(5)).split(8)
@@ -111,7 +111,7 @@ def test_sub_batch_methods_whiten_each_sub_batch_and_average_all_view_pairs():
     (lambda: intl.cw_rgp_whiten(torch.randn(64, 128), 4), "singular by construction"),
     (lambda: intl.cw_rgp_whiten(torch.randn(8, 30), 4), "must divide the embedding dim"),
     (lambda: intl.cholesky_whiten(torch.randn(16, 32)), "singular by construction"),
-    (lambda: intl.wmse(torch.nn.Flatten(), torch.nn.Identity(), w_size=5).objective(
+    (lambda: intl.SubBatchWhitening(torch.nn.Flatten(), torch.nn.Identity(), intl.CholeskyWhitening(), 5).objective(
         [torch.randn(16, 2)] * 2), "not a multiple of --w_size"),
 ])
 def test_singular_or_impossible_whitening_settings_say_what_to_change(call, message):
@@ -208,15 +208,16 @@ def test_cw_rgp_whiten_refuses_a_wrong_permutation_or_a_single_sample(call, mess
 @pytest.mark.parametrize("normalized", [True, False])
 def test_cw_rgp_objective_draws_a_fresh_permutation_per_sub_batch_view_and_repeat(monkeypatch, normalized):
     calls = []
-    whiten = intl.cw_rgp_whiten
+    whiten = intl.GroupWhitening.whiten
 
-    def recording(h, groups, perm=None, eps=0.0, axis=0):
+    def recording(self, h, perm):
         calls.append((h.detach().clone(), perm.clone()))
-        return whiten(h, groups, perm, eps, axis)
+        return whiten(self, h, perm)
 
-    monkeypatch.setattr(intl, "cw_rgp_whiten", recording)
+    monkeypatch.setattr(intl.GroupWhitening, "whiten", recording)
     views, w_iter = 3, 2
-    model = intl.cw_rgp(torch.nn.Flatten(), torch.nn.Identity(), groups=2, w_size=4, w_iter=w_iter, normalized=normalized)
+    model = intl.SubBatchWhitening(torch.nn.Flatten(), torch.nn.Identity(), intl.GroupWhitening(groups=2), w_size=4,
+                                   w_iter=w_iter, normalized=normalized)
     z = [torch.randn(8, 16, dtype=torch.float64) for _ in range(views)]
     loss = model.objective(z, step=3)["loss"]
     assert len(calls) == w_iter * (8 // 4) * views

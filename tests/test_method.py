@@ -454,7 +454,7 @@ class PoolBackbone(nn.Module):
 def test_intl_forward_loss_and_gradients_equal_reference_on_per_view_embeddings_in_training(axis):
     backbone = PoolBackbone()
     projector = intl.build_projector(backbone.feature_dim, "16-12")
-    model = intl.INTL(backbone, projector, iters=5, axis=axis).double().train()  # BN on batch statistics
+    model = intl.INTL(backbone, projector, intl.IterNorm(5, axis)).double().train()  # BN on batch statistics
     views = [torch.randn(16, 3, 8, 8, dtype=F64), torch.randn(16, 3, 6, 6, dtype=F64), torch.randn(16, 3, 8, 8, dtype=F64)]
     loss = model(views)["loss"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -510,6 +510,24 @@ def test_momentum_target_is_frozen_copy_that_encodes_view_0_only():
     loss.backward()
     assert all(t.grad is None for t in target_params)
     assert all(o.grad is not None for o in online_params)
+
+
+def test_intl_m_monitors_the_online_networks_view_1_not_the_targets_view_0():
+    # The spectrum and collapse monitor read z / z_hat: they must describe the network being trained.
+    torch.manual_seed(4)
+    backbone = PoolBackbone()
+    projector = intl.build_projector(backbone.feature_dim, "16-12")
+    model = intl.INTL(backbone, projector, momentum_target=True).double().eval()
+    with torch.no_grad():
+        for t in model.target.parameters():
+            t.add_(0.3 * torch.randn_like(t))
+    views = [torch.randn(8, 3, 8, 8, dtype=F64) for _ in range(3)]
+    out = model(views)
+    with torch.no_grad():
+        z1 = projector(backbone(views[1]))
+    torch.testing.assert_close(out["z"], z1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out["z_hat"], ref_iternorm(z1, 4, 0), rtol=1e-9, atol=1e-10)
+    assert not out["z"].requires_grad and not out["z_hat"].requires_grad
 
 
 def test_update_target_is_exponential_moving_average_of_parameters():
@@ -656,7 +674,7 @@ def _bad_input_cases():
         "spectrum axis": (lambda: intl.covariance_spectrum(z, axis=2), r"(?i)axis"),
         "IterNorm axis": (lambda: intl.IterNorm(axis=2), r"(?i)axis"),
         "PowerTransform axis": (lambda: intl.PowerTransform(axis=2), r"(?i)axis"),
-        "INTL axis": (lambda: tiny_model(axis=2), r"(?i)axis"),
+        "INTL axis": (lambda: tiny_model(transform=intl.IterNorm(axis=2)), r"(?i)axis"),
         "INTL one view": (lambda: tiny_model()([img]), r"(?i)at least 2"),
         "INTL one sample": (lambda: tiny_model().eval()([img[:1], img[1:2]]), r"(?i)at least 2 samples"),
         "INTL batch sizes": (lambda: tiny_model()([img, img[:3]]), r"(?i)shape"),
