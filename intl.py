@@ -4,25 +4,12 @@ Weng et al., "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024 (ar
 and its predecessor, Weng et al., "An Investigation into Whitening Loss for Self-supervised
 Learning", NeurIPS 2022 (CW-RGP, arXiv 2210.03586).
 
-This file reads like the method section of the paper, in its order:
+Sections 1-7 follow the paper's method section, in its order; fenced off below them, what the stages share.
 
-    1. encoder and projector          x -> f(x) -> g(f(x)) = Z
-    2. spectral transformations       Z -> Z_hat = U g(diag(l)) U^T Z; IterNorm (Theorem 1)
-    3. trace loss                     sum_i (1 - var_i(Z_hat))^2
-    4. the objective, global batch    alignment + beta * trace loss (Theorem 2)
-    5. the EMA target (INTL-M)        theta_t <- m theta_t + (1 - m) theta
-    6. spectrum diagnostics           eigenvalues, lg IoC, effective rank   (the paper's Fig. 2-3)
-    7. relatives                      the power ST (Fig. 2), CW-RGP, W-MSE on the same pipeline
-
-then, fenced off, what the three stages share. The method needs only torch and torchvision.
-
-Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened:
-    axis=0  "channel whitening" (the official default): each sample is centred over its D
-            channels and the covariance is the B x B matrix between samples (divisor D - 1).
-    axis=1  "batch whitening": each channel is centred over the batch and the covariance is
-            the D x D matrix between channels (divisor B - 1).
-Both are written once: the rows being whitened ("units") and the values each unit is measured
-on ("observations") are swapped by a transpose, see `_units`.
+Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened: axis=0, "channel
+whitening" (the official default), centres each sample over its D channels, the covariance is B x B (divisor D - 1);
+axis=1, "batch whitening", centres each channel over the batch, the covariance is D x D (divisor B - 1). Both are
+written once: a transpose swaps the rows being whitened ("units") and what they are measured on, see `_units`.
 """
 
 import copy
@@ -54,15 +41,12 @@ STEMS = {
 def build_backbone(arch="resnet50", stem="imagenet", zero_init_residual=True):
     """A torchvision ResNet without its classifier: images [B, 3, H, W] -> features [B, feature_dim].
 
-    The state_dict keys are torchvision's minus `fc.*`, so exports load into `torchvision.models.<arch>()`
-    (with conv1 / maxpool replaced as in `STEMS` for the small-image stems). A zero pad followed by a
-    zero-padded convolution is one convolution with the paddings added: INTL's CIFAR stem keeps the keys.
-    zero_init_residual: every residual block starts as the identity (the authors' ResNet-50 and CW-RGP runs).
+    The state_dict keys are torchvision's minus `fc.*`, so exports load into `torchvision.models.<arch>()` (with
+    conv1 / maxpool replaced as in `STEMS` for the small-image stems: a zero pad then a padded convolution is one
+    convolution). zero_init_residual: every residual block starts as the identity (ResNet-50 and CW-RGP runs).
     """
     if arch not in RESNETS:
         raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(RESNETS)}")
-    if stem not in STEMS:
-        raise ValueError(f"unknown --stem {stem!r}: choose one of {', '.join(STEMS)}")
     net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
     kernel, stride, padding, maxpool = STEMS[stem]
     if stem != "imagenet":
@@ -87,8 +71,8 @@ def parse_projector_spec(spec):
 def build_projector(in_dim, spec, hidden_bias=False):
     """The projector g: features [B, in_dim] -> embedding Z [B, widths[-1]].
 
-    Hidden layers are Linear -> BatchNorm -> ReLU, the last a Linear with bias (the papers' "3 layers"
-    projector). Hidden Linear layers have no bias, as the BN after them removes it, unless hidden_bias (CW-RGP).
+    Hidden layers are Linear -> BatchNorm -> ReLU, the last a Linear with bias (the papers' "3 layers" projector);
+    hidden Linear layers have no bias, as the BN after them removes it, unless hidden_bias (CW-RGP).
     """
     widths = [in_dim] + parse_projector_spec(spec)
     layers = []
@@ -101,11 +85,10 @@ def build_projector(in_dim, spec, hidden_bias=False):
 # -----------------------------------------------------------------------------
 # 2. Spectral transformations (ST) and IterNorm
 #
-# With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation
-# (ST) with function g maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes
-# l_i g(l_i)^2 in Z_hat. Whitening is g(l) = l^(-1/2); IterNorm replaces the eigendecomposition
-# by T Newton steps, which implicitly applies a polynomial to the spectrum (Theorem 1). The ST by
-# eigendecomposition, g(l) = l^(-p) (the paper's power study), is with the relatives in section 7.
+# With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation (ST) with function g
+# maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes l_i g(l_i)^2. Whitening is g(l) = l^(-1/2);
+# IterNorm replaces the eigendecomposition by T Newton steps, a polynomial applied to the spectrum (Theorem 1).
+# The ST by eigendecomposition, g(l) = l^(-p) (the paper's power study), is with the relatives in section 7.
 
 
 def _check_axis(axis):
@@ -116,8 +99,6 @@ def _check_axis(axis):
 
 def _units(z, axis):
     """[B, D] -> the matrix whose rows are the units being whitened: [B, D] (axis 0) or [D, B] (axis 1)."""
-    if z.dim() != 2:
-        raise ValueError(f"expected an embedding of shape [batch, dim], got shape {tuple(z.shape)}")
     if z.shape[0] < 2:
         raise ValueError(f"whitening needs at least 2 samples, got a batch of {z.shape[0]}: use a larger batch")
     return z if axis == 0 else z.t()
@@ -129,34 +110,30 @@ def _centred_covariance(x):
     return x, x @ x.t() / (x.shape[1] - 1)
 
 
-def float32_island(function):
-    """Runs function(x, ...), or a module's method(self, x, ...), in float32 at least, also under fp16 / bf16
-    autocast: Newton's iteration cubes matrices and eigendecompositions divide by small eigenvalues. x is a
-    tensor or a list of tensors; a tensor result comes back in x's dtype (float64 stays float64)."""
-    @functools.wraps(function)
-    def wrapped(*args, **kwargs):
-        i = int(isinstance(args[0], nn.Module))  # x follows self
-        x = args[i]
+def float32_island(method):
+    """Runs a module's method(self, x, ...) in float32 at least, also under fp16 / bf16 autocast: Newton's iteration
+    cubes matrices and eigendecompositions divide by small eigenvalues. x: a tensor or a list of tensors; a tensor
+    result comes back in x's dtype (float64 stays float64)."""
+    @functools.wraps(method)
+    def wrapped(self, x, *args, **kwargs):
         tensors = [x] if torch.is_tensor(x) else list(x)
         with torch.autocast(device_type=tensors[0].device.type if tensors else "cpu", enabled=False):
             wide = [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
-            out = function(*args[:i], wide[0] if torch.is_tensor(x) else wide, *args[i + 1:], **kwargs)
+            out = method(self, wide[0] if torch.is_tensor(x) else wide, *args, **kwargs)
         return out.to(x.dtype) if torch.is_tensor(x) else out
     return wrapped
 
 
 class IterNorm(nn.Module):
-    """IterNorm (section 3.2): Newton's iteration towards S^(-1/2), without eigendecomposition.
+    """IterNorm: Newton's iteration towards S^(-1/2), without eigendecomposition.
 
         S_N = S / tr(S),   P_0 = I,   P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2,   W = P_T / sqrt(tr(S))
 
     z [B, D] -> Z_hat = W X [B, D], computed as a `float32_island`. With finite T the output is not fully
     whitened: eigenvalue l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1 - that is the point.
-
-    coupled=True: the same iterates by the coupled Newton-Schulz form (M = (3 I - P Y) / 2, Y <- Y M,
-    P <- M P, Y_0 = S_N), which does not amplify rounding errors. The paper's form (the default) does:
-    in float32 it is off by 17 at T = 20 on a random 64 x 256 batch, where the coupled form stays within
-    6e-6 of float64 (tested), and at T = 12 on digits it gives a NaN loss at step 1.
+    coupled=True: the same iterates by the coupled Newton-Schulz form (M = (3 I - P Y) / 2, Y <- Y M, P <- M P,
+    Y_0 = S_N), which does not amplify rounding errors. The paper's form (the default) does: in float32 it is off
+    by 17 at T = 20 on a random 64 x 256 batch (the coupled form: 6e-6), and at T = 12 on digits it gives a NaN loss.
     """
 
     def __init__(self, iters=4, axis=0, coupled=False):
@@ -181,21 +158,13 @@ class IterNorm(nn.Module):
         z_hat = (p / trace.sqrt()) @ x
         return z_hat if self.axis == 0 else z_hat.t()
 
-    def extra_repr(self):
-        return f"iters={self.iters}, axis={self.axis}, coupled={self.coupled}"
-
-
-def iternorm(z, iters=4, axis=0, coupled=False):
-    """`IterNorm` as a function: z [B, D] -> Z_hat [B, D]."""
-    return IterNorm(iters, axis, coupled)(z)
-
 
 # -----------------------------------------------------------------------------
 # 3. Trace loss
 
 
 def trace_loss(z_hat, axis=0):
-    """TL(Z_hat) = sum_i (1 - var_i)^2 over the units i of Z_hat [B, D] -> scalar (section 4). Keeping IterNorm's
+    """TL(Z_hat) = sum_i (1 - var_i)^2 over the units i of Z_hat [B, D] -> scalar. Keeping IterNorm's
     output at unit variance drives the spectrum of Z towards equal eigenvalues (Theorem 2)."""
     return (1 - _units(z_hat, _check_axis(axis)).var(dim=1, correction=1)).pow(2).sum()
 
@@ -209,25 +178,16 @@ def alignment_loss(a, b):
     return 2 - 2 * F.cosine_similarity(a, b, dim=1).mean()
 
 
-def default_beta(batch_size, dim, axis=0):
-    """The trace-loss weight of the official recipes: 0.01 (log2(n) - 3), n = B (axis 0) or D (axis 1)."""
-    return 0.01 * (math.log2(batch_size if _check_axis(axis) == 0 else dim) - 3)
-
-
 def _check_views(views):
-    if len(views) < 2:
-        raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
-    shapes = {tuple(v.shape) for v in views}
-    if len(shapes) > 1:
-        raise ValueError(f"all views' embeddings must have the same shape [B, D], got {sorted(shapes)}")
+    if len(views) < 2 or len({v.shape for v in views}) > 1:
+        raise ValueError("the objective compares the embeddings of at least 2 views, all of the same shape [B, D]: "
+                         f"got shapes {[tuple(v.shape) for v in views]}")
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands each process the gradient of its own rows.
-
-    Every process computes the same loss on the same gathered batch, so each holds all of dL/dZ. Summing
-    over processes and keeping the own rows gives world_size x their gradient, which DDP's averaging divides back.
-    """
+    """all_gather whose backward hands each process the gradient of its own rows. Every process computes the same
+    loss on the same gathered batch, so each holds all of dL/dZ: summing over processes and keeping the own rows
+    gives world_size x their gradient, which DDP's averaging divides back."""
 
     @staticmethod
     def forward(ctx, z):
@@ -250,39 +210,29 @@ def gather_with_grad(z):
     return _GatherWithGrad.apply(z)
 
 
-class JointEmbedding(nn.Module):
-    """What every method here shares: encoder f and projector g embed V >= 2 views of the same images, and the
-    method's `objective` compares the embeddings of the global batch; one forward per step (one DDP sync).
+class INTL(nn.Module):
+    """Encoder f + projector g + IterNorm + the INTL objective; one forward per step (one DDP sync): forward(V >= 2
+    image batches [B, 3, H_v, W_v]) -> {"loss": scalar, "z": an online view's embedding of the global batch
+    [B_global, D], "z_hat": its transformed embedding} (z, z_hat detached, for monitoring).
 
-    forward(views: V image batches [B, 3, H_v, W_v]) -> {"loss": scalar, "z": an online view's embedding of the
-    global batch [B_global, D], "z_hat": its transformed embedding [B_global, D]} (z, z_hat detached, for monitoring).
+    Each view goes through encoder and projector on its own, as in the authors' runs, so BatchNorm normalises each
+    view with its own statistics. transform: `IterNorm()` by default, or `PowerTransform` (the power study).
+    beta: the trace-loss weight; None: the official recipes' 0.01 (log2(n) - 3), n = B on axis 0, D on axis 1 (of
+    the global batch); 0 drops the trace loss. momentum_target=True is INTL-M: an EMA copy of encoder + projector,
+    without gradients, embeds view 0; the online network embeds the other views, each matched to it.
     """
 
-    def __init__(self, backbone, projector):
+    def __init__(self, backbone, projector, transform=None, beta=None, momentum_target=False):
         super().__init__()
-        self.backbone, self.projector = backbone, projector
+        self.backbone, self.projector, self.beta = backbone, projector, beta
+        self.transform = IterNorm() if transform is None else transform
+        self.target = None
+        if momentum_target:
+            self.target = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector)).requires_grad_(False)
 
     def embed(self, views):
         """Views [B, 3, H_v, W_v] -> per-view embeddings [B, D], one encoder + projector pass per view."""
         return [self.projector(self.backbone(v)) for v in views]
-
-
-class INTL(JointEmbedding):
-    """Encoder + projector + IterNorm + the INTL objective (forward's dict: see `JointEmbedding`).
-
-    Each view goes through encoder and projector on its own, as in the authors' runs, so BatchNorm
-    normalises each view with its own statistics. transform: `IterNorm()` by default, or `PowerTransform`
-    (the power study). beta: the trace-loss weight, `default_beta` if None, 0 drops the trace loss.
-    momentum_target=True is INTL-M: an EMA copy of encoder + projector, without gradients, embeds view 0;
-    the online network embeds the other views, each matched to it.
-    """
-
-    def __init__(self, backbone, projector, transform=None, beta=None, momentum_target=False):
-        super().__init__(backbone, projector)
-        self.transform, self.beta = IterNorm() if transform is None else transform, beta
-        self.target = None
-        if momentum_target:
-            self.target = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector)).requires_grad_(False)
 
     def forward(self, views):
         if self.target is None:
@@ -296,16 +246,16 @@ class INTL(JointEmbedding):
 
             L = 1/(V-1) sum_{v>=1} [ align(Z_hat_v, Z_hat_0) + beta (TL(Z_hat_v) + TL(Z_hat_0)) ]
 
-        with Z_hat_v the transformed embedding of view v over the global batch (`gather_with_grad`), every
-        extra view matched to view 0. With the EMA target, view 0 is a constant: its trace loss is left out
-        (it has no gradient to give), and z, z_hat are the online network's view 1.
+        with Z_hat_v view v's transformed embedding of the global batch (`gather_with_grad`). With the EMA target,
+        view 0 is a constant: its trace loss is left out (it has no gradient), and z, z_hat are the online view 1.
         """
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
-        beta = default_beta(*z[0].shape, self.transform.axis) if self.beta is None else self.beta
+        axis = self.transform.axis
+        beta = 0.01 * (math.log2(z[0].shape[axis]) - 3) if self.beta is None else self.beta
         z_hat = [self.transform(v) for v in z]
-        tl_0 = 0.0 if self.target is not None else trace_loss(z_hat[0], self.transform.axis)
-        terms = [alignment_loss(v, z_hat[0]) + beta * (trace_loss(v, self.transform.axis) + tl_0) for v in z_hat[1:]]
+        tl_0 = 0.0 if self.target is not None else trace_loss(z_hat[0], axis)
+        terms = [alignment_loss(v, z_hat[0]) + beta * (trace_loss(v, axis) + tl_0) for v in z_hat[1:]]
         shown = 0 if self.target is None else 1
         return {"loss": sum(terms) / len(terms), "z": z[shown].detach(), "z_hat": z_hat[shown].detach()}
 
@@ -348,8 +298,7 @@ def covariance_spectrum(z, axis=0):
     return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
 
 
-# Eigenvalues below this fraction of the largest are zero to the precision of float32 embeddings (rounding leaves
-# about 1e-14 of the largest in directions the embedding does not span).
+# Eigenvalues below this fraction of the largest are float32 rounding (about 1e-14 of it), not the embedding's.
 RANK_FLOOR = 1e-12
 
 
@@ -380,13 +329,13 @@ def collapsed(z, eigvals):
 # -----------------------------------------------------------------------------
 # 7. Relatives: the power ST, CW-RGP and W-MSE
 #
-# What the paper compares INTL with, on the same pipeline: the ST g(l) = l^(-p) (Fig. 2), and the losses
-# of CW-RGP (ZCA whitening of random channel groups) and W-MSE (Cholesky), on random sub-batches of each view.
+# What the paper compares INTL with, on the same pipeline: the ST g(l) = l^(-p) (Fig. 2), and CW-RGP (ZCA
+# whitening of random channel groups) and W-MSE (Cholesky whitening), on random sub-batches of each view.
 
 
 class PowerTransform(nn.Module):
-    """The ST by eigendecomposition with g(l) = l^(-power) (section 3.1, Fig. 2): z [B, D] -> U diag(l^-power) U^T X
-    [B, D], computed as a `float32_island`.
+    """The ST by eigendecomposition with g(l) = l^(-power) (Fig. 2): z [B, D] -> U diag(l^-power) U^T X [B, D],
+    computed as a `float32_island`.
 
     power 0.5 is ZCA whitening; power 0 leaves Z unchanged (and collapses, Fig. 2). eps > 0 uses
     S + eps mean(l) I, for batches that are singular although the shapes allow full rank (two identical
@@ -402,35 +351,23 @@ class PowerTransform(nn.Module):
         x = _units(z, self.axis)
         m, n = x.shape
         if self.power > 0 and n - 1 < m and self.eps == 0:
-            units, obs = ("samples", "channels") if self.axis == 0 else ("channels", "samples")
-            raise ValueError(f"the {m} x {m} covariance is singular by construction ({m} {units} centred over {n} "
-                             f"{obs} have rank <= {n - 1}), so l^(-{self.power}) is undefined: use a batch smaller "
-                             "than the embedding dim (axis 0), a dim smaller than the batch (axis 1), or IterNorm")
+            raise ValueError(f"the {m} x {m} covariance of {m} units centred over {n} values has rank <= {n - 1}: "
+                             f"singular by construction, so l^(-{self.power}) is undefined: use a batch smaller than "
+                             "the embedding dim (axis 0), a dim smaller than the batch (axis 1), or IterNorm")
         x, cov = _centred_covariance(x)
         ridge = self.eps * cov.diagonal().mean() * torch.eye(m, dtype=cov.dtype, device=cov.device)
-        z_hat = matrix_power(cov + ridge, -self.power) @ x
+        z_hat = MatrixPower.apply(cov + ridge, -self.power) @ x
         return z_hat if self.axis == 0 else z_hat.t()
 
-    def extra_repr(self):
-        return f"power={self.power}, axis={self.axis}, eps={self.eps}"
 
+class MatrixPower(torch.autograd.Function):
+    """apply(S, power) -> S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
 
-def spectral_transform(z, power=0.5, axis=0, eps=0.0):
-    """`PowerTransform` as a function: z [B, D] -> Z_hat [B, D]."""
-    return PowerTransform(power, axis, eps)(z)
-
-
-def matrix_power(cov, power):
-    """S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
-
-    Autograd through torch.linalg.eigh divides by l_i - l_j, infinite when eigenvalues repeat, as they do in
-    real batches. The derivative needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend
-    to f'(l_i) as l_j -> l_i (Daleckii-Krein): the backward below uses those and stays finite.
+    Autograd through torch.linalg.eigh divides by l_i - l_j, infinite when eigenvalues repeat, as they do in real
+    batches. The derivative needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend to
+    f'(l_i) as l_j -> l_i (Daleckii-Krein): the backward below uses those and stays finite.
     """
-    return _MatrixPower.apply(cov, power)
 
-
-class _MatrixPower(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cov, power):
         eigvals, eigvecs = torch.linalg.eigh(cov)
@@ -455,9 +392,9 @@ class GroupWhitening(nn.Module):
     """CW-RGP's whitening of one sub-batch of one view, h [B, D] -> [B, D]: random group partition, ZCA per group.
 
     h is centred (axis 0: each sample over its D channels; axis 1: each channel over the batch), its channels
-    permuted by a fresh random permutation into `groups` equal groups, each ZCA-whitened,
+    permuted into `groups` equal groups (forward: a permutation drawn from generator), each ZCA-whitened,
         S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])  or  X_g^T X_g / (B - 1)  (axis 1),  W_g = (S_g + eps I)^(-1/2),
-    and the permutation undone. forward(h, generator) draws the permutation from generator; `whiten` takes it.
+    and the permutation undone.
     """
 
     def __init__(self, groups=4, eps=0.0, axis=0):
@@ -472,37 +409,26 @@ class GroupWhitening(nn.Module):
     @float32_island
     def whiten(self, h, perm):
         """h [B, D] whitened with the channel permutation perm [D] -> [B, D]."""
-        batch, dim = h.shape
-        if batch < 2:
-            raise ValueError(f"whitening needs at least 2 samples, got a batch of {batch}: use a larger --w_size")
-        if not torch.equal(perm.cpu().sort().values, torch.arange(dim)):  # no device sync for a CPU perm
-            raise ValueError(f"perm must be a permutation of the {dim} channels (e.g. torch.randperm({dim}))")
+        batch, dim = _units(h, 0).shape
         if dim % self.groups:
             raise ValueError(f"--groups {self.groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
         units, obs = (batch, dim // self.groups) if self.axis == 0 else (dim // self.groups, batch)
-        if self.eps == 0 and obs - 1 < units:
-            what, fix = (("channels per group", "fewer groups or a smaller --w_size") if self.axis == 0 else
-                         ("samples per sub-batch", "more groups or a larger --w_size"))
-            raise ValueError(f"each group's {units} x {units} covariance is singular by construction ({obs} {what} "
-                             f"give rank <= {obs - 1} < {units}): use {fix}, or set --w_eps > 0")
+        if self.eps == 0 and obs - 1 < units:  # axis 0: D/G channels per group; axis 1: B samples per sub-batch
+            raise ValueError(f"each group's {units} x {units} covariance is singular by construction ({obs} observations "
+                             f"give rank <= {obs - 1}): change --groups or --w_size, or set --w_eps > 0")
         x = h - h.mean(dim=1 if self.axis == 0 else 0, keepdim=True)
         out = torch.empty_like(x)
         for channels in perm.to(h.device).chunk(self.groups):
             xg = x[:, channels] if self.axis == 0 else x[:, channels].t()  # [units, observations]
             cov = xg @ xg.t() / (xg.shape[1] - 1) + self.eps * torch.eye(units, dtype=x.dtype, device=x.device)
-            w = matrix_power(cov, -0.5)
+            w = MatrixPower.apply(cov, -0.5)
             out[:, channels] = w @ xg if self.axis == 0 else (w @ xg).t()
         return out
 
 
-def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
-    """`GroupWhitening` as a function, with the permutation perm (default: a fresh torch.randperm(D))."""
-    return GroupWhitening(groups, eps, axis).whiten(h, torch.randperm(h.shape[1]) if perm is None else perm)
-
-
 class CholeskyWhitening(nn.Module):
     """W-MSE's batch whitening, h [B, D] -> X L^(-T) [B, D], with S + eps I = L L^T the Cholesky factor of the
-    D x D covariance: its output's covariance is the identity (for eps = 0). forward(h, generator): no randomness."""
+    D x D covariance: its output's covariance is the identity (for eps = 0). It draws nothing from generator."""
 
     axis = 1
 
@@ -521,22 +447,16 @@ class CholeskyWhitening(nn.Module):
         return torch.linalg.solve_triangular(torch.linalg.cholesky(cov), x.t(), upper=False).t()
 
 
-def cholesky_whiten(h, eps=0.0):
-    """`CholeskyWhitening` as a function."""
-    return CholeskyWhitening(eps)(h)
-
-
 def covariance_penalty(h, axis=0):
     """CW-RGP's covariance term, h [B, D] -> sum_{i != j} S_ij^2 / m, with S [m, m] the covariance of h's units
     (axis 0: the B samples, each centred over its D channels; axis 1: the D channels)."""
     _, cov = _centred_covariance(_units(h, _check_axis(axis)))
-    off_diagonal = cov - torch.diag(cov.diagonal())
-    return off_diagonal.pow(2).sum() / cov.shape[0]
+    return (cov - torch.diag(cov.diagonal())).pow(2).sum() / cov.shape[0]
 
 
-class SubBatchWhitening(JointEmbedding):
+class SubBatchWhitening(nn.Module):
     """CW-RGP (whiten=`GroupWhitening`) and W-MSE (`CholeskyWhitening`): whiten random sub-batches of each view,
-    then an MSE between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats.
+    then an MSE between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats (dict as `INTL`).
 
     As in the authors' runs, the encoder runs once per view but the projector once on all views together (its
     BatchNorm sees the V x B embeddings as one batch). normalized: 2 - 2 cos between rows; else the MSE over the
@@ -545,8 +465,9 @@ class SubBatchWhitening(JointEmbedding):
     """
 
     def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True, covariance=(0.0, 0)):
-        super().__init__(backbone, projector)
-        self.whiten, self.w_size, self.w_iter, self.normalized = whiten, w_size, w_iter, normalized
+        super().__init__()
+        self.backbone, self.projector, self.whiten = backbone, projector, whiten
+        self.w_size, self.w_iter, self.normalized = w_size, w_iter, normalized
         self.cov_weight, self.cov_epochs = covariance
 
     def embed(self, views):
@@ -555,8 +476,7 @@ class SubBatchWhitening(JointEmbedding):
         return list(self.projector(torch.cat(features)).split([len(f) for f in features]))
 
     def forward(self, views, step=0, epoch=0):
-        """step seeds the partition into sub-batches and every channel permutation, so all processes draw the same;
-        epoch ends the covariance term."""
+        """step seeds the sub-batches and permutations (the same on all processes); epoch ends the covariance term."""
         return self.objective(self.embed(views), step, epoch)
 
     @float32_island
