@@ -1,8 +1,8 @@
 """INTL: IterNorm with trace loss, a self-supervised method that modulates the spectrum of the embedding.
 
-Weng et al., "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024 (arXiv 2305.16789),
-and its predecessor, Weng et al., "An Investigation into Whitening Loss for Self-supervised
-Learning", NeurIPS 2022 (CW-RGP, arXiv 2210.03586).
+Weng et al., "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024 (arXiv 2305.16789), and its
+predecessor, Weng et al., "An Investigation into Whitening Loss for Self-supervised Learning", NeurIPS 2022
+(CW-RGP, arXiv 2210.03586).
 
 Sections 1-7 follow the paper's method section, in its order; fenced off below them, what the stages share.
 
@@ -111,9 +111,8 @@ def _centred_covariance(x):
 
 
 def float32_island(method):
-    """Runs a module's method(self, x, ...) in float32 at least, also under fp16 / bf16 autocast: Newton's iteration
-    cubes matrices and eigendecompositions divide by small eigenvalues. x: a tensor or a list of tensors; a tensor
-    result comes back in x's dtype (float64 stays float64)."""
+    """A module's method(self, x, ...) in float32 at least, also under fp16 / bf16 autocast (Newton's iteration cubes
+    matrices, eigendecompositions divide by small eigenvalues). x: a tensor or a list; a tensor returns in x's dtype."""
     @functools.wraps(method)
     def wrapped(self, x, *args, **kwargs):
         tensors = [x] if torch.is_tensor(x) else list(x)
@@ -129,8 +128,8 @@ class IterNorm(nn.Module):
 
         S_N = S / tr(S),   P_0 = I,   P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2,   W = P_T / sqrt(tr(S))
 
-    z [B, D] -> Z_hat = W X [B, D], computed as a `float32_island`. With finite T the output is not fully
-    whitened: eigenvalue l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1 - that is the point.
+    z [B, D] -> Z_hat = W X [B, D], in a `float32_island`. With finite T the output is not fully whitened (that is
+    the point): eigenvalue l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1.
     coupled=True: the same iterates by the coupled Newton-Schulz form (M = (3 I - P Y) / 2, Y <- Y M, P <- M P,
     Y_0 = S_N), which does not amplify rounding errors. The paper's form (the default) does: in float32 it is off
     by 17 at T = 20 on a random 64 x 256 batch (the coupled form: 6e-6), and at T = 12 on digits it gives a NaN loss.
@@ -270,8 +269,7 @@ class INTL(nn.Module):
 
 
 def intl_loss(views, iters=4, axis=0, beta=None):
-    """`INTL.objective`'s loss with `IterNorm(iters, axis)` on V >= 2 views [B, D] of the same samples -> scalar:
-    the same code, so the views are gathered over processes too."""
+    """`INTL.objective`'s loss with `IterNorm(iters, axis)`, V >= 2 views [B, D] -> scalar (gathered over processes)."""
     return INTL(nn.Identity(), nn.Identity(), IterNorm(iters, axis), beta).objective(views)["loss"]
 
 
@@ -327,19 +325,14 @@ def collapsed(z, eigvals):
 
 
 # -----------------------------------------------------------------------------
-# 7. Relatives: the power ST, CW-RGP and W-MSE
-#
-# What the paper compares INTL with, on the same pipeline: the ST g(l) = l^(-p) (Fig. 2), and CW-RGP (ZCA
-# whitening of random channel groups) and W-MSE (Cholesky whitening), on random sub-batches of each view.
+# 7. What the paper compares INTL with, on the same pipeline: the power ST (Fig. 2), CW-RGP and W-MSE
 
 
 class PowerTransform(nn.Module):
-    """The ST by eigendecomposition with g(l) = l^(-power) (Fig. 2): z [B, D] -> U diag(l^-power) U^T X [B, D],
-    computed as a `float32_island`.
-
-    power 0.5 is ZCA whitening; power 0 leaves Z unchanged (and collapses, Fig. 2). eps > 0 uses
-    S + eps mean(l) I, for batches that are singular although the shapes allow full rank (two identical
-    crops); relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
+    """The ST by eigendecomposition with g(l) = l^(-power) (Fig. 2): z [B, D] -> U diag(l^-power) U^T X [B, D], in a
+    `float32_island`. power 0.5 is ZCA whitening; power 0 leaves Z unchanged (and collapses, Fig. 2). eps > 0 uses
+    S + eps mean(l) I, for batches that are singular although the shapes allow full rank (two identical crops);
+    relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
     """
 
     def __init__(self, power=0.5, axis=0, eps=0.0):
@@ -414,7 +407,7 @@ class GroupWhitening(nn.Module):
             raise ValueError(f"--groups {self.groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
         units, obs = (batch, dim // self.groups) if self.axis == 0 else (dim // self.groups, batch)
         if self.eps == 0 and obs - 1 < units:  # axis 0: D/G channels per group; axis 1: B samples per sub-batch
-            raise ValueError(f"each group's {units} x {units} covariance is singular by construction ({obs} observations "
+            raise ValueError(f"each group's {units} x {units} covariance is singular by construction ({obs} values "
                              f"give rank <= {obs - 1}): change --groups or --w_size, or set --w_eps > 0")
         x = h - h.mean(dim=1 if self.axis == 0 else 0, keepdim=True)
         out = torch.empty_like(x)
@@ -442,9 +435,9 @@ class CholeskyWhitening(nn.Module):
         if self.eps == 0 and batch - 1 < dim:
             raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
                              f"use --w_size > {dim} or a smaller embedding dim, or set --w_eps > 0")
-        x = h - h.mean(dim=0, keepdim=True)
-        cov = x.t() @ x / (batch - 1) + self.eps * torch.eye(dim, dtype=x.dtype, device=x.device)
-        return torch.linalg.solve_triangular(torch.linalg.cholesky(cov), x.t(), upper=False).t()
+        x, cov = _centred_covariance(_units(h, self.axis))  # [D, B], [D, D]
+        lower = torch.linalg.cholesky(cov + self.eps * torch.eye(dim, dtype=x.dtype, device=x.device))
+        return torch.linalg.solve_triangular(lower, x, upper=False).t()
 
 
 def covariance_penalty(h, axis=0):
@@ -457,18 +450,17 @@ def covariance_penalty(h, axis=0):
 class SubBatchWhitening(nn.Module):
     """CW-RGP (whiten=`GroupWhitening`) and W-MSE (`CholeskyWhitening`): whiten random sub-batches of each view,
     then an MSE between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats (dict as `INTL`).
-
     As in the authors' runs, the encoder runs once per view but the projector once on all views together (its
     BatchNorm sees the V x B embeddings as one batch). normalized: 2 - 2 cos between rows; else the MSE over the
     entries. covariance = (weight, epochs): CW-RGP's covariance term on the un-whitened embeddings (its ImageNet
-    runs) for the first `epochs` epochs, averaged over sub-batches (each stands for one GPU's batch of the authors').
+    runs) for the first `epochs` epochs, averaged like the loss (a sub-batch stands for one GPU's batch of theirs).
     """
 
     def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True, covariance=(0.0, 0)):
         super().__init__()
         self.backbone, self.projector, self.whiten = backbone, projector, whiten
-        self.w_size, self.w_iter, self.normalized = w_size, w_iter, normalized
-        self.cov_weight, self.cov_epochs = covariance
+        self.w_size, self.w_iter, (self.cov_weight, self.cov_epochs) = w_size, w_iter, covariance
+        self.pair_loss = alignment_loss if normalized else F.mse_loss
 
     def embed(self, views):
         """Views [B, 3, H, W] -> per-view embeddings [B, D]: one encoder pass per view, one projector pass."""
@@ -491,21 +483,17 @@ class SubBatchWhitening(nn.Module):
         generator = torch.Generator().manual_seed(step)
         losses, covariance_terms, z_hat = [], [], torch.empty_like(z[0])
         with_covariance = self.cov_weight > 0 and epoch < self.cov_epochs
-        for repeat in range(self.w_iter):
+        for _ in range(self.w_iter):
             for rows in torch.randperm(batch, generator=generator).to(z[0].device).split(self.w_size):
                 whitened = [self.whiten(v[rows], generator) for v in z]
-                if repeat == 0:
-                    z_hat[rows] = whitened[0].detach()
-                    if with_covariance:
-                        covariance_terms.append(sum(covariance_penalty(v[rows], self.whiten.axis) for v in z))
+                z_hat[rows] = whitened[0].detach()
                 losses += [self.pair_loss(a, b) for a, b in itertools.combinations(whitened, 2)]
+                if with_covariance:
+                    covariance_terms.append(sum(covariance_penalty(v[rows], self.whiten.axis) for v in z))
         loss = sum(losses) / len(losses)
         if with_covariance:
             loss = loss + self.cov_weight * sum(covariance_terms) / len(covariance_terms)
         return {"loss": loss, "z": z[0].detach(), "z_hat": z_hat}
-
-    def pair_loss(self, a, b):
-        return alignment_loss(a, b) if self.normalized else F.mse_loss(a, b)
 
 
 # =============================================================================
