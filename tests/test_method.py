@@ -154,7 +154,7 @@ ITERNORM_CASES = [  # (B, D, T, axis)
 @pytest.mark.parametrize("B,D,T,axis", ITERNORM_CASES)
 def test_iternorm_matches_float64_newton_iteration_on_both_axes(B, D, T, axis):
     z = torch.randn(B, D, dtype=F64) * 3 + 1
-    out = intl.iternorm(z, iters=T, axis=axis)
+    out = intl.IterNorm(iters=T, axis=axis)(z)
     assert out.shape == (B, D) and out.dtype == F64
     torch.testing.assert_close(out, ref_iternorm(z, T, axis), rtol=1e-9, atol=1e-10)
     # Theorem 1: the same result from the scalar polynomial applied to the eigenvalues
@@ -163,14 +163,14 @@ def test_iternorm_matches_float64_newton_iteration_on_both_axes(B, D, T, axis):
 
 def test_iternorm_default_arguments_are_four_iterations_on_axis_0():
     z = torch.randn(8, 16, dtype=F64)
-    torch.testing.assert_close(intl.iternorm(z), ref_iternorm(z, 4, 0), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(intl.IterNorm()(z), ref_iternorm(z, 4, 0), rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("B,D,T,axis", ITERNORM_CASES)
 def test_iternorm_gradient_matches_gradient_of_reference(B, D, T, axis):
     z = torch.randn(B, D, dtype=F64)
     g = torch.randn(B, D, dtype=F64)
-    got = input_grad(lambda t: intl.iternorm(t, iters=T, axis=axis), z, g)
+    got = input_grad(lambda t: intl.IterNorm(iters=T, axis=axis)(t), z, g)
     want = input_grad(lambda t: ref_iternorm(t, T, axis), z, g)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
 
@@ -178,7 +178,7 @@ def test_iternorm_gradient_matches_gradient_of_reference(B, D, T, axis):
 @pytest.mark.parametrize("B,D,T,axis", [(4, 6, 3, 0), (3, 5, 5, 0), (6, 4, 3, 1), (5, 3, 2, 1)])
 def test_iternorm_passes_gradcheck(B, D, T, axis):
     z = torch.randn(B, D, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: intl.iternorm(t, iters=T, axis=axis), (z,))
+    assert torch.autograd.gradcheck(lambda t: intl.IterNorm(iters=T, axis=axis)(t), (z,))
 
 
 SPECTRAL_CASES = [  # (B, D, power, axis); axis 0 needs D - 1 >= B, axis 1 needs B - 1 >= D
@@ -194,7 +194,7 @@ SPECTRAL_CASES = [  # (B, D, power, axis); axis 0 needs D - 1 >= B, axis 1 needs
 @pytest.mark.parametrize("B,D,power,axis", SPECTRAL_CASES)
 def test_spectral_transform_matches_float64_fractional_matrix_power(B, D, power, axis):
     z = torch.randn(B, D, dtype=F64) * 2 - 0.5
-    out = intl.spectral_transform(z, power=power, axis=axis)
+    out = intl.PowerTransform(power=power, axis=axis)(z)
     assert out.shape == (B, D) and out.dtype == F64
     torch.testing.assert_close(out, ref_spectral_numpy(z, power, axis), rtol=1e-7, atol=1e-8)
 
@@ -203,7 +203,7 @@ def test_spectral_transform_matches_float64_fractional_matrix_power(B, D, power,
 def test_spectral_transform_gradient_matches_gradient_of_reference(B, D, power, axis):
     z = torch.randn(B, D, dtype=F64)
     g = torch.randn(B, D, dtype=F64)
-    got = input_grad(lambda t: intl.spectral_transform(t, power=power, axis=axis), z, g)
+    got = input_grad(lambda t: intl.PowerTransform(power=power, axis=axis)(t), z, g)
     want = input_grad(lambda t: ref_spectral_torch(t, power, axis), z, g)
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-8)
 
@@ -211,13 +211,13 @@ def test_spectral_transform_gradient_matches_gradient_of_reference(B, D, power, 
 @pytest.mark.parametrize("B,D,power,axis", [(3, 6, 0.5, 0), (3, 5, 0.25, 0), (6, 3, 0.5, 1), (7, 4, 1.0, 1)])
 def test_spectral_transform_passes_gradcheck(B, D, power, axis):
     z = torch.randn(B, D, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: intl.spectral_transform(t, power=power, axis=axis), (z,))
+    assert torch.autograd.gradcheck(lambda t: intl.PowerTransform(power=power, axis=axis)(t), (z,))
 
 
 def test_spectral_transform_power_zero_only_centres():
     z = torch.randn(6, 4, dtype=F64)
-    torch.testing.assert_close(intl.spectral_transform(z, power=0.0, axis=0), z - z.mean(1, keepdim=True))
-    torch.testing.assert_close(intl.spectral_transform(z, power=0.0, axis=1), z - z.mean(0, keepdim=True))
+    torch.testing.assert_close(intl.PowerTransform(power=0.0, axis=0)(z), z - z.mean(1, keepdim=True))
+    torch.testing.assert_close(intl.PowerTransform(power=0.0, axis=1)(z), z - z.mean(0, keepdim=True))
 
 
 @pytest.mark.parametrize("B,D,axis", [(8, 5, 0), (5, 8, 0), (8, 5, 1), (5, 8, 1)])
@@ -321,7 +321,7 @@ def test_spectrum_diagnostics_match_numpy_eigenvalues():
 @pytest.mark.parametrize("B,D,axis", [(8, 32, 0), (16, 20, 0), (32, 8, 1), (12, 10, 1)])
 def test_spectral_transform_whitening_gives_identity_output_covariance(B, D, axis):
     z = torch.randn(B, D, dtype=F64) @ torch.randn(D, D, dtype=F64)  # correlated input
-    out = intl.spectral_transform(z, power=0.5, axis=axis)
+    out = intl.PowerTransform(power=0.5, axis=axis)(z)
     assert output_cov_distance(out, axis) < 1e-9
 
 
@@ -329,7 +329,7 @@ def test_spectral_transform_whitening_gives_identity_output_covariance(B, D, axi
 def test_spectral_transform_maps_eigenvalue_l_to_l_power_one_minus_two_p(power):
     z = torch.randn(6, 20, dtype=F64)
     _, s_in = ref_covariance(z)
-    _, s_out = ref_covariance(intl.spectral_transform(z, power=power, axis=0))
+    _, s_out = ref_covariance(intl.PowerTransform(power=power, axis=0)(z))
     l_in = np.sort(np.linalg.eigvalsh(s_in.numpy()))
     l_out = np.sort(np.linalg.eigvalsh(s_out.numpy()))
     want = np.sort(l_in ** (1 - 2 * power))
@@ -345,7 +345,7 @@ def test_iternorm_output_covariance_approaches_identity_as_iterations_grow(B, D,
     #   large T. In float32 the same input gives 7e-5 at T=8, 2e-2 at T=16, 6.8 at T=20, inf at
     #   T=30 and NaN at T=40.
     z = torch.randn(B, D, dtype=F64)
-    dist = [output_cov_distance(intl.iternorm(z, iters=T, axis=axis), axis) for T in range(1, 11)]
+    dist = [output_cov_distance(intl.IterNorm(iters=T, axis=axis)(z), axis) for T in range(1, 11)]
     for before, after in zip(dist, dist[1:]):
         assert after < before or after < 1e-11, dist
     assert dist[0] > 1.0  # one step is far from white: finite T does not whiten
@@ -358,10 +358,10 @@ def test_iternorm_output_covariance_approaches_identity_as_iterations_grow(B, D,
 
 def _module_cases():
     return [
-        (intl.IterNorm(iters=4, axis=0), lambda z: intl.iternorm(z, 4, 0), (16, 64)),
-        (intl.IterNorm(iters=6, axis=1), lambda z: intl.iternorm(z, 6, 1), (64, 16)),
-        (intl.PowerTransform(power=0.5, axis=0), lambda z: intl.spectral_transform(z, 0.5, 0), (16, 64)),
-        (intl.PowerTransform(power=0.75, axis=1), lambda z: intl.spectral_transform(z, 0.75, 1), (64, 16)),
+        (intl.IterNorm(iters=4, axis=0), lambda z: intl.IterNorm(4, 0)(z), (16, 64)),
+        (intl.IterNorm(iters=6, axis=1), lambda z: intl.IterNorm(6, 1)(z), (64, 16)),
+        (intl.PowerTransform(power=0.5, axis=0), lambda z: intl.PowerTransform(0.5, 0)(z), (16, 64)),
+        (intl.PowerTransform(power=0.75, axis=1), lambda z: intl.PowerTransform(0.75, 1)(z), (64, 16)),
     ]
 
 
@@ -454,7 +454,7 @@ class PoolBackbone(nn.Module):
 def test_intl_forward_loss_and_gradients_equal_reference_on_per_view_embeddings_in_training(axis):
     backbone = PoolBackbone()
     projector = intl.build_projector(backbone.feature_dim, "16-12")
-    model = intl.INTL(backbone, projector, iters=5, axis=axis).double().train()  # BN on batch statistics
+    model = intl.INTL(backbone, projector, intl.IterNorm(5, axis)).double().train()  # BN on batch statistics
     views = [torch.randn(16, 3, 8, 8, dtype=F64), torch.randn(16, 3, 6, 6, dtype=F64), torch.randn(16, 3, 8, 8, dtype=F64)]
     loss = model(views)["loss"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -510,6 +510,24 @@ def test_momentum_target_is_frozen_copy_that_encodes_view_0_only():
     loss.backward()
     assert all(t.grad is None for t in target_params)
     assert all(o.grad is not None for o in online_params)
+
+
+def test_intl_m_monitors_the_online_networks_view_1_not_the_targets_view_0():
+    # The spectrum and collapse monitor read z / z_hat: they must describe the network being trained.
+    torch.manual_seed(4)
+    backbone = PoolBackbone()
+    projector = intl.build_projector(backbone.feature_dim, "16-12")
+    model = intl.INTL(backbone, projector, momentum_target=True).double().eval()
+    with torch.no_grad():
+        for t in model.target.parameters():
+            t.add_(0.3 * torch.randn_like(t))
+    views = [torch.randn(8, 3, 8, 8, dtype=F64) for _ in range(3)]
+    out = model(views)
+    with torch.no_grad():
+        z1 = projector(backbone(views[1]))
+    torch.testing.assert_close(out["z"], z1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out["z_hat"], ref_iternorm(z1, 4, 0), rtol=1e-9, atol=1e-10)
+    assert not out["z"].requires_grad and not out["z_hat"].requires_grad
 
 
 def test_update_target_is_exponential_moving_average_of_parameters():
@@ -638,13 +656,13 @@ def _bad_input_cases():
     tiny_model = lambda **kw: intl.INTL(MLPBackbone(3 * 4 * 4), intl.build_projector(24, "8"), **kw)
     img = torch.randn(4, 3, 4, 4)
     return {
-        "iternorm one sample": (lambda: intl.iternorm(one), r"(?i)at least 2 samples"),
-        "iternorm axis": (lambda: intl.iternorm(z, axis=2), r"(?i)axis"),
-        "iternorm axis -1": (lambda: intl.iternorm(z, axis=-1), r"(?i)axis"),
-        "spectral one sample": (lambda: intl.spectral_transform(one), r"(?i)at least 2 samples"),
-        "spectral axis": (lambda: intl.spectral_transform(z, axis=3), r"(?i)axis"),
-        "spectral singular axis 0": (lambda: intl.spectral_transform(torch.randn(8, 8), 0.5, 0), r"(?i)singular"),
-        "spectral singular axis 1": (lambda: intl.spectral_transform(torch.randn(8, 8), 0.5, 1), r"(?i)singular"),
+        "iternorm one sample": (lambda: intl.IterNorm()(one), r"(?i)at least 2 samples"),
+        "iternorm axis": (lambda: intl.IterNorm(axis=2)(z), r"(?i)axis"),
+        "iternorm axis -1": (lambda: intl.IterNorm(axis=-1)(z), r"(?i)axis"),
+        "spectral one sample": (lambda: intl.PowerTransform()(one), r"(?i)at least 2 samples"),
+        "spectral axis": (lambda: intl.PowerTransform(axis=3)(z), r"(?i)axis"),
+        "spectral singular axis 0": (lambda: intl.PowerTransform(0.5, 0)(torch.randn(8, 8)), r"(?i)singular"),
+        "spectral singular axis 1": (lambda: intl.PowerTransform(0.5, 1)(torch.randn(8, 8)), r"(?i)singular"),
         "trace loss one sample": (lambda: intl.trace_loss(one), r"(?i)at least 2 samples"),
         "trace loss axis": (lambda: intl.trace_loss(z, axis=2), r"(?i)axis"),
         "intl loss one view": (lambda: intl.intl_loss([z]), r"(?i)at least 2"),
@@ -656,7 +674,7 @@ def _bad_input_cases():
         "spectrum axis": (lambda: intl.covariance_spectrum(z, axis=2), r"(?i)axis"),
         "IterNorm axis": (lambda: intl.IterNorm(axis=2), r"(?i)axis"),
         "PowerTransform axis": (lambda: intl.PowerTransform(axis=2), r"(?i)axis"),
-        "INTL axis": (lambda: tiny_model(axis=2), r"(?i)axis"),
+        "INTL axis": (lambda: tiny_model(transform=intl.IterNorm(axis=2)), r"(?i)axis"),
         "INTL one view": (lambda: tiny_model()([img]), r"(?i)at least 2"),
         "INTL one sample": (lambda: tiny_model().eval()([img[:1], img[1:2]]), r"(?i)at least 2 samples"),
         "INTL batch sizes": (lambda: tiny_model()([img, img[:3]]), r"(?i)shape"),
