@@ -408,7 +408,10 @@ def train(config, accelerator):
                     group["lr"] = lr
                 if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
                     accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
-                out = model(training_views(batch, config, accelerator.device), step=step, epoch=epoch)
+                views = training_views(batch, config, accelerator.device)
+                # The sub-batch methods draw their partitions from the step (alike on every process); epoch ends
+                # CW-RGP's covariance term. INTL takes the views only.
+                out = model(views, step=step, epoch=epoch) if config.method in ("cw-rgp", "wmse") else model(views)
                 watch.record(out["loss"], step)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(out["loss"])
@@ -924,15 +927,17 @@ def build_model(config):
     backbone = intl.build_backbone(config.arch, config.stem, config.zero_init_residual)
     projector = intl.build_projector(backbone.feature_dim, config.projector, config.hidden_bias)
     if config.method == "cw-rgp":
-        return intl.cw_rgp(backbone, projector, config.groups, config.w_size, config.w_iter, config.w_eps,
-                           config.axis, config.pair_loss == "normalized", config.cov_weight, config.cov_epochs)
+        return intl.SubBatchWhitening(backbone, projector, intl.GroupWhitening(config.groups, config.w_eps, config.axis),
+                                      config.w_size, config.w_iter, config.pair_loss == "normalized",
+                                      (config.cov_weight, config.cov_epochs))
     if config.method == "wmse":
-        return intl.wmse(backbone, projector, config.w_size, config.w_iter, config.w_eps)
-    # st: the alignment loss alone unless --beta asks for the trace loss too.
-    beta = 0.0 if config.method == "st" and config.beta is None else config.beta
-    return intl.INTL(backbone, projector, config.iters, config.axis, beta,
-                     momentum_target=config.method == "intl-m", power=config.power if config.method == "st" else None,
-                     eps=config.w_eps, coupled=config.coupled)
+        return intl.SubBatchWhitening(backbone, projector, intl.CholeskyWhitening(config.w_eps), config.w_size,
+                                      config.w_iter)
+    if config.method == "st":  # the alignment loss alone unless --beta asks for the trace loss too
+        transform, beta = intl.PowerTransform(config.power, config.axis, config.w_eps), config.beta or 0.0
+    else:
+        transform, beta = intl.IterNorm(config.iters, config.axis, config.coupled), config.beta
+    return intl.INTL(backbone, projector, transform, beta, momentum_target=config.method == "intl-m")
 
 
 def on_the_accelerator(model, config, device):
@@ -1564,7 +1569,7 @@ def run_study(config, argv, accelerator):
     the trace loss at step 1, without it at step 11): in float32 the uncoupled Newton iteration
     loses precision at large T, here already at initialisation. The paper reports instability from
     T = 9 without the trace loss and stability with it; at this scale the trace loss's effect on
-    the spectrum shows clearly but not the stabilisation at T = 12 (see `intl.iternorm`'s coupled
+    the spectrum shows clearly but not the stabilisation at T = 12 (see `intl.IterNorm`'s coupled
     form for a stable iteration at large T).
     """
     if not accelerator.is_main_process:

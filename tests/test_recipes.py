@@ -196,7 +196,7 @@ def test_every_view_goes_through_encoder_and_projector_alone_with_its_own_batch_
 
 def test_cw_rgp_runs_the_encoder_per_view_and_the_projector_once_on_all_views():
     backbone, projector = intl.build_backbone("resnet18", "cifar-unpadded"), intl.build_projector(512, "64-32", True)
-    model = intl.cw_rgp(backbone, projector, groups=2, w_size=4)
+    model = intl.SubBatchWhitening(backbone, projector, intl.GroupWhitening(groups=2), w_size=4)
     encoder_calls, projector_calls = [], []
     backbone.register_forward_hook(lambda m, i, o: encoder_calls.append(i[0].shape[0]))
     projector.register_forward_hook(lambda m, i, o: projector_calls.append(i[0].shape[0]))
@@ -211,7 +211,8 @@ def test_cw_rgp_runs_the_encoder_per_view_and_the_projector_once_on_all_views():
 
 
 def test_squared_pair_loss_is_the_mean_over_the_batch_and_channels():
-    model = intl.cw_rgp(nn.Flatten(), nn.Identity(), groups=1, w_size=4, normalized=False)
+    model = intl.SubBatchWhitening(nn.Flatten(), nn.Identity(), intl.GroupWhitening(groups=1), w_size=4,
+                                   normalized=False)
     a, b = torch.randn(4, 6, dtype=F64), torch.randn(4, 6, dtype=F64)
     assert model.pair_loss(a, b).item() == pytest.approx(((a - b) ** 2).sum().item() / 24)
 
@@ -237,8 +238,10 @@ def test_covariance_penalty_equals_float64_definition_with_gradient(axis):
 
 def test_cw_rgp_covariance_term_is_added_per_sub_batch_only_before_its_last_epoch():
     z = [torch.randn(8, 12, dtype=F64) for _ in range(2)]
-    plain = intl.cw_rgp(nn.Flatten(), nn.Identity(), groups=1, w_size=4).objective(z, step=3)["loss"]
-    model = intl.cw_rgp(nn.Flatten(), nn.Identity(), groups=1, w_size=4, cov_weight=0.01, cov_epochs=2)
+    plain = intl.SubBatchWhitening(nn.Flatten(), nn.Identity(), intl.GroupWhitening(groups=1), w_size=4).objective(
+        z, step=3)["loss"]
+    model = intl.SubBatchWhitening(nn.Flatten(), nn.Identity(), intl.GroupWhitening(groups=1), w_size=4,
+                                   covariance=(0.01, 2))
     rows = torch.randperm(8, generator=torch.Generator().manual_seed(3)).split(4)
     penalty = sum(sum(reference_covariance_penalty(v[r], 0) for v in z) for r in rows) / len(rows)
     assert model.objective(z, step=3, epoch=1)["loss"].item() == pytest.approx(plain.item() + 0.01 * penalty.item())
