@@ -5,7 +5,6 @@
     accelerate launch --multi_gpu --num_processes 8 detect_transfer.py --preset coco-c4-2x \\
         --backbone runs/in1k/backbone --data_root /data/coco --output_dir runs/coco
     python detect_transfer.py --eval_only --resume runs/voc/checkpoints/step-00024000 --data_root /data/voc
-    python detect_transfer.py --benchmark 2 --arch resnet50 --model faster-c4      # seconds per iteration, no data
 
 The papers (INTL, CW-RGP) follow MoCo's protocol with Detectron2: ResNet-50-C4, every layer fine-tuned with
 synchronised BatchNorm. Detectron2 is not on PyPI, so the same models are built from torchvision's parts:
@@ -38,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import sys
 import time
 import warnings
@@ -93,11 +91,10 @@ ARCH_DEFAULTS = {
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "eval_only", "print_config", "num_workers", "log_every", "save_every", "keep",
-               "stop_after_iters", "benchmark", "benchmark_size", "data_root", "train_json", "train_images",
+               "stop_after_iters", "data_root", "train_json", "train_images",
                "test_json", "test_images", "eval_batch_size", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
-PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "benchmark", "benchmark_size",
-               "overwrite"}
+PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "overwrite"}
 # What a training run writes into --output_dir: a new run there must not mix with, nor replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "results.json")
 # The valid range of every numeric flag (intl.check_ranges), checked before any work.
@@ -109,8 +106,7 @@ RANGES = {"seed": "[0, 4294967295]", "train_sizes": "[1, inf)", "test_size": "[1
           "batch_size": "[1, inf)", "reference_batch": "[1, inf)", "iterations": "[1, inf)", "lr": "(0, inf)",
           "lr_steps": "[0, inf)", "warmup_iters": "[0, inf)", "warmup_factor": "[0, 1]", "weight_decay": "[0, inf)",
           "momentum": "[0, 1)", "precise_bn": "[0, inf)", "save_every": "[1, inf)", "keep": "[1, inf)",
-          "eval_batch_size": "[1, inf)", "stop_after_iters": "[1, inf)", "log_every": "[1, inf)",
-          "benchmark": "[0, inf)", "benchmark_size": "[1, inf)"}
+          "eval_batch_size": "[1, inf)", "stop_after_iters": "[1, inf)", "log_every": "[1, inf)"}
 
 
 def get_parser():
@@ -202,12 +198,8 @@ def get_parser():
     add("--stop_after_iters", type=int,
         help="save and stop after this many iterations; the schedule still spans all of them")
 
-    # Logging and benchmark
+    # Logging
     add("--log_every", type=int, default=20, help="log the losses and the lr every N iterations")
-    add("--benchmark", type=int, default=0, help="time N training iterations of --model on random images and print "
-        "seconds per iteration and peak memory; no data needed")
-    add("--benchmark_size", type=int, nargs=2, default=[800, 1067], metavar=("H", "W"),
-        help="the benchmark's image size (the model resizes it to the test size)")
     return parser
 
 
@@ -218,8 +210,6 @@ def main(argv=None):
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     if warning := intl.slow_precision_warning(accelerator):
         print(warning, file=sys.stderr)
-    if config.benchmark:
-        return benchmark(config, accelerator)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     output_dir = Path(config.output_dir)
     checkpoint = intl.find_checkpoint(config.resume, output_dir, "detection") if config.resume else None
@@ -377,15 +367,13 @@ def resolve_config(argv=None):
     for key, value in ARCH_DEFAULTS[config.model.split("-")[1]].items():
         if getattr(config, key) is None:
             setattr(config, key, value)
-    if config.benchmark:
-        config.arch = config.arch or "resnet50"
     check_config(config)
     return config
 
 
 def check_config(config):
     intl.check_ranges(config, RANGES)
-    if config.benchmark or config.print_config:
+    if config.print_config:
         return
     if config.output_dir is None:
         raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
@@ -1157,47 +1145,6 @@ def results_table(results):
              for t in ("bbox", "segm") if t in results]
     return (f"{results['model']} on {results['test_set']} ({results['test_images']} images, "
             f"{results['iterations']} iterations)\n" + "\n".join(rows))
-
-
-# -----------------------------------------------------------------------------
-# Benchmark
-
-
-def benchmark(config, accelerator):
-    """Seconds per training iteration of --model on random images of --benchmark_size, and the peak memory."""
-    set_seed(config.seed)
-    backbone, found = load_detection_backbone(config, random=True)
-    model = build_detector(with_backbone(config, found), backbone, len(VOC_CLASSES)).to(accelerator.device)
-    optimizer = build_optimizer(model, config)
-    h, w = config.benchmark_size
-    device = accelerator.device
-    images = [torch.rand(3, h, w, device=device) for _ in range(config.batch_size)]
-    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.9], [0.2, 0.5, 0.4, 0.95]]) * torch.tensor([w, h] * 2)
-    targets = [{"boxes": boxes.to(device), "labels": torch.tensor([1, 2, 3], device=device)} for _ in images]
-    if has_masks(config):
-        for t in targets:
-            t["masks"] = torch.zeros(3, h, w, dtype=torch.uint8, device=device)
-            for m, (x1, y1, x2, y2) in zip(t["masks"], boxes.round().int().tolist()):
-                m[y1:y2, x1:x2] = 1
-    model.train()
-    timings = []
-    for _ in range(config.benchmark + 1):  # the first is a warm-up
-        tic = time.perf_counter()
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - tic)
-    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    seconds = float(np.mean(timings[1:]))
-    print(json.dumps({"model": config.model, "arch": config.arch, "device": str(device),
-                      "threads": torch.get_num_threads(), "images_per_iteration": config.batch_size,
-                      "input_size": [h, w], "train_short_side": config.train_sizes,
-                      "seconds_per_iteration": round(seconds, 3), "images_per_s": round(config.batch_size / seconds, 3),
-                      "peak_memory_gb": round(memory / 2**30, 2)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -127,8 +127,7 @@ def write_coco(root, n_train=12, n_val=6, seed=0, size=96, crowd_in_first=True, 
 
 def make_config(*args):
     """A resolved configuration (the per-architecture defaults filled in), for building models directly."""
-    config = dt.resolve_config(["--benchmark", "1", *map(str, args)])
-    config.benchmark = 0
+    config = dt.resolve_config(["--print_config", *map(str, args)])
     if config.backbone is None:  # built from a bare ResNet: no export says the normalisation
         config.mean, config.std = list(intl.IMAGENET_MEAN), list(intl.IMAGENET_STD)
     return config
