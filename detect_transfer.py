@@ -97,15 +97,14 @@ PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_
 # What a training run writes into --output_dir: a new run there must not mix with, nor replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "results.json")
 # The valid range of every numeric flag (intl.check_ranges), checked before any work.
-RANGES = {"seed": "[0, 4294967295]", "train_sizes": "[1, inf)", "test_size": "[1, inf)", "max_size": "[1, inf)",
-          "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)", "anchor_sizes": "[1, inf)",
-          "rpn_pre_nms_train": "[1, inf)", "rpn_post_nms_train": "[1, inf)", "rpn_pre_nms_test": "[1, inf)",
-          "rpn_post_nms_test": "[1, inf)", "rpn_batch_per_image": "[1, inf)", "roi_batch_per_image": "[1, inf)",
-          "pool_size": "[1, inf)", "score_thresh": "[0, 1]", "detections_per_image": "[1, inf)",
-          "batch_size": "[1, inf)", "reference_batch": "[1, inf)", "iterations": "[1, inf)", "lr": "(0, inf)",
-          "lr_steps": "[0, inf)", "warmup_iters": "[0, inf)", "warmup_factor": "[0, 1]", "weight_decay": "[0, inf)",
-          "momentum": "[0, 1)", "precise_bn": "[0, inf)", "save_every": "[1, inf)", "keep": "[1, inf)",
-          "eval_batch_size": "[1, inf)", "stop_after_iters": "[1, inf)", "log_every": "[1, inf)"}
+RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes", "rpn_pre_nms_train",
+                           "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_per_image",
+                           "roi_batch_per_image", "pool_size", "detections_per_image", "batch_size", "reference_batch",
+                           "iterations", "save_every", "keep", "eval_batch_size", "stop_after_iters", "log_every"),
+                          "[1, inf)"),
+          **dict.fromkeys(("num_workers", "lr_steps", "warmup_iters", "weight_decay", "precise_bn"), "[0, inf)"),
+          "seed": "[0, 4294967295]", "mean": "(-inf, inf)", "std": "(0, inf)", "lr": "(0, inf)",
+          "score_thresh": "[0, 1]", "warmup_factor": "[0, 1]", "momentum": "[0, 1)"}
 
 
 def get_parser():
@@ -115,10 +114,8 @@ def get_parser():
     add = parser.add_argument_group("data").add_argument
     add("--dataset", choices=["voc", "coco"],
         help="voc: VOC-format folders under --data_root; coco: a COCO-format json + image folder")
-    add("--data_root", help="voc: the folder holding VOCdevkit/; coco: the folder holding annotations/, train2017/ "
-        "and val2017/")
-    add("--train_sets", default="2007-trainval,2012-trainval", help="voc: YEAR-IMAGESET pairs trained on, joined by "
-        "commas")
+    add("--data_root", help="voc: the folder holding VOCdevkit/; coco: the one with annotations/, train2017/, val2017/")
+    add("--train_sets", default="2007-trainval,2012-trainval", help="voc: YEAR-IMAGESET pairs trained on")
     add("--test_set", default="2007-test", help="voc: the YEAR-IMAGESET evaluated on")
     add("--voc_classes", default=",".join(VOC_CLASSES), help="voc: the class names in label order, joined by commas")
     add("--train_json", help="coco: training annotations; None: DATA_ROOT/annotations/instances_train2017.json")
@@ -134,10 +131,9 @@ def get_parser():
     add("--num_workers", type=int, default=4, help="data loader processes per training process")
 
     add = parser.add_argument_group("model").add_argument
-    add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on the papers' ResNet-C4 or on "
-        "torchvision's FPN")
-    add("--backbone", help="an export folder, a .safetensors file (+ --arch), a Hub id owner/name[@revision], a "
-        "pretrain checkpoint folder, an official .pth.tar, or 'random' (from scratch, with --arch)")
+    add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on the papers' C4 or on an FPN")
+    add("--backbone", help="an export folder, a .safetensors file, a Hub id owner/name[@revision], a pretrain "
+        "checkpoint folder, an official .pth.tar, or 'random' (from scratch)")
     add("--arch", choices=intl.RESNETS, help="the ResNet, when the backbone source does not say")
     add("--revision", help="Hub branch, tag or commit of --backbone")
     add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512],
@@ -151,7 +147,7 @@ def get_parser():
     add("--pool_size", type=int, help="RoIAlign output side; None: C4 14 (before res5), FPN 7 (FPN masks: 14)")
 
     # --lr, --iterations, --lr_steps and --warmup_iters are for a global batch of --reference_batch; another global
-    # batch B scales the lr by B / reference and the iterations by reference / B.
+    # batch B scales the lr by B / reference and the iterations by reference / B (`schedule`).
     add = parser.add_argument_group("optimisation / schedule").add_argument
     add("--batch_size", type=int, default=2, help="images per process per iteration")
     add("--reference_batch", type=int, default=16, help="the global batch the lr and iteration counts are given for")
@@ -166,28 +162,26 @@ def get_parser():
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision; None: Accelerate's config")
 
     add = parser.add_argument_group("evaluation").add_argument
-    add("--voc_metric", default="11point", choices=["11point", "area"], help="voc: AP as the mean precision at 11 "
-        "recall points (VOC07, the papers') or the area under the precision-recall curve (VOC2010+)")
-    add("--precise_bn", type=int, default=200, help="before the final evaluation, set every BatchNorm's statistics "
-        "to the mean over this many training batches per process (0: off)")
+    add("--voc_metric", default="11point", choices=["11point", "area"],
+        help="voc: AP as VOC07's (the papers') or VOC2010's (the area under the precision-recall curve)")
+    add("--precise_bn", type=int, default=200, help="training batches per process whose mean BatchNorm statistics "
+        "replace the running ones before the final evaluation (0: off)")
     add("--score_thresh", type=float, default=0.05, help="detections below this score are dropped")
     add("--detections_per_image", type=int, default=100, help="detections kept per image")
     add("--eval_batch_size", type=int, default=1, help="test images per process per forward pass")
-    add("--eval_only", action="store_true", help="evaluate the --resume checkpoint and write results.json, by "
-        "default into OUTPUT_DIR/eval/step-N of the checkpoint's run")
+    add("--eval_only", action="store_true", help="evaluate the --resume checkpoint (results.json into OUTPUT_DIR, "
+        "by default the run's eval/step-N)")
 
     add = parser.add_argument_group("run").add_argument
     add("--preset", choices=sorted(PRESETS), help="the papers' recipes: voc-c4-24k (Faster R-CNN C4, VOC07+12 -> "
         "VOC07 test) or coco-c4-2x (Mask R-CNN C4, COCO 2017, 2x schedule)")
     add("--output_dir", help="where checkpoints/, log.jsonl and results.json go")
     add("--resume", help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
-    add("--overwrite", action="store_true", help="let a new run (or --eval_only) replace what an earlier run left in "
-        "--output_dir; without it such a folder is refused")
+    add("--overwrite", action="store_true", help="let a new run (or --eval_only) replace an earlier run's results")
     add("--seed", type=int, default=0, help="seed of the head initialisation, data order and flips")
     add("--save_every", type=int, default=2000, help="save a checkpoint every N iterations and at the end")
     add("--keep", type=int, default=2, help="keep the last K checkpoints")
-    add("--stop_after_iters", type=int, help="save and stop after this many iterations; the schedule still spans all "
-        "of them")
+    add("--stop_after_iters", type=int, help="save and stop after this many iterations (continue with --resume)")
     add("--log_every", type=int, default=20, help="log the losses and the lr every N iterations")
     add("--print_config", action="store_true", help="print the resolved configuration and exit")
     return parser
@@ -208,14 +202,13 @@ def main(argv=None):
                                 accelerator.print)
 
     # Data: the test images with their ground truth; the training records unless only evaluating.
-    test_data = load_test_data(config)
-    train_records = None if config.eval_only else load_train_records(config)
+    test_data = load_split(config, "test")
+    train_records = None if config.eval_only else load_split(config, "train")["records"]
 
     # Model: the same initialisation on every process. A checkpoint holds every weight, so with one the backbone is
     # only built, not read. The configuration saved and reported names the backbone's arch and normalisation.
     set_seed(config.seed)
-    backbone, found = load_detection_backbone(config, random=checkpoint is not None)
-    config = with_backbone(config, found)
+    backbone, config = load_detection_backbone(config, random=checkpoint is not None)
     model = build_detector(config, backbone, len(test_data["classes"]))
     model = intl.sync_batchnorm(model, accelerator).to(accelerator.device)
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; {config.model} on "
@@ -247,7 +240,7 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
 
     stop_at = min(plan["iterations"], config.stop_after_iters or plan["iterations"])
     if state["iteration"] < stop_at:
-        state = train(prepared, optimizer, train_records, plan, state["iteration"], config, accelerator)
+        state = train(prepared, optimizer, train_records, plan, range(state["iteration"], stop_at), config, accelerator)
     if state["iteration"] < plan["iterations"]:
         return None
     if config.precise_bn and not state.get("precise_bn_done"):
@@ -259,10 +252,9 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     return state
 
 
-def train(model, optimizer, train_records, plan, start, config, accelerator):
-    """Iterations `start`.. up to --stop_after_iters or the end of the schedule -> the state saved with the last
-    checkpoint."""
-    stop_at = min(plan["iterations"], config.stop_after_iters or plan["iterations"])
+def train(model, optimizer, train_records, plan, iterations, config, accelerator):
+    """Train over `iterations` (a range) -> the state saved with the last checkpoint."""
+    start, stop_at = iterations.start, iterations.stop
     global_batch = config.batch_size * accelerator.num_processes
     last_good = intl.latest_checkpoint(config.output_dir)  # what the messages point to if the loss breaks or on Ctrl-C
     progress = tqdm(total=stop_at, initial=start, disable=not accelerator.is_main_process, desc="detection")
@@ -337,17 +329,15 @@ def evaluate(model, test_data, state, config, accelerator):
 def resolve_config(argv=None):
     """Flags > preset > argparse defaults; a resumed run keeps its checkpoint's configuration."""
     parser = get_parser()
+    parser.set_defaults(**PRESETS.get(parser.parse_known_args(argv)[0].preset, {}))
     config = parser.parse_args(argv)
-    explicit = intl.explicit_flags(parser, argv)
-    for key, value in PRESETS.get(config.preset, {}).items():
-        if key not in explicit:
-            setattr(config, key, value)
     if config.eval_only and not config.resume:
-        raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir) to say what to evaluate")
+        raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir): what to evaluate")
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection")
+        explicit = intl.explicit_flags(get_parser(), argv)
         intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND)
-        if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: OUTPUT_DIR/eval/step-N)
+        if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: its eval/step-N)
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
     for key, value in ARCH_DEFAULTS[config.model.split("-")[1]].items():
@@ -385,13 +375,6 @@ def check_config(config):
                          f"{len(config.anchor_sizes)}")
     if sorted(config.lr_steps) != list(config.lr_steps):
         raise ValueError(f"--lr_steps {config.lr_steps}: give increasing iteration counts")
-
-
-def with_backbone(config, found):
-    """The run's configuration as its checkpoints and results record it: the backbone's arch, and its input
-    normalisation where --mean / --std do not give one."""
-    return argparse.Namespace(**{**vars(config), "arch": found["arch"], "mean": list(config.mean or found["mean"]),
-                                 "std": list(config.std or found["std"])})
 
 
 def has_masks(config):
@@ -450,7 +433,7 @@ def learning_rate(iteration, plan):
 
 
 def build_optimizer(model, config):
-    """SGD with weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0)."""
+    """SGD, weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0)."""
     return torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
 
 
@@ -493,9 +476,10 @@ def precise_bn(model, batches, accelerator=None):
 
 
 def load_detection_backbone(config, random=False):
-    """The --backbone ResNet (fc = Identity, loaded strictly by intl.load_backbone) -> (backbone, what its source
-    says: {"arch", "mean", "std"}). random: a fresh ResNet of --arch, as for --backbone random or for a checkpoint
-    that holds every weight."""
+    """The --backbone ResNet (fc = Identity, loaded strictly by intl.load_backbone), and the run's configuration as
+    its checkpoints and results record it: the backbone's arch, and its input normalisation where --mean / --std do
+    not give one. random: a fresh ResNet of --arch, as for --backbone random or for a checkpoint that holds every
+    weight."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
@@ -505,7 +489,9 @@ def load_detection_backbone(config, random=False):
             raise ValueError(f"{config.backbone} has the {found['stem']} stem (3x3 stride-1 conv): its res4 does not "
                              "have stride 16, so it does not fit the detectors; use a backbone pretrained with the "
                              "ImageNet stem")
-    return backbone.train(), {key: found[key] for key in ("arch", "mean", "std")}
+    config = argparse.Namespace(**{**vars(config), "arch": found["arch"], "mean": list(config.mean or found["mean"]),
+                                   "std": list(config.std or found["std"])})
+    return backbone.train(), config
 
 
 def build_detector(config, backbone, num_classes):
@@ -676,36 +662,24 @@ def mask_predictor(in_channels, num_classes):
 # lose 1, as Detectron2 does; evaluation turns them back into the devkit's coordinates.
 
 
-def load_train_records(config):
-    """The training images that hold an object (Detectron2 trains on no other)."""
+def load_split(config, split):
+    """The "train" or "test" images: {"name", "classes", "records"}, and for COCO the ground truth COCOeval reads.
+    Training keeps the images that hold an object (Detectron2 trains on no other)."""
     if config.dataset == "voc":
-        records = [r for spec in config.train_sets.split(",")
-                   for r in voc_records(config.data_root, spec.strip(), voc_classes(config))]
-    else:
-        records = coco_data(*coco_files(config, "train"), masks=has_masks(config))["records"]
-    records = [r for r in records if len(r["boxes"])]
-    if not records:
-        raise ValueError("the training set has no image with an object")
-    return records
-
-
-def load_test_data(config):
-    """{"name", "classes", "records"} of the test set, and for COCO the ground truth COCOeval reads."""
-    if config.dataset == "voc":
-        classes = voc_classes(config)
-        return {"name": config.test_set, "classes": classes,
-                "records": voc_records(config.data_root, config.test_set, classes)}
-    json_file, image_dir = coco_files(config, "test")
-    return {"name": json_file, **coco_data(json_file, image_dir, masks=False)}
-
-
-def coco_files(config, split):
-    """(json, image folder) of split "train" or "test": --train_json / --train_images, or --test_json /
-    --test_images, by default COCO 2017's under --data_root."""
-    folder = {"train": "train2017", "test": "val2017"}[split]
-    json_file = getattr(config, f"{split}_json") or os.path.join(config.data_root, "annotations",
-                                                                 f"instances_{folder}.json")
-    return json_file, getattr(config, f"{split}_images") or os.path.join(config.data_root, folder)
+        name, classes = config.train_sets if split == "train" else config.test_set, voc_classes(config)
+        records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip(), classes)]
+        data = {"name": name, "classes": classes, "records": records}
+    else:  # --train_json etc., by default COCO 2017's files under --data_root
+        folder = {"train": "train2017", "test": "val2017"}[split]
+        json_file = getattr(config, f"{split}_json") or os.path.join(config.data_root, "annotations",
+                                                                     f"instances_{folder}.json")
+        image_dir = getattr(config, f"{split}_images") or os.path.join(config.data_root, folder)
+        data = {"name": json_file, **coco_data(json_file, image_dir, masks=split == "train" and has_masks(config))}
+    if split == "train":
+        data["records"] = [r for r in data["records"] if len(r["boxes"])]
+        if not data["records"]:
+            raise ValueError("the training set has no image with an object")
+    return data
 
 
 def voc_classes(config):
@@ -719,14 +693,12 @@ def voc_records(root, spec, classes):
     """'2007-trainval' under ROOT/VOCdevkit/VOC2007 -> records, through torchvision's VOCDetection."""
     year, _, image_set = spec.partition("-")
     where = f"{root}/VOCdevkit/VOC{year}"
-    layout = (f"expected {where}/JPEGImages/*.jpg, {where}/Annotations/*.xml and {where}/ImageSets/Main/{image_set}.txt "
-              "(the layout the VOCtrainval / VOCtest tarballs unpack to; --data_root is the folder holding VOCdevkit/)")
+    layout = (f"expected {where}/JPEGImages/*.jpg, {where}/Annotations/*.xml and {where}/ImageSets/Main/"
+              f"{image_set}.txt (as the VOC tarballs unpack; --data_root is the folder holding VOCdevkit/)")
     try:
         dataset = torchvision.datasets.VOCDetection(root, year=year, image_set=image_set)
     except (RuntimeError, FileNotFoundError):
         raise ValueError(f"no VOC {spec} under {root}: {layout}") from None
-    except ValueError as error:
-        raise ValueError(f"VOC set {spec!r}: {error}; give YEAR-IMAGESET such as 2007-trainval") from None
     label = {name: i + 1 for i, name in enumerate(classes)}
     records = []
     for image_file, xml_file in zip(dataset.images, dataset.annotations):
@@ -810,18 +782,15 @@ def rasterize(segmentations, height, width):
     """COCO polygons / RLEs -> uint8 masks [N, H, W], as pycocotools' COCO.annToMask."""
     from pycocotools import mask as mask_utils
 
-    out = np.zeros((len(segmentations), height, width), np.uint8)
-    for i, segmentation in enumerate(segmentations):
-        if isinstance(segmentation, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            rle = segmentation
+    masks = np.zeros((len(segmentations), height, width), np.uint8)
+    for mask, segmentation in zip(masks, segmentations):
+        if isinstance(segmentation, list) or isinstance(segmentation["counts"], list):  # polygons, uncompressed RLE
+            segmentation = mask_utils.frPyObjects(segmentation, height, width)
+        rle = mask_utils.merge(segmentation) if isinstance(segmentation, list) else segmentation  # polygons: merged
         with warnings.catch_warnings():  # pycocotools' own use of numpy's __array__ protocol
             warnings.simplefilter("ignore", DeprecationWarning)
-            out[i] = mask_utils.decode(rle)
-    return torch.from_numpy(out)
+            mask[:] = mask_utils.decode(rle)
+    return torch.from_numpy(masks)
 
 
 class DetectionImages(torch.utils.data.Dataset):
@@ -834,9 +803,6 @@ class DetectionImages(torch.utils.data.Dataset):
 
     def __init__(self, records, train, seed=0, masks=False):
         self.records, self.train, self.seed, self.masks = records, train, seed, masks
-
-    def __len__(self):
-        return len(self.records)
 
     def __getitem__(self, key):
         epoch, index = key if self.train else (None, key)
