@@ -654,7 +654,7 @@ def mask_predictor(in_channels, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# Data: VOC (torchvision's VOCDetection layout) and COCO-format (CocoDetection), as records
+# Data: VOC (torchvision's VOCDetection layout) and COCO-format (pycocotools), as records
 #
 # A record is one image: its file, size, boxes [N, 4] (x1, y1, x2, y2, 0-based continuous coordinates),
 # labels [N] (1..K, 0 is the background), difficult [N] (VOC) and, for COCO, its image id and the
@@ -666,7 +666,8 @@ def load_split(config, split):
     """The "train" or "test" images: {"name", "classes", "records"}, and for COCO the ground truth COCOeval reads.
     Training keeps the images that hold an object (Detectron2 trains on no other)."""
     if config.dataset == "voc":
-        name, classes = config.train_sets if split == "train" else config.test_set, voc_classes(config)
+        name = config.train_sets if split == "train" else config.test_set
+        classes = voc_classes(config)
         records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip(), classes)]
         data = {"name": name, "classes": classes, "records": records}
     else:  # --train_json etc., by default COCO 2017's files under --data_root
