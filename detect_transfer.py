@@ -5,7 +5,6 @@
     accelerate launch --multi_gpu --num_processes 8 detect_transfer.py --preset coco-c4-2x \\
         --backbone runs/in1k/backbone --data_root /data/coco --output_dir runs/coco
     python detect_transfer.py --eval_only --resume runs/voc/checkpoints/step-00024000 --data_root /data/voc
-    python detect_transfer.py --benchmark 2 --arch resnet50 --model faster-c4      # seconds per iteration, no data
 
 The papers (INTL, CW-RGP) follow MoCo's protocol with Detectron2: ResNet-50-C4, every layer fine-tuned with
 synchronised BatchNorm. Detectron2 is not on PyPI, so the same models are built from torchvision's parts:
@@ -38,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import sys
 import time
 import warnings
@@ -49,21 +47,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from PIL import Image as PILImage
-from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import LevelMapper
 from tqdm.auto import tqdm
 
 import intl
@@ -92,121 +89,100 @@ ARCH_DEFAULTS = {
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "eval_only", "print_config", "num_workers", "log_every", "save_every", "keep",
-               "stop_after_iters", "benchmark", "benchmark_size", "data_root", "train_json", "train_images",
-               "test_json", "test_images", "eval_batch_size", "overwrite"}
+               "stop_after_iters", "data_root", "train_json", "train_images", "test_json", "test_images",
+               "eval_batch_size", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
-PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "benchmark", "benchmark_size",
-               "overwrite"}
+PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "overwrite"}
 # What a training run writes into --output_dir: a new run there must not mix with, nor replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "results.json")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
-RANGES = {"seed": "[0, 4294967295]", "train_sizes": "[1, inf)", "test_size": "[1, inf)", "max_size": "[1, inf)",
-          "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)", "anchor_sizes": "[1, inf)",
-          "rpn_pre_nms_train": "[1, inf)", "rpn_post_nms_train": "[1, inf)", "rpn_pre_nms_test": "[1, inf)",
-          "rpn_post_nms_test": "[1, inf)", "rpn_batch_per_image": "[1, inf)", "roi_batch_per_image": "[1, inf)",
-          "pool_size": "[1, inf)", "score_thresh": "[0, 1]", "detections_per_image": "[1, inf)",
-          "batch_size": "[1, inf)", "reference_batch": "[1, inf)", "iterations": "[1, inf)", "lr": "(0, inf)",
-          "lr_steps": "[0, inf)", "warmup_iters": "[0, inf)", "warmup_factor": "[0, 1]", "weight_decay": "[0, inf)",
-          "momentum": "[0, 1)", "precise_bn": "[0, inf)", "save_every": "[1, inf)", "keep": "[1, inf)",
-          "eval_batch_size": "[1, inf)", "stop_after_iters": "[1, inf)", "log_every": "[1, inf)",
-          "benchmark": "[0, inf)", "benchmark_size": "[1, inf)"}
+RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes", "rpn_pre_nms_train",
+                           "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_per_image",
+                           "roi_batch_per_image", "pool_size", "detections_per_image", "batch_size", "reference_batch",
+                           "iterations", "save_every", "keep", "eval_batch_size", "stop_after_iters", "log_every"),
+                          "[1, inf)"),
+          **dict.fromkeys(("num_workers", "lr_steps", "warmup_iters", "weight_decay", "precise_bn"), "[0, inf)"),
+          "seed": "[0, 4294967295]", "mean": "(-inf, inf)", "std": "(0, inf)", "lr": "(0, inf)",
+          "score_thresh": "[0, 1]", "warmup_factor": "[0, 1]", "momentum": "[0, 1)"}
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description="Detection transfer: Faster / Mask R-CNN (C4 or FPN) on VOC or COCO",
                                      allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = parser.add_argument
 
-    # Run
-    add("--preset", choices=sorted(PRESETS), help="the papers' recipes: voc-c4-24k (Faster R-CNN C4, VOC07+12 -> "
-        "VOC07 test) or coco-c4-2x (Mask R-CNN C4, COCO 2017, 2x schedule)")
-    add("--print_config", action="store_true", help="print the resolved configuration and exit")
-    add("--seed", type=int, default=0, help="seed of the head initialisation, data order and flips")
-
-    # Data
+    add = parser.add_argument_group("data").add_argument
     add("--dataset", choices=["voc", "coco"],
-        help="voc: VOC-format folders under --data_root; coco: COCO-format json + image folder")
-    add("--data_root", help="voc: the folder holding VOCdevkit/; coco: the folder holding annotations/, train2017/ "
-        "and val2017/ (the defaults of --train_json etc.)")
-    add("--train_sets", default="2007-trainval,2012-trainval",
-        help="voc: YEAR-IMAGESET pairs trained on, joined by commas")
+        help="voc: VOC-format folders under --data_root; coco: a COCO-format json + image folder")
+    add("--data_root", help="voc: the folder holding VOCdevkit/; coco: the one with annotations/, train2017/, val2017/")
+    add("--train_sets", default="2007-trainval,2012-trainval", help="voc: YEAR-IMAGESET pairs trained on")
     add("--test_set", default="2007-test", help="voc: the YEAR-IMAGESET evaluated on")
-    add("--voc_classes", default=",".join(VOC_CLASSES),
-        help="voc: the class names, in label order (another VOC-format dataset may have its own)")
-    add("--voc_metric", default="11point", choices=["11point", "area"], help="voc: AP as the mean precision at 11 "
-        "recall points (VOC07, the papers') or the area under the interpolated precision-recall curve (VOC2010+)")
-    add("--train_json", help="coco: training annotations (default DATA_ROOT/annotations/instances_train2017.json)")
-    add("--train_images", help="coco: training image folder (default DATA_ROOT/train2017)")
-    add("--test_json", help="coco: test annotations (default DATA_ROOT/annotations/instances_val2017.json)")
-    add("--test_images", help="coco: test image folder (default DATA_ROOT/val2017)")
+    add("--voc_classes", default=",".join(VOC_CLASSES), help="voc: the class names in label order, joined by commas")
+    add("--train_json", help="coco: training annotations; None: DATA_ROOT/annotations/instances_train2017.json")
+    add("--train_images", help="coco: training image folder; None: DATA_ROOT/train2017")
+    add("--test_json", help="coco: test annotations; None: DATA_ROOT/annotations/instances_val2017.json")
+    add("--test_images", help="coco: test image folder; None: DATA_ROOT/val2017")
     add("--train_sizes", type=int, nargs="+", default=list(range(480, 801, 32)),
         help="training short sides in pixels, one drawn per image")
     add("--test_size", type=int, default=800, help="test short side in pixels")
     add("--max_size", type=int, default=1333, help="cap on the long side in pixels")
-    add("--mean", type=float, nargs=3, help="input normalisation mean, RGB in [0, 1] (default: the backbone's)")
-    add("--std", type=float, nargs=3, help="input normalisation std (default: the backbone's)")
+    add("--mean", type=float, nargs=3, help="input normalisation mean, RGB in [0, 1]; None: the backbone's")
+    add("--std", type=float, nargs=3, help="input normalisation std; None: the backbone's")
     add("--num_workers", type=int, default=4, help="data loader processes per training process")
 
-    # Model
-    add("--model", default="faster-c4", choices=MODELS, help="faster/mask R-CNN with the papers' ResNet-C4 or "
-        "torchvision's FPN")
-    add("--backbone", help="an export folder, a .safetensors file (+ --arch), a Hub id owner/name[@revision], a "
-        "pretrain checkpoint folder, an official .pth.tar, or 'random' (from scratch, --arch)")
-    add("--arch", choices=intl.RESNETS,
-        help="the ResNet, when the backbone source does not say (required with 'random')")
+    add = parser.add_argument_group("model").add_argument
+    add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on the papers' C4 or on an FPN")
+    add("--backbone", help="an export folder, a .safetensors file, a Hub id owner/name[@revision], a pretrain "
+        "checkpoint folder, an official .pth.tar, or 'random' (from scratch)")
+    add("--arch", choices=intl.RESNETS, help="the ResNet, when the backbone source does not say")
     add("--revision", help="Hub branch, tag or commit of --backbone")
     add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512],
         help="anchor sides in pixels (C4: all on the one level; FPN: one per level)")
-    add("--rpn_pre_nms_train", type=int,
-        help="proposals kept before NMS per level in training (default: C4 12000, FPN 2000)")
-    add("--rpn_post_nms_train", type=int,
-        help="proposals kept after NMS per image in training (default: C4 2000, FPN 1000)")
-    add("--rpn_pre_nms_test", type=int,
-        help="proposals kept before NMS per level at test time (default: C4 6000, FPN 1000)")
-    add("--rpn_post_nms_test", type=int, help="proposals kept after NMS per image at test time (default: 1000)")
+    add("--rpn_pre_nms_train", type=int, help="training proposals kept before NMS per level; None: C4 12000, FPN 2000")
+    add("--rpn_post_nms_train", type=int, help="training proposals kept after NMS per image; None: C4 2000, FPN 1000")
+    add("--rpn_pre_nms_test", type=int, help="test proposals kept before NMS per level; None: C4 6000, FPN 1000")
+    add("--rpn_post_nms_test", type=int, help="test proposals kept after NMS per image; None: 1000")
     add("--rpn_batch_per_image", type=int, default=256, help="anchors sampled per image for the RPN loss")
     add("--roi_batch_per_image", type=int, default=512, help="RoIs sampled per image for the head losses")
-    add("--pool_size", type=int,
-        help="RoIAlign output side (default: C4 14, pooled before res5; FPN 7 for boxes; FPN masks 14)")
-    add("--score_thresh", type=float, default=0.05, help="test: detections below this score are dropped")
-    add("--detections_per_image", type=int, default=100, help="test: detections kept per image")
+    add("--pool_size", type=int, help="RoIAlign output side; None: C4 14 (before res5), FPN 7 (FPN masks: 14)")
 
-    # Optim: iteration based. --lr, --iterations, --lr_steps and --warmup_iters are for a global batch of
-    # --reference_batch; another global batch B scales the lr by B / reference and the iterations by reference / B.
+    # --lr, --iterations, --lr_steps and --warmup_iters are for a global batch of --reference_batch; another global
+    # batch B scales the lr by B / reference and the iterations by reference / B (`schedule`).
+    add = parser.add_argument_group("optimisation / schedule").add_argument
     add("--batch_size", type=int, default=2, help="images per process per iteration")
     add("--reference_batch", type=int, default=16, help="the global batch the lr and iteration counts are given for")
     add("--iterations", type=int, default=24000, help="training iterations at the reference batch")
     add("--lr", type=float, default=0.02, help="peak learning rate at the reference batch")
     add("--lr_steps", type=int, nargs="*", default=[18000, 22000],
         help="iterations (at the reference batch) after which the lr is multiplied by 0.1")
-    add("--warmup_iters", type=int, default=100, help="linear warm-up iterations (at the reference batch)")
+    add("--warmup_iters", type=int, default=100, help="linear warm-up iterations at the reference batch")
     add("--warmup_factor", type=float, default=0.001, help="the warm-up starts at this fraction of the lr")
-    add("--weight_decay", type=float, default=1e-4, help="weight decay (none on normalisation parameters)")
+    add("--weight_decay", type=float, default=1e-4, help="weight decay, none on normalisation parameters")
     add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--precise_bn", type=int, default=200, help="before the final evaluation, set every BatchNorm's statistics "
-        "to the mean over this many training batches per process (0: off)")
-    add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision (default: Accelerate's config)")
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision; None: Accelerate's config")
 
-    # Checkpoints and evaluation
-    add("--output_dir", help="where checkpoints, log.jsonl and results.json go")
-    add("--save_every", type=int, default=2000, help="save a checkpoint every N iterations (and at the end)")
-    add("--keep", type=int, default=2, help="keep the last K checkpoints")
-    add("--resume", help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
-    add("--eval_only", action="store_true", help="evaluate the --resume checkpoint on the test set and write "
-        "results.json (default folder: OUTPUT_DIR/eval/step-N of the checkpoint's run)")
-    add("--overwrite", action="store_true", help="let a new run (or --eval_only) replace what an earlier run left in "
-        "--output_dir: its checkpoints/, log.jsonl and results.json are deleted first. Without it such a folder is "
-        "refused")
+    add = parser.add_argument_group("evaluation").add_argument
+    add("--voc_metric", default="11point", choices=["11point", "area"],
+        help="voc: AP as VOC07's (the papers') or VOC2010's (the area under the precision-recall curve)")
+    add("--precise_bn", type=int, default=200, help="training batches per process whose mean BatchNorm statistics "
+        "replace the running ones before the final evaluation (0: off)")
+    add("--score_thresh", type=float, default=0.05, help="detections below this score are dropped")
+    add("--detections_per_image", type=int, default=100, help="detections kept per image")
     add("--eval_batch_size", type=int, default=1, help="test images per process per forward pass")
-    add("--stop_after_iters", type=int,
-        help="save and stop after this many iterations; the schedule still spans all of them")
+    add("--eval_only", action="store_true", help="evaluate the --resume checkpoint (results.json into OUTPUT_DIR, "
+        "by default the run's eval/step-N)")
 
-    # Logging and benchmark
+    add = parser.add_argument_group("run").add_argument
+    add("--preset", choices=sorted(PRESETS), help="the papers' recipes: voc-c4-24k (Faster R-CNN C4, VOC07+12 -> "
+        "VOC07 test) or coco-c4-2x (Mask R-CNN C4, COCO 2017, 2x schedule)")
+    add("--output_dir", help="where checkpoints/, log.jsonl and results.json go")
+    add("--resume", help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
+    add("--overwrite", action="store_true", help="let a new run (or --eval_only) replace an earlier run's results")
+    add("--seed", type=int, default=0, help="seed of the head initialisation, data order and flips")
+    add("--save_every", type=int, default=2000, help="save a checkpoint every N iterations and at the end")
+    add("--keep", type=int, default=2, help="keep the last K checkpoints")
+    add("--stop_after_iters", type=int, help="save and stop after this many iterations (continue with --resume)")
     add("--log_every", type=int, default=20, help="log the losses and the lr every N iterations")
-    add("--benchmark", type=int, default=0, help="time N training iterations of --model on random images and print "
-        "seconds per iteration and peak memory; no data needed")
-    add("--benchmark_size", type=int, nargs=2, default=[800, 1067], metavar=("H", "W"),
-        help="the benchmark's image size (the model resizes it to the test size)")
+    add("--print_config", action="store_true", help="print the resolved configuration and exit")
     return parser
 
 
@@ -217,114 +193,105 @@ def main(argv=None):
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     if warning := intl.slow_precision_warning(accelerator):
         print(warning, file=sys.stderr)
-    if config.benchmark:
-        return benchmark(config, accelerator)
-    say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
-    output_dir = Path(config.output_dir)
-    checkpoint = intl.find_checkpoint(config.resume, output_dir, "detection") if config.resume else None
+    checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection") if config.resume else None
     if config.eval_only:  # its results.json only; the checkpoints are another run's
-        intl.refuse_to_replace(output_dir, ["results.json"], config.overwrite)
+        if accelerator.is_main_process:
+            intl.lock_output_dir(config.output_dir)
+        intl.refuse_to_replace(Path(config.output_dir), ["results.json"], config.overwrite)
     else:
-        intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, say)
+        intl.prepare_output_dir(Path(config.output_dir), RESULTS, config.overwrite, checkpoint, accelerator,
+                                accelerator.print)
 
     # Data: the test images with their ground truth; the training records unless only evaluating.
-    test_data = load_test_data(config)
-    train_records = None if config.eval_only else load_train_records(config)
+    test_data = load_split(config, "test")
+    train_records = None if config.eval_only else load_split(config, "train")["records"]
 
     # Model: the same initialisation on every process. A checkpoint holds every weight, so with one the backbone is
     # only built, not read. The configuration saved and reported names the backbone's arch and normalisation.
     set_seed(config.seed)
-    backbone, found = load_detection_backbone(config, random=checkpoint is not None)
-    config = with_backbone(config, found)
+    backbone, config = load_detection_backbone(config, random=checkpoint is not None)
     model = build_detector(config, backbone, len(test_data["classes"]))
     model = intl.sync_batchnorm(model, accelerator).to(accelerator.device)
-    say(f"{accelerator.num_processes} process(es) on {accelerator.device}; {config.model} on {config.arch}; "
-        f"{len(test_data['classes'])} classes")
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; {config.model} on "
+                      f"{config.arch}; {len(test_data['classes'])} classes, {len(test_data['records'])} test images")
+
     if config.eval_only:
-        state = load_evaluated_weights(model, checkpoint, config.resume)
-        return evaluate(model, test_data, state, config, accelerator)
-
-    # Optim: from here on each process draws its own random numbers (the anchors and RoIs sampled for the losses).
-    set_seed(config.seed, device_specific=True)
-    global_batch = config.batch_size * accelerator.num_processes
-    plan = schedule(config, global_batch)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, config))
-
-    # Resume: the model, optimiser and RNG states and the iteration; the log is cut back to that iteration.
-    if checkpoint is not None:
-        state = resume(config, accelerator, say)
+        state = load_evaluated_weights(model, checkpoint)
     else:
-        state = {"iteration": 0, "precise_bn_done": False}
-        if accelerator.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "log.jsonl").write_text("")
-    say(f"{len(train_records)} training images, {len(test_data['records'])} test images; global batch "
-        f"{global_batch}, {plan['iterations']} iterations, peak lr {plan['lr']:.4g}, lr x0.1 after {plan['steps']}, "
-        f"warm-up {plan['warmup']}")
-
-    # The loop; precise BN and the evaluation follow once the whole schedule is done.
-    stop_at = min(plan["iterations"], config.stop_after_iters or plan["iterations"])
-    if state["iteration"] < stop_at:
-        state = train(model, optimizer, train_records, plan, range(state["iteration"], stop_at), config, accelerator)
-    if state["iteration"] < plan["iterations"]:
-        return  # --stop_after_iters: the checkpoint is saved; continue with --resume
-    model = accelerator.unwrap_model(model)
-    if config.precise_bn and not state.get("precise_bn_done"):
-        say(f"precise BN: BatchNorm statistics over {config.precise_bn} training batches per process")
-        precise_bn(model, itertools.islice(training_batches(train_records, config, accelerator, state["iteration"]),
-                                           config.precise_bn), accelerator)
-        state = {"iteration": state["iteration"], "precise_bn_done": True}
-        save_checkpoint(accelerator, config, state)
+        state = fine_tune(model, train_records, checkpoint, config, accelerator)
+        if state is None:
+            return  # --stop_after_iters: the checkpoint is saved; continue with --resume
     evaluate(model, test_data, state, config, accelerator)
     accelerator.end_training()
 
 
+def fine_tune(model, train_records, checkpoint, config, accelerator):
+    """Train (from the checkpoint, if any) up to --stop_after_iters or the end of the schedule, then precise BN ->
+    the trainer state, None if the schedule is not done."""
+    # From here on each process draws its own random numbers (the anchors and RoIs sampled for the losses).
+    set_seed(config.seed, device_specific=True)
+    global_batch = config.batch_size * accelerator.num_processes
+    plan = schedule(config, global_batch)
+    prepared, optimizer = accelerator.prepare(model, build_optimizer(model, config))
+    state = resume(config, accelerator) if checkpoint else {"iteration": 0, "precise_bn_done": False}
+    if accelerator.is_main_process:  # the log keeps the iterations before this one: none for a new run
+        intl.truncate_jsonl(Path(config.output_dir) / "log.jsonl", state["iteration"], key="iteration")
+    accelerator.print(f"{len(train_records)} training images; global batch {global_batch}, {plan['iterations']} "
+                      f"iterations, peak lr {plan['lr']:.4g}, lr x0.1 after {plan['steps']}, warm-up {plan['warmup']}")
+
+    stop_at = min(plan["iterations"], config.stop_after_iters or plan["iterations"])
+    if state["iteration"] < stop_at:
+        state = train(prepared, optimizer, train_records, plan, range(state["iteration"], stop_at), config, accelerator)
+    if state["iteration"] < plan["iterations"]:
+        return None
+    if config.precise_bn and not state.get("precise_bn_done"):
+        accelerator.print(f"precise BN: BatchNorm statistics over {config.precise_bn} training batches per process")
+        batches = training_batches(train_records, config, accelerator, start=state["iteration"])
+        precise_bn(model, itertools.islice(batches, config.precise_bn), accelerator)
+        state = {"iteration": state["iteration"], "precise_bn_done": True}
+        save_checkpoint(accelerator, config, state)
+    return state
+
+
 def train(model, optimizer, train_records, plan, iterations, config, accelerator):
     """Train over `iterations` (a range) -> the state saved with the last checkpoint."""
-    output_dir = Path(config.output_dir)
-    sampler, loader = training_loader(train_records, config, accelerator)
-    per_epoch, global_batch = sampler.batches_per_epoch, config.batch_size * accelerator.num_processes
-    iteration, stop_at = iterations.start, iterations.stop
-    last_good = intl.latest_checkpoint(output_dir)  # what the messages point to if the loss breaks or on Ctrl-C
-    progress = tqdm(total=stop_at, initial=iteration, disable=not accelerator.is_main_process, desc="detection")
+    start, stop_at = iterations.start, iterations.stop
+    global_batch = config.batch_size * accelerator.num_processes
+    last_good = intl.latest_checkpoint(config.output_dir)  # what the messages point to if the loss breaks or on Ctrl-C
+    progress = tqdm(total=stop_at, initial=start, disable=not accelerator.is_main_process, desc="detection")
+    batches = training_batches(train_records, config, accelerator, start)
+    iteration, tic = start, time.time()
     model.train()
-    tic, images_seen = time.time(), 0
     try:
-        for epoch in range(iteration // per_epoch, math.ceil(stop_at / per_epoch)):
-            sampler.set_epoch(epoch, start_batch=iteration - epoch * per_epoch)
-            for images, targets, _ in loader:
-                intl.stop_if_interrupted()
-                images, targets = to_device(images, targets, accelerator.device)
-                lr = learning_rate(iteration, plan)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                losses = model(images, targets)
-                loss = sum(losses.values())
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(
-                        f"the loss is {loss.item()} at iteration {iteration} "
-                        f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); the last good checkpoint is "
-                        f"{last_good or 'none'}. Lower --lr or lengthen the warm-up")
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                optimizer.step()
-                iteration += 1
-                images_seen += global_batch
-                progress.update(1)
+        for images, targets in itertools.islice(batches, stop_at - start):
+            intl.stop_if_interrupted()
+            lr = learning_rate(iteration, plan)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"the loss is {loss.item()} at iteration {iteration} "
+                    f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); the last good checkpoint is "
+                    f"{last_good or 'none'}. Lower --lr or lengthen the warm-up")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            iteration += 1
+            progress.update(1)
 
-                # After every iteration, in one place: the log, then the checkpoint.
-                if iteration % config.log_every == 0 or iteration == stop_at:
-                    means = accelerator.reduce(torch.stack([loss, *losses.values()]).detach(), "mean").tolist()
-                    record = {"iteration": iteration, "loss": means[0], **dict(zip(losses, means[1:])), "lr": lr,
-                              "images_per_s": images_seen / (time.time() - tic)}
-                    progress.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{record['images_per_s']:.2f}")
-                    if accelerator.is_main_process:
-                        with open(output_dir / "log.jsonl", "a") as log:
-                            log.write(json.dumps(record) + "\n")
-                if iteration % config.save_every == 0 or iteration == stop_at:
-                    last_good = save_checkpoint(accelerator, config, {"iteration": iteration, "precise_bn_done": False})
-                if iteration == stop_at:
-                    break
+            # After every iteration, in one place: the log, then the checkpoint.
+            if iteration % config.log_every == 0 or iteration == stop_at:
+                means = accelerator.reduce(torch.stack([loss, *losses.values()]).detach(), "mean").tolist()
+                record = {"iteration": iteration, "loss": means[0], **dict(zip(losses, means[1:])), "lr": lr,
+                          "images_per_s": (iteration - start) * global_batch / (time.time() - tic)}
+                progress.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{record['images_per_s']:.2f}")
+                if accelerator.is_main_process:
+                    with open(Path(config.output_dir) / "log.jsonl", "a") as log:
+                        log.write(json.dumps(record) + "\n")
+            if iteration % config.save_every == 0 or iteration == stop_at:
+                last_good = save_checkpoint(accelerator, config, {"iteration": iteration, "precise_bn_done": False})
     except KeyboardInterrupt:
         raise intl.Interrupted(intl.interrupted_message(f"iteration {iteration}", last_good)) from None
     finally:
@@ -348,55 +315,54 @@ def evaluate(model, test_data, state, config, accelerator):
                    model=config.model, arch=config.arch, backbone=config.backbone, iterations=state["iteration"],
                    precise_bn=bool(state.get("precise_bn_done")), eval_seconds=round(time.time() - tic, 1))
     intl.write_text_atomically(Path(config.output_dir) / "results.json", json.dumps(results, indent=2) + "\n")
-    tqdm.write(results_table(results))
+    rows = [f"{'':6s} {'AP':>7s} {'AP50':>7s} {'AP75':>7s}"]
+    rows += [f"{t:6s} {results[t]['AP']:7.2f} {results[t]['AP50']:7.2f} {results[t]['AP75']:7.2f}"
+             for t in ("bbox", "segm") if t in results]
+    print(f"{config.model} on {test_data['name']} ({len(test_data['records'])} images, {state['iteration']} "
+          "iterations)\n" + "\n".join(rows))
     return results
 
 
 # -----------------------------------------------------------------------------
-# Configuration, output folder, checkpoints, lr schedule
+# Configuration, checkpoints, schedule
 
 
 def resolve_config(argv=None):
     """Flags > preset > argparse defaults; a resumed run keeps its checkpoint's configuration."""
     parser = get_parser()
+    parser.set_defaults(**PRESETS.get(parser.parse_known_args(argv)[0].preset, {}))
     config = parser.parse_args(argv)
-    explicit = intl.explicit_flags(parser, argv)
-    if config.preset:
-        for key, value in PRESETS[config.preset].items():
-            if key not in explicit:
-                setattr(config, key, value)
     if config.eval_only and not config.resume:
-        raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir) to say what to evaluate")
+        raise ValueError("--eval_only needs --resume CHECKPOINT (or 'latest' with --output_dir): what to evaluate")
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection")
-        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
-        if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: OUTPUT_DIR/eval/step-N)
+        explicit = intl.explicit_flags(get_parser(), argv)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, get_parser(), RANGES)
+        if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: its eval/step-N)
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
     for key, value in ARCH_DEFAULTS[config.model.split("-")[1]].items():
         if getattr(config, key) is None:
             setattr(config, key, value)
-    if config.benchmark:
-        config.arch = config.arch or "resnet50"
-    check_config(config)
+    intl.check_settings(vars(config), get_parser(), RANGES)
+    if not config.print_config:
+        check_config(config)
     return config
 
 
 def check_config(config):
-    intl.check_settings(vars(config), get_parser(), RANGES)
-    if config.benchmark or config.print_config:
-        return
+    """Refuse what cannot run, naming the flag to change."""
     if config.output_dir is None:
         raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
     intl.check_output_dir(config.output_dir)
     if config.dataset is None:
         raise ValueError("--dataset is required (voc or coco), or a --preset that names it")
-    if config.data_root is None:
-        needed = ["test_json", "test_images"] + ([] if config.eval_only else ["train_json", "train_images"])
-        if config.dataset == "voc" or any(getattr(config, k) is None for k in needed):
-            raise ValueError(f"--data_root is required for --dataset {config.dataset}: " + (
-                "the folder holding VOCdevkit/" if config.dataset == "voc" else "the folder holding annotations/, "
-                "train2017/ and val2017/ (or give --train_json, --train_images, --test_json and --test_images)"))
+    coco_files_given = all((config.test_json, config.test_images) if config.eval_only else
+                           (config.train_json, config.train_images, config.test_json, config.test_images))
+    if config.data_root is None and (config.dataset == "voc" or not coco_files_given):
+        raise ValueError(f"--data_root is required for --dataset {config.dataset}: the folder holding VOCdevkit/ "
+                         "(voc), or annotations/, train2017/ and val2017/ (coco, unless --train_json, --train_images, "
+                         "--test_json and --test_images say where)")
     if config.backbone is None and not config.resume:
         raise ValueError("--backbone is required: an export folder, a .safetensors file, a Hub id, a pretrain "
                          "checkpoint, an official .pth.tar, or 'random' with --arch")
@@ -412,36 +378,25 @@ def check_config(config):
         raise ValueError(f"--lr_steps {config.lr_steps}: give increasing iteration counts")
 
 
-def with_backbone(config, found):
-    """The run's configuration as its checkpoints and results record it: the backbone's arch, and its input
-    normalisation where --mean / --std do not give one."""
-    return argparse.Namespace(**{**vars(config), "arch": found["arch"], "mean": list(config.mean or found["mean"]),
-                                 "std": list(config.std or found["std"])})
-
-
 def has_masks(config):
     return config.model.startswith("mask")
 
 
-def resume(config, accelerator, say):
-    """The --resume checkpoint into the prepared model, optimiser and RNGs -> its trainer state; the log is cut
-    back to its iteration."""
-    output_dir = Path(config.output_dir)
+def resume(config, accelerator):
+    """The --resume checkpoint into the prepared model, optimiser and RNGs -> its trainer state."""
 
     def check_state(folder, saved):
         if not isinstance(saved.get("iteration"), int):
             raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
                              "resume from another checkpoint")
 
-    checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, "detection",
-                                             check_state=check_state, say=say)
-    if accelerator.is_main_process:
-        intl.truncate_jsonl(output_dir / "log.jsonl", state["iteration"], key="iteration")
-    say(f"resumed from {checkpoint} at iteration {state['iteration']}")
+    checkpoint, state = intl.load_checkpoint(accelerator, config.resume, config.output_dir, "detection",
+                                             check_state=check_state, say=accelerator.print)
+    accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
     return state
 
 
-def load_evaluated_weights(model, checkpoint, resume_flag):
+def load_evaluated_weights(model, checkpoint):
     """--eval_only: the checkpoint's weights into `model`, strictly and only if finite -> its trainer state."""
     weights = intl.read_safetensors(checkpoint / "model.safetensors")
     intl.check_weights(weights, f"the weights of {checkpoint}")
@@ -475,44 +430,103 @@ def learning_rate(iteration, plan):
     return plan["lr"] * factor * 0.1 ** bisect.bisect_right(plan["steps"], iteration)
 
 
+def build_optimizer(model, config):
+    """SGD, weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0)."""
+    return torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
+
+
+def parameter_groups(model, weight_decay):
+    norm_layers = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # BatchNorm, SyncBatchNorm, ...
+    norm = {id(p) for m in model.modules() if isinstance(m, norm_layers) for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) not in norm], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def precise_bn(model, batches, accelerator=None):
+    """Every BatchNorm's running mean and variance <- the mean of its statistics over `batches`, averaged over the
+    processes -> the number of batches. With momentum None, BatchNorm keeps exactly that mean after a reset."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    count = 0
+    for images, targets in batches:
+        model(images, targets)
+        count += 1
+    if count == 0:
+        raise ValueError("precise BN got no training batch")
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        if accelerator is not None and accelerator.num_processes > 1:
+            m.running_mean.copy_(accelerator.reduce(m.running_mean.clone(), "mean"))
+            m.running_var.copy_(accelerator.reduce(m.running_var.clone(), "mean"))
+    model.train(was_training)
+    return count
+
+
 # -----------------------------------------------------------------------------
 # Models: R50-C4 as in the papers (Detectron2's Res5ROIHeads), and torchvision's FPN models
 
 
-class AlignedRoIAlign(MultiScaleRoIAlign):
-    """RoIAlign with aligned=True (Detectron2's ROIAlignV2) on levels of given scales; a subclass because FasterRCNN
-    and MaskRCNN type-check their poolers. A box of side s goes to level floor(4 + log2(s / 224)), clamped to the
-    levels there are (the FPN paper's eq. 1)."""
+def load_detection_backbone(config, random=False):
+    """The --backbone ResNet (fc = Identity, loaded strictly by intl.load_backbone), and the run's configuration as
+    its checkpoints and results record it: the backbone's arch, and its input normalisation where --mean / --std do
+    not give one. random: a fresh ResNet of --arch, as for --backbone random or for a checkpoint that holds every
+    weight."""
+    if random or config.backbone == "random":
+        backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
+        found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
+    else:
+        backbone, found = intl.load_backbone(config.backbone, config.arch, config.revision)
+        if found["stem"] != "imagenet":
+            raise ValueError(f"{config.backbone} has the {found['stem']} stem (3x3 stride-1 conv): its res4 does not "
+                             "have stride 16, so it does not fit the detectors; use a backbone pretrained with the "
+                             "ImageNet stem")
+    config = argparse.Namespace(**{**vars(config), "arch": found["arch"], "mean": list(config.mean or found["mean"]),
+                                   "std": list(config.std or found["std"])})
+    return backbone.train(), config
 
-    def __init__(self, featmap_names, output_size, scales, sampling_ratio=0):
-        super().__init__(featmap_names, output_size, sampling_ratio)
-        self.level_scales = [float(s) for s in scales]
 
-    def forward(self, x, boxes, image_shapes):
-        features = [x[name] for name in self.featmap_names]
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, self.level_scales[0], self.sampling_ratio,
-                             aligned=True)
-        levels = self.levels(rois[:, 1:])
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.level_scales)):
-            chosen = torch.where(levels == level)[0]
-            out[chosen] = roi_align(feature, rois[chosen], self.output_size, scale, self.sampling_ratio,
-                                    aligned=True).to(out.dtype)
-        return out
-
-    def levels(self, boxes):
-        """The index of the level each box [N, 4] is pooled from."""
-        k_min = round(-math.log2(self.level_scales[0]))
-        k_max = k_min + len(self.level_scales) - 1
-        side = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
-        level = torch.floor(self.canonical_level + torch.log2(side / self.canonical_scale + 1e-8))
-        return (level.clamp(k_min, k_max) - k_min).to(torch.int64)
-
-    def __repr__(self):
-        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
-                f"scales={self.level_scales}, sampling_ratio={self.sampling_ratio}, aligned=True)")
+def build_detector(config, backbone, num_classes):
+    """A torchvision ResNet -> the --model detector for num_classes classes (+ background), every layer trainable.
+    The RPN and RoI thresholds and fractions are those FasterRCNN passes by default, which are Detectron2's."""
+    c4 = config.model.endswith("c4")
+    if c4:
+        body, box_head = ResNetC4(backbone), Res5Head(backbone)
+        box_width = box_head.out_channels
+        anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
+        levels, scales = ["0"], [1 / 16]
+    else:
+        body = BackboneWithFPN(backbone, {f"layer{k}": str(k - 1) for k in range(1, 5)}, stage_widths(backbone), 256)
+        ratios = ((0.5, 1.0, 2.0),) * len(config.anchor_sizes)
+        anchors = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ratios)
+        levels, scales = ["0", "1", "2", "3"], [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        box_width = 1024
+        box_head = TwoMLPHead(body.out_channels * config.pool_size ** 2, box_width)
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_per_image, positive_fraction=0.5,
+        pre_nms_top_n=dict(training=config.rpn_pre_nms_train, testing=config.rpn_pre_nms_test),
+        post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
+    pooler = AlignedRoIAlign(levels, config.pool_size, scales)
+    heads = (C4RoIHeads if c4 else RoIHeads)(
+        pooler, box_head, box_predictor(box_width, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+        batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25, bbox_reg_weights=None,
+        score_thresh=config.score_thresh, nms_thresh=0.5, detections_per_img=config.detections_per_image)
+    if has_masks(config) and c4:  # no mask convolutions: the deconvolution reads res5's maps of the box branch
+        heads.mask_roi_pool, heads.mask_head = pooler, nn.Identity()
+        heads.mask_predictor = mask_predictor(box_width, num_classes)
+    elif has_masks(config):  # torchvision's MaskRCNN head: 4 convolutions on 14 x 14 RoIs, then its predictor
+        heads.mask_roi_pool = AlignedRoIAlign(levels, 14, scales)
+        heads.mask_head = MaskRCNNHeads(body.out_channels, [256] * 4, dilation=1)
+        heads.mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)
+    transform = DetectionTransform(config.train_sizes, config.test_size, config.max_size, config.mean, config.std)
+    return GeneralizedRCNN(body, rpn, heads, transform)
 
 
 class ResNetC4(nn.Sequential):
@@ -571,80 +585,44 @@ class C4RoIHeads(RoIHeads):
         return result, {}
 
 
+class AlignedRoIAlign(MultiScaleRoIAlign):
+    """RoIAlign with aligned=True (Detectron2's ROIAlignV2) on levels of given scales; a subclass because
+    torchvision's heads type-check their poolers. A box of side s goes to level floor(4 + log2(s / 224)), clamped to
+    the levels there are (the FPN paper's eq. 1, torchvision's LevelMapper)."""
+
+    def __init__(self, featmap_names, output_size, scales):
+        super().__init__(featmap_names, output_size, sampling_ratio=0)
+        self.level_scales = [float(s) for s in scales]
+
+    def forward(self, x, boxes, image_shapes):
+        features = [x[name] for name in self.featmap_names]
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        levels = self.levels(rois[:, 1:])
+        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.level_scales)):
+            chosen = torch.where(levels == level)[0]
+            out[chosen] = roi_align(feature, rois[chosen], self.output_size, scale, self.sampling_ratio,
+                                    aligned=True).to(out.dtype)
+        return out
+
+    def levels(self, boxes):
+        """The index of the level each box [N, 4] is pooled from."""
+        k_min = round(-math.log2(self.level_scales[0]))
+        return LevelMapper(k_min, k_min + len(self.level_scales) - 1)([boxes])
+
+
 class DetectionTransform(GeneralizedRCNNTransform):
     """torchvision's normalise + resize + pad-to-32 batching of float RGB images in [0, 1], with a test size of its
-    own: the short side is drawn per image from train_sizes in training, test_size at test time; the long side
-    stays <= max_size."""
+    own: the short side is drawn per image from train_sizes in training, test_size at test time (torchvision would
+    test at the largest training size); the long side stays <= max_size."""
 
     def __init__(self, train_sizes, test_size, max_size, mean, std):
         super().__init__(tuple(train_sizes), max_size, list(mean), list(std))
-        self.test_size = test_size
+        self.train_sizes, self.test_size = tuple(train_sizes), test_size
 
-    def resize(self, image, target=None):
-        h, w = image.shape[-2:]
-        side = self.torch_choice(self.min_size) if self.training else self.test_size
-        scale = min(side / min(h, w), self.max_size / max(h, w))
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                              align_corners=False)[0]
-        if target is not None:
-            target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
-            if "masks" in target:
-                target["masks"] = F.interpolate(target["masks"][:, None].float(), size=image.shape[-2:])[:, 0].byte()
-        return image, target
-
-
-def load_detection_backbone(config, random=False):
-    """The --backbone ResNet (fc = Identity, loaded strictly by intl.load_backbone) -> (backbone, what its source
-    says: {"arch", "mean", "std"}). random: a fresh ResNet of --arch, as for --backbone random or for a checkpoint
-    that holds every weight."""
-    if random or config.backbone == "random":
-        backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
-        found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
-    else:
-        backbone, found = intl.load_backbone(config.backbone, config.arch, config.revision)
-        if found["stem"] != "imagenet":
-            raise ValueError(f"{config.backbone} has the {found['stem']} stem (3x3 stride-1 conv): its res4 does not "
-                             "have stride 16, so it does not fit the detectors; use a backbone pretrained with the "
-                             "ImageNet stem")
-    return backbone.train(), {key: found[key] for key in ("arch", "mean", "std")}
-
-
-def build_detector(config, backbone, num_classes):
-    """A torchvision ResNet -> the --model detector for num_classes classes (+ background), every layer trainable."""
-    ratios = (0.5, 1.0, 2.0)
-    transform = DetectionTransform(config.train_sizes, config.test_size, config.max_size, config.mean, config.std)
-    if config.model.endswith("c4"):
-        anchors = AnchorGenerator((tuple(config.anchor_sizes),), (ratios,))
-        body, res5 = ResNetC4(backbone), Res5Head(backbone)
-        # The thresholds and fractions FasterRCNN passes by default, which are Detectron2's.
-        rpn = RegionProposalNetwork(
-            anchors, RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
-            bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_per_image, positive_fraction=0.5,
-            pre_nms_top_n=dict(training=config.rpn_pre_nms_train, testing=config.rpn_pre_nms_test),
-            post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
-        pooler = AlignedRoIAlign(["0"], config.pool_size, [1 / 16])
-        heads = C4RoIHeads(pooler, res5, box_predictor(res5.out_channels, num_classes), fg_iou_thresh=0.5,
-                           bg_iou_thresh=0.5, batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25,
-                           bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=0.5,
-                           detections_per_img=config.detections_per_image)
-        if has_masks(config):  # no mask convolutions: the deconvolution reads res5's maps of the box branch
-            heads.mask_roi_pool, heads.mask_head = pooler, nn.Identity()
-            heads.mask_predictor = mask_predictor(res5.out_channels, num_classes)
-        return GeneralizedRCNN(body, rpn, heads, transform)
-    anchors = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), (ratios,) * len(config.anchor_sizes))
-    body = BackboneWithFPN(backbone, {f"layer{k}": str(k - 1) for k in range(1, 5)}, stage_widths(backbone), 256)
-    levels, scales = ["0", "1", "2", "3"], [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-    masks = dict(mask_roi_pool=AlignedRoIAlign(levels, 14, scales)) if has_masks(config) else {}
-    model = (MaskRCNN if has_masks(config) else FasterRCNN)(
-        body, num_classes + 1, rpn_anchor_generator=anchors,
-        box_roi_pool=AlignedRoIAlign(levels, config.pool_size, scales),
-        rpn_pre_nms_top_n_train=config.rpn_pre_nms_train, rpn_post_nms_top_n_train=config.rpn_post_nms_train,
-        rpn_pre_nms_top_n_test=config.rpn_pre_nms_test, rpn_post_nms_top_n_test=config.rpn_post_nms_test,
-        rpn_batch_size_per_image=config.rpn_batch_per_image, box_batch_size_per_image=config.roi_batch_per_image,
-        box_score_thresh=config.score_thresh, box_detections_per_img=config.detections_per_image, **masks)
-    model.roi_heads.box_predictor = box_predictor(1024, num_classes)
-    model.transform = transform
-    return model
+    def train(self, mode=True):
+        self.min_size = self.train_sizes if mode else (self.test_size,)
+        return super().train(mode)
 
 
 def stage_widths(resnet):
@@ -673,50 +651,8 @@ def mask_predictor(in_channels, num_classes):
     return predictor
 
 
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-              nn.InstanceNorm2d, torchvision.ops.FrozenBatchNorm2d)
-
-
-def parameter_groups(model, weight_decay):
-    """Weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0)."""
-    norm = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) not in norm], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
-
-
-def build_optimizer(model, config):
-    return torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
-
-
-@torch.no_grad()
-def precise_bn(model, batches, accelerator=None):
-    """Every BatchNorm's running mean and variance <- the mean of its statistics over `batches`, averaged over the
-    processes -> the number of batches. With momentum None, BatchNorm keeps exactly that mean after a reset."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    count = 0
-    for images, targets in batches:
-        model(images, targets)
-        count += 1
-    if count == 0:
-        raise ValueError("precise BN got no training batch")
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-        if accelerator is not None and accelerator.num_processes > 1:
-            m.running_mean.copy_(accelerator.reduce(m.running_mean.clone(), "mean"))
-            m.running_var.copy_(accelerator.reduce(m.running_var.clone(), "mean"))
-    model.train(was_training)
-    return count
-
-
 # -----------------------------------------------------------------------------
-# Data: VOC (torchvision's VOCDetection layout) and COCO-format (CocoDetection), as records
+# Data: VOC (torchvision's VOCDetection layout) and COCO-format (pycocotools), as records
 #
 # A record is one image: its file, size, boxes [N, 4] (x1, y1, x2, y2, 0-based continuous coordinates),
 # labels [N] (1..K, 0 is the background), difficult [N] (VOC) and, for COCO, its image id and the
@@ -724,35 +660,25 @@ def precise_bn(model, batches, accelerator=None):
 # lose 1, as Detectron2 does; evaluation turns them back into the devkit's coordinates.
 
 
-def load_train_records(config):
+def load_split(config, split):
+    """The "train" or "test" images: {"name", "classes", "records"}, and for COCO the ground truth COCOeval reads.
+    Training keeps the images that hold an object (Detectron2 trains on no other)."""
     if config.dataset == "voc":
-        records = [r for spec in config.train_sets.split(",")
-                   for r in voc_records(config.data_root, spec.strip(), voc_classes(config))]
-    else:
-        records = coco_data(*coco_files(config, "train"), masks=has_masks(config))["records"]
-        records = [r for r in records if len(r["boxes"])]  # Detectron2 trains only on images with an object
-    if not records:
-        raise ValueError("the training set has no image with an object")
-    return records
-
-
-def load_test_data(config):
-    """{"name", "classes", "records"} of the test set, and for COCO the ground truth COCOeval reads."""
-    if config.dataset == "voc":
+        name = config.train_sets if split == "train" else config.test_set
         classes = voc_classes(config)
-        return {"name": config.test_set, "classes": classes,
-                "records": voc_records(config.data_root, config.test_set, classes)}
-    json_file, image_dir = coco_files(config, "test")
-    return {"name": json_file, **coco_data(json_file, image_dir, masks=False)}
-
-
-def coco_files(config, split):
-    """(json, image folder) of split "train" or "test": --train_json / --train_images, or --test_json /
-    --test_images, by default COCO 2017's under --data_root."""
-    folder = {"train": "train2017", "test": "val2017"}[split]
-    json_file = getattr(config, f"{split}_json") or os.path.join(config.data_root, "annotations",
-                                                                 f"instances_{folder}.json")
-    return json_file, getattr(config, f"{split}_images") or os.path.join(config.data_root, folder)
+        records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip(), classes)]
+        data = {"name": name, "classes": classes, "records": records}
+    else:  # --train_json etc., by default COCO 2017's files under --data_root
+        folder = {"train": "train2017", "test": "val2017"}[split]
+        json_file = getattr(config, f"{split}_json") or os.path.join(config.data_root, "annotations",
+                                                                     f"instances_{folder}.json")
+        image_dir = getattr(config, f"{split}_images") or os.path.join(config.data_root, folder)
+        data = {"name": json_file, **coco_data(json_file, image_dir, masks=split == "train" and has_masks(config))}
+    if split == "train":
+        data["records"] = [r for r in data["records"] if len(r["boxes"])]
+        if not data["records"]:
+            raise ValueError("the training set has no image with an object")
+    return data
 
 
 def voc_classes(config):
@@ -766,33 +692,28 @@ def voc_records(root, spec, classes):
     """'2007-trainval' under ROOT/VOCdevkit/VOC2007 -> records, through torchvision's VOCDetection."""
     year, _, image_set = spec.partition("-")
     where = f"{root}/VOCdevkit/VOC{year}"
-    layout = (f"expected {where}/JPEGImages/*.jpg, {where}/Annotations/*.xml and {where}/ImageSets/Main/{image_set}.txt "
-              "(the layout the VOCtrainval / VOCtest tarballs unpack to; --data_root is the folder holding VOCdevkit/)")
+    layout = (f"expected {where}/JPEGImages/*.jpg, {where}/Annotations/*.xml and {where}/ImageSets/Main/"
+              f"{image_set}.txt (as the VOC tarballs unpack; --data_root is the folder holding VOCdevkit/)")
     try:
         dataset = torchvision.datasets.VOCDetection(root, year=year, image_set=image_set)
     except (RuntimeError, FileNotFoundError):
         raise ValueError(f"no VOC {spec} under {root}: {layout}") from None
-    except ValueError as error:
-        raise ValueError(f"VOC set {spec!r}: {error}; give YEAR-IMAGESET such as 2007-trainval") from None
-    index = {name: i + 1 for i, name in enumerate(classes)}
+    label = {name: i + 1 for i, name in enumerate(classes)}
     records = []
     for image_file, xml_file in zip(dataset.images, dataset.annotations):
         try:
             annotation = dataset.parse_voc_xml(ET.parse(xml_file).getroot())["annotation"]
         except (OSError, ET.ParseError) as error:
             raise ValueError(f"cannot read VOC annotation {xml_file}: {error}; {layout}") from None
-        boxes, labels, difficult = [], [], []
-        for obj in annotation.get("object", []):
-            if obj["name"] not in index:
-                raise ValueError(f"{xml_file}: class {obj['name']!r} is not among --voc_classes")
-            b = obj["bndbox"]
-            boxes.append([float(b["xmin"]) - 1, float(b["ymin"]) - 1, float(b["xmax"]), float(b["ymax"])])
-            labels.append(index[obj["name"]])
-            difficult.append(int(obj.get("difficult", 0)) == 1)
-        size = annotation["size"]
-        records.append({"file": image_file, "image_id": Path(image_file).stem, "width": int(size["width"]),
-                        "height": int(size["height"]), "boxes": np.array(boxes, np.float32).reshape(-1, 4),
-                        "labels": np.array(labels, np.int64), "difficult": np.array(difficult, bool)})
+        objects = annotation.get("object", [])
+        if unknown := [o["name"] for o in objects if o["name"] not in label]:
+            raise ValueError(f"{xml_file}: class {unknown[0]!r} is not among --voc_classes")
+        boxes = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
+        records.append({"file": image_file, "image_id": Path(image_file).stem,
+                        "width": int(annotation["size"]["width"]), "height": int(annotation["size"]["height"]),
+                        "boxes": (np.array(boxes, np.float64).reshape(-1, 4) - [1, 1, 0, 0]).astype(np.float32),
+                        "labels": np.array([label[o["name"]] for o in objects], np.int64),
+                        "difficult": np.array([int(o.get("difficult", 0)) == 1 for o in objects], bool)})
     return records
 
 
@@ -806,34 +727,35 @@ def coco_data(json_file, image_dir, masks):
         raise ValueError(f"no COCO-format data at {json_file} + {image_dir}: expected a COCO json (images, "
                          "annotations, categories) and the folder its file_names are relative to, e.g. "
                          "DATA_ROOT/annotations/instances_train2017.json + DATA_ROOT/train2017/ (and val2017)")
+    from pycocotools.coco import COCO
+
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         try:
-            dataset = torchvision.datasets.CocoDetection(image_dir, json_file)
+            coco = COCO(json_file)
         except (ValueError, KeyError, TypeError, AssertionError) as error:
             raise ValueError(f"{json_file} is not a COCO-format json: {error}") from None
-    coco = dataset.coco
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.dataset.get(key), list):
             raise ValueError(f"{json_file} has no {key!r} list: not a COCO-format json (it needs images, annotations "
                              "and categories)")
     category_ids = sorted(coco.getCatIds())
-    label_of = {cat: i + 1 for i, cat in enumerate(category_ids)}
+    label = {cat: i + 1 for i, cat in enumerate(category_ids)}
     records = []
-    for image_id in dataset.ids:
+    for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
         instances = [(box, ann) for ann in coco.imgToAnns.get(image_id, []) if not ann.get("iscrowd", 0)
-                     if (box := coco_box(ann, info, label_of, json_file, masks)) is not None]
+                     if (box := coco_box(ann, info, label, json_file, masks)) is not None]
         records.append({"file": os.path.join(image_dir, info["file_name"]), "image_id": image_id,
                         "width": info["width"], "height": info["height"],
                         "boxes": np.array([box for box, _ in instances], np.float32).reshape(-1, 4),
-                        "labels": np.array([label_of[ann["category_id"]] for _, ann in instances], np.int64),
+                        "labels": np.array([label[ann["category_id"]] for _, ann in instances], np.int64),
                         "difficult": np.zeros(len(instances), bool),
                         "segmentations": [ann.get("segmentation") for _, ann in instances] if masks else None})
     return {"records": records, "classes": [coco.cats[c]["name"] for c in category_ids], "category_ids": category_ids,
             "coco": coco}
 
 
-def coco_box(ann, info, label_of, json_file, masks):
+def coco_box(ann, info, label, json_file, masks):
     """A non-crowd annotation's box as [x1, y1, x2, y2] clipped to the image, None without area. A broken box, an
     unknown category or (for the mask models) no segmentation is refused, naming the annotation."""
     bbox = ann.get("bbox")
@@ -841,36 +763,33 @@ def coco_box(ann, info, label_of, json_file, masks):
             isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
         raise ValueError(f"{json_file}: annotation {ann.get('id')} (image {info['id']}) has bbox {bbox}: give 4 "
                          "finite numbers [x, y, width, height]; fix or remove the annotation")
-    if ann.get("category_id") not in label_of:
+    if ann.get("category_id") not in label:
         raise ValueError(f"{json_file}: annotation {ann.get('id')} (image {info['id']}) has category_id "
-                         f"{ann.get('category_id')!r}, which is not among the categories {sorted(label_of)}")
+                         f"{ann.get('category_id')!r}, which is not among the categories {sorted(label)}")
     x, y, w, h = bbox
-    box = [min(max(x, 0), info["width"]), min(max(y, 0), info["height"]), min(max(x + w, 0), info["width"]),
-           min(max(y + h, 0), info["height"])]
-    if box[2] <= box[0] or box[3] <= box[1]:
+    x1, x2 = (min(max(v, 0), info["width"]) for v in (x, x + w))
+    y1, y2 = (min(max(v, 0), info["height"]) for v in (y, y + h))
+    if x2 <= x1 or y2 <= y1:
         return None
     if masks and not ann.get("segmentation"):
         raise ValueError(f"{json_file}: annotation {ann.get('id')} has no segmentation, which the mask models need; "
                          "use faster-c4 or faster-fpn")
-    return box
+    return [x1, y1, x2, y2]
 
 
 def rasterize(segmentations, height, width):
-    """COCO polygons / RLEs -> uint8 masks [N, H, W]."""
+    """COCO polygons / RLEs -> uint8 masks [N, H, W], as pycocotools' COCO.annToMask."""
     from pycocotools import mask as mask_utils
 
-    out = np.zeros((len(segmentations), height, width), np.uint8)
-    for i, segmentation in enumerate(segmentations):
-        if isinstance(segmentation, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            rle = segmentation
+    masks = np.zeros((len(segmentations), height, width), np.uint8)
+    for mask, segmentation in zip(masks, segmentations):
+        if isinstance(segmentation, list) or isinstance(segmentation["counts"], list):  # polygons, uncompressed RLE
+            segmentation = mask_utils.frPyObjects(segmentation, height, width)
+        rle = mask_utils.merge(segmentation) if isinstance(segmentation, list) else segmentation  # polygons: merged
         with warnings.catch_warnings():  # pycocotools' own use of numpy's __array__ protocol
             warnings.simplefilter("ignore", DeprecationWarning)
-            out[i] = mask_utils.decode(rle)
-    return torch.from_numpy(out)
+            mask[:] = mask_utils.decode(rle)
+    return torch.from_numpy(masks)
 
 
 class DetectionImages(torch.utils.data.Dataset):
@@ -884,9 +803,6 @@ class DetectionImages(torch.utils.data.Dataset):
     def __init__(self, records, train, seed=0, masks=False):
         self.records, self.train, self.seed, self.masks = records, train, seed, masks
 
-    def __len__(self):
-        return len(self.records)
-
     def __getitem__(self, key):
         epoch, index = key if self.train else (None, key)
         record = self.records[index]
@@ -898,15 +814,17 @@ class DetectionImages(torch.utils.data.Dataset):
         target = {key: torch.from_numpy(record[key].copy()) for key in ("boxes", "labels")}
         if self.masks:
             target["masks"] = rasterize(record["segmentations"], image.shape[1], image.shape[2])
-        if self.train:
-            generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**63)
-            if torch.rand(1, generator=generator) < 0.5:
-                x1, y1, x2, y2 = target["boxes"].unbind(1)
-                width = image.shape[-1]
-                image, target["boxes"] = image.flip(-1), torch.stack([width - x2, y1, width - x1, y2], dim=1)
-                if self.masks:
-                    target["masks"] = target["masks"].flip(-1)
+        if self.train and self.flipped(epoch, index):
+            x1, y1, x2, y2 = target["boxes"].unbind(1)
+            width = image.shape[-1]
+            image, target["boxes"] = image.flip(-1), torch.stack([width - x2, y1, width - x1, y2], dim=1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
         return image, target, index
+
+    def flipped(self, epoch, index):
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**63)
+        return torch.rand(1, generator=generator).item() < 0.5
 
 
 def collate(batch):
@@ -952,20 +870,15 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
             yield [(self.epoch, int(i)) for i in batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]]
 
 
-def training_loader(train_records, config, accelerator):
-    """(sampler, loader) of this process's training batches."""
+def training_batches(train_records, config, accelerator, start):
+    """This process's training batches from iteration `start` on, epoch after epoch without end, on the device."""
     sampler = GroupedBatchSampler(train_records, config.batch_size, accelerator.num_processes,
                                   accelerator.process_index, config.seed)
     dataset = DetectionImages(train_records, train=True, seed=config.seed, masks=has_masks(config))
     # Its own generator: the loader must not draw from the global RNG, which a resumed run restores.
-    return sampler, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                                collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
-                                                generator=torch.Generator().manual_seed(config.seed))
-
-
-def training_batches(train_records, config, accelerator, start):
-    """The training batches from iteration `start` on, epoch after epoch without end, on the device."""
-    sampler, loader = training_loader(train_records, config, accelerator)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                                         collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(config.seed))
     for epoch in itertools.count(start // sampler.batches_per_epoch):
         sampler.set_epoch(epoch, start_batch=max(0, start - epoch * sampler.batches_per_epoch))
         for images, targets, _ in loader:
@@ -1146,54 +1059,6 @@ def coco_evaluate(predictions, records, coco, category_ids, iou_types=("bbox",))
         results[iou_type] = {name: float(v * 100) if v >= 0 else None for name, v in zip(names, evaluation.stats[:6])}
     return results
 
-
-def results_table(results):
-    rows = [f"{'':6s} {'AP':>7s} {'AP50':>7s} {'AP75':>7s}"]
-    rows += [f"{t:6s} {results[t]['AP']:7.2f} {results[t]['AP50']:7.2f} {results[t]['AP75']:7.2f}"
-             for t in ("bbox", "segm") if t in results]
-    return (f"{results['model']} on {results['test_set']} ({results['test_images']} images, "
-            f"{results['iterations']} iterations)\n" + "\n".join(rows))
-
-
-# -----------------------------------------------------------------------------
-# Benchmark
-
-
-def benchmark(config, accelerator):
-    """Seconds per training iteration of --model on random images of --benchmark_size, and the peak memory."""
-    set_seed(config.seed)
-    backbone, found = load_detection_backbone(config, random=True)
-    model = build_detector(with_backbone(config, found), backbone, len(VOC_CLASSES)).to(accelerator.device)
-    optimizer = build_optimizer(model, config)
-    h, w = config.benchmark_size
-    device = accelerator.device
-    images = [torch.rand(3, h, w, device=device) for _ in range(config.batch_size)]
-    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.9], [0.2, 0.5, 0.4, 0.95]]) * torch.tensor([w, h] * 2)
-    targets = [{"boxes": boxes.to(device), "labels": torch.tensor([1, 2, 3], device=device)} for _ in images]
-    if has_masks(config):
-        for t in targets:
-            t["masks"] = torch.zeros(3, h, w, dtype=torch.uint8, device=device)
-            for m, (x1, y1, x2, y2) in zip(t["masks"], boxes.round().int().tolist()):
-                m[y1:y2, x1:x2] = 1
-    model.train()
-    timings = []
-    for _ in range(config.benchmark + 1):  # the first is a warm-up
-        tic = time.perf_counter()
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - tic)
-    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    seconds = float(np.mean(timings[1:]))
-    print(json.dumps({"model": config.model, "arch": config.arch, "device": str(device),
-                      "threads": torch.get_num_threads(), "images_per_iteration": config.batch_size,
-                      "input_size": [h, w], "train_short_side": config.train_sizes,
-                      "seconds_per_iteration": round(seconds, 3), "images_per_s": round(config.batch_size / seconds, 3),
-                      "peak_memory_gb": round(memory / 2**30, 2)}, indent=2))
 
 
 if __name__ == "__main__":

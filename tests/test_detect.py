@@ -127,8 +127,7 @@ def write_coco(root, n_train=12, n_val=6, seed=0, size=96, crowd_in_first=True, 
 
 def make_config(*args):
     """A resolved configuration (the per-architecture defaults filled in), for building models directly."""
-    config = dt.resolve_config(["--benchmark", "1", *map(str, args)])
-    config.benchmark = 0
+    config = dt.resolve_config(["--print_config", *map(str, args)])
     if config.backbone is None:  # built from a bare ResNet: no export says the normalisation
         config.mean, config.std = list(intl.IMAGENET_MEAN), list(intl.IMAGENET_STD)
     return config
@@ -136,8 +135,8 @@ def make_config(*args):
 
 def with_backbone(config):
     """(the configuration with the backbone's arch and input normalisation, the backbone), as main builds them."""
-    backbone, found = dt.load_detection_backbone(config)
-    return dt.with_backbone(config, found), backbone
+    backbone, config = dt.load_detection_backbone(config)
+    return config, backbone
 
 
 def tiny_config(model="faster-c4", *args):
@@ -455,7 +454,7 @@ def test_generated_coco_loads_with_contiguous_labels_no_crowd_and_no_empty_train
     assert masks.shape == (len(non_crowd), 96, 96) and masks[0, int(y) + 1, int(x) + 1] == 1 and masks[0].sum() > 0
     assert len(data["records"][-1]["boxes"]) == 0
     config = dt.get_parser().parse_args(["--dataset", "coco", "--data_root", str(root), "--model", "mask-c4"])
-    assert len(dt.load_train_records(config)) == 4  # the empty image is not trained on
+    assert len(dt.load_split(config, "train")["records"]) == 4  # the empty image is not trained on
     with pytest.raises(ValueError, match="annotations/instances_train2017.json"):
         dt.coco_data(str(tmp_path / "nowhere.json"), str(root / "train2017"), masks=False)
 
