@@ -77,8 +77,8 @@ def get_parser():
     parser = argparse.ArgumentParser(description="Evaluate a pretrained INTL backbone (kNN, linear, fine-tuning)",
                                      allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="digits",
-                      help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
+    data.add_argument("--dataset", help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or "
+                      "'digits'; None: the dataset the backbone's config.json names, if it is not a local folder")
     data.add_argument("--train_split", default="train", help="labelled split the classifiers learn from")
     data.add_argument("--test_split", default="test",
                       help="labelled split the accuracy is measured on ('validation' / 'val' stand in for it)")
@@ -258,6 +258,17 @@ def default_output_dir(backbone, revision=None):
     return Path("runs") / "eval" / name.replace("/", "--").replace("@", "--")
 
 
+def dataset_of(backbone_config, backbone):
+    """The dataset a backbone was pretrained on, when its config.json names one this command can load again."""
+    dataset = backbone_config.get("dataset")
+    if not dataset or backbone_config.get("dataset_is_local_folder"):
+        where = f"a local folder, {dataset!r}," if dataset else "nothing"
+        raise ValueError(f"--dataset is needed: {backbone} names {where} as its pretraining data; give the labelled "
+                         "dataset to evaluate on (a Hub id, a folder of class sub-folders, a save_to_disk folder or "
+                         "'digits')")
+    return dataset
+
+
 def completed_by_backbone(config, backbone_config):
     """A copy of the configuration with what the flags leave to the backbone: its input size and normalisation and,
     for the trained protocols, its evaluation recipe (`recipe`, and `recipe_chosen_by` saying why)."""
@@ -265,7 +276,8 @@ def completed_by_backbone(config, backbone_config):
     if set(TRAINED) & set(config.protocol):  # only they use it: a knn run does not refuse a mismatched --recipe
         recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
     return argparse.Namespace(**{
-        **vars(config), "image_size": config.image_size or backbone_config["image_size"],
+        **vars(config), "dataset": config.dataset or dataset_of(backbone_config, config.backbone),
+        "image_size": config.image_size or backbone_config["image_size"],
         "mean": config.mean or backbone_config["mean"], "std": config.std or backbone_config["std"],
         "eval_resize": None if config.image_size else backbone_config.get("eval_resize"),  # CW-RGP STL-10: 70 for 64
         "recipe": recipe, "recipe_chosen_by": chosen_by})

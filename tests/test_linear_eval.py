@@ -1,6 +1,7 @@
 """linear_eval.py: each protocol on small data, the offline digits default, resume, 2 processes, bad input."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -465,7 +466,8 @@ def test_linear_and_finetune_resize_bilinearly_as_torchvision_does_by_default():
 def test_every_protocol_sees_the_backbones_evaluation_resize_unless_the_input_size_is_given(tmp_path):
     """CW-RGP's STL-10 backbone records Resize(70) + CenterCrop(64): knn, linear-cached, linear and finetune all
     evaluate on that input (`eval_images` is their one test transform); --image_size asks for another input."""
-    backbone_config = {"image_size": 64, "mean": [0.4] * 3, "std": [0.2] * 3, "eval_resize": 70, "method": "cw-rgp"}
+    backbone_config = {"image_size": 64, "mean": [0.4] * 3, "std": [0.2] * 3, "eval_resize": 70, "method": "cw-rgp",
+                       "dataset": "tanganke/stl10"}
     argv = ["--backbone", "unused", "--protocol", "knn", "linear", "--output_dir", str(tmp_path)]
     config = linear_eval.completed_by_backbone(linear_eval.resolve_args(argv), backbone_config)
     resize, crop = linear_eval.eval_images(config).transforms[:2]
@@ -477,11 +479,28 @@ def test_every_protocol_sees_the_backbones_evaluation_resize_unless_the_input_si
 def test_print_config_shows_the_configuration_completed_by_the_backbone_and_writes_nothing(tmp_path, capsys):
     export = tmp_path / "backbone"
     pretrain.write_export(export, intl.build_backbone("resnet18", "cifar").state_dict(),
-                          {"arch": "resnet18", "stem": "cifar", "image_size": 32, "method": "intl-m"})
+                          {"arch": "resnet18", "stem": "cifar", "image_size": 32, "method": "intl-m",
+                           "dataset": "uoft-cs/cifar10"})
     linear_eval.main(["--backbone", str(export), "--protocol", "linear", "--print_config"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["image_size"] == 32 and printed["mean"] == list(intl.CIFAR_MEAN) and printed["recipe"] == "intl-m"
+    assert printed["dataset"] == "uoft-cs/cifar10"  # without --dataset: the one the backbone was pretrained on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]  # no eval/ folder: nothing was written
+
+
+@pytest.mark.parametrize("pretrained_on, message", [
+    ({}, "--dataset is needed: BACKBONE names nothing as its pretraining data"),
+    ({"dataset": "photos", "dataset_is_local_folder": True},
+     "--dataset is needed: BACKBONE names a local folder, 'photos', as its pretraining data"),
+])
+def test_without_dataset_a_backbone_pretrained_on_unknown_or_local_data_asks_for_one(tmp_path, pretrained_on, message):
+    export = tmp_path / "backbone"
+    pretrain.write_export(export, intl.build_backbone("resnet18", "cifar").state_dict(),
+                          {"arch": "resnet18", "stem": "cifar", **pretrained_on})
+    with pytest.raises(ValueError, match=re.escape(message.replace("BACKBONE", str(export)))):
+        linear_eval.main(["--backbone", str(export), "--print_config"])
+    printed = linear_eval.main(["--backbone", str(export), "--print_config", "--dataset", "digits"])
+    assert printed is None  # with --dataset it goes on
 
 
 def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
