@@ -273,13 +273,6 @@ def test_converted_official_checkpoints_give_the_features_of_the_network_they_ca
     assert config["conv1"]["padding"] == (2 if config["stem"] == "cifar" else 1)
 
 
-def test_an_export_of_this_projects_first_format_keeps_its_unpadded_cifar_stem(tmp_path):
-    weights = intl.build_backbone("resnet18", "cifar-unpadded").state_dict()
-    pretrain.write_export(tmp_path / "old", weights, {"arch": "resnet18", "cifar_stem": True})
-    _, config = intl.load_backbone(tmp_path / "old")
-    assert config["stem"] == "cifar-unpadded" and "cifar_stem" not in config
-
-
 # ----------------------------------------------------------------------------- schedules
 
 
