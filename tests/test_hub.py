@@ -208,6 +208,22 @@ except ValueError as error:
     assert lines[3].startswith("error: Hub model 'someone/not-cached': offline mode is on (HF_HUB_OFFLINE)")
 
 
+def test_a_hub_id_in_timm_form_and_its_revision_go_to_huggingface_hub(export, monkeypatch):
+    asked = []
+
+    def hf_hub_download(repo_id, filename, revision=None):
+        asked.append((repo_id, filename, revision))
+        return str(export / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    backbone, config = load_backbone("hf-hub:someone/intl-r18@v1")
+    assert asked == [("someone/intl-r18", "model.safetensors", "v1"), ("someone/intl-r18", "config.json", "v1")]
+    assert config["hub_repo"] == "someone/intl-r18@v1"
+    assert_same_weights(backbone.state_dict(), load_file(export / "model.safetensors"))
+    with pytest.raises(ValueError, match="two revisions for someone/intl-r18: 'v1' \\(in the id\\) and 'v2'"):
+        load_backbone("someone/intl-r18@v1", revision="v2")
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """Replace the three network calls of a push; upload_folder records exactly what it was given."""
