@@ -701,9 +701,6 @@ def _load_digits_split(split):
                                          split=split)
 
 
-# ----------------------------------------------------------------------------- local folders
-
-
 def looks_like_path(source):
     """True for strings that can only be meant as local paths, never as Hub ids."""
     return (source.startswith(("/", "./", "../", "~", "\\")) or source in (".", "..") or source.count("/") > 1
@@ -711,11 +708,10 @@ def looks_like_path(source):
 
 
 def _is_save_to_disk_folder(path):
-    import datasets as hf_datasets
+    from datasets import config  # the files that Dataset.save_to_disk and DatasetDict.save_to_disk write
 
-    cfg = hf_datasets.config
-    return os.path.isfile(os.path.join(path, cfg.DATASETDICT_JSON_FILENAME)) or all(
-        os.path.isfile(os.path.join(path, name)) for name in (cfg.DATASET_INFO_FILENAME, cfg.DATASET_STATE_JSON_FILENAME))
+    return any(os.path.isfile(os.path.join(path, name))
+               for name in (config.DATASET_STATE_JSON_FILENAME, config.DATASETDICT_JSON_FILENAME))
 
 
 def _load_saved_split(path, split):
@@ -749,7 +745,8 @@ def _load_image_folder_split(root, split):
             paths += _image_files(folder)
         for label, name in enumerate(class_names):
             found = _image_files(os.path.join(folder, name))
-            paths, labels = paths + found, labels + [label] * len(found)
+            paths += found
+            labels += [label] * len(found)
     if not paths:
         raise ValueError(f"{root} has no image files (split {split!r}). {_HOW_TO_PROVIDE_DATA}")
     columns, features = {"image": [{"path": p, "bytes": None} for p in paths]}, {"image": hf_datasets.Image()}
@@ -773,9 +770,6 @@ def _image_files(folder):
     return files
 
 
-# ----------------------------------------------------------------------------- Hugging Face Hub
-
-
 def _load_hub_split(source, split):
     """A split of Hub dataset "id" or "id:config", through datasets' cache (with HF_HUB_OFFLINE=1, the cache only).
     All splits are loaded (datasets prepares them all anyway), so that a missing one can be served by an alias."""
@@ -790,9 +784,6 @@ def _load_hub_split(source, split):
         raise ValueError(f"could not load Hugging Face Hub dataset {source!r}: {offline}{type(err).__name__}: {err}. "
                          f"{_HOW_TO_PROVIDE_DATA}") from None
     return loaded[_resolve_split_name(split, loaded, source)]
-
-
-# ----------------------------------------------------------------------------- splits and columns
 
 
 def _resolve_split_name(split, available, where):
@@ -816,25 +807,30 @@ def _make_image_split(dataset, image_column, label_column, description):
     for role, name in (("image", image_column), ("label", label_column)):
         if name is not None and name not in features:
             raise ValueError(f"{description} has no {role} column {name!r}; columns: {columns}")
-    images = [c for c in columns if isinstance(features[c], hf_datasets.Image)] + [c for c in ("image", "img")
-                                                                                  if c in features]
-    image_column = image_column or next(iter(images), None)
     if image_column is None:
-        raise ValueError(f"{description} has no image column (no Image feature, no column 'image' or 'img'); "
-                         f"name it with --image_column (columns: {columns})")
-    is_class_index = lambda c: isinstance(features[c], hf_datasets.ClassLabel) or (  # noqa: E731
-        isinstance(features[c], hf_datasets.Value) and features[c].dtype.startswith(("int", "uint")))
+        images = [c for c in columns if isinstance(features[c], hf_datasets.Image)]
+        image_column = next(iter(images + [c for c in ("image", "img") if c in features]), None)
+        if image_column is None:
+            raise ValueError(f"{description} has no image column (no Image feature, no column 'image' or 'img'); "
+                             f"name it with --image_column (columns: {columns})")
     if label_column is None:
-        candidates = ["label", "fine_label", *[c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)],
-                      "labels"]
-        label_column = next((c for c in candidates if c in features and is_class_index(c)), None)
-    elif not is_class_index(label_column):
+        class_labels = [c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)]
+        label_column = next((c for c in ["label", "fine_label", *class_labels, "labels"]
+                             if c in features and _holds_class_indices(features[c])), None)
+    elif not _holds_class_indices(features[label_column]):
         raise ValueError(f"label column {label_column!r} of {description} is {features[label_column]}, not integer "
                          "class labels: name another with --label_column, or map the values to class indices "
                          f"(Dataset.class_encode_column) (columns: {columns})")
     feature = features[label_column] if label_column else None
     num_classes = feature.num_classes if isinstance(feature, hf_datasets.ClassLabel) else None
     return ImageSplit(dataset, image_column, label_column, num_classes, description)
+
+
+def _holds_class_indices(feature):
+    import datasets as hf_datasets
+
+    return isinstance(feature, hf_datasets.ClassLabel) or (
+        isinstance(feature, hf_datasets.Value) and feature.dtype.startswith(("int", "uint")))
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -994,13 +990,16 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     classes goes to the smallest class id, as the authors' argmax over the votes. `blocks`: nearest_neighbours'
     chunk, train_chunk and device."""
     nearest, _ = nearest_neighbours(train_features, test_features, k, **blocks)
-    neighbour_labels = train_labels.to(nearest.device)[nearest]
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = torch.zeros(len(nearest), num_classes, dtype=torch.long, device=nearest.device)
-    votes.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels))
-    # No two scores are equal, so the tie rule does not rest on which of equal maxima argmax returns.
-    predicted = (votes * num_classes + torch.arange(num_classes - 1, -1, -1, device=nearest.device)).argmax(1)
-    return {"top1": 100.0 * (predicted.cpu() == test_labels.cpu()).sum().item() / len(test_features)}
+    device, num_classes = nearest.device, int(max(train_labels.max(), test_labels.max())) + 1
+    # Votes x classes + (classes - 1 - class): no two scores are equal, so the tie rule does not rest on which of
+    # equal maxima argmax returns.
+    tie_break = torch.arange(num_classes - 1, -1, -1, device=device)
+    correct = 0
+    for labels, truth in zip(train_labels.to(device)[nearest].split(1024), test_labels.to(device).split(1024)):
+        votes = torch.zeros(len(labels), num_classes, dtype=torch.long, device=device)
+        votes.scatter_add_(1, labels, torch.ones_like(labels))  # [1024, classes] at a time: bounded memory
+        correct += ((votes * num_classes + tie_break).argmax(1) == truth).sum().item()
+    return {"top1": 100.0 * correct / len(test_features)}
 
 
 # ----------------------------------------------------------------------------- the loops of the three stages
@@ -1552,10 +1551,11 @@ def _read_backbone(source, revision):
         return read_safetensors(path), read_json(beside) if beside.is_file() else {}, beside
     if path.is_file():
         return *_read_official_checkpoint(path), path
-    repo_id = source.removeprefix("hf-hub:").partition("@")[0]  # a revision may hold "/": refs/pr/1
-    if looks_like_path(repo_id) or repo_id.count("/") != 1 or path.suffix in (".safetensors", ".pth", ".tar", ".pt", ".bin"):
+    hub_id = source.removeprefix("hf-hub:")  # timm's form
+    repo_id = hub_id.partition("@")[0]  # a revision may hold "/": refs/pr/1
+    if looks_like_path(repo_id) or repo_id.count("/") != 1 or path.suffix in (".safetensors", ".pth", ".tar", ".pt"):
         raise ValueError(f"backbone {source!r} not found: no such file or folder, nor a Hub id 'owner/name[@revision]'")
-    return *_download_from_hub(source.removeprefix("hf-hub:"), revision), f"config.json of Hub model {source!r}"
+    return *_download_from_hub(hub_id, revision), f"config.json of Hub model {source!r}"
 
 
 # What an export records of the pretraining run that made it.
@@ -1686,9 +1686,6 @@ def _load_strict(module, weights, what):
         raise ValueError(f"the weights do not fit {what}: {'; '.join(problems)}. Check --arch (and the stem)")
     # assign: the module may live on the meta device; each tensor in the module's dtype (an fp16 file loads as float32)
     module.load_state_dict({k: weights[k].to(v.dtype) for k, v in expected.items()}, strict=True, assign=True)
-
-
-# ----------------------------------------------------------------------------- Hub: download
 
 
 def _download_from_hub(source, revision=None):

@@ -267,9 +267,9 @@ def test_unlabelled_data_gives_label_minus_one(tmp_path):
 
 
 def test_string_labels_are_no_class_indices_unlabelled_when_detected_refused_when_asked_for(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": [png_bytes((9, 9, 9))] * 2, "label": ["cat", "dog"]},
-                               features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
-                               ).save_to_disk(tmp_path / "named")
+                               features=features).save_to_disk(tmp_path / "named")
     split = load_image_split(tmp_path / "named", "train")  # enough to pretrain on
     assert (split.label_column, split.num_classes) == (None, None)
     assert labels_of(split).tolist() == [-1, -1] and ImageDataset(split, transform=None)[0][1] == -1
