@@ -535,32 +535,28 @@ from torchvision.transforms import v2
 
 # ----------------------------------------------------------------------------- data
 #
-# Every source ends up as a `datasets.Dataset` in an ImageSplit:
+# Every source becomes a `datasets.Dataset` in an ImageSplit:
 #   None / "digits"   scikit-learn's handwritten digits, the offline default (no download)
 #   a folder written by Dataset.save_to_disk / DatasetDict.save_to_disk
-#   a folder of class sub-folders (ImageNet layout), flat or split into train/ val/ test/
+#   a folder of images: in class sub-folders (ImageNet layout, optionally split into train/ val/ test/), or
+#                     directly inside it (unlabelled training images)
 #   anything else     a Hugging Face Hub dataset id, optionally "id:config"
-# ImageDataset turns a split into (transform(rgb_pil_image), label) pairs; labels_of reads the
-# labels without decoding an image.
 
 _data_logger = logging.getLogger(__name__)
 
 DIGITS_SOURCE = "digits"
 
-# A missing split is served by the first of these that exists: many datasets ship a single held-out split, named
-# differently (CIFAR-10 "test", ImageNet-1k "validation", torchvision-style folders "val").
-_SPLIT_FALLBACKS = {"train": ("training",), "validation": ("val", "valid", "dev", "test"),
-                    "val": ("validation", "valid", "dev", "test"), "test": ("validation", "val", "valid", "dev")}
-# Sub-folders of an image folder that are splits rather than classes -> the split they are exposed as.
-_SPLIT_DIR_NAMES = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
-                    "validation": "validation", "dev": "validation", "test": "test", "testing": "test"}
+# A missing split is served by another name of it; many datasets ship one held-out split, under different names
+# (CIFAR-10 "test", ImageNet-1k "validation", torchvision-style folders "val").
+_SPLIT_ALIASES = (("train", "training"), ("validation", "val", "valid", "dev", "test", "testing"))
+# Sub-folders of an image folder that are splits rather than classes -> the split each is loaded as.
+_SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
+                  "validation": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
 _HOW_TO_PROVIDE_DATA = (
-    "To provide the data, either run once with network access so that the dataset gets cached (in "
-    "~/.cache/huggingface, or HF_HOME), or point --dataset at a local folder of class sub-folders (ROOT/<class>/*.png, "
-    "or ROOT/train/<class>/... and ROOT/val/<class>/...), or at a folder written by Dataset.save_to_disk / "
-    "DatasetDict.save_to_disk. Use --dataset digits for the built-in offline data."
-)
+    "Give --dataset a Hub dataset id (run once with network access to cache it), a folder of images (directly "
+    "inside: unlabelled; or in class sub-folders ROOT/<class>/..., optionally under ROOT/train/ and ROOT/val/), a "
+    "folder written by save_to_disk, or digits (built in, offline).")
 
 
 @dataclass
@@ -578,10 +574,9 @@ class ImageSplit:
 def load_image_split(source, split, image_column=None, label_column=None, accelerator=None):
     """One split ("train", "test", ...) of any source above -> ImageSplit; the columns are detected unless given.
 
-    A missing split falls back to its aliases ("test" <-> "validation" / "val"). Raises ValueError naming the
-    available splits or columns, or saying why a folder or a Hub dataset cannot be used. With an `accelerator`,
-    its main process loads first (a Hub dataset is downloaded and prepared once) and the others then read the cache.
-    """
+    A missing split is served by another name of it ("test" <-> "validation" / "val"). Raises ValueError naming
+    what is missing. With an `accelerator`, its main process loads first (a Hub dataset is prepared once), then
+    the others read the cache."""
     if accelerator is not None:
         with accelerator.main_process_first():
             return load_image_split(source, split, image_column, label_column)
@@ -594,8 +589,7 @@ def load_image_split(source, split, image_column=None, label_column=None, accele
             load = _load_saved_split if _is_save_to_disk_folder(path) else _load_image_folder_split
             dataset, description = load(path, split), path
         elif looks_like_path(source):  # a typo in a path must not turn into a confusing Hub lookup
-            raise ValueError(f"Dataset folder {source!r} does not exist. Expected a folder of class sub-folders or a "
-                             "save_to_disk folder, a Hugging Face Hub id such as 'uoft-cs/cifar10', or 'digits'.")
+            raise ValueError(f"dataset folder {source} does not exist. {_HOW_TO_PROVIDE_DATA}")
         else:
             dataset, description = _load_hub_split(source, split), f"Hugging Face Hub dataset {source!r}"
     return _make_image_split(dataset, image_column, label_column, f"{description} (split {split!r})")
@@ -605,33 +599,26 @@ def _load_digits_split(split):
     """scikit-learn's digits as 32x32 RGB PNGs, in a seeded, class-stratified 80/20 train/test split: the same on
     every call, so pre-training never sees the images that report test accuracy."""
     import datasets as hf_datasets
-
-    # Imported lazily: scikit-learn costs ~1.5 s to import and only this source needs it.
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here: scikit-learn takes ~1.5 s to import, only digits need it
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
-    splits = {"train": np.sort(train_idx), "test": np.sort(test_idx)}
-    split = _resolve_split_name(split, list(splits), DIGITS_SOURCE)
-    indices = splits[split]
+    train, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
+    split = _resolve_split_name(split, ["train", "test"], DIGITS_SOURCE)
+    indices = np.sort(train if split == "train" else test)
     encoded = []
     for pixels in digits.images[indices]:
-        # Resample in float ("F" mode) so the 0..16 -> 0..255 rescale is quantised only once.
+        # Resampled in float, so that the 0..16 -> 0..255 rescale is rounded once; bicubic overshoots at edges.
         small = PILImage.fromarray((pixels * (255.0 / 16.0)).astype(np.float32), mode="F")
         big = np.asarray(small.resize((32, 32), PILImage.Resampling.BICUBIC))
-        gray = np.clip(np.rint(big), 0, 255).astype(np.uint8)  # bicubic overshoots at edges
         buffer = io.BytesIO()
-        PILImage.fromarray(gray, mode="L").convert("RGB").save(buffer, format="PNG")
+        PILImage.fromarray(np.clip(np.rint(big), 0, 255).astype(np.uint8), mode="L").convert("RGB").save(buffer, "PNG")
         encoded.append({"bytes": buffer.getvalue(), "path": None})
     features = hf_datasets.Features({"image": hf_datasets.Image(),
                                      "label": hf_datasets.ClassLabel(names=[str(d) for d in range(10)])})
     return hf_datasets.Dataset.from_dict({"image": encoded, "label": labels[indices].tolist()}, features=features,
                                          split=split)
-
-
-# ----------------------------------------------------------------------------- local folders
 
 
 def looks_like_path(source):
@@ -641,12 +628,10 @@ def looks_like_path(source):
 
 
 def _is_save_to_disk_folder(path):
-    import datasets as hf_datasets
+    from datasets import config  # the files that Dataset.save_to_disk and DatasetDict.save_to_disk write
 
-    cfg = hf_datasets.config
-    dataset_files = (cfg.DATASET_INFO_FILENAME, cfg.DATASET_STATE_JSON_FILENAME)  # Dataset.save_to_disk
-    return all(os.path.isfile(os.path.join(path, f)) for f in dataset_files) \
-        or os.path.isfile(os.path.join(path, cfg.DATASETDICT_JSON_FILENAME))  # DatasetDict.save_to_disk
+    return any(os.path.isfile(os.path.join(path, name))
+               for name in (config.DATASET_STATE_JSON_FILENAME, config.DATASETDICT_JSON_FILENAME))
 
 
 def _load_saved_split(path, split):
@@ -654,107 +639,88 @@ def _load_saved_split(path, split):
 
     saved = hf_datasets.load_from_disk(path)
     if isinstance(saved, hf_datasets.DatasetDict):
-        return saved[_resolve_split_name(split, list(saved), path)]
-    # A bare Dataset has no split name: serving it as e.g. "test" would silently evaluate on the training images.
-    if split != "train":
-        raise ValueError(f"{path} holds a single Dataset without splits, which can only be used as split 'train' "
-                         f"(requested {split!r}). Save a DatasetDict with the held-out split instead.")
+        return saved[_resolve_split_name(split, saved, path)]
+    if split != "train":  # served as "test", a bare Dataset would evaluate on the training images
+        raise ValueError(f"{path} holds a single Dataset without splits, usable only as split 'train' (asked for "
+                         f"{split!r}); save a DatasetDict with the held-out split instead")
     return saved
 
 
-def _list_sub_dirs(path):
+def _load_image_folder_split(root, split):
+    """A split of a folder of images, found at any depth below each class folder and labelled by it: ROOT/<class>/
+    or ROOT/<split>/<class>/. The class indices are those of all splits' sorted class names, so that they agree
+    across splits. Without class folders, the images directly in ROOT (or ROOT/<split>/) are unlabelled."""
+    import datasets as hf_datasets
+
+    split_folders = [d for d in _sub_folders(root) if d.lower() in _SPLIT_FOLDERS]
+    roots = {}
+    for folder in split_folders:
+        roots.setdefault(_SPLIT_FOLDERS[folder.lower()], []).append(os.path.join(root, folder))
+    roots = roots or {"train": [root]}
+    class_names = sorted({name for folders in roots.values() for folder in folders for name in _sub_folders(folder)})
+    split = _resolve_split_name(split, roots, root)
+    paths, labels = [], []
+    for folder in roots[split]:
+        if not class_names:  # the images directly inside: no sub-folders
+            paths += _image_files(folder)
+        for label, name in enumerate(class_names):
+            found = _image_files(os.path.join(folder, name))
+            paths += found
+            labels += [label] * len(found)
+    if not paths:
+        raise ValueError(f"{root} has no image files (split {split!r}). {_HOW_TO_PROVIDE_DATA}")
+    columns, features = {"image": [{"path": p, "bytes": None} for p in paths]}, {"image": hf_datasets.Image()}
+    if class_names:
+        columns["label"], features["label"] = labels, hf_datasets.ClassLabel(names=class_names)
+    return hf_datasets.Dataset.from_dict(columns, features=hf_datasets.Features(features), split=split)
+
+
+def _sub_folders(path):
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _load_image_folder_split(root, split):
-    """A split of a folder of class sub-folders: every image file below ROOT/<class>/ (or ROOT/<split>/<class>/),
-    at any depth, labelled by its class folder; the class indices are those of the sorted class names of all
-    splits, so they agree across splits even when a split lacks a class.
-    """
-    import datasets as hf_datasets
-
-    sub_dirs = _list_sub_dirs(root)
-    if not sub_dirs:
-        raise ValueError(f"{root} is neither a save_to_disk folder nor a folder of class sub-folders "
-                         f"(it has no sub-folders). {_HOW_TO_PROVIDE_DATA}")
-    split_dirs = [d for d in sub_dirs if d.lower() in _SPLIT_DIR_NAMES]
-    roots_of_split, class_names = {}, set()
-    if split_dirs:  # ROOT/train/<class>/..., ROOT/val/<class>/...
-        for d in split_dirs:
-            roots_of_split.setdefault(_SPLIT_DIR_NAMES[d.lower()], []).append(os.path.join(root, d))
-            class_names.update(_list_sub_dirs(os.path.join(root, d)))
-    else:  # ROOT/<class>/...: everything is training data
-        roots_of_split["train"], class_names = [root], set(sub_dirs)
-    class_names = sorted(class_names)
-    paths, labels = [], []
-    split = _resolve_split_name(split, list(roots_of_split), root)
-    for split_root in roots_of_split[split]:
-        files, file_labels = _image_folder_index(split_root, class_names)
-        paths += [os.path.join(split_root, f) for f in files]
-        labels += file_labels
-    if not paths:
-        raise ValueError(f"no image files in the class folders of {root} (split {split!r}). {_HOW_TO_PROVIDE_DATA}")
-    features = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.ClassLabel(names=class_names)})
-    return hf_datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths], "label": labels},
-                                         features=features, split=split)
-
-
-def _image_folder_index(split_root, class_names):
-    """(image paths relative to split_root, their class indices), sorted, for the class folders that split_root has.
-    The scan takes about 0.6 s per 100,000 files."""
+def _image_files(folder):
+    """The image files below `folder`, at any depth, in sorted order; hidden files and folders are skipped."""
     extensions = {e.lower() for e in PILImage.registered_extensions()}
-    files, labels = [], []
-    for label, name in enumerate(class_names):
-        for folder, sub_folders, names in os.walk(os.path.join(split_root, name)):
-            sub_folders[:] = sorted(d for d in sub_folders if not d.startswith("."))
-            relative = os.path.relpath(folder, split_root)
-            files += [os.path.join(relative, f) for f in sorted(names)
-                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
-            labels += [label] * (len(files) - len(labels))
-    return files, labels
-
-
-# ----------------------------------------------------------------------------- Hugging Face Hub
+    files = []
+    for parent, sub_folders, names in os.walk(folder):
+        sub_folders[:] = sorted(d for d in sub_folders if not d.startswith("."))
+        files += [os.path.join(parent, name) for name in sorted(names)
+                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions]
+    return files
 
 
 def _load_hub_split(source, split):
     """A split of Hub dataset "id" or "id:config", through datasets' cache (with HF_HUB_OFFLINE=1, the cache only).
-
-    All splits are loaded and the requested one picked afterwards: datasets prepares every split anyway, and so a
-    missing split can fall back to its aliases.
-    """
+    All splits are loaded (datasets prepares them all anyway), so that a missing one can be served by an alias."""
     import datasets as hf_datasets
 
     repo_id, _, config_name = source.partition(":")
     try:
         loaded = hf_datasets.load_dataset(repo_id, config_name or None)
-    except (ConnectionError, FileNotFoundError) as err:  # DatasetNotFoundError, "not in the cache": FileNotFoundError
-        offline = (f"offline mode is on (HF_HUB_OFFLINE), so only the local datasets cache "
+    except (ConnectionError, FileNotFoundError) as err:  # not found, or not in the cache: FileNotFoundError
+        offline = (f"offline mode is on (HF_HUB_OFFLINE), so only the datasets cache "
                    f"({hf_datasets.config.HF_DATASETS_CACHE}) was tried: ") if hf_datasets.config.HF_HUB_OFFLINE else ""
-        # "from None": one self-contained message instead of a chain of library internals.
-        raise ValueError(f"Could not load Hugging Face Hub dataset {source!r}: {offline}{type(err).__name__}: {err}. "
+        raise ValueError(f"could not load Hugging Face Hub dataset {source!r}: {offline}{type(err).__name__}: {err}. "
                          f"{_HOW_TO_PROVIDE_DATA}") from None
-    return loaded[_resolve_split_name(split, list(loaded), source)]
-
-
-# ----------------------------------------------------------------------------- splits and columns
+    return loaded[_resolve_split_name(split, loaded, source)]
 
 
 def _resolve_split_name(split, available, where):
-    """The available split serving `split`: itself, or the first of its fallbacks."""
-    available = list(available)
-    if split in available:
-        return split
-    for alias in _SPLIT_FALLBACKS.get(split, ()):
-        if alias in available:
-            _data_logger.info("%s has no split %r; using %r instead", where, split, alias)
-            return alias
-    raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
+    """The available split serving `split`: itself, else the first available of its aliases."""
+    aliases = next((names for names in _SPLIT_ALIASES if split in names), ())
+    name = next((name for name in (split, *aliases) if name in available), None)
+    if name is None:
+        raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
+    if name != split:
+        _data_logger.info("%s has no split %r; using %r instead", where, split, name)
+    return name
 
 
 def _make_image_split(dataset, image_column, label_column, description):
-    """Check the given columns, or detect them: the image column is the first Image feature (else "image" / "img"),
-    the label column "label", "fine_label", the first ClassLabel or "labels"; labels must be integers."""
+    """Check the given columns, or detect them: the image column is the first Image feature (else "image" / "img");
+    the label column the first of "label", "fine_label", a ClassLabel, "labels" that holds integer class labels
+    (none: unlabelled). A label column asked for must hold integers: strings are not class indices."""
     import datasets as hf_datasets
 
     features, columns = dataset.features, list(dataset.features)
@@ -762,27 +728,29 @@ def _make_image_split(dataset, image_column, label_column, description):
         if name is not None and name not in features:
             raise ValueError(f"{description} has no {role} column {name!r}; columns: {columns}")
     if image_column is None:
-        images = [c for c in columns if isinstance(features[c], hf_datasets.Image)] + \
-            [c for c in ("image", "img") if c in features]
-        if not images:
-            raise ValueError(f"{description} has no image column (no Image feature, no column named 'image' or "
-                             f"'img'); columns: {columns}. Pass image_column explicitly.")
-        image_column = images[0]
-    explicit_label = label_column is not None
-    if not explicit_label:
+        images = [c for c in columns if isinstance(features[c], hf_datasets.Image)]
+        image_column = next(iter(images + [c for c in ("image", "img") if c in features]), None)
+        if image_column is None:
+            raise ValueError(f"{description} has no image column (no Image feature, no column 'image' or 'img'); "
+                             f"name it with --image_column (columns: {columns})")
+    if label_column is None:
         class_labels = [c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)]
-        label_column = next((c for c in ["label", "fine_label", *class_labels, "labels"] if c in features), None)
-    num_classes = None
-    if label_column is not None:
-        feature = features[label_column]
-        if isinstance(feature, hf_datasets.ClassLabel):
-            num_classes = feature.num_classes
-        elif not (isinstance(feature, hf_datasets.Value) and feature.dtype.startswith(("int", "uint"))):
-            # e.g. a multi-label "labels" list or string labels: not usable as class indices.
-            raise ValueError(f"{'Label' if explicit_label else 'Detected label'} column {label_column!r} of "
-                             f"{description} is {feature}, not integer class labels; pass label_column "
-                             f"explicitly (columns: {columns}).")
+        label_column = next((c for c in ["label", "fine_label", *class_labels, "labels"]
+                             if c in features and _holds_class_indices(features[c])), None)
+    elif not _holds_class_indices(features[label_column]):
+        raise ValueError(f"label column {label_column!r} of {description} is {features[label_column]}, not integer "
+                         "class labels: name another with --label_column, or map the values to class indices "
+                         f"(Dataset.class_encode_column) (columns: {columns})")
+    feature = features[label_column] if label_column else None
+    num_classes = feature.num_classes if isinstance(feature, hf_datasets.ClassLabel) else None
     return ImageSplit(dataset, image_column, label_column, num_classes, description)
+
+
+def _holds_class_indices(feature):
+    import datasets as hf_datasets
+
+    return isinstance(feature, hf_datasets.ClassLabel) or (
+        isinstance(feature, hf_datasets.Value) and feature.dtype.startswith(("int", "uint")))
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -799,15 +767,14 @@ class UnreadableImageError(OSError):
 class ImageDataset(torch.utils.data.Dataset):
     """An ImageSplit for PyTorch: item i is (transform(rgb_pil_image), label), label -1 when unlabelled.
 
-    The images are decoded here with PIL, not by datasets, so that a broken image raises an error naming its file.
-    Picklable (for DataLoader workers) when `transform` is: file-backed datasets pickle as their paths.
-    """
+    PIL decodes the images here, not datasets, so that a broken image raises an error naming its file. Picklable
+    (for DataLoader workers) when `transform` is."""
 
     def __init__(self, split, transform=None):
         import datasets as hf_datasets
 
         columns = [split.image_column] + ([split.label_column] if split.label_column else [])
-        # Only the needed columns: every other column would be converted on each access.
+        # Only the needed columns: every other one would be converted at each access.
         rows = split.dataset.select_columns(columns).cast_column(split.image_column, hf_datasets.Image(decode=False))
         self.rows = rows.with_format(None)  # plain Python rows even if a torch format was set
         self.image_column, self.label_column = split.image_column, split.label_column
@@ -821,16 +788,11 @@ class ImageDataset(torch.utils.data.Dataset):
         value = row[self.image_column] or {}  # undecoded: {"bytes", "path"}
         path, data = value.get("path"), value.get("bytes")
         try:
-            if data is not None:
-                handle = PILImage.open(io.BytesIO(data))
-            elif path:
-                handle = PILImage.open(path)
-            else:
+            if data is None and not path:
                 raise ValueError("the entry has neither bytes nor a path")
-            with handle:
-                image = to_rgb(handle)  # forces the full decode, so truncation shows up here
+            with PILImage.open(io.BytesIO(data) if data is not None else path) as handle:
+                image = to_rgb(handle)  # decodes fully, so that truncation shows up here
         except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
-            # Named: a bare PIL error from a worker process does not say which image is broken.
             where = f"file {path!r}" if path else "no file path"
             raise UnreadableImageError(f"Cannot read image #{index} of {self.source} ({where}): {err}") from err
         if self.transform is not None:
@@ -839,36 +801,31 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, -1 if label is None else int(label)
 
 
-# Decision: a transparent pixel shows this colour (white, as a page behind a web image); the colour stored under a
-# transparent pixel is not part of the picture (often black, or whatever the palette entry happens to hold).
+# A transparent pixel shows white, as a page behind a web image: the colour stored under it is not part of the
+# picture (often black, or whatever the palette entry holds).
 ALPHA_BACKGROUND = (255, 255, 255)
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def to_rgb(image):
     """Any PIL image -> the 8-bit RGB image it shows, decoded fully.
 
-    `image.convert("RGB")` is right for most modes (L, 1, P, CMYK, YCbCr, RGB) but silently wrong for two kinds:
-      16-bit ("I;16*", and "I" as 16-bit files may open): convert clips every value above 255, so a 16-bit PNG
-          turns almost white. Here v in 0..65535 becomes round(v / 257) in 0..255.
-      transparency (RGBA, LA, PA, a palette or grey / RGB image with a tRNS entry): convert drops the alpha, so a
-          transparent pixel shows whatever colour is stored under it. Here every pixel is composited over
-          ALPHA_BACKGROUND: round((c a + b (255 - a)) / 255).
-    """
+    `image.convert("RGB")`, right for most modes, is wrong for two kinds: 16-bit images ("I;16*", and "I"), whose
+    values it clips at 255 (here v becomes round(v / 257)), and transparent ones (RGBA, LA, PA, a tRNS entry),
+    whose alpha it drops (here each pixel is composited over ALPHA_BACKGROUND, rounded exactly)."""
     key = image.info.get("transparency")
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image).astype(np.int64)
         rgb = np.repeat(((np.clip(values, 0, 65535) + 128) // 257)[..., None], 3, axis=2)
         alpha = np.where(values == key, 0, 255)[..., None] if isinstance(key, int) else None
-    elif key is not None or image.mode in _ALPHA_MODES:
+    elif key is not None or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = np.asarray(image.convert("RGBA")).astype(np.int64)
         rgb, alpha = rgba[..., :3], rgba[..., 3:]
     else:
         return image.convert("RGB")
     if alpha is not None:
         background = np.array(ALPHA_BACKGROUND, dtype=np.int64)
-        rgb = (rgb * alpha + background * (255 - alpha) + 127) // 255  # exact rounding of the division by 255
-    return PILImage.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)))  # [H, W, 3] uint8: RGB
+        rgb = (rgb * alpha + background * (255 - alpha) + 127) // 255  # round((c a + b (255 - a)) / 255)
+    return PILImage.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)))
 
 
 def labels_of(split):
@@ -884,22 +841,16 @@ def labels_of(split):
 
 
 def eval_resize(image_size, resize=None):
-    """The side the un-augmented input is resized to before its centre crop (see `eval_transform`)."""
+    """The side the un-augmented input is resized to before its centre crop: size / 0.875 for large images
+    (224 -> 256), the size itself for small ones (CIFAR, digits); CW-RGP's STL-10 gives 70 for 64."""
     return resize or (round(image_size / 0.875) if image_size >= 128 else image_size)
 
 
 def eval_transform(image_size, mean, std, resize=None):
-    """Un-augmented input: Resize(resize) + CenterCrop(size). resize defaults to size / 0.875 for large images
-    (224 -> 256 -> 224) and to the size itself for small ones (CIFAR, digits); CW-RGP's STL-10 uses 70 for 64.
-
-    Bilinear (torchvision's default), as the authors' ImageNet linear and fine-tuning evaluations resize. The
-    features of knn and linear-cached, and pretrain.py's kNN monitor, go through the same transform, so every
-    protocol sees one un-augmented input; at the small-data sets' native size (CIFAR at 32 px) the resize leaves
-    the image as it is, so the interpolation does not touch their numbers.
-    """
-    resize = eval_resize(image_size, resize)
+    """The un-augmented input of every evaluation (kNN, linear, pretrain.py's monitor): a bilinear Resize, as the
+    authors' ImageNet evaluations, and a CenterCrop; at the small sets' native size the resize changes nothing."""
     return v2.Compose([
-        v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+        v2.Resize(eval_resize(image_size, resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(image_size),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -909,11 +860,8 @@ def eval_transform(image_size, mean, std, resize=None):
 
 @torch.no_grad()
 def extract_features(backbone, loader, accelerator):
-    """Frozen features of every sample exactly once: ([N, feature_dim] float32, [N] labels) on the CPU.
-
-    `loader` must come from `accelerator.prepare`, so that `gather_for_metrics` drops the samples
-    repeated to even out the last batch across processes.
-    """
+    """Frozen features of every sample exactly once: ([N, feature_dim] float32, [N] labels) on the CPU. `loader`
+    comes from `accelerator.prepare`, so that gather_for_metrics drops the samples that even out the last batch."""
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
@@ -929,35 +877,21 @@ def extract_features(backbone, loader, accelerator):
 
 @torch.no_grad()
 def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None, cosine=False):
-    """Each test feature's k nearest training features (Euclidean; cosine=True: the k most similar by cosine
-    similarity), nearest first -> (indices [N_test, k], their ranking keys [N_test, k], ascending: ||t||^2 - 2 q.t,
-    or -cos(q, t) with cosine).
+    """Each test feature's k nearest training features, nearest first -> (indices [N_test, k], ranking keys
+    [N_test, k], ascending): Euclidean, key ||t||^2 - 2 q.t; or cosine=True, key -cos(q, t).
 
-    Memory stays bounded at ImageNet size (1.28 M x 2048 training features, 10.5 GB in float32): the distances
-    are computed block by block, `chunk` queries against `train_chunk` training features at a time, on `device`
-    (default: where the training features are), and each query keeps only a running top-k. Nothing the size of
-    the training set is ever copied: a training block goes to the device as float32, which is a view when it is
-    already there in float32. Largest temporaries: one distance block (chunk x train_chunk) and one training
-    block (train_chunk x dim); the running top-k is [N_test, k].
-
-    Precision: the ranking key of a training feature t for a query q is ||t||^2 - 2 q.t (the squared distance
-    minus ||q||^2, which is the same for every t of the query), one matrix product per block in float32, the
-    fast path on every accelerator. Its rounding error is about 1e-7 x (||q||^2 + ||t||^2), not relative to the
-    distance: two candidates whose squared distances to q differ by less than that can swap ranks compared with
-    an exact (float64) computation. Only near-equal neighbours at the k-th / (k+1)-th boundary can change the
-    vote; on data without such near-ties the neighbours are exactly those of float64. Exactly equal keys
-    (duplicated training features) come in no specified order.
-    """
+    Memory stays bounded at ImageNet size: `chunk` queries meet `train_chunk` training features at a time, on
+    `device` (default: the training features'), and each query keeps a running top-k. The keys are float32
+    matrix products: near-equal distances (within ~1e-7 (||q||^2 + ||t||^2)) may swap ranks compared with float64."""
     device = torch.device(device) if device is not None else train_features.device
-    n_test = len(test_features)
     k = min(k, len(train_features))
-    best_key = torch.full((n_test, k), float("inf"), device=device)
-    best_index = torch.zeros((n_test, k), dtype=torch.long, device=device)
+    best_key = torch.full((len(test_features), k), float("inf"), device=device)
+    best_index = torch.zeros((len(test_features), k), dtype=torch.long, device=device)
     for start in range(0, len(train_features), train_chunk):
-        block = train_features[start:start + train_chunk].to(device, torch.float32)
+        block = train_features[start:start + train_chunk].to(device, torch.float32)  # a view if already there
         block = F.normalize(block, dim=1) if cosine else block
         block_norms = torch.zeros(len(block), device=device) if cosine else block.square().sum(1)
-        for first in range(0, n_test, chunk):
+        for first in range(0, len(test_features), chunk):
             rows = slice(first, first + chunk)
             queries = test_features[rows].to(device, torch.float32)
             queries = F.normalize(queries, dim=1) if cosine else queries
@@ -971,29 +905,20 @@ def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chu
 
 
 @torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, test_labels, k=5, chunk=1024, train_chunk=32768,
-                 device=None):
-    """k-NN accuracy (%) with Euclidean distance and one vote per neighbour (the papers' 5-NN). Returns {"top1": float}.
-
-    A tie between classes goes to the smallest class id: the authors' rule (an argmax over the vote counts, which
-    takes the first maximum), not the class of the nearer neighbours. The neighbours come from
-    `nearest_neighbours` (float32, blocks of chunk x train_chunk on `device`, bounded memory: see its docstring
-    for the precision this gives).
-    """
-    device = torch.device(device) if device is not None else train_features.device
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    nearest, _ = nearest_neighbours(train_features, test_features, k, chunk, train_chunk, device)
-    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
-    # Votes x num_classes + (num_classes - 1 - class): the most votes win, and among equal votes the smallest
-    # class id; no two scores are equal, so the rule does not rest on which of equal maxima argmax returns.
+def knn_classify(train_features, train_labels, test_features, test_labels, k=5, **blocks):
+    """k-NN accuracy (%), Euclidean, one vote per neighbour (the papers' 5-NN) -> {"top1": float}. A tie between
+    classes goes to the smallest class id, as the authors' argmax over the votes. `blocks`: nearest_neighbours'
+    chunk, train_chunk and device."""
+    nearest, _ = nearest_neighbours(train_features, test_features, k, **blocks)
+    device, num_classes = nearest.device, int(max(train_labels.max(), test_labels.max())) + 1
+    # Votes x classes + (classes - 1 - class): no two scores are equal, so the tie rule does not rest on which of
+    # equal maxima argmax returns.
     tie_break = torch.arange(num_classes - 1, -1, -1, device=device)
     correct = 0
-    for first in range(0, len(test_features), chunk):
-        neighbour_labels = train_labels[nearest[first:first + chunk]]
-        votes = torch.zeros(len(neighbour_labels), num_classes, dtype=torch.long, device=device)
-        votes.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels))
-        predicted = (votes * num_classes + tie_break).argmax(1)
-        correct += (predicted == test_labels[first:first + chunk]).sum().item()
+    for labels, truth in zip(train_labels.to(device)[nearest].split(1024), test_labels.to(device).split(1024)):
+        votes = torch.zeros(len(labels), num_classes, dtype=torch.long, device=device)
+        votes.scatter_add_(1, labels, torch.ones_like(labels))  # [1024, classes] at a time: bounded memory
+        correct += ((votes * num_classes + tie_break).argmax(1) == truth).sum().item()
     return {"top1": 100.0 * correct / len(test_features)}
 
 
@@ -1491,12 +1416,12 @@ def run(main, argv=None, interrupted="interrupted"):
 #
 # load_backbone(source) accepts, and always loads strictly:
 #   1. an export folder (model.safetensors + config.json), or a bare .safetensors file (+ arch)
-#   2. a Hub model repo id "owner/name" or "owner/name@revision" (cached by huggingface_hub;
-#      HF_HUB_OFFLINE=1 reads the local Hub cache only)
+#   2. a Hub model id "owner/name[@revision]" (or timm's "hf-hub:owner/name"), through huggingface_hub's cache;
+#      HF_HUB_OFFLINE=1 reads that cache only
 #   3. a pretrain.py checkpoint folder (model.safetensors with backbone.* keys + trainer_state.json)
 #   4. an official INTL / CW-RGP checkpoint (.pth.tar: {"state_dict": {"module.backbone.*": ...}})
-# Every backbone comes with its config: arch, stem, feature_dim, image_size, mean, std, and
-# whatever the export recorded about its training.
+# Every backbone comes with its config: arch, stem, feature_dim, image_size, mean, std, and what the export
+# recorded about its training.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -1506,13 +1431,10 @@ EXPORT_FILES = ("model.safetensors", "config.json")
 def load_backbone(source, arch=None, revision=None, stem=None):
     """Any supported source -> (backbone nn.Module in eval mode, config dict).
 
-    arch: required for a bare .safetensors file or an official checkpoint only when it cannot be
-    inferred from the weights' shapes; given for the other sources, it must match the weights.
-    revision: a Hub branch, tag or commit (same as "id@revision").
-    stem: a key of STEMS, for weights whose config does not say it (see `_complete_config`).
-    Raises ValueError for anything that does not load, never returns a half-loaded model, nor one with NaN or Inf
-    weights.
-    """
+    arch: needed for a bare .safetensors file or an official checkpoint only when the weights' shapes fit no
+    ResNet exactly; given for another source, it must match the weights. revision: a Hub branch, tag or commit
+    (as "id@revision"). stem: a key of STEMS, for weights whose config does not say it. Raises ValueError for
+    anything that does not load; never returns a half-loaded model, nor one with NaN or Inf weights."""
     weights, config = load_backbone_weights(source, arch, revision, stem)
     with torch.device("meta"):  # no random initialisation to overwrite (a ResNet-50's takes about a second)
         backbone = build_backbone(config["arch"], config["stem"])
@@ -1522,46 +1444,38 @@ def load_backbone(source, arch=None, revision=None, stem=None):
 
 
 def load_backbone_weights(source, arch=None, revision=None, stem=None):
-    """Any supported source -> (state_dict with torchvision keys without fc.*, config dict).
-
-    The values are checked to be finite and the config's types to be right; whether the keys fit is checked by
-    load_backbone."""
+    """Any supported source -> (state_dict with torchvision keys without fc.*, config dict), the weights checked by
+    `check_weights` and the config by `check_settings`; whether the keys fit is load_backbone's check."""
     if source is None or str(source).strip() == "":
-        raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub repo id, "
-                         "a pretrain checkpoint folder or an official .pth.tar checkpoint")
-    source = os.fspath(source)
-    path = Path(os.path.expanduser(source))
-    if path.is_dir():
-        if (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
-            weights, config = _read_pretrain_checkpoint(path)
-            config_file = path / "trainer_state.json"
-        elif (path / "model.safetensors").is_file():  # an export; its config.json is optional
-            config_file = path / "config.json"
-            config = read_json(config_file) if config_file.is_file() else {}
-            weights = read_safetensors(path / "model.safetensors")
-        else:
-            raise ValueError(f"{source} is a folder but neither an export (model.safetensors + config.json) nor a "
-                             "pretrain checkpoint (model.safetensors + trainer_state.json)")
-    elif path.is_file():
-        config_file = path
-        if path.suffix == ".safetensors":  # an export's weights alone: the config.json beside them, if there
-            beside = path.with_name("config.json")
-            weights, config = read_safetensors(path), read_json(beside) if beside.is_file() else {}
-            config_file = beside if beside.is_file() else path
-        else:
-            weights, config = _read_official_checkpoint(path)
-    elif looks_like_path(repo_id := source.partition("@")[0]) or repo_id.count("/") != 1 \
-            or path.suffix in (".safetensors", ".pth", ".tar", ".pt", ".bin"):  # a revision may hold "/": refs/pr/1
-        raise ValueError(f"backbone {source!r} not found: no such file or folder (and not a Hub repo id "
-                         "'owner/name[@revision]')")
-    else:
-        weights, config = _download_from_hub(source, revision)
-        config_file = f"config.json of Hub model {source!r}"
+        raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub model id, a pretrain "
+                         "checkpoint folder or an official .pth.tar checkpoint")
+    weights, config, config_file = _read_backbone(os.fspath(source), revision)
     if not isinstance(config, dict):
         raise ValueError(f"{config_file} is not a JSON object: the backbone's configuration is damaged")
     check_weights(weights, f"the weights of {source}")
     check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, config_file)
     return weights, _complete_config(config, weights, arch, stem, source)
+
+
+def _read_backbone(source, revision):
+    """-> (weights, config, the file the config came from, named in messages)."""
+    path = Path(os.path.expanduser(source))
+    if (path / "trainer_state.json").is_file():
+        return *_read_pretrain_checkpoint(path), path / "trainer_state.json"
+    if path.is_dir():  # an export: its weights, with the config.json beside them
+        path = path / "model.safetensors"
+        if not path.is_file():
+            raise ValueError(f"{source} holds no model.safetensors: it is neither an export nor a pretrain checkpoint")
+    if path.is_file() and path.suffix == ".safetensors":
+        beside = path.with_name("config.json")
+        return read_safetensors(path), read_json(beside) if beside.is_file() else {}, beside
+    if path.is_file():
+        return *_read_official_checkpoint(path), path
+    hub_id = source.removeprefix("hf-hub:")  # timm's form
+    repo_id = hub_id.partition("@")[0]  # a revision may hold "/": refs/pr/1
+    if looks_like_path(repo_id) or repo_id.count("/") != 1 or path.suffix in (".safetensors", ".pth", ".tar", ".pt"):
+        raise ValueError(f"backbone {source!r} not found: no such file or folder, nor a Hub id 'owner/name[@revision]'")
+    return *_download_from_hub(hub_id, revision), f"config.json of Hub model {source!r}"
 
 
 # What an export records of the pretraining run that made it.
@@ -1576,23 +1490,22 @@ RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bi
 def _read_pretrain_checkpoint(folder):
     """pretrain.py's checkpoint: keys backbone.* / projector.* / target.*, the run's config in trainer_state.json."""
     state = read_json(folder / "trainer_state.json")
-    weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
-    train = state.get("config", {}) if isinstance(state, dict) else None
+    train = state.get("config") if isinstance(state, dict) else None
     if not isinstance(train, dict):
         raise ValueError(f"{folder / 'trainer_state.json'} holds no 'config' object: it is damaged or was not "
                          "written by pretrain.py")
-    config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset",
-                                          "split", "projector", "iters", "axis") if key in train}
+    weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
+    config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset", "split",
+                                          "projector", "iters", "axis", "eval_resize") if train.get(key) is not None}
     dataset = config.get("dataset")
     if isinstance(dataset, str) and (looks_like_path(dataset) or os.path.exists(dataset)):
         # An export may be published: a local folder is named by its last part, never by its path.
         config.update(dataset=Path(dataset).name, dataset_is_local_folder=True)
     # What a user of the features feeds them: the recipe's evaluation input (cifar100 pretrains with its own
     # mean / std but is evaluated with CIFAR-10's, as the authors do).
-    config.update(mean=train.get("eval_mean") or train.get("mean"), std=train.get("eval_std") or train.get("std"))
-    if train.get("eval_resize"):
-        config["eval_resize"] = train["eval_resize"]
-    config = {key: value for key, value in config.items() if value is not None}
+    for key in ("mean", "std"):
+        if train.get(f"eval_{key}") or train.get(key):
+            config[key] = train.get(f"eval_{key}") or train[key]
     config.update(epochs_trained=state.get("epochs_trained"), steps_trained=state.get("step"))
     config["recipe"] = {key: train[key] for key in RECIPE_KEYS if key in train}
     if "num_processes" in state:
@@ -1627,9 +1540,8 @@ def _strip_prefix(state_dict, prefixes, where):
         weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if weights:
             return weights
-    shown = ", ".join(repr(k) for k in list(state_dict)[:3])
     raise ValueError(f"{where} has no backbone weights: no key starts with {' or '.join(map(repr, prefixes))} "
-                     f"(first keys: {shown or 'none'})")
+                     f"(first keys: {', '.join(map(repr, list(state_dict)[:3])) or 'none'})")
 
 
 # What a backbone's config.json may say, checked as the flags that set it are (`check_settings`): a damaged file
@@ -1650,34 +1562,20 @@ def _has_small_image_conv1(weights):
 
 
 def _complete_config(config, weights, arch, stem, source):
-    """Fill in arch, stem, input size and normalisation; the weights decide what the config does not say.
-
-    The stem: `stem` if given, else the config's; weights with a 7x7 conv1 have the ImageNet stem, a 3x3 conv1 that
-    nothing names is read as INTL's CIFAR network.
-    """
+    """Fill in arch, stem, input size and normalisation, the given ones first, then the config's, then what the
+    weights say: a 7x7 conv1 is the ImageNet stem, a 3x3 one that nothing names INTL's CIFAR network."""
     check_settings({"arch": arch, "stem": stem}, BACKBONE_SETTINGS, {})
     config = dict(config)
-    if stem is not None:
-        config["stem"] = stem
-    elif "stem" not in config:
-        config["stem"] = "cifar" if _has_small_image_conv1(weights) else "imagenet"
-    config["conv1"], config["maxpool"] = _describe_stem(config["stem"])
-    if arch is not None:
-        config["arch"] = arch
-    elif "arch" not in config:
-        config["arch"] = _infer_arch(weights, config["stem"], source)
+    config["stem"] = stem or config.get("stem") or ("cifar" if _has_small_image_conv1(weights) else "imagenet")
+    config["arch"] = arch or config.get("arch") or _infer_arch(weights, config["stem"], source)
+    kernel, stride, padding, config["maxpool"] = STEMS[config["stem"]]
+    config["conv1"] = {"kernel_size": kernel, "stride": stride, "padding": padding}  # to rebuild it in torchvision
     small = config["stem"] != "imagenet"
     config.setdefault("image_size", 32 if small else 224)
     config.setdefault("mean", list(CIFAR_MEAN if small else IMAGENET_MEAN))
     config.setdefault("std", list(CIFAR_STD if small else IMAGENET_STD))
     config.setdefault("format", "torchvision state_dict without fc.*")
     return config
-
-
-def _describe_stem(stem):
-    """The stem in words for config.json, so that a plain-torchvision user can rebuild it."""
-    kernel, stride, padding, maxpool = STEMS[stem]
-    return {"kernel_size": kernel, "stride": stride, "padding": padding}, maxpool
 
 
 def _infer_arch(weights, stem, source):
@@ -1710,43 +1608,27 @@ def _load_strict(module, weights, what):
     module.load_state_dict({k: weights[k].to(v.dtype) for k, v in expected.items()}, strict=True, assign=True)
 
 
-# ----------------------------------------------------------------------------- Hub: download
-
-
 def _download_from_hub(source, revision=None):
-    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache.
-
-    With HF_HUB_OFFLINE=1, or when the Hub cannot be reached, only the local Hub cache is read.
-    """
+    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache
+    only, as when the Hub cannot be reached)."""
     import huggingface_hub
+    from huggingface_hub import constants
+
     repo_id, _, at_revision = source.partition("@")
     if at_revision and revision and at_revision != revision:
         raise ValueError(f"two revisions for {repo_id}: {at_revision!r} (in the id) and {revision!r}")
     revision = at_revision or revision or None
     where = f"Hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    files = {}
     try:
-        for filename in EXPORT_FILES:
-            files[filename] = huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
-    except huggingface_hub.errors.RevisionNotFoundError:
-        raise ValueError(f"{where}: no such revision") from None
-    except huggingface_hub.errors.RepositoryNotFoundError:
-        raise ValueError(f"{where} not found (or private / gated without a token: see `hf auth login`)") from None
+        files = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision) for name in EXPORT_FILES]
     except huggingface_hub.errors.LocalEntryNotFoundError:
-        reason = ("offline mode is on (HF_HUB_OFFLINE)" if huggingface_hub.constants.HF_HUB_OFFLINE
-                  else f"the Hub ({huggingface_hub.constants.ENDPOINT}) could not be reached")
-        raise ValueError(f"{where}: {reason} and the local Hub cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
-                         f"has no {filename} for it; run once with network access, or pass a local "
-                         "export folder") from None
-    except huggingface_hub.errors.EntryNotFoundError:
-        raise ValueError(f"{where} has no {filename}: it is not an export of this project "
-                         f"(expected {' + '.join(EXPORT_FILES)})") from None
-    except huggingface_hub.errors.HFValidationError as error:
-        raise ValueError(f"{source!r} is not a Hub repo id 'owner/name[@revision]' nor a local path "
-                         f"({error})") from None
-    except huggingface_hub.errors.HfHubHTTPError as error:
-        raise ValueError(f"{where}: the Hub answered {error}") from None
-    config = read_json(files["config.json"])
+        reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else \
+            f"the Hub ({constants.ENDPOINT}) could not be reached"
+        raise ValueError(f"{where}: {reason} and the local Hub cache ({constants.HF_HUB_CACHE}) does not hold its "
+                         f"{' + '.join(EXPORT_FILES)}; run once with network access, or pass a local export") from None
+    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.HFValidationError) as error:
+        raise ValueError(f"{where}: {' '.join(str(error).split())}") from None  # huggingface_hub's own words
+    config = read_json(files[1])
     if isinstance(config, dict):
         config["hub_repo"] = repo_id + (f"@{revision}" if revision else "")
-    return read_safetensors(files["model.safetensors"]), config
+    return read_safetensors(files[0]), config

@@ -157,6 +157,21 @@ def test_image_folder_is_scanned_at_each_load_so_a_new_image_is_seen(tmp_path):
     assert labels_of(load_image_split(root, "train")).tolist() == [0, 1, 1]
 
 
+def test_a_flat_folder_of_photos_is_an_unlabelled_training_split(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for width, name in ((4, "b.jpg"), (5, "a.JPG"), (6, "c.png")):
+        PIL.Image.new("RGB", (width, 3), (90, 80, 70)).save(root / name)
+    (root / "notes.txt").write_text("not an image")
+    split = load_image_split(root, "train")
+    assert (split.label_column, split.num_classes) == (None, None)
+    assert labels_of(split).tolist() == [-1, -1, -1]
+    images = ImageDataset(split, transform=None)
+    assert [(image.size[0], label) for image, label in images] == [(5, -1), (4, -1), (6, -1)]  # a.JPG, b.jpg, c.png
+    with pytest.raises(ValueError, match=r"no split 'test'.*\['train'\]"):
+        load_image_split(root, "test")
+
+
 def test_missing_local_folder_is_reported_as_such(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_image_split(str(tmp_path / "nope"), "train")
@@ -249,6 +264,17 @@ def test_unlabelled_data_gives_label_minus_one(tmp_path):
     assert split.label_column is None and split.num_classes is None
     assert labels_of(split).tolist() == [-1, -1]
     assert ImageDataset(split, transform=None)[1][1] == -1
+
+
+def test_string_labels_are_no_class_indices_unlabelled_when_detected_refused_when_asked_for(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [png_bytes((9, 9, 9))] * 2, "label": ["cat", "dog"]},
+                               features=features).save_to_disk(tmp_path / "named")
+    split = load_image_split(tmp_path / "named", "train")  # enough to pretrain on
+    assert (split.label_column, split.num_classes) == (None, None)
+    assert labels_of(split).tolist() == [-1, -1] and ImageDataset(split, transform=None)[0][1] == -1
+    with pytest.raises(ValueError, match=r"label column 'label' of .* is Value\('string'\), not integer class labels"):
+        load_image_split(tmp_path / "named", "train", label_column="label")
 
 
 # ----------------------------------------------------------------------------- Hugging Face Hub

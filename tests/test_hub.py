@@ -208,6 +208,22 @@ except ValueError as error:
     assert lines[3].startswith("error: Hub model 'someone/not-cached': offline mode is on (HF_HUB_OFFLINE)")
 
 
+def test_a_hub_id_in_timm_form_and_its_revision_go_to_huggingface_hub(export, monkeypatch):
+    asked = []
+
+    def hf_hub_download(repo_id, filename, revision=None):
+        asked.append((repo_id, filename, revision))
+        return str(export / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    backbone, config = load_backbone("hf-hub:someone/intl-r18@v1")
+    assert asked == [("someone/intl-r18", "model.safetensors", "v1"), ("someone/intl-r18", "config.json", "v1")]
+    assert config["hub_repo"] == "someone/intl-r18@v1"
+    assert_same_weights(backbone.state_dict(), load_file(export / "model.safetensors"))
+    with pytest.raises(ValueError, match="two revisions for someone/intl-r18: 'v1' \\(in the id\\) and 'v2'"):
+        load_backbone("someone/intl-r18@v1", revision="v2")
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """Replace the three network calls of a push; upload_folder records exactly what it was given."""
@@ -332,8 +348,8 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind
         source.mkdir(parents=True)
         save_file({f"backbone.{k}": v for k, v in weights.items()}, source / "model.safetensors")
         (source / "trainer_state.json").write_text(json.dumps({"step": 10, "config": {"arch": "resnet18"}}))
-    with pytest.raises(ValueError, match=r"tensor 'layer2.0.conv1.weight' holds 2 NaN / Inf value\(s\) \(1 tensor\(s\) "
-                                         r"are not finite\): these weights are broken"):
+    with pytest.raises(ValueError, match=rf"^the weights of {re.escape(str(source))}: tensor 'layer2.0.conv1.weight' "
+                                         r"holds 2 NaN / Inf value\(s\): these weights are broken"):
         load_backbone(source)
 
 
@@ -341,13 +357,12 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind
     pytest.param({"config.json": '{"arch": "resnet18",'}, r"config.json is not valid JSON \(Expecting property name "
                  r"enclosed in double quotes: line 1, column 21\)", id="invalid JSON in config.json"),
     pytest.param({"config.json": '{"arch": "resnet18", "image_size": "big"}'},
-                 r"config.json: image_size is 'big', expected a positive integer \(pixels\)", id="image_size 'big'"),
-    pytest.param({"config.json": '{"std": [0.2, 0, 0.2]}'}, r"config.json: std is \[0.2, 0, 0.2\], expected 3 positive",
-                 id="a zero std"),
-    pytest.param({"config.json": '{"cifar_stem": "no"}'}, "config.json: cifar_stem is 'no', expected true or false",
-                 id="cifar_stem 'no'"),
+                 r"config.json: image_size is 'big', must be an integer", id="image_size 'big'"),
+    pytest.param({"config.json": '{"std": [0.2, 0, 0.2]}'},
+                 r"config.json: std is \[0.2, 0, 0.2\], each value must be greater than 0", id="a zero std"),
     pytest.param({"config.json": "[1, 2]"}, "config.json is not a JSON object", id="a list as config.json"),
-    pytest.param({"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{}"}, "cannot read .* as safetensors",
+    pytest.param({"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{}"},
+                 "model.safetensors could not be read: SafetensorError",
                  id="a damaged model.safetensors"),
 ])
 def test_a_damaged_export_is_refused_naming_the_file_and_what_is_wrong(export, damage, message):
@@ -358,9 +373,9 @@ def test_a_damaged_export_is_refused_naming_the_file_and_what_is_wrong(export, d
 
 
 @pytest.mark.parametrize("content, message", [
-    pytest.param(bytes(range(256)) * 8, "is not a PyTorch checkpoint", id="random bytes"),
-    pytest.param(b"\x80\x02" + bytes(range(100)), "is not a PyTorch checkpoint", id="random bytes after a pickle mark"),
-    pytest.param("truncated", "is truncated or damaged", id="a truncated checkpoint"),
+    pytest.param(bytes(range(256)) * 8, "could not be read: ", id="random bytes"),
+    pytest.param(b"\x80\x02" + bytes(range(100)), "could not be read: ", id="random bytes after a pickle mark"),
+    pytest.param("truncated", "could not be read: RuntimeError", id="a truncated checkpoint"),
 ])
 def test_a_file_that_is_no_checkpoint_is_refused_as_such_without_suggesting_weights_only_false(
         tmp_path, content, message):
