@@ -30,13 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image as PILImage
 from PIL import ImageFilter
 from safetensors.torch import save_file
-from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
@@ -65,7 +63,7 @@ METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 #     plus 192, 160, 128, 96 px crops, blur 0.5 and solarisation 0.1 on every crop.
 #   CW-RGP, small data: Adam with weight decay on every parameter, 500 warm-up steps, then x0.2 at 50 and 25 epochs
 #     before the end; 4 views; colour jitter 0.4/0.4/0.4/0.1 p 0.8 and grayscale 0.1 on the whole image, then
-#     RandomResizedCrop scale 0.2-1 bicubic and flip (this order needs --augment_on cpu, the default here); no blur,
+#     RandomResizedCrop scale 0.2-1 bicubic and flip; no blur,
 #     no solarisation; projector hidden layers with a bias, 4 groups, whitening sub-batch 64 (Tiny: 2 / 128);
 #     zero-init on; per-dataset mean / std; STL-10 is evaluated on Resize(70) + CenterCrop(64).
 #   CW-RGP, ImageNet: SGD momentum 0.9, weight decay on every parameter, 500 warm-up steps, then a cosine per epoch
@@ -135,11 +133,11 @@ PRESETS = {
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "compile", "log_every",
-               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "benchmark_augment", "study",
+               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
                "study_values", "push_to_hub", "private", "license", "commit_message", "revision", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
-PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark",
-               "benchmark_augment", "study", "study_values", "overwrite"}
+PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark", "study",
+               "study_values", "overwrite"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.jsonl")
 # The valid range of every numeric flag (intl.check_ranges), checked before any work.
@@ -148,7 +146,7 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
           "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)",
           "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
-          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "benchmark_augment": "[0, inf)",
+          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)",
           "grayscale_prob": "[0, 1]", "eval_mean": "(-inf, inf)", "eval_std": "(0, inf)", "eval_resize": "[1, inf)",
           "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)"}
 
@@ -175,7 +173,7 @@ def get_parser():
                         help="resampling of RandomResizedCrop (INTL: bicubic; CW-RGP ImageNet: bilinear)")
     parser.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
                         help="colour jitter and grayscale on the whole image, then the crop (CW-RGP's small-data "
-                             "order; needs --augment_on cpu); default: crop first (BYOL order)")
+                             "order); default: crop first (BYOL order)")
     parser.add_argument("--jitter", type=str, default="0.4,0.4,0.2,0.1",
                         help="colour jitter strengths: brightness, contrast, saturation, hue (applied with p 0.8)")
     parser.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of converting a view to gray")
@@ -197,10 +195,6 @@ def get_parser():
                         help="side un-augmented inputs are resized to before the centre crop of --image_size "
                              "(default: image_size / 0.875 from 128 px up, else image_size; CW-RGP STL-10: 70)")
     parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
-    parser.add_argument("--augment_on", type=str, default="cpu", choices=["cpu", "device"],
-                        help="cpu: the whole augmentation per image in the workers (PIL); device: workers decode, "
-                             "crop and flip, colour jitter / grayscale / blur / solarise run batched on the device "
-                             "(for machines with few CPU cores per GPU)")
 
     # Model
     parser.add_argument("--arch", type=str, default="resnet50", choices=intl.RESNETS, help="encoder")
@@ -315,8 +309,6 @@ def get_parser():
                              "study, default 1,2,4,6,8,10,12)")
     parser.add_argument("--benchmark", type=int, default=0,
                         help="time N training steps on random images and print throughput and memory; no data")
-    parser.add_argument("--benchmark_augment", type=int, default=0,
-                        help="time the two augmentation paths on N generated 500 x 375 JPEGs and print images/s")
     return parser
 
 
@@ -335,8 +327,6 @@ def main(argv=None):
                               project_dir=config.output_dir)
     if config.benchmark:
         return benchmark(config, accelerator)
-    if config.benchmark_augment:
-        return benchmark_augment(config, accelerator)
     if config.study:
         return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
     train(config, accelerator)
@@ -408,7 +398,8 @@ def train(config, accelerator):
                     group["lr"] = lr
                 if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
                     accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
-                out = model(training_views(batch, config, accelerator.device), step=step, epoch=epoch)
+                views = [v.to(accelerator.device, non_blocking=True) for v in batch[0]]
+                out = model(views, step=step, epoch=epoch)
                 watch.record(out["loss"], step)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(out["loss"])
@@ -476,13 +467,6 @@ class NonFiniteWatch:
                 "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note())
 
 
-def training_views(batch, config, device):
-    """A loader batch -> the V views [B, 3, H_v, W_v] on the device (augmented there with --augment_on device)."""
-    if config.augment_on == "device":
-        return device_views(batch[0], batch[1], config, device)
-    return [v.to(device, non_blocking=True) for v in batch[0]]
-
-
 def resume(config, accelerator, output_dir, log):
     """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its folder, its step)."""
     def check_state(checkpoint, state):
@@ -518,7 +502,7 @@ def resolve_config(argv=None):
     parser = get_parser()
     config = parser.parse_args(argv)
     explicit = intl.explicit_flags(parser, argv)
-    preset = config.preset or (None if config.dataset or config.benchmark or config.benchmark_augment else "digits")
+    preset = config.preset or (None if config.dataset or config.benchmark else "digits")
     if preset:
         for key, value in PRESETS[preset].items():
             if key not in explicit:
@@ -536,7 +520,7 @@ def resolve_config(argv=None):
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND)
     if config.dataset is None and config.preset not in (None, "digits") and not (
-            config.print_config or config.benchmark or config.benchmark_augment):
+            config.print_config or config.benchmark):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
                          "folder or a Hub dataset id")
     config.mean, config.std = tuple(config.mean), tuple(config.std)
@@ -545,7 +529,7 @@ def resolve_config(argv=None):
 
 
 def check_config(config):
-    if config.output_dir is None and not (config.print_config or config.benchmark or config.benchmark_augment):
+    if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     if not (isinstance(config.batch_size, int) and config.batch_size >= 2):
         raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
@@ -564,9 +548,6 @@ def check_config(config):
     if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
         raise ValueError(f"--jitter {config.jitter!r}: give brightness, contrast, saturation and hue strengths, "
                          "e.g. '0.4,0.4,0.2,0.1' (each >= 0, hue <= 0.5)")
-    if config.colour_before_crop and config.augment_on == "device":
-        raise ValueError("--colour_before_crop jitters the whole image before the crop, which the device path "
-                         "(crops in the workers, colour on the device) cannot do: use --augment_on cpu")
     for flag in ("blur_prob", "solarize_prob"):
         probs = parse_floats(getattr(config, flag), flag)
         if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
@@ -714,206 +695,11 @@ def training_loader(config, train_split, accelerator):
                          f"{config.batch_size * accelerator.num_processes} (--batch_size {config.batch_size} x "
                          f"{accelerator.num_processes} process(es)): give --batch_size "
                          f"{len(train_split.dataset) // accelerator.num_processes} or less")
-    if config.augment_on == "device":
-        train_data = CroppedViews(train_split, view_specs(config), config.seed, parse_floats(config.jitter, "jitter"),
-                                  config.grayscale_prob, config.crop_interpolation)
-    else:
-        train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
+    train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
     return sampler, torch.utils.data.DataLoader(
         train_data, batch_size=config.batch_size,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0, drop_last=True)
-
-
-# -----------------------------------------------------------------------------
-# Augmentations split in two (--augment_on device): the per-file part in the data loader workers,
-# the photometric part batched on the training device, vectorised over per-sample parameters.
-#
-# The papers' pipeline costs most of its time in colour jitter and blur, per image, on the CPU;
-# here the workers only decode, crop and flip (uint8), and draw each sample's photometric
-# parameters from the same per-sample seed, so a resumed run still replays every augmentation.
-
-# Columns of the per-sample parameter vector drawn by `draw_photometric`.
-JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = 0, 1, 2, 3, 4, 5, 9, 10, 11, 12
-NUM_PHOTOMETRIC = 13
-
-
-def draw_photometric(jitter, grayscale_prob, blur_prob, solarize_prob):
-    """One sample's colour parameters [13]: jitter p 0.8 with factors (1 +- strength, hue +- strength) and
-    a random order of the four ops, grayscale, blur with sigma in [0.1, 2], solarise - the distributions
-    of `augmentation`."""
-    apply = torch.rand(4)
-    *strengths, hue = jitter
-    factors = [torch.empty(1).uniform_(max(0.0, 1 - strength), 1 + strength).item() for strength in strengths]
-    factors.append(torch.empty(1).uniform_(-hue, hue).item())
-    return torch.tensor([float(apply[0] < 0.8), *factors, *torch.randperm(4).tolist(),
-                         float(apply[1] < grayscale_prob), float(apply[2] < blur_prob),
-                         torch.empty(1).uniform_(0.1, 2.0).item(), float(apply[3] < solarize_prob)])
-
-
-class CroppedViews(AugmentedViews):
-    """(epoch, index) -> ([uint8 crop [3, s, s] per view], [photometric parameters [13] per view], label).
-
-    A JPEG is decoded at 1/2, 1/4 or 1/8 size (PIL draft mode) when every crop of it is shrunk at
-    least that much anyway: the crop then resamples fewer pixels to the same output (a test checks the
-    result stays visually equivalent: PSNR above 30 dB against a full decode on the same crop). One
-    decode serves every view, so the largest crop decides: 224 px crops from ImageNet-sized photos
-    (about 500 x 375) are never shrunk 2x; draft decoding pays off for small crops from large photos
-    (32 px training on full-size images, or multi-megapixel collections).
-    """
-
-    def __init__(self, split, specs, seed, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2, interpolation="bicubic"):
-        super().__init__(split, transforms=None, seed=seed)
-        self.specs, self.jitter, self.grayscale_prob = specs, jitter, grayscale_prob
-        self.resample = PILImage.Resampling[interpolation.upper()]
-
-    def __getitem__(self, key):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(epoch, index))
-            plan = {}
-
-            def plan_crops(handle):  # crop boxes in full-size coordinates, then the cheapest decode
-                plan["size"] = handle.size
-                plan["boxes"] = [RandomResizedCrop.get_params(handle, scale, (3 / 4, 4 / 3))
-                                 for _, scale, _, _ in self.specs]
-                shrink = min(min(h, w) / spec[0] for spec, (_, _, h, w) in zip(self.specs, plan["boxes"]))
-                if handle.format == "JPEG" and shrink >= 2:
-                    handle.draft("RGB", (math.ceil(handle.width / shrink), math.ceil(handle.height / shrink)))
-
-            image, label = self.images.__getitem__(index, before_decode=plan_crops)
-            # 1, or the draft's reduction; per axis, as rounding makes them differ (1001 x 750 -> 501 x 375).
-            sx, sy = image.width / plan["size"][0], image.height / plan["size"][1]
-            crops, params = [], []
-            for (i, j, h, w), (side, _, blur_prob, solarize_prob) in zip(plan["boxes"], self.specs):
-                box = (j * sx, i * sy, min((j + w) * sx, image.width), min((i + h) * sy, image.height))
-                crop = image.resize((side, side), self.resample, box=box)
-                if torch.rand(1) < 0.5:
-                    crop = crop.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
-                crops.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1))
-                params.append(draw_photometric(self.jitter, self.grayscale_prob, blur_prob, solarize_prob))
-            return crops, params, label
-
-
-def photometric(images, params, mean, std):
-    """Batched colour augmentation on the device: uint8 [N, 3, H, W] + parameters [N, 13] -> normalised float.
-
-    Colour jitter applies brightness, contrast, saturation and hue in each sample's own random
-    order (a loop over the 4 positions and 4 ops, each applied at once to the samples that have
-    it there), then grayscale, PIL's Gaussian blur with each sample's sigma (`pil_gaussian_blur`),
-    solarisation at 128, normalisation. The same maths as torchvision's functional ops and PIL's blur.
-
-    Which samples get which op is decided on the CPU, from the parameters as the loader gives them, and
-    reaches the device as index tensors, so the device never waits for the host here.
-
-    Cost on an NVIDIA H200 (ResNet-50, 224 px, batch 128, fp16, 15 loader workers on 16 cores, generated
-    500 x 375 JPEGs): pretraining ran at 1,584-1,627 images/s with this path against 2,214-2,226 with
-    --augment_on cpu and 2,168-2,185 for the GPU step alone, so the CPU path kept the GPU fed and these ops
-    cost the GPU about a quarter of its step. The device path pays off where the workers cannot keep up
-    (few CPU cores per GPU: 65.9 images/s per core for the PIL pipeline, 345.2 for this path's workers).
-    On an H100 the same run gave 1,443 images/s with this path, 1,663 with --augment_on cpu, 2,035 for the step.
-    """
-    device = images.device
-    params = params.cpu()
-    x = images.float() / 255
-
-    def samples(mask):  # the indices of the samples where mask holds, on the device
-        return mask.nonzero().squeeze(1).to(device, non_blocking=True)
-
-    def update(mask, op, values=None):  # x[mask] = op(x[mask], values[mask])
-        if mask.any():
-            rows = samples(mask)
-            args = () if values is None else (values[mask].to(device, non_blocking=True),)
-            x.index_copy_(0, rows, op(x.index_select(0, rows), *args))
-
-    jitter = params[:, JITTER] > 0
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for position in range(4):
-        for op_index, (op, column) in enumerate(zip(ops, (BRIGHTNESS, CONTRAST, SATURATION, HUE))):
-            update(jitter & (params[:, ORDER + position] == op_index), op, params[:, column])
-    update(params[:, GRAY] > 0, lambda v: grayscale(v).expand(-1, 3, -1, -1))
-    blur = params[:, BLUR] > 0
-    update(blur, lambda v: pil_gaussian_blur(v, params[blur, SIGMA]))  # sigma stays on the CPU (its boxes)
-    update(params[:, SOLARIZE] > 0, lambda v: torch.where(v >= 128 / 255, 1 - v, v))
-    mean = torch.tensor(mean).view(1, 3, 1, 1).to(device, non_blocking=True)
-    std = torch.tensor(std).view(1, 3, 1, 1).to(device, non_blocking=True)
-    return (x - mean) / std
-
-
-def grayscale(x):
-    """[N, 3, H, W] -> [N, 1, H, W], ITU-R 601 luma as torchvision."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def _per_sample(factor):
-    return factor.view(-1, 1, 1, 1)
-
-
-def adjust_brightness(x, factor):
-    return (x * _per_sample(factor)).clamp(0, 1)
-
-
-def adjust_contrast(x, factor):
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * mean).clamp(0, 1)
-
-
-def adjust_saturation(x, factor):
-    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * grayscale(x)).clamp(0, 1)
-
-
-def adjust_hue(x, shift):
-    """Rotate the hue by `shift` (a fraction of the circle): RGB -> HSV -> RGB."""
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = x.unbind(dim=1)
-    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
-    hue = torch.where(delta > 0, (hue / 6) % 1, torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    hue = (hue + shift.view(-1, 1, 1)) % 1
-    # HSV -> RGB without branches: channel c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6
-    # with n = 5, 3, 1 for R, G, B (the same values as the six-sector formula, in a few whole-batch ops).
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-    k = (n + 6 * hue.unsqueeze(1)) % 6
-    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def pil_gaussian_blur(x, sigma, passes=3):
-    """PIL's GaussianBlur(radius=sigma) on a batch, one sigma per sample: [N, C, H, W] -> [N, C, H, W].
-
-    PIL approximates a Gaussian by `passes` extended box blurs per axis (Gwosdek et al., 2011): a box
-    of radius r = l + a has weight 1 on its 2l + 1 central taps and a on the two outer ones, over
-    2r + 1, with l and a chosen so that the passes' variance is sigma^2; edges repeat the border
-    pixel; every pass rounds to 8 bits. Here each pass is one grouped convolution with every
-    sample's own box, rounded like PIL's: x in [0, 1] gives PIL's result to within one grey level.
-    """
-    n, c, h, w = x.shape
-    # The boxes are computed on the CPU (sigma is small; the device need not wait for the radius).
-    variance = sigma.cpu().to(x.dtype) ** 2 / passes
-    length = torch.sqrt(12 * variance + 1)
-    whole = torch.floor((length - 1) / 2)
-    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
-    radius = int(whole.max()) + 1
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype).abs()[None]
-    box = torch.where(offsets <= whole[:, None], 1.0, torch.where(offsets == whole[:, None] + 1, fraction[:, None], 0.0))
-    box = (box / box.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n * c, 2 radius + 1]
-    box = box.to(x.device, non_blocking=True)
-    x = x.reshape(1, n * c, h, w)
-    horizontal, vertical = (box[:, None, None, :], (radius, radius, 0, 0)), (box[:, None, :, None], (0, 0, radius, radius))
-    for kernel, padding in (horizontal, vertical):
-        for _ in range(passes):
-            x = F.conv2d(F.pad(x, padding, mode="replicate"), kernel, groups=n * c)
-            x = torch.floor(x * 255 + 0.5) / 255
-    return x.reshape(n, c, h, w)
-
-
-def device_views(crops, params, config, device):
-    """The batch of a CroppedViews loader -> the normalised views on the device."""
-    return [photometric(c.to(device, non_blocking=True), p.to(device, non_blocking=True), config.mean, config.std)
-            for c, p in zip(crops, params)]
 
 
 # -----------------------------------------------------------------------------
@@ -1785,43 +1571,6 @@ def plain_loop_step(config, views, device, precision, tuned):
         scaler.step(optimizer)
         scaler.update()
     return step
-
-
-def benchmark_augment(config, accelerator):
-    """Images/s on one core of the papers' per-image PIL pipeline and of the worker part of the device
-    path, on the same generated JPEGs (500 x 375, ImageNet-like), and the device part's cost per image.
-
-    Measured with --preset imagenet-800ep --benchmark_augment 200 (one core of a 2-core machine, 200
-    generated 500 x 375 JPEGs, two 224 px views): the papers' PIL pipeline 65.9 images/s, the worker
-    part of the device path 345.2 images/s (5.24x); the batched device part costs 4.1 ms per image on
-    that CPU with 2 threads (no GPU was available to measure it). At these sizes the draft decode
-    of `CroppedViews` never applies, so the gain comes from moving the photometric ops off the
-    workers. End to end on the digits default (2 cores, 2 loader workers, 3 epochs, --knn_every 0;
-    the summary prints the images/s since the start): 307.5 images/s with --augment_on cpu, 378.4
-    with --augment_on device.
-    """
-    import tempfile
-
-    torch.set_num_threads(1)
-    folder = Path(tempfile.mkdtemp()) / "images"
-    write_synthetic_photos(folder, range(config.benchmark_augment))
-    split = intl.load_image_split(str(folder), "train")
-    per_image = AugmentedViews(split, view_transforms(config), config.seed)
-    split_path = CroppedViews(split, view_specs(config), config.seed, parse_floats(config.jitter, "jitter"),
-                              config.grayscale_prob, config.crop_interpolation)
-    keys = [(0, i) for i in range(config.benchmark_augment)]
-    pil_s = timed(lambda: [per_image[k] for k in keys], 1, accelerator) / len(keys)
-    worker_s = timed(lambda: [split_path[k] for k in keys], 1, accelerator) / len(keys)
-    crops, params, _ = torch.utils.data.default_collate([split_path[k] for k in keys[:64]])
-    torch.set_num_threads(os.cpu_count())
-    device_s = timed(lambda: device_views(crops, params, config, accelerator.device), 3, accelerator) / len(crops[0])
-    shutil.rmtree(folder.parent)
-    print(json.dumps({
-        "images": len(keys), "views": [spec[0] for spec in view_specs(config)], "device": str(accelerator.device),
-        "pil_pipeline_images_per_s_per_core": round(1 / pil_s, 1),
-        "device_path_worker_images_per_s_per_core": round(1 / worker_s, 1),
-        "worker_speedup": round(pil_s / worker_s, 2),
-        "device_part_ms_per_image": round(1000 * device_s, 3)}, indent=2))
 
 
 def write_synthetic_photos(folder, indices, classes=1):

@@ -158,14 +158,15 @@ import intl, pretrain
 
 accelerator = Accelerator()
 config = pretrain.resolve_config(["--print_config", "--dataset", {folder!r}, "--image_size", "8", "--batch_size", "4",
-                                  "--num_workers", "1", "--augment_on", "device"])
+                                  "--num_workers", "1", "--jitter", "0,0,0,0", "--grayscale_prob", "0", "--blur_prob",
+                                  "0,0", "--solarize_prob", "0,0", "--mean", "0", "0", "0", "--std", "1", "1", "1"])
 sampler, loader = pretrain.training_loader(config, intl.load_image_split({folder!r}, "train"), accelerator)
 seen = []
 for epoch in range(2):
     sampler.set_epoch(epoch)
-    # Image i is a solid colour with red = 5 i: a crop of it says which image it came from.
-    seen.append([(round(crops[0][b, 0, 0, 0].item() / 5), labels[b].item())
-                 for crops, params, labels in loader for b in range(len(labels))])
+    # Image i is a solid colour with red = 5 i: a crop of it (no colour change) says which image it came from.
+    seen.append([(round(views[0][b, 0, 0, 0].item() * 255 / 5), labels[b].item())
+                 for views, labels in loader for b in range(len(labels))])
 everyone = [None] * accelerator.num_processes
 dist.all_gather_object(everyone, seen)
 if accelerator.is_main_process:
@@ -341,7 +342,7 @@ def tiny_images(tmp_path_factory):
 def tiny_args(images, *args):
     """The flags of a run on the tiny images (4 steps per epoch)."""
     return ["--dataset", str(images), "--image_size", "8", "--batch_size", "4", "--projector", "16-16-16",
-            "--arch", "resnet18", "--num_workers", "0", "--knn_every", "0", "--augment_on", "cpu", *map(str, args)]
+            "--arch", "resnet18", "--num_workers", "0", "--knn_every", "0", *map(str, args)]
 
 
 def tiny(images, *args):
