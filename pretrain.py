@@ -19,7 +19,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -28,11 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image as PILImage
 from PIL import ImageFilter
 from safetensors.torch import save_file
 from torchvision.transforms import v2 as T
@@ -1474,42 +1471,25 @@ def plot_study(study, rows, output_dir):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: throughput, peak memory and the share of the step spent in IterNorm + loss
+# --benchmark (.ci/bench.py compares this step with a plain PyTorch loop)
 
 
 def benchmark(config, accelerator):
     """--benchmark N: the training step's time, images/s and peak memory (CPU: peak resident set; GPU: peak
-    allocated) on random images; the same model, loss and optimiser in the obvious PyTorch loop (no Accelerate, no
-    monitoring: `plain_loop_step`), as written by most people and with our channels_last + cuDNN autotuner; and the
-    share of the step spent in IterNorm and the loss.
-
-    Measured on a CPU (2 threads, float32): ResNet-18 with the CIFAR stem at 32 px, batch 256,
-    projector 2048-2048-2048: 19.5 images/s, peak 3.6 GB, IterNorm + loss 0.31% of the step;
-    ResNet-50 at 224 px, batch 32, projector 8192-8192-8192: 1.4 images/s, peak 8.8 GB,
-    IterNorm + loss 0.04%.
-    Measured on an H200 (torch 2.11, `.ci/gpu-check`): ResNet-50 at 224 px, batch 128, projector 8192-8192-8192:
-        fp16  0.059 s per step (2,168-2,185 images/s), 1.55-1.63x the obvious loop, 1.05-1.17x the tuned one
-        bf16  0.064 s per step (1,986-2,002 images/s), 1.77-1.79x the obvious loop, 0.99-1.00x the tuned one
-    peak 13.0 GiB, IterNorm + loss 7.3 ms (11-12% of the step); --compile (bf16) 0.0589 s, 1.09x eager after
-    about 100 s of compiling.
-    Measured on an H100 80GB HBM3 the same way (one run each):
-        fp16  0.063 s per step (2,035 images/s), 1.62x the obvious loop, 1.10x the tuned one
-        bf16  0.074 s per step (1,721 images/s), 1.66x the obvious loop, 1.00x the tuned one
-    peak 13.0 GiB, IterNorm + loss 5.8-7.0 ms (8-11% of the step); --compile (bf16) 2,286 images/s, 1.16x the tuned loop.
-    """
+    allocated) on random images, and the share of the step spent in the objective (whitening and loss)."""
     device = accelerator.device
     set_seed(config.seed)
     model = on_the_accelerator(build_model(config), config, device)
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
     for group in optimizer.param_groups:
         group["lr"] = 0.01
-    sides = [config.image_size] * config.num_views + [int(s) for s in parse_floats(config.small_crops, "small_crops")]
-    views = [torch.randn(config.batch_size, 3, s, s, device=device) for s in sides]
+    sides = [side for side, *_ in view_specs(config)]
+    views = [torch.randn(config.batch_size, 3, side, side, device=device) for side in sides]
     dim = intl.parse_projector_spec(config.projector)[-1]
     embeddings = [torch.randn(config.batch_size, dim, device=device, requires_grad=True) for _ in sides]
     watch = NonFiniteWatch(device)
 
-    def train_step():  # the step of `train`'s loop
+    def train_step():  # the step of the training loop
         out = model(views)
         watch.record(out["loss"], 0)
         optimizer.zero_grad(set_to_none=True)
@@ -1523,80 +1503,31 @@ def benchmark(config, accelerator):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_time = timed(train_step, config.benchmark, accelerator, warmup=3)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    objective_time = timed(objective_step, config.benchmark, accelerator)
-    plain_time = timed(plain_loop_step(config, views, device, accelerator.mixed_precision, tuned=False),
-                       config.benchmark, accelerator, warmup=3)
-    tuned_time = timed(plain_loop_step(config, views, device, accelerator.mixed_precision, tuned=True),
-                       config.benchmark, accelerator, warmup=3)
-    figures = {
-        "arch": config.arch, "image_size": config.image_size, "views": sides, "batch_per_process": config.batch_size,
-        "projector": config.projector, "method": config.method, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "precision": accelerator.mixed_precision, "compile": config.compile,
-        "step_s": round(step_time, 4), "images_per_s": round(config.batch_size * accelerator.num_processes / step_time, 1),
-        "peak_memory_mib": round(peak), "plain_loop_step_s": round(plain_time, 4),
-        "plain_loop_channels_last_step_s": round(tuned_time, 4),
-        "speed_vs_plain_loop": round(plain_time / step_time, 3),
-        "speed_vs_plain_loop_channels_last": round(tuned_time / step_time, 3),
-        "iternorm_and_loss_s": round(objective_time, 4), "iternorm_and_loss_share": round(objective_time / step_time, 4)}
+    step_s = timed(train_step, config.benchmark, device, warmup=3)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    objective_s = timed(objective_step, config.benchmark, device)
+    figures = {"arch": config.arch, "views": sides, "batch_per_process": config.batch_size, "method": config.method,
+               "projector": config.projector, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
+               "compile": config.compile, "step_s": round(step_s, 4),
+               "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
+               "peak_memory_mib": round(peak), "objective_s": round(objective_s, 4),
+               "objective_share": round(objective_s / step_s, 4)}
     print(json.dumps(figures, indent=2))
     return figures
 
 
-def plain_loop_step(config, views, device, precision, tuned):
-    """The obvious loop's step for the same model, objective and optimiser: autocast and a gradient scaler by hand,
-    no Accelerate, no non-finite watch. tuned: with channels_last and cuDNN's autotuner, as `on_the_accelerator`."""
-    set_seed(config.seed)
-    torch.backends.cudnn.benchmark = False
-    model = build_model(config).to(device)
-    if tuned:
-        model = on_the_accelerator(model, config, device)
-    elif config.compile:
-        model.backbone.compile()
-        model.projector.compile()
-    optimizer = build_optimizer(config, model)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(views)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
-
-
-def write_synthetic_photos(folder, indices, classes=1):
-    """FOLDER/class_c/i.jpg for each i of `indices`: 500 x 375 JPEGs (ImageNet's typical size) of smooth colour
-    waves and noise, image i of class i % classes, each seeded by its index (any shard of indices can be written
-    by another process)."""
-    y, x = np.mgrid[0:375, 0:500]
-    for i in indices:
-        generator = np.random.default_rng(i)
-        waves = [np.sin(x / generator.uniform(5, 60) + generator.uniform(0, 6)) * np.cos(y / generator.uniform(5, 60))
-                 for _ in range(3)]
-        pixels = np.stack(waves, -1) * 100 + 127 + generator.normal(0, 8, (375, 500, 3))
-        (Path(folder) / f"class_{i % classes}").mkdir(parents=True, exist_ok=True)
-        PILImage.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(Path(folder) / f"class_{i % classes}" / f"{i}.jpg",
-                                                                      quality=90)
-
-
-def timed(fn, steps, accelerator, warmup=1):
-    for _ in range(warmup):  # the first calls choose kernels (cuDNN's autotuner) and grow the memory pools
+def timed(fn, steps, device, warmup=1):
+    """Seconds per call of fn, after `warmup` calls (they choose cuDNN's kernels and grow the memory pools)."""
+    for _ in range(warmup):
         fn()
-    if accelerator.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     tic = time.perf_counter()
     for _ in range(steps):
         fn()
-    if accelerator.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - tic) / steps
 
