@@ -1338,79 +1338,53 @@ def main_export(argv=None):
 
 
 def run_study(config, argv, accelerator):
-    """Power study (Fig. 2): --method st for each p. Trace study (Fig. 3): IterNorm with and without
-    the trace loss for each T. Each run is a subprocess with the remaining flags; a run that fails
-    (a diverging loss, a singular transform) is recorded with its error, not hidden.
-
-    Measured on the offline digits default (ResNet-18, 32 px, batch 128, projector 512-512-512,
-    5 epochs, --w_eps 1e-3, 2 CPU cores, about 1 minute a run). Five epochs on 1,437 digits are not
-    the paper's setting: read these as a demonstration of the tool, not a reproduction.
-
-    Power study: at this tiny budget it reproduces the paper's qualitative point that p = 0 (no
-    transformation) collapses: the effective rank of Z is 1.0 at p = 0 and 0.25, and rises for
-    p >= 0.75; the held-out 5-NN accuracy peaks around p = 0.25-0.5 (85.6-85.8%) and falls beyond
-    p = 1 (74%).
-
-    Trace study, T in {1, 4, 8, 12}: the trace loss is what keeps the spectrum of Z spread.
-    Effective rank of Z with / without it: T = 4: 60.5 / 1.04; T = 8: 89.6 / 2.3 (5-NN 91.4% /
-    85.8%); T = 1 collapses either way (1.0). At T = 12 both runs end in a non-finite loss (with
-    the trace loss at step 1, without it at step 11): in float32 the uncoupled Newton iteration
-    loses precision at large T, here already at initialisation. The paper reports instability from
-    T = 9 without the trace loss and stability with it; at this scale the trace loss's effect on
-    the spectrum shows clearly but not the stabilisation at T = 12 (see `intl.iternorm`'s coupled
-    form for a stable iteration at large T).
-    """
+    """--study power (Fig. 2: --method st for each p) or trace (Fig. 3: IterNorm with and without the trace loss for
+    each T): one short pretraining per setting, each a process of its own with the other flags. A run that fails (a
+    diverging loss, a singular transform) is recorded with its error, not hidden."""
     if not accelerator.is_main_process:
         return
-    output_dir = Path(config.output_dir)
-    default = "0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power" else "1,2,4,6,8,10,12"
-    values = parse_floats(config.study_values or default, "study_values")
-    base = strip_flags(argv, {"--study": 1, "--study_values": 1, "--output_dir": 1, "--method": 1, "--power": 1,
-                              "--iters": 1, "--beta": 1})
+    output_dir, study, runs = Path(config.output_dir), config.study, study_runs(config)
     given = {arg.split("=")[0] for arg in argv}
-    if config.preset == "digits":  # minutes on a CPU: 5 epochs a run; a batch may hold two identical crops
+    base = [arg for previous, arg in zip([""] + argv, argv)  # without the flags set per run, and their values
+            if arg.split("=")[0] not in STUDY_SETS and previous not in STUDY_SETS]
+    if config.preset == "digits":  # minutes on a CPU; two identical crops in a batch make S singular without eps
         base += [] if "--epochs" in given else ["--epochs", "5"]
-        base += [] if "--w_eps" in given or config.study != "power" else ["--w_eps", "1e-3"]
-    runs = []
-    for value in values:
-        if config.study == "power":
-            runs.append(({"power": value}, ["--method", "st", "--power", str(value)], f"power-{value:g}"))
-        else:
-            runs.append(({"iters": int(value), "trace_loss": True}, ["--iters", str(int(value))], f"T{int(value)}-tl"))
-            runs.append(({"iters": int(value), "trace_loss": False}, ["--iters", str(int(value)), "--beta", "0"],
-                         f"T{int(value)}-no-tl"))
+        base += ["--w_eps", "1e-3"] if study == "power" and "--w_eps" not in given else []
     # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
-    intl.refuse_to_replace(output_dir, [f"{config.study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
-                           + [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)],
-                           config.overwrite)
+    earlier = [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)]
+    intl.refuse_to_replace(output_dir, [f"{study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
+                           + earlier, config.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for settings, flags, name in tqdm(runs, desc=f"{config.study} study"):
-        run_dir = output_dir / name
-        result = subprocess.run([sys.executable, __file__, *base, *flags, "--output_dir", str(run_dir)],
+    for settings, flags, name in tqdm(runs, desc=f"{study} study"):
+        result = subprocess.run([sys.executable, __file__, *base, *flags, "--output_dir", str(output_dir / name)],
                                 capture_output=True, text=True)
-        rows.append({**settings, "run": name, **study_row(run_dir, result)})
+        rows.append({**settings, "run": name, **study_row(output_dir / name, result)})
         tqdm.write(f"{name}: {json.dumps(rows[-1])}")
-    intl.write_text_atomically(output_dir / f"{config.study}_study.json", json.dumps(rows, indent=2))
-    with intl.replacing(output_dir / f"{config.study}_study.csv") as tmp, tmp.open("w", newline="") as f:
+    intl.write_text_atomically(output_dir / f"{study}_study.json", json.dumps(rows, indent=2))
+    with intl.replacing(output_dir / f"{study}_study.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
-    plot_study(config.study, rows, output_dir)
-    print(f"{config.study} study: {len(rows)} runs -> {output_dir}/{config.study}_study.{{csv,json,png}}")
+    plot_study(study, rows, output_dir)
+    print(f"{study} study: {len(rows)} runs -> {output_dir}/{study}_study.{{csv,json,png}}")
 
 
-def strip_flags(argv, flags):
-    """argv without the given flags and their values ({flag: number of values})."""
-    kept, skip = [], 0
-    for arg in argv:
-        if skip:
-            skip -= 1
-        elif arg.split("=")[0] in flags:
-            skip = 0 if "=" in arg else flags[arg]
-        else:
-            kept.append(arg)
-    return kept
+# The flags a study sets for each of its runs (each takes one value).
+STUDY_SETS = {"--study", "--study_values", "--output_dir", "--method", "--power", "--iters", "--beta"}
+
+
+def study_runs(config):
+    """(the settings in the table, the run's flags, its folder) of each run of the study."""
+    values = parse_floats(config.study_values or ("0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power"
+                                                  else "1,2,4,6,8,10,12"), "study_values")
+    if config.study == "power":
+        return [({"power": p}, ["--method", "st", "--power", str(p)], f"power-{p:g}") for p in values]
+    runs = []
+    for iters in map(int, values):
+        runs.append(({"iters": iters, "trace_loss": True}, ["--iters", str(iters)], f"T{iters}-tl"))
+        runs.append(({"iters": iters, "trace_loss": False}, ["--iters", str(iters), "--beta", "0"], f"T{iters}-no-tl"))
+    return runs
 
 
 def study_row(run_dir, result):
