@@ -837,10 +837,7 @@ def export_backbone(checkpoint, export_dir, config, results=None):
     """
     export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub, license=config.license)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
-    if config.push_to_hub:
-        push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
-                           commit_message=config.commit_message, revision=config.revision)
-        print(f"pushed {export_dir} to https://huggingface.co/{config.push_to_hub}")
+    push_if_asked(export_dir, config)
 
 
 # -----------------------------------------------------------------------------
@@ -1015,22 +1012,15 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
 
 
 # =============================================================================
-# Beyond the training run
-#
-# The training run ends above. Below: what the export needs (the conversion, the model card, the Hub upload),
-# and the commands that `main` runs instead of training (`pretrain.py export`, the studies, the benchmarks).
+# Beyond the training run: the export's conversion, model card and Hub upload, then the commands that `main` runs
+# instead of training (`pretrain.py export`, the studies, the benchmark).
 # =============================================================================
-
-# ----------------------------------------------------------------------------- conversion
 
 
 def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
-    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into an export folder.
-
-    output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*), config.json
-    and the model card README.md (with `results` and `repo_id`, see `model_card`), written atomically.
-    An existing folder is replaced only if it is an export.
-    """
+    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into the export folder
+    output_dir: model.safetensors (torchvision keys, no fc.*), config.json and the model card README.md (see
+    `model_card`), written atomically. An existing folder is replaced only if it is an export."""
     output_dir = Path(output_dir)
     if output_dir.exists():
         foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in intl.EXPORT_FILES + ("README.md",)) \
@@ -1047,9 +1037,9 @@ def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=No
 
 
 def timm_config(config):
-    """The config.json fields with which timm builds an export, `timm.create_model("hf-hub:OWNER/NAME",
-    pretrained=True)` or ("local-dir:FOLDER"): timm's ResNets are torchvision's, parameter names included, and
-    num_classes 0 leaves out fc as the export does. timm has no ResNet with the CIFAR stems: none for those."""
+    """The config.json fields with which timm builds an export (`timm.create_model("hf-hub:OWNER/NAME",
+    pretrained=True)`): timm's ResNets are torchvision's, parameter names included, and num_classes 0 leaves out fc
+    as the export does. timm has no ResNet with the CIFAR stems: none for those."""
     if config.get("stem", "imagenet") != "imagenet" or config.get("cifar_stem"):
         return {}
     size = config["image_size"]
@@ -1058,51 +1048,6 @@ def timm_config(config):
                                "crop_pct": round(size / intl.eval_resize(size, config.get("eval_resize")), 6),
                                "mean": list(config["mean"]), "std": list(config["std"]), "num_classes": 0,
                                "first_conv": "conv1", "classifier": "fc"}}
-
-
-# ----------------------------------------------------------------------------- model card
-
-_CITATIONS = """\
-@inproceedings{weng2024modulate,
-  title     = {Modulate Your Spectrum in Self-Supervised Learning},
-  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
-Khan, Fahad Shahbaz and Huang, Lei},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024}
-}
-@inproceedings{weng2022investigation,
-  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
-  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year      = {2022}
-}"""
-
-
-def _is_hub_dataset_id(dataset):
-    return isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
-        and not os.path.exists(dataset)
-
-
-def published_name(dataset):
-    """What a card may say of a dataset: a Hub id as it is, a local folder by its last part only."""
-    if not dataset:
-        return intl.DIGITS_SOURCE
-    return dataset if _is_hub_dataset_id(dataset) else Path(str(dataset)).name
-
-
-def _read_results(results):
-    """Result records (linear_eval.py's JSON files, as dicts or paths) -> list of dicts."""
-    records = []
-    for item in results or []:
-        if isinstance(item, (str, os.PathLike)):
-            try:
-                item = json.loads(Path(item).read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
-        if not isinstance(item, dict) or "rows" not in item:
-            raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
-        records.append(item)
-    return records
 
 
 def write_model_card(export_dir, results=None, repo_id=None, license=None):
@@ -1114,89 +1059,75 @@ def write_model_card(export_dir, results=None, repo_id=None, license=None):
 
 
 def model_card(config, results=None, repo_id=None, license=None):
-    """The model card's text: YAML metadata for the Hub + the card body.
-
-    config: the export's (completed) config; results: linear_eval.py result files (paths or loaded dicts),
-    each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet);
-    license: a Hub license id (apache-2.0, cc-by-4.0, ...), or None: the card then says that none was chosen.
-    """
+    """The model card: the Hub's metadata, with a model-index of `results` (linear_eval.py's result records, as
+    paths or dicts), and a body with the recipe, the results and how to load the weights. repo_id: the Hub repo
+    named in the snippets; license: a Hub license id, or None: the card says that none was chosen."""
     import huggingface_hub
 
-    records = _read_results(results)
-    arch, stem = config.get("arch", "resnet50"), config.get("stem", "imagenet")
-    dataset = config.get("dataset")
-    model_name = repo_id.split("/")[-1] if repo_id else f"intl-{arch}-{Path(str(dataset or 'digits')).name}"
-
-    eval_results = []
-    for record in records:
-        eval_dataset = record.get("dataset") or "digits"
-        for row in record["rows"]:
-            for metric, key in (("top-1", "top1"), ("top-5", "top5")):
-                if row.get(key) is None:
-                    continue
-                name = published_name(eval_dataset)
-                eval_results.append(huggingface_hub.EvalResult(
-                    task_type="image-classification", task_name="Image classification",
-                    dataset_type=name, dataset_name=name, dataset_split=record.get("test_split"),
-                    metric_type="accuracy", metric_value=round(float(row[key]), 2),
-                    metric_name=f"{row['name']} {metric} accuracy (%)"))
-    with_timm = "architecture" in config  # see timm_config
-    card_data = huggingface_hub.ModelCardData(
+    records = [read_result(item) for item in results or []]
+    dataset, with_timm = config.get("dataset"), "architecture" in config  # see timm_config
+    name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
+    eval_results = [huggingface_hub.EvalResult(
+        task_type="image-classification", task_name="Image classification", metric_type="accuracy",
+        dataset_type=published_name(record.get("dataset")), dataset_name=published_name(record.get("dataset")),
+        dataset_split=record.get("test_split"), metric_value=round(float(row[key]), 2),
+        metric_name=f"{row['name']} {metric} accuracy (%)")
+        for record in records for row in record["rows"] for metric, key in (("top-1", "top1"), ("top-5", "top5"))
+        if row.get(key) is not None]
+    metadata = huggingface_hub.ModelCardData(
         library_name="timm" if with_timm else "pytorch", pipeline_tag="image-feature-extraction",
         **(dict(license=license) if license else dict(license="other", license_name="none-chosen")),
         tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"]
-        + (["timm"] if with_timm else []),
-        datasets=[dataset] if _is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None,
-        model_name=model_name if eval_results else None, eval_results=eval_results or None)
+        + ["timm"] * with_timm, model_name=name if eval_results else None, eval_results=eval_results or None,
+        datasets=[dataset] if is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
+    body = card_body(config, records, name, repo_id or "OWNER/NAME")
+    return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}"))  # parses: valid metadata
 
-    recipe = [f"| {name} | {config[key]} |" for key, name in (
+
+def card_body(config, records, name, repo):
+    arch, stem, size, dim = config.get("arch"), config.get("stem", "imagenet"), config.get("image_size"), \
+        config.get("feature_dim", "D")
+    recipe = "\n".join(f"| {label} | {config[key]} |" for key, label in (
         ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
         ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
         ("dataset", "pretraining data"), ("split", "split"), ("image_size", "input size"), ("epochs_trained", "epochs"),
-        ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None]
-    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for record in records:
-        for row in record["rows"]:
-            table.append(f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
-                         f"{fmt(row.get('top1'))} | {fmt(row.get('top5'))} |")
+        ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None)
+    shown_value = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
+    table = "\n".join(["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
+        f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
+        f"{shown_value(row.get('top1'))} | {shown_value(row.get('top5'))} |" for record in records for row in record["rows"]])
     kernel, stride, padding, maxpool = intl.STEMS[stem]
     stem_code = "" if stem == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
         + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    size, repo, dim = config.get("image_size"), repo_id or "OWNER/NAME", config.get("feature_dim", "D")
     resize = intl.eval_resize(size, config.get("eval_resize")) if size else "?"
     mean, std = list(config.get("mean", [])), list(config.get("std", []))
-    timm_usage = f"""With timm (its ResNets are torchvision's):
+    timm_usage = TIMM_USAGE.format(repo=repo, dim=dim) if "architecture" in config else \
+        "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
+    return CARD.format(name=name, arch=arch, dim=dim, recipe=recipe, resize=resize, size=size, mean=mean, std=std,
+                       table=table if records else "No evaluation results were recorded with this export.",
+                       stem_code=stem_code, repo=repo, timm_usage=timm_usage, citations=CITATIONS)
 
-```python
-import timm
-net = timm.create_model("hf-hub:{repo}", pretrained=True).eval()  # net(preprocess(image)[None]) -> [1, {dim}]
-preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=net))
-```""" if with_timm else "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
-    body = f"""
-# {model_name}
 
-A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in
-Self-Supervised Learning", Weng et al., ICLR 2024). Only the backbone is published: the projector is
-dropped, and the weights are a torchvision `state_dict` without `fc.*`. The final layer outputs
-{config.get('feature_dim', 'the')}-dimensional features.
+CARD = """
+# {name}
+
+A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in Self-Supervised
+Learning", Weng et al., ICLR 2024). Only the backbone is published (a torchvision `state_dict` without `fc.*`): it
+outputs {dim}-dimensional features.
 
 ## Recipe
 
 | setting | value |
 |---|---|
-{chr(10).join(recipe)}
+{recipe}
 
-## Evaluation protocol
+## Evaluation
 
-Frozen-feature evaluations as in the papers: k-NN (k = 5, Euclidean) and a linear classifier on
-features extracted once without augmentation (Adam, lr 1e-2 decayed exponentially to 1e-6 over
-500 epochs, weight decay 5e-6, batch 1000), or the ImageNet linear protocol (frozen backbone in eval
-mode, SGD momentum 0.9, 100 epochs, lr x0.1 at epochs 60 and 80, RandomResizedCrop + flip for
-training, Resize + CenterCrop for validation). The numbers are those of the final epoch.
+Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (`linear_eval.py` of the project
+that made this model); the numbers are those of the final epoch.
 
-{chr(10).join(table) if records else "No evaluation results were recorded with this export."}
+{table}
 
 ## Usage
 
@@ -1224,13 +1155,54 @@ With this project's `intl.py`: `net, config = intl.load_backbone("{repo}")`.
 ## Citation
 
 ```bibtex
-{_CITATIONS}
+{citations}
 ```
 """
-    return str(huggingface_hub.ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))  # parses: valid metadata
+TIMM_USAGE = """With timm (its ResNets are torchvision's):
+
+```python
+import timm
+net = timm.create_model("hf-hub:{repo}", pretrained=True).eval()  # net(preprocess(image)[None]) -> [1, {dim}]
+preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=net))
+```"""
+CITATIONS = """\
+@inproceedings{weng2024modulate,
+  title     = {Modulate Your Spectrum in Self-Supervised Learning},
+  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
+Khan, Fahad Shahbaz and Huang, Lei},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024}
+}
+@inproceedings{weng2022investigation,
+  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
+  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022}
+}"""
 
 
-# ----------------------------------------------------------------------------- Hub: upload
+def is_hub_dataset_id(dataset):
+    return isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
+        and not os.path.exists(dataset)
+
+
+def published_name(dataset):
+    """What a card may say of a dataset: a Hub id as it is, a local folder by its last part only."""
+    if not dataset:
+        return intl.DIGITS_SOURCE
+    return dataset if is_hub_dataset_id(dataset) else Path(str(dataset)).name
+
+
+def read_result(item):
+    """An evaluation result (linear_eval.py's JSON file, or its dict) -> the dict."""
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            item = json.loads(Path(item).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
+    if not isinstance(item, dict) or "rows" not in item:
+        raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
+    return item
 
 
 def check_hub_access(repo_id, private=False):
@@ -1251,11 +1223,8 @@ def check_hub_access(repo_id, private=False):
 
 
 def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
-    """Upload exactly model.safetensors, config.json and README.md of an export folder to a Hub model repo.
-
-    A missing README.md is generated (write_model_card without results). revision: a branch to push to, created
-    when missing. Returns the upload's commit info.
-    """
+    """Upload exactly model.safetensors, config.json and README.md (generated without results when missing) of an
+    export folder to a Hub model repo, on the branch `revision` (created when missing)."""
     import huggingface_hub
 
     export_dir = Path(export_dir)
@@ -1278,44 +1247,44 @@ def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, 
                                  commit_message=commit_message or f"Upload INTL backbone from {export_dir.name}")
 
 
-# ----------------------------------------------------------------------------- `python pretrain.py export`
+def push_if_asked(export_dir, args):
+    """--push_to_hub, with its --private, --commit_message and --revision (a training run's or `export`'s)."""
+    if args.push_to_hub:
+        push_export_to_hub(export_dir, args.push_to_hub, args.private, args.commit_message, args.revision)
+        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
+              + (f" (branch {args.revision})" if args.revision else ""))
 
 
-def get_export_parser():
-    parser = argparse.ArgumentParser(
-        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Convert a pretrain checkpoint folder or an official INTL / CW-RGP .pth.tar (or any loadable "
-                    "backbone) into an export folder: model.safetensors + config.json + README.md; optionally "
-                    "push it to the Hugging Face Hub.")
-    parser.add_argument("--source", required=True,
-                        help="what to convert: a pretrain checkpoint folder, an official .pth.tar, an export "
-                             "folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
-    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
-                        help="encoder architecture (default: from the source's config, or inferred from the "
-                             "weights' shapes)")
-    parser.add_argument("--stem", choices=intl.STEMS, default=None,
-                        help="the network's first layers (default: from the source's config; for an official "
-                             "checkpoint, 'cifar' for INTL's and 'cifar-unpadded' for CW-RGP's 3x3 conv1: give "
-                             "'small-maxpool' for CW-RGP's STL-10 / Tiny-ImageNet networks)")
-    parser.add_argument("--output_dir", required=True,
-                        help="the export folder to write; an existing export is replaced only with --overwrite")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the export already in --output_dir (without it, an existing export is refused)")
-    parser.add_argument("--eval_results", nargs="*", default=[],
-                        help="linear_eval.py result JSON files to list in the model card's model-index")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
-                        help="also upload the export to this Hub model repo (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--license", default=None,
-                        help="the model card's license, a Hub id such as apache-2.0 (default: none chosen)")
-    parser.add_argument("--commit_message", default=None, help="commit message of the Hub upload")
-    parser.add_argument("--revision", default=None, help="Hub branch to upload to (created if missing)")
-    return parser
+def add_hub_arguments(group):
+    group.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
+                       help="publish the export (weights, config, model card) to this Hub model repo")
+    group.add_argument("--private", action="store_true", help="create the Hub repo private")
+    group.add_argument("--license", type=str, default=None,
+                       help="the model card's license, a Hub id such as apache-2.0 (default: none chosen)")
+    group.add_argument("--commit_message", type=str, default=None, help="commit message of the upload")
+    group.add_argument("--revision", type=str, default=None, help="Hub branch to upload to (created if missing)")
 
 
 def main_export(argv=None):
     """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
-    args = get_export_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
+                    "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
+    parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
+                        "export folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
+    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
+                        help="encoder (default: the source's config, or inferred from the weights' shapes)")
+    parser.add_argument("--stem", choices=intl.STEMS, default=None,
+                        help="first layers (default: the source's config; official checkpoints: 'cifar' for INTL's "
+                             "and 'cifar-unpadded' for CW-RGP's 3x3 conv1, give 'small-maxpool' for CW-RGP's STL-10 "
+                             "/ Tiny-ImageNet networks)")
+    parser.add_argument("--output_dir", required=True, help="the export folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export already in --output_dir")
+    parser.add_argument("--eval_results", nargs="*", default=[],
+                        help="linear_eval.py result JSON files for the model card's model-index")
+    add_hub_arguments(parser)
+    args = parser.parse_args(argv)
     intl.check_output_dir(args.output_dir)
     if intl.existing_results(args.output_dir, intl.EXPORT_FILES + ("README.md",)) and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
@@ -1325,11 +1294,7 @@ def main_export(argv=None):
     export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
                                       args.stem, args.license)
     print(f"exported {args.source} to {export_dir}")
-    if args.push_to_hub:
-        push_export_to_hub(export_dir, args.push_to_hub, private=args.private,
-                           commit_message=args.commit_message, revision=args.revision)
-        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
-              + (f" (branch {args.revision})" if args.revision else ""))
+    push_if_asked(export_dir, args)
     return export_dir
 
 
