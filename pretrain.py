@@ -148,164 +148,123 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, but for flags off by default (None, False, ""): their help says what they do then."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34)
+
+    def _get_help_string(self, action):
+        off = action.default is None or action.default is False or action.default == ""
+        return action.help if off else super()._get_help_string(action)
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description="INTL self-supervised pretraining", allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="an official recipe (README table); without it and without --dataset: digits")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and augmentations")
+                                     usage="%(prog)s [--preset NAME] [--dataset DATASET] [--output_dir DIR] [flags]",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
+                        help=f"an authors' recipe: {', '.join(sorted(PRESETS))}; without it and --dataset: digits")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and the augmentations")
 
-    # Data
-    parser.add_argument("--dataset", type=str, default=None,
-                        help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
-    parser.add_argument("--split", type=str, default="train", help="split to pretrain on")
-    parser.add_argument("--eval_split", type=str, default="test",
-                        help="held-out split for the online kNN monitor (used when the data has labels)")
-    parser.add_argument("--image_column", type=str, default=None, help="image column (default: detected)")
-    parser.add_argument("--label_column", type=str, default=None, help="label column (default: detected)")
-    parser.add_argument("--image_size", type=int, default=224, help="side of the two large crops, in pixels")
-    parser.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop scale lower bound")
-    parser.add_argument("--crop_interpolation", type=str, default="bicubic", choices=["bicubic", "bilinear"],
-                        help="resampling of RandomResizedCrop (INTL: bicubic; CW-RGP ImageNet: bilinear)")
-    parser.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
-                        help="colour jitter and grayscale on the whole image, then the crop (CW-RGP's small-data "
-                             "order); default: crop first (BYOL order)")
-    parser.add_argument("--jitter", type=str, default="0.4,0.4,0.2,0.1",
-                        help="colour jitter strengths: brightness, contrast, saturation, hue (applied with p 0.8)")
-    parser.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of converting a view to gray")
-    parser.add_argument("--small_crops", type=str, default="",
-                        help="multi-crop: sides of extra small crops, e.g. '192,160,128,96'; a crop of side s "
-                             "takes scales (min_scale * s / image_size, s / image_size)")
-    parser.add_argument("--blur_prob", type=str, default="1.0,0.1",
-                        help="Gaussian blur probability of view 1, view 2 (and every small crop, the second value)")
-    parser.add_argument("--solarize_prob", type=str, default="0.0,0.2",
-                        help="solarisation probability of view 1, view 2 (and every small crop, the second value)")
-    parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="input normalisation mean (RGB)")
-    parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="input normalisation std (RGB)")
-    parser.add_argument("--eval_mean", type=float, nargs=3, default=None,
-                        help="normalisation mean of un-augmented inputs (kNN monitor, the export's config); "
-                             "default: --mean")
-    parser.add_argument("--eval_std", type=float, nargs=3, default=None,
-                        help="normalisation std of un-augmented inputs; default: --std")
-    parser.add_argument("--eval_resize", type=int, default=None,
-                        help="side un-augmented inputs are resized to before the centre crop of --image_size "
-                             "(default: image_size / 0.875 from 128 px up, else image_size; CW-RGP STL-10: 70)")
-    parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=None,
+                      help="a Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
+    data.add_argument("--split", default="train", help="split to pretrain on")
+    data.add_argument("--eval_split", default="test", help="held-out split of the 5-NN monitor")
+    data.add_argument("--image_column", default=None, help="image column; None: detected")
+    data.add_argument("--label_column", default=None, help="label column; None: detected")
+    data.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
+    data.add_argument("--image_size", type=int, default=224, help="side of the large crops, in pixels")
+    data.add_argument("--num_views", type=int, default=2, help="large crops per image (CW-RGP: 4)")
+    data.add_argument("--small_crops", default="", help="multi-crop: sides of extra small crops, e.g. 192,160,128,96; "
+                      "side s takes the scales (min_scale, 1) x s / image_size")
+    data.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop's smallest scale")
+    data.add_argument("--crop_interpolation", default="bicubic", choices=["bicubic", "bilinear"],
+                      help="RandomResizedCrop's resampling")
+    data.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
+                      help="colour jitter and grayscale on the whole image, then the crop (CW-RGP, small data)")
+    data.add_argument("--jitter", default="0.4,0.4,0.2,0.1",
+                      help="colour jitter (p 0.8): brightness, contrast, saturation, hue")
+    data.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of a gray view")
+    data.add_argument("--blur_prob", default="1.0,0.1", help="blur probability of view 1, of the others")
+    data.add_argument("--solarize_prob", default="0.0,0.2", help="solarisation probability of view 1, of the others")
+    data.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (RGB)")
+    data.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (RGB)")
+    data.add_argument("--eval_mean", type=float, nargs=3, default=None,
+                      help="mean of un-augmented inputs (5-NN monitor, export); None: --mean")
+    data.add_argument("--eval_std", type=float, nargs=3, default=None, help="their std; None: --std")
+    data.add_argument("--eval_resize", type=int, default=None,
+                      help="their side before the centre crop; None: image_size / 0.875 from 128 px, else image_size")
 
-    # Model
-    parser.add_argument("--arch", type=str, default="resnet50", choices=intl.RESNETS, help="encoder")
-    parser.add_argument("--stem", type=str, default="imagenet", choices=list(intl.STEMS),
-                        help="first layers: imagenet (torchvision's 7x7 conv + max-pool); cifar (INTL's CIFAR "
-                             "network: 1-pixel zero pad + 3x3 stride-1 conv, no max-pool); cifar-unpadded "
-                             "(CW-RGP's CIFAR network); small-maxpool (CW-RGP's STL-10 / Tiny-ImageNet network)")
-    parser.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
-                        help="start every residual block as the identity (default: on for ResNet-50 and larger, "
-                             "off for ResNet-18/34, as in INTL's runs)")
-    parser.add_argument("--projector", type=str, default="8192-8192-8192", help="projector layer widths")
-    parser.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False,
-                        help="a bias in the projector's hidden Linear layers (CW-RGP's projector)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="resnet50", choices=intl.RESNETS, help="encoder")
+    model.add_argument("--stem", default="imagenet", choices=list(intl.STEMS),
+                       help="first layers (README: Presets): torchvision's, INTL's CIFAR network, CW-RGP's")
+    model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
+                       help="start every residual block as the identity; None: for ResNet-50 and larger")
+    model.add_argument("--projector", default="8192-8192-8192", help="projector layer widths")
+    model.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False,
+                       help="a bias in the projector's hidden layers (CW-RGP)")
 
-    # Method
-    parser.add_argument("--method", type=str, default="intl", choices=METHODS,
-                        help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder and projector; "
-                             "st: eigendecomposition ST g(l) = l^-power with the alignment loss (+ trace loss with --beta); "
-                             "cw-rgp: channel whitening with random group partition; wmse: Cholesky whitening")
-    parser.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
-    parser.add_argument("--coupled", action="store_true",
-                        help="IterNorm's coupled Newton-Schulz form: the same iterates, numerically stable at large T "
-                             "(default: the paper's form)")
-    parser.add_argument("--axis", type=int, default=0, choices=[0, 1],
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", default="intl", choices=METHODS,
+                        help="intl: IterNorm + trace loss; intl-m: with an EMA target; st: g(l) = l^-power; cw-rgp: "
+                             "channel whitening, random groups; wmse: Cholesky whitening")
+    method.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
+    method.add_argument("--coupled", action="store_true", help="IterNorm's coupled form, stable at large T")
+    method.add_argument("--axis", type=int, default=0, choices=[0, 1],
                         help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
-    parser.add_argument("--beta", type=float, default=None,
-                        help="trace-loss weight (default: 0.01 * (log2(global batch) - 3), log2(D) on axis 1; "
-                             "st: 0, no trace loss)")
-    parser.add_argument("--momentum", type=float, default=0.996,
-                        help="intl-m: EMA momentum at step 0, raised to 1 by a cosine")
-    parser.add_argument("--power", type=float, default=0.5, help="st: the power p of g(l) = l^-p (0.5 = whitening)")
-    parser.add_argument("--groups", type=int, default=4, help="cw-rgp: channel groups whitened separately")
-    parser.add_argument("--w_size", type=int, default=64,
-                        help="cw-rgp, wmse: whitening sub-batch size (must divide the global batch)")
-    parser.add_argument("--w_iter", type=int, default=1,
-                        help="cw-rgp, wmse: repeats with fresh random sub-batches and permutations")
-    parser.add_argument("--w_eps", type=float, default=0.0,
-                        help="eps I added to the covariance before its eigendecomposition / Cholesky (cw-rgp, wmse); "
-                             "st: eps x its mean eigenvalue")
-    parser.add_argument("--pair_loss", type=str, default="normalized", choices=["normalized", "squared"],
-                        help="cw-rgp: 2 - 2 cos between whitened views (normalised MSE) or their squared distance")
-    parser.add_argument("--cov_weight", type=float, default=0.0,
-                        help="cw-rgp: weight of the optional covariance term on the un-whitened embeddings")
-    parser.add_argument("--cov_epochs", type=int, default=0, help="cw-rgp: epochs the covariance term is applied for")
-    parser.add_argument("--num_views", type=int, default=2,
-                        help="large crops per image (CW-RGP uses 2 or 4); views after the first use the second "
-                             "blur/solarise probability")
+    method.add_argument("--beta", type=float, default=None,
+                        help="trace-loss weight; None: 0.01 (log2(global batch) - 3), log2(D) on axis 1, 0 for st")
+    method.add_argument("--momentum", type=float, default=0.996, help="intl-m: EMA momentum, raised to 1 by a cosine")
+    method.add_argument("--power", type=float, default=0.5, help="st: the power p (0.5: whitening)")
+    method.add_argument("--groups", type=int, default=4, help="cw-rgp: channel groups")
+    method.add_argument("--w_size", type=int, default=64, help="cw-rgp, wmse: whitening sub-batch size")
+    method.add_argument("--w_iter", type=int, default=1, help="cw-rgp, wmse: repeats with fresh sub-batches")
+    method.add_argument("--w_eps", type=float, default=0.0,
+                        help="eps I added to the covariance (cw-rgp, wmse); st: eps x its mean eigenvalue")
+    method.add_argument("--pair_loss", default="normalized", choices=["normalized", "squared"],
+                        help="cw-rgp: 2 - 2 cos between whitened views, or their squared distance")
+    method.add_argument("--cov_weight", type=float, default=0.0, help="cw-rgp: weight of the covariance term")
+    method.add_argument("--cov_epochs", type=int, default=0, help="cw-rgp: epochs with the covariance term")
 
-    # Optim
-    parser.add_argument("--epochs", type=int, default=800, help="training epochs")
-    parser.add_argument("--batch_size", type=int, default=256, help="batch per process (global = x processes)")
-    parser.add_argument("--lr", type=float, default=0.3, help="base learning rate, scaled by global batch / 256")
-    parser.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
-    parser.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
-                        help="weight decay on every parameter (CIFAR and CW-RGP recipes); default: none on biases "
-                             "and normalisation parameters (INTL's ImageNet recipes)")
-    parser.add_argument("--warmup_epochs", type=float, default=2,
-                        help="linear warm-up: lr = peak x (step + 1) / warm-up steps")
-    parser.add_argument("--warmup_steps", type=int, default=None,
-                        help="the warm-up in steps instead of epochs (CW-RGP: 500)")
-    parser.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "adam"],
-                        help="sgd: momentum 0.9 (INTL recipes); adam (CW-RGP small-data recipes)")
-    parser.add_argument("--schedule", type=str, default="cosine", choices=["cosine", "cosine-epoch", "step"],
-                        help="after the warm-up, cosine: per step to 0.001 x peak (INTL); cosine-epoch: per epoch "
-                             "to 0 (CW-RGP ImageNet); step: x0.2 at 50 and 25 epochs before the end (CW-RGP small "
-                             "data)")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                        help="autocast precision (default: Accelerate's config); fp16 falls back to no on CPU "
-                             "when it comes from a preset")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the encoder and projector with torch.compile: the first steps take minutes, "
-                             "the later ones less time; the same loss up to rounding")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=800, help="training epochs")
+    optim.add_argument("--batch_size", type=int, default=256, help="batch per process")
+    optim.add_argument("--lr", type=float, default=0.3, help="learning rate for a global batch of 256 (scaled)")
+    optim.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
+    optim.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
+                       help="weight decay on biases and normalisation parameters too")
+    optim.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: momentum 0.9")
+    optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"],
+                       help="after the warm-up (see learning_rate)")
+    optim.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
+    optim.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
+    optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                       help="autocast; None: Accelerate's config. A preset's fp16 is no on a CPU")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the encoder and projector")
 
-    # Checkpoints
-    parser.add_argument("--output_dir", type=str, default=None, help="where checkpoints, logs and exports go")
-    parser.add_argument("--save_every", type=int, default=1000, help="save a checkpoint every N steps (and each epoch)")
-    parser.add_argument("--keep", type=int, default=2, help="keep the last K checkpoints")
-    parser.add_argument("--resume", type=str, default=None,
-                        help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
-    parser.add_argument("--export_only", action="store_true",
-                        help="export the backbone of the --resume checkpoint to OUTPUT_DIR/backbone and exit")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="let a new run (or --export_only, or a study) replace what an earlier run left in "
-                             "--output_dir: its checkpoints/, log.jsonl, backbone/ and spectrum files are deleted "
-                             "first. Without it such a folder is refused")
-    parser.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
-                        help="publish the exported backbone (weights, config, model card) to this Hub model repo")
-    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
-    parser.add_argument("--license", type=str, default=None,
-                        help="the model card's license, a Hub id such as apache-2.0 (default: the card says that "
-                             "none was chosen)")
-    parser.add_argument("--commit_message", type=str, default=None, help="with --push_to_hub: the commit message")
-    parser.add_argument("--revision", type=str, default=None, help="with --push_to_hub: the branch to push to")
-    parser.add_argument("--stop_after_steps", type=int, default=None,
-                        help="save and stop after this many steps; the schedule still spans all epochs")
-
-    # Logging
-    parser.add_argument("--report_to", type=str, default="none", choices=["none", "tensorboard", "wandb"],
-                        help="experiment tracker (through Accelerate)")
-    parser.add_argument("--log_every", type=int, default=10, help="log loss and learning rate every N steps")
-    parser.add_argument("--spectrum_every", type=int, default=100,
-                        help="log the spectrum of Z and Z_hat (lg IoC, effective rank) every N steps")
-    parser.add_argument("--knn_every", type=int, default=0,
-                        help="5-NN accuracy on the held-out split every N epochs, at start and end (0: never)")
-    parser.add_argument("--study", type=str, default=None, choices=["power", "trace"],
-                        help="the paper's experiments: 'power' trains --method st for each p in --study_values "
-                             "(Fig. 2); 'trace' trains IterNorm with and without the trace loss for each T (Fig. 3). "
-                             "On the digits default each run lasts 5 epochs and the power study uses --w_eps 1e-3 "
-                             "unless those flags are given")
-    parser.add_argument("--study_values", type=str, default=None,
-                        help="comma-separated p (power study, default 0,0.25,0.5,0.75,1,1.25,1.5) or T (trace "
-                             "study, default 1,2,4,6,8,10,12)")
-    parser.add_argument("--benchmark", type=int, default=0,
-                        help="time N training steps on random images and print throughput and memory; no data")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default=None, help="checkpoints, log, spectrum plot and export")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --output_dir")
+    run.add_argument("--resume", default=None, help="'latest' (in --output_dir) or a checkpoint folder")
+    run.add_argument("--export_only", action="store_true", help="export --resume's backbone and exit")
+    run.add_argument("--stop_after_steps", type=int, default=None, help="save and stop after N steps")
+    run.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps and each epoch")
+    run.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    run.add_argument("--log_every", type=int, default=10, help="log the loss every N steps")
+    run.add_argument("--spectrum_every", type=int, default=100, help="log the spectrum of Z and Z_hat every N steps")
+    run.add_argument("--knn_every", type=int, default=0, help="held-out 5-NN accuracy every N epochs (0: never)")
+    run.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"], help="tracker")
+    run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
+    run.add_argument("--study", default=None, choices=["power", "trace"],
+                     help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
+    run.add_argument("--study_values", default=None,
+                     help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8,10,12)")
+    run.add_argument("--benchmark", type=int, default=0,
+                     help="time N training steps on random images: step time, images/s, memory")
+    add_hub_arguments(parser.add_argument_group("Hub"))
     return parser
 
 
@@ -1260,7 +1219,7 @@ def add_hub_arguments(group):
                        help="publish the export (weights, config, model card) to this Hub model repo")
     group.add_argument("--private", action="store_true", help="create the Hub repo private")
     group.add_argument("--license", type=str, default=None,
-                       help="the model card's license, a Hub id such as apache-2.0 (default: none chosen)")
+                       help="the model card's license, a Hub id such as apache-2.0; None: the card says none was chosen")
     group.add_argument("--commit_message", type=str, default=None, help="commit message of the upload")
     group.add_argument("--revision", type=str, default=None, help="Hub branch to upload to (created if missing)")
 
@@ -1268,15 +1227,15 @@ def add_hub_arguments(group):
 def main_export(argv=None):
     """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
     parser = argparse.ArgumentParser(
-        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="pretrain.py export", allow_abbrev=False, formatter_class=HelpFormatter,
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
                     "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
                         "export folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
     parser.add_argument("--arch", choices=intl.RESNETS, default=None,
-                        help="encoder (default: the source's config, or inferred from the weights' shapes)")
+                        help="encoder; None: the source's config, or inferred from the weights' shapes")
     parser.add_argument("--stem", choices=intl.STEMS, default=None,
-                        help="first layers (default: the source's config; official checkpoints: 'cifar' for INTL's "
+                        help="first layers; None: the source's config (official checkpoints: 'cifar' for INTL's "
                              "and 'cifar-unpadded' for CW-RGP's 3x3 conv1, give 'small-maxpool' for CW-RGP's STL-10 "
                              "/ Tiny-ImageNet networks)")
     parser.add_argument("--output_dir", required=True, help="the export folder to write")
