@@ -294,110 +294,139 @@ def train(config, accelerator):
     log = Logger(output_dir, accelerator)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
     intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, log.info)
-    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-             f"precision {accelerator.mixed_precision}")
-    if warning := intl.slow_precision_warning(accelerator):
-        log.info(warning)
-    if config.push_to_hub and accelerator.is_main_process:
-        log.info(f"the export will be pushed to {config.push_to_hub} as {check_hub_access(config.push_to_hub, config.private)}")
-    recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
-    log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
-             f"{config.batch_size * accelerator.num_processes}, {config.epochs} epoch{'s' * (config.epochs != 1)}")
+    introduce(config, accelerator, log)
 
-    # Data: augmented views of the training split, seeded per (epoch, sample) so a resume replays them.
+    # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
     train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column,
                                         accelerator)
-    global_batch = config.batch_size * accelerator.num_processes
-    sampler, loader = training_loader(config, train_split, accelerator)
-    steps_per_epoch = sampler.batches_per_epoch
-    knn_data = knn_splits(config, accelerator, train_split)
+    loader = training_loader(config, train_split, accelerator)
+    monitor = Monitor(config, accelerator, log, knn_splits(config, accelerator, train_split), loader)
+    steps_per_epoch, total_steps = monitor.steps_per_epoch, monitor.total_steps
 
     # Model: built from the same seed on every process, then seeded per process for everything else.
     set_seed(config.seed)
     model = on_the_accelerator(intl.sync_batchnorm(build_model(config), accelerator), config, accelerator.device)
     set_seed(config.seed, device_specific=True)
-
-    # Optim: SGD or Adam, weight decay on every parameter or not on biases and normalisation parameters.
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
-    peak_lr = config.lr * global_batch / 256
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = config.warmup_steps if config.warmup_steps is not None else \
-        round(config.warmup_epochs * steps_per_epoch)
-    log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
+    peak_lr = config.lr * config.batch_size * accelerator.num_processes / 256
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch) if config.warmup_steps is None else config.warmup_steps
 
     # Resume: model, optimiser and RNG states, the step, and the log up to that step.
-    step, last_good = 0, None  # last_good: the newest checkpoint (maybe in another folder), or none yet
-    if config.resume:
-        last_good, step = resume(config, accelerator, output_dir, log)
-    else:
+    log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
+    step, last_good = resume(config, accelerator, output_dir, log) if config.resume else (0, None)
+    if not config.resume:
         log.start()
-    accelerator.init_trackers("intl", config=hyperparameters(config))
-    log.info(f"{len(train_split.dataset)} training images, global batch {global_batch}, "
-             f"{steps_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
-    note_batch_differs_from_recipe(config, global_batch, accelerator, log)
-    if knn_data and step == 0:
-        log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone, knn_data, accelerator)})
+    log.info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
+             f"peak lr {peak_lr:.4g}")
+    monitor.start(step, last_good, model)
 
-    # The loop. After every step, in one place: logging, the spectrum, the kNN monitor, checkpoints.
-    stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
-    progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     model.train()
-    tic, images_seen = time.time(), 0
-    watch = NonFiniteWatch(accelerator.device)
     try:
-        for epoch in range(step // steps_per_epoch, config.epochs):
-            sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-            for batch in loader:
-                intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
-                lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
-                    accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
-                views = [v.to(accelerator.device, non_blocking=True) for v in batch[0]]
-                out = model(views, step=step, epoch=epoch)
-                watch.record(out["loss"], step)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(out["loss"])
-                optimizer.step()
-                step += 1
-                images_seen += global_batch
-                progress.update(1)
-
-                # The host reads the device only here: at these steps, whether a loss was non-finite comes first.
-                epoch_end = step % steps_per_epoch == 0
-                log_now, spectrum_now = step % config.log_every == 0, step % config.spectrum_every == 0
-                save_now = step % config.save_every == 0 or epoch_end or step == stop_at
-                if log_now or spectrum_now or save_now or step == total_steps:
-                    watch.check(last_good, log.collapse_note)
-                if log_now:
-                    loss = out["loss"].item()
-                    speed = images_seen / (time.time() - tic)
-                    progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
-                    log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / steps_per_epoch, "images_per_s": speed})
-                if spectrum_now or step == total_steps:
-                    log.spectrum(step, out["z"], out["z_hat"], config.axis)
-                if epoch_end and knn_data and ((epoch + 1) % config.knn_every == 0 or step == total_steps):
-                    log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone,
-                                                                knn_data, accelerator)})
-                if save_now:
-                    last_good = save_checkpoint(accelerator, config, step, steps_per_epoch, output_dir)
-                if step == stop_at:
-                    break
-            if step == stop_at:
-                break
+        for epoch, batch in batches(loader, step, monitor.stop_at):
+            intl.stop_if_ctrl_c()  # a Ctrl-C Python discarded (see intl.remember_ctrl_c)
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
+                accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
+            out = model([v.to(accelerator.device, non_blocking=True) for v in batch[0]], step=step, epoch=epoch)
+            monitor.watch.record(out["loss"], step)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out["loss"])
+            optimizer.step()
+            step += 1
+            monitor.after_step(step, out, lr, model)
     except KeyboardInterrupt:
-        raise intl.Interrupted(intl.interrupted_message(f"step {step}", last_good)) from None
+        raise intl.Interrupted(intl.interrupted_message(f"step {step}", monitor.last_good)) from None
     finally:
-        progress.close()  # before any error message, so that the message is the last line
+        monitor.progress.close()  # before any error message, so that the message is the last line
 
     # Export: the backbone alone, the spectrum plot and the summary, once the last step is done.
     if step == total_steps:
         if accelerator.is_main_process:
-            export_backbone(last_good, output_dir / "backbone", config, log.knn_result(step, config))
+            export_backbone(monitor.last_good, output_dir / "backbone", config, log.knn_result(step, config))
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
     accelerator.end_training()
+
+
+def introduce(config, accelerator, log):
+    """What runs where (also to the trackers), and a Hub push checked before any work."""
+    accelerator.init_trackers("intl", config=hyperparameters(config))
+    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
+    if warning := intl.slow_precision_warning(accelerator):
+        log.info(warning)
+    if config.push_to_hub and accelerator.is_main_process:
+        log.info(f"the export will be pushed to {config.push_to_hub} as "
+                 f"{check_hub_access(config.push_to_hub, config.private)}")
+    recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
+    global_batch = config.batch_size * accelerator.num_processes
+    log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
+             f"{global_batch}, {config.epochs} epoch{'s' * (config.epochs != 1)}")
+    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
+    if recipe_batch and global_batch != recipe_batch:
+        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
+                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
+                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
+
+
+def batches(loader, step, stop_at):
+    """(epoch, batch) from `step` to `stop_at`: each epoch in its own order, a resumed one without its done batches."""
+    per_epoch = loader.sampler.batches_per_epoch
+    while step < stop_at:
+        loader.sampler.set_epoch(step // per_epoch, start_batch=step % per_epoch)
+        for batch in loader:
+            yield step // per_epoch, batch
+            step += 1
+            if step == stop_at:
+                return
+
+
+class Monitor:
+    """After every step, in one place: the non-finite check, the log, the spectrum, the 5-NN monitor, checkpoints.
+    The host reads the device only at the steps that log or save, and first asks whether a loss was non-finite."""
+
+    def __init__(self, config, accelerator, log, knn_data, loader):
+        self.config, self.accelerator, self.log, self.knn_data = config, accelerator, log, knn_data
+        self.steps_per_epoch = loader.sampler.batches_per_epoch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_at = min(self.total_steps, config.stop_after_steps or self.total_steps)
+        self.watch = NonFiniteWatch(accelerator.device)
+
+    def start(self, step, last_good, model):
+        """The progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
+        self.last_good = last_good  # the newest checkpoint (maybe in another folder), or none yet
+        if self.knn_data and step == 0:
+            self.knn(step, model)
+        self.progress = tqdm(total=self.stop_at, initial=step, disable=not self.accelerator.is_main_process,
+                             desc="pretrain")
+        self.first_step, self.tic = step, time.time()
+
+    def after_step(self, step, out, lr, model):
+        config, log = self.config, self.log
+        self.progress.update(1)
+        epoch_end = step % self.steps_per_epoch == 0
+        log_now = step % config.log_every == 0
+        spectrum_now = step % config.spectrum_every == 0 or step == self.total_steps
+        save_now = step % config.save_every == 0 or epoch_end or step == self.stop_at
+        if log_now or spectrum_now or save_now:
+            self.watch.check(self.last_good, log.collapse_note)
+        if log_now:
+            loss = out["loss"].item()
+            speed = (step - self.first_step) * config.batch_size * self.accelerator.num_processes / (time.time() - self.tic)
+            self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
+            log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / self.steps_per_epoch, "images_per_s": speed})
+        if spectrum_now:
+            log.spectrum(step, out["z"], out["z_hat"], config.axis)
+        epochs_done = step // self.steps_per_epoch
+        if epoch_end and self.knn_data and (epochs_done % config.knn_every == 0 or step == self.total_steps):
+            self.knn(step, model)
+        if save_now:
+            self.last_good = save_checkpoint(self.accelerator, config, step, self.steps_per_epoch)
+
+    def knn(self, step, model):
+        backbone = self.accelerator.unwrap_model(model).backbone
+        self.log.metrics(step, {"knn_top1": knn_accuracy(backbone, self.knn_data, self.accelerator)})
 
 
 class NonFiniteWatch:
@@ -424,7 +453,7 @@ class NonFiniteWatch:
 
 
 def resume(config, accelerator, output_dir, log):
-    """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its folder, its step)."""
+    """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its step, its folder)."""
     def check_state(checkpoint, state):
         if not isinstance(state.get("step"), int):
             raise ValueError(f"{checkpoint / 'trainer_state.json'} holds no step count: the file is damaged; "
@@ -438,15 +467,7 @@ def resume(config, accelerator, output_dir, log):
                                              say=log.info)
     log.truncate_after(state["step"])
     log.info(f"resumed from {checkpoint} at step {state['step']}")
-    return checkpoint, state["step"]
-
-
-def note_batch_differs_from_recipe(config, global_batch, accelerator, log):
-    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
-    if recipe_batch and global_batch != recipe_batch:
-        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
-                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
-                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
+    return state["step"], checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -642,8 +663,8 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
 
 
 def training_loader(config, train_split, accelerator):
-    """This process's share of every global batch, augmented: (sampler, DataLoader). The loader is not passed
-    through accelerator.prepare: the sampler already shards, and its (epoch, index) keys seed the augmentations."""
+    """This process's share of every global batch, augmented. The loader is not passed through accelerator.prepare:
+    its ShardedEpochSampler already shards, and its (epoch, index) keys seed the augmentations."""
     sampler = ShardedEpochSampler(len(train_split.dataset), config.batch_size, accelerator.num_processes,
                                   accelerator.process_index, config.seed)
     if sampler.batches_per_epoch == 0:
@@ -652,7 +673,7 @@ def training_loader(config, train_split, accelerator):
                          f"{accelerator.num_processes} process(es)): give --batch_size "
                          f"{len(train_split.dataset) // accelerator.num_processes} or less")
     train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
-    return sampler, torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         train_data, batch_size=config.batch_size,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0, drop_last=True)
@@ -754,10 +775,10 @@ def knn_accuracy(backbone, knn_data, accelerator):
 # Checkpoints (atomic, explicit names) and the backbone export
 
 
-def save_checkpoint(accelerator, config, step, batches_per_epoch, output_dir):
+def save_checkpoint(accelerator, config, step, batches_per_epoch):
     state = {"step": step, "epochs_trained": step / batches_per_epoch, "num_processes": accelerator.num_processes,
              "config": vars(config)}
-    return intl.save_state_atomically(accelerator, output_dir / "checkpoints" / f"step-{step:08d}",
+    return intl.save_state_atomically(accelerator, Path(config.output_dir) / "checkpoints" / f"step-{step:08d}",
                                       "trainer_state.json", state, config.keep)
 
 

@@ -160,10 +160,10 @@ accelerator = Accelerator()
 config = pretrain.resolve_config(["--print_config", "--dataset", {folder!r}, "--image_size", "8", "--batch_size", "4",
                                   "--num_workers", "1", "--jitter", "0,0,0,0", "--grayscale_prob", "0", "--blur_prob",
                                   "0,0", "--solarize_prob", "0,0", "--mean", "0", "0", "0", "--std", "1", "1", "1"])
-sampler, loader = pretrain.training_loader(config, intl.load_image_split({folder!r}, "train"), accelerator)
+loader = pretrain.training_loader(config, intl.load_image_split({folder!r}, "train"), accelerator)
 seen = []
 for epoch in range(2):
-    sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
     # Image i is a solid colour with red = 5 i: a crop of it (no colour change) says which image it came from.
     seen.append([(round(views[0][b, 0, 0, 0].item() * 255 / 5), labels[b].item())
                  for views, labels in loader for b in range(len(labels))])
