@@ -1,16 +1,12 @@
 """Pretrain a ResNet with INTL (INTL-M, or a relative from the whitening family) on one CPU up to many GPUs.
 
     python pretrain.py --output_dir runs/digits                  # offline demo: minutes on a CPU
-    accelerate launch pretrain.py --preset cifar10 --output_dir runs/cifar10
     accelerate launch pretrain.py --preset intl-m-800ep --dataset /data/imagenet --output_dir runs/in1k
 
-The run writes into --output_dir: checkpoints/ (resumable state), log.jsonl (one JSON object per
-logged step), spectrum.png (eigenvalues of the covariance of Z and Z_hat, the paper's Fig. 3) and
-backbone/ (model.safetensors + config.json: the encoder alone, loadable into torchvision).
-
-Reading order: the presets and the flags, `main`, then `train` (the whole run in one function: data, model,
-optimiser, resume, the loop, the export) followed by its parts in the order it uses them. Below a fence: the
-export's model card and Hub upload, the `pretrain.py export` command, the paper's studies and the benchmarks.
+--output_dir receives checkpoints/ (resumable), log.jsonl, spectrum.png (the covariance spectra of Z and Z_hat, the
+paper's Fig. 3) and backbone/ (the encoder alone: model.safetensors + config.json, loadable into torchvision).
+Reading order: the presets and the flags, `main`, `train` and its parts; then the export's model card and Hub
+upload, `pretrain.py export`, the paper's studies and --benchmark.
 """
 
 import argparse
@@ -41,33 +37,10 @@ IMAGENET_MEAN, IMAGENET_STD, CIFAR_MEAN, CIFAR_STD = intl.IMAGENET_MEAN, intl.IM
 
 METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 
-# The authors' runs, value by value (README: "Presets"). A preset sets these values; any explicit flag wins.
-# Every value a recipe depends on is named, also where it equals the flag's default. What each family fixes:
-#   INTL, all: SGD momentum 0.9; warm-up 2 epochs, lr = peak x (step + 1) / warm-up steps, then a per-step cosine
-#     to 0.001 x peak; IterNorm T = 4 on axis 0, beta = 0.01 (log2(global batch) - 3); every view through encoder
-#     and projector on its own (its own BatchNorm statistics); RandomResizedCrop scale 0.08-1 bicubic, colour
-#     jitter 0.4/0.4/0.2/0.1 p 0.8, grayscale 0.2, PIL's Gaussian blur (sigma 0.1-2, not truncated), solarisation,
-#     flip.
-#   CIFAR (cifar10, cifar100; digits but for its own entry's values): the `cifar` stem (a 1-pixel zero pad,
-#     then a 3x3 stride-1 conv1, no max-pool: maps 34 -> 17 -> 9 -> 5), no zero-init of the residual BNs, weight
-#     decay on every parameter, no blur, solarisation (0, 0.2), float32; EMA momentum 0.999 for --method intl-m.
-#     cifar100 pretrains with CIFAR-100's mean / std and is evaluated with CIFAR-10's, as the authors do
-#     (--eval_mean / --eval_std, recorded in the export).
-#   ImageNet (imagenet100, imagenet-800ep, intl-m-*): no weight decay on biases and BN; blur (1.0, 0.1),
-#     solarisation (0, 0.2); zero-init of the residual BNs for ResNet-50, not for ResNet-18; fp16 autocast with a
-#     grad scaler on a GPU for imagenet-800ep and intl-m-* (float32 on a CPU). intl-m-*: EMA target (m 0.996
-#     raised to 1 by a cosine, updated with m(step) before each step's forward), multi-crop 2 x 224 at scale 0.2-1
-#     plus 192, 160, 128, 96 px crops, blur 0.5 and solarisation 0.1 on every crop.
-#   CW-RGP, small data: Adam with weight decay on every parameter, 500 warm-up steps, then x0.2 at 50 and 25 epochs
-#     before the end; 4 views; colour jitter 0.4/0.4/0.4/0.1 p 0.8 and grayscale 0.1 on the whole image, then
-#     RandomResizedCrop scale 0.2-1 bicubic and flip; no blur,
-#     no solarisation; projector hidden layers with a bias, 4 groups, whitening sub-batch 64 (Tiny: 2 / 128);
-#     zero-init on; per-dataset mean / std; STL-10 is evaluated on Resize(70) + CenterCrop(64).
-#   CW-RGP, ImageNet: SGD momentum 0.9, weight decay on every parameter, 500 warm-up steps, then a cosine per epoch
-#     to 0; 4 views, RandomResizedCrop scale 0.2-1 bilinear, jitter 0.4/0.4/0.4/0.1, grayscale 0.2, blur 0.5 on
-#     every view, no solarisation; 2 groups, sub-batch 128.
-#   CW-RGP, both: as in the authors' code, the encoder runs once per view and the projector once on all views
-#     together (its BatchNorm sees the V x B embeddings as one batch).
+# The authors' runs, value by value (README: "Presets"; PAPER_NOTES.md section 11). A preset sets these values and
+# any explicit flag wins; every value a recipe depends on is named, also where it equals the flag's default. Not
+# visible in the values: INTL's lr warms up as peak x (step + 1) / warm-up steps, then follows a per-step cosine to
+# 0.001 x peak; intl-m's EMA momentum rises to 1 by a cosine; CW-RGP's projector sees all views as one batch.
 _INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops="",
              min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter="0.4,0.4,0.2,0.1",
              grayscale_prob=0.2, blur_prob="1.0,0.1", solarize_prob="0.0,0.2", optimizer="sgd", schedule="cosine",
@@ -93,9 +66,8 @@ _CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", 
                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
 PRESETS = {
     # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
-    # Its blocks start as identities (zero-init): a random ResNet-18 already separates digits (held-out 5-NN 95%
-    # at 16 px), the zero-initialised one much less (53%), so the 5-NN's rise shows what INTL learned. Measured on
-    # 2 cores: 9-11 minutes, peak 1.3-1.7 GB, held-out 5-NN 21.7% -> 83.3% (epoch 5) -> 92.2% (epoch 20).
+    # Its blocks start as identities (zero-init): a random ResNet-18 already separates digits, a zero-initialised
+    # one much less, so the 5-NN's rise shows what INTL learned.
     "digits": dict(_CIFAR, dataset="digits", stem="imagenet", zero_init_residual=True, projector="512-512-512",
                    batch_size=128, epochs=20, momentum=0.99, mean=IMAGENET_MEAN, std=IMAGENET_STD, knn_every=5,
                    spectrum_every=20, num_workers=2),
@@ -839,11 +811,11 @@ class Logger:
 
     def __init__(self, output_dir, accelerator):
         self.path, self.spectra_path = output_dir / "log.jsonl", output_dir / "spectrum.jsonl"
-        self.accelerator = accelerator
-        self.plotted_steps, self.warned = set(), False
+        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        self.plotted_steps, self.collapsed_at = set(), None
 
     def start(self):
-        if self.accelerator.is_main_process:
+        if self.main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             for path in (self.path, self.spectra_path):
                 path.write_text("")
@@ -851,17 +823,17 @@ class Logger:
     def truncate_after(self, step):
         """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
         checkpoints/ folder) the log starts again at this step, and the summary starts there."""
-        if not self.accelerator.is_main_process:
+        if not self.main:
             return
         if not self.path.exists():
             self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
                       "steps are not in it)")
         for path in (self.path, self.spectra_path):
             intl.truncate_jsonl(path, step)
-        self.warned = any("warning" in r for r in self.records())
+        self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
 
     def info(self, message):
-        if self.accelerator.is_main_process:
+        if self.main:
             tqdm.write(message)
 
     def metrics(self, step, values):
@@ -871,56 +843,50 @@ class Logger:
         self.append(self.path, {"step": step, **values})
 
     def append(self, path, record):
-        if self.accelerator.is_main_process:
+        if self.main:
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def spectrum(self, step, z, z_hat, axis):
         """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
         the eigenvalues themselves at the plotted steps."""
-        if not self.accelerator.is_main_process:
+        if not self.main:
             return
         eig_z, eig_z_hat = intl.covariance_spectrum(z, axis), intl.covariance_spectrum(z_hat, axis)
         self.metrics(step, {"lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
                             "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
-        if not self.warned and intl.collapsed(z, eig_z):
+        if self.collapsed_at is None and intl.collapsed(z, eig_z):
             warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
                        f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
                        "one direction, so the features will carry little information. Check the data (many "
                        "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
             self.info(f"warning: {warning}")
             self.append(self.path, {"step": step, "warning": warning})
-            self.warned = True
+            self.collapsed_at = step
         if step in self.plotted_steps:
             self.append(self.spectra_path, {"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()})
 
     def collapse_note(self):
-        warnings = [r for r in self.records() if "warning" in r] if self.warned else []
-        return f". Note: the embedding had collapsed at step {warnings[0]['step']} before (see the warning)" \
-            if warnings else ""
+        return "" if self.collapsed_at is None else \
+            f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)"
 
     def plot_spectra(self, path):
-        """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
-        spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in intl.read_jsonl(self.spectra_path)]
-        if spectra:
+        """spectrum.png from spectrum.jsonl."""
+        if spectra := intl.read_jsonl(self.spectra_path):
             plot_spectra(spectra, path, title=self.path.parent.name)
             self.info(f"spectrum plot: {path}")
 
-    def records(self):
-        """The logged records; none without a log."""
-        return intl.read_jsonl(self.path)
-
     def knn_result(self, step, config):
         """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
-        top1 = [r["knn_top1"] for r in self.records() if "knn_top1" in r and r["step"] == step]
+        top1 = [r["knn_top1"] for r in intl.read_jsonl(self.path) if "knn_top1" in r and r["step"] == step]
         return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
                  "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
 
     def summary(self):
         """First and last value of the main figures, read back from the log (so it spans resumes)."""
-        if not self.accelerator.is_main_process:
+        if not self.main:
             return
-        records = self.records()
+        records = intl.read_jsonl(self.path)
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
                            ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
@@ -939,43 +905,31 @@ def shown(value):
     return "rank-deficient" if value == -math.inf else f"{value:9.4f}"
 
 
-def plot_spectra(spectra, path, title, max_curves=6):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training, each divided by its
-    largest, against their index, on a log scale. Eigenvalues at the numerical floor (intl.RANK_FLOOR x the
-    largest: rank-deficient directions) are drawn on the dotted floor line, and their curve's lg IoC reads
-    "rank-deficient".
-
-    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending; title: the run.
-    """
+def plot_spectra(spectra, path, title, curves=6):
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training (records of
+    spectrum.jsonl, eigenvalues descending), each divided by its largest, on a log scale. Eigenvalues at the
+    numerical floor (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
-    at_floor = any(intl.lg_ioc(eig) == -math.inf for i in picks for eig in spectra[i][1:])
+    picks = [spectra[i] for i in sorted({round(i * (len(spectra) - 1) / max(1, curves - 1)) for i in range(curves)})]
+    at_floor = any(intl.lg_ioc(torch.tensor(r[key])) == -math.inf for r in picks for key in ("z", "z_hat"))
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
-    for colour, i in zip(colours, picks):
-        step, eig_z, eig_z_hat = spectra[i]
-        for ax, eig in zip(axes, (eig_z, eig_z_hat)):
-            normalised = (eig / eig.max()).clamp(min=intl.RANK_FLOOR) if eig.max() > 0 else torch.full_like(
-                eig, intl.RANK_FLOOR)
+    for colour, record in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
+        for ax, eig in zip(axes, (torch.tensor(record["z"]), torch.tensor(record["z_hat"]))):
+            normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
             ioc = intl.lg_ioc(eig)
             ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"step {step}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+                    label=f"step {record['step']}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
     for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
         if at_floor:
             ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
             ax.set_ylim(intl.RANK_FLOOR / 3, 3)
-        ax.set_title(name, fontsize=9)
-        ax.set(xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.tick_params(labelsize=8)
+        ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{title}: eigenvalues of the covariance over training"
-                 + (" (dotted: the numerical floor)" if at_floor else ""), fontsize=9)
+    fig.suptitle(f"{title}: eigenvalues of the covariance over training", fontsize=9)
     with intl.replacing(path) as tmp:
         fig.savefig(tmp, dpi=200)
     plt.close(fig)
@@ -1334,8 +1288,7 @@ def study_runs(config):
 
 def study_row(run_dir, result):
     """Final figures of one study run from its log, or its error."""
-    log = run_dir / "log.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+    records = intl.read_jsonl(run_dir / "log.jsonl")
     error = result.stderr.strip().splitlines()[-1] if result.returncode else ""
     # A failed run has no final figures: its last logged ones (e.g. the kNN at initialisation) would mislead.
     last = {key: None if error else next((r[key] for r in reversed(records) if key in r), None)
@@ -1344,49 +1297,41 @@ def study_row(run_dir, result):
 
 
 def plot_study(study, rows, output_dir):
+    """STUDY_study.png: lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed);
+    STUDY_study_spectra.png: the final spectra of the runs that finished."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x, label = ("power", "power p of g(l) = l^-p") if study == "power" else ("iters", "IterNorm iterations T")
+    series = [("", rows)] if study == "power" else [(f" {kind} trace loss", [r for r in rows if r["trace_loss"] == on])
+                                                    for kind, on in (("with", True), ("without", False))]
     fig, (ax_ioc, ax_knn) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    if study == "power":
-        series = [("", rows)]
-        x_key, x_label = "power", "power p of g(l) = l^-p"
-    else:
-        series = [(" with trace loss", [r for r in rows if r["trace_loss"]]),
-                  (" without trace loss", [r for r in rows if not r["trace_loss"]])]
-        x_key, x_label = "iters", "IterNorm iterations T"
     for suffix, part in series:
         ok = [r for r in part if not r["error"]]
-        ax_ioc.plot([r[x_key] for r in ok], [r["lg_ioc_z"] for r in ok], "o-", label="Z" + suffix)
-        ax_ioc.plot([r[x_key] for r in ok], [r["lg_ioc_z_hat"] for r in ok], "s--", label="Z_hat" + suffix)
-        ax_knn.plot([r[x_key] for r in ok], [r["knn_top1"] for r in ok], "o-", label="5-NN" + suffix)
+        for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
+                                     (ax_knn, "knn_top1", "o-", "5-NN")):
+            ax.plot([r[x] for r in ok], [r[key] for r in ok], style, label=name + suffix)
         for r in part:
             if r["error"]:
-                ax_knn.axvline(r[x_key], color="red", alpha=0.3)
-    ax_ioc.set(xlabel=x_label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
-    ax_knn.set(xlabel=x_label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
-    ax_ioc.legend(fontsize=8)
-    ax_knn.legend(fontsize=8)
-    with intl.replacing(output_dir / f"{study}_study.png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-    # The final spectra of every run that finished, Z and Z_hat side by side.
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+                ax_knn.axvline(r[x], color="red", alpha=0.3)
+    ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
+    ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
+    spectra_fig, spectra_axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for row in rows:
-        spectra = output_dir / row["run"] / "spectrum.jsonl"
-        if not row["error"] and spectra.exists():
-            final = intl.read_jsonl(spectra)[-1]
-            for ax, key in zip(axes, ("z", "z_hat")):
-                ax.plot(range(1, len(final[key]) + 1), [max(v, 1e-12) for v in final[key]], label=row["run"])
-    for ax, name in zip(axes, ("Z", "Z_hat")):
+        spectra = [] if row["error"] else intl.read_jsonl(output_dir / row["run"] / "spectrum.jsonl")
+        if spectra:
+            for ax, key in zip(spectra_axes, ("z", "z_hat")):
+                ax.plot(range(1, len(spectra[-1][key]) + 1), [max(v, 1e-12) for v in spectra[-1][key]], label=row["run"])
+    for ax, name in zip(spectra_axes, ("Z", "Z_hat")):
         ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
-        ax.legend(fontsize=7)
-    with intl.replacing(output_dir / f"{study}_study_spectra.png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    for figure, name in ((fig, f"{study}_study.png"), (spectra_fig, f"{study}_study_spectra.png")):
+        for ax in figure.axes:
+            ax.legend(fontsize=7)
+        with intl.replacing(output_dir / name) as tmp:
+            figure.savefig(tmp, dpi=120)
+        plt.close(figure)
 
 
 # -----------------------------------------------------------------------------
