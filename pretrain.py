@@ -325,7 +325,8 @@ def train(config, accelerator):
 def introduce(config, accelerator, log):
     """What runs where (also to the trackers), and a Hub push checked before any work."""
     accelerator.init_trackers("intl", config=hyperparameters(config))
-    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
+    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+             f"precision {accelerator.mixed_precision}")
     if warning := intl.slow_precision_warning(accelerator):
         log.info(warning)
     if config.push_to_hub and accelerator.is_main_process:
@@ -385,7 +386,8 @@ class Monitor:
             self.watch.check(self.last_good, log.collapse_note)
         if log_now:
             loss = out["loss"].item()
-            speed = (step - self.first_step) * config.batch_size * self.accelerator.num_processes / (time.time() - self.tic)
+            images = (step - self.first_step) * config.batch_size * self.accelerator.num_processes
+            speed = images / (time.time() - self.tic)
             self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
             log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / self.steps_per_epoch, "images_per_s": speed})
         if spectrum_now:
@@ -508,13 +510,13 @@ def check_config(config):
     if config.num_views + len(small_crops) < 2:
         raise ValueError(f"--num_views {config.num_views} without --small_crops: the objective compares views, "
                          "give at least 2")
-    if config.study and config.study_values is not None:
-        values = parse_floats(config.study_values, "study_values")
-        valid = all(v >= 0 for v in values) if config.study == "power" else all(v >= 1 and v == int(v) for v in values)
-        if not values or not valid:
-            raise ValueError(f"--study_values {config.study_values!r}: give " + (
-                "powers p >= 0" if config.study == "power" else "iteration counts T >= 1 (integers)")
-                + " separated by commas")
+    # Without --study_values the study's own values, which are valid.
+    values = parse_floats(config.study_values, "study_values") if config.study_values is not None else [1]
+    if config.study == "power" and not (values and min(values) >= 0):
+        raise ValueError(f"--study_values {config.study_values!r}: give powers p >= 0 separated by commas")
+    if config.study == "trace" and not (values and all(v >= 1 and v == int(v) for v in values)):
+        raise ValueError(f"--study_values {config.study_values!r}: give iteration counts T >= 1 (integers) separated "
+                         "by commas")
 
 
 def parse_floats(text, flag):
@@ -652,7 +654,7 @@ def training_loader(config, train_split, accelerator):
 
 
 # -----------------------------------------------------------------------------
-# Optimisation schedule
+# Model, optimiser and learning rate
 
 
 def build_model(config):
@@ -755,12 +757,8 @@ def save_checkpoint(accelerator, config, step, batches_per_epoch):
 
 
 def write_export(export_dir, weights, config, card=None):
-    """Write export_dir/model.safetensors + config.json (+ README.md) atomically: a reader sees the old export
-    or the new one.
-
-    weights: the backbone's state_dict (torchvision keys, no fc.*); config: JSON-able description; card: the
-    model card's text (see `model_card`).
-    """
+    """Write export_dir/model.safetensors (weights: torchvision keys, no fc.*), config.json and the model card
+    README.md atomically: a reader sees the old export or the new one."""
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = export_dir.with_name(f".tmp-{export_dir.name}"), export_dir.with_name(f".old-{export_dir.name}")
@@ -783,10 +781,7 @@ def write_export(export_dir, weights, config, card=None):
 
 
 def export_backbone(checkpoint, export_dir, config, results=None):
-    """checkpoint -> export_dir/{model.safetensors, config.json, README.md}; then --push_to_hub.
-
-    results: evaluation records for the model card (the final held-out 5-NN accuracy, when measured).
-    """
+    """checkpoint -> export_dir, with `results` (evaluation records) in its model card; then --push_to_hub."""
     export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub, license=config.license)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
     push_if_asked(export_dir, config)
@@ -1026,10 +1021,12 @@ def card_body(config, records, name, repo):
         ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
         ("dataset", "pretraining data"), ("split", "split"), ("image_size", "input size"), ("epochs_trained", "epochs"),
         ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None)
-    shown_value = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
-    table = "\n".join(["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
-        f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
-        f"{shown_value(row.get('top1'))} | {shown_value(row.get('top5'))} |" for record in records for row in record["rows"]])
+    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
+    for record in records:
+        for row in record["rows"]:
+            top1, top5 = ("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5"))
+            table.append(f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
+                         f"{top1} | {top5} |")
     kernel, stride, padding, maxpool = intl.STEMS[stem]
     stem_code = "" if stem == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
@@ -1039,7 +1036,7 @@ def card_body(config, records, name, repo):
     timm_usage = TIMM_USAGE.format(repo=repo, dim=dim) if "architecture" in config else \
         "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
     return CARD.format(name=name, arch=arch, dim=dim, recipe=recipe, resize=resize, size=size, mean=mean, std=std,
-                       table=table if records else "No evaluation results were recorded with this export.",
+                       table="\n".join(table) if records else "No evaluation results were recorded with this export.",
                        stem_code=stem_code, repo=repo, timm_usage=timm_usage, citations=CITATIONS)
 
 
@@ -1194,7 +1191,7 @@ def add_hub_arguments(group):
                        help="publish the export (weights, config, model card) to this Hub model repo")
     group.add_argument("--private", action="store_true", help="create the Hub repo private")
     group.add_argument("--license", type=str, default=None,
-                       help="the model card's license, a Hub id such as apache-2.0; None: the card says none was chosen")
+                       help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
     group.add_argument("--commit_message", type=str, default=None, help="commit message of the upload")
     group.add_argument("--revision", type=str, default=None, help="Hub branch to upload to (created if missing)")
 
@@ -1323,7 +1320,8 @@ def plot_study(study, rows, output_dir):
         spectra = [] if row["error"] else intl.read_jsonl(output_dir / row["run"] / "spectrum.jsonl")
         if spectra:
             for ax, key in zip(spectra_axes, ("z", "z_hat")):
-                ax.plot(range(1, len(spectra[-1][key]) + 1), [max(v, 1e-12) for v in spectra[-1][key]], label=row["run"])
+                final = spectra[-1][key]
+                ax.plot(range(1, len(final) + 1), [max(v, 1e-12) for v in final], label=row["run"])
     for ax, name in zip(spectra_axes, ("Z", "Z_hat")):
         ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
     for figure, name in ((fig, f"{study}_study.png"), (spectra_fig, f"{study}_study_spectra.png")):
@@ -1344,9 +1342,7 @@ def benchmark(config, accelerator):
     device = accelerator.device
     set_seed(config.seed)
     model = on_the_accelerator(build_model(config), config, device)
-    model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
-    for group in optimizer.param_groups:
-        group["lr"] = 0.01
+    model, optimizer = accelerator.prepare(model, build_optimizer(config, model))  # lr 0: the same work
     sides = [side for side, *_ in view_specs(config)]
     views = [torch.randn(config.batch_size, 3, side, side, device=device) for side in sides]
     dim = intl.parse_projector_spec(config.projector)[-1]
