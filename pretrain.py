@@ -232,8 +232,7 @@ def get_parser():
     run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     run.add_argument("--study", default=None, choices=["power", "trace"],
                      help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
-    run.add_argument("--study_values", default=None,
-                     help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8,10,12)")
+    run.add_argument("--study_values", default=None, help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8,10,12)")
     run.add_argument("--benchmark", type=int, default=0,
                      help="time N training steps on random images: step time, images/s, memory")
     add_hub_arguments(parser.add_argument_group("Hub"))
