@@ -1,16 +1,12 @@
 """Pretrain a ResNet with INTL (INTL-M, or a relative from the whitening family) on one CPU up to many GPUs.
 
     python pretrain.py --output_dir runs/digits                  # offline demo: minutes on a CPU
-    accelerate launch pretrain.py --preset cifar10 --output_dir runs/cifar10
     accelerate launch pretrain.py --preset intl-m-800ep --dataset /data/imagenet --output_dir runs/in1k
 
-The run writes into --output_dir: checkpoints/ (resumable state), log.jsonl (one JSON object per
-logged step), spectrum.png (eigenvalues of the covariance of Z and Z_hat, the paper's Fig. 3) and
-backbone/ (model.safetensors + config.json: the encoder alone, loadable into torchvision).
-
-Reading order: the presets and the flags, `main`, then `train` (the whole run in one function: data, model,
-optimiser, resume, the loop, the export) followed by its parts in the order it uses them. Below a fence: the
-export's model card and Hub upload, the `pretrain.py export` command, the paper's studies and the benchmarks.
+--output_dir receives checkpoints/ (resumable), log.jsonl, spectrum.png (the covariance spectra of Z and Z_hat, the
+paper's Fig. 3) and backbone/ (the encoder alone: model.safetensors + config.json, loadable into torchvision).
+Reading order: the presets and the flags, `main`, `train` and its parts; then the export's model card and Hub
+upload, `pretrain.py export`, the paper's studies and --benchmark.
 """
 
 import argparse
@@ -19,7 +15,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -28,15 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image as PILImage
 from PIL import ImageFilter
 from safetensors.torch import save_file
-from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
@@ -46,33 +37,10 @@ IMAGENET_MEAN, IMAGENET_STD, CIFAR_MEAN, CIFAR_STD = intl.IMAGENET_MEAN, intl.IM
 
 METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 
-# The authors' runs, value by value (README: "Presets"). A preset sets these values; any explicit flag wins.
-# Every value a recipe depends on is named, also where it equals the flag's default. What each family fixes:
-#   INTL, all: SGD momentum 0.9; warm-up 2 epochs, lr = peak x (step + 1) / warm-up steps, then a per-step cosine
-#     to 0.001 x peak; IterNorm T = 4 on axis 0, beta = 0.01 (log2(global batch) - 3); every view through encoder
-#     and projector on its own (its own BatchNorm statistics); RandomResizedCrop scale 0.08-1 bicubic, colour
-#     jitter 0.4/0.4/0.2/0.1 p 0.8, grayscale 0.2, PIL's Gaussian blur (sigma 0.1-2, not truncated), solarisation,
-#     flip.
-#   CIFAR (cifar10, cifar100; digits but for its own entry's values): the `cifar` stem (a 1-pixel zero pad,
-#     then a 3x3 stride-1 conv1, no max-pool: maps 34 -> 17 -> 9 -> 5), no zero-init of the residual BNs, weight
-#     decay on every parameter, no blur, solarisation (0, 0.2), float32; EMA momentum 0.999 for --method intl-m.
-#     cifar100 pretrains with CIFAR-100's mean / std and is evaluated with CIFAR-10's, as the authors do
-#     (--eval_mean / --eval_std, recorded in the export).
-#   ImageNet (imagenet100, imagenet-800ep, intl-m-*): no weight decay on biases and BN; blur (1.0, 0.1),
-#     solarisation (0, 0.2); zero-init of the residual BNs for ResNet-50, not for ResNet-18; fp16 autocast with a
-#     grad scaler on a GPU for imagenet-800ep and intl-m-* (float32 on a CPU). intl-m-*: EMA target (m 0.996
-#     raised to 1 by a cosine, updated with m(step) before each step's forward), multi-crop 2 x 224 at scale 0.2-1
-#     plus 192, 160, 128, 96 px crops, blur 0.5 and solarisation 0.1 on every crop.
-#   CW-RGP, small data: Adam with weight decay on every parameter, 500 warm-up steps, then x0.2 at 50 and 25 epochs
-#     before the end; 4 views; colour jitter 0.4/0.4/0.4/0.1 p 0.8 and grayscale 0.1 on the whole image, then
-#     RandomResizedCrop scale 0.2-1 bicubic and flip (this order needs --augment_on cpu, the default here); no blur,
-#     no solarisation; projector hidden layers with a bias, 4 groups, whitening sub-batch 64 (Tiny: 2 / 128);
-#     zero-init on; per-dataset mean / std; STL-10 is evaluated on Resize(70) + CenterCrop(64).
-#   CW-RGP, ImageNet: SGD momentum 0.9, weight decay on every parameter, 500 warm-up steps, then a cosine per epoch
-#     to 0; 4 views, RandomResizedCrop scale 0.2-1 bilinear, jitter 0.4/0.4/0.4/0.1, grayscale 0.2, blur 0.5 on
-#     every view, no solarisation; 2 groups, sub-batch 128.
-#   CW-RGP, both: as in the authors' code, the encoder runs once per view and the projector once on all views
-#     together (its BatchNorm sees the V x B embeddings as one batch).
+# The authors' runs, value by value (README: "Presets"; PAPER_NOTES.md section 11). A preset sets these values and
+# any explicit flag wins; every value a recipe depends on is named, also where it equals the flag's default. Not
+# visible in the values: INTL's lr warms up as peak x (step + 1) / warm-up steps, then follows a per-step cosine to
+# 0.001 x peak; intl-m's EMA momentum rises to 1 by a cosine; CW-RGP's projector sees all views as one batch.
 _INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops="",
              min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter="0.4,0.4,0.2,0.1",
              grayscale_prob=0.2, blur_prob="1.0,0.1", solarize_prob="0.0,0.2", optimizer="sgd", schedule="cosine",
@@ -98,9 +66,8 @@ _CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", 
                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
 PRESETS = {
     # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
-    # Its blocks start as identities (zero-init): a random ResNet-18 already separates digits (held-out 5-NN 95%
-    # at 16 px), the zero-initialised one much less (53%), so the 5-NN's rise shows what INTL learned. Measured on
-    # 2 cores: 9-11 minutes, peak 1.3-1.7 GB, held-out 5-NN 21.7% -> 83.3% (epoch 5) -> 92.2% (epoch 20).
+    # Its blocks start as identities (zero-init): a random ResNet-18 already separates digits, a zero-initialised
+    # one much less, so the 5-NN's rise shows what INTL learned.
     "digits": dict(_CIFAR, dataset="digits", stem="imagenet", zero_init_residual=True, projector="512-512-512",
                    batch_size=128, epochs=20, momentum=0.99, mean=IMAGENET_MEAN, std=IMAGENET_STD, knn_every=5,
                    spectrum_every=20, num_workers=2),
@@ -135,11 +102,11 @@ PRESETS = {
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "compile", "log_every",
-               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "benchmark_augment", "study",
+               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
                "study_values", "push_to_hub", "private", "license", "commit_message", "revision", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
-PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark",
-               "benchmark_augment", "study", "study_values", "overwrite"}
+PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark", "study",
+               "study_values", "overwrite"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.jsonl")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
@@ -148,175 +115,127 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
           "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)",
           "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
-          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "benchmark_augment": "[0, inf)",
+          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)",
           "grayscale_prob": "[0, 1]", "eval_mean": "(-inf, inf)", "eval_std": "(0, inf)", "eval_resize": "[1, inf)",
           "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, but for flags off by default (None, False, ""): their help says what they do then."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34)
+
+    def _get_help_string(self, action):
+        off = action.default is None or action.default is False or action.default == ""
+        return action.help if off else super()._get_help_string(action)
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description="INTL self-supervised pretraining", allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="an official recipe (README table); without it and without --dataset: digits")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and augmentations")
+                                     usage="%(prog)s [--preset NAME] [--dataset DATASET] [--output_dir DIR] [flags]",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
+                        help=f"an authors' recipe: {', '.join(sorted(PRESETS))}; without it and --dataset: digits")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and the augmentations")
 
-    # Data
-    parser.add_argument("--dataset", type=str, default=None,
-                        help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
-    parser.add_argument("--split", type=str, default="train", help="split to pretrain on")
-    parser.add_argument("--eval_split", type=str, default="test",
-                        help="held-out split for the online kNN monitor (used when the data has labels)")
-    parser.add_argument("--image_column", type=str, default=None, help="image column (default: detected)")
-    parser.add_argument("--label_column", type=str, default=None, help="label column (default: detected)")
-    parser.add_argument("--image_size", type=int, default=224, help="side of the two large crops, in pixels")
-    parser.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop scale lower bound")
-    parser.add_argument("--crop_interpolation", type=str, default="bicubic", choices=["bicubic", "bilinear"],
-                        help="resampling of RandomResizedCrop (INTL: bicubic; CW-RGP ImageNet: bilinear)")
-    parser.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
-                        help="colour jitter and grayscale on the whole image, then the crop (CW-RGP's small-data "
-                             "order; needs --augment_on cpu); default: crop first (BYOL order)")
-    parser.add_argument("--jitter", type=str, default="0.4,0.4,0.2,0.1",
-                        help="colour jitter strengths: brightness, contrast, saturation, hue (applied with p 0.8)")
-    parser.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of converting a view to gray")
-    parser.add_argument("--small_crops", type=str, default="",
-                        help="multi-crop: sides of extra small crops, e.g. '192,160,128,96'; a crop of side s "
-                             "takes scales (min_scale * s / image_size, s / image_size)")
-    parser.add_argument("--blur_prob", type=str, default="1.0,0.1",
-                        help="Gaussian blur probability of view 1, view 2 (and every small crop, the second value)")
-    parser.add_argument("--solarize_prob", type=str, default="0.0,0.2",
-                        help="solarisation probability of view 1, view 2 (and every small crop, the second value)")
-    parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="input normalisation mean (RGB)")
-    parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="input normalisation std (RGB)")
-    parser.add_argument("--eval_mean", type=float, nargs=3, default=None,
-                        help="normalisation mean of un-augmented inputs (kNN monitor, the export's config); "
-                             "default: --mean")
-    parser.add_argument("--eval_std", type=float, nargs=3, default=None,
-                        help="normalisation std of un-augmented inputs; default: --std")
-    parser.add_argument("--eval_resize", type=int, default=None,
-                        help="side un-augmented inputs are resized to before the centre crop of --image_size "
-                             "(default: image_size / 0.875 from 128 px up, else image_size; CW-RGP STL-10: 70)")
-    parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
-    parser.add_argument("--augment_on", type=str, default="cpu", choices=["cpu", "device"],
-                        help="cpu: the whole augmentation per image in the workers (PIL); device: workers decode, "
-                             "crop and flip, colour jitter / grayscale / blur / solarise run batched on the device "
-                             "(for machines with few CPU cores per GPU)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=None,
+                      help="a Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or 'digits'")
+    data.add_argument("--split", default="train", help="split to pretrain on")
+    data.add_argument("--eval_split", default="test", help="held-out split of the 5-NN monitor")
+    data.add_argument("--image_column", default=None, help="image column; None: detected")
+    data.add_argument("--label_column", default=None, help="label column; None: detected")
+    data.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
+    data.add_argument("--image_size", type=int, default=224, help="side of the large crops, in pixels")
+    data.add_argument("--num_views", type=int, default=2, help="large crops per image (CW-RGP: 4)")
+    data.add_argument("--small_crops", default="", help="multi-crop: sides of extra small crops, e.g. 192,160,128,96; "
+                      "side s takes the scales (min_scale, 1) x s / image_size")
+    data.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop's smallest scale")
+    data.add_argument("--crop_interpolation", default="bicubic", choices=["bicubic", "bilinear"],
+                      help="RandomResizedCrop's resampling")
+    data.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
+                      help="colour jitter and grayscale on the whole image, then the crop (CW-RGP, small data)")
+    data.add_argument("--jitter", default="0.4,0.4,0.2,0.1",
+                      help="colour jitter (p 0.8): brightness, contrast, saturation, hue")
+    data.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of a gray view")
+    data.add_argument("--blur_prob", default="1.0,0.1", help="blur probability of view 1, of the others")
+    data.add_argument("--solarize_prob", default="0.0,0.2", help="solarisation probability of view 1, of the others")
+    data.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (RGB)")
+    data.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (RGB)")
+    data.add_argument("--eval_mean", type=float, nargs=3, default=None,
+                      help="mean of un-augmented inputs (5-NN monitor, export); None: --mean")
+    data.add_argument("--eval_std", type=float, nargs=3, default=None, help="their std; None: --std")
+    data.add_argument("--eval_resize", type=int, default=None,
+                      help="their side before the centre crop; None: image_size / 0.875 from 128 px, else image_size")
 
-    # Model
-    parser.add_argument("--arch", type=str, default="resnet50", choices=intl.RESNETS, help="encoder")
-    parser.add_argument("--stem", type=str, default="imagenet", choices=list(intl.STEMS),
-                        help="first layers: imagenet (torchvision's 7x7 conv + max-pool); cifar (INTL's CIFAR "
-                             "network: 1-pixel zero pad + 3x3 stride-1 conv, no max-pool); cifar-unpadded "
-                             "(CW-RGP's CIFAR network); small-maxpool (CW-RGP's STL-10 / Tiny-ImageNet network)")
-    parser.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
-                        help="start every residual block as the identity (default: on for ResNet-50 and larger, "
-                             "off for ResNet-18/34, as in INTL's runs)")
-    parser.add_argument("--projector", type=str, default="8192-8192-8192", help="projector layer widths")
-    parser.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False,
-                        help="a bias in the projector's hidden Linear layers (CW-RGP's projector)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="resnet50", choices=intl.RESNETS, help="encoder")
+    model.add_argument("--stem", default="imagenet", choices=list(intl.STEMS),
+                       help="first layers (README: Presets): torchvision's, INTL's CIFAR network, CW-RGP's")
+    model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
+                       help="start every residual block as the identity; None: for ResNet-50 and larger")
+    model.add_argument("--projector", default="8192-8192-8192", help="projector layer widths")
+    model.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False,
+                       help="a bias in the projector's hidden layers (CW-RGP)")
 
-    # Method
-    parser.add_argument("--method", type=str, default="intl", choices=METHODS,
-                        help="intl: IterNorm + trace loss; intl-m: with an EMA target encoder and projector; "
-                             "st: eigendecomposition ST g(l) = l^-power with the alignment loss (+ trace loss with --beta); "
-                             "cw-rgp: channel whitening with random group partition; wmse: Cholesky whitening")
-    parser.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
-    parser.add_argument("--coupled", action="store_true",
-                        help="IterNorm's coupled Newton-Schulz form: the same iterates, numerically stable at large T "
-                             "(default: the paper's form)")
-    parser.add_argument("--axis", type=int, default=0, choices=[0, 1],
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", default="intl", choices=METHODS,
+                        help="intl: IterNorm + trace loss; intl-m: with an EMA target; st: g(l) = l^-power; cw-rgp: "
+                             "channel whitening, random groups; wmse: Cholesky whitening")
+    method.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
+    method.add_argument("--coupled", action="store_true", help="IterNorm's coupled form, stable at large T")
+    method.add_argument("--axis", type=int, default=0, choices=[0, 1],
                         help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
-    parser.add_argument("--beta", type=float, default=None,
-                        help="trace-loss weight (default: 0.01 * (log2(global batch) - 3), log2(D) on axis 1; "
-                             "st: 0, no trace loss)")
-    parser.add_argument("--momentum", type=float, default=0.996,
-                        help="intl-m: EMA momentum at step 0, raised to 1 by a cosine")
-    parser.add_argument("--power", type=float, default=0.5, help="st: the power p of g(l) = l^-p (0.5 = whitening)")
-    parser.add_argument("--groups", type=int, default=4, help="cw-rgp: channel groups whitened separately")
-    parser.add_argument("--w_size", type=int, default=64,
-                        help="cw-rgp, wmse: whitening sub-batch size (must divide the global batch)")
-    parser.add_argument("--w_iter", type=int, default=1,
-                        help="cw-rgp, wmse: repeats with fresh random sub-batches and permutations")
-    parser.add_argument("--w_eps", type=float, default=0.0,
-                        help="eps I added to the covariance before its eigendecomposition / Cholesky (cw-rgp, wmse); "
-                             "st: eps x its mean eigenvalue")
-    parser.add_argument("--pair_loss", type=str, default="normalized", choices=["normalized", "squared"],
-                        help="cw-rgp: 2 - 2 cos between whitened views (normalised MSE) or their squared distance")
-    parser.add_argument("--cov_weight", type=float, default=0.0,
-                        help="cw-rgp: weight of the optional covariance term on the un-whitened embeddings")
-    parser.add_argument("--cov_epochs", type=int, default=0, help="cw-rgp: epochs the covariance term is applied for")
-    parser.add_argument("--num_views", type=int, default=2,
-                        help="large crops per image (CW-RGP uses 2 or 4); views after the first use the second "
-                             "blur/solarise probability")
+    method.add_argument("--beta", type=float, default=None,
+                        help="trace-loss weight; None: 0.01 (log2(global batch) - 3), log2(D) on axis 1, 0 for st")
+    method.add_argument("--momentum", type=float, default=0.996, help="intl-m: EMA momentum, raised to 1 by a cosine")
+    method.add_argument("--power", type=float, default=0.5, help="st: the power p (0.5: whitening)")
+    method.add_argument("--groups", type=int, default=4, help="cw-rgp: channel groups")
+    method.add_argument("--w_size", type=int, default=64, help="cw-rgp, wmse: whitening sub-batch size")
+    method.add_argument("--w_iter", type=int, default=1, help="cw-rgp, wmse: repeats with fresh sub-batches")
+    method.add_argument("--w_eps", type=float, default=0.0,
+                        help="eps I added to the covariance (cw-rgp, wmse); st: eps x its mean eigenvalue")
+    method.add_argument("--pair_loss", default="normalized", choices=["normalized", "squared"],
+                        help="cw-rgp: 2 - 2 cos between whitened views, or their squared distance")
+    method.add_argument("--cov_weight", type=float, default=0.0, help="cw-rgp: weight of the covariance term")
+    method.add_argument("--cov_epochs", type=int, default=0, help="cw-rgp: epochs with the covariance term")
 
-    # Optim
-    parser.add_argument("--epochs", type=int, default=800, help="training epochs")
-    parser.add_argument("--batch_size", type=int, default=256, help="batch per process (global = x processes)")
-    parser.add_argument("--lr", type=float, default=0.3, help="base learning rate, scaled by global batch / 256")
-    parser.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
-    parser.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
-                        help="weight decay on every parameter (CIFAR and CW-RGP recipes); default: none on biases "
-                             "and normalisation parameters (INTL's ImageNet recipes)")
-    parser.add_argument("--warmup_epochs", type=float, default=2,
-                        help="linear warm-up: lr = peak x (step + 1) / warm-up steps")
-    parser.add_argument("--warmup_steps", type=int, default=None,
-                        help="the warm-up in steps instead of epochs (CW-RGP: 500)")
-    parser.add_argument("--optimizer", type=str, default="sgd", choices=["sgd", "adam"],
-                        help="sgd: momentum 0.9 (INTL recipes); adam (CW-RGP small-data recipes)")
-    parser.add_argument("--schedule", type=str, default="cosine", choices=["cosine", "cosine-epoch", "step"],
-                        help="after the warm-up, cosine: per step to 0.001 x peak (INTL); cosine-epoch: per epoch "
-                             "to 0 (CW-RGP ImageNet); step: x0.2 at 50 and 25 epochs before the end (CW-RGP small "
-                             "data)")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                        help="autocast precision (default: Accelerate's config); fp16 falls back to no on CPU "
-                             "when it comes from a preset")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the encoder and projector with torch.compile: the first steps take minutes, "
-                             "the later ones less time; the same loss up to rounding")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=800, help="training epochs")
+    optim.add_argument("--batch_size", type=int, default=256, help="batch per process")
+    optim.add_argument("--lr", type=float, default=0.3, help="learning rate for a global batch of 256 (scaled)")
+    optim.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
+    optim.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
+                       help="weight decay on biases and normalisation parameters too")
+    optim.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: momentum 0.9")
+    optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"],
+                       help="after the warm-up (see learning_rate)")
+    optim.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
+    optim.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
+    optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                       help="autocast; None: Accelerate's config. A preset's fp16 is no on a CPU")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the encoder and projector")
 
-    # Checkpoints
-    parser.add_argument("--output_dir", type=str, default=None, help="where checkpoints, logs and exports go")
-    parser.add_argument("--save_every", type=int, default=1000, help="save a checkpoint every N steps (and each epoch)")
-    parser.add_argument("--keep", type=int, default=2, help="keep the last K checkpoints")
-    parser.add_argument("--resume", type=str, default=None,
-                        help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
-    parser.add_argument("--export_only", action="store_true",
-                        help="export the backbone of the --resume checkpoint to OUTPUT_DIR/backbone and exit")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="let a new run (or --export_only, or a study) replace what an earlier run left in "
-                             "--output_dir: its checkpoints/, log.jsonl, backbone/ and spectrum files are deleted "
-                             "first. Without it such a folder is refused")
-    parser.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
-                        help="publish the exported backbone (weights, config, model card) to this Hub model repo")
-    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
-    parser.add_argument("--license", type=str, default=None,
-                        help="the model card's license, a Hub id such as apache-2.0 (default: the card says that "
-                             "none was chosen)")
-    parser.add_argument("--commit_message", type=str, default=None, help="with --push_to_hub: the commit message")
-    parser.add_argument("--revision", type=str, default=None, help="with --push_to_hub: the branch to push to")
-    parser.add_argument("--stop_after_steps", type=int, default=None,
-                        help="save and stop after this many steps; the schedule still spans all epochs")
-
-    # Logging
-    parser.add_argument("--report_to", type=str, default="none", choices=["none", "tensorboard", "wandb"],
-                        help="experiment tracker (through Accelerate)")
-    parser.add_argument("--log_every", type=int, default=10, help="log loss and learning rate every N steps")
-    parser.add_argument("--spectrum_every", type=int, default=100,
-                        help="log the spectrum of Z and Z_hat (lg IoC, effective rank) every N steps")
-    parser.add_argument("--knn_every", type=int, default=0,
-                        help="5-NN accuracy on the held-out split every N epochs, at start and end (0: never)")
-    parser.add_argument("--study", type=str, default=None, choices=["power", "trace"],
-                        help="the paper's experiments: 'power' trains --method st for each p in --study_values "
-                             "(Fig. 2); 'trace' trains IterNorm with and without the trace loss for each T (Fig. 3). "
-                             "On the digits default each run lasts 5 epochs and the power study uses --w_eps 1e-3 "
-                             "unless those flags are given")
-    parser.add_argument("--study_values", type=str, default=None,
-                        help="comma-separated p (power study, default 0,0.25,0.5,0.75,1,1.25,1.5) or T (trace "
-                             "study, default 1,2,4,6,8,10,12)")
-    parser.add_argument("--benchmark", type=int, default=0,
-                        help="time N training steps on random images and print throughput and memory; no data")
-    parser.add_argument("--benchmark_augment", type=int, default=0,
-                        help="time the two augmentation paths on N generated 500 x 375 JPEGs and print images/s")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default=None, help="checkpoints, log, spectrum plot and export")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --output_dir")
+    run.add_argument("--resume", default=None, help="'latest' (in --output_dir) or a checkpoint folder")
+    run.add_argument("--export_only", action="store_true", help="export --resume's backbone and exit")
+    run.add_argument("--stop_after_steps", type=int, default=None, help="save and stop after N steps")
+    run.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps and each epoch")
+    run.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    run.add_argument("--log_every", type=int, default=10, help="log the loss every N steps")
+    run.add_argument("--spectrum_every", type=int, default=100, help="log the spectrum of Z and Z_hat every N steps")
+    run.add_argument("--knn_every", type=int, default=0, help="held-out 5-NN accuracy every N epochs (0: never)")
+    run.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"], help="tracker")
+    run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
+    run.add_argument("--study", default=None, choices=["power", "trace"],
+                     help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
+    run.add_argument("--study_values", default=None, help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8,10,12)")
+    run.add_argument("--benchmark", type=int, default=0,
+                     help="time N training steps on random images: step time, images/s, memory")
+    add_hub_arguments(parser.add_argument_group("Hub"))
     return parser
 
 
@@ -328,6 +247,7 @@ def main(argv=None):
         return print(json.dumps(vars(config), indent=2))
     if config.export_only:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
+        intl.lock_output_dir(config.output_dir)
         intl.refuse_to_replace(config.output_dir, ["backbone"], config.overwrite)
         return export_backbone(checkpoint, Path(config.output_dir) / "backbone", config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -335,8 +255,6 @@ def main(argv=None):
                               project_dir=config.output_dir)
     if config.benchmark:
         return benchmark(config, accelerator)
-    if config.benchmark_augment:
-        return benchmark_augment(config, accelerator)
     if config.study:
         return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
     train(config, accelerator)
@@ -348,112 +266,144 @@ def train(config, accelerator):
     log = Logger(output_dir, accelerator)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
     intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, log.info)
-    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-             f"precision {accelerator.mixed_precision}")
-    if warning := intl.slow_precision_warning(accelerator):
-        log.info(warning)
-    if config.push_to_hub and accelerator.is_main_process:
-        log.info(f"the export will be pushed to {config.push_to_hub} as {check_hub_access(config.push_to_hub, config.private)}")
-    recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
-    log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
-             f"{config.batch_size * accelerator.num_processes}, {config.epochs} epoch{'s' * (config.epochs != 1)}")
+    introduce(config, accelerator, log)
 
-    # Data: augmented views of the training split, seeded per (epoch, sample) so a resume replays them.
+    # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
     train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column,
                                         accelerator)
-    global_batch = config.batch_size * accelerator.num_processes
-    sampler, loader = training_loader(config, train_split, accelerator)
-    steps_per_epoch = sampler.batches_per_epoch
-    knn_data = knn_splits(config, accelerator, train_split)
+    loader = training_loader(config, train_split, accelerator)
+    monitor = Monitor(config, accelerator, log, knn_splits(config, accelerator, train_split), loader)
+    steps_per_epoch, total_steps = monitor.steps_per_epoch, monitor.total_steps
 
     # Model: built from the same seed on every process, then seeded per process for everything else.
     set_seed(config.seed)
     model = on_the_accelerator(intl.sync_batchnorm(build_model(config), accelerator), config, accelerator.device)
     set_seed(config.seed, device_specific=True)
-
-    # Optim: SGD or Adam, weight decay on every parameter or not on biases and normalisation parameters.
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
-    peak_lr = config.lr * global_batch / 256
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = config.warmup_steps if config.warmup_steps is not None else \
-        round(config.warmup_epochs * steps_per_epoch)
-    log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
+    peak_lr = config.lr * config.batch_size * accelerator.num_processes / 256
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch) if config.warmup_steps is None else config.warmup_steps
 
     # Resume: model, optimiser and RNG states, the step, and the log up to that step.
-    step, last_good = 0, None  # last_good: the newest checkpoint (maybe in another folder), or none yet
-    if config.resume:
-        last_good, step = resume(config, accelerator, output_dir, log)
-    else:
+    log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
+    step, last_good = resume(config, accelerator, output_dir, log) if config.resume else (0, None)
+    if not config.resume:
         log.start()
-    accelerator.init_trackers("intl", config=hyperparameters(config))
-    log.info(f"{len(train_split.dataset)} training images, global batch {global_batch}, "
-             f"{steps_per_epoch} steps per epoch, {total_steps} steps, peak lr {peak_lr:.4g}")
-    note_batch_differs_from_recipe(config, global_batch, accelerator, log)
-    if knn_data and step == 0:
-        log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone, knn_data, accelerator)})
+    log.info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
+             f"peak lr {peak_lr:.4g}")
+    monitor.start(step, last_good, model)
 
-    # The loop. After every step, in one place: logging, the spectrum, the kNN monitor, checkpoints.
-    stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
-    progress = tqdm(total=stop_at, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     model.train()
-    tic, images_seen = time.time(), 0
-    watch = NonFiniteWatch(accelerator.device)
     try:
-        for epoch in range(step // steps_per_epoch, config.epochs):
-            sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-            for batch in loader:
-                intl.stop_if_interrupted()
-                lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
-                    accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
-                views = training_views(batch, config, accelerator.device)
-                # The sub-batch methods draw their partitions from the step (alike on every process); epoch ends
-                # CW-RGP's covariance term. INTL takes the views only.
-                out = model(views, step=step, epoch=epoch) if config.method in ("cw-rgp", "wmse") else model(views)
-                watch.record(out["loss"], step)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(out["loss"])
-                optimizer.step()
-                step += 1
-                images_seen += global_batch
-                progress.update(1)
-
-                # The host reads the device only here: at these steps, whether a loss was non-finite comes first.
-                epoch_end = step % steps_per_epoch == 0
-                log_now, spectrum_now = step % config.log_every == 0, step % config.spectrum_every == 0
-                save_now = step % config.save_every == 0 or epoch_end or step == stop_at
-                if log_now or spectrum_now or save_now or step == total_steps:
-                    watch.check(last_good, log.collapse_note)
-                if log_now:
-                    loss = out["loss"].item()
-                    speed = images_seen / (time.time() - tic)
-                    progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
-                    log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / steps_per_epoch, "images_per_s": speed})
-                if spectrum_now or step == total_steps:
-                    log.spectrum(step, out["z"], out["z_hat"], config.axis)
-                if epoch_end and knn_data and ((epoch + 1) % config.knn_every == 0 or step == total_steps):
-                    log.metrics(step, {"knn_top1": knn_accuracy(accelerator.unwrap_model(model).backbone,
-                                                                knn_data, accelerator)})
-                if save_now:
-                    last_good = save_checkpoint(accelerator, config, step, steps_per_epoch, output_dir)
-                if step == stop_at:
-                    break
-            if step == stop_at:
-                break
+        for epoch, batch in batches(loader, step, monitor.stop_at):
+            intl.stop_if_interrupted()
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if config.method == "intl-m":  # the target moves before the step's forward, with m(step)
+                accelerator.unwrap_model(model).update_target(intl.ema_momentum(step, total_steps, config.momentum))
+            views = [v.to(accelerator.device, non_blocking=True) for v in batch[0]]
+            # The sub-batch methods draw their partitions from the step (alike on every process); epoch ends
+            # CW-RGP's covariance term. INTL takes the views only.
+            out = model(views, step=step, epoch=epoch) if config.method in ("cw-rgp", "wmse") else model(views)
+            monitor.watch.record(out["loss"], step)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out["loss"])
+            optimizer.step()
+            step += 1
+            monitor.after_step(step, out, lr, model)
     except KeyboardInterrupt:
-        raise intl.Interrupted(intl.interrupted_message(f"step {step}", last_good)) from None
+        raise intl.Interrupted(intl.interrupted_message(f"step {step}", monitor.last_good)) from None
     finally:
-        progress.close()  # before any error message, so that the message is the last line
+        monitor.progress.close()  # before any error message, so that the message is the last line
 
     # Export: the backbone alone, the spectrum plot and the summary, once the last step is done.
     if step == total_steps:
         if accelerator.is_main_process:
-            export_backbone(last_good, output_dir / "backbone", config, log.knn_result(step, config))
+            export_backbone(monitor.last_good, output_dir / "backbone", config, log.knn_result(step, config))
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
     accelerator.end_training()
+
+
+def introduce(config, accelerator, log):
+    """What runs where (also to the trackers), and a Hub push checked before any work."""
+    accelerator.init_trackers("intl", config=hyperparameters(config))
+    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+             f"precision {accelerator.mixed_precision}")
+    if warning := intl.slow_precision_warning(accelerator):
+        log.info(warning)
+    if config.push_to_hub and accelerator.is_main_process:
+        log.info(f"the export will be pushed to {config.push_to_hub} as "
+                 f"{check_hub_access(config.push_to_hub, config.private)}")
+    recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
+    global_batch = config.batch_size * accelerator.num_processes
+    log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
+             f"{global_batch}, {config.epochs} epoch{'s' * (config.epochs != 1)}")
+    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
+    if recipe_batch and global_batch != recipe_batch:
+        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
+                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
+                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
+
+
+def batches(loader, step, stop_at):
+    """(epoch, batch) from `step` to `stop_at`: each epoch in its own order, a resumed one without its done batches."""
+    per_epoch = loader.sampler.batches_per_epoch
+    while step < stop_at:
+        loader.sampler.set_epoch(step // per_epoch, start_batch=step % per_epoch)
+        for batch in loader:
+            yield step // per_epoch, batch
+            step += 1
+            if step == stop_at:
+                return
+
+
+class Monitor:
+    """After every step, in one place: the non-finite check, the log, the spectrum, the 5-NN monitor, checkpoints.
+    The host reads the device only at the steps that log or save, and first asks whether a loss was non-finite."""
+
+    def __init__(self, config, accelerator, log, knn_data, loader):
+        self.config, self.accelerator, self.log, self.knn_data = config, accelerator, log, knn_data
+        self.steps_per_epoch = loader.sampler.batches_per_epoch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_at = min(self.total_steps, config.stop_after_steps or self.total_steps)
+        self.watch = NonFiniteWatch(accelerator.device)
+
+    def start(self, step, last_good, model):
+        """The progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
+        self.last_good = last_good  # the newest checkpoint (maybe in another folder), or none yet
+        if self.knn_data and step == 0:
+            self.knn(step, model)
+        self.progress = tqdm(total=self.stop_at, initial=step, disable=not self.accelerator.is_main_process,
+                             desc="pretrain")
+        self.first_step, self.tic = step, time.time()
+
+    def after_step(self, step, out, lr, model):
+        config, log = self.config, self.log
+        self.progress.update(1)
+        epoch_end = step % self.steps_per_epoch == 0
+        log_now = step % config.log_every == 0
+        spectrum_now = step % config.spectrum_every == 0 or step == self.total_steps
+        save_now = step % config.save_every == 0 or epoch_end or step == self.stop_at
+        if log_now or spectrum_now or save_now:
+            self.watch.check(self.last_good, log.collapse_note)
+        if log_now:
+            loss = out["loss"].item()
+            images = (step - self.first_step) * config.batch_size * self.accelerator.num_processes
+            speed = images / (time.time() - self.tic)
+            self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
+            log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / self.steps_per_epoch, "images_per_s": speed})
+        if spectrum_now:
+            log.spectrum(step, out["z"], out["z_hat"], config.axis)
+        epochs_done = step // self.steps_per_epoch
+        if epoch_end and self.knn_data and (epochs_done % config.knn_every == 0 or step == self.total_steps):
+            self.knn(step, model)
+        if save_now:
+            self.last_good = save_checkpoint(self.accelerator, config, step, self.steps_per_epoch)
+
+    def knn(self, step, model):
+        backbone = self.accelerator.unwrap_model(model).backbone
+        self.log.metrics(step, {"knn_top1": knn_accuracy(backbone, self.knn_data, self.accelerator)})
 
 
 class NonFiniteWatch:
@@ -479,15 +429,8 @@ class NonFiniteWatch:
                 "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note())
 
 
-def training_views(batch, config, device):
-    """A loader batch -> the V views [B, 3, H_v, W_v] on the device (augmented there with --augment_on device)."""
-    if config.augment_on == "device":
-        return device_views(batch[0], batch[1], config, device)
-    return [v.to(device, non_blocking=True) for v in batch[0]]
-
-
 def resume(config, accelerator, output_dir, log):
-    """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its folder, its step)."""
+    """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its step, its folder)."""
     def check_state(checkpoint, state):
         if not isinstance(state.get("step"), int):
             raise ValueError(f"{checkpoint / 'trainer_state.json'} holds no step count: the file is damaged; "
@@ -501,15 +444,7 @@ def resume(config, accelerator, output_dir, log):
                                              say=log.info)
     log.truncate_after(state["step"])
     log.info(f"resumed from {checkpoint} at step {state['step']}")
-    return checkpoint, state["step"]
-
-
-def note_batch_differs_from_recipe(config, global_batch, accelerator, log):
-    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
-    if recipe_batch and global_batch != recipe_batch:
-        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
-                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
-                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
+    return state["step"], checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -521,7 +456,7 @@ def resolve_config(argv=None):
     parser = get_parser()
     config = parser.parse_args(argv)
     explicit = intl.explicit_flags(parser, argv)
-    preset = config.preset or (None if config.dataset or config.benchmark or config.benchmark_augment else "digits")
+    preset = config.preset or (None if config.dataset or config.benchmark else "digits")
     if preset:
         for key, value in PRESETS[preset].items():
             if key not in explicit:
@@ -539,7 +474,7 @@ def resolve_config(argv=None):
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
     if config.dataset is None and config.preset not in (None, "digits") and not (
-            config.print_config or config.benchmark or config.benchmark_augment):
+            config.print_config or config.benchmark):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
                          "folder or a Hub dataset id")
     config.mean, config.std = tuple(config.mean), tuple(config.std)
@@ -548,7 +483,7 @@ def resolve_config(argv=None):
 
 
 def check_config(config):
-    if config.output_dir is None and not (config.print_config or config.benchmark or config.benchmark_augment):
+    if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     if not (isinstance(config.batch_size, int) and config.batch_size >= 2):
         raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
@@ -567,9 +502,6 @@ def check_config(config):
     if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
         raise ValueError(f"--jitter {config.jitter!r}: give brightness, contrast, saturation and hue strengths, "
                          "e.g. '0.4,0.4,0.2,0.1' (each >= 0, hue <= 0.5)")
-    if config.colour_before_crop and config.augment_on == "device":
-        raise ValueError("--colour_before_crop jitters the whole image before the crop, which the device path "
-                         "(crops in the workers, colour on the device) cannot do: use --augment_on cpu")
     for flag in ("blur_prob", "solarize_prob"):
         probs = parse_floats(getattr(config, flag), flag)
         if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
@@ -581,13 +513,13 @@ def check_config(config):
     if config.num_views + len(small_crops) < 2:
         raise ValueError(f"--num_views {config.num_views} without --small_crops: the objective compares views, "
                          "give at least 2")
-    if config.study and config.study_values is not None:
-        values = parse_floats(config.study_values, "study_values")
-        valid = all(v >= 0 for v in values) if config.study == "power" else all(v >= 1 and v == int(v) for v in values)
-        if not values or not valid:
-            raise ValueError(f"--study_values {config.study_values!r}: give " + (
-                "powers p >= 0" if config.study == "power" else "iteration counts T >= 1 (integers)")
-                + " separated by commas")
+    # Without --study_values the study's own values, which are valid.
+    values = parse_floats(config.study_values, "study_values") if config.study_values is not None else [1]
+    if config.study == "power" and not (values and min(values) >= 0):
+        raise ValueError(f"--study_values {config.study_values!r}: give powers p >= 0 separated by commas")
+    if config.study == "trace" and not (values and all(v >= 1 and v == int(v) for v in values)):
+        raise ValueError(f"--study_values {config.study_values!r}: give iteration counts T >= 1 (integers) separated "
+                         "by commas")
 
 
 def parse_floats(text, flag):
@@ -708,8 +640,8 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
 
 
 def training_loader(config, train_split, accelerator):
-    """This process's share of every global batch, augmented: (sampler, DataLoader). The loader is not passed
-    through accelerator.prepare: the sampler already shards, and its (epoch, index) keys seed the augmentations."""
+    """This process's share of every global batch, augmented. The loader is not passed through accelerator.prepare:
+    its ShardedEpochSampler already shards, and its (epoch, index) keys seed the augmentations."""
     sampler = ShardedEpochSampler(len(train_split.dataset), config.batch_size, accelerator.num_processes,
                                   accelerator.process_index, config.seed)
     if sampler.batches_per_epoch == 0:
@@ -717,210 +649,15 @@ def training_loader(config, train_split, accelerator):
                          f"{config.batch_size * accelerator.num_processes} (--batch_size {config.batch_size} x "
                          f"{accelerator.num_processes} process(es)): give --batch_size "
                          f"{len(train_split.dataset) // accelerator.num_processes} or less")
-    if config.augment_on == "device":
-        train_data = CroppedViews(train_split, view_specs(config), config.seed, parse_floats(config.jitter, "jitter"),
-                                  config.grayscale_prob, config.crop_interpolation)
-    else:
-        train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
-    return sampler, torch.utils.data.DataLoader(
+    train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
+    return torch.utils.data.DataLoader(
         train_data, batch_size=config.batch_size,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0, drop_last=True)
 
 
 # -----------------------------------------------------------------------------
-# Augmentations split in two (--augment_on device): the per-file part in the data loader workers,
-# the photometric part batched on the training device, vectorised over per-sample parameters.
-#
-# The papers' pipeline costs most of its time in colour jitter and blur, per image, on the CPU;
-# here the workers only decode, crop and flip (uint8), and draw each sample's photometric
-# parameters from the same per-sample seed, so a resumed run still replays every augmentation.
-
-# Columns of the per-sample parameter vector drawn by `draw_photometric`.
-JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = 0, 1, 2, 3, 4, 5, 9, 10, 11, 12
-NUM_PHOTOMETRIC = 13
-
-
-def draw_photometric(jitter, grayscale_prob, blur_prob, solarize_prob):
-    """One sample's colour parameters [13]: jitter p 0.8 with factors (1 +- strength, hue +- strength) and
-    a random order of the four ops, grayscale, blur with sigma in [0.1, 2], solarise - the distributions
-    of `augmentation`."""
-    apply = torch.rand(4)
-    *strengths, hue = jitter
-    factors = [torch.empty(1).uniform_(max(0.0, 1 - strength), 1 + strength).item() for strength in strengths]
-    factors.append(torch.empty(1).uniform_(-hue, hue).item())
-    return torch.tensor([float(apply[0] < 0.8), *factors, *torch.randperm(4).tolist(),
-                         float(apply[1] < grayscale_prob), float(apply[2] < blur_prob),
-                         torch.empty(1).uniform_(0.1, 2.0).item(), float(apply[3] < solarize_prob)])
-
-
-class CroppedViews(AugmentedViews):
-    """(epoch, index) -> ([uint8 crop [3, s, s] per view], [photometric parameters [13] per view], label).
-
-    A JPEG is decoded at 1/2, 1/4 or 1/8 size (PIL draft mode) when every crop of it is shrunk at
-    least that much anyway: the crop then resamples fewer pixels to the same output (a test checks the
-    result stays visually equivalent: PSNR above 30 dB against a full decode on the same crop). One
-    decode serves every view, so the largest crop decides: 224 px crops from ImageNet-sized photos
-    (about 500 x 375) are never shrunk 2x; draft decoding pays off for small crops from large photos
-    (32 px training on full-size images, or multi-megapixel collections).
-    """
-
-    def __init__(self, split, specs, seed, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2, interpolation="bicubic"):
-        super().__init__(split, transforms=None, seed=seed)
-        self.specs, self.jitter, self.grayscale_prob = specs, jitter, grayscale_prob
-        self.resample = PILImage.Resampling[interpolation.upper()]
-
-    def __getitem__(self, key):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(epoch, index))
-            plan = {}
-
-            def plan_crops(handle):  # crop boxes in full-size coordinates, then the cheapest decode
-                plan["size"] = handle.size
-                plan["boxes"] = [RandomResizedCrop.get_params(handle, scale, (3 / 4, 4 / 3))
-                                 for _, scale, _, _ in self.specs]
-                shrink = min(min(h, w) / spec[0] for spec, (_, _, h, w) in zip(self.specs, plan["boxes"]))
-                if handle.format == "JPEG" and shrink >= 2:
-                    handle.draft("RGB", (math.ceil(handle.width / shrink), math.ceil(handle.height / shrink)))
-
-            image, label = self.images.__getitem__(index, before_decode=plan_crops)
-            # 1, or the draft's reduction; per axis, as rounding makes them differ (1001 x 750 -> 501 x 375).
-            sx, sy = image.width / plan["size"][0], image.height / plan["size"][1]
-            crops, params = [], []
-            for (i, j, h, w), (side, _, blur_prob, solarize_prob) in zip(plan["boxes"], self.specs):
-                box = (j * sx, i * sy, min((j + w) * sx, image.width), min((i + h) * sy, image.height))
-                crop = image.resize((side, side), self.resample, box=box)
-                if torch.rand(1) < 0.5:
-                    crop = crop.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
-                crops.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1))
-                params.append(draw_photometric(self.jitter, self.grayscale_prob, blur_prob, solarize_prob))
-            return crops, params, label
-
-
-def photometric(images, params, mean, std):
-    """Batched colour augmentation on the device: uint8 [N, 3, H, W] + parameters [N, 13] -> normalised float.
-
-    Colour jitter applies brightness, contrast, saturation and hue in each sample's own random
-    order (a loop over the 4 positions and 4 ops, each applied at once to the samples that have
-    it there), then grayscale, PIL's Gaussian blur with each sample's sigma (`pil_gaussian_blur`),
-    solarisation at 128, normalisation. The same maths as torchvision's functional ops and PIL's blur.
-
-    Which samples get which op is decided on the CPU, from the parameters as the loader gives them, and
-    reaches the device as index tensors, so the device never waits for the host here.
-
-    Cost on an NVIDIA H200 (ResNet-50, 224 px, batch 128, fp16, 15 loader workers on 16 cores, generated
-    500 x 375 JPEGs): pretraining ran at 1,584-1,627 images/s with this path against 2,214-2,226 with
-    --augment_on cpu and 2,168-2,185 for the GPU step alone, so the CPU path kept the GPU fed and these ops
-    cost the GPU about a quarter of its step. The device path pays off where the workers cannot keep up
-    (few CPU cores per GPU: 65.9 images/s per core for the PIL pipeline, 345.2 for this path's workers).
-    On an H100 the same run gave 1,443 images/s with this path, 1,663 with --augment_on cpu, 2,035 for the step.
-    """
-    device = images.device
-    params = params.cpu()
-    x = images.float() / 255
-
-    def samples(mask):  # the indices of the samples where mask holds, on the device
-        return mask.nonzero().squeeze(1).to(device, non_blocking=True)
-
-    def update(mask, op, values=None):  # x[mask] = op(x[mask], values[mask])
-        if mask.any():
-            rows = samples(mask)
-            args = () if values is None else (values[mask].to(device, non_blocking=True),)
-            x.index_copy_(0, rows, op(x.index_select(0, rows), *args))
-
-    jitter = params[:, JITTER] > 0
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for position in range(4):
-        for op_index, (op, column) in enumerate(zip(ops, (BRIGHTNESS, CONTRAST, SATURATION, HUE))):
-            update(jitter & (params[:, ORDER + position] == op_index), op, params[:, column])
-    update(params[:, GRAY] > 0, lambda v: grayscale(v).expand(-1, 3, -1, -1))
-    blur = params[:, BLUR] > 0
-    update(blur, lambda v: pil_gaussian_blur(v, params[blur, SIGMA]))  # sigma stays on the CPU (its boxes)
-    update(params[:, SOLARIZE] > 0, lambda v: torch.where(v >= 128 / 255, 1 - v, v))
-    mean = torch.tensor(mean).view(1, 3, 1, 1).to(device, non_blocking=True)
-    std = torch.tensor(std).view(1, 3, 1, 1).to(device, non_blocking=True)
-    return (x - mean) / std
-
-
-def grayscale(x):
-    """[N, 3, H, W] -> [N, 1, H, W], ITU-R 601 luma as torchvision."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def _per_sample(factor):
-    return factor.view(-1, 1, 1, 1)
-
-
-def adjust_brightness(x, factor):
-    return (x * _per_sample(factor)).clamp(0, 1)
-
-
-def adjust_contrast(x, factor):
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * mean).clamp(0, 1)
-
-
-def adjust_saturation(x, factor):
-    return (_per_sample(factor) * x + (1 - _per_sample(factor)) * grayscale(x)).clamp(0, 1)
-
-
-def adjust_hue(x, shift):
-    """Rotate the hue by `shift` (a fraction of the circle): RGB -> HSV -> RGB."""
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = x.unbind(dim=1)
-    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
-    hue = torch.where(delta > 0, (hue / 6) % 1, torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    hue = (hue + shift.view(-1, 1, 1)) % 1
-    # HSV -> RGB without branches: channel c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6
-    # with n = 5, 3, 1 for R, G, B (the same values as the six-sector formula, in a few whole-batch ops).
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-    k = (n + 6 * hue.unsqueeze(1)) % 6
-    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def pil_gaussian_blur(x, sigma, passes=3):
-    """PIL's GaussianBlur(radius=sigma) on a batch, one sigma per sample: [N, C, H, W] -> [N, C, H, W].
-
-    PIL approximates a Gaussian by `passes` extended box blurs per axis (Gwosdek et al., 2011): a box
-    of radius r = l + a has weight 1 on its 2l + 1 central taps and a on the two outer ones, over
-    2r + 1, with l and a chosen so that the passes' variance is sigma^2; edges repeat the border
-    pixel; every pass rounds to 8 bits. Here each pass is one grouped convolution with every
-    sample's own box, rounded like PIL's: x in [0, 1] gives PIL's result to within one grey level.
-    """
-    n, c, h, w = x.shape
-    # The boxes are computed on the CPU (sigma is small; the device need not wait for the radius).
-    variance = sigma.cpu().to(x.dtype) ** 2 / passes
-    length = torch.sqrt(12 * variance + 1)
-    whole = torch.floor((length - 1) / 2)
-    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
-    radius = int(whole.max()) + 1
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype).abs()[None]
-    box = torch.where(offsets <= whole[:, None], 1.0, torch.where(offsets == whole[:, None] + 1, fraction[:, None], 0.0))
-    box = (box / box.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n * c, 2 radius + 1]
-    box = box.to(x.device, non_blocking=True)
-    x = x.reshape(1, n * c, h, w)
-    horizontal, vertical = (box[:, None, None, :], (radius, radius, 0, 0)), (box[:, None, :, None], (0, 0, radius, radius))
-    for kernel, padding in (horizontal, vertical):
-        for _ in range(passes):
-            x = F.conv2d(F.pad(x, padding, mode="replicate"), kernel, groups=n * c)
-            x = torch.floor(x * 255 + 0.5) / 255
-    return x.reshape(n, c, h, w)
-
-
-def device_views(crops, params, config, device):
-    """The batch of a CroppedViews loader -> the normalised views on the device."""
-    return [photometric(c.to(device, non_blocking=True), p.to(device, non_blocking=True), config.mean, config.std)
-            for c, p in zip(crops, params)]
-
-
-# -----------------------------------------------------------------------------
-# Optimisation schedule
+# Model, optimiser and learning rate
 
 
 def build_model(config):
@@ -1017,22 +754,17 @@ def knn_accuracy(backbone, knn_data, accelerator):
 # Checkpoints (atomic, explicit names) and the backbone export
 
 
-def save_checkpoint(accelerator, config, step, batches_per_epoch, output_dir):
+def save_checkpoint(accelerator, config, step, batches_per_epoch):
     state = {"step": step, "epochs_trained": step / batches_per_epoch, "num_processes": accelerator.num_processes,
              "config": vars(config)}
-    return intl.save_state_atomically(accelerator, output_dir / "checkpoints" / f"step-{step:08d}",
+    return intl.save_state_atomically(accelerator, Path(config.output_dir) / "checkpoints" / f"step-{step:08d}",
                                       "trainer_state.json", state, config.keep)
 
 
 def write_export(export_dir, weights, config, card=None):
-    """Write export_dir/model.safetensors + config.json (+ README.md) atomically: a reader sees the old export
-    or the new one.
-
-    weights: the backbone's state_dict (torchvision keys, no fc.*); config: JSON-able description; card: the
-    model card's text (see `model_card`).
-    """
+    """Write export_dir/model.safetensors (weights: torchvision keys, no fc.*), config.json and the model card
+    README.md atomically: a reader sees the old export or the new one."""
     export_dir = Path(export_dir)
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
     with intl.replacing(export_dir) as tmp:
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
@@ -1043,16 +775,10 @@ def write_export(export_dir, weights, config, card=None):
 
 
 def export_backbone(checkpoint, export_dir, config, results=None):
-    """checkpoint -> export_dir/{model.safetensors, config.json, README.md}; then --push_to_hub.
-
-    results: evaluation records for the model card (the final held-out 5-NN accuracy, when measured).
-    """
+    """checkpoint -> export_dir, with `results` (evaluation records) in its model card; then --push_to_hub."""
     export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub, license=config.license)
     print(f"exported the backbone of {checkpoint} to {export_dir}")
-    if config.push_to_hub:
-        push_export_to_hub(export_dir, config.push_to_hub, private=config.private,
-                           commit_message=config.commit_message, revision=config.revision)
-        print(f"pushed {export_dir} to https://huggingface.co/{config.push_to_hub}")
+    push_if_asked(export_dir, config)
 
 
 # -----------------------------------------------------------------------------
@@ -1074,11 +800,11 @@ class Logger:
 
     def __init__(self, output_dir, accelerator):
         self.path, self.spectra_path = output_dir / "log.jsonl", output_dir / "spectrum.jsonl"
-        self.accelerator = accelerator
-        self.plotted_steps, self.warned = set(), False
+        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        self.plotted_steps, self.collapsed_at = set(), None
 
     def start(self):
-        if self.accelerator.is_main_process:
+        if self.main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             for path in (self.path, self.spectra_path):
                 path.write_text("")
@@ -1086,17 +812,17 @@ class Logger:
     def truncate_after(self, step):
         """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
         checkpoints/ folder) the log starts again at this step, and the summary starts there."""
-        if not self.accelerator.is_main_process:
+        if not self.main:
             return
         if not self.path.exists():
             self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
                       "steps are not in it)")
         for path in (self.path, self.spectra_path):
             intl.truncate_jsonl(path, step)
-        self.warned = any("warning" in r for r in self.records())
+        self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
 
     def info(self, message):
-        if self.accelerator.is_main_process:
+        if self.main:
             tqdm.write(message)
 
     def metrics(self, step, values):
@@ -1106,56 +832,50 @@ class Logger:
         self.append(self.path, {"step": step, **values})
 
     def append(self, path, record):
-        if self.accelerator.is_main_process:
+        if self.main:
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def spectrum(self, step, z, z_hat, axis):
         """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
         the eigenvalues themselves at the plotted steps."""
-        if not self.accelerator.is_main_process:
+        if not self.main:
             return
         eig_z, eig_z_hat = intl.covariance_spectrum(z, axis), intl.covariance_spectrum(z_hat, axis)
         self.metrics(step, {"lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
                             "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
-        if not self.warned and intl.collapsed(z, eig_z):
+        if self.collapsed_at is None and intl.collapsed(z, eig_z):
             warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
                        f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
                        "one direction, so the features will carry little information. Check the data (many "
                        "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
             self.info(f"warning: {warning}")
             self.append(self.path, {"step": step, "warning": warning})
-            self.warned = True
+            self.collapsed_at = step
         if step in self.plotted_steps:
             self.append(self.spectra_path, {"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()})
 
     def collapse_note(self):
-        warnings = [r for r in self.records() if "warning" in r] if self.warned else []
-        return f". Note: the embedding had collapsed at step {warnings[0]['step']} before (see the warning)" \
-            if warnings else ""
+        return "" if self.collapsed_at is None else \
+            f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)"
 
     def plot_spectra(self, path):
-        """The PNG of the spectra in spectrum.jsonl (the studies read that file too)."""
-        spectra = [(r["step"], torch.tensor(r["z"]), torch.tensor(r["z_hat"])) for r in intl.read_jsonl(self.spectra_path)]
-        if spectra:
+        """spectrum.png from spectrum.jsonl."""
+        if spectra := intl.read_jsonl(self.spectra_path):
             plot_spectra(spectra, path, title=self.path.parent.name)
             self.info(f"spectrum plot: {path}")
 
-    def records(self):
-        """The logged records; none without a log."""
-        return intl.read_jsonl(self.path)
-
     def knn_result(self, step, config):
         """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
-        top1 = [r["knn_top1"] for r in self.records() if "knn_top1" in r and r["step"] == step]
+        top1 = [r["knn_top1"] for r in intl.read_jsonl(self.path) if "knn_top1" in r and r["step"] == step]
         return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
                  "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
 
     def summary(self):
         """First and last value of the main figures, read back from the log (so it spans resumes)."""
-        if not self.accelerator.is_main_process:
+        if not self.main:
             return
-        records = self.records()
+        records = intl.read_jsonl(self.path)
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
                            ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
@@ -1174,43 +894,31 @@ def shown(value):
     return "rank-deficient" if value == -math.inf else f"{value:9.4f}"
 
 
-def plot_spectra(spectra, path, title, max_curves=6):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training, each divided by its
-    largest, against their index, on a log scale. Eigenvalues at the numerical floor (intl.RANK_FLOOR x the
-    largest: rank-deficient directions) are drawn on the dotted floor line, and their curve's lg IoC reads
-    "rank-deficient".
-
-    spectra: list of (step, eigenvalues of Z, eigenvalues of Z_hat), eigenvalues descending; title: the run.
-    """
+def plot_spectra(spectra, path, title, curves=6):
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training (records of
+    spectrum.jsonl, eigenvalues descending), each divided by its largest, on a log scale. Eigenvalues at the
+    numerical floor (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    picks = sorted({round(i * (len(spectra) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
-    at_floor = any(intl.lg_ioc(eig) == -math.inf for i in picks for eig in spectra[i][1:])
+    picks = [spectra[i] for i in sorted({round(i * (len(spectra) - 1) / max(1, curves - 1)) for i in range(curves)})]
+    at_floor = any(intl.lg_ioc(torch.tensor(r[key])) == -math.inf for r in picks for key in ("z", "z_hat"))
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    colours = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
-    for colour, i in zip(colours, picks):
-        step, eig_z, eig_z_hat = spectra[i]
-        for ax, eig in zip(axes, (eig_z, eig_z_hat)):
-            normalised = (eig / eig.max()).clamp(min=intl.RANK_FLOOR) if eig.max() > 0 else torch.full_like(
-                eig, intl.RANK_FLOOR)
+    for colour, record in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
+        for ax, eig in zip(axes, (torch.tensor(record["z"]), torch.tensor(record["z_hat"]))):
+            normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
             ioc = intl.lg_ioc(eig)
             ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"step {step}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+                    label=f"step {record['step']}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
     for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
         if at_floor:
             ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
             ax.set_ylim(intl.RANK_FLOOR / 3, 3)
-        ax.set_title(name, fontsize=9)
-        ax.set(xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.tick_params(labelsize=8)
+        ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{title}: eigenvalues of the covariance over training"
-                 + (" (dotted: the numerical floor)" if at_floor else ""), fontsize=9)
+    fig.suptitle(f"{title}: eigenvalues of the covariance over training", fontsize=9)
     with intl.replacing(path) as tmp:
         fig.savefig(tmp, dpi=200)
     plt.close(fig)
@@ -1227,22 +935,15 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
 
 
 # =============================================================================
-# Beyond the training run
-#
-# The training run ends above. Below: what the export needs (the conversion, the model card, the Hub upload),
-# and the commands that `main` runs instead of training (`pretrain.py export`, the studies, the benchmarks).
+# Beyond the training run: the export's conversion, model card and Hub upload, then the commands that `main` runs
+# instead of training (`pretrain.py export`, the studies, the benchmark).
 # =============================================================================
-
-# ----------------------------------------------------------------------------- conversion
 
 
 def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
-    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into an export folder.
-
-    output_dir becomes the export folder itself: model.safetensors (torchvision keys, no fc.*), config.json
-    and the model card README.md (with `results` and `repo_id`, see `model_card`), written atomically.
-    An existing folder is replaced only if it is an export.
-    """
+    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into the export folder
+    output_dir: model.safetensors (torchvision keys, no fc.*), config.json and the model card README.md (see
+    `model_card`), written atomically. An existing folder is replaced only if it is an export."""
     output_dir = Path(output_dir)
     if output_dir.exists():
         foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in intl.EXPORT_FILES + ("README.md",)) \
@@ -1259,9 +960,9 @@ def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=No
 
 
 def timm_config(config):
-    """The config.json fields with which timm builds an export, `timm.create_model("hf-hub:OWNER/NAME",
-    pretrained=True)` or ("local-dir:FOLDER"): timm's ResNets are torchvision's, parameter names included, and
-    num_classes 0 leaves out fc as the export does. timm has no ResNet with the CIFAR stems: none for those."""
+    """The config.json fields with which timm builds an export (`timm.create_model("hf-hub:OWNER/NAME",
+    pretrained=True)`): timm's ResNets are torchvision's, parameter names included, and num_classes 0 leaves out fc
+    as the export does. timm has no ResNet with the CIFAR stems: none for those."""
     if config.get("stem", "imagenet") != "imagenet" or config.get("cifar_stem"):
         return {}
     size = config["image_size"]
@@ -1270,51 +971,6 @@ def timm_config(config):
                                "crop_pct": round(size / intl.eval_resize(size, config.get("eval_resize")), 6),
                                "mean": list(config["mean"]), "std": list(config["std"]), "num_classes": 0,
                                "first_conv": "conv1", "classifier": "fc"}}
-
-
-# ----------------------------------------------------------------------------- model card
-
-_CITATIONS = """\
-@inproceedings{weng2024modulate,
-  title     = {Modulate Your Spectrum in Self-Supervised Learning},
-  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
-Khan, Fahad Shahbaz and Huang, Lei},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024}
-}
-@inproceedings{weng2022investigation,
-  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
-  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year      = {2022}
-}"""
-
-
-def _is_hub_dataset_id(dataset):
-    return isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
-        and not os.path.exists(dataset)
-
-
-def published_name(dataset):
-    """What a card may say of a dataset: a Hub id as it is, a local folder by its last part only."""
-    if not dataset:
-        return intl.DIGITS_SOURCE
-    return dataset if _is_hub_dataset_id(dataset) else Path(str(dataset)).name
-
-
-def _read_results(results):
-    """Result records (linear_eval.py's JSON files, as dicts or paths) -> list of dicts."""
-    records = []
-    for item in results or []:
-        if isinstance(item, (str, os.PathLike)):
-            try:
-                item = json.loads(Path(item).read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
-        if not isinstance(item, dict) or "rows" not in item:
-            raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
-        records.append(item)
-    return records
 
 
 def write_model_card(export_dir, results=None, repo_id=None, license=None):
@@ -1326,89 +982,77 @@ def write_model_card(export_dir, results=None, repo_id=None, license=None):
 
 
 def model_card(config, results=None, repo_id=None, license=None):
-    """The model card's text: YAML metadata for the Hub + the card body.
-
-    config: the export's (completed) config; results: linear_eval.py result files (paths or loaded dicts),
-    each row a metric of the model-index; repo_id: the Hub repo the card will live in (named in the usage snippet);
-    license: a Hub license id (apache-2.0, cc-by-4.0, ...), or None: the card then says that none was chosen.
-    """
+    """The model card: the Hub's metadata, with a model-index of `results` (linear_eval.py's result records, as
+    paths or dicts), and a body with the recipe, the results and how to load the weights. repo_id: the Hub repo
+    named in the snippets; license: a Hub license id, or None: the card says that none was chosen."""
     import huggingface_hub
 
-    records = _read_results(results)
-    arch, stem = config.get("arch", "resnet50"), config.get("stem", "imagenet")
-    dataset = config.get("dataset")
-    model_name = repo_id.split("/")[-1] if repo_id else f"intl-{arch}-{Path(str(dataset or 'digits')).name}"
-
-    eval_results = []
-    for record in records:
-        eval_dataset = record.get("dataset") or "digits"
-        for row in record["rows"]:
-            for metric, key in (("top-1", "top1"), ("top-5", "top5")):
-                if row.get(key) is None:
-                    continue
-                name = published_name(eval_dataset)
-                eval_results.append(huggingface_hub.EvalResult(
-                    task_type="image-classification", task_name="Image classification",
-                    dataset_type=name, dataset_name=name, dataset_split=record.get("test_split"),
-                    metric_type="accuracy", metric_value=round(float(row[key]), 2),
-                    metric_name=f"{row['name']} {metric} accuracy (%)"))
-    with_timm = "architecture" in config  # see timm_config
-    card_data = huggingface_hub.ModelCardData(
+    records = [read_result(item) for item in results or []]
+    dataset, with_timm = config.get("dataset"), "architecture" in config  # see timm_config
+    name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
+    eval_results = [huggingface_hub.EvalResult(
+        task_type="image-classification", task_name="Image classification", metric_type="accuracy",
+        dataset_type=published_name(record.get("dataset")), dataset_name=published_name(record.get("dataset")),
+        dataset_split=record.get("test_split"), metric_value=round(float(row[key]), 2),
+        metric_name=f"{row['name']} {metric} accuracy (%)")
+        for record in records for row in record["rows"] for metric, key in (("top-1", "top1"), ("top-5", "top5"))
+        if row.get(key) is not None]
+    metadata = huggingface_hub.ModelCardData(
         library_name="timm" if with_timm else "pytorch", pipeline_tag="image-feature-extraction",
         **(dict(license=license) if license else dict(license="other", license_name="none-chosen")),
         tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"]
-        + (["timm"] if with_timm else []),
-        datasets=[dataset] if _is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None,
-        model_name=model_name if eval_results else None, eval_results=eval_results or None)
+        + ["timm"] * with_timm, model_name=name if eval_results else None, eval_results=eval_results or None,
+        datasets=[dataset] if is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
+    body = card_body(config, records, name, repo_id or "OWNER/NAME")
+    return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}"))  # parses: valid metadata
 
-    recipe = [f"| {name} | {config[key]} |" for key, name in (
+
+def card_body(config, records, name, repo):
+    arch, stem, size, dim = config.get("arch"), config.get("stem", "imagenet"), config.get("image_size"), \
+        config.get("feature_dim", "D")
+    recipe = "\n".join(f"| {label} | {config[key]} |" for key, label in (
         ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
         ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
         ("dataset", "pretraining data"), ("split", "split"), ("image_size", "input size"), ("epochs_trained", "epochs"),
-        ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None]
+        ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None)
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for record in records:
         for row in record["rows"]:
+            top1, top5 = ("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5"))
             table.append(f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
-                         f"{fmt(row.get('top1'))} | {fmt(row.get('top5'))} |")
+                         f"{top1} | {top5} |")
     kernel, stride, padding, maxpool = intl.STEMS[stem]
     stem_code = "" if stem == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
         + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    size, repo, dim = config.get("image_size"), repo_id or "OWNER/NAME", config.get("feature_dim", "D")
     resize = intl.eval_resize(size, config.get("eval_resize")) if size else "?"
     mean, std = list(config.get("mean", [])), list(config.get("std", []))
-    timm_usage = f"""With timm (its ResNets are torchvision's):
+    timm_usage = TIMM_USAGE.format(repo=repo, dim=dim) if "architecture" in config else \
+        "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
+    return CARD.format(name=name, arch=arch, dim=dim, recipe=recipe, resize=resize, size=size, mean=mean, std=std,
+                       table="\n".join(table) if records else "No evaluation results were recorded with this export.",
+                       stem_code=stem_code, repo=repo, timm_usage=timm_usage, citations=CITATIONS)
 
-```python
-import timm
-net = timm.create_model("hf-hub:{repo}", pretrained=True).eval()  # net(preprocess(image)[None]) -> [1, {dim}]
-preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=net))
-```""" if with_timm else "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
-    body = f"""
-# {model_name}
 
-A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in
-Self-Supervised Learning", Weng et al., ICLR 2024). Only the backbone is published: the projector is
-dropped, and the weights are a torchvision `state_dict` without `fc.*`. The final layer outputs
-{config.get('feature_dim', 'the')}-dimensional features.
+CARD = """
+# {name}
+
+A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in Self-Supervised
+Learning", Weng et al., ICLR 2024). Only the backbone is published (a torchvision `state_dict` without `fc.*`): it
+outputs {dim}-dimensional features.
 
 ## Recipe
 
 | setting | value |
 |---|---|
-{chr(10).join(recipe)}
+{recipe}
 
-## Evaluation protocol
+## Evaluation
 
-Frozen-feature evaluations as in the papers: k-NN (k = 5, Euclidean) and a linear classifier on
-features extracted once without augmentation (Adam, lr 1e-2 decayed exponentially to 1e-6 over
-500 epochs, weight decay 5e-6, batch 1000), or the ImageNet linear protocol (frozen backbone in eval
-mode, SGD momentum 0.9, 100 epochs, lr x0.1 at epochs 60 and 80, RandomResizedCrop + flip for
-training, Resize + CenterCrop for validation). The numbers are those of the final epoch.
+Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (`linear_eval.py` of the project
+that made this model); the numbers are those of the final epoch.
 
-{chr(10).join(table) if records else "No evaluation results were recorded with this export."}
+{table}
 
 ## Usage
 
@@ -1436,13 +1080,54 @@ With this project's `intl.py`: `net, config = intl.load_backbone("{repo}")`.
 ## Citation
 
 ```bibtex
-{_CITATIONS}
+{citations}
 ```
 """
-    return str(huggingface_hub.ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))  # parses: valid metadata
+TIMM_USAGE = """With timm (its ResNets are torchvision's):
+
+```python
+import timm
+net = timm.create_model("hf-hub:{repo}", pretrained=True).eval()  # net(preprocess(image)[None]) -> [1, {dim}]
+preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=net))
+```"""
+CITATIONS = """\
+@inproceedings{weng2024modulate,
+  title     = {Modulate Your Spectrum in Self-Supervised Learning},
+  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
+Khan, Fahad Shahbaz and Huang, Lei},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024}
+}
+@inproceedings{weng2022investigation,
+  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
+  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022}
+}"""
 
 
-# ----------------------------------------------------------------------------- Hub: upload
+def is_hub_dataset_id(dataset):
+    return isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
+        and not os.path.exists(dataset)
+
+
+def published_name(dataset):
+    """What a card may say of a dataset: a Hub id as it is, a local folder by its last part only."""
+    if not dataset:
+        return intl.DIGITS_SOURCE
+    return dataset if is_hub_dataset_id(dataset) else Path(str(dataset)).name
+
+
+def read_result(item):
+    """An evaluation result (linear_eval.py's JSON file, or its dict) -> the dict."""
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            item = json.loads(Path(item).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
+    if not isinstance(item, dict) or "rows" not in item:
+        raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
+    return item
 
 
 def check_hub_access(repo_id, private=False):
@@ -1463,11 +1148,8 @@ def check_hub_access(repo_id, private=False):
 
 
 def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
-    """Upload exactly model.safetensors, config.json and README.md of an export folder to a Hub model repo.
-
-    A missing README.md is generated (write_model_card without results). revision: a branch to push to, created
-    when missing. Returns the upload's commit info.
-    """
+    """Upload exactly model.safetensors, config.json and README.md (generated without results when missing) of an
+    export folder to a Hub model repo, on the branch `revision` (created when missing)."""
     import huggingface_hub
 
     export_dir = Path(export_dir)
@@ -1490,44 +1172,44 @@ def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, 
                                  commit_message=commit_message or f"Upload INTL backbone from {export_dir.name}")
 
 
-# ----------------------------------------------------------------------------- `python pretrain.py export`
+def push_if_asked(export_dir, args):
+    """--push_to_hub, with its --private, --commit_message and --revision (a training run's or `export`'s)."""
+    if args.push_to_hub:
+        push_export_to_hub(export_dir, args.push_to_hub, args.private, args.commit_message, args.revision)
+        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
+              + (f" (branch {args.revision})" if args.revision else ""))
 
 
-def get_export_parser():
-    parser = argparse.ArgumentParser(
-        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Convert a pretrain checkpoint folder or an official INTL / CW-RGP .pth.tar (or any loadable "
-                    "backbone) into an export folder: model.safetensors + config.json + README.md; optionally "
-                    "push it to the Hugging Face Hub.")
-    parser.add_argument("--source", required=True,
-                        help="what to convert: a pretrain checkpoint folder, an official .pth.tar, an export "
-                             "folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
-    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
-                        help="encoder architecture (default: from the source's config, or inferred from the "
-                             "weights' shapes)")
-    parser.add_argument("--stem", choices=intl.STEMS, default=None,
-                        help="the network's first layers (default: from the source's config; for an official "
-                             "checkpoint, 'cifar' for INTL's and 'cifar-unpadded' for CW-RGP's 3x3 conv1: give "
-                             "'small-maxpool' for CW-RGP's STL-10 / Tiny-ImageNet networks)")
-    parser.add_argument("--output_dir", required=True,
-                        help="the export folder to write; an existing export is replaced only with --overwrite")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the export already in --output_dir (without it, an existing export is refused)")
-    parser.add_argument("--eval_results", nargs="*", default=[],
-                        help="linear_eval.py result JSON files to list in the model card's model-index")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
-                        help="also upload the export to this Hub model repo (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--license", default=None,
-                        help="the model card's license, a Hub id such as apache-2.0 (default: none chosen)")
-    parser.add_argument("--commit_message", default=None, help="commit message of the Hub upload")
-    parser.add_argument("--revision", default=None, help="Hub branch to upload to (created if missing)")
-    return parser
+def add_hub_arguments(group):
+    group.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
+                       help="publish the export (weights, config, model card) to this Hub model repo")
+    group.add_argument("--private", action="store_true", help="create the Hub repo private")
+    group.add_argument("--license", type=str, default=None,
+                       help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
+    group.add_argument("--commit_message", type=str, default=None, help="commit message of the upload")
+    group.add_argument("--revision", type=str, default=None, help="Hub branch to upload to (created if missing)")
 
 
 def main_export(argv=None):
     """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
-    args = get_export_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py export", allow_abbrev=False, formatter_class=HelpFormatter,
+        description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
+                    "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
+    parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
+                        "export folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
+    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
+                        help="encoder; None: the source's config, or inferred from the weights' shapes")
+    parser.add_argument("--stem", choices=intl.STEMS, default=None,
+                        help="first layers; None: the source's config (official checkpoints: 'cifar' for INTL's "
+                             "and 'cifar-unpadded' for CW-RGP's 3x3 conv1, give 'small-maxpool' for CW-RGP's STL-10 "
+                             "/ Tiny-ImageNet networks)")
+    parser.add_argument("--output_dir", required=True, help="the export folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export already in --output_dir")
+    parser.add_argument("--eval_results", nargs="*", default=[],
+                        help="linear_eval.py result JSON files for the model card's model-index")
+    add_hub_arguments(parser)
+    args = parser.parse_args(argv)
     intl.check_output_dir(args.output_dir)
     if intl.existing_results(args.output_dir, intl.EXPORT_FILES + ("README.md",)) and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
@@ -1537,11 +1219,7 @@ def main_export(argv=None):
     export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
                                       args.stem, args.license)
     print(f"exported {args.source} to {export_dir}")
-    if args.push_to_hub:
-        push_export_to_hub(export_dir, args.push_to_hub, private=args.private,
-                           commit_message=args.commit_message, revision=args.revision)
-        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
-              + (f" (branch {args.revision})" if args.revision else ""))
+    push_if_asked(export_dir, args)
     return export_dir
 
 
@@ -1550,85 +1228,58 @@ def main_export(argv=None):
 
 
 def run_study(config, argv, accelerator):
-    """Power study (Fig. 2): --method st for each p. Trace study (Fig. 3): IterNorm with and without
-    the trace loss for each T. Each run is a subprocess with the remaining flags; a run that fails
-    (a diverging loss, a singular transform) is recorded with its error, not hidden.
-
-    Measured on the offline digits default (ResNet-18, 32 px, batch 128, projector 512-512-512,
-    5 epochs, --w_eps 1e-3, 2 CPU cores, about 1 minute a run). Five epochs on 1,437 digits are not
-    the paper's setting: read these as a demonstration of the tool, not a reproduction.
-
-    Power study: at this tiny budget it reproduces the paper's qualitative point that p = 0 (no
-    transformation) collapses: the effective rank of Z is 1.0 at p = 0 and 0.25, and rises for
-    p >= 0.75; the held-out 5-NN accuracy peaks around p = 0.25-0.5 (85.6-85.8%) and falls beyond
-    p = 1 (74%).
-
-    Trace study, T in {1, 4, 8, 12}: the trace loss is what keeps the spectrum of Z spread.
-    Effective rank of Z with / without it: T = 4: 60.5 / 1.04; T = 8: 89.6 / 2.3 (5-NN 91.4% /
-    85.8%); T = 1 collapses either way (1.0). At T = 12 both runs end in a non-finite loss (with
-    the trace loss at step 1, without it at step 11): in float32 the uncoupled Newton iteration
-    loses precision at large T, here already at initialisation. The paper reports instability from
-    T = 9 without the trace loss and stability with it; at this scale the trace loss's effect on
-    the spectrum shows clearly but not the stabilisation at T = 12 (see `intl.IterNorm`'s coupled
-    form for a stable iteration at large T).
-    """
+    """--study power (Fig. 2: --method st for each p) or trace (Fig. 3: IterNorm with and without the trace loss for
+    each T): one short pretraining per setting, each a process of its own with the other flags. A run that fails (a
+    diverging loss, a singular transform) is recorded with its error, not hidden."""
     if not accelerator.is_main_process:
         return
-    output_dir = Path(config.output_dir)
-    default = "0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power" else "1,2,4,6,8,10,12"
-    values = parse_floats(config.study_values or default, "study_values")
-    base = strip_flags(argv, {"--study": 1, "--study_values": 1, "--output_dir": 1, "--method": 1, "--power": 1,
-                              "--iters": 1, "--beta": 1})
+    output_dir, study, runs = Path(config.output_dir), config.study, study_runs(config)
     given = {arg.split("=")[0] for arg in argv}
-    if config.preset == "digits":  # minutes on a CPU: 5 epochs a run; a batch may hold two identical crops
+    base = [arg for previous, arg in zip([""] + argv, argv)  # without the flags set per run, and their values
+            if arg.split("=")[0] not in STUDY_SETS and previous not in STUDY_SETS]
+    if config.preset == "digits":  # minutes on a CPU; two identical crops in a batch make S singular without eps
         base += [] if "--epochs" in given else ["--epochs", "5"]
-        base += [] if "--w_eps" in given or config.study != "power" else ["--w_eps", "1e-3"]
-    runs = []
-    for value in values:
-        if config.study == "power":
-            runs.append(({"power": value}, ["--method", "st", "--power", str(value)], f"power-{value:g}"))
-        else:
-            runs.append(({"iters": int(value), "trace_loss": True}, ["--iters", str(int(value))], f"T{int(value)}-tl"))
-            runs.append(({"iters": int(value), "trace_loss": False}, ["--iters", str(int(value)), "--beta", "0"],
-                         f"T{int(value)}-no-tl"))
+        base += ["--w_eps", "1e-3"] if study == "power" and "--w_eps" not in given else []
     # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
-    intl.refuse_to_replace(output_dir, [f"{config.study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
-                           + [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)],
-                           config.overwrite)
+    earlier = [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)]
+    intl.refuse_to_replace(output_dir, [f"{study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
+                           + earlier, config.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for settings, flags, name in tqdm(runs, desc=f"{config.study} study"):
-        run_dir = output_dir / name
-        result = subprocess.run([sys.executable, __file__, *base, *flags, "--output_dir", str(run_dir)],
+    for settings, flags, name in tqdm(runs, desc=f"{study} study"):
+        result = subprocess.run([sys.executable, __file__, *base, *flags, "--output_dir", str(output_dir / name)],
                                 capture_output=True, text=True)
-        rows.append({**settings, "run": name, **study_row(run_dir, result)})
+        rows.append({**settings, "run": name, **study_row(output_dir / name, result)})
         tqdm.write(f"{name}: {json.dumps(rows[-1])}")
-    intl.write_text_atomically(output_dir / f"{config.study}_study.json", json.dumps(rows, indent=2))
-    with intl.replacing(output_dir / f"{config.study}_study.csv") as tmp, tmp.open("w", newline="") as f:
+    intl.write_text_atomically(output_dir / f"{study}_study.json", json.dumps(rows, indent=2))
+    with intl.replacing(output_dir / f"{study}_study.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
-    plot_study(config.study, rows, output_dir)
-    print(f"{config.study} study: {len(rows)} runs -> {output_dir}/{config.study}_study.{{csv,json,png}}")
+    plot_study(study, rows, output_dir)
+    print(f"{study} study: {len(rows)} runs -> {output_dir}/{study}_study.{{csv,json,png}}")
 
 
-def strip_flags(argv, flags):
-    """argv without the given flags and their values ({flag: number of values})."""
-    kept, skip = [], 0
-    for arg in argv:
-        if skip:
-            skip -= 1
-        elif arg.split("=")[0] in flags:
-            skip = 0 if "=" in arg else flags[arg]
-        else:
-            kept.append(arg)
-    return kept
+# The flags a study sets for each of its runs (each takes one value).
+STUDY_SETS = {"--study", "--study_values", "--output_dir", "--method", "--power", "--iters", "--beta"}
+
+
+def study_runs(config):
+    """(the settings in the table, the run's flags, its folder) of each run of the study."""
+    values = parse_floats(config.study_values or ("0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power"
+                                                  else "1,2,4,6,8,10,12"), "study_values")
+    if config.study == "power":
+        return [({"power": p}, ["--method", "st", "--power", str(p)], f"power-{p:g}") for p in values]
+    runs = []
+    for iters in map(int, values):
+        runs.append(({"iters": iters, "trace_loss": True}, ["--iters", str(iters)], f"T{iters}-tl"))
+        runs.append(({"iters": iters, "trace_loss": False}, ["--iters", str(iters), "--beta", "0"], f"T{iters}-no-tl"))
+    return runs
 
 
 def study_row(run_dir, result):
     """Final figures of one study run from its log, or its error."""
-    log = run_dir / "log.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+    records = intl.read_jsonl(run_dir / "log.jsonl")
     error = result.stderr.strip().splitlines()[-1] if result.returncode else ""
     # A failed run has no final figures: its last logged ones (e.g. the kNN at initialisation) would mislead.
     last = {key: None if error else next((r[key] for r in reversed(records) if key in r), None)
@@ -1637,88 +1288,62 @@ def study_row(run_dir, result):
 
 
 def plot_study(study, rows, output_dir):
+    """STUDY_study.png: lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed);
+    STUDY_study_spectra.png: the final spectra of the runs that finished."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x, label = ("power", "power p of g(l) = l^-p") if study == "power" else ("iters", "IterNorm iterations T")
+    series = [("", rows)] if study == "power" else [(f" {kind} trace loss", [r for r in rows if r["trace_loss"] == on])
+                                                    for kind, on in (("with", True), ("without", False))]
     fig, (ax_ioc, ax_knn) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    if study == "power":
-        series = [("", rows)]
-        x_key, x_label = "power", "power p of g(l) = l^-p"
-    else:
-        series = [(" with trace loss", [r for r in rows if r["trace_loss"]]),
-                  (" without trace loss", [r for r in rows if not r["trace_loss"]])]
-        x_key, x_label = "iters", "IterNorm iterations T"
     for suffix, part in series:
         ok = [r for r in part if not r["error"]]
-        ax_ioc.plot([r[x_key] for r in ok], [r["lg_ioc_z"] for r in ok], "o-", label="Z" + suffix)
-        ax_ioc.plot([r[x_key] for r in ok], [r["lg_ioc_z_hat"] for r in ok], "s--", label="Z_hat" + suffix)
-        ax_knn.plot([r[x_key] for r in ok], [r["knn_top1"] for r in ok], "o-", label="5-NN" + suffix)
+        for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
+                                     (ax_knn, "knn_top1", "o-", "5-NN")):
+            ax.plot([r[x] for r in ok], [r[key] for r in ok], style, label=name + suffix)
         for r in part:
             if r["error"]:
-                ax_knn.axvline(r[x_key], color="red", alpha=0.3)
-    ax_ioc.set(xlabel=x_label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
-    ax_knn.set(xlabel=x_label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
-    ax_ioc.legend(fontsize=8)
-    ax_knn.legend(fontsize=8)
-    with intl.replacing(output_dir / f"{study}_study.png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-    # The final spectra of every run that finished, Z and Z_hat side by side.
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+                ax_knn.axvline(r[x], color="red", alpha=0.3)
+    ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
+    ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
+    spectra_fig, spectra_axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for row in rows:
-        spectra = output_dir / row["run"] / "spectrum.jsonl"
-        if not row["error"] and spectra.exists():
-            final = intl.read_jsonl(spectra)[-1]
-            for ax, key in zip(axes, ("z", "z_hat")):
-                ax.plot(range(1, len(final[key]) + 1), [max(v, 1e-12) for v in final[key]], label=row["run"])
-    for ax, name in zip(axes, ("Z", "Z_hat")):
+        spectra = [] if row["error"] else intl.read_jsonl(output_dir / row["run"] / "spectrum.jsonl")
+        if spectra:
+            for ax, key in zip(spectra_axes, ("z", "z_hat")):
+                final = spectra[-1][key]
+                ax.plot(range(1, len(final) + 1), [max(v, 1e-12) for v in final], label=row["run"])
+    for ax, name in zip(spectra_axes, ("Z", "Z_hat")):
         ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
-        ax.legend(fontsize=7)
-    with intl.replacing(output_dir / f"{study}_study_spectra.png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    for figure, name in ((fig, f"{study}_study.png"), (spectra_fig, f"{study}_study_spectra.png")):
+        for ax in figure.axes:
+            ax.legend(fontsize=7)
+        with intl.replacing(output_dir / name) as tmp:
+            figure.savefig(tmp, dpi=120)
+        plt.close(figure)
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: throughput, peak memory and the share of the step spent in IterNorm + loss
+# --benchmark (.ci/bench.py compares this step with a plain PyTorch loop)
 
 
 def benchmark(config, accelerator):
     """--benchmark N: the training step's time, images/s and peak memory (CPU: peak resident set; GPU: peak
-    allocated) on random images; the same model, loss and optimiser in the obvious PyTorch loop (no Accelerate, no
-    monitoring: `plain_loop_step`), as written by most people and with our channels_last + cuDNN autotuner; and the
-    share of the step spent in IterNorm and the loss.
-
-    Measured on a CPU (2 threads, float32): ResNet-18 with the CIFAR stem at 32 px, batch 256,
-    projector 2048-2048-2048: 19.5 images/s, peak 3.6 GB, IterNorm + loss 0.31% of the step;
-    ResNet-50 at 224 px, batch 32, projector 8192-8192-8192: 1.4 images/s, peak 8.8 GB,
-    IterNorm + loss 0.04%.
-    Measured on an H200 (torch 2.11, `.ci/gpu-check`): ResNet-50 at 224 px, batch 128, projector 8192-8192-8192:
-        fp16  0.059 s per step (2,168-2,185 images/s), 1.55-1.63x the obvious loop, 1.05-1.17x the tuned one
-        bf16  0.064 s per step (1,986-2,002 images/s), 1.77-1.79x the obvious loop, 0.99-1.00x the tuned one
-    peak 13.0 GiB, IterNorm + loss 7.3 ms (11-12% of the step); --compile (bf16) 0.0589 s, 1.09x eager after
-    about 100 s of compiling.
-    Measured on an H100 80GB HBM3 the same way (one run each):
-        fp16  0.063 s per step (2,035 images/s), 1.62x the obvious loop, 1.10x the tuned one
-        bf16  0.074 s per step (1,721 images/s), 1.66x the obvious loop, 1.00x the tuned one
-    peak 13.0 GiB, IterNorm + loss 5.8-7.0 ms (8-11% of the step); --compile (bf16) 2,286 images/s, 1.16x the tuned loop.
-    """
+    allocated) on random images, and the share of the step spent in the objective (whitening and loss)."""
     device = accelerator.device
     set_seed(config.seed)
     model = on_the_accelerator(build_model(config), config, device)
-    model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
-    for group in optimizer.param_groups:
-        group["lr"] = 0.01
-    sides = [config.image_size] * config.num_views + [int(s) for s in parse_floats(config.small_crops, "small_crops")]
-    views = [torch.randn(config.batch_size, 3, s, s, device=device) for s in sides]
+    model, optimizer = accelerator.prepare(model, build_optimizer(config, model))  # lr 0: the same work
+    sides = [side for side, *_ in view_specs(config)]
+    views = [torch.randn(config.batch_size, 3, side, side, device=device) for side in sides]
     dim = intl.parse_projector_spec(config.projector)[-1]
     embeddings = [torch.randn(config.batch_size, dim, device=device, requires_grad=True) for _ in sides]
     watch = NonFiniteWatch(device)
 
-    def train_step():  # the step of `train`'s loop
+    def train_step():  # the step of the training loop
         out = model(views)
         watch.record(out["loss"], 0)
         optimizer.zero_grad(set_to_none=True)
@@ -1732,117 +1357,31 @@ def benchmark(config, accelerator):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_time = timed(train_step, config.benchmark, accelerator, warmup=3)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    objective_time = timed(objective_step, config.benchmark, accelerator)
-    plain_time = timed(plain_loop_step(config, views, device, accelerator.mixed_precision, tuned=False),
-                       config.benchmark, accelerator, warmup=3)
-    tuned_time = timed(plain_loop_step(config, views, device, accelerator.mixed_precision, tuned=True),
-                       config.benchmark, accelerator, warmup=3)
-    figures = {
-        "arch": config.arch, "image_size": config.image_size, "views": sides, "batch_per_process": config.batch_size,
-        "projector": config.projector, "method": config.method, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "precision": accelerator.mixed_precision, "compile": config.compile,
-        "step_s": round(step_time, 4), "images_per_s": round(config.batch_size * accelerator.num_processes / step_time, 1),
-        "peak_memory_mib": round(peak), "plain_loop_step_s": round(plain_time, 4),
-        "plain_loop_channels_last_step_s": round(tuned_time, 4),
-        "speed_vs_plain_loop": round(plain_time / step_time, 3),
-        "speed_vs_plain_loop_channels_last": round(tuned_time / step_time, 3),
-        "iternorm_and_loss_s": round(objective_time, 4), "iternorm_and_loss_share": round(objective_time / step_time, 4)}
+    step_s = timed(train_step, config.benchmark, device, warmup=3)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    objective_s = timed(objective_step, config.benchmark, device)
+    figures = {"arch": config.arch, "views": sides, "batch_per_process": config.batch_size, "method": config.method,
+               "projector": config.projector, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
+               "compile": config.compile, "step_s": round(step_s, 4),
+               "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
+               "peak_memory_mib": round(peak), "objective_s": round(objective_s, 4),
+               "objective_share": round(objective_s / step_s, 4)}
     print(json.dumps(figures, indent=2))
     return figures
 
 
-def plain_loop_step(config, views, device, precision, tuned):
-    """The obvious loop's step for the same model, objective and optimiser: autocast and a gradient scaler by hand,
-    no Accelerate, no non-finite watch. tuned: with channels_last and cuDNN's autotuner, as `on_the_accelerator`."""
-    set_seed(config.seed)
-    torch.backends.cudnn.benchmark = False
-    model = build_model(config).to(device)
-    if tuned:
-        model = on_the_accelerator(model, config, device)
-    elif config.compile:
-        model.backbone.compile()
-        model.projector.compile()
-    optimizer = build_optimizer(config, model)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(views)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
-
-
-def benchmark_augment(config, accelerator):
-    """Images/s on one core of the papers' per-image PIL pipeline and of the worker part of the device
-    path, on the same generated JPEGs (500 x 375, ImageNet-like), and the device part's cost per image.
-
-    Measured with --preset imagenet-800ep --benchmark_augment 200 (one core of a 2-core machine, 200
-    generated 500 x 375 JPEGs, two 224 px views): the papers' PIL pipeline 65.9 images/s, the worker
-    part of the device path 345.2 images/s (5.24x); the batched device part costs 4.1 ms per image on
-    that CPU with 2 threads (no GPU was available to measure it). At these sizes the draft decode
-    of `CroppedViews` never applies, so the gain comes from moving the photometric ops off the
-    workers. End to end on the digits default (2 cores, 2 loader workers, 3 epochs, --knn_every 0;
-    the summary prints the images/s since the start): 307.5 images/s with --augment_on cpu, 378.4
-    with --augment_on device.
-    """
-    import tempfile
-
-    torch.set_num_threads(1)
-    folder = Path(tempfile.mkdtemp()) / "images"
-    write_synthetic_photos(folder, range(config.benchmark_augment))
-    split = intl.load_image_split(str(folder), "train")
-    per_image = AugmentedViews(split, view_transforms(config), config.seed)
-    split_path = CroppedViews(split, view_specs(config), config.seed, parse_floats(config.jitter, "jitter"),
-                              config.grayscale_prob, config.crop_interpolation)
-    keys = [(0, i) for i in range(config.benchmark_augment)]
-    pil_s = timed(lambda: [per_image[k] for k in keys], 1, accelerator) / len(keys)
-    worker_s = timed(lambda: [split_path[k] for k in keys], 1, accelerator) / len(keys)
-    crops, params, _ = torch.utils.data.default_collate([split_path[k] for k in keys[:64]])
-    torch.set_num_threads(os.cpu_count())
-    device_s = timed(lambda: device_views(crops, params, config, accelerator.device), 3, accelerator) / len(crops[0])
-    shutil.rmtree(folder.parent)
-    print(json.dumps({
-        "images": len(keys), "views": [spec[0] for spec in view_specs(config)], "device": str(accelerator.device),
-        "pil_pipeline_images_per_s_per_core": round(1 / pil_s, 1),
-        "device_path_worker_images_per_s_per_core": round(1 / worker_s, 1),
-        "worker_speedup": round(pil_s / worker_s, 2),
-        "device_part_ms_per_image": round(1000 * device_s, 3)}, indent=2))
-
-
-def write_synthetic_photos(folder, indices, classes=1):
-    """FOLDER/class_c/i.jpg for each i of `indices`: 500 x 375 JPEGs (ImageNet's typical size) of smooth colour
-    waves and noise, image i of class i % classes, each seeded by its index (any shard of indices can be written
-    by another process)."""
-    y, x = np.mgrid[0:375, 0:500]
-    for i in indices:
-        generator = np.random.default_rng(i)
-        waves = [np.sin(x / generator.uniform(5, 60) + generator.uniform(0, 6)) * np.cos(y / generator.uniform(5, 60))
-                 for _ in range(3)]
-        pixels = np.stack(waves, -1) * 100 + 127 + generator.normal(0, 8, (375, 500, 3))
-        (Path(folder) / f"class_{i % classes}").mkdir(parents=True, exist_ok=True)
-        PILImage.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(Path(folder) / f"class_{i % classes}" / f"{i}.jpg",
-                                                                      quality=90)
-
-
-def timed(fn, steps, accelerator, warmup=1):
-    for _ in range(warmup):  # the first calls choose kernels (cuDNN's autotuner) and grow the memory pools
+def timed(fn, steps, device, warmup=1):
+    """Seconds per call of fn, after `warmup` calls (they choose cuDNN's kernels and grow the memory pools)."""
+    for _ in range(warmup):
         fn()
-    if accelerator.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     tic = time.perf_counter()
     for _ in range(steps):
         fn()
-    if accelerator.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - tic) / steps
 
