@@ -1315,15 +1315,22 @@ def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, 
 
 
 def load_state(accelerator, checkpoint):
-    """accelerator.load_state(checkpoint) after `check_weights` on its weights; a file that does not load is a
-    ValueError: "FILE could not be read: <the library's own message>"."""
-    checkpoint = Path(checkpoint)
-    for path in sorted(checkpoint.glob("*.safetensors")):
-        check_weights(read_safetensors(path), path)
+    """accelerator.load_state(checkpoint), after each of its files was read and its weights checked
+    (`check_weights`): a file that does not load is named, "FILE could not be read: <the library's own message>"."""
+    from accelerate.utils import load as torch_load  # torch.load as load_state calls it (weights_only=True)
+
+    for path in sorted(Path(checkpoint).iterdir()):
+        if path.suffix == ".safetensors":
+            check_weights(read_safetensors(path), path)
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                torch_load(path, map_location="cpu")
+            except Exception as error:  # torch.load and pickle raise many types on a damaged file
+                raise unreadable(path, error) from None
     try:
         accelerator.load_state(str(checkpoint))
-    except Exception as error:  # torch.load and pickle raise many types on a damaged file
-        raise unreadable(checkpoint, error) from None
+    except Exception as error:  # a file that reads but does not fit this run (another model or optimiser)
+        raise ValueError(f"{checkpoint} does not fit this run: {type(error).__name__}: {error}") from None
 
 
 def read_safetensors(path):
@@ -1374,10 +1381,16 @@ class Interrupted(KeyboardInterrupt):
 _stop_requested = False
 
 
-def _on_stop_signal(signum, frame):
-    global _stop_requested
-    _stop_requested = True
-    signal.default_int_handler(signum, frame)
+def handle_stop_signals():
+    """Ctrl-C and SIGTERM (what a cluster's scheduler sends) raise KeyboardInterrupt and are remembered for
+    `stop_if_interrupted`. Call it once, from the main thread."""
+    def on_signal(signum, frame):
+        global _stop_requested
+        _stop_requested = True
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 def stop_if_interrupted():
@@ -1396,12 +1409,10 @@ def interrupted_message(where, checkpoint):
 
 
 def run(main, argv=None, interrupted="interrupted"):
-    """The error boundary of each script: main(argv) with Ctrl-C and SIGTERM (what a cluster's scheduler sends)
-    raising KeyboardInterrupt. Our readers' errors (ValueError, naming the file and the field; an OSError names its
+    """The error boundary of each script: main(argv) under `handle_stop_signals`. Our readers' errors (ValueError, naming the file and the field; an OSError names its
     file) end as one line "error: ..." and exit status 1; an interruption as its `Interrupted` line (else
     `interrupted`) and exit status 130, as a shell reports a command it interrupted."""
-    signal.signal(signal.SIGINT, _on_stop_signal)
-    signal.signal(signal.SIGTERM, _on_stop_signal)
+    handle_stop_signals()
     try:
         main(argv)
     except (ValueError, OSError, FloatingPointError, SafetensorError) as error:
