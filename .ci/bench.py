@@ -12,6 +12,8 @@ Parts (--parts):
   intl-m   INTL-M's recipe (preset intl-m-100ep: 2 x 224 px + 192/160/128/96 px crops) end to end on generated
            500 x 375 JPEGs with every core as a loader worker, next to the backbone alone (fp16 on a GPU,
            channels_last) on the same views on the same card. The goal: the run at >= 80% of the backbone's rate.
+  knn      the 5-NN (intl.knn_classify) at ImageNet size, 1,281,167 x 50,000 features of 2048 (quick: 3,000 x 200 x
+           16): seconds and peak memory (on a GPU: allocated; the features stay on the CPU and go over in blocks).
 """
 
 import argparse
@@ -20,6 +22,7 @@ import io
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,8 +50,8 @@ QUICK = (["--arch", "resnet18", "--image_size", "32", "--projector", "64-64-64"]
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU")
-    parser.add_argument("--parts", nargs="+", default=["step", "augment", "intl-m"],
-                        choices=["step", "augment", "intl-m"])
+    parser.add_argument("--parts", nargs="+", default=["step", "augment", "intl-m", "knn"],
+                        choices=["step", "augment", "intl-m", "knn"])
     parser.add_argument("--precision", nargs="+", default=None, choices=["no", "fp16", "bf16"],
                         help="of the step part (default: fp16 and bf16 on a GPU, no on a CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps of the step part (default: 20, quick 2)")
@@ -69,6 +72,8 @@ def main():
                 print(json.dumps(augmentation_per_core(folder, min(photos, 200))))
             if "intl-m" in args.parts:
                 print(json.dumps(intl_m_end_to_end(folder, model + small_crops, batch, run_steps, work)))
+    if "knn" in args.parts:
+        print(json.dumps(knn_at_scale(*((3000, 200, 16) if args.quick else (1281167, 50000, 2048)))))
 
 
 def step_against_plain_loop(flags, precision, steps):
@@ -180,6 +185,28 @@ def write_synthetic_photos(folder, indices, classes=1):
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(Path(folder) / f"class_{i % classes}" / f"{i}.jpg",
                                                                    quality=90)
 
+
+
+def knn_at_scale(n_train, n_test, dim, k=5):
+    """intl.knn_classify on random non-negative features (like ReLU features) and 1,000 classes."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.empty(n_train, dim), torch.empty(n_test, dim)
+    for features in (train, test):  # filled in place: no temporary the size of the set adds to the peak
+        for start in range(0, len(features), 65536):
+            features[start:start + 65536].uniform_(generator=generator)
+    labels = [torch.randint(0, 1000, (n,), generator=generator) for n in (n_train, n_test)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tic = time.perf_counter()
+    intl.knn_classify(train, labels[0], test, labels[1], k=k, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+    return {"part": "knn", "n_train": n_train, "n_test": n_test, "dim": dim, "k": k, "device": str(device),
+            "seconds": round(time.perf_counter() - tic, 3), "features_gib": round((train.nbytes + test.nbytes) / 2**30, 3),
+            "peak_memory_gib": round(peak / 2**30, 3)}
 
 if __name__ == "__main__":
     main()
