@@ -107,6 +107,9 @@ RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark", "study",
                "study_values", "overwrite"}
+# What `accelerate launch` (its flags or `accelerate config`) sets in the environment: it wins over a preset, an
+# explicit flag of this script wins over both.
+LAUNCHER = {"mixed_precision": "ACCELERATE_MIXED_PRECISION"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
 RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.jsonl")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
@@ -290,6 +293,9 @@ def train(config, accelerator):
         log.start()
     log.info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
              f"peak lr {peak_lr:.4g}")
+    if warmup_steps >= total_steps:
+        log.info(f"note: the warm-up ({warmup_steps} steps) is as long as the run or longer: the lr rises to "
+                 f"{learning_rate(total_steps - 1, total_steps, warmup_steps, peak_lr):.4g} and never reaches its peak")
     monitor.start(step, last_good, model)
 
     model.train()
@@ -322,6 +328,11 @@ def train(config, accelerator):
             export_backbone(monitor.last_good, output_dir / "backbone", config, log.knn_result(step, config))
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
+        log.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
+                 f"python linear_eval.py --backbone {output_dir / 'backbone'}")
+    else:
+        log.info(f"stopped after step {step} of {total_steps} (--stop_after_steps); the checkpoint is "
+                 f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
     accelerator.end_training()
 
 
@@ -457,13 +468,18 @@ def resolve_config(argv=None):
     config = parser.parse_args(argv)
     explicit = intl.explicit_flags(parser, argv)
     preset = config.preset or (None if config.dataset or config.benchmark else "digits")
+    launcher = {key: os.environ[name] for key, name in LAUNCHER.items() if os.environ.get(name)}
     if preset:
         for key, value in PRESETS[preset].items():
-            if key not in explicit:
+            if key not in explicit and key not in launcher:
                 setattr(config, key, value)
         config.preset = preset
-        if config.mixed_precision == "fp16" and "mixed_precision" not in explicit and not torch.cuda.is_available():
+        if config.mixed_precision == "fp16" and not {"mixed_precision"} & (explicit | set(launcher)) and \
+                not torch.cuda.is_available():
             config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
+    for key, value in launcher.items():
+        if key not in explicit:
+            setattr(config, key, value)
     if "warmup_epochs" in explicit and "warmup_steps" in explicit:
         raise ValueError("--warmup_epochs and --warmup_steps both set the warm-up: give one of them")
     if "warmup_epochs" in explicit:
@@ -727,7 +743,10 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", s
 
 def knn_splits(config, accelerator, train_split):
     """Loaders of the training and held-out splits without augmentation, or None without labels."""
-    if not config.knn_every or train_split.label_column is None:
+    if not config.knn_every:
+        return None
+    if train_split.label_column is None:
+        print(f"no kNN monitor: {train_split.source} has no class labels (pretraining needs none)", file=sys.stderr)
         return None
     try:
         test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
@@ -786,8 +805,10 @@ def export_backbone(checkpoint, export_dir, config, results=None):
 
 
 def hyperparameters(config):
-    """The configuration for TensorBoard / wandb: numbers, strings and booleans as themselves, the rest as text."""
-    return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in vars(config).items()}
+    """What the run computes with, for TensorBoard / wandb: no run-control flag and nothing unset; numbers, strings
+    and booleans as themselves, lists as text."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in vars(config).items() if key not in RUN_CONTROL and value is not None}
 
 
 class Logger:

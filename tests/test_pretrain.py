@@ -654,8 +654,52 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about(monkeypatch):
     assert intl.slow_precision_warning(cpu_bf16) is None
 
 
-def test_trackers_get_numbers_as_numbers_and_the_rest_as_text():
+def test_trackers_get_what_the_run_computes_with_and_no_run_control_flag_or_unset_value():
     config = pretrain.resolve_config(["--print_config"])
     values = pretrain.hyperparameters(config)
-    assert values["lr"] == config.lr and isinstance(values["epochs"], int) and values["compile"] is False
-    assert values["mean"] == str(config.mean) and values["beta"] == "None"
+    assert values["lr"] == config.lr and isinstance(values["epochs"], int) and values["mean"] == str(config.mean)
+    assert not {"compile", "print_config", "commit_message", "output_dir"} & set(values)
+    assert "beta" not in values and "None" not in values.values()
+
+
+@pytest.mark.parametrize("launcher, flags, expected", [
+    ({}, [], "no"),  # the preset's fp16 needs a GPU
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, [], "bf16"),  # accelerate launch --mixed_precision bf16
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["--mixed_precision", "no"], "no"),  # the script's own flag wins
+])
+def test_the_launchers_precision_wins_over_a_preset_and_the_scripts_flag_over_both(monkeypatch, launcher, flags,
+                                                                                  expected):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = pretrain.resolve_config(["--preset", "imagenet-800ep", "--print_config", *flags])
+    assert config.mixed_precision == expected
+
+
+def test_a_run_says_when_its_warm_up_outlasts_it_and_where_to_continue_when_stopped(tiny_images, tmp_path, capsys):
+    tiny(tiny_images, "--output_dir", tmp_path, "--epochs", 1, "--warmup_epochs", 2, "--stop_after_steps", 2)
+    out = capsys.readouterr().out
+    assert "note: the warm-up (8 steps) is as long as the run or longer: the lr rises to " in out
+    assert (f"stopped after step 2 of 4 (--stop_after_steps); the checkpoint is {tmp_path / 'checkpoints'}"
+            f"/step-00000002. Continue with: python pretrain.py --output_dir {tmp_path} --resume latest") in out
+
+
+def test_a_finished_run_names_its_backbone_its_log_and_the_next_command(tiny_finished_run):
+    run = tiny_finished_run.run
+    assert (f"done: the backbone is in {run / 'backbone'}, the log in {run / 'log.jsonl'}. Next: python linear_eval.py "
+            f"--backbone {run / 'backbone'}") in tiny_finished_run.stdout
+
+
+def test_a_flat_folder_of_unlabelled_photos_pretrains_and_the_knn_monitor_says_it_has_no_labels(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(8):
+        (tmp_path / "photos").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.jpg")
+    tiny(tmp_path / "photos", "--output_dir", tmp_path / "run", "--epochs", 1, "--knn_every", 1)
+    captured = capsys.readouterr()
+    assert f"no kNN monitor: {tmp_path / 'photos'}" in captured.err and "has no class labels" in captured.err
+    assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
+
+
