@@ -1005,7 +1005,9 @@ def write_model_card(export_dir, results=None, repo_id=None, license=None):
 def model_card(config, results=None, repo_id=None, license=None):
     """The model card: the Hub's metadata, with a model-index of `results` (linear_eval.py's result records, as
     paths or dicts), and a body with the recipe, the results and how to load the weights. repo_id: the Hub repo
-    named in the snippets; license: a Hub license id, or None: the card says that none was chosen."""
+    named in the snippets; license: a Hub license id, or None: the card says that none was chosen and its metadata
+    has no license (the Hub's "other" would need a name and a link). Only results on a Hub dataset enter the
+    model-index (its dataset type is a Hub id); the body's table holds them all."""
     import huggingface_hub
 
     records = [read_result(item) for item in results or []]
@@ -1013,22 +1015,22 @@ def model_card(config, results=None, repo_id=None, license=None):
     name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
     eval_results = [huggingface_hub.EvalResult(
         task_type="image-classification", task_name="Image classification", metric_type="accuracy",
-        dataset_type=published_name(record.get("dataset")), dataset_name=published_name(record.get("dataset")),
+        dataset_type=record["dataset"], dataset_name=record["dataset"],
         dataset_split=record.get("test_split"), metric_value=round(float(row[key]), 2),
         metric_name=f"{row['name']} {metric} accuracy (%)")
-        for record in records for row in record["rows"] for metric, key in (("top-1", "top1"), ("top-5", "top5"))
-        if row.get(key) is not None]
+        for record in records if is_hub_dataset_id(record.get("dataset")) for row in record["rows"]
+        for metric, key in (("top-1", "top1"), ("top-5", "top5")) if row.get(key) is not None]
     metadata = huggingface_hub.ModelCardData(
         library_name="timm" if with_timm else "pytorch", pipeline_tag="image-feature-extraction",
-        **(dict(license=license) if license else dict(license="other", license_name="none-chosen")),
+        license=license,
         tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"]
         + ["timm"] * with_timm, model_name=name if eval_results else None, eval_results=eval_results or None,
         datasets=[dataset] if is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
-    body = card_body(config, records, name, repo_id or "OWNER/NAME")
+    body = card_body(config, records, name, repo_id or "OWNER/NAME", license)
     return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}"))  # parses: valid metadata
 
 
-def card_body(config, records, name, repo):
+def card_body(config, records, name, repo, license):
     arch, stem, size, dim = config.get("arch"), config.get("stem", "imagenet"), config.get("image_size"), \
         config.get("feature_dim", "D")
     recipe = "\n".join(f"| {label} | {config[key]} |" for key, label in (
@@ -1052,7 +1054,8 @@ def card_body(config, records, name, repo):
         "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
     return CARD.format(name=name, arch=arch, dim=dim, recipe=recipe, resize=resize, size=size, mean=mean, std=std,
                        table="\n".join(table) if records else "No evaluation results were recorded with this export.",
-                       stem_code=stem_code, repo=repo, timm_usage=timm_usage, citations=CITATIONS)
+                       stem_code=stem_code, repo=repo, timm_usage=timm_usage, citations=CITATIONS,
+                       license_note="" if license else "\nNo license was chosen for these weights by their publisher.")
 
 
 CARD = """
@@ -1096,7 +1099,8 @@ preprocess = T.Compose([T.Resize({resize}, interpolation=T.InterpolationMode.BIL
 
 {timm_usage}
 
-With this project's `intl.py`: `net, config = intl.load_backbone("{repo}")`.
+From a clone of the INTL repository that made this model: `import intl; net, config = intl.load_backbone("{repo}")`.
+{license_note}
 
 ## Citation
 
