@@ -293,9 +293,8 @@ def train(config, accelerator):
         log.start()
     log.info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
              f"peak lr {peak_lr:.4g}")
-    if warmup_steps >= total_steps:
-        log.info(f"note: the warm-up ({warmup_steps} steps) is as long as the run or longer: the lr rises to "
-                 f"{learning_rate(total_steps - 1, total_steps, warmup_steps, peak_lr):.4g} and never reaches its peak")
+    if warmup_steps > total_steps:
+        log.info(f"note: the warm-up ({warmup_steps} steps) outlasts the run: the lr never reaches its peak")
     monitor.start(step, last_good, model)
 
     model.train()
@@ -322,8 +321,14 @@ def train(config, accelerator):
     finally:
         monitor.progress.close()  # before any error message, so that the message is the last line
 
-    # Export: the backbone alone, the spectrum plot and the summary, once the last step is done.
-    if step == total_steps:
+    finish(config, accelerator, log, monitor, step)
+
+
+def finish(config, accelerator, log, monitor, step):
+    """Once the last step is done: the backbone alone, the spectrum plot, the summary and what to run next; after
+    --stop_after_steps: where to continue from."""
+    output_dir = Path(config.output_dir)
+    if step == monitor.total_steps:
         if accelerator.is_main_process:
             export_backbone(monitor.last_good, output_dir / "backbone", config, log.knn_result(step, config))
             log.plot_spectra(output_dir / "spectrum.png")
@@ -331,7 +336,7 @@ def train(config, accelerator):
         log.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
                  f"python linear_eval.py --backbone {output_dir / 'backbone'}")
     else:
-        log.info(f"stopped after step {step} of {total_steps} (--stop_after_steps); the checkpoint is "
+        log.info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
                  f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
     accelerator.end_training()
 

@@ -680,7 +680,7 @@ def test_the_launchers_precision_wins_over_a_preset_and_the_scripts_flag_over_bo
 def test_a_run_says_when_its_warm_up_outlasts_it_and_where_to_continue_when_stopped(tiny_images, tmp_path, capsys):
     tiny(tiny_images, "--output_dir", tmp_path, "--epochs", 1, "--warmup_epochs", 2, "--stop_after_steps", 2)
     out = capsys.readouterr().out
-    assert "note: the warm-up (8 steps) is as long as the run or longer: the lr rises to " in out
+    assert "note: the warm-up (8 steps) outlasts the run: the lr never reaches its peak" in out
     assert (f"stopped after step 2 of 4 (--stop_after_steps); the checkpoint is {tmp_path / 'checkpoints'}"
             f"/step-00000002. Continue with: python pretrain.py --output_dir {tmp_path} --resume latest") in out
 
