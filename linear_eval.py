@@ -1,7 +1,7 @@
 """Evaluate a pretrained backbone by the papers' protocols, with Hugging Face Accelerate.
 
     python linear_eval.py --backbone runs/digits/backbone            # offline: 5-NN + linear on cached features
-    python linear_eval.py --backbone someone/intl-resnet50 --protocol knn --knn_metric cosine --dataset DATA
+    python linear_eval.py --backbone someone/intl-resnet50 --protocol knn --dataset DATA
     accelerate launch linear_eval.py --backbone runs/in1k/backbone --protocol linear \\
         --dataset ILSVRC/imagenet-1k --test_split validation
     accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --recipe intl --arch resnet50 \\
@@ -9,8 +9,7 @@
 
 Protocols (the papers' evaluation protocols; batches are global, all processes together):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie between classes to the
-                   smallest class id (the papers'); or weighted cosine votes exp(sim / T) with k = 20 / 200,
-                   T = 0.07 (--knn_metric cosine)
+                   smallest class id
     linear-cached  features extracted once without augmentation; a linear head trained on them with
                    Adam, lr 1e-2 decayed exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
     linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
@@ -19,11 +18,11 @@ Protocols (the papers' evaluation protocols; batches are global, all processes t
                    backbone weight or BN buffer changed
     finetune       semi-supervised: all layers trained for 20 epochs at a constant lr (head 0.2, backbone
                    0.006 INTL / 0.004 INTL-M), batch 256, on the images named in --subset_file (the standard
-                   1% / 10% lists) or, not comparable to the papers, a random --train_fraction
+                   1% / 10% lists)
 
 The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
 written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
-and continue with --resume.
+and continue with --resume latest.
 """
 
 import argparse
@@ -65,12 +64,10 @@ RECIPE_LRS = {
 }
 # The valid range of every numeric flag (intl.check_settings), checked before any work.
 RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)",
-          "eval_batch_size": "[1, inf)", "k": "[1, inf)", "temperature": "(0, inf)", "train_fraction": "(0, 1]",
+          "eval_batch_size": "[1, inf)", "k": "[1, inf)",
           "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
           "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
           "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
-RANDOM_SUBSET_NOTE = ("a random --train_fraction subset, not the standard 1% / 10% image lists (--subset_file): "
-                      "not comparable to the papers' semi-supervised numbers")
 
 
 def get_parser():
@@ -110,16 +107,10 @@ def get_parser():
     protocol = parser.add_argument_group("evaluation protocol")
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
-    protocol.add_argument("--knn_metric", default="euclidean", choices=["euclidean", "cosine"],
-                          help="euclidean: one vote per neighbour (the papers'); cosine: votes exp(similarity / T)")
-    protocol.add_argument("--k", type=int, nargs="+", help="numbers of neighbours; None: 5 (euclidean), 20 and 200 "
-                          "(cosine)")
-    protocol.add_argument("--temperature", type=float, default=0.07, help="T of the weighted-cosine kNN")
+    protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours (Euclidean, "
+                          "one vote each)")
     protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line: the standard "
                           "ImageNet 1%% / 10%% lists of the papers' semi-supervised results")
-    protocol.add_argument("--train_fraction", type=float,
-                          help="finetune, instead of --subset_file: a random class-balanced fraction of the training "
-                               "split drawn with --seed; NOT comparable to the papers' numbers (standard lists)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="training epochs; None: linear-cached 500, linear 100, finetune 20")
@@ -150,10 +141,10 @@ def get_parser():
                      "protocols in --output_dir; without it such a folder is refused before any work")
     run.add_argument("--eval_every", type=int, default=1,
                      help="linear, finetune: test accuracy every N epochs and after the last")
-    run.add_argument("--resume", action="store_true",
-                     help="linear, finetune: continue from the latest checkpoint in OUTPUT_DIR/checkpoints/<protocol>")
+    run.add_argument("--resume", help="linear, finetune: 'latest' (the newest checkpoint of each in "
+                     "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
-                     "(the schedule still spans --epochs); continue with --resume")
+                     "(the schedule still spans --epochs); continue with --resume latest")
     run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone "
                      "(input size, normalisation, recipe) and exit before any data is read")
     return parser
@@ -177,6 +168,7 @@ def main(argv=None):
         print(warning, file=sys.stderr)
     for protocol in trained:  # a global batch that does not split over the processes is refused before any loading
         per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
+    resumed = checkpoints_to_resume(config)
     backbone, config = load_frozen_backbone(config, accelerator)
     splits = load_labelled_splits(config, accelerator)
     data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
@@ -194,7 +186,7 @@ def main(argv=None):
             record = run_linear_cached(features, splits.num_classes, config, accelerator)
         else:
             try:
-                record = run_trained_protocol(protocol, config, backbone, splits, accelerator)
+                record = run_trained_protocol(protocol, resumed[protocol], config, backbone, splits, accelerator)
             except KeyboardInterrupt:
                 raise intl.Interrupted(interrupted_message(protocol, output_dir)) from None
             if record is None:  # --stop_after_epochs
@@ -232,12 +224,11 @@ def resolve_args(argv=None):
     """The flags, with the defaults that follow from other flags, checked before any work."""
     config = get_parser().parse_args(argv)
     config.protocol = list(dict.fromkeys(config.protocol))  # a protocol named twice runs once
-    if config.k is None:
-        config.k = [5] if config.knn_metric == "euclidean" else [20, 200]
     if config.output_dir is None:
         config.output_dir = str(default_output_dir(config.backbone, config.revision))
-    if "finetune" in config.protocol and (config.train_fraction is None) == (config.subset_file is None):
-        raise ValueError("--protocol finetune needs exactly one of --train_fraction (e.g. 0.01) and --subset_file")
+    if "finetune" in config.protocol and config.subset_file is None:
+        raise ValueError("--protocol finetune needs --subset_file: the standard 1% / 10% image lists of the papers' "
+                         "semi-supervised results")
     if config.resume and not set(TRAINED) & set(config.protocol):
         raise ValueError("--resume applies to --protocol linear and finetune only")
     intl.check_settings(vars(config), get_parser(), RANGES)
@@ -347,8 +338,9 @@ def load_labelled_splits(config, accelerator):
     num_classes = 0
     for split in splits:
         if split.label_column is None:
-            raise ValueError(f"{split.source} has no labels (no 'label' column or ClassLabel feature): the "
-                             "evaluations need labelled training and test splits; name one with --label_column")
+            raise ValueError(f"{split.source} has no integer class labels (no label column, or its labels are not "
+                             "integer class indices): linear evaluation needs labelled training and test splits; "
+                             "name the column with --label_column (Dataset.class_encode_column maps strings)")
         labels = intl.labels_of(split)
         if len(labels) == 0:
             raise ValueError(f"{split.source} is empty")
@@ -387,28 +379,18 @@ def train_transform(image_size, mean, std):
         T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
-def training_subset(split, num_classes, config):
-    """The images finetune learns from: the names in --subset_file, or a seeded class-balanced fraction."""
-    if config.subset_file:
-        names = [line.strip() for line in Path(config.subset_file).read_text().splitlines() if line.strip()]
-        if not names:
-            raise ValueError(f"--subset_file {config.subset_file} lists no image names")
-        files = image_file_names(split)
-        present, wanted = set(files), set(names)
-        absent = [name for name in names if name not in present]
-        if absent:
-            raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
-                             f"(first {absent[0]!r})")
-        return replace(split, dataset=split.dataset.select([i for i, name in enumerate(files) if name in wanted]))
-    labels = intl.labels_of(split)
-    generator = torch.Generator().manual_seed(config.seed)
-    indices = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()
-        if len(members):
-            take = max(1, round(config.train_fraction * len(members)))
-            indices += members[torch.randperm(len(members), generator=generator)[:take]].tolist()
-    return replace(split, dataset=split.dataset.select(sorted(indices)))
+def training_subset(split, subset_file):
+    """The images finetune learns from: those named in --subset_file."""
+    names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--subset_file {subset_file} lists no image names")
+    files = image_file_names(split)
+    present, wanted = set(files), set(names)
+    absent = [name for name in names if name not in present]
+    if absent:
+        raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
+                         f"(first {absent[0]!r})")
+    return replace(split, dataset=split.dataset.select([i for i, name in enumerate(files) if name in wanted]))
 
 
 def image_file_names(split):
@@ -416,8 +398,7 @@ def image_file_names(split):
     column = split.dataset.with_format("arrow")[split.image_column]
     paths = [p for chunk in column.chunks for p in chunk.field("path").to_pylist()]
     if any(p is None for p in paths):
-        raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them; "
-                         "use --train_fraction")
+        raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them")
     return [os.path.basename(p) for p in paths]
 
 
@@ -466,31 +447,14 @@ def frozen_features(backbone, splits, config, accelerator):
 
 
 def run_knn(features, config, device="cpu"):
+    """The papers' k-NN (intl.knn_classify): Euclidean, one vote per neighbour; top-1 only."""
     (train_f, train_l), (test_f, test_l) = features["train"], features["test"]
     rows = []
     for asked in config.k:
         k = min(asked, len(train_f))  # the row's name says which k was really used
-        if config.knn_metric == "euclidean":
-            top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k, device=device)["top1"]
-            rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
-        else:
-            result = weighted_cosine_knn(train_f, train_l, test_f, test_l, k, config.temperature, device)
-            rows.append({"name": f"{k}-NN (cosine, T={config.temperature:g})", **result})
-    settings = {"metric": config.knn_metric, "k": config.k}
-    if config.knn_metric == "cosine":
-        settings["temperature"] = config.temperature
-    return {"rows": rows, "settings": settings, "n_evaluated": len(test_f)}
-
-
-@torch.no_grad()
-def weighted_cosine_knn(train_features, train_labels, test_features, test_labels, k, temperature, device=None):
-    """k-NN with cosine similarity, each neighbour voting exp(similarity / T) for its class: top-1 / top-5 (%).
-    The neighbours come from `intl.nearest_neighbours` (blocks: memory bounded at ImageNet size)."""
-    nearest, key = intl.nearest_neighbours(train_features, test_features, k, device=device, cosine=True)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = torch.zeros(len(test_features), num_classes, device=nearest.device)
-    votes.scatter_add_(1, train_labels.to(nearest.device)[nearest], (-key / temperature).exp())
-    return accuracy(top5_correct(votes.cpu(), test_labels))
+        top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k, device=device)["top1"]
+        rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
+    return {"rows": rows, "settings": {"metric": "euclidean", "k": config.k}, "n_evaluated": len(test_f)}
 
 
 def run_linear_cached(features, num_classes, config, accelerator):
@@ -529,24 +493,22 @@ def cached_lr(epoch, epochs, lr, min_lr):
 # linear (ImageNet protocol) and finetune: trained on images
 
 
-def run_trained_protocol(protocol, config, backbone, splits, accelerator):
+def run_trained_protocol(protocol, checkpoint, config, backbone, splits, accelerator):
     """linear or finetune: SGD on augmented training images, tested every --eval_every epochs, a checkpoint every
-    epoch. -> the protocol's record, or None after --stop_after_epochs."""
+    epoch; continued from `checkpoint` if not None. -> the protocol's record, or None after --stop_after_epochs."""
     finetune = protocol == "finetune"
-    train_split = training_subset(splits.train, splits.num_classes, config) if finetune else splits.train
+    train_split = training_subset(splits.train, config.subset_file) if finetune else splits.train
     if finetune:
-        accelerator.print(f"finetune on {len(train_split.dataset)} training images"
-                          + (f" ({RANDOM_SUBSET_NOTE})" if config.train_fraction is not None else ""))
+        accelerator.print(f"finetune on {len(train_split.dataset)} training images")
     settings = {**protocol_settings(protocol, config), "batch_size_is": "global", "image_size": config.image_size,
                 "processes": accelerator.num_processes, "n_train": len(train_split.dataset),
-                "train_fraction": config.train_fraction if finetune else None,
                 "subset_file": config.subset_file if finetune else None}
     pretrained = {key: value.clone() for key, value in backbone.state_dict().items()}  # linear checks it is unchanged
     model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings, accelerator)
     train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     checkpoints = Path(config.output_dir) / "checkpoints" / protocol
-    start_epoch, history = resume_or_start(checkpoints, settings, config, accelerator)
+    start_epoch, history = resume_or_start(checkpoints, checkpoint, settings, accelerator)
 
     def forward(images):
         if finetune:
@@ -576,9 +538,11 @@ def run_trained_protocol(protocol, config, backbone, splits, accelerator):
             if config.stop_after_epochs is not None and config.stop_after_epochs <= epoch + 1 < epochs:
                 break
     if history[-1]["epoch"] < epochs:  # --stop_after_epochs
-        accelerator.print(f"{protocol}: stopped after epoch {history[-1]['epoch']} of {epochs}; continue with --resume")
+        accelerator.print(f"{protocol}: stopped after epoch {history[-1]['epoch']} of {epochs}; continue with "
+                          "--resume latest")
         return None
-    record = trained_protocol_record(protocol, settings, [h for h in history if "top1" in h], config)
+    name = f"fine-tune on {settings['n_train']} images" if finetune else "linear (ImageNet protocol)"
+    record = trained_record(name, settings, [h for h in history if "top1" in h])
     if not finetune:
         record["backbone_unchanged"] = check_backbone_unchanged(backbone, pretrained)
     return record
@@ -627,17 +591,6 @@ def train_one_epoch(forward, optimizer, loader, progress, accelerator):
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
     return accelerator.reduce(loss_sum / len(loader), "mean").item()
-
-
-def trained_protocol_record(protocol, settings, history, config):
-    """linear's or finetune's record; finetune on a random --train_fraction says it is not comparable."""
-    if protocol == "linear":
-        return trained_record("linear (ImageNet protocol)", settings, history)
-    name = f"fine-tune on {settings['n_train']} images"
-    if config.train_fraction is None:
-        return {**trained_record(name, settings, history), "comparable_to_paper": True}
-    name += f" (random {config.train_fraction:g}: not comparable to the paper)"
-    return {**trained_record(name, settings, history), "comparable_to_paper": False, "note": RANDOM_SUBSET_NOTE}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -695,53 +648,71 @@ def evaluate(forward, loader, accelerator):
     return {**accuracy(correct), "n_evaluated": len(correct)}
 
 
-# Checkpoints: one per epoch, the last kept.
+# Checkpoints: one per epoch in OUTPUT_DIR/checkpoints/<protocol>/epoch-N, the last kept.
 
 
 def save_epoch(root, epoch, settings, history, accelerator):
-    intl.save_state_atomically(accelerator, root / f"epoch-{epoch:04d}", "eval_state.json",
+    intl.save_state_atomically(accelerator, root / f"epoch-{epoch:04d}", "trainer_state.json",
                                {"epoch": epoch, "settings": settings, "history": history}, keep=1)
 
 
-def resume_or_start(root, settings, config, accelerator):
-    """-> (the epoch to start from, the history so far): with --resume, those of the latest checkpoint in root, whose
-    settings must be these; else 0 and none, and an earlier run's checkpoints go."""
+def newest_checkpoint(root):
+    saved = max(root.glob("epoch-*/trainer_state.json"), default=None)
+    return saved.parent if saved else None
+
+
+def checkpoints_to_resume(config):
+    """--resume: 'latest' -> the newest checkpoint of each trained protocol; a checkpoint folder in
+    OUTPUT_DIR/checkpoints/<protocol>/ -> that one, for the run's one trained protocol. -> {protocol: folder or
+    None (a new start)}"""
+    roots = {p: Path(config.output_dir) / "checkpoints" / p for p in config.protocol if p in TRAINED}
+    if config.resume is None:
+        return dict.fromkeys(roots)
+    if config.resume != "latest":
+        folder = intl.find_checkpoint(config.resume, config.output_dir)
+        if len(roots) != 1 or folder.resolve().parent != next(iter(roots.values())).resolve():
+            raise ValueError(f"--resume {config.resume}: not a checkpoint of the one trained --protocol in "
+                             f"{Path(config.output_dir) / 'checkpoints'}/<protocol>/; give one, or 'latest'")
+        return dict.fromkeys(roots, folder)
+    found = {p: newest_checkpoint(root) for p, root in roots.items()}
+    for protocol, folder in found.items():
+        if folder is None:
+            raise ValueError(f"--resume latest: no checkpoint in {roots[protocol]}; start without --resume")
+    return found
+
+
+def resume_or_start(root, checkpoint, settings, accelerator):
+    """-> (the epoch to start from, the history so far): those of `checkpoint`, whose settings must be these; without
+    one 0 and none, and an earlier run's checkpoints in root go (they would be resumed by mistake)."""
     if accelerator.is_main_process:
         for name in intl.remove_leftovers(root):
             accelerator.print(f"removed {root / name}, left by an interrupted save")
-    if not config.resume:
-        if accelerator.is_main_process and root.exists():
-            shutil.rmtree(root)  # they would be resumed by mistake
+        if checkpoint is None and root.exists():
+            shutil.rmtree(root)
+    if checkpoint is None:
         return 0, []
-    done = sorted(root.glob("epoch-*/eval_state.json"))
-    if not done:
-        raise ValueError(f"--resume: no checkpoint in {root}; start without --resume")
-    state = intl.read_json(done[-1])
-    saved = state.get("settings") if isinstance(state, dict) else None
-    if not (isinstance(saved, dict) and isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)):
-        raise ValueError(f"--resume: {done[-1]} lacks the epoch, settings or history of the evaluation: the file is "
-                         "damaged; start again without --resume (and with --overwrite)")
-    changed = intl.changed_settings(saved, settings)
-    if changed:
-        raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} in "
-                         f"{done[-1].parent}; a resumed evaluation keeps its settings")
-    try:
-        intl.load_state(accelerator, done[-1].parent)
-    except ValueError as error:
-        raise ValueError(f"--resume: {done[-1].parent}: {error}; start again without --resume (and with "
-                         "--overwrite)") from None
+
+    def same_settings(folder, state):
+        saved = state.get("settings")
+        if not (isinstance(saved, dict) and isinstance(state.get("epoch"), int)
+                and isinstance(state.get("history"), list)):
+            raise ValueError(f"--resume: {folder} lacks the epoch, settings or history of the evaluation: the file "
+                             "is damaged; start again without --resume (and with --overwrite)")
+        changed = intl.changed_settings(saved, settings)
+        if changed:
+            raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} "
+                             f"in {folder}; a resumed evaluation keeps its settings")
+
+    _, state = intl.load_checkpoint(accelerator, str(checkpoint), None, check_state=same_settings)
     accelerator.print(f"{root.name}: resumed after epoch {state['epoch']}")
     return state["epoch"], state["history"]
 
 
 def interrupted_message(protocol, output_dir):
     """The one line Ctrl-C prints during a trained protocol: the epoch it stopped in and how to continue."""
-    saved = sorted((output_dir / "checkpoints" / protocol).glob("epoch-*/eval_state.json"))
-    done = int(saved[-1].parent.name.split("-")[1]) if saved else 0
-    if not done:
-        return (f"interrupted in epoch 1 of {protocol}, before its first checkpoint: nothing to resume; run the "
-                "command again")
-    return f"interrupted in epoch {done + 1} of {protocol}; continue with --resume (from the end of epoch {done})"
+    saved = newest_checkpoint(output_dir / "checkpoints" / protocol)
+    epoch = int(saved.name.split("-")[1]) + 1 if saved else 1
+    return intl.interrupted_message(f"epoch {epoch} of {protocol}", saved)
 
 
 # -----------------------------------------------------------------------------
@@ -753,21 +724,18 @@ def results_table(records, data, output_dir):
     lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
              f"{data['train_split']}: {data['n_train']} images), final epoch:",
              f"  {'protocol':{width}s} {'top-1':>7s} {'top-5':>7s}"]
-    extras = []
+    for row in [row for record in records for row in record["rows"]]:
+        top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
+        lines.append(f"  {row['name']:{width}s} {row['top1']:7.2f} {top5:>7s}")
     for record in records:
-        for row in record["rows"]:
-            top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
-            lines.append(f"  {row['name']:{width}s} {row['top1']:7.2f} {top5:>7s}")
-        if "note" in record:
-            extras.append(f"  {record['protocol']}: {record['note']}")
         if "best_epoch_extra" in record:
             best = record["best_epoch_extra"]
-            extras.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
-                          f"(top-1 {best['top1']:.2f})")
+            lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
+                         f"(top-1 {best['top1']:.2f})")
         if record.get("backbone_unchanged"):
-            extras.append("  linear: every backbone weight and BN buffer is bit-identical after training")
+            lines.append("  linear: every backbone weight and BN buffer is bit-identical after training")
     files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
-    return "\n".join(lines + extras + [f"written to {files}"])
+    return "\n".join(lines + [f"written to {files}"])
 
 
 if __name__ == "__main__":
