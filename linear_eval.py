@@ -1,24 +1,22 @@
 """Evaluate a pretrained backbone by the papers' protocols, with Hugging Face Accelerate.
 
     python linear_eval.py --backbone runs/digits/backbone            # offline: 5-NN + linear on cached features
-    python linear_eval.py --backbone someone/intl-resnet50 --protocol knn --dataset DATA
     accelerate launch linear_eval.py --backbone runs/in1k/backbone --protocol linear \\
         --dataset ILSVRC/imagenet-1k --test_split validation
     accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --recipe intl --arch resnet50 \\
         --protocol finetune --subset_file 1percent.txt --dataset /data/imagenet
 
-Protocols (the papers' evaluation protocols; batches are global, all processes together):
-    knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie between classes to the
-                   smallest class id
-    linear-cached  features extracted once without augmentation; a linear head trained on them with
-                   Adam, lr 1e-2 decayed exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
+Protocols (the papers'; the defaults of the flags left at None; batches are global, all processes together):
+    knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie to the smallest class id
+    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2 decayed
+                   exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
     linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
                    0.9 without wd, batch 256, lr 0.2 (INTL) / 0.4 (INTL-M), 100 epochs, x0.1 at 60 and 80,
-                   bilinear RandomResizedCrop + flip / Resize + CenterCrop; afterwards a check that no
-                   backbone weight or BN buffer changed
-    finetune       semi-supervised: all layers trained for 20 epochs at a constant lr (head 0.2, backbone
-                   0.006 INTL / 0.004 INTL-M), batch 256, on the images named in --subset_file (the standard
-                   1% / 10% lists)
+                   bilinear RandomResizedCrop + flip; afterwards a check that no backbone weight or BN
+                   buffer changed
+    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M),
+                   batch 256, on the images named in --subset_file (the standard 1% / 10% lists)
+SGD learning rates are per 256 images of global batch; every protocol tests on Resize + CenterCrop.
 
 The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
 written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
@@ -49,8 +47,8 @@ import intl
 
 PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
 TRAINED = ("linear", "finetune")  # trained on images, with a checkpoint every epoch
-# The defaults of the flags left at None, per protocol. Batches are global (all processes together). SGD learning
-# rates are for a global batch of 256 and scale linearly with it; Adam's (linear-cached) does not scale.
+# The defaults of the flags left at None, per protocol (the docstring's table). SGD learning rates scale linearly with
+# the global batch; Adam's (linear-cached) does not.
 DEFAULTS = {
     "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
     "linear": dict(epochs=100, batch_size=256, weight_decay=0.0),
@@ -70,9 +68,12 @@ RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "n
           "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the docstring's protocol table as it is written, and each flag's default."""
+
+
 def get_parser():
-    parser = argparse.ArgumentParser(description="Evaluate a pretrained INTL backbone (kNN, linear, fine-tuning)",
-                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or "
                       "'digits'; None: the dataset the backbone's config.json names, if it is not a local folder")
@@ -100,38 +101,29 @@ def get_parser():
                             "'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' for "
                             "CW-RGP's STL-10 / Tiny-ImageNet networks)")
     model.add_argument("--recipe", choices=sorted(RECIPE_LRS),
-                       help="the backbone's pretraining recipe, which picks the authors' learning rates (linear head "
-                            "0.2 / 0.4, finetune backbone 0.006 / 0.004); None: the method in the backbone's "
-                            "config.json, else INTL's (official .pth.tar checkpoints record none; the run says so)")
+                       help="the backbone's pretraining method, which picks the authors' learning rates (table "
+                            "above); None: the method in its config.json, else INTL's (a .pth.tar records none)")
 
     protocol = parser.add_argument_group("evaluation protocol")
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
-    protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours (Euclidean, "
-                          "one vote each)")
+    protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours")
     protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line: the standard "
                           "ImageNet 1%% / 10%% lists of the papers' semi-supervised results")
 
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, help="training epochs; None: linear-cached 500, linear 100, finetune 20")
-    optim.add_argument("--batch_size", type=int,
-                       help="GLOBAL training batch, all processes together; None: linear-cached 1000, linear and "
-                            "finetune 256 (the authors'); linear and finetune split it evenly over the processes, "
-                            "so it must be divisible by their number")
-    optim.add_argument("--lr", type=float,
-                       help="head learning rate; None: linear-cached 1e-2 (Adam); per 256 images of global batch "
-                            "(SGD): linear 0.2 / 0.4 by --recipe, finetune 0.2")
-    optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images of global "
-                       "batch; None: 0.006 / 0.004 by --recipe")
-    optim.add_argument("--min_lr", type=float, default=1e-6,
-                       help="linear-cached: the learning rate its exponential decay reaches at the last epoch")
-    optim.add_argument("--weight_decay", type=float, help="None: linear-cached 5e-6, linear and finetune 0")
+    optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
+    optim.add_argument("--epochs", type=int, help="training epochs")
+    optim.add_argument("--batch_size", type=int, help="GLOBAL training batch, all processes together; linear and "
+                       "finetune split it evenly over the processes, so it must be divisible by their number")
+    optim.add_argument("--lr", type=float, help="head learning rate (SGD: per 256 images of global batch)")
+    optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images")
+    optim.add_argument("--min_lr", type=float, default=1e-6, help="linear-cached: the lr at the last epoch")
+    optim.add_argument("--weight_decay", type=float)
     optim.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
-                       help="linear: lr x0.1 after these fractions of --epochs (finetune's lr is constant: the "
-                            "authors' milestones lie beyond its 20 epochs)")
+                       help="linear: lr x0.1 after these fractions of --epochs")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="seed of the head's init, the data order and subsets")
+    run.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
     run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                      help="autocast precision; None: Accelerate's config")
     run.add_argument("--output_dir", help="where <protocol>.json and checkpoints/ go, one folder per backbone; None: "
@@ -202,22 +194,19 @@ def main(argv=None):
 
 
 def load_frozen_backbone(config, accelerator):
-    """Any backbone source, loaded strictly and frozen, and the configuration it completes. It comes before the
-    data, so that a wrong backbone fails in seconds. -> (backbone, completed configuration)"""
+    """-> (the backbone, frozen; the configuration it completes). Before the data: a wrong backbone fails fast."""
     backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
     freeze(backbone.to(accelerator.device))
     config = completed_by_backbone(config, backbone_config)
     config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
                       f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
-    for protocol in config.protocol:
-        if protocol in TRAINED:
-            accelerator.print(learning_rates_note(protocol, config))
+    for protocol in [p for p in config.protocol if p in TRAINED]:
+        accelerator.print(learning_rates_note(protocol, config))
     return backbone, config
 
 
-# -----------------------------------------------------------------------------
-# Configuration
+# ----------------------------------------------------------------------------- configuration
 
 
 def resolve_args(argv=None):
@@ -237,8 +226,7 @@ def resolve_args(argv=None):
 
 
 def default_output_dir(backbone, revision=None):
-    """The results folder when --output_dir is not given: one per backbone, so that two backbones in one folder
-    (two exports, two checkpoints, two .pth.tar files) never write into the same one."""
+    """--output_dir's default: one folder per backbone, also for two backbones side by side."""
     path = Path(os.path.expanduser(backbone))
     if path.exists():
         path = path.resolve()
@@ -261,8 +249,7 @@ def dataset_of(backbone_config, backbone):
 
 
 def completed_by_backbone(config, backbone_config):
-    """A copy of the configuration with what the flags leave to the backbone: its input size and normalisation and,
-    for the trained protocols, its evaluation recipe (`recipe`, and `recipe_chosen_by` saying why)."""
+    """A copy of the configuration completed by the backbone: input size, normalisation, dataset and recipe."""
     recipe, chosen_by = None, None
     if set(TRAINED) & set(config.protocol):  # only they use it: a knn run does not refuse a mismatched --recipe
         recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
@@ -275,8 +262,7 @@ def completed_by_backbone(config, backbone_config):
 
 
 def evaluation_recipe(flag, backbone_config):
-    """Which of the authors' evaluation recipes applies, 'intl' or 'intl-m', and what chose it. An export records its
-    method (config.json: `method`, and `recipe.method`); an official .pth.tar records none, so --recipe says it."""
+    """-> (the authors' evaluation recipe, 'intl' or 'intl-m', what chose it): --recipe, else the recorded method."""
     recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
     if flag is not None:
         if recorded in RECIPE_LRS and recorded != flag:
@@ -322,8 +308,7 @@ def per_process_batch(global_batch, processes):
     return global_batch // processes
 
 
-# -----------------------------------------------------------------------------
-# Data
+# ----------------------------------------------------------------------------- data
 
 
 class Splits(NamedTuple):
@@ -365,14 +350,12 @@ def image_loader(split, transform, batch_size, config, accelerator, **options):
 
 
 def eval_images(config):
-    """The un-augmented input of every protocol: the backbone's evaluation resize (e.g. CW-RGP STL-10: 70 for 64 px),
-    centre crop and normalisation."""
+    """Every protocol's test input: the backbone's evaluation resize (CW-RGP STL-10: 70 for 64 px) + centre crop."""
     return intl.eval_transform(config.image_size, config.mean, config.std, config.eval_resize)
 
 
 def train_transform(image_size, mean, std):
-    """The training input of linear and finetune: RandomResizedCrop + flip, resized bilinearly (torchvision's
-    default, as in the authors' runs)."""
+    """linear's and finetune's training input: RandomResizedCrop (bilinear, as in the authors' runs) + flip."""
     return T.Compose([
         T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
         T.RandomHorizontalFlip(),
@@ -380,11 +363,15 @@ def train_transform(image_size, mean, std):
 
 
 def training_subset(split, subset_file):
-    """The images finetune learns from: those named in --subset_file."""
+    """The images finetune learns from: those named in --subset_file (file names, matched without their folder)."""
     names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]
     if not names:
         raise ValueError(f"--subset_file {subset_file} lists no image names")
-    files = image_file_names(split)
+    column = split.dataset.with_format("arrow")[split.image_column]  # the stored paths, no image decoded
+    paths = [p for chunk in column.chunks for p in chunk.field("path").to_pylist()]
+    if None in paths:
+        raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them")
+    files = [os.path.basename(p) for p in paths]
     present, wanted = set(files), set(names)
     absent = [name for name in names if name not in present]
     if absent:
@@ -393,17 +380,7 @@ def training_subset(split, subset_file):
     return replace(split, dataset=split.dataset.select([i for i, name in enumerate(files) if name in wanted]))
 
 
-def image_file_names(split):
-    """The file name (no folder) of every image of the split, from its stored path, without decoding."""
-    column = split.dataset.with_format("arrow")[split.image_column]
-    paths = [p for chunk in column.chunks for p in chunk.field("path").to_pylist()]
-    if any(p is None for p in paths):
-        raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them")
-    return [os.path.basename(p) for p in paths]
-
-
-# -----------------------------------------------------------------------------
-# Accuracy
+# ----------------------------------------------------------------------------- accuracy
 
 
 def top5_correct(scores, labels):
@@ -431,8 +408,7 @@ def trained_record(name, settings, history):
             "settings": settings, "history": history}
 
 
-# -----------------------------------------------------------------------------
-# knn and linear-cached: on the frozen features
+# ----------------------------------------------------------------------------- knn and linear-cached: frozen features
 
 
 def frozen_features(backbone, splits, config, accelerator):
@@ -489,8 +465,7 @@ def cached_lr(epoch, epochs, lr, min_lr):
     return lr * (min_lr / lr) ** (epoch / max(1, epochs - 1))
 
 
-# -----------------------------------------------------------------------------
-# linear (ImageNet protocol) and finetune: trained on images
+# ----------------------------------------------------------------------------- linear and finetune: trained on images
 
 
 def run_trained_protocol(protocol, checkpoint, config, backbone, splits, accelerator):
@@ -549,9 +524,7 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
 
 
 def model_and_optimizer(finetune, backbone, num_classes, settings, accelerator):
-    """A new head from N(0, 0.01) on the frozen backbone (linear: the model is the head alone) or on a copy of the
-    backbone trained with it (finetune); SGD with momentum, each learning rate given per 256 images of global
-    batch."""
+    """A head from N(0, 0.01), alone (linear) or on a trained copy of the backbone (finetune); SGD with momentum."""
     set_seed(settings["seed"])
     head = nn.Linear(backbone.feature_dim, num_classes)
     nn.init.normal_(head.weight, std=0.01)
@@ -568,8 +541,7 @@ def model_and_optimizer(finetune, backbone, num_classes, settings, accelerator):
 
 
 def image_loaders(train_split, test_split, global_batch, config, accelerator):
-    """Training: augmented, one shuffled order per epoch, the same on every process (a subset smaller than the
-    global batch still makes one batch). Test: the evaluation transform."""
+    """Training: augmented, one order per epoch (a subset smaller than the global batch still makes one batch)."""
     train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
                                 per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
                                 sampler=EpochSampler(len(train_split.dataset), config.seed),
@@ -629,8 +601,7 @@ def check_backbone_unchanged(backbone, pretrained):
 
 
 def lr_factor(protocol, epoch, epochs, milestones):
-    """linear: x0.1 after each milestone (fractions of the epochs). finetune: constant, as in the authors' runs,
-    whose step milestones (epochs 60 and 80) lie beyond its 20 epochs."""
+    """linear: x0.1 after each milestone. finetune: constant (the authors' milestones lie beyond its 20 epochs)."""
     if protocol == "linear":
         return 0.1 ** sum(int(epoch) >= round(m * epochs) for m in milestones)
     return 1.0
@@ -648,7 +619,7 @@ def evaluate(forward, loader, accelerator):
     return {**accuracy(correct), "n_evaluated": len(correct)}
 
 
-# Checkpoints: one per epoch in OUTPUT_DIR/checkpoints/<protocol>/epoch-N, the last kept.
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def save_epoch(root, epoch, settings, history, accelerator):
@@ -662,9 +633,8 @@ def newest_checkpoint(root):
 
 
 def checkpoints_to_resume(config):
-    """--resume: 'latest' -> the newest checkpoint of each trained protocol; a checkpoint folder in
-    OUTPUT_DIR/checkpoints/<protocol>/ -> that one, for the run's one trained protocol. -> {protocol: folder or
-    None (a new start)}"""
+    """{trained protocol: the checkpoint it continues from, None for a new start}: for --resume latest the newest
+    in OUTPUT_DIR/checkpoints/<protocol>/; a checkpoint folder there is for the run's one trained protocol."""
     roots = {p: Path(config.output_dir) / "checkpoints" / p for p in config.protocol if p in TRAINED}
     if config.resume is None:
         return dict.fromkeys(roots)
@@ -715,8 +685,7 @@ def interrupted_message(protocol, output_dir):
     return intl.interrupted_message(f"epoch {epoch} of {protocol}", saved)
 
 
-# -----------------------------------------------------------------------------
-# Report
+# ----------------------------------------------------------------------------- report
 
 
 def results_table(records, data, output_dir):
@@ -732,8 +701,6 @@ def results_table(records, data, output_dir):
             best = record["best_epoch_extra"]
             lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
                          f"(top-1 {best['top1']:.2f})")
-        if record.get("backbone_unchanged"):
-            lines.append("  linear: every backbone weight and BN buffer is bit-identical after training")
     files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
     return "\n".join(lines + [f"written to {files}"])
 
