@@ -1,29 +1,26 @@
 """Evaluate a pretrained backbone by the papers' protocols, with Hugging Face Accelerate.
 
     python linear_eval.py --backbone runs/digits/backbone            # offline: 5-NN + linear on cached features
-    python linear_eval.py --backbone someone/intl-resnet50 --protocol knn --knn_metric cosine --dataset DATA
     accelerate launch linear_eval.py --backbone runs/in1k/backbone --protocol linear \\
         --dataset ILSVRC/imagenet-1k --test_split validation
     accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --recipe intl --arch resnet50 \\
         --protocol finetune --subset_file 1percent.txt --dataset /data/imagenet
 
-Protocols (the papers' evaluation protocols; batches are global, all processes together):
-    knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie between classes to the
-                   smallest class id (the papers'); or weighted cosine votes exp(sim / T) with k = 20 / 200,
-                   T = 0.07 (--knn_metric cosine)
-    linear-cached  features extracted once without augmentation; a linear head trained on them with
-                   Adam, lr 1e-2 decayed exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
+Protocols (the papers'; the defaults of the flags left at None; batches are global, all processes together):
+    knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie to the smallest class id
+    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2 decayed
+                   exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
     linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
                    0.9 without wd, batch 256, lr 0.2 (INTL) / 0.4 (INTL-M), 100 epochs, x0.1 at 60 and 80,
-                   bilinear RandomResizedCrop + flip / Resize + CenterCrop; afterwards a check that no
-                   backbone weight or BN buffer changed
-    finetune       semi-supervised: all layers trained for 20 epochs at a constant lr (head 0.2, backbone
-                   0.006 INTL / 0.004 INTL-M), batch 256, on the images named in --subset_file (the standard
-                   1% / 10% lists) or, not comparable to the papers, a random --train_fraction
+                   bilinear RandomResizedCrop + flip; afterwards a check that no backbone weight or BN
+                   buffer changed
+    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M),
+                   batch 256, on the images named in --subset_file (the standard 1% / 10% lists)
+SGD learning rates are per 256 images of global batch; every protocol tests on Resize + CenterCrop.
 
 The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
 written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
-and continue with --resume.
+and continue with --resume latest.
 """
 
 import argparse
@@ -50,8 +47,8 @@ import intl
 
 PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
 TRAINED = ("linear", "finetune")  # trained on images, with a checkpoint every epoch
-# The defaults of the flags left at None, per protocol. Batches are global (all processes together). SGD learning
-# rates are for a global batch of 256 and scale linearly with it; Adam's (linear-cached) does not scale.
+# The defaults of the flags left at None, per protocol (the docstring's table). SGD learning rates scale linearly with
+# the global batch; Adam's (linear-cached) does not.
 DEFAULTS = {
     "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
     "linear": dict(epochs=100, batch_size=256, weight_decay=0.0),
@@ -65,17 +62,18 @@ RECIPE_LRS = {
 }
 # The valid range of every numeric flag (intl.check_settings), checked before any work.
 RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)",
-          "eval_batch_size": "[1, inf)", "k": "[1, inf)", "temperature": "(0, inf)", "train_fraction": "(0, 1]",
+          "eval_batch_size": "[1, inf)", "k": "[1, inf)",
           "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
           "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
           "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
-RANDOM_SUBSET_NOTE = ("a random --train_fraction subset, not the standard 1% / 10% image lists (--subset_file): "
-                      "not comparable to the papers' semi-supervised numbers")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the docstring's protocol table as it is written, and each flag's default."""
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Evaluate a pretrained INTL backbone (kNN, linear, fine-tuning)",
-                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or "
                       "'digits'; None: the dataset the backbone's config.json names, if it is not a local folder")
@@ -103,44 +101,29 @@ def get_parser():
                             "'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' for "
                             "CW-RGP's STL-10 / Tiny-ImageNet networks)")
     model.add_argument("--recipe", choices=sorted(RECIPE_LRS),
-                       help="the backbone's pretraining recipe, which picks the authors' learning rates (linear head "
-                            "0.2 / 0.4, finetune backbone 0.006 / 0.004); None: the method in the backbone's "
-                            "config.json, else INTL's (official .pth.tar checkpoints record none; the run says so)")
+                       help="the backbone's pretraining method, which picks the authors' learning rates (table "
+                            "above); None: the method in its config.json, else INTL's (a .pth.tar records none)")
 
     protocol = parser.add_argument_group("evaluation protocol")
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
-    protocol.add_argument("--knn_metric", default="euclidean", choices=["euclidean", "cosine"],
-                          help="euclidean: one vote per neighbour (the papers'); cosine: votes exp(similarity / T)")
-    protocol.add_argument("--k", type=int, nargs="+", help="numbers of neighbours; None: 5 (euclidean), 20 and 200 "
-                          "(cosine)")
-    protocol.add_argument("--temperature", type=float, default=0.07, help="T of the weighted-cosine kNN")
+    protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours")
     protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line: the standard "
                           "ImageNet 1%% / 10%% lists of the papers' semi-supervised results")
-    protocol.add_argument("--train_fraction", type=float,
-                          help="finetune, instead of --subset_file: a random class-balanced fraction of the training "
-                               "split drawn with --seed; NOT comparable to the papers' numbers (standard lists)")
 
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, help="training epochs; None: linear-cached 500, linear 100, finetune 20")
-    optim.add_argument("--batch_size", type=int,
-                       help="GLOBAL training batch, all processes together; None: linear-cached 1000, linear and "
-                            "finetune 256 (the authors'); linear and finetune split it evenly over the processes, "
-                            "so it must be divisible by their number")
-    optim.add_argument("--lr", type=float,
-                       help="head learning rate; None: linear-cached 1e-2 (Adam); per 256 images of global batch "
-                            "(SGD): linear 0.2 / 0.4 by --recipe, finetune 0.2")
-    optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images of global "
-                       "batch; None: 0.006 / 0.004 by --recipe")
-    optim.add_argument("--min_lr", type=float, default=1e-6,
-                       help="linear-cached: the learning rate its exponential decay reaches at the last epoch")
-    optim.add_argument("--weight_decay", type=float, help="None: linear-cached 5e-6, linear and finetune 0")
+    optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
+    optim.add_argument("--epochs", type=int, help="training epochs")
+    optim.add_argument("--batch_size", type=int, help="GLOBAL training batch, all processes together; linear and "
+                       "finetune split it evenly over the processes, so it must be divisible by their number")
+    optim.add_argument("--lr", type=float, help="head learning rate (SGD: per 256 images of global batch)")
+    optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images")
+    optim.add_argument("--min_lr", type=float, default=1e-6, help="linear-cached: the lr at the last epoch")
+    optim.add_argument("--weight_decay", type=float)
     optim.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
-                       help="linear: lr x0.1 after these fractions of --epochs (finetune's lr is constant: the "
-                            "authors' milestones lie beyond its 20 epochs)")
+                       help="linear: lr x0.1 after these fractions of --epochs")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="seed of the head's init, the data order and subsets")
+    run.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
     run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                      help="autocast precision; None: Accelerate's config")
     run.add_argument("--output_dir", help="where <protocol>.json and checkpoints/ go, one folder per backbone; None: "
@@ -150,10 +133,10 @@ def get_parser():
                      "protocols in --output_dir; without it such a folder is refused before any work")
     run.add_argument("--eval_every", type=int, default=1,
                      help="linear, finetune: test accuracy every N epochs and after the last")
-    run.add_argument("--resume", action="store_true",
-                     help="linear, finetune: continue from the latest checkpoint in OUTPUT_DIR/checkpoints/<protocol>")
+    run.add_argument("--resume", help="linear, finetune: 'latest' (the newest checkpoint of each in "
+                     "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
-                     "(the schedule still spans --epochs); continue with --resume")
+                     "(the schedule still spans --epochs); continue with --resume latest")
     run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone "
                      "(input size, normalisation, recipe) and exit before any data is read")
     return parser
@@ -177,6 +160,7 @@ def main(argv=None):
         print(warning, file=sys.stderr)
     for protocol in trained:  # a global batch that does not split over the processes is refused before any loading
         per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
+    resumed = checkpoints_to_resume(config)
     backbone, config = load_frozen_backbone(config, accelerator)
     splits = load_labelled_splits(config, accelerator)
     data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
@@ -194,7 +178,7 @@ def main(argv=None):
             record = run_linear_cached(features, splits.num_classes, config, accelerator)
         else:
             try:
-                record = run_trained_protocol(protocol, config, backbone, splits, accelerator)
+                record = run_trained_protocol(protocol, resumed[protocol], config, backbone, splits, accelerator)
             except KeyboardInterrupt:
                 raise intl.Interrupted(interrupted_message(protocol, output_dir)) from None
             if record is None:  # --stop_after_epochs
@@ -210,34 +194,30 @@ def main(argv=None):
 
 
 def load_frozen_backbone(config, accelerator):
-    """Any backbone source, loaded strictly and frozen, and the configuration it completes. It comes before the
-    data, so that a wrong backbone fails in seconds. -> (backbone, completed configuration)"""
+    """-> (the backbone, frozen; the configuration it completes). Before the data: a wrong backbone fails fast."""
     backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
     freeze(backbone.to(accelerator.device))
     config = completed_by_backbone(config, backbone_config)
     config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
                       f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
-    for protocol in config.protocol:
-        if protocol in TRAINED:
-            accelerator.print(learning_rates_note(protocol, config))
+    for protocol in [p for p in config.protocol if p in TRAINED]:
+        accelerator.print(learning_rates_note(protocol, config))
     return backbone, config
 
 
-# -----------------------------------------------------------------------------
-# Configuration
+# ----------------------------------------------------------------------------- configuration
 
 
 def resolve_args(argv=None):
     """The flags, with the defaults that follow from other flags, checked before any work."""
     config = get_parser().parse_args(argv)
     config.protocol = list(dict.fromkeys(config.protocol))  # a protocol named twice runs once
-    if config.k is None:
-        config.k = [5] if config.knn_metric == "euclidean" else [20, 200]
     if config.output_dir is None:
         config.output_dir = str(default_output_dir(config.backbone, config.revision))
-    if "finetune" in config.protocol and (config.train_fraction is None) == (config.subset_file is None):
-        raise ValueError("--protocol finetune needs exactly one of --train_fraction (e.g. 0.01) and --subset_file")
+    if "finetune" in config.protocol and config.subset_file is None:
+        raise ValueError("--protocol finetune needs --subset_file: the standard 1% / 10% image lists of the papers' "
+                         "semi-supervised results")
     if config.resume and not set(TRAINED) & set(config.protocol):
         raise ValueError("--resume applies to --protocol linear and finetune only")
     intl.check_settings(vars(config), get_parser(), RANGES)
@@ -246,8 +226,7 @@ def resolve_args(argv=None):
 
 
 def default_output_dir(backbone, revision=None):
-    """The results folder when --output_dir is not given: one per backbone, so that two backbones in one folder
-    (two exports, two checkpoints, two .pth.tar files) never write into the same one."""
+    """--output_dir's default: one folder per backbone, also for two backbones side by side."""
     path = Path(os.path.expanduser(backbone))
     if path.exists():
         path = path.resolve()
@@ -270,8 +249,7 @@ def dataset_of(backbone_config, backbone):
 
 
 def completed_by_backbone(config, backbone_config):
-    """A copy of the configuration with what the flags leave to the backbone: its input size and normalisation and,
-    for the trained protocols, its evaluation recipe (`recipe`, and `recipe_chosen_by` saying why)."""
+    """A copy of the configuration completed by the backbone: input size, normalisation, dataset and recipe."""
     recipe, chosen_by = None, None
     if set(TRAINED) & set(config.protocol):  # only they use it: a knn run does not refuse a mismatched --recipe
         recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
@@ -284,8 +262,7 @@ def completed_by_backbone(config, backbone_config):
 
 
 def evaluation_recipe(flag, backbone_config):
-    """Which of the authors' evaluation recipes applies, 'intl' or 'intl-m', and what chose it. An export records its
-    method (config.json: `method`, and `recipe.method`); an official .pth.tar records none, so --recipe says it."""
+    """-> (the authors' evaluation recipe, 'intl' or 'intl-m', what chose it): --recipe, else the recorded method."""
     recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
     if flag is not None:
         if recorded in RECIPE_LRS and recorded != flag:
@@ -331,8 +308,7 @@ def per_process_batch(global_batch, processes):
     return global_batch // processes
 
 
-# -----------------------------------------------------------------------------
-# Data
+# ----------------------------------------------------------------------------- data
 
 
 class Splits(NamedTuple):
@@ -347,8 +323,9 @@ def load_labelled_splits(config, accelerator):
     num_classes = 0
     for split in splits:
         if split.label_column is None:
-            raise ValueError(f"{split.source} has no labels (no 'label' column or ClassLabel feature): the "
-                             "evaluations need labelled training and test splits; name one with --label_column")
+            raise ValueError(f"{split.source} has no integer class labels (no label column, or its labels are not "
+                             "integer class indices): linear evaluation needs labelled training and test splits; "
+                             "name the column with --label_column (Dataset.class_encode_column maps strings)")
         labels = intl.labels_of(split)
         if len(labels) == 0:
             raise ValueError(f"{split.source} is empty")
@@ -373,56 +350,37 @@ def image_loader(split, transform, batch_size, config, accelerator, **options):
 
 
 def eval_images(config):
-    """The un-augmented input of every protocol: the backbone's evaluation resize (e.g. CW-RGP STL-10: 70 for 64 px),
-    centre crop and normalisation."""
+    """Every protocol's test input: the backbone's evaluation resize (CW-RGP STL-10: 70 for 64 px) + centre crop."""
     return intl.eval_transform(config.image_size, config.mean, config.std, config.eval_resize)
 
 
 def train_transform(image_size, mean, std):
-    """The training input of linear and finetune: RandomResizedCrop + flip, resized bilinearly (torchvision's
-    default, as in the authors' runs)."""
+    """linear's and finetune's training input: RandomResizedCrop (bilinear, as in the authors' runs) + flip."""
     return T.Compose([
         T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
         T.RandomHorizontalFlip(),
         T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
-def training_subset(split, num_classes, config):
-    """The images finetune learns from: the names in --subset_file, or a seeded class-balanced fraction."""
-    if config.subset_file:
-        names = [line.strip() for line in Path(config.subset_file).read_text().splitlines() if line.strip()]
-        if not names:
-            raise ValueError(f"--subset_file {config.subset_file} lists no image names")
-        files = image_file_names(split)
-        present, wanted = set(files), set(names)
-        absent = [name for name in names if name not in present]
-        if absent:
-            raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
-                             f"(first {absent[0]!r})")
-        return replace(split, dataset=split.dataset.select([i for i, name in enumerate(files) if name in wanted]))
-    labels = intl.labels_of(split)
-    generator = torch.Generator().manual_seed(config.seed)
-    indices = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()
-        if len(members):
-            take = max(1, round(config.train_fraction * len(members)))
-            indices += members[torch.randperm(len(members), generator=generator)[:take]].tolist()
-    return replace(split, dataset=split.dataset.select(sorted(indices)))
-
-
-def image_file_names(split):
-    """The file name (no folder) of every image of the split, from its stored path, without decoding."""
-    column = split.dataset.with_format("arrow")[split.image_column]
+def training_subset(split, subset_file):
+    """The images finetune learns from: those named in --subset_file (file names, matched without their folder)."""
+    names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--subset_file {subset_file} lists no image names")
+    column = split.dataset.with_format("arrow")[split.image_column]  # the stored paths, no image decoded
     paths = [p for chunk in column.chunks for p in chunk.field("path").to_pylist()]
-    if any(p is None for p in paths):
-        raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them; "
-                         "use --train_fraction")
-    return [os.path.basename(p) for p in paths]
+    if None in paths:
+        raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them")
+    files = [os.path.basename(p) for p in paths]
+    present, wanted = set(files), set(names)
+    absent = [name for name in names if name not in present]
+    if absent:
+        raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
+                         f"(first {absent[0]!r})")
+    return replace(split, dataset=split.dataset.select([i for i, name in enumerate(files) if name in wanted]))
 
 
-# -----------------------------------------------------------------------------
-# Accuracy
+# ----------------------------------------------------------------------------- accuracy
 
 
 def top5_correct(scores, labels):
@@ -450,8 +408,7 @@ def trained_record(name, settings, history):
             "settings": settings, "history": history}
 
 
-# -----------------------------------------------------------------------------
-# knn and linear-cached: on the frozen features
+# ----------------------------------------------------------------------------- knn and linear-cached: frozen features
 
 
 def frozen_features(backbone, splits, config, accelerator):
@@ -466,31 +423,14 @@ def frozen_features(backbone, splits, config, accelerator):
 
 
 def run_knn(features, config, device="cpu"):
+    """The papers' k-NN (intl.knn_classify): Euclidean, one vote per neighbour; top-1 only."""
     (train_f, train_l), (test_f, test_l) = features["train"], features["test"]
     rows = []
     for asked in config.k:
         k = min(asked, len(train_f))  # the row's name says which k was really used
-        if config.knn_metric == "euclidean":
-            top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k, device=device)["top1"]
-            rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
-        else:
-            result = weighted_cosine_knn(train_f, train_l, test_f, test_l, k, config.temperature, device)
-            rows.append({"name": f"{k}-NN (cosine, T={config.temperature:g})", **result})
-    settings = {"metric": config.knn_metric, "k": config.k}
-    if config.knn_metric == "cosine":
-        settings["temperature"] = config.temperature
-    return {"rows": rows, "settings": settings, "n_evaluated": len(test_f)}
-
-
-@torch.no_grad()
-def weighted_cosine_knn(train_features, train_labels, test_features, test_labels, k, temperature, device=None):
-    """k-NN with cosine similarity, each neighbour voting exp(similarity / T) for its class: top-1 / top-5 (%).
-    The neighbours come from `intl.nearest_neighbours` (blocks: memory bounded at ImageNet size)."""
-    nearest, key = intl.nearest_neighbours(train_features, test_features, k, device=device, cosine=True)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = torch.zeros(len(test_features), num_classes, device=nearest.device)
-    votes.scatter_add_(1, train_labels.to(nearest.device)[nearest], (-key / temperature).exp())
-    return accuracy(top5_correct(votes.cpu(), test_labels))
+        top1 = intl.knn_classify(train_f, train_l, test_f, test_l, k=k, device=device)["top1"]
+        rows.append({"name": f"{k}-NN (euclidean)", "top1": top1, "top5": None})
+    return {"rows": rows, "settings": {"metric": "euclidean", "k": config.k}, "n_evaluated": len(test_f)}
 
 
 def run_linear_cached(features, num_classes, config, accelerator):
@@ -525,28 +465,25 @@ def cached_lr(epoch, epochs, lr, min_lr):
     return lr * (min_lr / lr) ** (epoch / max(1, epochs - 1))
 
 
-# -----------------------------------------------------------------------------
-# linear (ImageNet protocol) and finetune: trained on images
+# ----------------------------------------------------------------------------- linear and finetune: trained on images
 
 
-def run_trained_protocol(protocol, config, backbone, splits, accelerator):
+def run_trained_protocol(protocol, checkpoint, config, backbone, splits, accelerator):
     """linear or finetune: SGD on augmented training images, tested every --eval_every epochs, a checkpoint every
-    epoch. -> the protocol's record, or None after --stop_after_epochs."""
+    epoch; continued from `checkpoint` if not None. -> the protocol's record, or None after --stop_after_epochs."""
     finetune = protocol == "finetune"
-    train_split = training_subset(splits.train, splits.num_classes, config) if finetune else splits.train
+    train_split = training_subset(splits.train, config.subset_file) if finetune else splits.train
     if finetune:
-        accelerator.print(f"finetune on {len(train_split.dataset)} training images"
-                          + (f" ({RANDOM_SUBSET_NOTE})" if config.train_fraction is not None else ""))
+        accelerator.print(f"finetune on {len(train_split.dataset)} training images")
     settings = {**protocol_settings(protocol, config), "batch_size_is": "global", "image_size": config.image_size,
                 "processes": accelerator.num_processes, "n_train": len(train_split.dataset),
-                "train_fraction": config.train_fraction if finetune else None,
                 "subset_file": config.subset_file if finetune else None}
     pretrained = {key: value.clone() for key, value in backbone.state_dict().items()}  # linear checks it is unchanged
     model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings, accelerator)
     train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     checkpoints = Path(config.output_dir) / "checkpoints" / protocol
-    start_epoch, history = resume_or_start(checkpoints, settings, config, accelerator)
+    start_epoch, history = resume_or_start(checkpoints, checkpoint, settings, accelerator)
 
     def forward(images):
         if finetune:
@@ -576,18 +513,18 @@ def run_trained_protocol(protocol, config, backbone, splits, accelerator):
             if config.stop_after_epochs is not None and config.stop_after_epochs <= epoch + 1 < epochs:
                 break
     if history[-1]["epoch"] < epochs:  # --stop_after_epochs
-        accelerator.print(f"{protocol}: stopped after epoch {history[-1]['epoch']} of {epochs}; continue with --resume")
+        accelerator.print(f"{protocol}: stopped after epoch {history[-1]['epoch']} of {epochs}; continue with "
+                          "--resume latest")
         return None
-    record = trained_protocol_record(protocol, settings, [h for h in history if "top1" in h], config)
+    name = f"fine-tune on {settings['n_train']} images" if finetune else "linear (ImageNet protocol)"
+    record = trained_record(name, settings, [h for h in history if "top1" in h])
     if not finetune:
         record["backbone_unchanged"] = check_backbone_unchanged(backbone, pretrained)
     return record
 
 
 def model_and_optimizer(finetune, backbone, num_classes, settings, accelerator):
-    """A new head from N(0, 0.01) on the frozen backbone (linear: the model is the head alone) or on a copy of the
-    backbone trained with it (finetune); SGD with momentum, each learning rate given per 256 images of global
-    batch."""
+    """A head from N(0, 0.01), alone (linear) or on a trained copy of the backbone (finetune); SGD with momentum."""
     set_seed(settings["seed"])
     head = nn.Linear(backbone.feature_dim, num_classes)
     nn.init.normal_(head.weight, std=0.01)
@@ -604,8 +541,7 @@ def model_and_optimizer(finetune, backbone, num_classes, settings, accelerator):
 
 
 def image_loaders(train_split, test_split, global_batch, config, accelerator):
-    """Training: augmented, one shuffled order per epoch, the same on every process (a subset smaller than the
-    global batch still makes one batch). Test: the evaluation transform."""
+    """Training: augmented, one order per epoch (a subset smaller than the global batch still makes one batch)."""
     train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
                                 per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
                                 sampler=EpochSampler(len(train_split.dataset), config.seed),
@@ -627,17 +563,6 @@ def train_one_epoch(forward, optimizer, loader, progress, accelerator):
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
     return accelerator.reduce(loss_sum / len(loader), "mean").item()
-
-
-def trained_protocol_record(protocol, settings, history, config):
-    """linear's or finetune's record; finetune on a random --train_fraction says it is not comparable."""
-    if protocol == "linear":
-        return trained_record("linear (ImageNet protocol)", settings, history)
-    name = f"fine-tune on {settings['n_train']} images"
-    if config.train_fraction is None:
-        return {**trained_record(name, settings, history), "comparable_to_paper": True}
-    name += f" (random {config.train_fraction:g}: not comparable to the paper)"
-    return {**trained_record(name, settings, history), "comparable_to_paper": False, "note": RANDOM_SUBSET_NOTE}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -676,8 +601,7 @@ def check_backbone_unchanged(backbone, pretrained):
 
 
 def lr_factor(protocol, epoch, epochs, milestones):
-    """linear: x0.1 after each milestone (fractions of the epochs). finetune: constant, as in the authors' runs,
-    whose step milestones (epochs 60 and 80) lie beyond its 20 epochs."""
+    """linear: x0.1 after each milestone. finetune: constant (the authors' milestones lie beyond its 20 epochs)."""
     if protocol == "linear":
         return 0.1 ** sum(int(epoch) >= round(m * epochs) for m in milestones)
     return 1.0
@@ -695,57 +619,73 @@ def evaluate(forward, loader, accelerator):
     return {**accuracy(correct), "n_evaluated": len(correct)}
 
 
-# Checkpoints: one per epoch, the last kept.
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def save_epoch(root, epoch, settings, history, accelerator):
-    intl.save_state_atomically(accelerator, root / f"epoch-{epoch:04d}", "eval_state.json",
+    intl.save_state_atomically(accelerator, root / f"epoch-{epoch:04d}", "trainer_state.json",
                                {"epoch": epoch, "settings": settings, "history": history}, keep=1)
 
 
-def resume_or_start(root, settings, config, accelerator):
-    """-> (the epoch to start from, the history so far): with --resume, those of the latest checkpoint in root, whose
-    settings must be these; else 0 and none, and an earlier run's checkpoints go."""
+def newest_checkpoint(root):
+    saved = max(root.glob("epoch-*/trainer_state.json"), default=None)
+    return saved.parent if saved else None
+
+
+def checkpoints_to_resume(config):
+    """{trained protocol: the checkpoint it continues from, None for a new start}: for --resume latest the newest
+    in OUTPUT_DIR/checkpoints/<protocol>/; a checkpoint folder there is for the run's one trained protocol."""
+    roots = {p: Path(config.output_dir) / "checkpoints" / p for p in config.protocol if p in TRAINED}
+    if config.resume is None:
+        return dict.fromkeys(roots)
+    if config.resume != "latest":
+        folder = intl.find_checkpoint(config.resume, config.output_dir)
+        if len(roots) != 1 or folder.resolve().parent != next(iter(roots.values())).resolve():
+            raise ValueError(f"--resume {config.resume}: not a checkpoint of the one trained --protocol in "
+                             f"{Path(config.output_dir) / 'checkpoints'}/<protocol>/; give one, or 'latest'")
+        return dict.fromkeys(roots, folder)
+    found = {p: newest_checkpoint(root) for p, root in roots.items()}
+    for protocol, folder in found.items():
+        if folder is None:
+            raise ValueError(f"--resume latest: no checkpoint in {roots[protocol]}; start without --resume")
+    return found
+
+
+def resume_or_start(root, checkpoint, settings, accelerator):
+    """-> (the epoch to start from, the history so far): those of `checkpoint`, whose settings must be these; without
+    one 0 and none, and an earlier run's checkpoints in root go (they would be resumed by mistake)."""
     if accelerator.is_main_process:
         for name in intl.remove_leftovers(root):
             accelerator.print(f"removed {root / name}, left by an interrupted save")
-    if not config.resume:
-        if accelerator.is_main_process and root.exists():
-            shutil.rmtree(root)  # they would be resumed by mistake
+        if checkpoint is None and root.exists():
+            shutil.rmtree(root)
+    if checkpoint is None:
         return 0, []
-    done = sorted(root.glob("epoch-*/eval_state.json"))
-    if not done:
-        raise ValueError(f"--resume: no checkpoint in {root}; start without --resume")
-    state = intl.read_json(done[-1])
-    saved = state.get("settings") if isinstance(state, dict) else None
-    if not (isinstance(saved, dict) and isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)):
-        raise ValueError(f"--resume: {done[-1]} lacks the epoch, settings or history of the evaluation: the file is "
-                         "damaged; start again without --resume (and with --overwrite)")
-    changed = intl.changed_settings(saved, settings)
-    if changed:
-        raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} in "
-                         f"{done[-1].parent}; a resumed evaluation keeps its settings")
-    try:
-        intl.load_state(accelerator, done[-1].parent)
-    except ValueError as error:
-        raise ValueError(f"--resume: {done[-1].parent}: {error}; start again without --resume (and with "
-                         "--overwrite)") from None
+
+    def same_settings(folder, state):
+        saved = state.get("settings")
+        if not (isinstance(saved, dict) and isinstance(state.get("epoch"), int)
+                and isinstance(state.get("history"), list)):
+            raise ValueError(f"--resume: {folder} lacks the epoch, settings or history of the evaluation: the file "
+                             "is damaged; start again without --resume (and with --overwrite)")
+        changed = intl.changed_settings(saved, settings)
+        if changed:
+            raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} "
+                             f"in {folder}; a resumed evaluation keeps its settings")
+
+    _, state = intl.load_checkpoint(accelerator, str(checkpoint), None, check_state=same_settings)
     accelerator.print(f"{root.name}: resumed after epoch {state['epoch']}")
     return state["epoch"], state["history"]
 
 
 def interrupted_message(protocol, output_dir):
     """The one line Ctrl-C prints during a trained protocol: the epoch it stopped in and how to continue."""
-    saved = sorted((output_dir / "checkpoints" / protocol).glob("epoch-*/eval_state.json"))
-    done = int(saved[-1].parent.name.split("-")[1]) if saved else 0
-    if not done:
-        return (f"interrupted in epoch 1 of {protocol}, before its first checkpoint: nothing to resume; run the "
-                "command again")
-    return f"interrupted in epoch {done + 1} of {protocol}; continue with --resume (from the end of epoch {done})"
+    saved = newest_checkpoint(output_dir / "checkpoints" / protocol)
+    epoch = int(saved.name.split("-")[1]) + 1 if saved else 1
+    return intl.interrupted_message(f"epoch {epoch} of {protocol}", saved)
 
 
-# -----------------------------------------------------------------------------
-# Report
+# ----------------------------------------------------------------------------- report
 
 
 def results_table(records, data, output_dir):
@@ -753,21 +693,16 @@ def results_table(records, data, output_dir):
     lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
              f"{data['train_split']}: {data['n_train']} images), final epoch:",
              f"  {'protocol':{width}s} {'top-1':>7s} {'top-5':>7s}"]
-    extras = []
+    for row in [row for record in records for row in record["rows"]]:
+        top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
+        lines.append(f"  {row['name']:{width}s} {row['top1']:7.2f} {top5:>7s}")
     for record in records:
-        for row in record["rows"]:
-            top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
-            lines.append(f"  {row['name']:{width}s} {row['top1']:7.2f} {top5:>7s}")
-        if "note" in record:
-            extras.append(f"  {record['protocol']}: {record['note']}")
         if "best_epoch_extra" in record:
             best = record["best_epoch_extra"]
-            extras.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
-                          f"(top-1 {best['top1']:.2f})")
-        if record.get("backbone_unchanged"):
-            extras.append("  linear: every backbone weight and BN buffer is bit-identical after training")
+            lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
+                         f"(top-1 {best['top1']:.2f})")
     files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
-    return "\n".join(lines + extras + [f"written to {files}"])
+    return "\n".join(lines + [f"written to {files}"])
 
 
 if __name__ == "__main__":

@@ -138,59 +138,27 @@ def test_interrupted_linear_evaluation_resumes_to_the_uninterrupted_result(pretr
     whole = evaluate(*common, "--output_dir", tmp_path / "whole")["linear"]
     assert evaluate(*common, "--output_dir", tmp_path / "parts", "--stop_after_epochs", "1") == {}
     assert [p.name for p in (tmp_path / "parts" / "checkpoints" / "linear").iterdir()] == ["epoch-0001"]
+    checkpoint = tmp_path / "parts" / "checkpoints" / "linear" / "epoch-0001"
     with pytest.raises(ValueError, match="lr is 0.1 now but 0.05"):
-        evaluate(*common, "--output_dir", tmp_path / "parts", "--resume", "--lr", "0.1")
-    resumed = evaluate(*common, "--output_dir", tmp_path / "parts", "--resume")["linear"]
+        evaluate(*common, "--output_dir", tmp_path / "parts", "--resume", "latest", "--lr", "0.1")
+    resumed = evaluate(*common, "--output_dir", tmp_path / "parts", "--resume", checkpoint)["linear"]
     assert len(resumed["history"]) == 3
     for a, b in zip(whole["history"], resumed["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["top1"] == b["top1"]
 
 
 @pytest.mark.slow
-def test_finetune_learns_from_the_named_images_or_a_seeded_class_balanced_subset(pretrained, folder, tmp_path):
-    split = intl.load_image_split(folder, "train")
-    args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "finetune", "--train_fraction", "0.25"])
-    subset = linear_eval.training_subset(split, 3, args)
-    assert intl.labels_of(subset).bincount().tolist() == [2, 2, 2]
-    assert linear_eval.image_file_names(subset) == linear_eval.image_file_names(
-        linear_eval.training_subset(split, 3, args))  # same seed, same images
-    args.seed = 1
-    assert linear_eval.image_file_names(subset) != linear_eval.image_file_names(
-        linear_eval.training_subset(split, 3, args))
-
+def test_finetune_learns_from_the_images_named_in_the_subset_file(pretrained, folder, tmp_path):
     names = tmp_path / "subset.txt"
     names.write_text("train_0_3.png\ntrain_2_5.png\n")
     record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
                       "--subset_file", names, "--output_dir", tmp_path / "out", *TINY, "--epochs", "2")["finetune"]
     assert record["n_train"] == 24 and record["settings"]["n_train"] == 2  # the split, the subset
-    assert record["rows"][0]["name"] == "fine-tune on 2 images" and record["comparable_to_paper"] is True
+    assert record["rows"][0]["name"] == "fine-tune on 2 images"
     names.write_text("train_0_3.png\nnot_there.png\n")
     with pytest.raises(ValueError, match="1 of its 2 images are not in .* 'not_there.png'"):
         evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
                  "--subset_file", names, "--output_dir", tmp_path / "out2", *TINY)
-
-
-def test_weighted_cosine_knn_votes_by_similarity_and_reports_top5():
-    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
-    labels = torch.tensor([0, 0, 1, 1, 2])
-    test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [-1.0, 0.1]])
-    result = linear_eval.weighted_cosine_knn(train, labels, test, torch.tensor([0, 1, 2]), k=5, temperature=0.07)
-    assert result == {"top1": 100.0, "top5": 100.0}
-    # All 5 neighbours vote, but exp(sim / T) lets the nearest decide: the third query, labelled 1 here,
-    # gets class 2 although 2 of its 5 neighbours are class 1.
-    result = linear_eval.weighted_cosine_knn(train, labels, test, torch.tensor([0, 1, 1]), k=5, temperature=0.07)
-    assert result["top1"] == pytest.approx(200 / 3) and result["top5"] == 100.0
-
-
-def test_knn_cosine_option_reports_k_20_and_200_or_as_many_as_there_are_training_images(pretrained, folder, tmp_path):
-    record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "knn",
-                      "--knn_metric", "cosine", "--output_dir", tmp_path)["knn"]
-    # 24 training images: k = 200 votes with all of them, and its row says so.
-    assert [r["name"] for r in record["rows"]] == ["20-NN (cosine, T=0.07)", "24-NN (cosine, T=0.07)"]
-    features = {split: (torch.randn(n, 8), torch.arange(n) % 3) for split, n in (("train", 24), ("test", 11))}
-    args = linear_eval.resolve_args(["--knn_metric", "cosine", "--backbone", "x"])
-    expected = [linear_eval.weighted_cosine_knn(*features["train"], *features["test"], k, 0.07) for k in (20, 24)]
-    assert [{"top1": r["top1"], "top5": r["top5"]} for r in linear_eval.run_knn(features, args)["rows"]] == expected
 
 
 def test_cached_linear_lr_decays_exponentially_from_1e2_to_1e6_over_the_epochs():
@@ -233,23 +201,26 @@ def unlabelled(tmp_path):
     from PIL import Image
 
     image = Image.new("RGB", (8, 8))
-    dataset = datasets.Dataset.from_dict({"image": [image] * 4}, features=datasets.Features({"image": datasets.Image()}))
-    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(tmp_path / "unlabelled")
+    for name, labels in (("no-label", {}), ("string-labels", {"label": ["cat", "dog"] * 2})):
+        dataset = datasets.Dataset.from_dict({"image": [image] * 4, **labels}).cast_column("image", datasets.Image())
+        datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(tmp_path / "unlabelled" / name)
     return tmp_path / "unlabelled"
 
 
 @pytest.mark.parametrize("args, message", [
     (["--arch", "resnet50"], "do not fit .* missing key.*'layer1.0.conv3.weight'"),
-    (["--dataset", "{unlabelled}"], "has no labels"),
-    (["--protocol", "finetune"], "exactly one of --train_fraction"),
-    (["--protocol", "linear", "--resume", "--dataset", "{folder}"], "no checkpoint in"),  # {folder}: not the digits,
-    # which this check comes after loading (the 1797 digits are PNG-encoded on every load)
+    (["--dataset", "{unlabelled}/no-label"], "has no integer class labels"),
+    (["--dataset", "{unlabelled}/string-labels"], r"has no integer class labels \(no label column, or its labels are "
+                                                  r"not integer class indices\): linear evaluation needs"),
+    (["--protocol", "finetune"], "--protocol finetune needs --subset_file"),
+    (["--protocol", "linear", "--resume", "latest"], "--resume latest: no checkpoint in"),
+    (["--protocol", "linear", "--resume", "{folder}"], "not a checkpoint folder"),
     (["--k", "0"], "at least 1"),
     (["--protocol", "linear", "--recipe", "intl-m"], "--recipe intl-m, but the backbone records method 'intl'"),
 ])
 def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, folder, tmp_path, request, args, message):
     # The __main__ block turns these into one `error: ...` line (checked above for a missing backbone).
-    if "{unlabelled}" in args:  # the unlabelled dataset is written only for the case that reads it
+    if any("{unlabelled}" in a for a in args):  # written only for the cases that read them
         args = [a.replace("{unlabelled}", str(request.getfixturevalue("unlabelled"))) for a in args]
     args = [a.replace("{folder}", str(folder)) for a in args]
     with pytest.raises(ValueError, match=message):
@@ -316,24 +287,6 @@ def test_knn_in_float32_blocks_finds_the_same_neighbours_and_accuracy_as_an_inde
         assert 0 < expected_top1 < 100  # the votes are not trivial
 
 
-def test_cosine_neighbours_in_float32_blocks_and_their_weighted_votes_match_a_float64_computation():
-    generator = torch.Generator().manual_seed(1)
-    train, test = torch.randn(60, 16, generator=generator), torch.randn(25, 16, generator=generator)
-    train_labels, test_labels = torch.arange(60) % 4, torch.arange(25) % 4
-    unit = lambda x: x.double() / x.double().norm(dim=1, keepdim=True)  # noqa: E731
-    similarity = unit(test) @ unit(train).t()
-    expected_sim, expected = similarity.sort(dim=1, descending=True)
-    found, key = intl.nearest_neighbours(train, test, k=9, chunk=4, train_chunk=7, cosine=True)
-    assert torch.equal(found, expected[:, :9])  # the most similar first, across ragged blocks
-    assert torch.allclose(-key.double(), expected_sim[:, :9], atol=1e-6)
-    votes = torch.zeros(25, 4, dtype=torch.float64).scatter_add_(1, train_labels[expected[:, :9]],
-                                                                   (expected_sim[:, :9] / 0.07).exp())
-    ranked = votes.argsort(dim=1, descending=True)
-    top1 = 100.0 * (ranked[:, 0] == test_labels).double().mean().item()
-    result = linear_eval.weighted_cosine_knn(train, train_labels, test, test_labels, k=9, temperature=0.07)
-    assert result["top1"] == pytest.approx(top1) and result["top5"] == 100.0  # 4 classes: all in the top 5
-
-
 class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the largest storage that any operation creates, other than those of the given tensors (views of
     the inputs, such as a slice of the training features, allocate nothing)."""
@@ -358,10 +311,6 @@ def test_knn_memory_is_bounded_by_its_blocks_not_by_the_training_set():
         intl.knn_classify(train, train_labels, test, test_labels, k=5, chunk=64, train_chunk=500)
     block_bytes = 4 * 500 * max(64, 32)  # one float32 distance block (64 x 500) or training block (500 x 32)
     assert 0 < tracked.largest <= block_bytes < train.nbytes / 4
-    with LargestAllocation(train, test) as tracked:  # the cosine neighbours of weighted_cosine_knn: the same blocks
-        intl.nearest_neighbours(train, test, k=200, chunk=64, train_chunk=500, cosine=True)
-    merged_indices = 8 * 64 * (200 + 200)  # a query block's running top-k and the block's own, int64
-    assert 0 < tracked.largest <= max(merged_indices, 4 * 64 * 500) < train.nbytes / 4
 
 
 # ----------------------------------------------------------------------------- the authors' ImageNet protocols
@@ -430,18 +379,6 @@ def test_finetune_keeps_a_constant_lr_head_0_2_and_backbone_0_006_for_intl_or_0_
         assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.2] * 3)
         assert [h["lr_backbone"] for h in record["history"]] == pytest.approx([lr_backbone] * 3)
     assert all(linear_eval.lr_factor("finetune", epoch, 20, [0.6, 0.8]) == 1.0 for epoch in (0, 5.5, 12, 16, 19.9))
-
-
-def test_random_train_fraction_is_labelled_not_comparable_to_the_paper_in_help_results_and_records(
-        pretrained, folder, tmp_path, capsys):
-    record = evaluate("--backbone", pretrained / "backbone", "--dataset", folder, "--protocol", "finetune",
-                      "--train_fraction", "0.25", "--output_dir", tmp_path, *TINY, "--epochs", "1")["finetune"]
-    assert record["rows"][0]["name"] == "fine-tune on 6 images (random 0.25: not comparable to the paper)"
-    assert record["comparable_to_paper"] is False and "not comparable" in record["note"]
-    printed = capsys.readouterr().out
-    assert "(random 0.25: not comparable to the paper)" in printed and "finetune: a random --train_fraction" in printed
-    help_of = {a.dest: a.help for a in linear_eval.get_parser()._actions}
-    assert "NOT comparable" in help_of["train_fraction"] and "standard" in help_of["subset_file"]
 
 
 def test_linear_and_finetune_resize_bilinearly_as_torchvision_does_by_default():
@@ -569,7 +506,7 @@ def test_a_trained_protocol_removes_what_interrupted_saves_left(pretrained, fold
     leftover = tmp_path / "checkpoints" / "linear" / ".tmp-epoch-0009"  # an epoch this run never saves
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half a save")
-    evaluate(*common, "--resume")
+    evaluate(*common, "--resume", "latest")
     assert not leftover.exists() and f"removed {leftover}, left by an interrupted save" in capsys.readouterr().out
 
 
@@ -587,6 +524,11 @@ def test_ctrl_c_in_a_trained_protocol_says_the_epoch_and_how_to_continue(pretrai
     with pytest.raises(KeyboardInterrupt) as info:
         evaluate(*common)
     assert isinstance(info.value, intl.Interrupted)
-    assert str(info.value) == "interrupted in epoch 2 of linear; continue with --resume (from the end of epoch 1)"
+    assert str(info.value) == ("interrupted at epoch 2 of linear; continue with --resume latest (from the last "
+                               "checkpoint, epoch-0001)")
     monkeypatch.setattr(linear_eval, "save_epoch", save_epoch)
-    assert evaluate(*common, "--resume")["linear"]["final_epoch"] == 2  # and it does continue
+    # --resume also takes the checkpoint folder itself, of the one trained protocol it is for.
+    checkpoint = tmp_path / "checkpoints" / "linear" / "epoch-0001"
+    with pytest.raises(ValueError, match="not a checkpoint of the one trained --protocol"):
+        evaluate(*common, "--protocol", "linear", "finetune", "--subset_file", "unused", "--resume", checkpoint)
+    assert evaluate(*common, "--resume", checkpoint)["linear"]["final_epoch"] == 2  # and it does continue
