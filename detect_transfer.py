@@ -7,14 +7,10 @@
     python detect_transfer.py --eval_only --resume runs/voc/checkpoints/step-00024000 --data_root /data/voc
 
 The papers (INTL, CW-RGP) follow MoCo's protocol with Detectron2: ResNet-50-C4, every layer fine-tuned with
-synchronised BatchNorm. Detectron2 is not on PyPI, so the same models are built from torchvision's parts:
-
-    faster-c4 / mask-c4    res2..res4 (stride 16) -> single-level RPN, anchors 32..512 x (0.5, 1, 2);
-                           RoIAlign 14 x 14 at 1/16 with aligned=True -> res5 + an extra BatchNorm2d ->
-                           average pool -> box predictor (and, for masks, res5's 7 x 7 maps -> a 2 x 2
-                           deconvolution -> per-class 14 x 14 masks); res5 runs once per RoI in training
-    faster-fpn / mask-fpn  torchvision's FPN models (TwoMLPHead, 4-conv mask head), BN trainable, the
-                           same aligned RoIAlign
+synchronised BatchNorm. Detectron2 is not on PyPI, so the same models (--model faster-c4 | mask-c4) are built
+from torchvision's parts: res2..res4 (stride 16) -> a single-level RPN, anchors 32..512 x (0.5, 1, 2); RoIAlign
+14 x 14 at 1/16 with aligned=True -> res5 + an extra BatchNorm2d -> average pool -> box predictor (and, for masks,
+res5's 7 x 7 maps -> a 2 x 2 deconvolution -> per-class 14 x 14 masks); res5 runs once per RoI in training.
 
 Known differences from Detectron2 (torchvision's parts are used as they are; their effect on the papers' numbers
 has not been measured):
@@ -52,20 +48,18 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from PIL import Image as PILImage
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import LevelMapper
+from torchvision.ops import RoIAlign
 from tqdm.auto import tqdm
 
 import intl
 
-MODELS = ("faster-c4", "mask-c4", "faster-fpn", "mask-fpn")
+MODELS = ("faster-c4", "mask-c4")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50:0.05:0.95
@@ -78,13 +72,6 @@ PRESETS = {
     "coco-c4-2x": dict(dataset="coco", model="mask-c4", iterations=180000, lr_steps=[120000, 160000],
                        warmup_iters=1000, lr=0.02, reference_batch=16, train_sizes=list(range(640, 801, 32)),
                        test_size=800, max_size=1333),
-}
-# Detectron2's RPN and pooler settings of its C4 and FPN configurations (flags left at None take these).
-ARCH_DEFAULTS = {
-    "c4": dict(rpn_pre_nms_train=12000, rpn_post_nms_train=2000, rpn_pre_nms_test=6000, rpn_post_nms_test=1000,
-               pool_size=14),
-    "fpn": dict(rpn_pre_nms_train=2000, rpn_post_nms_train=1000, rpn_pre_nms_test=1000, rpn_post_nms_test=1000,
-                pool_size=7),
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
@@ -107,7 +94,7 @@ RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Detection transfer: Faster / Mask R-CNN (C4 or FPN) on VOC or COCO",
+    parser = argparse.ArgumentParser(description="Detection transfer: Faster / Mask R-CNN C4 on VOC or COCO",
                                      allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     add = parser.add_argument_group("data").add_argument
@@ -130,20 +117,20 @@ def get_parser():
     add("--num_workers", type=int, default=4, help="data loader processes per training process")
 
     add = parser.add_argument_group("model").add_argument
-    add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on the papers' C4 or on an FPN")
+    add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on ResNet-C4, as in the papers")
     add("--backbone", help="an export folder, a .safetensors file, a Hub id owner/name[@revision], a pretrain "
         "checkpoint folder, an official .pth.tar, or 'random' (from scratch)")
     add("--arch", choices=intl.RESNETS, help="the ResNet, when the backbone source does not say")
     add("--revision", help="Hub branch, tag or commit of --backbone")
-    add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512],
-        help="anchor sides in pixels (C4: all on the one level; FPN: one per level)")
-    add("--rpn_pre_nms_train", type=int, help="training proposals kept before NMS per level; None: C4 12000, FPN 2000")
-    add("--rpn_post_nms_train", type=int, help="training proposals kept after NMS per image; None: C4 2000, FPN 1000")
-    add("--rpn_pre_nms_test", type=int, help="test proposals kept before NMS per level; None: C4 6000, FPN 1000")
-    add("--rpn_post_nms_test", type=int, help="test proposals kept after NMS per image; None: 1000")
+    # The RPN and RoI settings of Detectron2's C4 configuration.
+    add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="anchor sides in pixels")
+    add("--rpn_pre_nms_train", type=int, default=12000, help="training proposals kept before NMS per image")
+    add("--rpn_post_nms_train", type=int, default=2000, help="training proposals kept after NMS per image")
+    add("--rpn_pre_nms_test", type=int, default=6000, help="test proposals kept before NMS per image")
+    add("--rpn_post_nms_test", type=int, default=1000, help="test proposals kept after NMS per image")
     add("--rpn_batch_per_image", type=int, default=256, help="anchors sampled per image for the RPN loss")
     add("--roi_batch_per_image", type=int, default=512, help="RoIs sampled per image for the head losses")
-    add("--pool_size", type=int, help="RoIAlign output side; None: C4 14 (before res5), FPN 7 (FPN masks: 14)")
+    add("--pool_size", type=int, default=14, help="RoIAlign output side (res5 halves it)")
 
     # --lr, --iterations, --lr_steps and --warmup_iters are for a global batch of --reference_batch; another global
     # batch B scales the lr by B / reference and the iterations by reference / B (`schedule`).
@@ -341,9 +328,6 @@ def resolve_config(argv=None):
         if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: its eval/step-N)
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
-    for key, value in ARCH_DEFAULTS[config.model.split("-")[1]].items():
-        if getattr(config, key) is None:
-            setattr(config, key, value)
     intl.check_settings(vars(config), get_parser(), RANGES)
     if not config.print_config:
         check_config(config)
@@ -370,10 +354,7 @@ def check_config(config):
         raise ValueError("--backbone random needs --arch (e.g. resnet50)")
     if config.dataset == "voc" and has_masks(config):
         raise ValueError(f"--model {config.model} needs instance masks, which VOC detection annotations do not "
-                         "have: use faster-c4 or faster-fpn on VOC, or a COCO-format dataset with segmentations")
-    if config.model.endswith("fpn") and len(config.anchor_sizes) != 5:
-        raise ValueError(f"--anchor_sizes: the FPN has 5 levels (P2-P6), one anchor size each; got "
-                         f"{len(config.anchor_sizes)}")
+                         "have: use faster-c4 on VOC, or a COCO-format dataset with segmentations")
     if sorted(config.lr_steps) != list(config.lr_steps):
         raise ValueError(f"--lr_steps {config.lr_steps}: give increasing iteration counts")
 
@@ -470,7 +451,7 @@ def precise_bn(model, batches, accelerator=None):
 
 
 # -----------------------------------------------------------------------------
-# Models: R50-C4 as in the papers (Detectron2's Res5ROIHeads), and torchvision's FPN models
+# Models: R50-C4 as in the papers (Detectron2's Res5ROIHeads)
 
 
 def load_detection_backbone(config, random=False):
@@ -495,48 +476,26 @@ def load_detection_backbone(config, random=False):
 def build_detector(config, backbone, num_classes):
     """A torchvision ResNet -> the --model detector for num_classes classes (+ background), every layer trainable.
     The RPN and RoI thresholds and fractions are those FasterRCNN passes by default, which are Detectron2's."""
-    c4 = config.model.endswith("c4")
-    if c4:
-        body, box_head = ResNetC4(backbone), Res5Head(backbone)
-        box_width = box_head.out_channels
-        anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
-        levels, scales = ["0"], [1 / 16]
-    else:
-        body = BackboneWithFPN(backbone, {f"layer{k}": str(k - 1) for k in range(1, 5)}, stage_widths(backbone), 256)
-        ratios = ((0.5, 1.0, 2.0),) * len(config.anchor_sizes)
-        anchors = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ratios)
-        levels, scales = ["0", "1", "2", "3"], [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-        box_width = 1024
-        box_head = TwoMLPHead(body.out_channels * config.pool_size ** 2, box_width)
+    # res2..res4 under torchvision's names, so that the weights keep the ResNet's keys.
+    body = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in
+                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
+    box_head = Res5Head(backbone)
+    anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
     rpn = RegionProposalNetwork(
-        anchors, RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
+        anchors, RPNHead(stage_width(backbone.layer3), anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
         bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_per_image, positive_fraction=0.5,
         pre_nms_top_n=dict(training=config.rpn_pre_nms_train, testing=config.rpn_pre_nms_test),
         post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
-    pooler = AlignedRoIAlign(levels, config.pool_size, scales)
-    heads = (C4RoIHeads if c4 else RoIHeads)(
-        pooler, box_head, box_predictor(box_width, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+    pooler = RoIAlign(config.pool_size, 1 / 16, sampling_ratio=0, aligned=True)  # Detectron2's ROIAlignV2
+    heads = C4RoIHeads(
+        pooler, box_head, box_predictor(box_head.out_channels, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
         batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25, bbox_reg_weights=None,
         score_thresh=config.score_thresh, nms_thresh=0.5, detections_per_img=config.detections_per_image)
-    if has_masks(config) and c4:  # no mask convolutions: the deconvolution reads res5's maps of the box branch
+    if has_masks(config):  # no mask convolutions: the deconvolution reads res5's maps of the box branch
         heads.mask_roi_pool, heads.mask_head = pooler, nn.Identity()
-        heads.mask_predictor = mask_predictor(box_width, num_classes)
-    elif has_masks(config):  # torchvision's MaskRCNN head: 4 convolutions on 14 x 14 RoIs, then its predictor
-        heads.mask_roi_pool = AlignedRoIAlign(levels, 14, scales)
-        heads.mask_head = MaskRCNNHeads(body.out_channels, [256] * 4, dilation=1)
-        heads.mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)
+        heads.mask_predictor = mask_predictor(box_head.out_channels, num_classes)
     transform = DetectionTransform(config.train_sizes, config.test_size, config.max_size, config.mean, config.std)
     return GeneralizedRCNN(body, rpn, heads, transform)
-
-
-class ResNetC4(nn.Sequential):
-    """res2..res4 of a torchvision ResNet (stem, layer1-3): stride 16, out_channels = res4's width (1024 for R50).
-    The children keep torchvision's names, so the weights keep the ResNet's keys."""
-
-    def __init__(self, resnet):
-        super().__init__(OrderedDict((name, getattr(resnet, name)) for name in
-                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
-        self.out_channels = stage_widths(resnet)[2]
 
 
 class Res5Head(nn.Module):
@@ -546,7 +505,7 @@ class Res5Head(nn.Module):
     def __init__(self, resnet):
         super().__init__()
         self.layer4 = resnet.layer4
-        self.out_channels = stage_widths(resnet)[3]
+        self.out_channels = stage_width(resnet.layer4)
         self.norm = nn.BatchNorm2d(self.out_channels)
 
     def feature_maps(self, x):
@@ -564,7 +523,7 @@ class C4RoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        maps = self.box_head.feature_maps(self.box_roi_pool(features, proposals, image_shapes))
+        maps = self.box_head.feature_maps(self.box_roi_pool(features["0"], proposals))
         class_logits, box_regression = self.box_predictor(maps.mean(dim=(2, 3)))
         if self.training:
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
@@ -579,36 +538,10 @@ class C4RoIHeads(RoIHeads):
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         result = [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)]
         if self.has_mask():
-            maps = self.box_head.feature_maps(self.box_roi_pool(features, boxes, image_shapes))
+            maps = self.box_head.feature_maps(self.box_roi_pool(features["0"], boxes))
             for r, probabilities in zip(result, maskrcnn_inference(self.mask_predictor(self.mask_head(maps)), labels)):
                 r["masks"] = probabilities
         return result, {}
-
-
-class AlignedRoIAlign(MultiScaleRoIAlign):
-    """RoIAlign with aligned=True (Detectron2's ROIAlignV2) on levels of given scales; a subclass because
-    torchvision's heads type-check their poolers. A box of side s goes to level floor(4 + log2(s / 224)), clamped to
-    the levels there are (the FPN paper's eq. 1, torchvision's LevelMapper)."""
-
-    def __init__(self, featmap_names, output_size, scales):
-        super().__init__(featmap_names, output_size, sampling_ratio=0)
-        self.level_scales = [float(s) for s in scales]
-
-    def forward(self, x, boxes, image_shapes):
-        features = [x[name] for name in self.featmap_names]
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = self.levels(rois[:, 1:])
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.level_scales)):
-            chosen = torch.where(levels == level)[0]
-            out[chosen] = roi_align(feature, rois[chosen], self.output_size, scale, self.sampling_ratio,
-                                    aligned=True).to(out.dtype)
-        return out
-
-    def levels(self, boxes):
-        """The index of the level each box [N, 4] is pooled from."""
-        k_min = round(-math.log2(self.level_scales[0]))
-        return LevelMapper(k_min, k_min + len(self.level_scales) - 1)([boxes])
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
@@ -625,10 +558,10 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return super().train(mode)
 
 
-def stage_widths(resnet):
-    """Output channels of res2..res5: 256, 512, 1024, 2048 for a ResNet-50, 64..512 for a ResNet-18."""
-    return [layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3") else layer[-1].conv2.out_channels
-            for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)]
+def stage_width(stage):
+    """Output channels of a ResNet stage: 1024 for a ResNet-50's res4, 256 for a ResNet-18's."""
+    last = stage[-1]
+    return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
 
 
 def box_predictor(in_channels, num_classes):
@@ -773,7 +706,7 @@ def coco_box(ann, info, label, json_file, masks):
         return None
     if masks and not ann.get("segmentation"):
         raise ValueError(f"{json_file}: annotation {ann.get('id')} has no segmentation, which the mask models need; "
-                         "use faster-c4 or faster-fpn")
+                         "use faster-c4")
     return [x1, y1, x2, y2]
 
 
