@@ -219,8 +219,14 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     set_seed(config.seed, device_specific=True)
     global_batch = config.batch_size * accelerator.num_processes
     plan = schedule(config, global_batch)
-    prepared, optimizer = accelerator.prepare(model, build_optimizer(model, config))
-    state = resume(config, accelerator) if checkpoint else {"iteration": 0, "precise_bn_done": False}
+    # Weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0).
+    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    state = {"iteration": 0, "precise_bn_done": False}
+    if checkpoint:
+        checkpoint, state = intl.load_checkpoint(accelerator, config.resume, config.output_dir, "detection",
+                                                 check_state=check_trainer_state, say=accelerator.print)
+        accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
     if accelerator.is_main_process:  # the log keeps the iterations before this one: none for a new run
         intl.truncate_jsonl(Path(config.output_dir) / "log.jsonl", state["iteration"], key="iteration")
     accelerator.print(f"{len(train_records)} training images; global batch {global_batch}, {plan['iterations']} "
@@ -363,18 +369,10 @@ def has_masks(config):
     return config.model.startswith("mask")
 
 
-def resume(config, accelerator):
-    """The --resume checkpoint into the prepared model, optimiser and RNGs -> its trainer state."""
-
-    def check_state(folder, saved):
-        if not isinstance(saved.get("iteration"), int):
-            raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
-                             "resume from another checkpoint")
-
-    checkpoint, state = intl.load_checkpoint(accelerator, config.resume, config.output_dir, "detection",
-                                             check_state=check_state, say=accelerator.print)
-    accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
-    return state
+def check_trainer_state(folder, state):
+    if not isinstance(state.get("iteration"), int):
+        raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
+                         "resume from another checkpoint")
 
 
 def load_evaluated_weights(model, checkpoint):
@@ -411,11 +409,6 @@ def learning_rate(iteration, plan):
     return plan["lr"] * factor * 0.1 ** bisect.bisect_right(plan["steps"], iteration)
 
 
-def build_optimizer(model, config):
-    """SGD, weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0)."""
-    return torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
-
-
 def parameter_groups(model, weight_decay):
     norm_layers = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # BatchNorm, SyncBatchNorm, ...
     norm = {id(p) for m in model.modules() if isinstance(m, norm_layers) for p in m.parameters(recurse=False)}
@@ -439,8 +432,6 @@ def precise_bn(model, batches, accelerator=None):
     for images, targets in batches:
         model(images, targets)
         count += 1
-    if count == 0:
-        raise ValueError("precise BN got no training batch")
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
         if accelerator is not None and accelerator.num_processes > 1:
@@ -476,13 +467,13 @@ def load_detection_backbone(config, random=False):
 def build_detector(config, backbone, num_classes):
     """A torchvision ResNet -> the --model detector for num_classes classes (+ background), every layer trainable.
     The RPN and RoI thresholds and fractions are those FasterRCNN passes by default, which are Detectron2's."""
-    # res2..res4 under torchvision's names, so that the weights keep the ResNet's keys.
+    # res2..res4 under torchvision's names, so that the weights keep the ResNet's keys; res4 has half res5's width.
     body = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in
                                      ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
     box_head = Res5Head(backbone)
     anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
     rpn = RegionProposalNetwork(
-        anchors, RPNHead(stage_width(backbone.layer3), anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
+        anchors, RPNHead(backbone.feature_dim // 2, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
         bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_per_image, positive_fraction=0.5,
         pre_nms_top_n=dict(training=config.rpn_pre_nms_train, testing=config.rpn_pre_nms_test),
         post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
@@ -505,7 +496,7 @@ class Res5Head(nn.Module):
     def __init__(self, resnet):
         super().__init__()
         self.layer4 = resnet.layer4
-        self.out_channels = stage_width(resnet.layer4)
+        self.out_channels = resnet.feature_dim
         self.norm = nn.BatchNorm2d(self.out_channels)
 
     def feature_maps(self, x):
@@ -558,12 +549,6 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return super().train(mode)
 
 
-def stage_width(stage):
-    """Output channels of a ResNet stage: 1024 for a ResNet-50's res4, 256 for a ResNet-18's."""
-    last = stage[-1]
-    return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
-
-
 def box_predictor(in_channels, num_classes):
     """Class scores and class-specific box deltas from N(0, 0.01) and N(0, 0.001), zero biases (Detectron2)."""
     predictor = FastRCNNPredictor(in_channels, num_classes + 1)
@@ -589,7 +574,7 @@ def mask_predictor(in_channels, num_classes):
 #
 # A record is one image: its file, size, boxes [N, 4] (x1, y1, x2, y2, 0-based continuous coordinates),
 # labels [N] (1..K, 0 is the background), difficult [N] (VOC) and, for COCO, its image id and the
-# segmentations of its instances. VOC boxes are 1-based inclusive pixel indices in the XML: x1 and y1
+# RLE masks of its instances. VOC boxes are 1-based inclusive pixel indices in the XML: x1 and y1
 # lose 1, as Detectron2 does; evaluation turns them back into the devkit's coordinates.
 
 
@@ -598,7 +583,9 @@ def load_split(config, split):
     Training keeps the images that hold an object (Detectron2 trains on no other)."""
     if config.dataset == "voc":
         name = config.train_sets if split == "train" else config.test_set
-        classes = voc_classes(config)
+        classes = tuple(c.strip() for c in config.voc_classes.split(",") if c.strip())
+        if len(set(classes)) != len(classes) or not classes:
+            raise ValueError(f"--voc_classes {config.voc_classes!r}: give distinct class names joined by commas")
         records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip(), classes)]
         data = {"name": name, "classes": classes, "records": records}
     else:  # --train_json etc., by default COCO 2017's files under --data_root
@@ -612,13 +599,6 @@ def load_split(config, split):
         if not data["records"]:
             raise ValueError("the training set has no image with an object")
     return data
-
-
-def voc_classes(config):
-    classes = tuple(c.strip() for c in config.voc_classes.split(",") if c.strip())
-    if len(set(classes)) != len(classes) or not classes:
-        raise ValueError(f"--voc_classes {config.voc_classes!r}: give distinct class names joined by commas")
-    return classes
 
 
 def voc_records(root, spec, classes):
@@ -642,8 +622,7 @@ def voc_records(root, spec, classes):
         if unknown := [o["name"] for o in objects if o["name"] not in label]:
             raise ValueError(f"{xml_file}: class {unknown[0]!r} is not among --voc_classes")
         boxes = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
-        records.append({"file": image_file, "image_id": Path(image_file).stem,
-                        "width": int(annotation["size"]["width"]), "height": int(annotation["size"]["height"]),
+        records.append({"file": image_file, "width": int(annotation["size"]["width"]), "height": int(annotation["size"]["height"]),
                         "boxes": (np.array(boxes, np.float64).reshape(-1, 4) - [1, 1, 0, 0]).astype(np.float32),
                         "labels": np.array([label[o["name"]] for o in objects], np.int64),
                         "difficult": np.array([int(o.get("difficult", 0)) == 1 for o in objects], bool)})
@@ -682,8 +661,7 @@ def coco_data(json_file, image_dir, masks):
                         "width": info["width"], "height": info["height"],
                         "boxes": np.array([box for box, _ in instances], np.float32).reshape(-1, 4),
                         "labels": np.array([label[ann["category_id"]] for _, ann in instances], np.int64),
-                        "difficult": np.zeros(len(instances), bool),
-                        "segmentations": [ann.get("segmentation") for _, ann in instances] if masks else None})
+                        "masks": [coco.annToRLE(ann) for _, ann in instances] if masks else None})
     return {"records": records, "classes": [coco.cats[c]["name"] for c in category_ids], "category_ids": category_ids,
             "coco": coco}
 
@@ -710,19 +688,13 @@ def coco_box(ann, info, label, json_file, masks):
     return [x1, y1, x2, y2]
 
 
-def rasterize(segmentations, height, width):
-    """COCO polygons / RLEs -> uint8 masks [N, H, W], as pycocotools' COCO.annToMask."""
+def decode_masks(rles):
+    """COCO RLEs -> uint8 masks [N, H, W]."""
     from pycocotools import mask as mask_utils
 
-    masks = np.zeros((len(segmentations), height, width), np.uint8)
-    for mask, segmentation in zip(masks, segmentations):
-        if isinstance(segmentation, list) or isinstance(segmentation["counts"], list):  # polygons, uncompressed RLE
-            segmentation = mask_utils.frPyObjects(segmentation, height, width)
-        rle = mask_utils.merge(segmentation) if isinstance(segmentation, list) else segmentation  # polygons: merged
-        with warnings.catch_warnings():  # pycocotools' own use of numpy's __array__ protocol
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mask[:] = mask_utils.decode(rle)
-    return torch.from_numpy(masks)
+    with warnings.catch_warnings():  # pycocotools' own use of numpy's __array__ protocol
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
 
 
 class DetectionImages(torch.utils.data.Dataset):
@@ -746,7 +718,7 @@ class DetectionImages(torch.utils.data.Dataset):
             raise intl.UnreadableImageError(f"Cannot read image {record['file']}: {error}") from error
         target = {key: torch.from_numpy(record[key].copy()) for key in ("boxes", "labels")}
         if self.masks:
-            target["masks"] = rasterize(record["segmentations"], image.shape[1], image.shape[2])
+            target["masks"] = decode_masks(record["masks"])
         if self.train and self.flipped(epoch, index):
             x1, y1, x2, y2 = target["boxes"].unbind(1)
             width = image.shape[-1]

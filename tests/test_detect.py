@@ -430,7 +430,7 @@ def test_generated_coco_loads_with_contiguous_labels_no_crowd_and_no_empty_train
     assert first["labels"].tolist() == [{3: 1, 7: 2}[a["category_id"]] for a in non_crowd]
     x, y, w, h = non_crowd[0]["bbox"]
     assert first["boxes"][0].tolist() == [x, y, x + w, y + h]
-    masks = dt.rasterize(first["segmentations"], 96, 96)
+    masks = dt.decode_masks(first["masks"])
     assert masks.shape == (len(non_crowd), 96, 96) and masks[0, int(y) + 1, int(x) + 1] == 1 and masks[0].sum() > 0
     assert len(data["records"][-1]["boxes"]) == 0
     config = dt.get_parser().parse_args(["--dataset", "coco", "--data_root", str(root), "--model", "mask-c4"])
