@@ -148,8 +148,6 @@ def get_parser():
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision; None: Accelerate's config")
 
     add = parser.add_argument_group("evaluation").add_argument
-    add("--voc_metric", default="11point", choices=["11point", "area"],
-        help="voc: AP as VOC07's (the papers') or VOC2010's (the area under the precision-recall curve)")
     add("--precise_bn", type=int, default=200, help="training batches per process whose mean BatchNorm statistics "
         "replace the running ones before the final evaluation (0: off)")
     add("--score_thresh", type=float, default=0.05, help="detections below this score are dropped")
@@ -299,8 +297,7 @@ def evaluate(model, test_data, state, config, accelerator):
     if not accelerator.is_main_process:
         return None
     if config.dataset == "voc":
-        results = {"bbox": voc_evaluate(predictions, test_data["records"], test_data["classes"],
-                                        config.voc_metric == "11point")}
+        results = {"bbox": voc_evaluate(predictions, test_data["records"], test_data["classes"])}
     else:
         results = coco_evaluate(predictions, test_data["records"], test_data["coco"], test_data["category_ids"],
                                 ["bbox", "segm"] if has_masks(config) else ["bbox"])
@@ -837,21 +834,8 @@ def encode_masks(masks):
     return rles
 
 
-def voc_ap(recall, precision, use_11_point=True):
-    """AP from a precision-recall curve: VOC07's mean of the best precision at recall >= 0, 0.1, ..., 1, or the
-    area under the curve made monotone (VOC2010+)."""
-    if use_11_point:
-        return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                              for t in np.linspace(0, 1, 11)]))
-    recall = np.concatenate([[0.0], recall, [1.0]])
-    precision = np.concatenate([[0.0], precision, [0.0]])
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    change = np.where(recall[1:] != recall[:-1])[0]
-    return float(np.sum((recall[change + 1] - recall[change]) * precision[change + 1]))
-
-
-def voc_class_ap(detections, ground_truth, iou_threshold, use_11_point=True):
-    """One class's AP by the VOC devkit's rules; nan when the class has no object.
+def voc_class_ap(detections, ground_truth, iou_threshold):
+    """One class's VOC07 11-point AP (the papers' metric) by the VOC devkit's rules; nan when the class has no object.
 
     detections: [(image key, score, box)], taken by decreasing score; ground_truth: {image key: (boxes [G, 4],
     difficult [G])}; boxes in the devkit's inclusive pixel coordinates. A detection whose best-overlapping object
@@ -877,7 +861,10 @@ def voc_class_ap(detections, ground_truth, iou_threshold, use_11_point=True):
         else:
             fp[rank] = 1
     tp, fp = np.cumsum(tp), np.cumsum(fp)
-    return voc_ap(tp / positives, tp / np.maximum(tp + fp, np.finfo(np.float64).eps), use_11_point)
+    recall, precision = tp / positives, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    # The mean of the best precision at recall >= 0, 0.1, ..., 1.
+    return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                          for t in np.linspace(0, 1, 11)]))
 
 
 def devkit_iou(box, boxes):
@@ -889,7 +876,7 @@ def devkit_iou(box, boxes):
                     + (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1) - inter)
 
 
-def voc_evaluate(predictions, records, classes, use_11_point=True):
+def voc_evaluate(predictions, records, classes):
     """Detectron2's PascalVOCDetectionEvaluator numbers (x100): AP = the mean over IoU 0.50:0.05:0.95 of the mean
     over classes of the class AP; AP50; AP75; AP50 per class. Classes without a test object are left out.
 
@@ -904,14 +891,14 @@ def voc_evaluate(predictions, records, classes, use_11_point=True):
         detections = [(p["index"], score, box) for p in predictions
                       for score, box in as_written_to_detection_files(p["scores"][p["labels"] == c],
                                                                       p["boxes"][p["labels"] == c])]
-        per_class[name] = [voc_class_ap(detections, ground_truth, t, use_11_point) for t in IOU_THRESHOLDS]
+        per_class[name] = [voc_class_ap(detections, ground_truth, t) for t in IOU_THRESHOLDS]
     evaluated = {name: aps for name, aps in per_class.items() if not math.isnan(aps[0])}
     if not evaluated:
         raise ValueError("the test set has no object of any class: nothing to evaluate")
     table = np.array(list(evaluated.values())) * 100  # [classes, thresholds]
     result = {"AP": float(table.mean()), "AP50": float(table[:, 0].mean()), "AP75": float(table[:, 5].mean()),
               "per_class_AP50": {name: float(ap[0] * 100) for name, ap in evaluated.items()},
-              "metric": "VOC07 11-point" if use_11_point else "area"}
+              "metric": "VOC07 11-point"}
     if len(evaluated) < len(classes):
         result["classes_without_test_objects"] = [name for name in classes if name not in evaluated]
     return result

@@ -317,26 +317,23 @@ def gt(*boxes, difficult=None):
 def test_voc_perfect_detections_give_ap_1():
     ground_truth = {0: gt([1, 1, 10, 10], [20, 20, 40, 35]), 1: gt([5, 5, 50, 50])}
     detections = [(0, 0.9, [1, 1, 10, 10]), (0, 0.8, [20, 20, 40, 35]), (1, 0.7, [5, 5, 50, 50])]
-    for use_11_point in (True, False):
-        for threshold in dt.IOU_THRESHOLDS:
-            assert dt.voc_class_ap(detections, ground_truth, threshold, use_11_point) == pytest.approx(1.0)
+    for threshold in dt.IOU_THRESHOLDS:
+        assert dt.voc_class_ap(detections, ground_truth, threshold) == pytest.approx(1.0)
 
 
-def test_voc_duplicate_detection_is_a_false_positive_11_point_and_area():
+def test_voc_duplicate_detection_is_a_false_positive():
     ground_truth = {0: gt([1, 1, 10, 10], [20, 20, 40, 40])}
     detections = [(0, 0.9, [1, 1, 10, 10]), (0, 0.8, [1, 1, 10, 10]), (0, 0.7, [20, 20, 40, 40])]
     # TP, FP, TP: precision 1 up to recall 0.5, then 2/3 at recall 1.
-    assert dt.voc_class_ap(detections, ground_truth, 0.5, True) == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
-    assert dt.voc_class_ap(detections, ground_truth, 0.5, False) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert dt.voc_class_ap(detections, ground_truth, 0.5) == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
 
 
 def test_voc_missed_object_caps_recall_and_unmatched_detections_are_false_positives():
     ground_truth = {0: gt([1, 1, 10, 10], [20, 20, 40, 40]), 1: gt()}
     detections = [(0, 0.9, [1, 1, 10, 10]), (1, 0.95, [1, 1, 10, 10])]  # the second image has no object
     # FP then TP: recall 0.5 at precision 1/2.
-    assert dt.voc_class_ap(detections, ground_truth, 0.5, True) == pytest.approx(6 * 0.5 / 11)
-    assert dt.voc_class_ap(detections, ground_truth, 0.5, False) == pytest.approx(0.25)
-    assert dt.voc_class_ap([], ground_truth, 0.5, True) == 0.0
+    assert dt.voc_class_ap(detections, ground_truth, 0.5) == pytest.approx(6 * 0.5 / 11)
+    assert dt.voc_class_ap([], ground_truth, 0.5) == 0.0
     assert math.isnan(dt.voc_class_ap(detections, {0: gt()}, 0.5))  # no object of the class: undefined
 
 
