@@ -98,8 +98,7 @@ def get_parser():
                                      allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     add = parser.add_argument_group("data").add_argument
-    add("--dataset", choices=["voc", "coco"],
-        help="voc: VOC-format folders under --data_root; coco: a COCO-format json + image folder")
+    add("--dataset", choices=["voc", "coco"], help="voc: VOC-format folders; coco: a COCO-format json + image folder")
     add("--data_root", help="voc: the folder holding VOCdevkit/; coco: the one with annotations/, train2017/, val2017/")
     add("--train_sets", default="2007-trainval,2012-trainval", help="voc: YEAR-IMAGESET pairs trained on")
     add("--test_set", default="2007-test", help="voc: the YEAR-IMAGESET evaluated on")
@@ -423,7 +422,6 @@ def precise_bn(model, batches, accelerator=None):
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    was_training = model.training
     model.train()
     count = 0
     for images, targets in batches:
@@ -434,7 +432,6 @@ def precise_bn(model, batches, accelerator=None):
         if accelerator is not None and accelerator.num_processes > 1:
             m.running_mean.copy_(accelerator.reduce(m.running_mean.clone(), "mean"))
             m.running_var.copy_(accelerator.reduce(m.running_var.clone(), "mean"))
-    model.train(was_training)
     return count
 
 
@@ -443,10 +440,9 @@ def precise_bn(model, batches, accelerator=None):
 
 
 def load_detection_backbone(config, random=False):
-    """The --backbone ResNet (fc = Identity, loaded strictly by intl.load_backbone), and the run's configuration as
-    its checkpoints and results record it: the backbone's arch, and its input normalisation where --mean / --std do
-    not give one. random: a fresh ResNet of --arch, as for --backbone random or for a checkpoint that holds every
-    weight."""
+    """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch, as for a checkpoint
+    that holds every weight), and the run's configuration with the backbone's arch and, unless --mean / --std give
+    one, its input normalisation."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
@@ -619,7 +615,8 @@ def voc_records(root, spec, classes):
         if unknown := [o["name"] for o in objects if o["name"] not in label]:
             raise ValueError(f"{xml_file}: class {unknown[0]!r} is not among --voc_classes")
         boxes = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
-        records.append({"file": image_file, "width": int(annotation["size"]["width"]), "height": int(annotation["size"]["height"]),
+        size = annotation["size"]
+        records.append({"file": image_file, "width": int(size["width"]), "height": int(size["height"]),
                         "boxes": (np.array(boxes, np.float64).reshape(-1, 4) - [1, 1, 0, 0]).astype(np.float32),
                         "labels": np.array([label[o["name"]] for o in objects], np.int64),
                         "difficult": np.array([int(o.get("difficult", 0)) == 1 for o in objects], bool)})
@@ -627,11 +624,9 @@ def voc_records(root, spec, classes):
 
 
 def coco_data(json_file, image_dir, masks):
-    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}.
-
-    Crowd instances are left out; boxes are clipped to the image and dropped without area (Detectron2's
-    filter_empty_instances). Category ids become labels 1..K in id order; `category_ids` maps them back.
-    """
+    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}. Crowd instances are left
+    out; boxes are clipped to the image and dropped without area (Detectron2's filter_empty_instances). Category ids
+    become labels 1..K in id order; `category_ids` maps them back."""
     if not os.path.isfile(json_file) or not os.path.isdir(image_dir):
         raise ValueError(f"no COCO-format data at {json_file} + {image_dir}: expected a COCO json (images, "
                          "annotations, categories) and the folder its file_names are relative to, e.g. "
@@ -695,12 +690,9 @@ def decode_masks(rles):
 
 
 class DetectionImages(torch.utils.data.Dataset):
-    """Records -> (uint8 image [3, H, W], target {boxes, labels[, masks]}, record index); the resize happens in the
-    model (DetectionTransform).
-
+    """Records -> (uint8 image [3, H, W], target {boxes, labels[, masks]}, record index); the model resizes them.
     Training items are keyed (epoch, index) and flipped (p 0.5) by a generator seeded with (seed, epoch, index), so
-    a resumed run replays the flips. Test items are keyed by index, unflipped.
-    """
+    a resumed run replays the flips. Test items are keyed by index, unflipped."""
 
     def __init__(self, records, train, seed=0, masks=False):
         self.records, self.train, self.seed, self.masks = records, train, seed, masks
@@ -716,17 +708,14 @@ class DetectionImages(torch.utils.data.Dataset):
         target = {key: torch.from_numpy(record[key].copy()) for key in ("boxes", "labels")}
         if self.masks:
             target["masks"] = decode_masks(record["masks"])
-        if self.train and self.flipped(epoch, index):
+        flip = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**63)
+        if self.train and torch.rand(1, generator=flip).item() < 0.5:
             x1, y1, x2, y2 = target["boxes"].unbind(1)
             width = image.shape[-1]
             image, target["boxes"] = image.flip(-1), torch.stack([width - x2, y1, width - x1, y2], dim=1)
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
         return image, target, index
-
-    def flipped(self, epoch, index):
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**63)
-        return torch.rand(1, generator=generator).item() < 0.5
 
 
 def collate(batch):
@@ -738,9 +727,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
     Each epoch is one permutation from (seed, epoch); landscape and portrait images are batched apart (Detectron2's
     aspect-ratio grouping: a batch pads little), the global batches ordered by their first image's place in the
-    permutation. Process r takes the r-th slice of every global batch. Every epoch has the same number of batches,
-    so iteration i is always the same batch. set_epoch(epoch, start_batch) skips the batches a resumed run has done.
-    """
+    permutation; process r takes the r-th slice of each. Every epoch has the same batches, so iteration i is always
+    the same batch; set_epoch(epoch, start_batch) skips the batches a resumed run has done."""
 
     def __init__(self, records, batch_size, num_processes, rank, seed):
         self.landscape = np.array([r["width"] >= r["height"] for r in records])
@@ -761,15 +749,14 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = intl.epoch_order(len(self.landscape), self.seed, self.epoch).numpy()
-        batches = []
+        batches = []  # of places in `order`
         for orientation in (True, False):
-            members = order[self.landscape[order] == orientation]
-            batches += [members[s:s + self.global_batch]
-                        for s in range(0, len(members) - self.global_batch + 1, self.global_batch)]
-        position = np.empty(len(order), np.int64)
-        position[order] = np.arange(len(order))
-        for batch in sorted(batches, key=lambda b: position[b[0]])[self.start_batch:]:
-            yield [(self.epoch, int(i)) for i in batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]]
+            places = np.flatnonzero(self.landscape[order] == orientation)
+            batches += [places[s:s + self.global_batch]
+                        for s in range(0, len(places) - self.global_batch + 1, self.global_batch)]
+        for batch in sorted(batches, key=lambda b: b[0])[self.start_batch:]:
+            mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            yield [(self.epoch, int(order[p])) for p in mine]
 
 
 def training_batches(train_records, config, accelerator, start):
@@ -816,9 +803,7 @@ def predict(model, records, config, accelerator):
                 prediction["masks"] = encode_masks(out["masks"][:, 0] > 0.5)
             predictions.append(prediction)
     model.train()
-    if accelerator.num_processes > 1:
-        predictions = gather_object(predictions)
-    predictions = sorted(predictions, key=lambda p: p["index"])
+    predictions = sorted(gather_object(predictions), key=lambda p: p["index"])
     if [p["index"] for p in predictions] != list(range(len(records))):
         raise RuntimeError(f"{len(predictions)} predictions gathered for {len(records)} test images")
     return predictions
