@@ -7,14 +7,10 @@
     python detect_transfer.py --eval_only --resume runs/voc/checkpoints/step-00024000 --data_root /data/voc
 
 The papers (INTL, CW-RGP) follow MoCo's protocol with Detectron2: ResNet-50-C4, every layer fine-tuned with
-synchronised BatchNorm. Detectron2 is not on PyPI, so the same models are built from torchvision's parts:
-
-    faster-c4 / mask-c4    res2..res4 (stride 16) -> single-level RPN, anchors 32..512 x (0.5, 1, 2);
-                           RoIAlign 14 x 14 at 1/16 with aligned=True -> res5 + an extra BatchNorm2d ->
-                           average pool -> box predictor (and, for masks, res5's 7 x 7 maps -> a 2 x 2
-                           deconvolution -> per-class 14 x 14 masks); res5 runs once per RoI in training
-    faster-fpn / mask-fpn  torchvision's FPN models (TwoMLPHead, 4-conv mask head), BN trainable, the
-                           same aligned RoIAlign
+synchronised BatchNorm. Detectron2 is not on PyPI, so the same models (--model faster-c4 | mask-c4) are built
+from torchvision's parts: res2..res4 (stride 16) -> a single-level RPN, anchors 32..512 x (0.5, 1, 2); RoIAlign
+14 x 14 at 1/16 with aligned=True -> res5 + an extra BatchNorm2d -> average pool -> box predictor (and, for masks,
+res5's 7 x 7 maps -> a 2 x 2 deconvolution -> per-class 14 x 14 masks); res5 runs once per RoI in training.
 
 Known differences from Detectron2 (torchvision's parts are used as they are; their effect on the papers' numbers
 has not been measured):
@@ -52,20 +48,18 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from PIL import Image as PILImage
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import LevelMapper
+from torchvision.ops import RoIAlign
 from tqdm.auto import tqdm
 
 import intl
 
-MODELS = ("faster-c4", "mask-c4", "faster-fpn", "mask-fpn")
+MODELS = ("faster-c4", "mask-c4")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50:0.05:0.95
@@ -78,13 +72,6 @@ PRESETS = {
     "coco-c4-2x": dict(dataset="coco", model="mask-c4", iterations=180000, lr_steps=[120000, 160000],
                        warmup_iters=1000, lr=0.02, reference_batch=16, train_sizes=list(range(640, 801, 32)),
                        test_size=800, max_size=1333),
-}
-# Detectron2's RPN and pooler settings of its C4 and FPN configurations (flags left at None take these).
-ARCH_DEFAULTS = {
-    "c4": dict(rpn_pre_nms_train=12000, rpn_post_nms_train=2000, rpn_pre_nms_test=6000, rpn_post_nms_test=1000,
-               pool_size=14),
-    "fpn": dict(rpn_pre_nms_train=2000, rpn_post_nms_train=1000, rpn_pre_nms_test=1000, rpn_post_nms_test=1000,
-                pool_size=7),
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
@@ -107,12 +94,11 @@ RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Detection transfer: Faster / Mask R-CNN (C4 or FPN) on VOC or COCO",
+    parser = argparse.ArgumentParser(description="Detection transfer: Faster / Mask R-CNN C4 on VOC or COCO",
                                      allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     add = parser.add_argument_group("data").add_argument
-    add("--dataset", choices=["voc", "coco"],
-        help="voc: VOC-format folders under --data_root; coco: a COCO-format json + image folder")
+    add("--dataset", choices=["voc", "coco"], help="voc: VOC-format folders; coco: a COCO-format json + image folder")
     add("--data_root", help="voc: the folder holding VOCdevkit/; coco: the one with annotations/, train2017/, val2017/")
     add("--train_sets", default="2007-trainval,2012-trainval", help="voc: YEAR-IMAGESET pairs trained on")
     add("--test_set", default="2007-test", help="voc: the YEAR-IMAGESET evaluated on")
@@ -130,20 +116,20 @@ def get_parser():
     add("--num_workers", type=int, default=4, help="data loader processes per training process")
 
     add = parser.add_argument_group("model").add_argument
-    add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on the papers' C4 or on an FPN")
+    add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on ResNet-C4, as in the papers")
     add("--backbone", help="an export folder, a .safetensors file, a Hub id owner/name[@revision], a pretrain "
         "checkpoint folder, an official .pth.tar, or 'random' (from scratch)")
     add("--arch", choices=intl.RESNETS, help="the ResNet, when the backbone source does not say")
     add("--revision", help="Hub branch, tag or commit of --backbone")
-    add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512],
-        help="anchor sides in pixels (C4: all on the one level; FPN: one per level)")
-    add("--rpn_pre_nms_train", type=int, help="training proposals kept before NMS per level; None: C4 12000, FPN 2000")
-    add("--rpn_post_nms_train", type=int, help="training proposals kept after NMS per image; None: C4 2000, FPN 1000")
-    add("--rpn_pre_nms_test", type=int, help="test proposals kept before NMS per level; None: C4 6000, FPN 1000")
-    add("--rpn_post_nms_test", type=int, help="test proposals kept after NMS per image; None: 1000")
+    # The RPN and RoI settings of Detectron2's C4 configuration.
+    add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="anchor sides in pixels")
+    add("--rpn_pre_nms_train", type=int, default=12000, help="training proposals kept before NMS per image")
+    add("--rpn_post_nms_train", type=int, default=2000, help="training proposals kept after NMS per image")
+    add("--rpn_pre_nms_test", type=int, default=6000, help="test proposals kept before NMS per image")
+    add("--rpn_post_nms_test", type=int, default=1000, help="test proposals kept after NMS per image")
     add("--rpn_batch_per_image", type=int, default=256, help="anchors sampled per image for the RPN loss")
     add("--roi_batch_per_image", type=int, default=512, help="RoIs sampled per image for the head losses")
-    add("--pool_size", type=int, help="RoIAlign output side; None: C4 14 (before res5), FPN 7 (FPN masks: 14)")
+    add("--pool_size", type=int, default=14, help="RoIAlign output side (res5 halves it)")
 
     # --lr, --iterations, --lr_steps and --warmup_iters are for a global batch of --reference_batch; another global
     # batch B scales the lr by B / reference and the iterations by reference / B (`schedule`).
@@ -161,8 +147,6 @@ def get_parser():
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision; None: Accelerate's config")
 
     add = parser.add_argument_group("evaluation").add_argument
-    add("--voc_metric", default="11point", choices=["11point", "area"],
-        help="voc: AP as VOC07's (the papers') or VOC2010's (the area under the precision-recall curve)")
     add("--precise_bn", type=int, default=200, help="training batches per process whose mean BatchNorm statistics "
         "replace the running ones before the final evaluation (0: off)")
     add("--score_thresh", type=float, default=0.05, help="detections below this score are dropped")
@@ -232,8 +216,14 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     set_seed(config.seed, device_specific=True)
     global_batch = config.batch_size * accelerator.num_processes
     plan = schedule(config, global_batch)
-    prepared, optimizer = accelerator.prepare(model, build_optimizer(model, config))
-    state = resume(config, accelerator) if checkpoint else {"iteration": 0, "precise_bn_done": False}
+    # Weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0).
+    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    state = {"iteration": 0, "precise_bn_done": False}
+    if checkpoint:
+        checkpoint, state = intl.load_checkpoint(accelerator, config.resume, config.output_dir, "detection",
+                                                 check_state=check_trainer_state, say=accelerator.print)
+        accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
     if accelerator.is_main_process:  # the log keeps the iterations before this one: none for a new run
         intl.truncate_jsonl(Path(config.output_dir) / "log.jsonl", state["iteration"], key="iteration")
     accelerator.print(f"{len(train_records)} training images; global batch {global_batch}, {plan['iterations']} "
@@ -306,8 +296,7 @@ def evaluate(model, test_data, state, config, accelerator):
     if not accelerator.is_main_process:
         return None
     if config.dataset == "voc":
-        results = {"bbox": voc_evaluate(predictions, test_data["records"], test_data["classes"],
-                                        config.voc_metric == "11point")}
+        results = {"bbox": voc_evaluate(predictions, test_data["records"], test_data["classes"])}
     else:
         results = coco_evaluate(predictions, test_data["records"], test_data["coco"], test_data["category_ids"],
                                 ["bbox", "segm"] if has_masks(config) else ["bbox"])
@@ -341,9 +330,6 @@ def resolve_config(argv=None):
         if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: its eval/step-N)
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
-    for key, value in ARCH_DEFAULTS[config.model.split("-")[1]].items():
-        if getattr(config, key) is None:
-            setattr(config, key, value)
     intl.check_settings(vars(config), get_parser(), RANGES)
     if not config.print_config:
         check_config(config)
@@ -370,10 +356,7 @@ def check_config(config):
         raise ValueError("--backbone random needs --arch (e.g. resnet50)")
     if config.dataset == "voc" and has_masks(config):
         raise ValueError(f"--model {config.model} needs instance masks, which VOC detection annotations do not "
-                         "have: use faster-c4 or faster-fpn on VOC, or a COCO-format dataset with segmentations")
-    if config.model.endswith("fpn") and len(config.anchor_sizes) != 5:
-        raise ValueError(f"--anchor_sizes: the FPN has 5 levels (P2-P6), one anchor size each; got "
-                         f"{len(config.anchor_sizes)}")
+                         "have: use faster-c4 on VOC, or a COCO-format dataset with segmentations")
     if sorted(config.lr_steps) != list(config.lr_steps):
         raise ValueError(f"--lr_steps {config.lr_steps}: give increasing iteration counts")
 
@@ -382,18 +365,10 @@ def has_masks(config):
     return config.model.startswith("mask")
 
 
-def resume(config, accelerator):
-    """The --resume checkpoint into the prepared model, optimiser and RNGs -> its trainer state."""
-
-    def check_state(folder, saved):
-        if not isinstance(saved.get("iteration"), int):
-            raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
-                             "resume from another checkpoint")
-
-    checkpoint, state = intl.load_checkpoint(accelerator, config.resume, config.output_dir, "detection",
-                                             check_state=check_state, say=accelerator.print)
-    accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
-    return state
+def check_trainer_state(folder, state):
+    if not isinstance(state.get("iteration"), int):
+        raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
+                         "resume from another checkpoint")
 
 
 def load_evaluated_weights(model, checkpoint):
@@ -430,11 +405,6 @@ def learning_rate(iteration, plan):
     return plan["lr"] * factor * 0.1 ** bisect.bisect_right(plan["steps"], iteration)
 
 
-def build_optimizer(model, config):
-    """SGD, weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0)."""
-    return torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
-
-
 def parameter_groups(model, weight_decay):
     norm_layers = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # BatchNorm, SyncBatchNorm, ...
     norm = {id(p) for m in model.modules() if isinstance(m, norm_layers) for p in m.parameters(recurse=False)}
@@ -452,32 +422,27 @@ def precise_bn(model, batches, accelerator=None):
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    was_training = model.training
     model.train()
     count = 0
     for images, targets in batches:
         model(images, targets)
         count += 1
-    if count == 0:
-        raise ValueError("precise BN got no training batch")
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
         if accelerator is not None and accelerator.num_processes > 1:
             m.running_mean.copy_(accelerator.reduce(m.running_mean.clone(), "mean"))
             m.running_var.copy_(accelerator.reduce(m.running_var.clone(), "mean"))
-    model.train(was_training)
     return count
 
 
 # -----------------------------------------------------------------------------
-# Models: R50-C4 as in the papers (Detectron2's Res5ROIHeads), and torchvision's FPN models
+# Models: R50-C4 as in the papers (Detectron2's Res5ROIHeads)
 
 
 def load_detection_backbone(config, random=False):
-    """The --backbone ResNet (fc = Identity, loaded strictly by intl.load_backbone), and the run's configuration as
-    its checkpoints and results record it: the backbone's arch, and its input normalisation where --mean / --std do
-    not give one. random: a fresh ResNet of --arch, as for --backbone random or for a checkpoint that holds every
-    weight."""
+    """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch, as for a checkpoint
+    that holds every weight), and the run's configuration with the backbone's arch and, unless --mean / --std give
+    one, its input normalisation."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
@@ -495,48 +460,26 @@ def load_detection_backbone(config, random=False):
 def build_detector(config, backbone, num_classes):
     """A torchvision ResNet -> the --model detector for num_classes classes (+ background), every layer trainable.
     The RPN and RoI thresholds and fractions are those FasterRCNN passes by default, which are Detectron2's."""
-    c4 = config.model.endswith("c4")
-    if c4:
-        body, box_head = ResNetC4(backbone), Res5Head(backbone)
-        box_width = box_head.out_channels
-        anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
-        levels, scales = ["0"], [1 / 16]
-    else:
-        body = BackboneWithFPN(backbone, {f"layer{k}": str(k - 1) for k in range(1, 5)}, stage_widths(backbone), 256)
-        ratios = ((0.5, 1.0, 2.0),) * len(config.anchor_sizes)
-        anchors = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ratios)
-        levels, scales = ["0", "1", "2", "3"], [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-        box_width = 1024
-        box_head = TwoMLPHead(body.out_channels * config.pool_size ** 2, box_width)
+    # res2..res4 under torchvision's names, so that the weights keep the ResNet's keys; res4 has half res5's width.
+    body = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in
+                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
+    box_head = Res5Head(backbone)
+    anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
     rpn = RegionProposalNetwork(
-        anchors, RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
+        anchors, RPNHead(backbone.feature_dim // 2, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
         bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_per_image, positive_fraction=0.5,
         pre_nms_top_n=dict(training=config.rpn_pre_nms_train, testing=config.rpn_pre_nms_test),
         post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
-    pooler = AlignedRoIAlign(levels, config.pool_size, scales)
-    heads = (C4RoIHeads if c4 else RoIHeads)(
-        pooler, box_head, box_predictor(box_width, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+    pooler = RoIAlign(config.pool_size, 1 / 16, sampling_ratio=0, aligned=True)  # Detectron2's ROIAlignV2
+    heads = C4RoIHeads(
+        pooler, box_head, box_predictor(box_head.out_channels, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
         batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25, bbox_reg_weights=None,
         score_thresh=config.score_thresh, nms_thresh=0.5, detections_per_img=config.detections_per_image)
-    if has_masks(config) and c4:  # no mask convolutions: the deconvolution reads res5's maps of the box branch
+    if has_masks(config):  # no mask convolutions: the deconvolution reads res5's maps of the box branch
         heads.mask_roi_pool, heads.mask_head = pooler, nn.Identity()
-        heads.mask_predictor = mask_predictor(box_width, num_classes)
-    elif has_masks(config):  # torchvision's MaskRCNN head: 4 convolutions on 14 x 14 RoIs, then its predictor
-        heads.mask_roi_pool = AlignedRoIAlign(levels, 14, scales)
-        heads.mask_head = MaskRCNNHeads(body.out_channels, [256] * 4, dilation=1)
-        heads.mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)
+        heads.mask_predictor = mask_predictor(box_head.out_channels, num_classes)
     transform = DetectionTransform(config.train_sizes, config.test_size, config.max_size, config.mean, config.std)
     return GeneralizedRCNN(body, rpn, heads, transform)
-
-
-class ResNetC4(nn.Sequential):
-    """res2..res4 of a torchvision ResNet (stem, layer1-3): stride 16, out_channels = res4's width (1024 for R50).
-    The children keep torchvision's names, so the weights keep the ResNet's keys."""
-
-    def __init__(self, resnet):
-        super().__init__(OrderedDict((name, getattr(resnet, name)) for name in
-                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
-        self.out_channels = stage_widths(resnet)[2]
 
 
 class Res5Head(nn.Module):
@@ -546,7 +489,7 @@ class Res5Head(nn.Module):
     def __init__(self, resnet):
         super().__init__()
         self.layer4 = resnet.layer4
-        self.out_channels = stage_widths(resnet)[3]
+        self.out_channels = resnet.feature_dim
         self.norm = nn.BatchNorm2d(self.out_channels)
 
     def feature_maps(self, x):
@@ -564,7 +507,7 @@ class C4RoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        maps = self.box_head.feature_maps(self.box_roi_pool(features, proposals, image_shapes))
+        maps = self.box_head.feature_maps(self.box_roi_pool(features["0"], proposals))
         class_logits, box_regression = self.box_predictor(maps.mean(dim=(2, 3)))
         if self.training:
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
@@ -579,36 +522,10 @@ class C4RoIHeads(RoIHeads):
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         result = [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)]
         if self.has_mask():
-            maps = self.box_head.feature_maps(self.box_roi_pool(features, boxes, image_shapes))
+            maps = self.box_head.feature_maps(self.box_roi_pool(features["0"], boxes))
             for r, probabilities in zip(result, maskrcnn_inference(self.mask_predictor(self.mask_head(maps)), labels)):
                 r["masks"] = probabilities
         return result, {}
-
-
-class AlignedRoIAlign(MultiScaleRoIAlign):
-    """RoIAlign with aligned=True (Detectron2's ROIAlignV2) on levels of given scales; a subclass because
-    torchvision's heads type-check their poolers. A box of side s goes to level floor(4 + log2(s / 224)), clamped to
-    the levels there are (the FPN paper's eq. 1, torchvision's LevelMapper)."""
-
-    def __init__(self, featmap_names, output_size, scales):
-        super().__init__(featmap_names, output_size, sampling_ratio=0)
-        self.level_scales = [float(s) for s in scales]
-
-    def forward(self, x, boxes, image_shapes):
-        features = [x[name] for name in self.featmap_names]
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = self.levels(rois[:, 1:])
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.level_scales)):
-            chosen = torch.where(levels == level)[0]
-            out[chosen] = roi_align(feature, rois[chosen], self.output_size, scale, self.sampling_ratio,
-                                    aligned=True).to(out.dtype)
-        return out
-
-    def levels(self, boxes):
-        """The index of the level each box [N, 4] is pooled from."""
-        k_min = round(-math.log2(self.level_scales[0]))
-        return LevelMapper(k_min, k_min + len(self.level_scales) - 1)([boxes])
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
@@ -623,12 +540,6 @@ class DetectionTransform(GeneralizedRCNNTransform):
     def train(self, mode=True):
         self.min_size = self.train_sizes if mode else (self.test_size,)
         return super().train(mode)
-
-
-def stage_widths(resnet):
-    """Output channels of res2..res5: 256, 512, 1024, 2048 for a ResNet-50, 64..512 for a ResNet-18."""
-    return [layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3") else layer[-1].conv2.out_channels
-            for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)]
 
 
 def box_predictor(in_channels, num_classes):
@@ -656,7 +567,7 @@ def mask_predictor(in_channels, num_classes):
 #
 # A record is one image: its file, size, boxes [N, 4] (x1, y1, x2, y2, 0-based continuous coordinates),
 # labels [N] (1..K, 0 is the background), difficult [N] (VOC) and, for COCO, its image id and the
-# segmentations of its instances. VOC boxes are 1-based inclusive pixel indices in the XML: x1 and y1
+# RLE masks of its instances. VOC boxes are 1-based inclusive pixel indices in the XML: x1 and y1
 # lose 1, as Detectron2 does; evaluation turns them back into the devkit's coordinates.
 
 
@@ -665,7 +576,9 @@ def load_split(config, split):
     Training keeps the images that hold an object (Detectron2 trains on no other)."""
     if config.dataset == "voc":
         name = config.train_sets if split == "train" else config.test_set
-        classes = voc_classes(config)
+        classes = tuple(c.strip() for c in config.voc_classes.split(",") if c.strip())
+        if len(set(classes)) != len(classes) or not classes:
+            raise ValueError(f"--voc_classes {config.voc_classes!r}: give distinct class names joined by commas")
         records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip(), classes)]
         data = {"name": name, "classes": classes, "records": records}
     else:  # --train_json etc., by default COCO 2017's files under --data_root
@@ -679,13 +592,6 @@ def load_split(config, split):
         if not data["records"]:
             raise ValueError("the training set has no image with an object")
     return data
-
-
-def voc_classes(config):
-    classes = tuple(c.strip() for c in config.voc_classes.split(",") if c.strip())
-    if len(set(classes)) != len(classes) or not classes:
-        raise ValueError(f"--voc_classes {config.voc_classes!r}: give distinct class names joined by commas")
-    return classes
 
 
 def voc_records(root, spec, classes):
@@ -709,8 +615,8 @@ def voc_records(root, spec, classes):
         if unknown := [o["name"] for o in objects if o["name"] not in label]:
             raise ValueError(f"{xml_file}: class {unknown[0]!r} is not among --voc_classes")
         boxes = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
-        records.append({"file": image_file, "image_id": Path(image_file).stem,
-                        "width": int(annotation["size"]["width"]), "height": int(annotation["size"]["height"]),
+        size = annotation["size"]
+        records.append({"file": image_file, "width": int(size["width"]), "height": int(size["height"]),
                         "boxes": (np.array(boxes, np.float64).reshape(-1, 4) - [1, 1, 0, 0]).astype(np.float32),
                         "labels": np.array([label[o["name"]] for o in objects], np.int64),
                         "difficult": np.array([int(o.get("difficult", 0)) == 1 for o in objects], bool)})
@@ -718,11 +624,9 @@ def voc_records(root, spec, classes):
 
 
 def coco_data(json_file, image_dir, masks):
-    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}.
-
-    Crowd instances are left out; boxes are clipped to the image and dropped without area (Detectron2's
-    filter_empty_instances). Category ids become labels 1..K in id order; `category_ids` maps them back.
-    """
+    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}. Crowd instances are left
+    out; boxes are clipped to the image and dropped without area (Detectron2's filter_empty_instances). Category ids
+    become labels 1..K in id order; `category_ids` maps them back."""
     if not os.path.isfile(json_file) or not os.path.isdir(image_dir):
         raise ValueError(f"no COCO-format data at {json_file} + {image_dir}: expected a COCO json (images, "
                          "annotations, categories) and the folder its file_names are relative to, e.g. "
@@ -749,8 +653,7 @@ def coco_data(json_file, image_dir, masks):
                         "width": info["width"], "height": info["height"],
                         "boxes": np.array([box for box, _ in instances], np.float32).reshape(-1, 4),
                         "labels": np.array([label[ann["category_id"]] for _, ann in instances], np.int64),
-                        "difficult": np.zeros(len(instances), bool),
-                        "segmentations": [ann.get("segmentation") for _, ann in instances] if masks else None})
+                        "masks": [coco.annToRLE(ann) for _, ann in instances] if masks else None})
     return {"records": records, "classes": [coco.cats[c]["name"] for c in category_ids], "category_ids": category_ids,
             "coco": coco}
 
@@ -773,32 +676,23 @@ def coco_box(ann, info, label, json_file, masks):
         return None
     if masks and not ann.get("segmentation"):
         raise ValueError(f"{json_file}: annotation {ann.get('id')} has no segmentation, which the mask models need; "
-                         "use faster-c4 or faster-fpn")
+                         "use faster-c4")
     return [x1, y1, x2, y2]
 
 
-def rasterize(segmentations, height, width):
-    """COCO polygons / RLEs -> uint8 masks [N, H, W], as pycocotools' COCO.annToMask."""
+def decode_masks(rles):
+    """COCO RLEs -> uint8 masks [N, H, W]."""
     from pycocotools import mask as mask_utils
 
-    masks = np.zeros((len(segmentations), height, width), np.uint8)
-    for mask, segmentation in zip(masks, segmentations):
-        if isinstance(segmentation, list) or isinstance(segmentation["counts"], list):  # polygons, uncompressed RLE
-            segmentation = mask_utils.frPyObjects(segmentation, height, width)
-        rle = mask_utils.merge(segmentation) if isinstance(segmentation, list) else segmentation  # polygons: merged
-        with warnings.catch_warnings():  # pycocotools' own use of numpy's __array__ protocol
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mask[:] = mask_utils.decode(rle)
-    return torch.from_numpy(masks)
+    with warnings.catch_warnings():  # pycocotools' own use of numpy's __array__ protocol
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
 
 
 class DetectionImages(torch.utils.data.Dataset):
-    """Records -> (uint8 image [3, H, W], target {boxes, labels[, masks]}, record index); the resize happens in the
-    model (DetectionTransform).
-
+    """Records -> (uint8 image [3, H, W], target {boxes, labels[, masks]}, record index); the model resizes them.
     Training items are keyed (epoch, index) and flipped (p 0.5) by a generator seeded with (seed, epoch, index), so
-    a resumed run replays the flips. Test items are keyed by index, unflipped.
-    """
+    a resumed run replays the flips. Test items are keyed by index, unflipped."""
 
     def __init__(self, records, train, seed=0, masks=False):
         self.records, self.train, self.seed, self.masks = records, train, seed, masks
@@ -813,18 +707,15 @@ class DetectionImages(torch.utils.data.Dataset):
             raise intl.UnreadableImageError(f"Cannot read image {record['file']}: {error}") from error
         target = {key: torch.from_numpy(record[key].copy()) for key in ("boxes", "labels")}
         if self.masks:
-            target["masks"] = rasterize(record["segmentations"], image.shape[1], image.shape[2])
-        if self.train and self.flipped(epoch, index):
+            target["masks"] = decode_masks(record["masks"])
+        flip = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**63)
+        if self.train and torch.rand(1, generator=flip).item() < 0.5:
             x1, y1, x2, y2 = target["boxes"].unbind(1)
             width = image.shape[-1]
             image, target["boxes"] = image.flip(-1), torch.stack([width - x2, y1, width - x1, y2], dim=1)
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
         return image, target, index
-
-    def flipped(self, epoch, index):
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**63)
-        return torch.rand(1, generator=generator).item() < 0.5
 
 
 def collate(batch):
@@ -836,9 +727,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
     Each epoch is one permutation from (seed, epoch); landscape and portrait images are batched apart (Detectron2's
     aspect-ratio grouping: a batch pads little), the global batches ordered by their first image's place in the
-    permutation. Process r takes the r-th slice of every global batch. Every epoch has the same number of batches,
-    so iteration i is always the same batch. set_epoch(epoch, start_batch) skips the batches a resumed run has done.
-    """
+    permutation; process r takes the r-th slice of each. Every epoch has the same batches, so iteration i is always
+    the same batch; set_epoch(epoch, start_batch) skips the batches a resumed run has done."""
 
     def __init__(self, records, batch_size, num_processes, rank, seed):
         self.landscape = np.array([r["width"] >= r["height"] for r in records])
@@ -859,15 +749,14 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = intl.epoch_order(len(self.landscape), self.seed, self.epoch).numpy()
-        batches = []
+        batches = []  # of places in `order`
         for orientation in (True, False):
-            members = order[self.landscape[order] == orientation]
-            batches += [members[s:s + self.global_batch]
-                        for s in range(0, len(members) - self.global_batch + 1, self.global_batch)]
-        position = np.empty(len(order), np.int64)
-        position[order] = np.arange(len(order))
-        for batch in sorted(batches, key=lambda b: position[b[0]])[self.start_batch:]:
-            yield [(self.epoch, int(i)) for i in batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]]
+            places = np.flatnonzero(self.landscape[order] == orientation)
+            batches += [places[s:s + self.global_batch]
+                        for s in range(0, len(places) - self.global_batch + 1, self.global_batch)]
+        for batch in sorted(batches, key=lambda b: b[0])[self.start_batch:]:
+            mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            yield [(self.epoch, int(order[p])) for p in mine]
 
 
 def training_batches(train_records, config, accelerator, start):
@@ -914,9 +803,7 @@ def predict(model, records, config, accelerator):
                 prediction["masks"] = encode_masks(out["masks"][:, 0] > 0.5)
             predictions.append(prediction)
     model.train()
-    if accelerator.num_processes > 1:
-        predictions = gather_object(predictions)
-    predictions = sorted(predictions, key=lambda p: p["index"])
+    predictions = sorted(gather_object(predictions), key=lambda p: p["index"])
     if [p["index"] for p in predictions] != list(range(len(records))):
         raise RuntimeError(f"{len(predictions)} predictions gathered for {len(records)} test images")
     return predictions
@@ -932,21 +819,8 @@ def encode_masks(masks):
     return rles
 
 
-def voc_ap(recall, precision, use_11_point=True):
-    """AP from a precision-recall curve: VOC07's mean of the best precision at recall >= 0, 0.1, ..., 1, or the
-    area under the curve made monotone (VOC2010+)."""
-    if use_11_point:
-        return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                              for t in np.linspace(0, 1, 11)]))
-    recall = np.concatenate([[0.0], recall, [1.0]])
-    precision = np.concatenate([[0.0], precision, [0.0]])
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    change = np.where(recall[1:] != recall[:-1])[0]
-    return float(np.sum((recall[change + 1] - recall[change]) * precision[change + 1]))
-
-
-def voc_class_ap(detections, ground_truth, iou_threshold, use_11_point=True):
-    """One class's AP by the VOC devkit's rules; nan when the class has no object.
+def voc_class_ap(detections, ground_truth, iou_threshold):
+    """One class's VOC07 11-point AP (the papers' metric) by the VOC devkit's rules; nan when the class has no object.
 
     detections: [(image key, score, box)], taken by decreasing score; ground_truth: {image key: (boxes [G, 4],
     difficult [G])}; boxes in the devkit's inclusive pixel coordinates. A detection whose best-overlapping object
@@ -972,7 +846,10 @@ def voc_class_ap(detections, ground_truth, iou_threshold, use_11_point=True):
         else:
             fp[rank] = 1
     tp, fp = np.cumsum(tp), np.cumsum(fp)
-    return voc_ap(tp / positives, tp / np.maximum(tp + fp, np.finfo(np.float64).eps), use_11_point)
+    recall, precision = tp / positives, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    # The mean of the best precision at recall >= 0, 0.1, ..., 1.
+    return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                          for t in np.linspace(0, 1, 11)]))
 
 
 def devkit_iou(box, boxes):
@@ -984,7 +861,7 @@ def devkit_iou(box, boxes):
                     + (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1) - inter)
 
 
-def voc_evaluate(predictions, records, classes, use_11_point=True):
+def voc_evaluate(predictions, records, classes):
     """Detectron2's PascalVOCDetectionEvaluator numbers (x100): AP = the mean over IoU 0.50:0.05:0.95 of the mean
     over classes of the class AP; AP50; AP75; AP50 per class. Classes without a test object are left out.
 
@@ -999,14 +876,14 @@ def voc_evaluate(predictions, records, classes, use_11_point=True):
         detections = [(p["index"], score, box) for p in predictions
                       for score, box in as_written_to_detection_files(p["scores"][p["labels"] == c],
                                                                       p["boxes"][p["labels"] == c])]
-        per_class[name] = [voc_class_ap(detections, ground_truth, t, use_11_point) for t in IOU_THRESHOLDS]
+        per_class[name] = [voc_class_ap(detections, ground_truth, t) for t in IOU_THRESHOLDS]
     evaluated = {name: aps for name, aps in per_class.items() if not math.isnan(aps[0])}
     if not evaluated:
         raise ValueError("the test set has no object of any class: nothing to evaluate")
     table = np.array(list(evaluated.values())) * 100  # [classes, thresholds]
     result = {"AP": float(table.mean()), "AP50": float(table[:, 0].mean()), "AP75": float(table[:, 5].mean()),
               "per_class_AP50": {name: float(ap[0] * 100) for name, ap in evaluated.items()},
-              "metric": "VOC07 11-point" if use_11_point else "area"}
+              "metric": "VOC07 11-point"}
     if len(evaluated) < len(classes):
         result["classes_without_test_objects"] = [name for name in classes if name not in evaluated]
     return result

@@ -106,7 +106,7 @@ def test_linear_eval_runs_its_protocols_on_the_gpu(tiny_images, folder, tmp_path
     assert all(0 <= record["rows"][0]["top1"] <= 100 for record in records.values())
 
 
-@pytest.mark.parametrize("model_name", ["faster-c4", "mask-fpn"])
+@pytest.mark.parametrize("model_name", dt.MODELS)
 def test_detect_transfer_trains_and_evaluates_on_the_gpu_in_fp16(model_name, tmp_path):
     root = write_coco(tmp_path / "coco", n_train=6, n_val=3)
     torch.cuda.reset_peak_memory_stats()
