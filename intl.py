@@ -533,8 +533,6 @@ from torchvision.transforms import v2
 # folder written by save_to_disk, a folder of images (in class sub-folders, optionally under train/ val/ test/; or
 # unlabelled, directly inside), or a Hugging Face Hub dataset id "id" or "id:config".
 
-_data_logger = logging.getLogger(__name__)
-
 DIGITS_SOURCE = "digits"
 
 # The names a split goes by, on the Hub and as sub-folders of an image folder -> the split each is. A missing split is
@@ -669,8 +667,8 @@ def _image_files(folder):
 
 
 def _load_hub_split(source, split):
-    """A split of Hub dataset "id" or "id:config", through datasets' cache (HF_HUB_OFFLINE=1: the cache only). All
-    splits are loaded (datasets prepares them all anyway), so that a missing one can be served by another name."""
+    """A split of Hub dataset "id" or "id:config", through datasets' cache; all splits are loaded (datasets prepares
+    them all anyway), so that a missing one can be served by another name."""
     import datasets as hf_datasets
 
     repo_id, _, config_name = source.partition(":")
@@ -692,7 +690,7 @@ def _resolve_split_name(split, available, where):
     if name is None:
         raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
     if name != split:
-        _data_logger.info("%s has no split %r; using %r instead", where, split, name)
+        logging.getLogger(__name__).info("%s has no split %r; using %r instead", where, split, name)
     return name
 
 
@@ -738,10 +736,6 @@ def _holds_class_indices(feature):
 class UnreadableImageError(OSError):
     """An image that cannot be decoded; its message names the file."""
 
-    def one_line(self):
-        """The message alone: a DataLoader worker re-raises it wrapped in the worker's traceback."""
-        return str(self).strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
-
 
 class ImageDataset(torch.utils.data.Dataset):
     """An ImageSplit for PyTorch: item i is (transform(RGB PIL image), label), label -1 when unlabelled. PIL decodes
@@ -778,14 +772,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, -1 if label is None else int(label)
 
 
-# A transparent pixel shows white, as a page behind a web image: the colour stored under it is not part of the picture.
-ALPHA_BACKGROUND = (255, 255, 255)
-
-
 def to_rgb(image):
     """Any PIL image -> the 8-bit RGB image it shows, decoded fully. Where image.convert("RGB") is wrong: a 16-bit
-    value v becomes round(v / 257), not v clipped at 255; a transparent pixel is composited over ALPHA_BACKGROUND,
-    rounded exactly, instead of losing its alpha."""
+    value v becomes round(v / 257), not v clipped at 255; a transparent pixel is composited over white, rounded
+    exactly, instead of losing its alpha."""
     key = image.info.get("transparency")
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image).astype(np.int64)
@@ -797,8 +787,8 @@ def to_rgb(image):
     else:
         return image.convert("RGB")
     if alpha is not None:
-        background = np.array(ALPHA_BACKGROUND, dtype=np.int64)
-        rgb = (rgb * alpha + background * (255 - alpha) + 127) // 255  # round((c a + b (255 - a)) / 255)
+        # Over white, as a page behind a web image: the colour stored under a transparent pixel is not in the picture.
+        rgb = (rgb * alpha + 255 * (255 - alpha) + 127) // 255  # round((c a + 255 (255 - a)) / 255)
     return PILImage.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)))
 
 
@@ -850,10 +840,9 @@ def extract_features(backbone, loader, accelerator):
 
 @torch.no_grad()
 def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None, cosine=False):
-    """Each test feature's k nearest training features, nearest first -> (indices [N_test, k], ranking keys
-    [N_test, k], ascending): Euclidean, key ||t||^2 - 2 q.t; or cosine=True, key -cos(q, t). Memory stays bounded:
-    `chunk` queries meet `train_chunk` training features at a time, on `device` (default: the training features'),
-    and each query keeps a running top-k."""
+    """Each test feature's k nearest training features -> (indices, ranking keys), [N_test, k] nearest first:
+    Euclidean, key ||t||^2 - 2 q.t, or cosine, key -cos(q, t). Memory stays bounded: `chunk` queries meet
+    `train_chunk` training features at a time, on `device`, each query keeping a running top-k."""
     device = torch.device(device) if device is not None else train_features.device
     k = min(k, len(train_features))
     best_key = torch.full((len(test_features), k), float("inf"), device=device)
@@ -935,10 +924,9 @@ def explicit_flags(parser, argv):
 
 
 def check_settings(settings, parser, ranges, where="--"):
-    """Refuse any setting that its flag would not accept, by one table: the parser's types, numbers of values and
-    choices, and `ranges` ({flag: interval written as in maths, "[1, inf)", "(0, 1]"}). It checks the flags
-    (where="--": "--lr -1.0: must be greater than 0") and saved configurations (where=the file: "FILE: lr is -1.0,
-    must be greater than 0"). Settings without a flag, and None (not set), pass."""
+    """Refuse any setting its flag would not accept, by the parser's types, numbers of values and choices and
+    `ranges` ({flag: interval as in maths, "[1, inf)"}): the flags (where="--") and saved configurations (where=the
+    file). Settings without a flag, and None (not set), pass."""
     actions = {action.dest: action for action in parser._actions}
     for key, value in settings.items():
         if key not in actions or value is None:
@@ -1025,16 +1013,15 @@ def slow_precision_warning(accelerator):
 
 # ----------------------------------------------------------------------------- nothing lost or half-written
 #
-# Every file and folder is written under a temporary name and renamed into place (`replacing`): a crash, a full disk
-# or a kill leaves the old version or the new one, never half of one. One run per output folder (`lock_output_dir`);
-# results of an earlier run are replaced only with --overwrite.
+# A file or folder is written under a temporary name and renamed into place (`replacing`): a crash, a full disk or a
+# kill leaves the old version or the new one. One run per output folder; an earlier run's results go only with
+# --overwrite.
 
 
 @contextlib.contextmanager
 def replacing(path):
-    """Yields a temporary path next to `path` to write the new file or folder to; when the block ends without an
-    error, a rename puts it in place (an old folder is renamed away first, then deleted). On an error the old
-    version stays and the temporary one is removed."""
+    """Yields a temporary path next to `path` to write the new file or folder to, renamed into place when the block
+    ends without an error (an old folder is renamed away first, then deleted); on an error the old version stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savefig picks the format from it
@@ -1076,10 +1063,9 @@ _held_locks = {}  # resolved folder -> its open .lock file, held until this proc
 
 
 def lock_output_dir(output_dir):
-    """One run per output folder: an exclusive lock on OUTPUT_DIR/.lock, held until this process ends (the operating
-    system releases it even after kill -9). A second run on the folder is refused at once, naming the process that
-    holds it; later runs in this same process keep the lock. Call it from the main process, before anything in the
-    folder is read or changed."""
+    """One run per output folder: an exclusive lock on OUTPUT_DIR/.lock until this process ends (the system releases
+    it even after kill -9); a second run is refused at once, naming the process that holds it. Call it from the main
+    process, before anything in the folder is read or changed."""
     import fcntl  # POSIX: Linux and macOS
 
     path = Path(output_dir)
@@ -1239,9 +1225,8 @@ def read_trainer_state(state_file):
 
 def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, say=print):
     """--resume: load a checkpoint into the objects prepared by `accelerator` -> (folder, trainer_state). "latest"
-    takes the newest checkpoint that loads, saying which newer ones it skipped and why; an explicit folder that does
-    not load is an error. check_state(folder, state) may refuse the run's state itself (another number of processes,
-    ...): that holds for every checkpoint of the run, so it is an error, not a reason to skip."""
+    takes the newest one that loads, saying which it skipped and why. check_state(folder, state) may refuse the run's
+    state itself (another number of processes, ...): an error, not a reason to skip, as it holds for every one."""
     candidates = _saved_checkpoints(output_dir or ".") if resume == "latest" else []
     for checkpoint in candidates or [find_checkpoint(resume, output_dir, kind)]:
         try:
@@ -1293,9 +1278,8 @@ def unreadable(path, error):
 
 
 def check_weights(weights, where):
-    """The one check of loaded weights, whatever their source: floating-point tensors (integer ones only as
-    BatchNorm's batch counters), finite values, BatchNorm running variances >= 0. A network that fails it would
-    compute NaN or chance without any error (a diverged run, a damaged or converted file)."""
+    """The one check of loaded weights, whatever their source; a network that fails it would compute NaN or chance
+    without any error (a diverged run, a damaged or converted file)."""
     for key, value in weights.items():
         if not torch.is_tensor(value):
             raise ValueError(f"{where}: {key!r} is not a tensor")
@@ -1328,9 +1312,8 @@ def _on_stop_signal(signum, frame):
 
 
 def stop_if_interrupted():
-    """In a training loop, once per step: raise KeyboardInterrupt if Ctrl-C or SIGTERM came. Python discards an
-    exception raised inside a finaliser (a __del__, a garbage-collection callback): a signal that arrives while one
-    runs would otherwise be lost, and the training would go on."""
+    """Once per training step: raise KeyboardInterrupt if Ctrl-C or SIGTERM came while a finaliser (a __del__, a
+    garbage-collection callback) ran, where Python discards the exception and the training would go on."""
     if _stop_requested:
         raise KeyboardInterrupt
 
@@ -1344,15 +1327,17 @@ def interrupted_message(where, checkpoint):
 
 def run(main, argv=None, interrupted="interrupted"):
     """The error boundary of each script: main(argv), with SIGTERM (what a cluster's scheduler sends) as Ctrl-C. Our
-    errors (ValueError naming the file and the field, an OSError its file) end as one line "error: ..." and exit
-    status 1; an interruption as its `Interrupted` line (else `interrupted`) and exit status 130, as a shell reports
-    a command it interrupted."""
+    errors end as one line "error: ..." and exit status 1; an interruption as its `Interrupted` line (else
+    `interrupted`) and exit status 130, as a shell reports a command it interrupted."""
     signal.signal(signal.SIGINT, _on_stop_signal)
     signal.signal(signal.SIGTERM, _on_stop_signal)
     try:
         main(argv)
     except (ValueError, OSError, FloatingPointError, SafetensorError) as error:
-        sys.exit(f"error: {error.one_line() if isinstance(error, UnreadableImageError) else error}")
+        text = str(error)
+        if isinstance(error, UnreadableImageError):  # a DataLoader worker re-raises it wrapped in its traceback
+            text = text.strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
+        sys.exit(f"error: {text}")
     except KeyboardInterrupt as interrupt:
         print(str(interrupt) or interrupted, file=sys.stderr)
         sys.exit(130)
@@ -1360,14 +1345,9 @@ def run(main, argv=None, interrupted="interrupted"):
 
 # ----------------------------------------------------------------------------- loading a backbone from anywhere
 #
-# load_backbone(source) accepts, and always loads strictly:
-#   1. an export folder (model.safetensors + config.json), or a bare .safetensors file
-#   2. a Hub model id "owner/name[@revision]" (or timm's "hf-hub:owner/name"), through huggingface_hub's cache;
-#      HF_HUB_OFFLINE=1 reads that cache only
-#   3. a pretrain.py checkpoint folder (model.safetensors with backbone.* keys + trainer_state.json)
-#   4. an official INTL / CW-RGP checkpoint (.pth.tar: {"state_dict": {"module.backbone.*": ...}})
-# Every backbone comes with its config: arch, stem, feature_dim, image_size, mean, std, and what the export
-# recorded about its training.
+# load_backbone loads strictly, from an export folder (model.safetensors + config.json) or a bare .safetensors file,
+# a Hub model id "owner/name[@revision]" (or timm's "hf-hub:owner/name") through huggingface_hub's cache
+# (HF_HUB_OFFLINE=1: the cache only), a pretrain.py checkpoint folder or an official INTL / CW-RGP .pth.tar.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -1375,10 +1355,9 @@ EXPORT_FILES = ("model.safetensors", "config.json")
 
 
 def load_backbone(source, arch=None, revision=None, stem=None):
-    """Any source above -> (backbone nn.Module in eval mode, config dict). arch: needed only when the weights fit no
-    ResNet exactly; given, it must fit them. revision: a Hub branch, tag or commit (as "id@revision"). stem: a key of
-    STEMS, for weights whose config does not say it. Raises ValueError for anything that does not load; never
-    returns a half-loaded model, nor one with NaN or Inf weights."""
+    """-> (backbone in eval mode, config: arch, stem, feature_dim, image_size, mean, std and what an export recorded
+    of its training). arch: needed only when the weights fit no ResNet exactly. revision: a Hub branch, tag or commit.
+    stem: for weights whose config does not say it. ValueError for anything that does not load (never half-loaded)."""
     if source is None or str(source).strip() == "":
         raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub model id, a pretrain "
                          "checkpoint folder or an official .pth.tar checkpoint")
@@ -1402,7 +1381,7 @@ def load_backbone(source, arch=None, revision=None, stem=None):
 
 
 def _read_backbone(source, revision):
-    """-> (weights, config, the file the config came from, named in messages)."""
+    """-> (weights, config, the file the config came from)."""
     path = Path(os.path.expanduser(source))
     if (path / "trainer_state.json").is_file():
         return *_read_pretrain_checkpoint(path), path / "trainer_state.json"
@@ -1432,7 +1411,6 @@ RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bi
 
 
 def _read_pretrain_checkpoint(folder):
-    """pretrain.py's checkpoint: the backbone.* weights, and an export's config made from its trainer_state.json."""
     state = read_trainer_state(folder / "trainer_state.json")
     train = state["config"]
     weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
@@ -1455,8 +1433,7 @@ def _read_pretrain_checkpoint(folder):
 
 
 def _read_official_checkpoint(path):
-    """An official .pth.tar, read with weights_only: {"state_dict": {...}}, the backbone under "module.backbone.*"
-    (INTL) or "module.model.*" (CW-RGP)."""
+    """{"state_dict": {...}}, the backbone under "module.backbone.*" (INTL) or "module.model.*" (CW-RGP)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load and pickle raise many types on a damaged file
@@ -1476,7 +1453,6 @@ def _read_official_checkpoint(path):
 
 
 def _strip_prefix(state_dict, prefixes, where):
-    """The backbone's entries of a whole-model state_dict, with the first matching prefix removed."""
     for prefix in prefixes:
         weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if weights:
@@ -1544,8 +1520,7 @@ def _weights_mismatch(expected, weights):
 
 
 def _download_from_hub(source, revision=None):
-    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache
-    only, as when the Hub cannot be reached)."""
+    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache."""
     import huggingface_hub
     from huggingface_hub import constants
 
