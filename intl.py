@@ -684,9 +684,9 @@ def _load_hub_split(source, split):
 
 def _resolve_split_name(split, available, where):
     """The available split that serves `split`: itself, else the first available other name of its side."""
-    side = _SPLIT_NAMES.get(split, split) == "train"
-    names = [split] + [name for name, kind in _SPLIT_NAMES.items() if split in _SPLIT_NAMES and (kind == "train") == side]
-    name = next((name for name in names if name in available), None)
+    kind = _SPLIT_NAMES.get(split)
+    others = [name for name, k in _SPLIT_NAMES.items() if kind and (k == "train") == (kind == "train")]
+    name = next((name for name in [split, *others] if name in available), None)
     if name is None:
         raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
     if name != split:
