@@ -1218,8 +1218,7 @@ def read_trainer_state(state_file):
     """A checkpoint's trainer_state.json -> its object, which holds the run's "config"."""
     state = read_json(state_file)
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged; "
-                         "resume from another checkpoint")
+        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged")
     return state
 
 
