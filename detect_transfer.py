@@ -175,12 +175,16 @@ def main(argv=None):
     if config.print_config:
         return print(json.dumps(vars(config), indent=2))
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    with intl.locked(config.output_dir, accelerator.is_main_process):
+        transfer(config, accelerator)
+
+
+def transfer(config, accelerator):
+    """Data -> model -> fine-tuning (or a checkpoint) -> evaluation, in the locked output folder."""
     if warning := intl.slow_precision_warning(accelerator):
         print(warning, file=sys.stderr)
     checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection") if config.resume else None
     if config.eval_only:  # its results.json only; the checkpoints are another run's
-        if accelerator.is_main_process:
-            intl.lock_output_dir(config.output_dir)
         intl.refuse_to_replace(Path(config.output_dir), ["results.json"], config.overwrite)
     else:
         intl.prepare_output_dir(Path(config.output_dir), RESULTS, config.overwrite, checkpoint, accelerator,

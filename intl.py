@@ -499,15 +499,10 @@ class SubBatchWhitening(nn.Module):
 # =============================================================================
 # What the stages share
 #
-# The method ends above. Below is what pretrain.py, linear_eval.py and detect_transfer.py share:
-#   data                          load_image_split (digits, folders, save_to_disk, the Hub), ImageDataset
-#   features and kNN              extract_features, knn_classify (the papers' 5-NN)
-#   the loops                     epoch_order, sync_batchnorm, the JSON-lines logs
-#   configuration and flags       presets vs explicit flags; one table checks flags and saved configurations
-#   nothing lost or half-written  one atomic write, one lock per output folder, results never silently replaced
-#   resuming from a checkpoint    the newest that loads; one check of loaded weights
-#   the error boundary            one line per error; Ctrl-C and SIGTERM: where it stopped, exit status 130
-#   loading a backbone            load_backbone: an export, a Hub id, a checkpoint or an official .pth.tar
+# The method ends above. Below is what pretrain.py, linear_eval.py and detect_transfer.py share: the data sources,
+# features and the papers' 5-NN, the loops' helpers, configuration (one table checks flags and saved configurations),
+# nothing lost or half-written (one atomic write, one lock per output folder), resuming from the newest checkpoint
+# that loads, the error boundary (one line per error; Ctrl-C and SIGTERM: exit status 130), loading a backbone.
 # =============================================================================
 
 import argparse
@@ -517,7 +512,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import signal
 import sys
@@ -535,23 +529,17 @@ from torchvision.transforms import v2
 
 # ----------------------------------------------------------------------------- data
 #
-# Every source becomes a `datasets.Dataset` in an ImageSplit:
-#   None / "digits"   scikit-learn's handwritten digits, the offline default (no download)
-#   a folder written by Dataset.save_to_disk / DatasetDict.save_to_disk
-#   a folder of images: in class sub-folders (ImageNet layout, optionally split into train/ val/ test/), or
-#                     directly inside it (unlabelled training images)
-#   anything else     a Hugging Face Hub dataset id, optionally "id:config"
-
-_data_logger = logging.getLogger(__name__)
+# Every source becomes a datasets.Dataset in an ImageSplit: "digits" or None (scikit-learn's digits, offline), a
+# folder written by save_to_disk, a folder of images (in class sub-folders, optionally under train/ val/ test/; or
+# unlabelled, directly inside), or a Hugging Face Hub dataset id "id" or "id:config".
 
 DIGITS_SOURCE = "digits"
 
-# A missing split is served by another name of it; many datasets ship one held-out split, under different names
+# The names a split goes by, on the Hub and as sub-folders of an image folder -> the split each is. A missing split is
+# served by another name of its side (training or held-out): datasets ship one held-out split, under different names
 # (CIFAR-10 "test", ImageNet-1k "validation", torchvision-style folders "val").
-_SPLIT_ALIASES = (("train", "training"), ("validation", "val", "valid", "dev", "test", "testing"))
-# Sub-folders of an image folder that are splits rather than classes -> the split each is loaded as.
-_SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
-                  "validation": "validation", "dev": "validation", "test": "test", "testing": "test"}
+_SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
+                "valid": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
 _HOW_TO_PROVIDE_DATA = (
     "Give --dataset a Hub dataset id (run once with network access to cache it), a folder of images (directly "
@@ -561,10 +549,10 @@ _HOW_TO_PROVIDE_DATA = (
 
 @dataclass
 class ImageSplit:
-    """One split of an image dataset: the rows, the image column, the integer label column (None: unlabelled),
-    the number of classes (when a ClassLabel feature gives it) and where it came from (named in messages)."""
+    """One split: its rows (a datasets.Dataset), the image column, the integer label column (None: unlabelled), the
+    number of classes (when a ClassLabel feature gives it) and where it came from (named in messages)."""
 
-    dataset: object  # a datasets.Dataset
+    dataset: object
     image_column: str
     label_column: Optional[str]
     num_classes: Optional[int]
@@ -573,33 +561,30 @@ class ImageSplit:
 
 def load_image_split(source, split, image_column=None, label_column=None, accelerator=None):
     """One split ("train", "test", ...) of any source above -> ImageSplit; the columns are detected unless given.
-
-    A missing split is served by another name of it ("test" <-> "validation" / "val"). Raises ValueError naming
-    what is missing. With an `accelerator`, its main process loads first (a Hub dataset is prepared once), then
-    the others read the cache."""
+    With an `accelerator`, its main process loads first (a Hub dataset is prepared once), then the others."""
     if accelerator is not None:
         with accelerator.main_process_first():
             return load_image_split(source, split, image_column, label_column)
-    if source is None or source == DIGITS_SOURCE:
-        dataset, description = _load_digits_split(split), DIGITS_SOURCE
+    source = os.fspath(source or DIGITS_SOURCE)
+    path = os.path.expanduser(source)
+    if source == DIGITS_SOURCE:
+        dataset = _load_digits_split(split)
+    elif os.path.isdir(path):
+        # The files that Dataset.save_to_disk and DatasetDict.save_to_disk write.
+        saved = any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
+        dataset, source = (_load_saved_split if saved else _load_image_folder_split)(path, split), path
+    elif looks_like_path(source):  # a typo in a path must not turn into a confusing Hub lookup
+        raise ValueError(f"dataset folder {source} does not exist. {_HOW_TO_PROVIDE_DATA}")
     else:
-        source = os.fspath(source)
-        path = os.path.expanduser(source)
-        if os.path.isdir(path):
-            load = _load_saved_split if _is_save_to_disk_folder(path) else _load_image_folder_split
-            dataset, description = load(path, split), path
-        elif looks_like_path(source):  # a typo in a path must not turn into a confusing Hub lookup
-            raise ValueError(f"dataset folder {source} does not exist. {_HOW_TO_PROVIDE_DATA}")
-        else:
-            dataset, description = _load_hub_split(source, split), f"Hugging Face Hub dataset {source!r}"
-    return _make_image_split(dataset, image_column, label_column, f"{description} (split {split!r})")
+        dataset, source = _load_hub_split(source, split), f"Hugging Face Hub dataset {source!r}"
+    return _make_image_split(dataset, image_column, label_column, f"{source} (split {split!r})")
 
 
 def _load_digits_split(split):
     """scikit-learn's digits as 32x32 RGB PNGs, in a seeded, class-stratified 80/20 train/test split: the same on
-    every call, so pre-training never sees the images that report test accuracy."""
+    every call, so that pre-training never sees the images that report test accuracy."""
     import datasets as hf_datasets
-    from sklearn.datasets import load_digits  # here: scikit-learn takes ~1.5 s to import, only digits need it
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import, only digits need it
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
@@ -627,13 +612,6 @@ def looks_like_path(source):
             or (os.sep != "/" and os.sep in source))
 
 
-def _is_save_to_disk_folder(path):
-    from datasets import config  # the files that Dataset.save_to_disk and DatasetDict.save_to_disk write
-
-    return any(os.path.isfile(os.path.join(path, name))
-               for name in (config.DATASET_STATE_JSON_FILENAME, config.DATASETDICT_JSON_FILENAME))
-
-
 def _load_saved_split(path, split):
     import datasets as hf_datasets
 
@@ -647,23 +625,21 @@ def _load_saved_split(path, split):
 
 
 def _load_image_folder_split(root, split):
-    """A split of a folder of images, found at any depth below each class folder and labelled by it: ROOT/<class>/
-    or ROOT/<split>/<class>/. The class indices are those of all splits' sorted class names, so that they agree
-    across splits. Without class folders, the images directly in ROOT (or ROOT/<split>/) are unlabelled."""
+    """ROOT/<class>/... or ROOT/<split>/<class>/...: an image at any depth below a class folder has the index of that
+    class among all splits' sorted class names (the same in every split). Without class folders, the images directly
+    inside are unlabelled."""
     import datasets as hf_datasets
 
-    split_folders = [d for d in _sub_folders(root) if d.lower() in _SPLIT_FOLDERS]
     roots = {}
-    for folder in split_folders:
-        roots.setdefault(_SPLIT_FOLDERS[folder.lower()], []).append(os.path.join(root, folder))
+    for folder in _sub_folders(root):
+        if folder.lower() in _SPLIT_NAMES:
+            roots.setdefault(_SPLIT_NAMES[folder.lower()], []).append(os.path.join(root, folder))
     roots = roots or {"train": [root]}
     class_names = sorted({name for folders in roots.values() for folder in folders for name in _sub_folders(folder)})
     split = _resolve_split_name(split, roots, root)
     paths, labels = [], []
     for folder in roots[split]:
-        if not class_names:  # the images directly inside: no sub-folders
-            paths += _image_files(folder)
-        for label, name in enumerate(class_names):
+        for label, name in enumerate(class_names or [""]):  # "": no class folders, the images in `folder` itself
             found = _image_files(os.path.join(folder, name))
             paths += found
             labels += [label] * len(found)
@@ -691,8 +667,8 @@ def _image_files(folder):
 
 
 def _load_hub_split(source, split):
-    """A split of Hub dataset "id" or "id:config", through datasets' cache (with HF_HUB_OFFLINE=1, the cache only).
-    All splits are loaded (datasets prepares them all anyway), so that a missing one can be served by an alias."""
+    """A split of Hub dataset "id" or "id:config", through datasets' cache; all splits are loaded (datasets prepares
+    them all anyway), so that a missing one can be served by another name."""
     import datasets as hf_datasets
 
     repo_id, _, config_name = source.partition(":")
@@ -707,20 +683,21 @@ def _load_hub_split(source, split):
 
 
 def _resolve_split_name(split, available, where):
-    """The available split serving `split`: itself, else the first available of its aliases."""
-    aliases = next((names for names in _SPLIT_ALIASES if split in names), ())
-    name = next((name for name in (split, *aliases) if name in available), None)
+    """The available split that serves `split`: itself, else the first available other name of its side."""
+    kind = _SPLIT_NAMES.get(split)
+    others = [name for name, k in _SPLIT_NAMES.items() if kind and (k == "train") == (kind == "train")]
+    name = next((name for name in [split, *others] if name in available), None)
     if name is None:
         raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
     if name != split:
-        _data_logger.info("%s has no split %r; using %r instead", where, split, name)
+        logging.getLogger(__name__).info("%s has no split %r; using %r instead", where, split, name)
     return name
 
 
 def _make_image_split(dataset, image_column, label_column, description):
     """Check the given columns, or detect them: the image column is the first Image feature (else "image" / "img");
     the label column the first of "label", "fine_label", a ClassLabel, "labels" that holds integer class labels
-    (none: unlabelled). A label column asked for must hold integers: strings are not class indices."""
+    (none: unlabelled)."""
     import datasets as hf_datasets
 
     features, columns = dataset.features, list(dataset.features)
@@ -737,7 +714,7 @@ def _make_image_split(dataset, image_column, label_column, description):
         class_labels = [c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)]
         label_column = next((c for c in ["label", "fine_label", *class_labels, "labels"]
                              if c in features and _holds_class_indices(features[c])), None)
-    elif not _holds_class_indices(features[label_column]):
+    elif not _holds_class_indices(features[label_column]):  # strings, say, are not class indices
         raise ValueError(f"label column {label_column!r} of {description} is {features[label_column]}, not integer "
                          "class labels: name another with --label_column, or map the values to class indices "
                          f"(Dataset.class_encode_column) (columns: {columns})")
@@ -759,24 +736,18 @@ def _holds_class_indices(feature):
 class UnreadableImageError(OSError):
     """An image that cannot be decoded; its message names the file."""
 
-    def one_line(self):
-        """The message alone: a DataLoader worker re-raises it wrapped in the worker's traceback."""
-        return str(self).strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
-
 
 class ImageDataset(torch.utils.data.Dataset):
-    """An ImageSplit for PyTorch: item i is (transform(rgb_pil_image), label), label -1 when unlabelled.
-
-    PIL decodes the images here, not datasets, so that a broken image raises an error naming its file. Picklable
-    (for DataLoader workers) when `transform` is."""
+    """An ImageSplit for PyTorch: item i is (transform(RGB PIL image), label), label -1 when unlabelled. PIL decodes
+    the images, not datasets, so that a broken one raises an error naming its file. Picklable when `transform` is."""
 
     def __init__(self, split, transform=None):
         import datasets as hf_datasets
 
+        # Only the needed columns (any other would be converted at each access), as plain Python rows.
         columns = [split.image_column] + ([split.label_column] if split.label_column else [])
-        # Only the needed columns: every other one would be converted at each access.
         rows = split.dataset.select_columns(columns).cast_column(split.image_column, hf_datasets.Image(decode=False))
-        self.rows = rows.with_format(None)  # plain Python rows even if a torch format was set
+        self.rows = rows.with_format(None)
         self.image_column, self.label_column = split.image_column, split.label_column
         self.source, self.transform = split.source, transform
 
@@ -801,17 +772,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, -1 if label is None else int(label)
 
 
-# A transparent pixel shows white, as a page behind a web image: the colour stored under it is not part of the
-# picture (often black, or whatever the palette entry holds).
-ALPHA_BACKGROUND = (255, 255, 255)
-
-
 def to_rgb(image):
-    """Any PIL image -> the 8-bit RGB image it shows, decoded fully.
-
-    `image.convert("RGB")`, right for most modes, is wrong for two kinds: 16-bit images ("I;16*", and "I"), whose
-    values it clips at 255 (here v becomes round(v / 257)), and transparent ones (RGBA, LA, PA, a tRNS entry),
-    whose alpha it drops (here each pixel is composited over ALPHA_BACKGROUND, rounded exactly)."""
+    """Any PIL image -> the 8-bit RGB image it shows, decoded fully. Where image.convert("RGB") is wrong: a 16-bit
+    value v becomes round(v / 257), not v clipped at 255; a transparent pixel is composited over white, rounded
+    exactly, instead of losing its alpha."""
     key = image.info.get("transparency")
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image).astype(np.int64)
@@ -823,8 +787,8 @@ def to_rgb(image):
     else:
         return image.convert("RGB")
     if alpha is not None:
-        background = np.array(ALPHA_BACKGROUND, dtype=np.int64)
-        rgb = (rgb * alpha + background * (255 - alpha) + 127) // 255  # round((c a + b (255 - a)) / 255)
+        # Over white, as a page behind a web image: the colour stored under a transparent pixel is not in the picture.
+        rgb = (rgb * alpha + 255 * (255 - alpha) + 127) // 255  # round((c a + 255 (255 - a)) / 255)
     return PILImage.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)))
 
 
@@ -832,8 +796,7 @@ def labels_of(split):
     """All labels of `split` as a LongTensor [N] (-1 if unlabelled), without decoding any image."""
     if split.label_column is None:
         return torch.full((len(split.dataset),), -1, dtype=torch.long)
-    # The Arrow format reads the one column directly and honours select()/shuffle() indices.
-    column = split.dataset.with_format("arrow")[split.label_column]
+    column = split.dataset.with_format("arrow")[split.label_column]  # honours select() / shuffle() indices
     return torch.from_numpy(column.fill_null(-1).to_numpy().astype(np.int64))
 
 
@@ -841,14 +804,14 @@ def labels_of(split):
 
 
 def eval_resize(image_size, resize=None):
-    """The side the un-augmented input is resized to before its centre crop: size / 0.875 for large images
-    (224 -> 256), the size itself for small ones (CIFAR, digits); CW-RGP's STL-10 gives 70 for 64."""
+    """The side the evaluation input is resized to before its centre crop: size / 0.875 for large images (224 ->
+    256), the size itself for small ones (CIFAR, digits); CW-RGP's STL-10 gives 70 for 64."""
     return resize or (round(image_size / 0.875) if image_size >= 128 else image_size)
 
 
 def eval_transform(image_size, mean, std, resize=None):
-    """The un-augmented input of every evaluation (kNN, linear, pretrain.py's monitor): a bilinear Resize, as the
-    authors' ImageNet evaluations, and a CenterCrop; at the small sets' native size the resize changes nothing."""
+    """The un-augmented input of every evaluation: a bilinear Resize, as the authors' ImageNet evaluations, and a
+    CenterCrop."""
     return v2.Compose([
         v2.Resize(eval_resize(image_size, resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(image_size),
@@ -876,26 +839,21 @@ def extract_features(backbone, loader, accelerator):
 
 
 @torch.no_grad()
-def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None, cosine=False):
-    """Each test feature's k nearest training features, nearest first -> (indices [N_test, k], ranking keys
-    [N_test, k], ascending): Euclidean, key ||t||^2 - 2 q.t; or cosine=True, key -cos(q, t).
-
-    Memory stays bounded at ImageNet size: `chunk` queries meet `train_chunk` training features at a time, on
-    `device` (default: the training features'), and each query keeps a running top-k. The keys are float32
-    matrix products: near-equal distances (within ~1e-7 (||q||^2 + ||t||^2)) may swap ranks compared with float64."""
+def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None):
+    """Each test feature's k nearest training features (Euclidean) -> (indices, ranking keys ||t||^2 - 2 q.t),
+    [N_test, k] nearest first. Memory stays bounded: `chunk` queries meet
+    `train_chunk` training features at a time, on `device`, each query keeping a running top-k."""
     device = torch.device(device) if device is not None else train_features.device
     k = min(k, len(train_features))
     best_key = torch.full((len(test_features), k), float("inf"), device=device)
     best_index = torch.zeros((len(test_features), k), dtype=torch.long, device=device)
     for start in range(0, len(train_features), train_chunk):
         block = train_features[start:start + train_chunk].to(device, torch.float32)  # a view if already there
-        block = F.normalize(block, dim=1) if cosine else block
-        block_norms = torch.zeros(len(block), device=device) if cosine else block.square().sum(1)
+        block_norms = block.square().sum(1)
         for first in range(0, len(test_features), chunk):
             rows = slice(first, first + chunk)
             queries = test_features[rows].to(device, torch.float32)
-            queries = F.normalize(queries, dim=1) if cosine else queries
-            key = torch.addmm(block_norms[None], queries, block.t(), alpha=-1.0 if cosine else -2.0)
+            key = torch.addmm(block_norms[None], queries, block.t(), alpha=-2.0)
             block_key, block_index = key.topk(min(k, len(block)), dim=1, largest=False)
             merged_key = torch.cat([best_key[rows], block_key], 1)
             merged_index = torch.cat([best_index[rows], block_index + start], 1)
@@ -907,8 +865,7 @@ def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chu
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, test_labels, k=5, **blocks):
     """k-NN accuracy (%), Euclidean, one vote per neighbour (the papers' 5-NN) -> {"top1": float}. A tie between
-    classes goes to the smallest class id, as the authors' argmax over the votes. `blocks`: nearest_neighbours'
-    chunk, train_chunk and device."""
+    classes goes to the smallest class id, as the authors' argmax over the votes. `blocks`: nearest_neighbours'."""
     nearest, _ = nearest_neighbours(train_features, test_features, k, **blocks)
     device, num_classes = nearest.device, int(max(train_labels.max(), test_labels.max())) + 1
     # Votes x classes + (classes - 1 - class): no two scores are equal, so the tie rule does not rest on which of
@@ -917,7 +874,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     correct = 0
     for labels, truth in zip(train_labels.to(device)[nearest].split(1024), test_labels.to(device).split(1024)):
         votes = torch.zeros(len(labels), num_classes, dtype=torch.long, device=device)
-        votes.scatter_add_(1, labels, torch.ones_like(labels))  # [1024, classes] at a time: bounded memory
+        votes.scatter_add_(1, labels, torch.ones_like(labels))  # 1024 queries at a time: bounded memory
         correct += ((votes * num_classes + tie_break).argmax(1) == truth).sum().item()
     return {"top1": 100.0 * correct / len(test_features)}
 
@@ -926,8 +883,8 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
 
 
 def epoch_order(num_samples, seed, epoch):
-    """The shuffled sample order of one epoch, from (seed, epoch) alone: the same on every process and again after
-    a resume. -> a permutation of range(num_samples) [num_samples]."""
+    """The shuffled sample order of one epoch, from (seed, epoch) alone: the same on every process and after a
+    resume."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
@@ -941,20 +898,15 @@ def sync_batchnorm(model, accelerator):
 def read_jsonl(path):
     """The JSON objects of a JSON-lines file, none if it is missing; a last line cut short by a crash is left out."""
     path = Path(path)
-    if not path.exists():
-        return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
     return [r for r in records if isinstance(r, dict)]
 
 
 def truncate_jsonl(path, last, key="step"):
-    """On resume: keep the records of a JSON-lines log up to `last` (by `key`), drop what will be written again.
-    Without the file (a copied checkpoints/ folder) an empty one is started."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """On resume: keep the records of a JSON-lines log up to `last` (by `key`), drop what will be written again."""
     kept = [r for r in read_jsonl(path) if r.get(key, 0) <= last]
     write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -970,85 +922,68 @@ def explicit_flags(parser, argv):
 
 
 def check_settings(settings, parser, ranges, where="--"):
-    """Refuse any setting that its flag would not accept: one table, the parser's types and choices and `ranges`
-    ({flag: interval written as in maths, "[1, inf)", "(0, 1]"}), checks the flags (where="--": "--lr -1.0: must be
-    greater than 0") and every saved configuration (where=a file: "FILE: lr is -1.0, must be greater than 0").
-
-    Settings without a flag, and None (not set), pass; every value of a multi-value flag is checked; NaN lies in no
-    interval."""
+    """Refuse any setting its flag would not accept, by the parser's types, numbers of values and choices and
+    `ranges` ({flag: interval as in maths, "[1, inf)"}): the flags (where="--") and saved configurations (where=the
+    file). Settings without a flag, and None (not set), pass."""
     actions = {action.dest: action for action in parser._actions}
     for key, value in settings.items():
-        action = actions.get(key)
-        if action is None or value is None:
+        if key not in actions or value is None:
             continue
-        problem = _setting_problem(action, value, ranges.get(key))
-        if problem:
+        problem = _setting_problem(actions[key], value, ranges.get(key))
+        if problem and where == "--":
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            raise ValueError(f"--{key} {shown}: {problem}" if where == "--" else
-                             f"{where}: {key} is {value!r}, {problem}; the file is damaged or was edited: repair it "
+            raise ValueError(f"--{key} {shown}: {problem}")
+        if problem:
+            raise ValueError(f"{where}: {key} is {value!r}, {problem}; the file is damaged or was edited: repair it "
                              "or use another one")
 
 
 def _setting_problem(action, value, interval):
     several = action.nargs in ("*", "+") or isinstance(action.nargs, int) and action.nargs > 0
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
     if isinstance(value, (list, tuple)) != several:
         return "must be a list of values" if several else "must be a single value"
-    if isinstance(action.nargs, int) and several and len(values) != action.nargs:
+    values = list(value) if several else [value]
+    if several and isinstance(action.nargs, int) and len(values) != action.nargs:
         return f"must be {action.nargs} values"
     boolean = isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction)
     for v in values:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if boolean and not isinstance(v, bool):
             return "must be true or false"
-        if action.type in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float)) or (
-                action.type is int and v != int(v))):
+        if action.type in (int, float) and not (number and (action.type is float or float(v).is_integer())):
             return f"must be {'an integer' if action.type is int else 'a number'}"
         if action.type is str and not isinstance(v, str):
             return "must be a string"
         if action.choices is not None and v not in action.choices:
             return f"must be one of {', '.join(map(str, action.choices))}"
-        if interval and not _in_interval(v, interval):
-            return f"{'each value ' if several else ''}must be {_describe_interval(interval)}"
+        if interval and _outside(v, interval):
+            return f"{'each value ' if several else ''}must be {_outside(v, interval)}"
     return None
 
 
-def _parse_interval(interval):
-    match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", interval)
-    return float(match[2]), float(match[3]), match[1] == "[", match[4] == "]"
-
-
-def _in_interval(value, interval):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    low, high, low_closed, high_closed = _parse_interval(interval)
-    return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
-
-
-def _describe_interval(interval):
-    low, high, low_closed, high_closed = _parse_interval(interval)
-    number = lambda x: str(int(x)) if x.is_integer() else repr(x)  # noqa: E731
-    if math.isinf(low) and math.isinf(high):
+def _outside(value, interval):
+    """Where `value` should lie when it is outside an interval written as in maths ("[1, inf)", "(0, 1]"), else
+    None; NaN lies in no interval."""
+    low, high = (bound.strip() for bound in interval[1:-1].split(","))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    above = number and (value >= float(low) if interval[0] == "[" else value > float(low))
+    below = number and (value <= float(high) if interval[-1] == "]" else value < float(high))
+    if above and below:
+        return None
+    if (low, high) == ("-inf", "inf"):
         return "a finite number"
-    if math.isinf(high):
-        return f"at least {number(low)}" if low_closed else f"greater than {number(low)}"
-    return f"in {interval}"
+    if high != "inf":
+        return f"in {interval}"
+    return f"at least {low}" if interval[0] == "[" else f"greater than {low}"
 
 
 def keep_resumed_config(config, explicit, checkpoint, run_control, per_command, parser, ranges):
-    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table
-    (`check_settings`).
-
-    Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...) may differ from it. A
-    run-control flag not given again keeps the run's saved value, not the default: a run started with --log_every 1
-    and resumed without it still logs every step. `per_command` flags say what this one command does (--output_dir,
-    --stop_after_steps, ...) and are never taken from the checkpoint.
-    """
+    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table. Of the `explicit`
+    flags, only those in `run_control` (logging, saving, workers, ...) may differ from it; one not given again keeps
+    the run's saved value, not the default. `per_command` flags (--output_dir, --stop_after_steps, ...) say what this
+    one command does and are never taken from the checkpoint."""
     state_file = Path(checkpoint) / "trainer_state.json"
-    state = read_json(state_file)
-    saved = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged; "
-                         "resume from another checkpoint")
+    saved = read_trainer_state(state_file)["config"]
     check_settings({k: v for k, v in saved.items() if k not in per_command}, parser, ranges, state_file)
     changed = changed_settings(saved, {k: getattr(config, k) for k in explicit if k not in run_control})
     if changed:
@@ -1061,13 +996,12 @@ def keep_resumed_config(config, explicit, checkpoint, run_control, per_command, 
 
 def changed_settings(saved, current):
     """The keys of `current` whose values differ from those `saved` in a checkpoint's JSON (compared as JSON, so
-    that a tuple equals its saved list): a resumed run or evaluation keeps its settings."""
+    that a tuple equals its saved list)."""
     return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
 
 
 def slow_precision_warning(accelerator):
-    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None:
-    there autocast emulates bf16, many times slower than float32."""
+    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None."""
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not (
             torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return ("warning: --mixed_precision bf16 on a CPU without bf16 arithmetic (AVX512-BF16 or AMX) is emulated "
@@ -1077,16 +1011,15 @@ def slow_precision_warning(accelerator):
 
 # ----------------------------------------------------------------------------- nothing lost or half-written
 #
-# Every file and folder is written under a temporary name and renamed into place (`replacing`), so a crash, a full
-# disk or a kill leaves the old version or the new one, never half of one. One run per output folder
-# (`lock_output_dir`); results of an earlier run are replaced only with --overwrite.
+# A file or folder is written under a temporary name and renamed into place (`replacing`): a crash, a full disk or a
+# kill leaves the old version or the new one. One run per output folder; an earlier run's results go only with
+# --overwrite.
 
 
 @contextlib.contextmanager
 def replacing(path):
-    """Yields a temporary path next to `path` to write the new file or folder to; when the block ends without an
-    error, a rename puts it in place (an old folder is renamed away first, then deleted). On an error the old
-    version stays and the temporary one is removed."""
+    """Yields a temporary path next to `path` to write the new file or folder to, renamed into place when the block
+    ends without an error (an old folder is renamed away first, then deleted); on an error the old version stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: savefig picks the format from it
@@ -1098,11 +1031,14 @@ def replacing(path):
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, old):
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            _remove(leftover)
+
+
+def _remove(path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_text_atomically(path, text):
-    """path.write_text(text), all or nothing (see `replacing`)."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
@@ -1121,39 +1057,34 @@ def read_json(path):
         raise ValueError(f"cannot read {path}: {error}") from None
 
 
-_held_locks = {}  # resolved folder -> its open .lock file, held until this process ends
-
-
-def lock_output_dir(output_dir):
-    """One run per output folder: an exclusive lock on OUTPUT_DIR/.lock, held until this process ends (the
-    operating system releases it even after kill -9). A second run on the folder is refused at once, naming the
-    process that holds it; later runs in this same process (the studies, tests) keep the lock they hold. Call it
-    from the main process, before anything in the folder is read or changed."""
+@contextlib.contextmanager
+def locked(output_dir, main_process=True):
+    """One run per output folder: while the block runs, the main process holds an exclusive lock on
+    OUTPUT_DIR/.lock (the system releases it even after kill -9); a second run is refused at once, naming the
+    process that holds it. Take it before anything in the folder is read or changed."""
     import fcntl  # POSIX: Linux and macOS
 
+    if not main_process:
+        yield
+        return
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
-    if path.resolve() in _held_locks:
-        return
-    handle = open(path / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise ValueError(f"{path} is in use by another run (process {holder}): wait for it to end, or give another "
-                         "--output_dir") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    _held_locks[path.resolve()] = handle
+    with open(path / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ValueError(f"{path} is in use by another run (process {handle.read().strip() or 'unknown'}): wait "
+                             "for it to end, or give another --output_dir") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield  # closing the file releases the lock
 
 
 def check_output_dir(path, flag="--output_dir"):
     """Refuse, before any work, an output folder that is a file (or lies inside one) or cannot be written in."""
-    path = Path(path)
-    existing = path
+    path = existing = Path(path)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
@@ -1168,8 +1099,8 @@ def check_output_dir(path, flag="--output_dir"):
 
 
 def existing_results(output_dir, names):
-    """Those of `names` (files and folders directly in output_dir) that hold something: a folder counts when it
-    has an entry that is not hidden (the .tmp-* of an interrupted save is not a result)."""
+    """Those of `names` (files and folders directly in output_dir) that hold something: a folder counts when it has
+    an entry that is not hidden (the .tmp-* of an interrupted save is not a result)."""
     found = []
     for name in names:
         path = Path(output_dir) / name
@@ -1181,8 +1112,8 @@ def existing_results(output_dir, names):
 
 
 def refuse_to_replace(output_dir, names, overwrite, advice=""):
-    """No command replaces or deletes results it did not write in this run unless the user says so: ValueError
-    when output_dir already holds any of `names`, unless `overwrite` (--overwrite). Returns those found."""
+    """ValueError when output_dir already holds any of `names` (an earlier run's results), unless `overwrite`
+    (--overwrite). Returns those found."""
     found = existing_results(output_dir, names)
     if found and not overwrite:
         them = "them" if len(found) > 1 else "it"
@@ -1194,30 +1125,26 @@ def refuse_to_replace(output_dir, names, overwrite, advice=""):
 
 def remove_leftovers(folder):
     """Delete the hidden .tmp-* / .old-* entries that interrupted writes left in `folder`. Returns their names."""
-    removed = []
-    for leftover in sorted([*Path(folder).glob(".tmp-*"), *Path(folder).glob(".old-*")]):
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        removed.append(leftover.name)
-    return removed
+    leftovers = sorted([*Path(folder).glob(".tmp-*"), *Path(folder).glob(".old-*")])
+    for leftover in leftovers:
+        _remove(leftover)
+    return [leftover.name for leftover in leftovers]
 
 
 def prepare_output_dir(output_dir, results, overwrite, checkpoint, accelerator, say):
-    """Before a training run's first step: lock output_dir (`lock_output_dir`); what an earlier run left there
-    (those of `results`) is refused, or deleted with --overwrite, unless this run continues from that folder's own
-    `checkpoint` (None: a new run); what interrupted saves left is removed. Every process calls this; say() prints
-    on the main one."""
+    """Before a training run's first step, on every process, under `locked`: what an earlier run left in
+    output_dir (those of `results`) is refused, or deleted with --overwrite, unless this run continues from that
+    folder's own `checkpoint` (None: a new run); what interrupted saves left is removed. say() prints on the main
+    process."""
     output_dir = Path(output_dir)
-    if accelerator.is_main_process:
-        lock_output_dir(output_dir)
     if not (checkpoint and Path(checkpoint).resolve().parent == (output_dir / "checkpoints").resolve()):
-        found = existing_results(output_dir, results)
-        if "checkpoints/" in found and not overwrite:
+        if "checkpoints/" in existing_results(output_dir, results) and not overwrite:
             raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
                              "or give another --output_dir (or add --overwrite to replace that run)")
-        refuse_to_replace(output_dir, results, overwrite, " (or continue the earlier run with --resume latest)")
+        found = refuse_to_replace(output_dir, results, overwrite, " (or continue the earlier run with --resume latest)")
         if found and accelerator.is_main_process:
             for name in found:
-                shutil.rmtree(output_dir / name) if name.endswith("/") else (output_dir / name).unlink()
+                _remove(output_dir / name.rstrip("/"))
             say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
     if accelerator.is_main_process:
         for name in remove_leftovers(output_dir / "checkpoints"):
@@ -1255,26 +1182,24 @@ def save_state_atomically(accelerator, folder, state_file, state, keep):
 # ----------------------------------------------------------------------------- resuming from a checkpoint
 
 
-def latest_checkpoint(output_dir):
-    """The newest complete checkpoint folder OUTPUT_DIR/checkpoints/step-*, or None."""
-    done = _saved_checkpoints(output_dir)
-    return done[0] if done else None
-
-
 def _saved_checkpoints(output_dir):
     """Every complete checkpoint folder OUTPUT_DIR/checkpoints/step-* (with its trainer_state.json), newest first."""
     return [p.parent for p in sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"), reverse=True)]
+
+
+def latest_checkpoint(output_dir):
+    return next(iter(_saved_checkpoints(output_dir)), None)
 
 
 def find_checkpoint(resume, output_dir, kind=""):
     """--resume: "latest" (the newest checkpoint in output_dir) or a checkpoint folder (`kind` names it in the
     error, e.g. "detection")."""
     if resume == "latest":
-        saved = _saved_checkpoints(output_dir or ".")
-        if not saved:
+        checkpoint = latest_checkpoint(output_dir or ".")
+        if checkpoint is None:
             raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
                              "give a checkpoint folder or start without --resume")
-        return saved[0]
+        return checkpoint
     checkpoint = Path(resume)
     if not (checkpoint / "trainer_state.json").is_file() or not (checkpoint / "model.safetensors").is_file():
         raise ValueError(f"--resume {resume}: not a {kind + ' ' if kind else ''}checkpoint folder (it needs "
@@ -1283,19 +1208,22 @@ def find_checkpoint(resume, output_dir, kind=""):
     return checkpoint
 
 
-def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, say=print):
-    """--resume: load a checkpoint into the objects prepared by `accelerator`; returns (folder, trainer_state).
+def read_trainer_state(state_file):
+    """A checkpoint's trainer_state.json -> its object, which holds the run's "config"."""
+    state = read_json(state_file)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged")
+    return state
 
-    "latest" takes the newest checkpoint that loads and says which newer ones it skipped and why; an explicit folder
-    that does not load is an error. check_state(folder, state) may refuse the run's state itself (another number
-    of processes, ...): that holds for every checkpoint of the run, so it is an error, not a reason to skip.
-    """
+
+def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, say=print):
+    """--resume: load a checkpoint into the objects prepared by `accelerator` -> (folder, trainer_state). "latest"
+    takes the newest one that loads, saying which it skipped and why. check_state(folder, state) may refuse the run's
+    state itself (another number of processes, ...): an error, not a reason to skip, as it holds for every one."""
     candidates = _saved_checkpoints(output_dir or ".") if resume == "latest" else []
     for checkpoint in candidates or [find_checkpoint(resume, output_dir, kind)]:
         try:
-            state = read_json(checkpoint / "trainer_state.json")
-            if not isinstance(state, dict):
-                raise ValueError(f"{checkpoint / 'trainer_state.json'} is not a JSON object")
+            state = read_trainer_state(checkpoint / "trainer_state.json")
         except ValueError as error:
             problem = error
         else:
@@ -1334,7 +1262,6 @@ def load_state(accelerator, checkpoint):
 
 
 def read_safetensors(path):
-    """A .safetensors file -> its tensors; "FILE could not be read: <the library's message>" when it does not load."""
     try:
         return load_file(path)
     except (SafetensorError, OSError) as error:
@@ -1353,9 +1280,8 @@ def unreadable(path, error):
 
 
 def check_weights(weights, where):
-    """The one check of loaded weights, whatever their source: floating-point tensors (integer ones only as
-    BatchNorm's batch counters), finite values, BatchNorm running variances >= 0. A network that fails it would
-    compute NaN or chance without any error (a diverged run, a damaged or converted file)."""
+    """The one check of loaded weights, whatever their source; a network that fails it would compute NaN or chance
+    without any error (a diverged run, a damaged or converted file)."""
     for key, value in weights.items():
         if not torch.is_tensor(value):
             raise ValueError(f"{where}: {key!r} is not a tensor")
@@ -1394,9 +1320,8 @@ def handle_stop_signals():
 
 
 def stop_if_interrupted():
-    """In a training loop, once per step: raise KeyboardInterrupt if Ctrl-C or SIGTERM came. Python discards an
-    exception raised inside a finaliser (a __del__, a garbage-collection callback), so a signal that arrives while
-    one runs would otherwise be lost and the training would go on."""
+    """Once per training step: raise KeyboardInterrupt if Ctrl-C or SIGTERM came while a finaliser (a __del__, a
+    garbage-collection callback) ran, where Python discards the exception and the training would go on."""
     if _stop_requested:
         raise KeyboardInterrupt
 
@@ -1409,14 +1334,16 @@ def interrupted_message(where, checkpoint):
 
 
 def run(main, argv=None, interrupted="interrupted"):
-    """The error boundary of each script: main(argv) under `handle_stop_signals`. Our readers' errors (ValueError, naming the file and the field; an OSError names its
-    file) end as one line "error: ..." and exit status 1; an interruption as its `Interrupted` line (else
-    `interrupted`) and exit status 130, as a shell reports a command it interrupted."""
+    """The error boundary of each script: main(argv) under `handle_stop_signals`. Our errors (ValueError naming the
+    file and the field; an OSError names its file) end as one line "error: ..." and exit status 1; an interruption
+    as its `Interrupted` line (else `interrupted`) and exit status 130, as a shell reports it."""
     handle_stop_signals()
     try:
         main(argv)
     except (ValueError, OSError, FloatingPointError, SafetensorError) as error:
-        text = error.one_line() if isinstance(error, UnreadableImageError) else str(error)
+        text = str(error)
+        if isinstance(error, UnreadableImageError):  # a DataLoader worker re-raises it wrapped in its traceback
+            text = text.strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
         sys.exit(f"error: {text}")
     except KeyboardInterrupt as interrupt:
         print(str(interrupt) or interrupted, file=sys.stderr)
@@ -1425,14 +1352,9 @@ def run(main, argv=None, interrupted="interrupted"):
 
 # ----------------------------------------------------------------------------- loading a backbone from anywhere
 #
-# load_backbone(source) accepts, and always loads strictly:
-#   1. an export folder (model.safetensors + config.json), or a bare .safetensors file (+ arch)
-#   2. a Hub model id "owner/name[@revision]" (or timm's "hf-hub:owner/name"), through huggingface_hub's cache;
-#      HF_HUB_OFFLINE=1 reads that cache only
-#   3. a pretrain.py checkpoint folder (model.safetensors with backbone.* keys + trainer_state.json)
-#   4. an official INTL / CW-RGP checkpoint (.pth.tar: {"state_dict": {"module.backbone.*": ...}})
-# Every backbone comes with its config: arch, stem, feature_dim, image_size, mean, std, and what the export
-# recorded about its training.
+# load_backbone loads strictly, from an export folder (model.safetensors + config.json) or a bare .safetensors file,
+# a Hub model id "owner/name[@revision]" (or timm's "hf-hub:owner/name") through huggingface_hub's cache
+# (HF_HUB_OFFLINE=1: the cache only), a pretrain.py checkpoint folder or an official INTL / CW-RGP .pth.tar.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -1440,23 +1362,9 @@ EXPORT_FILES = ("model.safetensors", "config.json")
 
 
 def load_backbone(source, arch=None, revision=None, stem=None):
-    """Any supported source -> (backbone nn.Module in eval mode, config dict).
-
-    arch: needed for a bare .safetensors file or an official checkpoint only when the weights' shapes fit no
-    ResNet exactly; given for another source, it must match the weights. revision: a Hub branch, tag or commit
-    (as "id@revision"). stem: a key of STEMS, for weights whose config does not say it. Raises ValueError for
-    anything that does not load; never returns a half-loaded model, nor one with NaN or Inf weights."""
-    weights, config = load_backbone_weights(source, arch, revision, stem)
-    with torch.device("meta"):  # no random initialisation to overwrite (a ResNet-50's takes about a second)
-        backbone = build_backbone(config["arch"], config["stem"])
-    _load_strict(backbone, weights, f"{source} ({config['arch']}, {config['stem']} stem)")
-    config["feature_dim"] = backbone.feature_dim
-    return backbone.eval(), config
-
-
-def load_backbone_weights(source, arch=None, revision=None, stem=None):
-    """Any supported source -> (state_dict with torchvision keys without fc.*, config dict), the weights checked by
-    `check_weights` and the config by `check_settings`; whether the keys fit is load_backbone's check."""
+    """-> (backbone in eval mode, config: arch, stem, feature_dim, image_size, mean, std and what an export recorded
+    of its training). arch: needed only when the weights fit no ResNet exactly. revision: a Hub branch, tag or commit.
+    stem: for weights whose config does not say it. ValueError for anything that does not load (never half-loaded)."""
     if source is None or str(source).strip() == "":
         raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub model id, a pretrain "
                          "checkpoint folder or an official .pth.tar checkpoint")
@@ -1465,11 +1373,22 @@ def load_backbone_weights(source, arch=None, revision=None, stem=None):
         raise ValueError(f"{config_file} is not a JSON object: the backbone's configuration is damaged")
     check_weights(weights, f"the weights of {source}")
     check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, config_file)
-    return weights, _complete_config(config, weights, arch, stem, source)
+    config = _complete_config(config, weights, arch, stem, source)
+    with torch.device("meta"):  # no random initialisation to overwrite
+        backbone = build_backbone(config["arch"], config["stem"])
+    expected = backbone.state_dict()
+    problems = _weights_mismatch(expected, weights)
+    if problems:
+        raise ValueError(f"the weights do not fit {source} ({config['arch']}, {config['stem']} stem): {problems}. "
+                         "Check --arch (and the stem)")
+    # assign: the backbone lives on the meta device; each tensor in its dtype (an fp16 file loads as float32)
+    backbone.load_state_dict({k: weights[k].to(v.dtype) for k, v in expected.items()}, assign=True)
+    config["feature_dim"] = backbone.feature_dim
+    return backbone.eval(), config
 
 
 def _read_backbone(source, revision):
-    """-> (weights, config, the file the config came from, named in messages)."""
+    """-> (weights, config, the file the config came from)."""
     path = Path(os.path.expanduser(source))
     if (path / "trainer_state.json").is_file():
         return *_read_pretrain_checkpoint(path), path / "trainer_state.json"
@@ -1499,12 +1418,8 @@ RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bi
 
 
 def _read_pretrain_checkpoint(folder):
-    """pretrain.py's checkpoint: keys backbone.* / projector.* / target.*, the run's config in trainer_state.json."""
-    state = read_json(folder / "trainer_state.json")
-    train = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(train, dict):
-        raise ValueError(f"{folder / 'trainer_state.json'} holds no 'config' object: it is damaged or was not "
-                         "written by pretrain.py")
+    state = read_trainer_state(folder / "trainer_state.json")
+    train = state["config"]
     weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
     config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset", "split",
                                           "projector", "iters", "axis", "eval_resize") if train.get(key) is not None}
@@ -1525,8 +1440,7 @@ def _read_pretrain_checkpoint(folder):
 
 
 def _read_official_checkpoint(path):
-    """An official .pth.tar, read with weights_only: {"state_dict": {...}}, the backbone under "module.backbone.*"
-    (INTL) or "module.model.*" (CW-RGP)."""
+    """{"state_dict": {...}}, the backbone under "module.backbone.*" (INTL) or "module.model.*" (CW-RGP)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load and pickle raise many types on a damaged file
@@ -1540,13 +1454,12 @@ def _read_official_checkpoint(path):
     if checkpoint.get("arch") in RESNETS:  # the official ImageNet scripts save it next to the state_dict
         config["arch"] = checkpoint["arch"]
     weights = _strip_prefix(state_dict, ("module.backbone.", "backbone.", "module.model.", "model."), path)
-    if _has_small_image_conv1(weights):  # INTL's CIFAR ResNet pads its input; CW-RGP's CIFAR ResNet does not
-        config["stem"] = "cifar-unpadded" if cw_rgp else "cifar"
+    if cw_rgp and _has_small_image_conv1(weights):  # INTL's CIFAR ResNet pads its input; CW-RGP's does not
+        config["stem"] = "cifar-unpadded"
     return weights, config
 
 
 def _strip_prefix(state_dict, prefixes, where):
-    """The backbone's entries of a whole-model state_dict, with the first matching prefix removed."""
     for prefix in prefixes:
         weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if weights:
@@ -1555,8 +1468,8 @@ def _strip_prefix(state_dict, prefixes, where):
                      f"(first keys: {', '.join(map(repr, list(state_dict)[:3])) or 'none'})")
 
 
-# What a backbone's config.json may say, checked as the flags that set it are (`check_settings`): a damaged file
-# cannot turn into a deep traceback, or a silently wrong evaluation, later.
+# What a backbone's config.json may say, checked as the flags that set it are: a damaged file cannot turn into a
+# deep traceback, or a silently wrong evaluation, later.
 BACKBONE_SETTINGS = argparse.ArgumentParser(add_help=False)
 BACKBONE_SETTINGS.add_argument("--arch", type=str, choices=RESNETS)
 BACKBONE_SETTINGS.add_argument("--stem", type=str, choices=list(STEMS))
@@ -1591,37 +1504,30 @@ def _complete_config(config, weights, arch, stem, source):
 
 def _infer_arch(weights, stem, source):
     """The ResNet whose state_dict has exactly these keys and shapes (built on the meta device: no memory)."""
-    shapes = {k: tuple(v.shape) for k, v in weights.items()}
     for arch in RESNETS:
         with torch.device("meta"):
-            candidate = build_backbone(arch, stem)
-        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
-            return arch
+            if not _weights_mismatch(build_backbone(arch, stem).state_dict(), weights):
+                return arch
     raise ValueError(f"cannot infer the architecture of {source}: its weights fit none of {', '.join(RESNETS)} "
                      "exactly; pass --arch to see which keys differ")
 
 
-def _load_strict(module, weights, what):
-    """load_state_dict that refuses any difference, naming the first missing, unexpected and mis-shaped keys."""
-    expected = module.state_dict()
+def _weights_mismatch(expected, weights):
+    """How `weights` differ from a model's state_dict `expected`: the first missing, unexpected and mis-shaped keys."""
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
-    misshaped = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    misshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
     problems = [f"{len(missing)} missing key(s), first {missing[0]!r}"] if missing else []
     problems += [f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}"] if unexpected else []
     if misshaped:
         k = misshaped[0]
         problems.append(f"{len(misshaped)} key(s) of another shape, first {k!r}: "
                         f"{tuple(weights[k].shape)} in the weights, {tuple(expected[k].shape)} in the model")
-    if problems:
-        raise ValueError(f"the weights do not fit {what}: {'; '.join(problems)}. Check --arch (and the stem)")
-    # assign: the module may live on the meta device; each tensor in the module's dtype (an fp16 file loads as float32)
-    module.load_state_dict({k: weights[k].to(v.dtype) for k, v in expected.items()}, strict=True, assign=True)
+    return "; ".join(problems)
 
 
 def _download_from_hub(source, revision=None):
-    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache
-    only, as when the Hub cannot be reached)."""
+    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache."""
     import huggingface_hub
     from huggingface_hub import constants
 

@@ -143,16 +143,20 @@ def get_parser():
 
 
 def main(argv=None):
-    """Configuration -> backbone -> data -> each protocol -> results."""
+    """Configuration, then the evaluation in its locked output folder."""
     config = resolve_args(argv)
     if config.print_config:
         _, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
         return print(json.dumps(vars(completed_by_backbone(config, backbone_config)), indent=2))
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    with intl.locked(config.output_dir, accelerator.is_main_process):
+        evaluate_backbone(config, accelerator)
+
+
+def evaluate_backbone(config, accelerator):
+    """Backbone -> data -> each protocol -> results, in the locked output folder."""
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    if accelerator.is_main_process:
-        intl.lock_output_dir(output_dir)
     if not config.resume:  # a resumed evaluation continues the results in output_dir: they are its own
         intl.refuse_to_replace(output_dir, [f"{p}.json" for p in config.protocol] +
                                [f"checkpoints/{p}" for p in trained], config.overwrite)
