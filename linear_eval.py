@@ -628,7 +628,7 @@ def evaluate(forward, loader, accelerator):
 
 def save_epoch(root, epoch, settings, history, accelerator):
     intl.save_state_atomically(accelerator, root / f"epoch-{epoch:04d}", "trainer_state.json",
-                               {"epoch": epoch, "settings": settings, "history": history}, keep=1)
+                               {"epoch": epoch, "config": settings, "history": history}, keep=1)
 
 
 def newest_checkpoint(root):
@@ -667,11 +667,10 @@ def resume_or_start(root, checkpoint, settings, accelerator):
         return 0, []
 
     def same_settings(folder, state):
-        saved = state.get("settings")
-        if not (isinstance(saved, dict) and isinstance(state.get("epoch"), int)
-                and isinstance(state.get("history"), list)):
-            raise ValueError(f"--resume: {folder} lacks the epoch, settings or history of the evaluation: the file "
-                             "is damaged; start again without --resume (and with --overwrite)")
+        saved = state["config"]  # the protocol's settings
+        if not (isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)):
+            raise ValueError(f"--resume: {folder} lacks the epoch or history of the evaluation: the file is damaged; "
+                             "start again without --resume (and with --overwrite)")
         changed = intl.changed_settings(saved, settings)
         if changed:
             raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} "
