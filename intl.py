@@ -841,8 +841,9 @@ def extract_features(backbone, loader, accelerator):
 @torch.no_grad()
 def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None):
     """Each test feature's k nearest training features (Euclidean) -> (indices, ranking keys ||t||^2 - 2 q.t),
-    [N_test, k] nearest first. Memory stays bounded: `chunk` queries meet
-    `train_chunk` training features at a time, on `device`, each query keeping a running top-k."""
+    [N_test, k] nearest first. Memory stays bounded: `chunk` queries meet `train_chunk` training features at a time,
+    on `device`, each query keeping a running top-k. The keys are float32: neighbours whose distances differ by less
+    than about 1e-7 (||q||^2 + ||t||^2) may rank otherwise than in float64."""
     device = torch.device(device) if device is not None else train_features.device
     k = min(k, len(train_features))
     best_key = torch.full((len(test_features), k), float("inf"), device=device)
