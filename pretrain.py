@@ -101,17 +101,17 @@ PRESETS = {
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
-RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "compile", "log_every",
+RUN_CONTROL = {"output_dir", "resume", "print_config", "report_to", "num_workers", "compile", "log_every",
                "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
                "study_values", "push_to_hub", "private", "license", "commit_message", "revision", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
-PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark", "study",
+PER_COMMAND = {"output_dir", "resume", "print_config", "stop_after_steps", "benchmark", "study",
                "study_values", "overwrite"}
 # What `accelerate launch` (its flags or `accelerate config`) sets in the environment: it wins over a preset, an
 # explicit flag of this script wins over both.
 LAUNCHER = {"mixed_precision": "ACCELERATE_MIXED_PRECISION"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
-RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.jsonl")
+RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
           "num_workers": "[0, inf)", "iters": "[1, inf)", "beta": "[0, inf)", "momentum": "[0, 1]", "power": "[0, inf)",
@@ -224,7 +224,6 @@ def get_parser():
     run.add_argument("--output_dir", default=None, help="checkpoints, log, spectrum plot and export")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --output_dir")
     run.add_argument("--resume", default=None, help="'latest' (in --output_dir) or a checkpoint folder")
-    run.add_argument("--export_only", action="store_true", help="export --resume's backbone and exit")
     run.add_argument("--stop_after_steps", type=int, default=None, help="save and stop after N steps")
     run.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps and each epoch")
     run.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -243,16 +242,11 @@ def get_parser():
 
 
 def main(argv=None):
-    """What is not a training run (print the configuration, export a checkpoint, benchmarks, the studies) ends
-    here; a training run is `train`."""
+    """What is not a training run (print the configuration, the benchmark, the studies) ends here; a training run
+    is `train`."""
     config = resolve_config(argv)
     if config.print_config:
         return print(json.dumps(vars(config), indent=2))
-    if config.export_only:
-        checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
-        intl.lock_output_dir(config.output_dir)
-        intl.refuse_to_replace(config.output_dir, ["backbone"], config.overwrite)
-        return export_backbone(checkpoint, Path(config.output_dir) / "backbone", config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               log_with=None if config.report_to == "none" else config.report_to,
                               project_dir=config.output_dir)
@@ -330,7 +324,9 @@ def finish(config, accelerator, log, monitor, step):
     output_dir = Path(config.output_dir)
     if step == monitor.total_steps:
         if accelerator.is_main_process:
-            export_backbone(monitor.last_good, output_dir / "backbone", config, log.knn_result(step, config))
+            export_backbone_from(monitor.last_good, output_dir / "backbone", results=log.knn_result(step, config),
+                                 repo_id=config.push_to_hub, license=config.license)
+            push_if_asked(output_dir / "backbone", config)
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
         log.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
@@ -491,7 +487,7 @@ def resolve_config(argv=None):
         config.warmup_steps = None  # the flag given wins over a preset's warm-up in steps
     if config.zero_init_residual is None:
         config.zero_init_residual = config.arch not in ("resnet18", "resnet34")
-    if config.resume and not config.export_only:
+    if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
     if config.dataset is None and config.preset not in (None, "digits") and not (
@@ -516,8 +512,6 @@ def check_config(config):
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
         raise ValueError(f"--report_to {config.report_to}: the package is not installed "
                          f"(pip install {config.report_to}), or use --report_to none")
-    if config.export_only and not config.resume:
-        raise ValueError("--export_only needs --resume CHECKPOINT (or 'latest') to say what to export")
     intl.parse_projector_spec(config.projector)
     jitter = parse_floats(config.jitter, "jitter")
     if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
@@ -798,13 +792,6 @@ def write_export(export_dir, weights, config, card=None):
             (tmp / "README.md").write_text(card, encoding="utf-8")
 
 
-def export_backbone(checkpoint, export_dir, config, results=None):
-    """checkpoint -> export_dir, with `results` (evaluation records) in its model card; then --push_to_hub."""
-    export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub, license=config.license)
-    print(f"exported the backbone of {checkpoint} to {export_dir}")
-    push_if_asked(export_dir, config)
-
-
 # -----------------------------------------------------------------------------
 # Logging
 
@@ -817,34 +804,27 @@ def hyperparameters(config):
 
 
 class Logger:
-    """A JSON-lines log in output_dir, Accelerate's trackers, and the spectra of the final plot in spectrum.jsonl.
-
-    Both files are appended to as the run goes, so a resumed run (which first drops what the interrupted one
-    wrote after its checkpoint) ends with the same log, plot and summary as an uninterrupted one. Only the spectra
-    of `plotted_steps` are kept: a few curves, however long the run and however wide Z.
-    """
+    """log.jsonl in output_dir (the figures, a collapse warning, and the eigenvalues of Z and Z_hat at the steps
+    that spectrum.png draws) and Accelerate's trackers. The log is appended to as the run goes, so a resumed run
+    (which first drops what the interrupted one logged after its checkpoint) ends with the same log, plot and
+    summary as an uninterrupted one."""
 
     def __init__(self, output_dir, accelerator):
-        self.path, self.spectra_path = output_dir / "log.jsonl", output_dir / "spectrum.jsonl"
-        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        self.path, self.accelerator, self.main = output_dir / "log.jsonl", accelerator, accelerator.is_main_process
         self.plotted_steps, self.collapsed_at = set(), None
 
     def start(self):
         if self.main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            for path in (self.path, self.spectra_path):
-                path.write_text("")
+            self.path.write_text("")
 
     def truncate_after(self, step):
-        """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
-        checkpoints/ folder) the log starts again at this step, and the summary starts there."""
         if not self.main:
             return
-        if not self.path.exists():
+        if not self.path.exists():  # a copied checkpoints/ folder: the summary starts at this step
             self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
                       "steps are not in it)")
-        for path in (self.path, self.spectra_path):
-            intl.truncate_jsonl(path, step)
+        intl.truncate_jsonl(self.path, step)
         self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
 
     def info(self, message):
@@ -855,11 +835,11 @@ class Logger:
         self.accelerator.log(values, step=step)
         if "knn_top1" in values:
             self.info(f"step {step}: 5-NN top-1 {values['knn_top1']:.2f}%")
-        self.append(self.path, {"step": step, **values})
+        self.append({"step": step, **values})
 
-    def append(self, path, record):
+    def append(self, record):
         if self.main:
-            with path.open("a") as f:
+            with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def spectrum(self, step, z, z_hat, axis):
@@ -876,18 +856,17 @@ class Logger:
                        "one direction, so the features will carry little information. Check the data (many "
                        "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
             self.info(f"warning: {warning}")
-            self.append(self.path, {"step": step, "warning": warning})
+            self.append({"step": step, "warning": warning})
             self.collapsed_at = step
         if step in self.plotted_steps:
-            self.append(self.spectra_path, {"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()})
+            self.append({"step": step, "spectrum_z": eig_z.tolist(), "spectrum_z_hat": eig_z_hat.tolist()})
 
     def collapse_note(self):
         return "" if self.collapsed_at is None else \
             f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)"
 
     def plot_spectra(self, path):
-        """spectrum.png from spectrum.jsonl."""
-        if spectra := intl.read_jsonl(self.spectra_path):
+        if spectra := logged_spectra(self.path):
             plot_spectra(spectra, path, title=self.path.parent.name)
             self.info(f"spectrum plot: {path}")
 
@@ -898,10 +877,12 @@ class Logger:
                  "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
 
     def summary(self):
-        """First and last value of the main figures, read back from the log (so it spans resumes)."""
+        """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
+        says what it means."""
         if not self.main:
             return
         records = intl.read_jsonl(self.path)
+        shown = lambda value: "rank-deficient" if value == -math.inf else f"{value:9.4f}"  # noqa: E731
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
                            ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
@@ -915,29 +896,30 @@ class Logger:
         self.info("\n".join(lines))
 
 
-def shown(value):
-    """A logged figure for a person: lg IoC's -inf says what it means."""
-    return "rank-deficient" if value == -math.inf else f"{value:9.4f}"
+def logged_spectra(log_path):
+    """The eigenvalues of Z and Z_hat that a run logged (descending), as [(step, z, z_hat)]."""
+    return [(r["step"], r["spectrum_z"], r["spectrum_z_hat"]) for r in intl.read_jsonl(log_path) if "spectrum_z" in r]
 
 
 def plot_spectra(spectra, path, title, curves=6):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training (records of
-    spectrum.jsonl, eigenvalues descending), each divided by its largest, on a log scale. Eigenvalues at the
-    numerical floor (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training (`logged_spectra`),
+    each divided by its largest, on a log scale. Eigenvalues at the numerical floor (intl.RANK_FLOOR x the largest:
+    rank-deficient directions) lie on the dotted floor line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     picks = [spectra[i] for i in sorted({round(i * (len(spectra) - 1) / max(1, curves - 1)) for i in range(curves)})]
-    at_floor = any(intl.lg_ioc(torch.tensor(r[key])) == -math.inf for r in picks for key in ("z", "z_hat"))
+    picks = [(step, torch.tensor(z), torch.tensor(z_hat)) for step, z, z_hat in picks]
+    at_floor = any(intl.lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    for colour, record in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
-        for ax, eig in zip(axes, (torch.tensor(record["z"]), torch.tensor(record["z_hat"]))):
+    for colour, (step, *eigs) in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
+        for ax, eig in zip(axes, eigs):
             normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
             ioc = intl.lg_ioc(eig)
             ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"step {record['step']}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+                    label=f"step {step}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
     for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
         if at_floor:
             ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
@@ -1341,11 +1323,9 @@ def plot_study(study, rows, output_dir):
     ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
     spectra_fig, spectra_axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for row in rows:
-        spectra = [] if row["error"] else intl.read_jsonl(output_dir / row["run"] / "spectrum.jsonl")
-        if spectra:
-            for ax, key in zip(spectra_axes, ("z", "z_hat")):
-                final = spectra[-1][key]
-                ax.plot(range(1, len(final) + 1), [max(v, 1e-12) for v in final], label=row["run"])
+        spectra = [] if row["error"] else logged_spectra(output_dir / row["run"] / "log.jsonl")
+        for ax, final in zip(spectra_axes, spectra[-1][1:] if spectra else []):
+            ax.plot(range(1, len(final) + 1), [max(v, 1e-12) for v in final], label=row["run"])
     for ax, name in zip(spectra_axes, ("Z", "Z_hat")):
         ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
     for figure, name in ((fig, f"{study}_study.png"), (spectra_fig, f"{study}_study_spectra.png")):
