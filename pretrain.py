@@ -118,9 +118,10 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
           "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)",
           "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
-          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)",
+          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "min_scale": "(0, 1]",
           "grayscale_prob": "[0, 1]", "eval_mean": "(-inf, inf)", "eval_std": "(0, inf)", "eval_resize": "[1, inf)",
-          "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)"}
+          "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)",
+          "batch_size": "[2, inf)"}  # whitening needs 2 samples
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -502,10 +503,6 @@ def resolve_config(argv=None):
 def check_config(config):
     if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
-    if not (isinstance(config.batch_size, int) and config.batch_size >= 2):
-        raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
-    if not (isinstance(config.min_scale, (int, float)) and 0 < config.min_scale <= 1):
-        raise ValueError(f"--min_scale {config.min_scale}: the smallest crop is a fraction of the image, in (0, 1]")
     intl.check_settings(vars(config), get_parser(), RANGES)
     if config.output_dir is not None and not config.print_config:
         intl.check_output_dir(config.output_dir)
@@ -1143,8 +1140,8 @@ def read_result(item):
 
 
 def check_hub_access(repo_id, private=False):
-    """Before any work: a Hugging Face token, and the repo created (or found) with it, so that a missing login
-    or a repo one cannot write fails now rather than after the training."""
+    """Before any work: a token, and the repo created (or found) with it, so that a missing login or a repo one
+    cannot write fails now rather than after the training."""
     import huggingface_hub
 
     api = huggingface_hub.HfApi()
@@ -1160,22 +1157,18 @@ def check_hub_access(repo_id, private=False):
 
 
 def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
-    """Upload exactly model.safetensors, config.json and README.md (generated without results when missing) of an
-    export folder to a Hub model repo, on the branch `revision` (created when missing)."""
+    """Upload exactly the weights, config.json and model card of an export folder (a card without results when it
+    has none) to a Hub model repo, on the branch `revision` (created when missing)."""
     import huggingface_hub
 
     export_dir = Path(export_dir)
-    missing = [name for name in intl.EXPORT_FILES if not (export_dir / name).is_file()]
-    if missing:
-        raise ValueError(f"{export_dir} is not an export folder: {missing[0]} is missing")
     intl.load_backbone(export_dir)  # refuse to publish weights that do not load
     api = huggingface_hub.HfApi()
     with tempfile.TemporaryDirectory(prefix="intl-upload-") as staging:
-        for name in intl.EXPORT_FILES:
-            shutil.copy2(export_dir / name, Path(staging) / name)
-        if (export_dir / "README.md").is_file():
-            shutil.copy2(export_dir / "README.md", Path(staging) / "README.md")
-        else:
+        for name in intl.EXPORT_FILES + ("README.md",):
+            if (export_dir / name).is_file():
+                shutil.copy2(export_dir / name, Path(staging) / name)
+        if not (export_dir / "README.md").is_file():
             write_model_card(staging, repo_id=repo_id)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision:

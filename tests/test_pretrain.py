@@ -283,7 +283,7 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, messa
     (["--batch_size", "4000"], "1437 images, fewer than one global batch of 4000 (--batch_size 4000 x 1 "
                                "process(es)): give --batch_size 1437 or less"),
     (["--save_every", "0"], "--save_every 0: must be at least 1"),
-    (["--min_scale", "1.5"], "--min_scale 1.5: the smallest crop is a fraction"),
+    (["--min_scale", "1.5"], "--min_scale 1.5: must be in (0, 1]"),
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys, args, message):
