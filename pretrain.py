@@ -42,27 +42,27 @@ METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 # visible in the values: INTL's lr warms up as peak x (step + 1) / warm-up steps, then follows a per-step cosine to
 # 0.001 x peak; intl-m's EMA momentum rises to 1 by a cosine; CW-RGP's projector sees all views as one batch.
 _INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops="",
-             min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter="0.4,0.4,0.2,0.1",
-             grayscale_prob=0.2, blur_prob="1.0,0.1", solarize_prob="0.0,0.2", optimizer="sgd", schedule="cosine",
+             min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter=(0.4, 0.4, 0.2, 0.1),
+             grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2), optimizer="sgd", schedule="cosine",
              warmup_epochs=2, warmup_steps=None, decay_all_params=False, iters=4, axis=0)
 _CIFAR = dict(_INTL, arch="resnet18", stem="cifar", zero_init_residual=False, image_size=32,
               projector="2048-2048-2048", batch_size=256, epochs=1000, lr=0.3, weight_decay=1e-4,
-              decay_all_params=True, momentum=0.999, blur_prob="0.0,0.0", solarize_prob="0.0,0.2",
+              decay_all_params=True, momentum=0.999, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.2),
               mean=CIFAR_MEAN, std=CIFAR_STD, mixed_precision="no")
 _IMAGENET = dict(_INTL, dataset="ILSVRC/imagenet-1k", arch="resnet50", image_size=224, projector="8192-8192-8192",
                  batch_size=256, weight_decay=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD, mixed_precision="fp16")
 _INTL_M = dict(_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
-               blur_prob="0.5,0.5", solarize_prob="0.1,0.1")
+               blur_prob=(0.5, 0.5), solarize_prob=(0.1, 0.1))
 # CW-RGP (its authors' scripts, W-MSE's setup on small data): colour first, then the crop; 500 warm-up steps.
 _CW_RGP = dict(_INTL, method="cw-rgp", arch="resnet18", stem="cifar-unpadded", zero_init_residual=True,
                image_size=32, projector="1024-512", hidden_bias=True, num_views=4, groups=4, w_size=64,
                batch_size=256, epochs=1000, optimizer="adam", lr=3e-3, weight_decay=1e-6, decay_all_params=True,
-               schedule="step", warmup_epochs=0, warmup_steps=500, colour_before_crop=True, jitter="0.4,0.4,0.4,0.1",
-               grayscale_prob=0.1, min_scale=0.2, blur_prob="0.0,0.0", solarize_prob="0.0,0.0", mixed_precision="no")
+               schedule="step", warmup_epochs=0, warmup_steps=500, colour_before_crop=True, jitter=(0.4, 0.4, 0.4, 0.1),
+               grayscale_prob=0.1, min_scale=0.2, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0), mixed_precision="no")
 _CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", stem="imagenet", image_size=224,
                         projector="2048-2048-1024", groups=2, w_size=128, batch_size=512, optimizer="sgd", lr=0.05,
                         weight_decay=1e-4, schedule="cosine-epoch", colour_before_crop=False,
-                        crop_interpolation="bilinear", grayscale_prob=0.2, blur_prob="0.5,0.5",
+                        crop_interpolation="bilinear", grayscale_prob=0.2, blur_prob=(0.5, 0.5),
                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
 PRESETS = {
     # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
@@ -121,6 +121,7 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "min_scale": "(0, 1]",
           "grayscale_prob": "[0, 1]", "eval_mean": "(-inf, inf)", "eval_std": "(0, inf)", "eval_resize": "[1, inf)",
           "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)",
+          "jitter": "[0, inf)", "blur_prob": "[0, 1]", "solarize_prob": "[0, 1]",
           "batch_size": "[2, inf)"}  # whitening needs 2 samples
 
 
@@ -160,11 +161,13 @@ def get_parser():
                       help="RandomResizedCrop's resampling")
     data.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
                       help="colour jitter and grayscale on the whole image, then the crop (CW-RGP, small data)")
-    data.add_argument("--jitter", default="0.4,0.4,0.2,0.1",
+    data.add_argument("--jitter", type=float, nargs=4, default=(0.4, 0.4, 0.2, 0.1),
                       help="colour jitter (p 0.8): brightness, contrast, saturation, hue")
     data.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of a gray view")
-    data.add_argument("--blur_prob", default="1.0,0.1", help="blur probability of view 1, of the others")
-    data.add_argument("--solarize_prob", default="0.0,0.2", help="solarisation probability of view 1, of the others")
+    data.add_argument("--blur_prob", type=float, nargs=2, default=(1.0, 0.1),
+                      help="blur probability of view 1, of the others")
+    data.add_argument("--solarize_prob", type=float, nargs=2, default=(0.0, 0.2),
+                      help="solarisation probability of view 1, of the others")
     data.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (RGB)")
     data.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (RGB)")
     data.add_argument("--eval_mean", type=float, nargs=3, default=None,
@@ -510,14 +513,8 @@ def check_config(config):
         raise ValueError(f"--report_to {config.report_to}: the package is not installed "
                          f"(pip install {config.report_to}), or use --report_to none")
     intl.parse_projector_spec(config.projector)
-    jitter = parse_floats(config.jitter, "jitter")
-    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
-        raise ValueError(f"--jitter {config.jitter!r}: give brightness, contrast, saturation and hue strengths, "
-                         "e.g. '0.4,0.4,0.2,0.1' (each >= 0, hue <= 0.5)")
-    for flag in ("blur_prob", "solarize_prob"):
-        probs = parse_floats(getattr(config, flag), flag)
-        if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
-            raise ValueError(f"--{flag} {getattr(config, flag)!r}: give two probabilities, e.g. '1.0,0.1'")
+    if config.jitter[3] > 0.5:
+        raise ValueError(f"--jitter {' '.join(map(str, config.jitter))}: the hue strength must be at most 0.5")
     small_crops = parse_floats(config.small_crops, "small_crops")
     if not all(1 <= side <= config.image_size for side in small_crops):
         raise ValueError(f"--small_crops {config.small_crops!r}: every side must be in [1, --image_size "
@@ -548,7 +545,7 @@ def parse_floats(text, flag):
 def view_specs(config):
     """(side, crop scale, blur probability, solarise probability) of every view: the large crops, then the
     small multi-crop ones (a crop of side s takes scales (min_scale * s / image_size, s / image_size))."""
-    blur, solarize = parse_floats(config.blur_prob, "blur_prob"), parse_floats(config.solarize_prob, "solarize_prob")
+    blur, solarize = config.blur_prob, config.solarize_prob
     specs = [(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)])
              for i in range(config.num_views)]
     for side in parse_floats(config.small_crops, "small_crops"):
@@ -568,7 +565,7 @@ def augmentation(size, scale, blur_prob, solarize_prob, config):
     --colour_before_crop (CW-RGP on small data): colour jitter -> grayscale -> crop -> flip."""
     interpolation = T.InterpolationMode[config.crop_interpolation.upper()]
     crop = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
-    colour = [T.RandomApply([T.ColorJitter(*parse_floats(config.jitter, "jitter"))], p=0.8),
+    colour = [T.RandomApply([T.ColorJitter(*config.jitter)], p=0.8),
               T.RandomGrayscale(p=config.grayscale_prob)]
     return T.Compose([
         *(colour + crop if config.colour_before_crop else crop + colour),

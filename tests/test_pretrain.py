@@ -158,8 +158,9 @@ import intl, pretrain
 
 accelerator = Accelerator()
 config = pretrain.resolve_config(["--print_config", "--dataset", {folder!r}, "--image_size", "8", "--batch_size", "4",
-                                  "--num_workers", "1", "--jitter", "0,0,0,0", "--grayscale_prob", "0", "--blur_prob",
-                                  "0,0", "--solarize_prob", "0,0", "--mean", "0", "0", "0", "--std", "1", "1", "1"])
+                                  "--num_workers", "1", "--jitter", "0", "0", "0", "0", "--grayscale_prob", "0",
+                                  "--blur_prob", "0", "0", "--solarize_prob", "0", "0", "--mean", "0", "0", "0",
+                                  "--std", "1", "1", "1"])
 loader = pretrain.training_loader(config, intl.load_image_split({folder!r}, "train"), accelerator)
 seen = []
 for epoch in range(2):
@@ -247,7 +248,7 @@ def test_presets_set_the_recipe_and_explicit_flags_win():
     config = pretrain.resolve_config(["--preset", "cifar10", "--print_config"])
     assert (config.arch, config.stem, config.projector, config.lr, config.epochs) == \
            ("resnet18", "cifar", "2048-2048-2048", 0.3, 1000)
-    assert config.dataset == "uoft-cs/cifar10" and config.solarize_prob == "0.0,0.2"
+    assert config.dataset == "uoft-cs/cifar10" and config.solarize_prob == (0.0, 0.2)
     config = pretrain.resolve_config(["--preset", "cifar10", "--print_config", "--lr", "0.1", "--stem", "imagenet"])
     assert config.lr == 0.1 and config.stem == "imagenet"
     assert pretrain.resolve_config(["--print_config"]).preset == "digits"
@@ -498,7 +499,7 @@ def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_summary(tmp_path, ca
         (tmp_path / "grey" / f"class_{c}").mkdir(parents=True)
         for i in range(8):
             Image.new("RGB", (8, 8), (128, 128, 128)).save(tmp_path / "grey" / f"class_{c}" / f"{i}.png")
-    tiny(tmp_path / "grey", "--output_dir", tmp_path / "run", "--epochs", 1, "--batch_size", 16, "--jitter", "0,0,0,0")
+    tiny(tmp_path / "grey", "--output_dir", tmp_path / "run", "--epochs", 1, "--batch_size", 16, "--jitter", 0, 0, 0, 0)
     warnings = [r for r in intl.read_jsonl(tmp_path / "run" / "log.jsonl") if "warning" in r]
     assert len(warnings) == 1 and "the embedding has collapsed at step 1" in warnings[0]["warning"]
     summary = capsys.readouterr().out.split("summary (first logged -> last logged):")[1]
@@ -506,7 +507,7 @@ def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_summary(tmp_path, ca
     assert re.search(r"lg IoC of Z +step +1: rank-deficient", summary)  # never a number made up from a clamp
     assert (tmp_path / "run" / "spectrum.png").is_file()
     with pytest.raises(FloatingPointError, match="the embedding had collapsed at step 1 before"):
-        tiny(tmp_path / "grey", "--output_dir", tmp_path / "longer", "--epochs", 2, "--jitter", "0,0,0,0",
+        tiny(tmp_path / "grey", "--output_dir", tmp_path / "longer", "--epochs", 2, "--jitter", 0, 0, 0, 0,
              "--spectrum_every", 1)
 
 
