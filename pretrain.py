@@ -287,8 +287,7 @@ def train(config, accelerator):
     # Resume: model, optimiser and RNG states, the step, and the log up to that step.
     log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
     step, last_good = resume(config, accelerator, output_dir, log) if config.resume else (0, None)
-    if not config.resume:
-        log.start()
+    log.start(step)
     log.info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
              f"peak lr {peak_lr:.4g}")
     if warmup_steps > total_steps:
@@ -328,8 +327,10 @@ def finish(config, accelerator, log, monitor, step):
     output_dir = Path(config.output_dir)
     if step == monitor.total_steps:
         if accelerator.is_main_process:
-            export_backbone_from(monitor.last_good, output_dir / "backbone", results=log.knn_result(step, config),
-                                 repo_id=config.push_to_hub, license=config.license)
+            knn = [{"rows": [{"name": "5-NN (euclidean)", "top1": monitor.knn_top1, "top5": None}],
+                    "dataset": config.dataset, "test_split": config.eval_split}] if monitor.knn_top1 is not None else None
+            export_backbone_from(monitor.last_good, output_dir / "backbone", results=knn, repo_id=config.push_to_hub,
+                                 license=config.license)
             push_if_asked(output_dir / "backbone", config)
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
@@ -383,7 +384,7 @@ class Monitor:
         self.steps_per_epoch = loader.sampler.batches_per_epoch
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.stop_after_steps or self.total_steps)
-        self.watch = NonFiniteWatch(accelerator.device)
+        self.watch, self.knn_top1 = NonFiniteWatch(accelerator.device), None  # knn_top1: the latest 5-NN accuracy
 
     def start(self, step, last_good, model):
         """The progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
@@ -418,8 +419,8 @@ class Monitor:
             self.last_good = save_checkpoint(self.accelerator, config, step, self.steps_per_epoch)
 
     def knn(self, step, model):
-        backbone = self.accelerator.unwrap_model(model).backbone
-        self.log.metrics(step, {"knn_top1": knn_accuracy(backbone, self.knn_data, self.accelerator)})
+        self.knn_top1 = knn_accuracy(self.accelerator.unwrap_model(model).backbone, self.knn_data, self.accelerator)
+        self.log.metrics(step, {"knn_top1": self.knn_top1})
 
 
 class NonFiniteWatch:
@@ -458,7 +459,6 @@ def resume(config, accelerator, output_dir, log):
 
     checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
                                              say=log.info)
-    log.truncate_after(state["step"])
     log.info(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"], checkpoint
 
@@ -807,15 +807,12 @@ class Logger:
         self.path, self.accelerator, self.main = output_dir / "log.jsonl", accelerator, accelerator.is_main_process
         self.plotted_steps, self.collapsed_at = set(), None
 
-    def start(self):
-        if self.main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-
-    def truncate_after(self, step):
+    def start(self, step):
+        """A new log (prepare_output_dir left none), or on resume the log up to `step`: what the interrupted run
+        logged after it goes."""
         if not self.main:
             return
-        if not self.path.exists():  # a copied checkpoints/ folder: the summary starts at this step
+        if step and not self.path.exists():  # a copied checkpoints/ folder: the summary starts at this step
             self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
                       "steps are not in it)")
         intl.truncate_jsonl(self.path, step)
@@ -863,12 +860,6 @@ class Logger:
         if spectra := logged_spectra(self.path):
             plot_spectra(spectra, path, title=self.path.parent.name)
             self.info(f"spectrum plot: {path}")
-
-    def knn_result(self, step, config):
-        """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
-        top1 = [r["knn_top1"] for r in intl.read_jsonl(self.path) if "knn_top1" in r and r["step"] == step]
-        return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
-                 "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
 
     def summary(self):
         """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
