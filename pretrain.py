@@ -103,7 +103,7 @@ PRESETS = {
 # when they are not given again.
 RUN_CONTROL = {"output_dir", "resume", "print_config", "report_to", "num_workers", "compile", "log_every",
                "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
-               "study_values", "push_to_hub", "private", "license", "commit_message", "revision", "overwrite"}
+               "study_values", "push_to_hub", "private", "license", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "print_config", "stop_after_steps", "benchmark", "study",
                "study_values", "overwrite"}
@@ -1144,9 +1144,9 @@ def check_hub_access(repo_id, private=False):
     return user
 
 
-def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
+def push_export_to_hub(export_dir, repo_id, private=False):
     """Upload exactly the weights, config.json and model card of an export folder (a card without results when it
-    has none) to a Hub model repo, on the branch `revision` (created when missing)."""
+    has none) to a Hub model repo, as one commit to its main branch."""
     import huggingface_hub
 
     export_dir = Path(export_dir)
@@ -1159,18 +1159,15 @@ def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, 
         if not (export_dir / "README.md").is_file():
             write_model_card(staging, repo_id=repo_id)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model", revision=revision,
-                                 commit_message=commit_message or f"Upload INTL backbone from {export_dir.name}")
+        return api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model",
+                                 commit_message=f"Upload INTL backbone from {export_dir.name}")
 
 
 def push_if_asked(export_dir, args):
-    """--push_to_hub, with its --private, --commit_message and --revision (a training run's or `export`'s)."""
+    """--push_to_hub and --private (a training run's or `export`'s)."""
     if args.push_to_hub:
-        push_export_to_hub(export_dir, args.push_to_hub, args.private, args.commit_message, args.revision)
-        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
-              + (f" (branch {args.revision})" if args.revision else ""))
+        push_export_to_hub(export_dir, args.push_to_hub, args.private)
+        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}")
 
 
 def add_hub_arguments(group):
@@ -1179,8 +1176,6 @@ def add_hub_arguments(group):
     group.add_argument("--private", action="store_true", help="create the Hub repo private")
     group.add_argument("--license", type=str, default=None,
                        help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
-    group.add_argument("--commit_message", type=str, default=None, help="commit message of the upload")
-    group.add_argument("--revision", type=str, default=None, help="Hub branch to upload to (created if missing)")
 
 
 def main_export(argv=None):

@@ -226,14 +226,11 @@ def test_a_hub_id_in_timm_form_and_its_revision_go_to_huggingface_hub(export, mo
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replace the three network calls of a push; upload_folder records exactly what it was given."""
+    """Replace the network calls of a push; upload_folder records exactly what it was given."""
     calls = []
 
     def create_repo(self, repo_id, **kwargs):
         calls.append(("create_repo", repo_id, kwargs))
-
-    def create_branch(self, repo_id, **kwargs):
-        calls.append(("create_branch", repo_id, kwargs))
 
     def upload_folder(self, **kwargs):
         folder = Path(kwargs["folder_path"])
@@ -243,17 +240,15 @@ def fake_hub(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "me"})
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     return calls
 
 
 def test_push_uploads_exactly_the_weights_config_and_a_model_card(export, fake_hub, tmp_path):
-    assert push_export_to_hub(export, "me/intl-r18", private=True, commit_message="first", revision="v1") \
-        == "commit-info"
-    (_, repo, create), (_, _, branch), (_, _, upload) = fake_hub
-    assert repo == "me/intl-r18" and create["private"] is True and branch["branch"] == "v1"
-    assert upload["revision"] == "v1" and upload["commit_message"] == "first" and upload["repo_type"] == "model"
+    assert push_export_to_hub(export, "me/intl-r18", private=True) == "commit-info"
+    (_, repo, create), (_, _, upload) = fake_hub
+    assert repo == "me/intl-r18" and create["private"] is True
+    assert upload.get("revision") is None and upload["repo_type"] == "model"
     assert sorted(upload["files"]) == ["README.md", "config.json", "model.safetensors"]
     assert upload["files"]["model.safetensors"] == (export / "model.safetensors").read_bytes()
     assert upload["files"]["config.json"] == (export / "config.json").read_bytes()
@@ -261,7 +256,7 @@ def test_push_uploads_exactly_the_weights_config_and_a_model_card(export, fake_h
     assert not (export / "README.md").exists()  # the export folder itself is left as it was
     (export / "junk.txt").write_text("not for the Hub")
     push_export_to_hub(export, "me/intl-r18")
-    assert "junk.txt" not in fake_hub[-1][2]["files"] and fake_hub[-1][2]["revision"] is None
+    assert "junk.txt" not in fake_hub[-1][2]["files"]
 
 
 def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision_snippet(export, tmp_path):
@@ -296,11 +291,11 @@ def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision
 def test_export_command_converts_an_official_checkpoint_and_pushes_it(tmp_path, fake_hub, capsys):
     checkpoint = official_checkpoint(tmp_path / "intl.pth.tar", backbone_weights(2), arch="resnet18")
     out = main_export(["--source", str(checkpoint), "--output_dir", str(tmp_path / "export"),
-                       "--push_to_hub", "me/intl-official", "--private", "--commit_message", "convert"])
+                       "--push_to_hub", "me/intl-official", "--private"])
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     upload = fake_hub[-1][2]
     assert upload["files"]["README.md"] == (out / "README.md").read_bytes()
-    assert upload["commit_message"] == "convert" and fake_hub[0][2]["private"] is True
+    assert fake_hub[0][2]["private"] is True
     assert "pushed" in capsys.readouterr().out
 
 

@@ -644,7 +644,7 @@ def test_trackers_get_what_the_run_computes_with_and_no_run_control_flag_or_unse
     config = pretrain.resolve_config(["--print_config"])
     values = pretrain.hyperparameters(config)
     assert values["lr"] == config.lr and isinstance(values["epochs"], int) and values["mean"] == str(config.mean)
-    assert not {"compile", "print_config", "commit_message", "output_dir"} & set(values)
+    assert not {"compile", "print_config", "private", "output_dir"} & set(values)
     assert "beta" not in values and "None" not in values.values()
 
 
