@@ -858,7 +858,8 @@ class Logger:
 
     def plot_spectra(self, path):
         if spectra := logged_spectra(self.path):
-            plot_spectra(spectra, path, title=self.path.parent.name)
+            plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path,
+                         f"{self.path.parent.name}: eigenvalues of the covariance over training")
             self.info(f"spectrum plot: {path}")
 
     def summary(self):
@@ -887,31 +888,31 @@ def logged_spectra(log_path):
 
 
 def plot_spectra(spectra, path, title, curves=6):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training (`logged_spectra`),
-    each divided by its largest, on a log scale. Eigenvalues at the numerical floor (intl.RANK_FLOOR x the largest:
-    rank-deficient directions) lie on the dotted floor line."""
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending),
+    `curves` of them evenly spread, each divided by its largest, on a log scale. Eigenvalues at the numerical floor
+    (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     picks = [spectra[i] for i in sorted({round(i * (len(spectra) - 1) / max(1, curves - 1)) for i in range(curves)})]
-    picks = [(step, torch.tensor(z), torch.tensor(z_hat)) for step, z, z_hat in picks]
+    picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in picks]
     at_floor = any(intl.lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    for colour, (step, *eigs) in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
+    for colour, (label, *eigs) in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
         for ax, eig in zip(axes, eigs):
             normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
             ioc = intl.lg_ioc(eig)
             ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"step {step}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+                    label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
     for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
         if at_floor:
             ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
             ax.set_ylim(intl.RANK_FLOOR / 3, 3)
         ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{title}: eigenvalues of the covariance over training", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     with intl.replacing(path) as tmp:
         fig.savefig(tmp, dpi=200)
     plt.close(fig)
@@ -1297,19 +1298,16 @@ def plot_study(study, rows, output_dir):
                 ax_knn.axvline(r[x], color="red", alpha=0.3)
     ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
     ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
-    spectra_fig, spectra_axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for row in rows:
-        spectra = [] if row["error"] else logged_spectra(output_dir / row["run"] / "log.jsonl")
-        for ax, final in zip(spectra_axes, spectra[-1][1:] if spectra else []):
-            ax.plot(range(1, len(final) + 1), [max(v, 1e-12) for v in final], label=row["run"])
-    for ax, name in zip(spectra_axes, ("Z", "Z_hat")):
-        ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
-    for figure, name in ((fig, f"{study}_study.png"), (spectra_fig, f"{study}_study_spectra.png")):
-        for ax in figure.axes:
-            ax.legend(fontsize=7)
-        with intl.replacing(output_dir / name) as tmp:
-            figure.savefig(tmp, dpi=120)
-        plt.close(figure)
+    for ax in fig.axes:
+        ax.legend(fontsize=7)
+    with intl.replacing(output_dir / f"{study}_study.png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    finals = [(row["run"], *spectra[-1][1:]) for row in rows if not row["error"]
+              for spectra in [logged_spectra(output_dir / row["run"] / "log.jsonl")] if spectra]
+    if finals:
+        plot_spectra(finals, output_dir / f"{study}_study_spectra.png",
+                     f"{study} study: the final eigenvalues of the covariance", curves=len(finals))
 
 
 # -----------------------------------------------------------------------------
