@@ -125,21 +125,10 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "batch_size": "[2, inf)"}  # whitening needs 2 samples
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, but for flags off by default (None, False, ""): their help says what they do then."""
-
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=34)
-
-    def _get_help_string(self, action):
-        off = action.default is None or action.default is False or action.default == ""
-        return action.help if off else super()._get_help_string(action)
-
-
 def get_parser():
     parser = argparse.ArgumentParser(description="INTL self-supervised pretraining", allow_abbrev=False,
                                      usage="%(prog)s [--preset NAME] [--dataset DATASET] [--output_dir DIR] [flags]",
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
                         help=f"an authors' recipe: {', '.join(sorted(PRESETS))}; without it and --dataset: digits")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and the augmentations")
@@ -1117,15 +1106,11 @@ def published_name(dataset):
 
 
 def read_result(item):
-    """An evaluation result (linear_eval.py's JSON file, or its dict) -> the dict."""
-    if isinstance(item, (str, os.PathLike)):
-        try:
-            item = json.loads(Path(item).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
-    if not isinstance(item, dict) or "rows" not in item:
-        raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
-    return item
+    """An evaluation result: linear_eval.py's JSON file, or its dict."""
+    record = intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item
+    if not isinstance(record, dict) or "rows" not in record:
+        raise ValueError(f"{item}: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
+    return record
 
 
 def check_hub_access(repo_id, private=False):
@@ -1182,7 +1167,7 @@ def add_hub_arguments(group):
 def main_export(argv=None):
     """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
     parser = argparse.ArgumentParser(
-        prog="pretrain.py export", allow_abbrev=False, formatter_class=HelpFormatter,
+        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
                     "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "

@@ -311,7 +311,7 @@ def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previou
     copy = export_backbone_from(export, tmp_path / "copy")
     assert sorted(p.name for p in copy.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
-    with pytest.raises(ValueError, match="cannot read the evaluation result"):
+    with pytest.raises(ValueError, match="missing.json is missing"):
         export_backbone_from(export, copy, results=[tmp_path / "missing.json"])
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "export"]  # no temporary folder left behind
