@@ -544,7 +544,6 @@ def view_specs(config):
 
 
 def view_transforms(config):
-    """One torchvision pipeline per view (see `augmentation`)."""
     return [augmentation(side, scale, blur_prob, solarize_prob, config)
             for side, scale, blur_prob, solarize_prob in view_specs(config)]
 
@@ -554,8 +553,7 @@ def augmentation(size, scale, blur_prob, solarize_prob, config):
     --colour_before_crop (CW-RGP on small data): colour jitter -> grayscale -> crop -> flip."""
     interpolation = T.InterpolationMode[config.crop_interpolation.upper()]
     crop = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
-    colour = [T.RandomApply([T.ColorJitter(*config.jitter)], p=0.8),
-              T.RandomGrayscale(p=config.grayscale_prob)]
+    colour = [T.RandomApply([T.ColorJitter(*config.jitter)], p=0.8), T.RandomGrayscale(p=config.grayscale_prob)]
     return T.Compose([
         *(colour + crop if config.colour_before_crop else crop + colour),
         RandomPILGaussianBlur(blur_prob),
@@ -598,14 +596,11 @@ class AugmentedViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def sample_seed(self, epoch, index):
-        return hash((self.seed, epoch, index)) % 2**63
-
     def __getitem__(self, key):
         epoch, index = key
         image, label = self.images[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(epoch, index))
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
             return [transform(image) for transform in self.transforms], label
 
 
@@ -647,9 +642,8 @@ def training_loader(config, train_split, accelerator):
                          f"{config.batch_size * accelerator.num_processes} (--batch_size {config.batch_size} x "
                          f"{accelerator.num_processes} process(es)): give --batch_size "
                          f"{len(train_split.dataset) // accelerator.num_processes} or less")
-    train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
     return torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size,
+        AugmentedViews(train_split, view_transforms(config), config.seed), batch_size=config.batch_size,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0, drop_last=True)
 
