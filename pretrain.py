@@ -16,10 +16,8 @@ import json
 import math
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -950,14 +948,6 @@ def timm_config(config):
                                "first_conv": "conv1", "classifier": "fc"}}
 
 
-def write_model_card(export_dir, results=None, repo_id=None, license=None):
-    """(Re)write export_dir/README.md from the export's config and return its path."""
-    export_dir = Path(export_dir)
-    _, config = intl.load_backbone(export_dir)  # the completed config, and a check that the weights load
-    intl.write_text_atomically(export_dir / "README.md", model_card(config, results, repo_id, license))
-    return export_dir / "README.md"
-
-
 def model_card(config, results=None, repo_id=None, license=None):
     """The model card: the Hub's metadata, with a model-index of `results` (linear_eval.py's result records, as
     paths or dicts), and a body with the recipe, the results and how to load the weights. repo_id: the Hub repo
@@ -1125,22 +1115,20 @@ def check_hub_access(repo_id, private=False):
 
 
 def push_export_to_hub(export_dir, repo_id, private=False):
-    """Upload exactly the weights, config.json and model card of an export folder (a card without results when it
-    has none) to a Hub model repo, as one commit to its main branch."""
+    """Upload exactly the weights, config.json and model card of an export folder to a Hub model repo, as one
+    commit to its main branch."""
     import huggingface_hub
 
     export_dir = Path(export_dir)
+    files = [*intl.EXPORT_FILES, "README.md"]
+    if missing := [name for name in files if not (export_dir / name).is_file()]:
+        raise ValueError(f"{export_dir} is not a complete export: {missing[0]} is missing (`pretrain.py export "
+                         f"--source {export_dir} --output_dir NEW` writes one)")
     intl.load_backbone(export_dir)  # refuse to publish weights that do not load
     api = huggingface_hub.HfApi()
-    with tempfile.TemporaryDirectory(prefix="intl-upload-") as staging:
-        for name in intl.EXPORT_FILES + ("README.md",):
-            if (export_dir / name).is_file():
-                shutil.copy2(export_dir / name, Path(staging) / name)
-        if not (export_dir / "README.md").is_file():
-            write_model_card(staging, repo_id=repo_id)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model",
-                                 commit_message=f"Upload INTL backbone from {export_dir.name}")
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model", allow_patterns=files,
+                             commit_message=f"Upload INTL backbone from {export_dir.name}")
 
 
 def push_if_asked(export_dir, args):

@@ -1,6 +1,7 @@
 """Loading backbones from every source, strictly; conversion; model cards; the Hub (offline: cache and a replaced upload)."""
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import intl
 import pretrain
 from intl import CIFAR_MEAN, load_backbone
-from pretrain import export_backbone_from, main_export, push_export_to_hub, write_model_card
+from pretrain import export_backbone_from, main_export, push_export_to_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,
@@ -232,9 +233,9 @@ def fake_hub(monkeypatch):
     def create_repo(self, repo_id, **kwargs):
         calls.append(("create_repo", repo_id, kwargs))
 
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    def upload_folder(self, **kwargs):  # as the Hub's: only the files that allow_patterns names
+        folder, allowed = Path(kwargs["folder_path"]), kwargs.get("allow_patterns") or ["*"]
+        files = {p.name: p.read_bytes() for p in folder.iterdir() if any(fnmatch.fnmatch(p.name, a) for a in allowed)}
         calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
         return "commit-info"
 
@@ -245,6 +246,11 @@ def fake_hub(monkeypatch):
 
 
 def test_push_uploads_exactly_the_weights_config_and_a_model_card(export, fake_hub, tmp_path):
+    with pytest.raises(ValueError, match="is not a complete export: README.md is missing"):
+        push_export_to_hub(export, "me/intl-r18")
+    assert fake_hub == []
+    export = export_backbone_from(export, tmp_path / "carded", repo_id="me/intl-r18")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
     assert push_export_to_hub(export, "me/intl-r18", private=True) == "commit-info"
     (_, repo, create), (_, _, upload) = fake_hub
     assert repo == "me/intl-r18" and create["private"] is True
@@ -253,7 +259,7 @@ def test_push_uploads_exactly_the_weights_config_and_a_model_card(export, fake_h
     assert upload["files"]["model.safetensors"] == (export / "model.safetensors").read_bytes()
     assert upload["files"]["config.json"] == (export / "config.json").read_bytes()
     assert 'hf_hub_download("me/intl-r18", "model.safetensors")' in upload["files"]["README.md"].decode()
-    assert not (export / "README.md").exists()  # the export folder itself is left as it was
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before  # the export folder is left as it was
     (export / "junk.txt").write_text("not for the Hub")
     push_export_to_hub(export, "me/intl-r18")
     assert "junk.txt" not in fake_hub[-1][2]["files"]
@@ -265,9 +271,10 @@ def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision
     (tmp_path / "linear.json").write_text(json.dumps(result))
     knn = {"protocol": "knn", "dataset": "uoft-cs/cifar10", "test_split": "test",
            "rows": [{"name": "5-NN (euclidean)", "top1": 88.0, "top5": None}]}
-    card = huggingface_hub.ModelCard.load(write_model_card(export, [tmp_path / "linear.json", knn], repo_id="me/m"))
+    carded = export_backbone_from(export, tmp_path / "carded", results=[tmp_path / "linear.json", knn], repo_id="me/m")
+    card = huggingface_hub.ModelCard.load(carded / "README.md")
     data = card.data
-    assert data.library_name == "pytorch" and data.pipeline_tag == "image-feature-extraction"
+    assert data.library_name == "timm" and data.pipeline_tag == "image-feature-extraction"  # an ImageNet stem
     assert {"self-supervised", "intl", "image-feature-extraction"} <= set(data.tags)
     assert data.datasets == ["uoft-cs/cifar10"]
     metrics = {r.metric_name: r.metric_value for r in data.eval_results}
@@ -284,7 +291,7 @@ def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision
     assert_same_weights({k: v for k, v in namespace["net"].state_dict().items() if not k.startswith("fc.")},
                         load_file(export / "model.safetensors"))
     # Without results: metadata without a model-index.
-    card = huggingface_hub.ModelCard.load(write_model_card(export))
+    card = huggingface_hub.ModelCard.load(export_backbone_from(export, tmp_path / "bare") / "README.md")
     assert card.data.eval_results is None and "OWNER/NAME" in card.text
 
 
