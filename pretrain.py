@@ -205,8 +205,9 @@ def get_parser():
     optim.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: momentum 0.9")
     optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"],
                        help="after the warm-up (see learning_rate)")
-    optim.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
-    optim.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
+    warmup = optim.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
+    warmup.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
     optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                        help="autocast; None: Accelerate's config. A preset's fp16 is no on a CPU")
     optim.add_argument("--compile", action="store_true", help="torch.compile the encoder and projector")
@@ -472,8 +473,6 @@ def resolve_config(argv=None):
     for key, value in launcher.items():
         if key not in explicit:
             setattr(config, key, value)
-    if "warmup_epochs" in explicit and "warmup_steps" in explicit:
-        raise ValueError("--warmup_epochs and --warmup_steps both set the warm-up: give one of them")
     if "warmup_epochs" in explicit:
         config.warmup_steps = None  # the flag given wins over a preset's warm-up in steps
     if config.zero_init_residual is None:
