@@ -903,9 +903,8 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
     the last), evenly spread, the first and the last included. Known before the run starts, so only those spectra
     are written, and a resumed run keeps the same ones."""
     logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
-    def step_of(i):
-        return min((i + 1) * spectrum_every, total_steps)
-    return {step_of(round(i * (logged - 1) / max(1, curves - 1))) for i in range(curves)}
+    picks = {round(i * (logged - 1) / max(1, curves - 1)) for i in range(curves)}  # of the logged ones
+    return {min((i + 1) * spectrum_every, total_steps) for i in picks}
 
 
 # =============================================================================
