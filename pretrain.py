@@ -1313,10 +1313,10 @@ def benchmark(config, accelerator):
     figures = {"arch": config.arch, "views": sides, "batch_per_process": config.batch_size, "method": config.method,
                "projector": config.projector, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
-               "compile": config.compile, "step_s": round(step_s, 4),
+               "compile": config.compile, "step_s": float(f"{step_s:.4g}"),
                "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
-               "peak_memory_mib": round(peak), "objective_s": round(objective_s, 4),
-               "objective_share": round(objective_s / step_s, 4)}
+               "peak_memory_mib": round(peak), "objective_s": float(f"{objective_s:.4g}"),
+               "objective_share": float(f"{objective_s / step_s:.4g}")}
     print(json.dumps(figures, indent=2))
     return figures
 
