@@ -315,10 +315,8 @@ def finish(config, accelerator, log, monitor, step):
     output_dir = Path(config.output_dir)
     if step == monitor.total_steps:
         if accelerator.is_main_process:
-            knn = [{"rows": [{"name": "5-NN (euclidean)", "top1": monitor.knn_top1, "top5": None}],
-                    "dataset": config.dataset, "test_split": config.eval_split}] if monitor.knn_top1 is not None else None
-            export_backbone_from(monitor.last_good, output_dir / "backbone", results=knn, repo_id=config.push_to_hub,
-                                 license=config.license)
+            export_backbone_from(monitor.last_good, output_dir / "backbone", results=log.knn_result(step, config),
+                                 repo_id=config.push_to_hub, license=config.license)
             push_if_asked(output_dir / "backbone", config)
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
@@ -372,7 +370,7 @@ class Monitor:
         self.steps_per_epoch = loader.sampler.batches_per_epoch
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.stop_after_steps or self.total_steps)
-        self.watch, self.knn_top1 = NonFiniteWatch(accelerator.device), None  # knn_top1: the latest 5-NN accuracy
+        self.watch = NonFiniteWatch(accelerator.device)
 
     def start(self, step, last_good, model):
         """The progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
@@ -407,8 +405,11 @@ class Monitor:
             self.last_good = save_checkpoint(self.accelerator, config, step, self.steps_per_epoch)
 
     def knn(self, step, model):
-        self.knn_top1 = knn_accuracy(self.accelerator.unwrap_model(model).backbone, self.knn_data, self.accelerator)
-        self.log.metrics(step, {"knn_top1": self.knn_top1})
+        backbone = self.accelerator.unwrap_model(model).backbone
+        (train, train_labels), (test, test_labels) = (intl.extract_features(backbone, loader, self.accelerator)
+                                                      for loader in self.knn_data)
+        top1 = intl.knn_classify(train, train_labels, test, test_labels, k=5, device=self.accelerator.device)["top1"]
+        self.log.metrics(step, {"knn_top1": top1})
 
 
 class NonFiniteWatch:
@@ -734,14 +735,6 @@ def knn_splits(config, accelerator, train_split):
         for split in (train_split, test_split)]
 
 
-def knn_accuracy(backbone, knn_data, accelerator):
-    train_loader, test_loader = knn_data
-    train_features, train_labels = intl.extract_features(backbone, train_loader, accelerator)
-    test_features, test_labels = intl.extract_features(backbone, test_loader, accelerator)
-    return intl.knn_classify(train_features, train_labels, test_features, test_labels, k=5,
-                             device=accelerator.device)["top1"]
-
-
 # -----------------------------------------------------------------------------
 # Checkpoints (atomic, explicit names) and the backbone export
 
@@ -841,6 +834,12 @@ class Logger:
             plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path,
                          f"{self.path.parent.name}: eigenvalues of the covariance over training")
             self.info(f"spectrum plot: {path}")
+
+    def knn_result(self, step, config):
+        """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
+        top1 = [r["knn_top1"] for r in intl.read_jsonl(self.path) if "knn_top1" in r and r["step"] == step]
+        return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
+                 "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
 
     def summary(self):
         """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
