@@ -16,10 +16,8 @@ import json
 import math
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,27 +40,27 @@ METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 # visible in the values: INTL's lr warms up as peak x (step + 1) / warm-up steps, then follows a per-step cosine to
 # 0.001 x peak; intl-m's EMA momentum rises to 1 by a cosine; CW-RGP's projector sees all views as one batch.
 _INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops="",
-             min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter="0.4,0.4,0.2,0.1",
-             grayscale_prob=0.2, blur_prob="1.0,0.1", solarize_prob="0.0,0.2", optimizer="sgd", schedule="cosine",
+             min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter=(0.4, 0.4, 0.2, 0.1),
+             grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2), optimizer="sgd", schedule="cosine",
              warmup_epochs=2, warmup_steps=None, decay_all_params=False, iters=4, axis=0)
 _CIFAR = dict(_INTL, arch="resnet18", stem="cifar", zero_init_residual=False, image_size=32,
               projector="2048-2048-2048", batch_size=256, epochs=1000, lr=0.3, weight_decay=1e-4,
-              decay_all_params=True, momentum=0.999, blur_prob="0.0,0.0", solarize_prob="0.0,0.2",
+              decay_all_params=True, momentum=0.999, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.2),
               mean=CIFAR_MEAN, std=CIFAR_STD, mixed_precision="no")
 _IMAGENET = dict(_INTL, dataset="ILSVRC/imagenet-1k", arch="resnet50", image_size=224, projector="8192-8192-8192",
                  batch_size=256, weight_decay=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD, mixed_precision="fp16")
 _INTL_M = dict(_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
-               blur_prob="0.5,0.5", solarize_prob="0.1,0.1")
+               blur_prob=(0.5, 0.5), solarize_prob=(0.1, 0.1))
 # CW-RGP (its authors' scripts, W-MSE's setup on small data): colour first, then the crop; 500 warm-up steps.
 _CW_RGP = dict(_INTL, method="cw-rgp", arch="resnet18", stem="cifar-unpadded", zero_init_residual=True,
                image_size=32, projector="1024-512", hidden_bias=True, num_views=4, groups=4, w_size=64,
                batch_size=256, epochs=1000, optimizer="adam", lr=3e-3, weight_decay=1e-6, decay_all_params=True,
-               schedule="step", warmup_epochs=0, warmup_steps=500, colour_before_crop=True, jitter="0.4,0.4,0.4,0.1",
-               grayscale_prob=0.1, min_scale=0.2, blur_prob="0.0,0.0", solarize_prob="0.0,0.0", mixed_precision="no")
+               schedule="step", warmup_epochs=0, warmup_steps=500, colour_before_crop=True, jitter=(0.4, 0.4, 0.4, 0.1),
+               grayscale_prob=0.1, min_scale=0.2, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0), mixed_precision="no")
 _CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", stem="imagenet", image_size=224,
                         projector="2048-2048-1024", groups=2, w_size=128, batch_size=512, optimizer="sgd", lr=0.05,
                         weight_decay=1e-4, schedule="cosine-epoch", colour_before_crop=False,
-                        crop_interpolation="bilinear", grayscale_prob=0.2, blur_prob="0.5,0.5",
+                        crop_interpolation="bilinear", grayscale_prob=0.2, blur_prob=(0.5, 0.5),
                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
 PRESETS = {
     # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
@@ -101,43 +99,34 @@ PRESETS = {
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
-RUN_CONTROL = {"output_dir", "resume", "export_only", "print_config", "report_to", "num_workers", "compile", "log_every",
+RUN_CONTROL = {"output_dir", "resume", "print_config", "report_to", "num_workers", "compile", "log_every",
                "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
-               "study_values", "push_to_hub", "private", "license", "commit_message", "revision", "overwrite"}
+               "study_values", "push_to_hub", "private", "license", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
-PER_COMMAND = {"output_dir", "resume", "export_only", "print_config", "stop_after_steps", "benchmark", "study",
+PER_COMMAND = {"output_dir", "resume", "print_config", "stop_after_steps", "benchmark", "study",
                "study_values", "overwrite"}
 # What `accelerate launch` (its flags or `accelerate config`) sets in the environment: it wins over a preset, an
 # explicit flag of this script wins over both.
 LAUNCHER = {"mixed_precision": "ACCELERATE_MIXED_PRECISION"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
-RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png", "spectrum.jsonl")
+RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
           "num_workers": "[0, inf)", "iters": "[1, inf)", "beta": "[0, inf)", "momentum": "[0, 1]", "power": "[0, inf)",
           "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
           "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)",
           "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
-          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)",
+          "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "min_scale": "(0, 1]",
           "grayscale_prob": "[0, 1]", "eval_mean": "(-inf, inf)", "eval_std": "(0, inf)", "eval_resize": "[1, inf)",
-          "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)"}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, but for flags off by default (None, False, ""): their help says what they do then."""
-
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=34)
-
-    def _get_help_string(self, action):
-        off = action.default is None or action.default is False or action.default == ""
-        return action.help if off else super()._get_help_string(action)
+          "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)",
+          "jitter": "[0, inf)", "blur_prob": "[0, 1]", "solarize_prob": "[0, 1]",
+          "batch_size": "[2, inf)"}  # whitening needs 2 samples
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description="INTL self-supervised pretraining", allow_abbrev=False,
                                      usage="%(prog)s [--preset NAME] [--dataset DATASET] [--output_dir DIR] [flags]",
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
                         help=f"an authors' recipe: {', '.join(sorted(PRESETS))}; without it and --dataset: digits")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and the augmentations")
@@ -159,11 +148,13 @@ def get_parser():
                       help="RandomResizedCrop's resampling")
     data.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
                       help="colour jitter and grayscale on the whole image, then the crop (CW-RGP, small data)")
-    data.add_argument("--jitter", default="0.4,0.4,0.2,0.1",
+    data.add_argument("--jitter", type=float, nargs=4, default=(0.4, 0.4, 0.2, 0.1),
                       help="colour jitter (p 0.8): brightness, contrast, saturation, hue")
     data.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of a gray view")
-    data.add_argument("--blur_prob", default="1.0,0.1", help="blur probability of view 1, of the others")
-    data.add_argument("--solarize_prob", default="0.0,0.2", help="solarisation probability of view 1, of the others")
+    data.add_argument("--blur_prob", type=float, nargs=2, default=(1.0, 0.1),
+                      help="blur probability of view 1, of the others")
+    data.add_argument("--solarize_prob", type=float, nargs=2, default=(0.0, 0.2),
+                      help="solarisation probability of view 1, of the others")
     data.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (RGB)")
     data.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (RGB)")
     data.add_argument("--eval_mean", type=float, nargs=3, default=None,
@@ -214,8 +205,9 @@ def get_parser():
     optim.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: momentum 0.9")
     optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"],
                        help="after the warm-up (see learning_rate)")
-    optim.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
-    optim.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
+    warmup = optim.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
+    warmup.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
     optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                        help="autocast; None: Accelerate's config. A preset's fp16 is no on a CPU")
     optim.add_argument("--compile", action="store_true", help="torch.compile the encoder and projector")
@@ -224,7 +216,6 @@ def get_parser():
     run.add_argument("--output_dir", default=None, help="checkpoints, log, spectrum plot and export")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --output_dir")
     run.add_argument("--resume", default=None, help="'latest' (in --output_dir) or a checkpoint folder")
-    run.add_argument("--export_only", action="store_true", help="export --resume's backbone and exit")
     run.add_argument("--stop_after_steps", type=int, default=None, help="save and stop after N steps")
     run.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps and each epoch")
     run.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -243,16 +234,11 @@ def get_parser():
 
 
 def main(argv=None):
-    """What is not a training run (print the configuration, export a checkpoint, benchmarks, the studies) ends
-    here; a training run is `train`."""
+    """What is not a training run (print the configuration, the benchmark, the studies) ends here; a training run
+    is `train`."""
     config = resolve_config(argv)
     if config.print_config:
         return print(json.dumps(vars(config), indent=2))
-    if config.export_only:
-        checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
-        intl.lock_output_dir(config.output_dir)
-        intl.refuse_to_replace(config.output_dir, ["backbone"], config.overwrite)
-        return export_backbone(checkpoint, Path(config.output_dir) / "backbone", config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               log_with=None if config.report_to == "none" else config.report_to,
                               project_dir=config.output_dir)
@@ -289,8 +275,7 @@ def train(config, accelerator):
     # Resume: model, optimiser and RNG states, the step, and the log up to that step.
     log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
     step, last_good = resume(config, accelerator, output_dir, log) if config.resume else (0, None)
-    if not config.resume:
-        log.start()
+    log.start(step)
     log.info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
              f"peak lr {peak_lr:.4g}")
     if warmup_steps > total_steps:
@@ -330,7 +315,9 @@ def finish(config, accelerator, log, monitor, step):
     output_dir = Path(config.output_dir)
     if step == monitor.total_steps:
         if accelerator.is_main_process:
-            export_backbone(monitor.last_good, output_dir / "backbone", config, log.knn_result(step, config))
+            export_backbone_from(monitor.last_good, output_dir / "backbone", results=log.knn_result(step, config),
+                                 repo_id=config.push_to_hub, license=config.license)
+            push_if_asked(output_dir / "backbone", config)
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
         log.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
@@ -419,7 +406,10 @@ class Monitor:
 
     def knn(self, step, model):
         backbone = self.accelerator.unwrap_model(model).backbone
-        self.log.metrics(step, {"knn_top1": knn_accuracy(backbone, self.knn_data, self.accelerator)})
+        (train, train_labels), (test, test_labels) = (intl.extract_features(backbone, loader, self.accelerator)
+                                                      for loader in self.knn_data)
+        top1 = intl.knn_classify(train, train_labels, test, test_labels, k=5, device=self.accelerator.device)["top1"]
+        self.log.metrics(step, {"knn_top1": top1})
 
 
 class NonFiniteWatch:
@@ -458,7 +448,6 @@ def resume(config, accelerator, output_dir, log):
 
     checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
                                              say=log.info)
-    log.truncate_after(state["step"])
     log.info(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"], checkpoint
 
@@ -485,13 +474,11 @@ def resolve_config(argv=None):
     for key, value in launcher.items():
         if key not in explicit:
             setattr(config, key, value)
-    if "warmup_epochs" in explicit and "warmup_steps" in explicit:
-        raise ValueError("--warmup_epochs and --warmup_steps both set the warm-up: give one of them")
     if "warmup_epochs" in explicit:
         config.warmup_steps = None  # the flag given wins over a preset's warm-up in steps
     if config.zero_init_residual is None:
         config.zero_init_residual = config.arch not in ("resnet18", "resnet34")
-    if config.resume and not config.export_only:
+    if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
     if config.dataset is None and config.preset not in (None, "digits") and not (
@@ -506,27 +493,15 @@ def resolve_config(argv=None):
 def check_config(config):
     if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
-    if not (isinstance(config.batch_size, int) and config.batch_size >= 2):
-        raise ValueError(f"--batch_size {config.batch_size}: whitening needs at least 2 samples per batch")
-    if not (isinstance(config.min_scale, (int, float)) and 0 < config.min_scale <= 1):
-        raise ValueError(f"--min_scale {config.min_scale}: the smallest crop is a fraction of the image, in (0, 1]")
     intl.check_settings(vars(config), get_parser(), RANGES)
     if config.output_dir is not None and not config.print_config:
         intl.check_output_dir(config.output_dir)
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
         raise ValueError(f"--report_to {config.report_to}: the package is not installed "
                          f"(pip install {config.report_to}), or use --report_to none")
-    if config.export_only and not config.resume:
-        raise ValueError("--export_only needs --resume CHECKPOINT (or 'latest') to say what to export")
     intl.parse_projector_spec(config.projector)
-    jitter = parse_floats(config.jitter, "jitter")
-    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
-        raise ValueError(f"--jitter {config.jitter!r}: give brightness, contrast, saturation and hue strengths, "
-                         "e.g. '0.4,0.4,0.2,0.1' (each >= 0, hue <= 0.5)")
-    for flag in ("blur_prob", "solarize_prob"):
-        probs = parse_floats(getattr(config, flag), flag)
-        if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
-            raise ValueError(f"--{flag} {getattr(config, flag)!r}: give two probabilities, e.g. '1.0,0.1'")
+    if config.jitter[3] > 0.5:
+        raise ValueError(f"--jitter {' '.join(map(str, config.jitter))}: the hue strength must be at most 0.5")
     small_crops = parse_floats(config.small_crops, "small_crops")
     if not all(1 <= side <= config.image_size for side in small_crops):
         raise ValueError(f"--small_crops {config.small_crops!r}: every side must be in [1, --image_size "
@@ -557,7 +532,7 @@ def parse_floats(text, flag):
 def view_specs(config):
     """(side, crop scale, blur probability, solarise probability) of every view: the large crops, then the
     small multi-crop ones (a crop of side s takes scales (min_scale * s / image_size, s / image_size))."""
-    blur, solarize = parse_floats(config.blur_prob, "blur_prob"), parse_floats(config.solarize_prob, "solarize_prob")
+    blur, solarize = config.blur_prob, config.solarize_prob
     specs = [(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)])
              for i in range(config.num_views)]
     for side in parse_floats(config.small_crops, "small_crops"):
@@ -567,7 +542,6 @@ def view_specs(config):
 
 
 def view_transforms(config):
-    """One torchvision pipeline per view (see `augmentation`)."""
     return [augmentation(side, scale, blur_prob, solarize_prob, config)
             for side, scale, blur_prob, solarize_prob in view_specs(config)]
 
@@ -577,8 +551,7 @@ def augmentation(size, scale, blur_prob, solarize_prob, config):
     --colour_before_crop (CW-RGP on small data): colour jitter -> grayscale -> crop -> flip."""
     interpolation = T.InterpolationMode[config.crop_interpolation.upper()]
     crop = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
-    colour = [T.RandomApply([T.ColorJitter(*parse_floats(config.jitter, "jitter"))], p=0.8),
-              T.RandomGrayscale(p=config.grayscale_prob)]
+    colour = [T.RandomApply([T.ColorJitter(*config.jitter)], p=0.8), T.RandomGrayscale(p=config.grayscale_prob)]
     return T.Compose([
         *(colour + crop if config.colour_before_crop else crop + colour),
         RandomPILGaussianBlur(blur_prob),
@@ -621,14 +594,11 @@ class AugmentedViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def sample_seed(self, epoch, index):
-        return hash((self.seed, epoch, index)) % 2**63
-
     def __getitem__(self, key):
         epoch, index = key
         image, label = self.images[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(epoch, index))
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
             return [transform(image) for transform in self.transforms], label
 
 
@@ -670,9 +640,8 @@ def training_loader(config, train_split, accelerator):
                          f"{config.batch_size * accelerator.num_processes} (--batch_size {config.batch_size} x "
                          f"{accelerator.num_processes} process(es)): give --batch_size "
                          f"{len(train_split.dataset) // accelerator.num_processes} or less")
-    train_data = AugmentedViews(train_split, view_transforms(config), config.seed)
     return torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size,
+        AugmentedViews(train_split, view_transforms(config), config.seed), batch_size=config.batch_size,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0, drop_last=True)
 
@@ -766,14 +735,6 @@ def knn_splits(config, accelerator, train_split):
         for split in (train_split, test_split)]
 
 
-def knn_accuracy(backbone, knn_data, accelerator):
-    train_loader, test_loader = knn_data
-    train_features, train_labels = intl.extract_features(backbone, train_loader, accelerator)
-    test_features, test_labels = intl.extract_features(backbone, test_loader, accelerator)
-    return intl.knn_classify(train_features, train_labels, test_features, test_labels, k=5,
-                             device=accelerator.device)["top1"]
-
-
 # -----------------------------------------------------------------------------
 # Checkpoints (atomic, explicit names) and the backbone export
 
@@ -798,13 +759,6 @@ def write_export(export_dir, weights, config, card=None):
             (tmp / "README.md").write_text(card, encoding="utf-8")
 
 
-def export_backbone(checkpoint, export_dir, config, results=None):
-    """checkpoint -> export_dir, with `results` (evaluation records) in its model card; then --push_to_hub."""
-    export_backbone_from(checkpoint, export_dir, results=results, repo_id=config.push_to_hub, license=config.license)
-    print(f"exported the backbone of {checkpoint} to {export_dir}")
-    push_if_asked(export_dir, config)
-
-
 # -----------------------------------------------------------------------------
 # Logging
 
@@ -817,34 +771,24 @@ def hyperparameters(config):
 
 
 class Logger:
-    """A JSON-lines log in output_dir, Accelerate's trackers, and the spectra of the final plot in spectrum.jsonl.
-
-    Both files are appended to as the run goes, so a resumed run (which first drops what the interrupted one
-    wrote after its checkpoint) ends with the same log, plot and summary as an uninterrupted one. Only the spectra
-    of `plotted_steps` are kept: a few curves, however long the run and however wide Z.
-    """
+    """log.jsonl in output_dir (the figures, a collapse warning, and the eigenvalues of Z and Z_hat at the steps
+    that spectrum.png draws) and Accelerate's trackers. The log is appended to as the run goes, so a resumed run
+    (which first drops what the interrupted one logged after its checkpoint) ends with the same log, plot and
+    summary as an uninterrupted one."""
 
     def __init__(self, output_dir, accelerator):
-        self.path, self.spectra_path = output_dir / "log.jsonl", output_dir / "spectrum.jsonl"
-        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        self.path, self.accelerator, self.main = output_dir / "log.jsonl", accelerator, accelerator.is_main_process
         self.plotted_steps, self.collapsed_at = set(), None
 
-    def start(self):
-        if self.main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            for path in (self.path, self.spectra_path):
-                path.write_text("")
-
-    def truncate_after(self, step):
-        """On resume, drop what the interrupted run logged after its checkpoint. Without a log (a copied
-        checkpoints/ folder) the log starts again at this step, and the summary starts there."""
+    def start(self, step):
+        """A new log (prepare_output_dir left none), or on resume the log up to `step`: what the interrupted run
+        logged after it goes."""
         if not self.main:
             return
-        if not self.path.exists():
+        if step and not self.path.exists():  # a copied checkpoints/ folder: the summary starts at this step
             self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
                       "steps are not in it)")
-        for path in (self.path, self.spectra_path):
-            intl.truncate_jsonl(path, step)
+        intl.truncate_jsonl(self.path, step)
         self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
 
     def info(self, message):
@@ -855,11 +799,11 @@ class Logger:
         self.accelerator.log(values, step=step)
         if "knn_top1" in values:
             self.info(f"step {step}: 5-NN top-1 {values['knn_top1']:.2f}%")
-        self.append(self.path, {"step": step, **values})
+        self.append({"step": step, **values})
 
-    def append(self, path, record):
+    def append(self, record):
         if self.main:
-            with path.open("a") as f:
+            with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def spectrum(self, step, z, z_hat, axis):
@@ -876,19 +820,19 @@ class Logger:
                        "one direction, so the features will carry little information. Check the data (many "
                        "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
             self.info(f"warning: {warning}")
-            self.append(self.path, {"step": step, "warning": warning})
+            self.append({"step": step, "warning": warning})
             self.collapsed_at = step
         if step in self.plotted_steps:
-            self.append(self.spectra_path, {"step": step, "z": eig_z.tolist(), "z_hat": eig_z_hat.tolist()})
+            self.append({"step": step, "spectrum_z": eig_z.tolist(), "spectrum_z_hat": eig_z_hat.tolist()})
 
     def collapse_note(self):
         return "" if self.collapsed_at is None else \
             f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)"
 
     def plot_spectra(self, path):
-        """spectrum.png from spectrum.jsonl."""
-        if spectra := intl.read_jsonl(self.spectra_path):
-            plot_spectra(spectra, path, title=self.path.parent.name)
+        if spectra := logged_spectra(self.path):
+            plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path,
+                         f"{self.path.parent.name}: eigenvalues of the covariance over training")
             self.info(f"spectrum plot: {path}")
 
     def knn_result(self, step, config):
@@ -898,10 +842,12 @@ class Logger:
                  "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
 
     def summary(self):
-        """First and last value of the main figures, read back from the log (so it spans resumes)."""
+        """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
+        says what it means."""
         if not self.main:
             return
         records = intl.read_jsonl(self.path)
+        shown = lambda value: "rank-deficient" if value == -math.inf else f"{value:9.4f}"  # noqa: E731
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
                            ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
@@ -915,36 +861,37 @@ class Logger:
         self.info("\n".join(lines))
 
 
-def shown(value):
-    """A logged figure for a person: lg IoC's -inf says what it means."""
-    return "rank-deficient" if value == -math.inf else f"{value:9.4f}"
+def logged_spectra(log_path):
+    """The eigenvalues of Z and Z_hat that a run logged (descending), as [(step, z, z_hat)]."""
+    return [(r["step"], r["spectrum_z"], r["spectrum_z_hat"]) for r in intl.read_jsonl(log_path) if "spectrum_z" in r]
 
 
 def plot_spectra(spectra, path, title, curves=6):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat over training (records of
-    spectrum.jsonl, eigenvalues descending), each divided by its largest, on a log scale. Eigenvalues at the
-    numerical floor (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending),
+    `curves` of them evenly spread, each divided by its largest, on a log scale. Eigenvalues at the numerical floor
+    (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     picks = [spectra[i] for i in sorted({round(i * (len(spectra) - 1) / max(1, curves - 1)) for i in range(curves)})]
-    at_floor = any(intl.lg_ioc(torch.tensor(r[key])) == -math.inf for r in picks for key in ("z", "z_hat"))
+    picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in picks]
+    at_floor = any(intl.lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    for colour, record in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
-        for ax, eig in zip(axes, (torch.tensor(record["z"]), torch.tensor(record["z_hat"]))):
+    for colour, (label, *eigs) in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
+        for ax, eig in zip(axes, eigs):
             normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
             ioc = intl.lg_ioc(eig)
             ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"step {record['step']}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+                    label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
     for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
         if at_floor:
             ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
             ax.set_ylim(intl.RANK_FLOOR / 3, 3)
         ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"{title}: eigenvalues of the covariance over training", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     with intl.replacing(path) as tmp:
         fig.savefig(tmp, dpi=200)
     plt.close(fig)
@@ -955,9 +902,8 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
     the last), evenly spread, the first and the last included. Known before the run starts, so only those spectra
     are written, and a resumed run keeps the same ones."""
     logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
-    def step_of(i):
-        return min((i + 1) * spectrum_every, total_steps)
-    return {step_of(round(i * (logged - 1) / max(1, curves - 1))) for i in range(curves)}
+    picks = {round(i * (logged - 1) / max(1, curves - 1)) for i in range(curves)}  # of the logged ones
+    return {min((i + 1) * spectrum_every, total_steps) for i in picks}
 
 
 # =============================================================================
@@ -997,14 +943,6 @@ def timm_config(config):
                                "crop_pct": round(size / intl.eval_resize(size, config.get("eval_resize")), 6),
                                "mean": list(config["mean"]), "std": list(config["std"]), "num_classes": 0,
                                "first_conv": "conv1", "classifier": "fc"}}
-
-
-def write_model_card(export_dir, results=None, repo_id=None, license=None):
-    """(Re)write export_dir/README.md from the export's config and return its path."""
-    export_dir = Path(export_dir)
-    _, config = intl.load_backbone(export_dir)  # the completed config, and a check that the weights load
-    intl.write_text_atomically(export_dir / "README.md", model_card(config, results, repo_id, license))
-    return export_dir / "README.md"
 
 
 def model_card(config, results=None, repo_id=None, license=None):
@@ -1149,20 +1087,16 @@ def published_name(dataset):
 
 
 def read_result(item):
-    """An evaluation result (linear_eval.py's JSON file, or its dict) -> the dict."""
-    if isinstance(item, (str, os.PathLike)):
-        try:
-            item = json.loads(Path(item).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read the evaluation result {item}: {error}") from None
-    if not isinstance(item, dict) or "rows" not in item:
-        raise ValueError("an evaluation result must be linear_eval.py's JSON (a dict with 'rows')")
-    return item
+    """An evaluation result: linear_eval.py's JSON file, or its dict."""
+    record = intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item
+    if not isinstance(record, dict) or "rows" not in record:
+        raise ValueError(f"{item}: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
+    return record
 
 
 def check_hub_access(repo_id, private=False):
-    """Before any work: a Hugging Face token, and the repo created (or found) with it, so that a missing login
-    or a repo one cannot write fails now rather than after the training."""
+    """Before any work: a token, and the repo created (or found) with it, so that a missing login or a repo one
+    cannot write fails now rather than after the training."""
     import huggingface_hub
 
     api = huggingface_hub.HfApi()
@@ -1177,37 +1111,28 @@ def check_hub_access(repo_id, private=False):
     return user
 
 
-def push_export_to_hub(export_dir, repo_id, private=False, commit_message=None, revision=None):
-    """Upload exactly model.safetensors, config.json and README.md (generated without results when missing) of an
-    export folder to a Hub model repo, on the branch `revision` (created when missing)."""
+def push_export_to_hub(export_dir, repo_id, private=False):
+    """Upload exactly the weights, config.json and model card of an export folder to a Hub model repo, as one
+    commit to its main branch."""
     import huggingface_hub
 
     export_dir = Path(export_dir)
-    missing = [name for name in intl.EXPORT_FILES if not (export_dir / name).is_file()]
-    if missing:
-        raise ValueError(f"{export_dir} is not an export folder: {missing[0]} is missing")
+    files = [*intl.EXPORT_FILES, "README.md"]
+    if missing := [name for name in files if not (export_dir / name).is_file()]:
+        raise ValueError(f"{export_dir} is not a complete export: {missing[0]} is missing (`pretrain.py export "
+                         f"--source {export_dir} --output_dir NEW` writes one)")
     intl.load_backbone(export_dir)  # refuse to publish weights that do not load
     api = huggingface_hub.HfApi()
-    with tempfile.TemporaryDirectory(prefix="intl-upload-") as staging:
-        for name in intl.EXPORT_FILES:
-            shutil.copy2(export_dir / name, Path(staging) / name)
-        if (export_dir / "README.md").is_file():
-            shutil.copy2(export_dir / "README.md", Path(staging) / "README.md")
-        else:
-            write_model_card(staging, repo_id=repo_id)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model", revision=revision,
-                                 commit_message=commit_message or f"Upload INTL backbone from {export_dir.name}")
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model", allow_patterns=files,
+                             commit_message=f"Upload INTL backbone from {export_dir.name}")
 
 
 def push_if_asked(export_dir, args):
-    """--push_to_hub, with its --private, --commit_message and --revision (a training run's or `export`'s)."""
+    """--push_to_hub and --private (a training run's or `export`'s)."""
     if args.push_to_hub:
-        push_export_to_hub(export_dir, args.push_to_hub, args.private, args.commit_message, args.revision)
-        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}"
-              + (f" (branch {args.revision})" if args.revision else ""))
+        push_export_to_hub(export_dir, args.push_to_hub, args.private)
+        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}")
 
 
 def add_hub_arguments(group):
@@ -1216,14 +1141,12 @@ def add_hub_arguments(group):
     group.add_argument("--private", action="store_true", help="create the Hub repo private")
     group.add_argument("--license", type=str, default=None,
                        help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
-    group.add_argument("--commit_message", type=str, default=None, help="commit message of the upload")
-    group.add_argument("--revision", type=str, default=None, help="Hub branch to upload to (created if missing)")
 
 
 def main_export(argv=None):
     """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
     parser = argparse.ArgumentParser(
-        prog="pretrain.py export", allow_abbrev=False, formatter_class=HelpFormatter,
+        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
                     "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
@@ -1339,21 +1262,16 @@ def plot_study(study, rows, output_dir):
                 ax_knn.axvline(r[x], color="red", alpha=0.3)
     ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
     ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
-    spectra_fig, spectra_axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for row in rows:
-        spectra = [] if row["error"] else intl.read_jsonl(output_dir / row["run"] / "spectrum.jsonl")
-        if spectra:
-            for ax, key in zip(spectra_axes, ("z", "z_hat")):
-                final = spectra[-1][key]
-                ax.plot(range(1, len(final) + 1), [max(v, 1e-12) for v in final], label=row["run"])
-    for ax, name in zip(spectra_axes, ("Z", "Z_hat")):
-        ax.set(title=f"final eigenvalues of the covariance of {name}", xlabel="index", yscale="log")
-    for figure, name in ((fig, f"{study}_study.png"), (spectra_fig, f"{study}_study_spectra.png")):
-        for ax in figure.axes:
-            ax.legend(fontsize=7)
-        with intl.replacing(output_dir / name) as tmp:
-            figure.savefig(tmp, dpi=120)
-        plt.close(figure)
+    for ax in fig.axes:
+        ax.legend(fontsize=7)
+    with intl.replacing(output_dir / f"{study}_study.png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    finals = [(row["run"], *spectra[-1][1:]) for row in rows if not row["error"]
+              for spectra in [logged_spectra(output_dir / row["run"] / "log.jsonl")] if spectra]
+    if finals:
+        plot_spectra(finals, output_dir / f"{study}_study_spectra.png",
+                     f"{study} study: the final eigenvalues of the covariance", curves=len(finals))
 
 
 # -----------------------------------------------------------------------------
@@ -1394,10 +1312,10 @@ def benchmark(config, accelerator):
     figures = {"arch": config.arch, "views": sides, "batch_per_process": config.batch_size, "method": config.method,
                "projector": config.projector, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
-               "compile": config.compile, "step_s": round(step_s, 4),
+               "compile": config.compile, "step_s": float(f"{step_s:.4g}"),
                "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
-               "peak_memory_mib": round(peak), "objective_s": round(objective_s, 4),
-               "objective_share": round(objective_s / step_s, 4)}
+               "peak_memory_mib": round(peak), "objective_s": float(f"{objective_s:.4g}"),
+               "objective_share": float(f"{objective_s / step_s:.4g}")}
     print(json.dumps(figures, indent=2))
     return figures
 

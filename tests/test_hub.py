@@ -1,6 +1,7 @@
 """Loading backbones from every source, strictly; conversion; model cards; the Hub (offline: cache and a replaced upload)."""
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import intl
 import pretrain
 from intl import CIFAR_MEAN, load_backbone
-from pretrain import export_backbone_from, main_export, push_export_to_hub, write_model_card
+from pretrain import export_backbone_from, main_export, push_export_to_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,
@@ -226,42 +227,42 @@ def test_a_hub_id_in_timm_form_and_its_revision_go_to_huggingface_hub(export, mo
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replace the three network calls of a push; upload_folder records exactly what it was given."""
+    """Replace the network calls of a push; upload_folder records exactly what it was given."""
     calls = []
 
     def create_repo(self, repo_id, **kwargs):
         calls.append(("create_repo", repo_id, kwargs))
 
-    def create_branch(self, repo_id, **kwargs):
-        calls.append(("create_branch", repo_id, kwargs))
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    def upload_folder(self, **kwargs):  # as the Hub's: only the files that allow_patterns names
+        folder, allowed = Path(kwargs["folder_path"]), kwargs.get("allow_patterns") or ["*"]
+        files = {p.name: p.read_bytes() for p in folder.iterdir() if any(fnmatch.fnmatch(p.name, a) for a in allowed)}
         calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
         return "commit-info"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "me"})
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     return calls
 
 
 def test_push_uploads_exactly_the_weights_config_and_a_model_card(export, fake_hub, tmp_path):
-    assert push_export_to_hub(export, "me/intl-r18", private=True, commit_message="first", revision="v1") \
-        == "commit-info"
-    (_, repo, create), (_, _, branch), (_, _, upload) = fake_hub
-    assert repo == "me/intl-r18" and create["private"] is True and branch["branch"] == "v1"
-    assert upload["revision"] == "v1" and upload["commit_message"] == "first" and upload["repo_type"] == "model"
+    with pytest.raises(ValueError, match="is not a complete export: README.md is missing"):
+        push_export_to_hub(export, "me/intl-r18")
+    assert fake_hub == []
+    export = export_backbone_from(export, tmp_path / "carded", repo_id="me/intl-r18")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    assert push_export_to_hub(export, "me/intl-r18", private=True) == "commit-info"
+    (_, repo, create), (_, _, upload) = fake_hub
+    assert repo == "me/intl-r18" and create["private"] is True
+    assert upload.get("revision") is None and upload["repo_type"] == "model"
     assert sorted(upload["files"]) == ["README.md", "config.json", "model.safetensors"]
     assert upload["files"]["model.safetensors"] == (export / "model.safetensors").read_bytes()
     assert upload["files"]["config.json"] == (export / "config.json").read_bytes()
     assert 'hf_hub_download("me/intl-r18", "model.safetensors")' in upload["files"]["README.md"].decode()
-    assert not (export / "README.md").exists()  # the export folder itself is left as it was
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before  # the export folder is left as it was
     (export / "junk.txt").write_text("not for the Hub")
     push_export_to_hub(export, "me/intl-r18")
-    assert "junk.txt" not in fake_hub[-1][2]["files"] and fake_hub[-1][2]["revision"] is None
+    assert "junk.txt" not in fake_hub[-1][2]["files"]
 
 
 def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision_snippet(export, tmp_path):
@@ -270,9 +271,10 @@ def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision
     (tmp_path / "linear.json").write_text(json.dumps(result))
     knn = {"protocol": "knn", "dataset": "uoft-cs/cifar10", "test_split": "test",
            "rows": [{"name": "5-NN (euclidean)", "top1": 88.0, "top5": None}]}
-    card = huggingface_hub.ModelCard.load(write_model_card(export, [tmp_path / "linear.json", knn], repo_id="me/m"))
+    carded = export_backbone_from(export, tmp_path / "carded", results=[tmp_path / "linear.json", knn], repo_id="me/m")
+    card = huggingface_hub.ModelCard.load(carded / "README.md")
     data = card.data
-    assert data.library_name == "pytorch" and data.pipeline_tag == "image-feature-extraction"
+    assert data.library_name == "timm" and data.pipeline_tag == "image-feature-extraction"  # an ImageNet stem
     assert {"self-supervised", "intl", "image-feature-extraction"} <= set(data.tags)
     assert data.datasets == ["uoft-cs/cifar10"]
     metrics = {r.metric_name: r.metric_value for r in data.eval_results}
@@ -289,18 +291,18 @@ def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision
     assert_same_weights({k: v for k, v in namespace["net"].state_dict().items() if not k.startswith("fc.")},
                         load_file(export / "model.safetensors"))
     # Without results: metadata without a model-index.
-    card = huggingface_hub.ModelCard.load(write_model_card(export))
+    card = huggingface_hub.ModelCard.load(export_backbone_from(export, tmp_path / "bare") / "README.md")
     assert card.data.eval_results is None and "OWNER/NAME" in card.text
 
 
 def test_export_command_converts_an_official_checkpoint_and_pushes_it(tmp_path, fake_hub, capsys):
     checkpoint = official_checkpoint(tmp_path / "intl.pth.tar", backbone_weights(2), arch="resnet18")
     out = main_export(["--source", str(checkpoint), "--output_dir", str(tmp_path / "export"),
-                       "--push_to_hub", "me/intl-official", "--private", "--commit_message", "convert"])
+                       "--push_to_hub", "me/intl-official", "--private"])
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     upload = fake_hub[-1][2]
     assert upload["files"]["README.md"] == (out / "README.md").read_bytes()
-    assert upload["commit_message"] == "convert" and fake_hub[0][2]["private"] is True
+    assert fake_hub[0][2]["private"] is True
     assert "pushed" in capsys.readouterr().out
 
 
@@ -316,7 +318,7 @@ def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previou
     copy = export_backbone_from(export, tmp_path / "copy")
     assert sorted(p.name for p in copy.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
-    with pytest.raises(ValueError, match="cannot read the evaluation result"):
+    with pytest.raises(ValueError, match="missing.json is missing"):
         export_backbone_from(export, copy, results=[tmp_path / "missing.json"])
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "export"]  # no temporary folder left behind

@@ -28,23 +28,23 @@ IMAGENET_STATS = (intl.IMAGENET_MEAN, intl.IMAGENET_STD)
 INTL_CIFAR = dict(method="intl", arch="resnet18", stem="cifar", zero_init_residual=False, image_size=32,
                   projector="2048-2048-2048", hidden_bias=False, batch_size=256, epochs=1000, optimizer="sgd", lr=0.3,
                   weight_decay=1e-4, decay_all_params=True, warmup_epochs=2, warmup_steps=None, schedule="cosine",
-                  mixed_precision="no", blur_prob="0.0,0.0", solarize_prob="0.0,0.2", jitter="0.4,0.4,0.2,0.1",
+                  mixed_precision="no", blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.2), jitter=(0.4, 0.4, 0.2, 0.1),
                   grayscale_prob=0.2, crop_interpolation="bicubic", colour_before_crop=False, iters=4, axis=0)
 INTL_IMAGENET = dict(INTL_CIFAR, arch="resnet50", stem="imagenet", zero_init_residual=True, image_size=224,
                      projector="8192-8192-8192", batch_size=256, weight_decay=1e-5, decay_all_params=False,
-                     mixed_precision="fp16", blur_prob="1.0,0.1", solarize_prob="0.0,0.2", small_crops="")
+                     mixed_precision="fp16", blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2), small_crops="")
 INTL_M = dict(INTL_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
-              blur_prob="0.5,0.5", solarize_prob="0.1,0.1")
+              blur_prob=(0.5, 0.5), solarize_prob=(0.1, 0.1))
 CW_RGP_SMALL = dict(method="cw-rgp", arch="resnet18", stem="cifar-unpadded", zero_init_residual=True, image_size=32,
                     projector="1024-512", hidden_bias=True, num_views=4, groups=4, w_size=64, batch_size=256,
                     epochs=1000, optimizer="adam", lr=3e-3, weight_decay=1e-6, decay_all_params=True,
-                    warmup_steps=500, schedule="step", colour_before_crop=True, jitter="0.4,0.4,0.4,0.1",
-                    grayscale_prob=0.1, min_scale=0.2, crop_interpolation="bicubic", blur_prob="0.0,0.0",
-                    solarize_prob="0.0,0.0", mixed_precision="no")
+                    warmup_steps=500, schedule="step", colour_before_crop=True, jitter=(0.4, 0.4, 0.4, 0.1),
+                    grayscale_prob=0.1, min_scale=0.2, crop_interpolation="bicubic", blur_prob=(0.0, 0.0),
+                    solarize_prob=(0.0, 0.0), mixed_precision="no")
 CW_RGP_IMAGENET = dict(CW_RGP_SMALL, arch="resnet50", stem="imagenet", image_size=224, projector="2048-2048-1024",
                        groups=2, w_size=128, batch_size=512, optimizer="sgd", lr=0.05, weight_decay=1e-4,
                        schedule="cosine-epoch", colour_before_crop=False, crop_interpolation="bilinear",
-                       grayscale_prob=0.2, blur_prob="0.5,0.5", solarize_prob="0.0,0.0", mean=IMAGENET_STATS[0],
+                       grayscale_prob=0.2, blur_prob=(0.5, 0.5), solarize_prob=(0.0, 0.0), mean=IMAGENET_STATS[0],
                        std=IMAGENET_STATS[1])
 AUTHORS = {
     "cifar10": dict(INTL_CIFAR, momentum=0.999, mean=CIFAR10_STATS[0], std=CIFAR10_STATS[1]),
@@ -308,11 +308,12 @@ def test_weight_decay_spares_biases_and_bn_only_in_the_imagenet_recipes():
         assert len(decayed) == (4 if decays_all else 1), preset
 
 
-def test_an_explicit_warmup_in_epochs_replaces_a_presets_warmup_in_steps():
+def test_an_explicit_warmup_in_epochs_replaces_a_presets_warmup_in_steps(capsys):
     config = pretrain.resolve_config(["--preset", "cw-rgp-cifar10", "--print_config", "--warmup_epochs", "3"])
     assert config.warmup_steps is None and config.warmup_epochs == 3
-    with pytest.raises(ValueError, match="give one of them"):
+    with pytest.raises(SystemExit):
         pretrain.resolve_config(["--print_config", "--warmup_epochs", "3", "--warmup_steps", "5"])
+    assert "argument --warmup_steps: not allowed with argument --warmup_epochs" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- augmentations
