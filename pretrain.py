@@ -244,9 +244,10 @@ def main(argv=None):
                               project_dir=config.output_dir)
     if config.benchmark:
         return benchmark(config, accelerator)
-    if config.study:
-        return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
-    train(config, accelerator)
+    with intl.locked(config.output_dir, accelerator.is_main_process):
+        if config.study:
+            return run_study(config, sys.argv[1:] if argv is None else argv, accelerator)
+        train(config, accelerator)
 
 
 def train(config, accelerator):
