@@ -35,15 +35,11 @@ def resolve(script, argv):
                                            "--data_root", ".", *argv])
 
 
-# Flags checked by their own rule rather than by the script's RANGES table.
-CHECKED_ELSEWHERE = {"pretrain": {"batch_size", "min_scale"}, "linear_eval": set(), "detect_transfer": set()}
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_numeric_flag_of_every_script_has_a_checked_range(script):
     module = SCRIPTS[script]
     numeric = {a.dest for a in module.get_parser()._actions if a.type in (int, float) and not a.choices}
-    assert numeric - set(module.RANGES) - CHECKED_ELSEWHERE[script] == set()
+    assert numeric - set(module.RANGES) == set()
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -399,3 +395,17 @@ def test_a_bad_value_in_an_exports_config_is_refused_naming_the_file_and_the_fie
     (export / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ValueError, match=re.escape(message)):
         intl.load_backbone(export)
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("linear_eval", ["--backbone", "x", "--dataset", "digits"]),
+    ("detect_transfer", ["--dataset", "voc", "--backbone", "random", "--arch", "resnet18", "--data_root", "."]),
+    ("pretrain", ["--dataset", "digits"]),
+])
+def test_every_script_refuses_an_output_folder_another_run_holds_before_reading_anything(tmp_path, script, argv):
+    with intl.locked(tmp_path / "out"):  # another open file description of .lock: as another process would hold it
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'out'} is in use by another run (process "
+                                                       f"{os.getpid()})")):
+            SCRIPTS[script].main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]
+
