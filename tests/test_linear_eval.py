@@ -97,7 +97,7 @@ def test_default_run_is_offline_on_digits_and_pretraining_beats_initialisation(d
     assert knn["rows"][0]["top1"] == pytest.approx([r["knn_top1"] for r in log if "knn_top1" in r][-1], abs=0.3)
 
     at_init = evaluate("--backbone", initial, "--protocol", "knn", "--output_dir", tmp_path)["knn"]
-    assert knn["rows"][0]["top1"] > at_init["rows"][0]["top1"]
+    assert knn["rows"][0]["top1"] > at_init["rows"][0]["top1"] + 5  # 53% -> 67-75% (conftest's DIGITS_RUN)
 
 
 def test_pretrain_checkpoint_folder_loads_the_same_weights_as_its_export(pretrained):

@@ -60,7 +60,7 @@ def image_folder(tmp_path):
     return tmp_path / "images"
 
 
-# digits_run (tests/conftest.py): `pretrain.py --output_dir DIR` (the README's first run) with SMALL, 2 epochs, the
+# digits_run (tests/conftest.py): `pretrain.py --output_dir DIR` (the README's first run) with SMALL, 4 epochs, the
 # 5-NN every epoch and a checkpoint every 5 steps, in its own process; test_linear_eval evaluates the same run.
 
 
@@ -70,10 +70,10 @@ def test_offline_default_writes_checkpoint_export_log_plot_and_summary(digits_ru
     assert (output_dir / "spectrum.png").stat().st_size > 10_000
     assert (output_dir / "backbone" / "model.safetensors").is_file()
     checkpoints = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
-    assert checkpoints == ["step-00000020", "step-00000022"]  # keep 2: step 20 (every 5) and the end of epoch 2
+    assert checkpoints == ["step-00000040", "step-00000044"]  # keep 2: step 40 (every 5) and the end of epoch 4
     log = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
-    assert sum("loss" in r for r in log) == 22
-    assert [r["step"] for r in log if "knn_top1" in r] == [0, 11, 22]
+    assert sum("loss" in r for r in log) == 44
+    assert [r["step"] for r in log if "knn_top1" in r] == [0, 11, 22, 33, 44]
     assert any("lg_ioc_z" in r and "erank_z_hat" in r for r in log)
     assert "5-NN top-1" in result.stderr + result.stdout
     assert "summary" in result.stderr + result.stdout
@@ -89,7 +89,7 @@ def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_ru
     config = json.loads((output_dir / "backbone" / "config.json").read_text())
     for key in ("arch", "stem", "conv1", "maxpool", "feature_dim", "image_size", "mean", "std", "method", "epochs_trained"):
         assert key in config
-    assert config["arch"] == "resnet18" and config["epochs_trained"] == 2
+    assert config["arch"] == "resnet18" and config["epochs_trained"] == 4
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(load_file(output_dir / "backbone" / "model.safetensors"), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
