@@ -12,6 +12,8 @@ Parts (--parts):
   intl-m   INTL-M's recipe (preset intl-m-100ep: 2 x 224 px + 192/160/128/96 px crops) end to end on generated
            500 x 375 JPEGs with every core as a loader worker, next to the backbone alone (fp16 on a GPU,
            channels_last) on the same views on the same card. The goal: the run at >= 80% of the backbone's rate.
+  detect   detect_transfer's training iteration (Faster / Mask R-CNN C4, ResNet-50, 2 images of 800 x 1067 per
+           process; quick: ResNet-18, 96 x 128) on random images with three boxes: seconds and peak memory.
   knn      the 5-NN (intl.knn_classify) at ImageNet size, 1,281,167 x 50,000 features of 2048 (quick: 3,000 x 200 x
            16): seconds and peak memory (on a GPU: allocated; the features stay on the CPU and go over in blocks).
 """
@@ -38,6 +40,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import detect_transfer  # noqa: E402
 import intl  # noqa: E402
 import pretrain  # noqa: E402
 
@@ -50,8 +53,8 @@ QUICK = (["--arch", "resnet18", "--image_size", "32", "--projector", "64-64-64"]
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU")
-    parser.add_argument("--parts", nargs="+", default=["step", "augment", "intl-m", "knn"],
-                        choices=["step", "augment", "intl-m", "knn"])
+    parser.add_argument("--parts", nargs="+", default=["step", "augment", "intl-m", "detect", "knn"],
+                        choices=["step", "augment", "intl-m", "detect", "knn"])
     parser.add_argument("--precision", nargs="+", default=None, choices=["no", "fp16", "bf16"],
                         help="of the step part (default: fp16 and bf16 on a GPU, no on a CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps of the step part (default: 20, quick 2)")
@@ -72,6 +75,10 @@ def main():
                 print(json.dumps(augmentation_per_core(folder, min(photos, 200))))
             if "intl-m" in args.parts:
                 print(json.dumps(intl_m_end_to_end(folder, model + small_crops, batch, run_steps, work)))
+    if "detect" in args.parts:
+        for model_name in detect_transfer.MODELS:
+            print(json.dumps(detection_iteration(model_name, *(("resnet18", 96, 128) if args.quick else
+                                                                ("resnet50", 800, 1067)))))
     if "knn" in args.parts:
         print(json.dumps(knn_at_scale(*((3000, 200, 16) if args.quick else (1281167, 50000, 2048)))))
 
@@ -185,6 +192,44 @@ def write_synthetic_photos(folder, indices, classes=1):
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(Path(folder) / f"class_{i % classes}" / f"{i}.jpg",
                                                                    quality=90)
 
+
+
+def detection_iteration(model_name, arch, height, width, iterations=3):
+    """Seconds per training iteration of a detector (after one warm-up) on random images, fp16 on a GPU."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = detect_transfer.resolve_config(["--print_config", "--model", model_name, "--arch", arch, "--backbone",
+                                             "random", "--train_sizes", str(height), "--max_size", str(width)])
+    accelerator = Accelerator(mixed_precision="fp16" if torch.cuda.is_available() else "no")
+    set_seed(0)
+    backbone, config = detect_transfer.load_detection_backbone(config, random=True)
+    model = detect_transfer.build_detector(config, backbone, len(detect_transfer.VOC_CLASSES))
+    optimizer = torch.optim.SGD(detect_transfer.parameter_groups(model, 1e-4), lr=0.001, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.9], [0.2, 0.5, 0.4, 0.95]]) * torch.tensor(
+        [width, height] * 2)
+    images = [torch.rand(3, height, width, device=accelerator.device) for _ in range(2)]
+    targets = [{"boxes": boxes.to(accelerator.device), "labels": torch.tensor([1, 2, 3], device=accelerator.device),
+                "masks": torch.zeros(3, height, width, dtype=torch.uint8, device=accelerator.device)} for _ in images]
+    for target in targets:
+        for mask, (x1, y1, x2, y2) in zip(target["masks"], boxes.round().int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+    model.train()
+    timings = []
+    for _ in range(iterations + 1):  # the first is a warm-up
+        tic = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - tic)
+    peak = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"part": "detect", "model": model_name, "arch": arch, "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision, "images_per_iteration": len(images),
+            "input": [height, width], "seconds_per_iteration": round(float(np.mean(timings[1:])), 4),
+            "peak_memory_gib": round(peak / 2**30, 3)}
 
 
 def knn_at_scale(n_train, n_test, dim, k=5):
