@@ -98,7 +98,7 @@ def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_ru
 @pytest.mark.slow
 def test_the_export_command_rebuilds_the_same_backbone_from_a_checkpoint(digits_run, tmp_path):
     output_dir, _ = digits_run
-    pretrain.main_export(["--source", str(output_dir / "checkpoints" / "step-00000022"), "--output_dir",
+    pretrain.main_export(["--source", str(output_dir / "checkpoints" / "step-00000044"), "--output_dir",
                           str(tmp_path / "backbone")])
     exported = load_file(tmp_path / "backbone" / "model.safetensors")
     original = load_file(output_dir / "backbone" / "model.safetensors")
