@@ -251,7 +251,7 @@ class INTL(nn.Module):
         _check_views(z)
         z = [gather_with_grad(v) for v in z]
         axis = self.transform.axis
-        beta = 0.01 * (math.log2(z[0].shape[axis]) - 3) if self.beta is None else self.beta
+        beta = default_beta(z[0].shape[axis]) if self.beta is None else self.beta
         z_hat = [self.transform(v) for v in z]
         tl_0 = 0.0 if self.target is not None else trace_loss(z_hat[0], axis)
         terms = [alignment_loss(v, z_hat[0]) + beta * (trace_loss(v, axis) + tl_0) for v in z_hat[1:]]
@@ -266,6 +266,12 @@ class INTL(nn.Module):
             t.lerp_(o, 1 - momentum)
         for t, o in zip(self.target.buffers(), online.buffers()):
             t.copy_(o)
+
+
+def default_beta(n):
+    """The official recipes' trace-loss weight for n units of the global batch (B on axis 0, D on axis 1):
+    0.01 (log2(n) - 3), and 0 below n = 8, where that would reward variances away from 1."""
+    return max(0.0, 0.01 * (math.log2(n) - 3))
 
 
 def intl_loss(views, iters=4, axis=0, beta=None):
@@ -1423,7 +1429,7 @@ def _read_pretrain_checkpoint(folder):
     train = state["config"]
     weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
     config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset", "split",
-                                          "projector", "iters", "axis", "eval_resize") if train.get(key) is not None}
+                                          "projector", "iters", "axis", "beta", "eval_resize") if train.get(key) is not None}
     dataset = config.get("dataset")
     if isinstance(dataset, str) and (looks_like_path(dataset) or os.path.exists(dataset)):
         # An export may be published: a local folder is named by its last part, never by its path.

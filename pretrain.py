@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from PIL import ImageFilter
 from safetensors.torch import save_file
@@ -488,6 +488,10 @@ def resolve_config(argv=None):
                          "folder or a Hub dataset id")
     config.mean, config.std = tuple(config.mean), tuple(config.std)
     check_config(config)
+    if config.beta is None and config.method in ("intl", "intl-m"):  # the weight used, as config and card record it
+        units = config.batch_size * PartialState().num_processes if config.axis == 0 else \
+            intl.parse_projector_spec(config.projector)[-1]
+        config.beta = intl.default_beta(units)
     return config
 
 
@@ -980,6 +984,7 @@ def card_body(config, records, name, repo, license):
     recipe = "\n".join(f"| {label} | {config[key]} |" for key, label in (
         ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
         ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
+        ("beta", "trace-loss weight beta"),
         ("dataset", "pretraining data"), ("split", "split"), ("image_size", "input size"), ("epochs_trained", "epochs"),
         ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None)
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]

@@ -646,7 +646,7 @@ def test_trackers_get_what_the_run_computes_with_and_no_run_control_flag_or_unse
     values = pretrain.hyperparameters(config)
     assert values["lr"] == config.lr and isinstance(values["epochs"], int) and values["mean"] == str(config.mean)
     assert not {"compile", "print_config", "private", "output_dir"} & set(values)
-    assert "beta" not in values and "None" not in values.values()
+    assert values["beta"] == pytest.approx(0.04) and "None" not in values.values()  # 0.01 (log2 128 - 3), as used
 
 
 @pytest.mark.parametrize("launcher, flags, expected", [
@@ -690,3 +690,14 @@ def test_a_flat_folder_of_unlabelled_photos_pretrains_and_the_knn_monitor_says_i
     assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
 
 
+
+
+def test_the_trace_loss_weight_is_resolved_from_the_global_batch_and_recorded_where_the_run_is(tiny_finished_run):
+    assert pretrain.resolve_config(["--print_config", "--batch_size", "64"]).beta == pytest.approx(0.03)
+    assert pretrain.resolve_config(["--print_config", "--axis", "1", "--projector", "64-32"]).beta == pytest.approx(0.02)
+    assert intl.default_beta(4) == 0.0  # 0.01 (log2 4 - 3) < 0 would reward variances away from 1
+    run = tiny_finished_run.run  # batch 4
+    state = json.loads(sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
+    exported = json.loads((run / "backbone" / "config.json").read_text())
+    assert state["config"]["beta"] == exported["beta"] == exported["recipe"]["beta"] == 0.0
+    assert "| trace-loss weight beta | 0.0 |" in (run / "backbone" / "README.md").read_text()

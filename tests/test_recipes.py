@@ -149,7 +149,7 @@ def test_first_sgd_step_of_the_cifar_recipe_equals_the_authors_network_and_optim
     """Per-view passes (own BN statistics), the padded stem, no zero-init, weight decay on every parameter,
     warm-up lr = peak x 1 / warm-up steps at step 0: the parameters after one step agree to 1e-6."""
     config = pretrain.resolve_config(["--preset", "cifar10", "--print_config", "--projector", "64-64-32",
-                                      "--batch_size", "4"])
+                                      "--batch_size", "16"])  # 16: the official beta 0.01 (log2 16 - 3) > 0
     torch.manual_seed(1)
     model = pretrain.build_model(config).double()
     reference_backbone = AuthorsCifarResNet().double()
@@ -162,7 +162,7 @@ def test_first_sgd_step_of_the_cifar_recipe_equals_the_authors_network_and_optim
     peak = config.lr * config.batch_size / 256
     lr = pretrain.learning_rate(0, config.epochs * steps_per_epoch, warmup, peak, config.schedule, steps_per_epoch)
     assert lr == pytest.approx(peak / warmup)
-    views = [torch.randn(4, 3, 4, 4, dtype=F64) for _ in range(2)]  # the stem pads 4 px as it pads 32
+    views = [torch.randn(16, 3, 4, 4, dtype=F64) for _ in range(2)]  # the stem pads 4 px as it pads 32
 
     optimizer = pretrain.build_optimizer(config, model)
     for group in optimizer.param_groups:
