@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import ImageFilter
 from safetensors.torch import save_file
@@ -489,7 +489,7 @@ def resolve_config(argv=None):
     config.mean, config.std = tuple(config.mean), tuple(config.std)
     check_config(config)
     if config.beta is None and config.method in ("intl", "intl-m"):  # the weight used, as config and card record it
-        units = config.batch_size * PartialState().num_processes if config.axis == 0 else \
+        units = config.batch_size * int(os.environ.get("WORLD_SIZE", 1)) if config.axis == 0 else \
             intl.parse_projector_spec(config.projector)[-1]
         config.beta = intl.default_beta(units)
     return config

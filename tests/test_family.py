@@ -244,7 +244,7 @@ def test_trace_study_trains_each_t_with_and_without_the_trace_loss(images, tmp_p
     assert [(r["iters"], r["trace_loss"]) for r in rows] == [(2, True), (2, False)]
     assert all(r["error"] == "" and r["lg_ioc_z"] is not None for r in rows)
     configs = [json.loads((tmp_path / r["run"] / "backbone" / "config.json").read_text()) for r in rows]
-    assert [c["recipe"]["beta"] for c in configs] == [None, 0]  # None: the default beta of the objective
+    assert [c["recipe"]["beta"] for c in configs] == [pytest.approx(0.01), 0]  # 0.01 (log2 16 - 3): the default
     for name in ("trace_study.csv", "trace_study.png", "trace_study_spectra.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "trace study: 2 runs" in capsys.readouterr().out
