@@ -321,8 +321,11 @@ def finish(config, accelerator, log, monitor, step):
             push_if_asked(output_dir / "backbone", config)
             log.plot_spectra(output_dir / "spectrum.png")
         log.summary()
+        evaluate = f"python linear_eval.py --backbone {output_dir / 'backbone'}"
+        if not (config.dataset == intl.DIGITS_SOURCE or is_hub_dataset_id(config.dataset)):
+            evaluate += " --dataset LABELLED_DATA"  # linear_eval cannot find a local folder from the export
         log.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
-                 f"python linear_eval.py --backbone {output_dir / 'backbone'}")
+                 f"{evaluate}")
     else:
         log.info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
                  f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")

@@ -675,7 +675,7 @@ def test_a_run_says_when_its_warm_up_outlasts_it_and_where_to_continue_when_stop
 def test_a_finished_run_names_its_backbone_its_log_and_the_next_command(tiny_finished_run):
     run = tiny_finished_run.run
     assert (f"done: the backbone is in {run / 'backbone'}, the log in {run / 'log.jsonl'}. Next: python linear_eval.py "
-            f"--backbone {run / 'backbone'}") in tiny_finished_run.stdout
+            f"--backbone {run / 'backbone'} --dataset LABELLED_DATA") in tiny_finished_run.stdout  # a local folder
 
 
 def test_a_flat_folder_of_unlabelled_photos_pretrains_and_the_knn_monitor_says_it_has_no_labels(tmp_path, capsys):
