@@ -95,7 +95,7 @@ RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes
 
 def get_parser():
     parser = argparse.ArgumentParser(description="Detection transfer: Faster / Mask R-CNN C4 on VOC or COCO",
-                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     allow_abbrev=False, formatter_class=intl.HelpFormatter)
 
     add = parser.add_argument_group("data").add_argument
     add("--dataset", choices=["voc", "coco"], help="voc: VOC-format folders; coco: a COCO-format json + image folder")

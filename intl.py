@@ -917,6 +917,13 @@ def truncate_jsonl(path, last, key="step"):
 # ----------------------------------------------------------------------------- configuration and flags
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written, and a flag's default where it says something (not None, off or empty)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False, "") else super()._get_help_string(action)
+
+
 def explicit_flags(parser, argv):
     """The names of the flags given on the command line (so a preset does not override them)."""
     for action in parser._actions:

@@ -68,12 +68,8 @@ RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "n
           "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the docstring's protocol table as it is written, and each flag's default."""
-
-
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=intl.HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or "
                       "'digits'; None: the dataset the backbone's config.json names, if it is not a local folder")

@@ -126,7 +126,7 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
 def get_parser():
     parser = argparse.ArgumentParser(description="INTL self-supervised pretraining", allow_abbrev=False,
                                      usage="%(prog)s [--preset NAME] [--dataset DATASET] [--output_dir DIR] [flags]",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=intl.HelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
                         help=f"an authors' recipe: {', '.join(sorted(PRESETS))}; without it and --dataset: digits")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and the augmentations")
@@ -1155,7 +1155,7 @@ def add_hub_arguments(group):
 def main_export(argv=None):
     """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
     parser = argparse.ArgumentParser(
-        prog="pretrain.py export", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="pretrain.py export", allow_abbrev=False, formatter_class=intl.HelpFormatter,
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
                     "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
