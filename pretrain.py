@@ -943,7 +943,7 @@ def timm_config(config):
     """The config.json fields with which timm builds an export (`timm.create_model("hf-hub:OWNER/NAME",
     pretrained=True)`): timm's ResNets are torchvision's, parameter names included, and num_classes 0 leaves out fc
     as the export does. timm has no ResNet with the CIFAR stems: none for those."""
-    if config.get("stem", "imagenet") != "imagenet" or config.get("cifar_stem"):
+    if config.get("stem", "imagenet") != "imagenet":
         return {}
     size = config["image_size"]
     return {"architecture": config["arch"], "num_classes": 0, "num_features": config["feature_dim"],

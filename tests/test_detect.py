@@ -166,7 +166,7 @@ def r50_export(tmp_path_factory):
     """A random torchvision ResNet-50 written as an export folder (what pretrain.py writes)."""
     export = tmp_path_factory.mktemp("r50") / "backbone"
     weights = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
-    pretrain.write_export(export, weights, {"arch": "resnet50", "cifar_stem": False})
+    pretrain.write_export(export, weights, {"arch": "resnet50"})
     return export
 
 
@@ -223,7 +223,7 @@ def test_mask_c4_predicts_masks_from_res5_with_a_deconvolution(r50_export):
 def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
     weights = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     good = tmp_path / "good"
-    pretrain.write_export(good, weights, {"arch": "resnet18", "cifar_stem": False, "mean": [0.5, 0.4, 0.3],
+    pretrain.write_export(good, weights, {"arch": "resnet18", "mean": [0.5, 0.4, 0.3],
                                       "std": [0.2, 0.2, 0.2]})
     official = tmp_path / "official.pth.tar"
     torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in weights.items()}}, official)
@@ -236,12 +236,12 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
 
     extra = tmp_path / "extra"
     pretrain.write_export(extra, {**weights, "fc.weight": torch.zeros(3, 512), "head.bias": torch.zeros(3)},
-                      {"arch": "resnet18", "cifar_stem": False})
+                      {"arch": "resnet18"})
     with pytest.raises(ValueError, match="unexpected"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", extra))
     missing = tmp_path / "missing"
     pretrain.write_export(missing, {k: v for k, v in weights.items() if k != "layer2.0.conv1.weight"},
-                      {"arch": "resnet18", "cifar_stem": False})
+                      {"arch": "resnet18"})
     with pytest.raises(ValueError, match="missing"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", missing))
     cifar = tmp_path / "cifar"

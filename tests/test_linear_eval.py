@@ -454,7 +454,7 @@ def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
 def small_export(path, seed, **config):
     torch.manual_seed(seed)
     return pretrain.write_export(path, intl.build_backbone("resnet18", "imagenet").state_dict(),
-                             {"arch": "resnet18", "cifar_stem": False, "image_size": 16, **config})
+                             {"arch": "resnet18", "image_size": 16, **config})
 
 
 def test_default_output_folders_are_one_per_backbone_so_two_backbones_in_one_folder_keep_their_results(folder, tmp_path):
@@ -494,7 +494,7 @@ def test_a_backbone_with_non_finite_weights_is_refused_naming_the_tensor(folder,
     torch.manual_seed(0)
     weights = intl.build_backbone("resnet18", "imagenet").state_dict()
     weights["layer3.1.bn2.running_var"][5] = float("nan")
-    pretrain.write_export(tmp_path / "diverged", weights, {"arch": "resnet18", "cifar_stem": False, "image_size": 16})
+    pretrain.write_export(tmp_path / "diverged", weights, {"arch": "resnet18", "image_size": 16})
     with pytest.raises(ValueError, match=r"tensor 'layer3.1.bn2.running_var' holds 1 NaN / Inf value\(s\)"):
         evaluate("--backbone", tmp_path / "diverged", "--dataset", folder, "--protocol", "knn", "--output_dir", tmp_path)
 
