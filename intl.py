@@ -50,8 +50,8 @@ def build_backbone(arch="resnet50", stem="imagenet", zero_init_residual=True):
     net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
     kernel, stride, padding, maxpool = STEMS[stem]
     if stem != "imagenet":
+        # Replaced after the ResNet is built, as the authors do: PyTorch's default initialisation.
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     if not maxpool:
         net.maxpool = nn.Identity()
     net.feature_dim = net.fc.in_features

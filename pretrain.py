@@ -75,8 +75,7 @@ PRESETS = {
                      eval_mean=CIFAR_MEAN, eval_std=CIFAR_STD),
     # ImageNet-100 is a 100-class subset of ImageNet without a canonical Hub copy: --dataset names its folder.
     "imagenet100": dict(_IMAGENET, dataset=None, arch="resnet18", zero_init_residual=False,
-                        projector="4096-4096-8192", batch_size=128, epochs=400, lr=0.5, weight_decay=2.5e-5,
-                        mixed_precision="no"),
+                        projector="4096-4096-8192", batch_size=128, epochs=400, lr=0.5, weight_decay=2.5e-5),
     "imagenet-800ep": dict(_IMAGENET, epochs=800, lr=0.3),
     "intl-m-100ep": dict(_INTL_M, epochs=100, lr=0.5),
     "intl-m-200ep": dict(_INTL_M, epochs=200, lr=0.4),
@@ -197,7 +196,8 @@ def get_parser():
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=800, help="training epochs")
-    optim.add_argument("--batch_size", type=int, default=256, help="batch per process")
+    optim.add_argument("--batch_size", type=int, default=256,
+                       help="GLOBAL batch, all processes together (as the papers and presets); each takes its share")
     optim.add_argument("--lr", type=float, default=0.3, help="learning rate for a global batch of 256 (scaled)")
     optim.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
     optim.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
@@ -270,7 +270,7 @@ def train(config, accelerator):
     model = on_the_accelerator(intl.sync_batchnorm(build_model(config), accelerator), config, accelerator.device)
     set_seed(config.seed, device_specific=True)
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))
-    peak_lr = config.lr * config.batch_size * accelerator.num_processes / 256
+    peak_lr = config.lr * config.batch_size / 256
     warmup_steps = round(config.warmup_epochs * steps_per_epoch) if config.warmup_steps is None else config.warmup_steps
 
     # Resume: model, optimiser and RNG states, the step, and the log up to that step.
@@ -343,14 +343,13 @@ def introduce(config, accelerator, log):
         log.info(f"the export will be pushed to {config.push_to_hub} as "
                  f"{check_hub_access(config.push_to_hub, config.private)}")
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
-    global_batch = config.batch_size * accelerator.num_processes
     log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
-             f"{global_batch}, {config.epochs} epoch{'s' * (config.epochs != 1)}")
+             f"{config.batch_size} ({config.batch_size // accelerator.num_processes} per process), {config.epochs} "
+             f"epoch{'s' * (config.epochs != 1)}")
     recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
-    if recipe_batch and global_batch != recipe_batch:
-        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's is {global_batch} "
-                 f"(--batch_size {config.batch_size} per process x {accelerator.num_processes}); the lr scales with "
-                 f"it. For the recipe itself: --batch_size {max(1, recipe_batch // accelerator.num_processes)}")
+    if recipe_batch and config.batch_size != recipe_batch:
+        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's {config.batch_size}; "
+                 "the lr scales with it")
 
 
 def batches(loader, step, stop_at):
@@ -396,7 +395,7 @@ class Monitor:
             self.watch.check(self.last_good, log.collapse_note)
         if log_now:
             loss = out["loss"].item()
-            images = (step - self.first_step) * config.batch_size * self.accelerator.num_processes
+            images = (step - self.first_step) * config.batch_size
             speed = images / (time.time() - self.tic)
             self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
             log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / self.steps_per_epoch, "images_per_s": speed})
@@ -492,7 +491,7 @@ def resolve_config(argv=None):
     config.mean, config.std = tuple(config.mean), tuple(config.std)
     check_config(config)
     if config.beta is None and config.method in ("intl", "intl-m"):  # the weight used, as config and card record it
-        units = config.batch_size * int(os.environ.get("WORLD_SIZE", 1)) if config.axis == 0 else \
+        units = config.batch_size if config.axis == 0 else \
             intl.parse_projector_spec(config.projector)[-1]
         config.beta = intl.default_beta(units)
     return config
@@ -539,13 +538,14 @@ def parse_floats(text, flag):
 
 def view_specs(config):
     """(side, crop scale, blur probability, solarise probability) of every view: the large crops, then the
-    small multi-crop ones (a crop of side s takes scales (min_scale * s / image_size, s / image_size))."""
+    small multi-crop ones (a crop of side s takes scales (min_scale * s / image_size, s / image_size), rounded to 3
+    decimals as the authors wrote them: 0.171-0.857 for 192 of 224)."""
     blur, solarize = config.blur_prob, config.solarize_prob
     specs = [(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)])
              for i in range(config.num_views)]
     for side in parse_floats(config.small_crops, "small_crops"):
         ratio = side / config.image_size
-        specs.append((int(side), (config.min_scale * ratio, ratio), blur[1], solarize[1]))
+        specs.append((int(side), (round(config.min_scale * ratio, 3), round(ratio, 3)), blur[1], solarize[1]))
     return specs
 
 
@@ -641,15 +641,20 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
 def training_loader(config, train_split, accelerator):
     """This process's share of every global batch, augmented. The loader is not passed through accelerator.prepare:
     its ShardedEpochSampler already shards, and its (epoch, index) keys seed the augmentations."""
-    sampler = ShardedEpochSampler(len(train_split.dataset), config.batch_size, accelerator.num_processes,
-                                  accelerator.process_index, config.seed)
+    processes = accelerator.num_processes
+    if config.batch_size % processes:
+        nearest = max(processes, round(config.batch_size / processes) * processes)
+        raise ValueError(f"--batch_size {config.batch_size} is the global batch and must split evenly over the "
+                         f"{processes} processes: give --batch_size {nearest}")
+    per_process = config.batch_size // processes
+    sampler = ShardedEpochSampler(len(train_split.dataset), per_process, processes, accelerator.process_index,
+                                  config.seed)
     if sampler.batches_per_epoch == 0:
         raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
-                         f"{config.batch_size * accelerator.num_processes} (--batch_size {config.batch_size} x "
-                         f"{accelerator.num_processes} process(es)): give --batch_size "
-                         f"{len(train_split.dataset) // accelerator.num_processes} or less")
+                         f"{config.batch_size}: give --batch_size {len(train_split.dataset) // processes * processes} "
+                         "or less")
     return torch.utils.data.DataLoader(
-        AugmentedViews(train_split, view_transforms(config), config.seed), batch_size=config.batch_size,
+        AugmentedViews(train_split, view_transforms(config), config.seed), batch_size=per_process,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0, drop_last=True)
 
@@ -703,7 +708,8 @@ def build_optimizer(config, model):
 
 def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", steps_per_epoch=1):
     """The authors' schedules. Warm-up: peak_lr x (step + 1) / warmup_steps (never 0). Then
-    cosine: per step from peak_lr to 0.001 x peak_lr (INTL); cosine-epoch: peak_lr (1 + cos(pi epoch /
+    cosine: per step, progress (step + 1 - warm-up) / (total - warm-up), from peak_lr to 0.001 x peak_lr at the
+    last step (INTL); cosine-epoch: peak_lr (1 + cos(pi epoch /
     epochs)) / 2, constant within an epoch (CW-RGP ImageNet); step: x0.2 at 50 and again at 25 epochs
     before the end (CW-RGP small data)."""
     if step < warmup_steps:
@@ -714,7 +720,7 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", s
     if schedule == "cosine-epoch":
         epoch, epochs = step // steps_per_epoch, total_steps // steps_per_epoch
         return peak_lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step + 1 - warmup_steps) / max(1, total_steps - warmup_steps)
     end_lr = 0.001 * peak_lr
     return end_lr + (peak_lr - end_lr) * (1 + math.cos(math.pi * progress)) / 2
 

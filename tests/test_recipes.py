@@ -50,9 +50,8 @@ AUTHORS = {
     "cifar10": dict(INTL_CIFAR, momentum=0.999, mean=CIFAR10_STATS[0], std=CIFAR10_STATS[1]),
     "cifar100": dict(INTL_CIFAR, momentum=0.999, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
                      eval_mean=CIFAR10_STATS[0], eval_std=CIFAR10_STATS[1]),
-    "imagenet100": {key: value for key, value in dict(  # its precision is not recorded: not in the table
-        INTL_IMAGENET, arch="resnet18", zero_init_residual=False, projector="4096-4096-8192", batch_size=128,
-        epochs=400, lr=0.5, weight_decay=2.5e-5).items() if key != "mixed_precision"},
+    "imagenet100": dict(INTL_IMAGENET, arch="resnet18", zero_init_residual=False, projector="4096-4096-8192",
+                        batch_size=128, epochs=400, lr=0.5, weight_decay=2.5e-5),  # fp16: main.py, as every run of it
     "imagenet-800ep": dict(INTL_IMAGENET, epochs=800, lr=0.3),
     "intl-m-100ep": dict(INTL_M, epochs=100, lr=0.5),
     "intl-m-200ep": dict(INTL_M, epochs=200, lr=0.4),
@@ -126,6 +125,15 @@ def map_sides(backbone, side):
                                                ("imagenet", 224, [112, 56, 28, 14, 7])])
 def test_stems_give_the_feature_map_sides_of_the_authors_networks(stem, side, sides):
     assert map_sides(intl.build_backbone("resnet18", stem), side) == sides
+
+
+@pytest.mark.parametrize("stem", ["cifar", "cifar-unpadded", "small-maxpool"])
+def test_a_small_image_stems_conv1_keeps_pytorchs_default_initialisation_as_the_authors_replace_it(stem):
+    # Conv2d's default: kaiming_uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3 x 3 x 3;
+    # its std is bound / sqrt(3) = 0.111 (a kaiming_normal fan_out re-initialisation would give 0.059).
+    weight = intl.build_backbone("resnet18", stem).conv1.weight.detach()
+    bound = 1 / math.sqrt(27)
+    assert weight.abs().max() <= bound and weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
 
 
 def test_cifar_stem_computes_the_authors_padded_network_with_torchvision_keys():
@@ -282,7 +290,8 @@ def test_converted_official_checkpoints_give_the_features_of_the_network_they_ca
 def test_warm_up_starts_at_peak_over_warmup_steps_and_reaches_the_peak_at_its_last_step():
     assert pretrain.learning_rate(0, 1000, 10, 1.0) == pytest.approx(0.1)
     assert pretrain.learning_rate(9, 1000, 10, 1.0) == pytest.approx(1.0)
-    assert pretrain.learning_rate(10, 1000, 10, 1.0) == pytest.approx(1.0)
+    # The first step after it is already one step down the cosine: progress (step + 1 - 10) / 990.
+    assert pretrain.learning_rate(10, 1000, 10, 1.0) == pytest.approx(0.001 + 0.999 * (1 + math.cos(math.pi / 990)) / 2)
 
 
 def test_cw_rgp_imagenet_schedule_is_a_per_epoch_cosine_to_zero_after_500_warm_up_steps():
