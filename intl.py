@@ -481,7 +481,7 @@ class SubBatchWhitening(nn.Module):
         batch = z[0].shape[0]
         if batch % self.w_size:
             raise ValueError(f"the global batch {batch} is not a multiple of --w_size {self.w_size}: "
-                             "make --batch_size x processes a multiple of it")
+                             "make --batch_size (the global batch) a multiple of it")
         generator = torch.Generator().manual_seed(step)
         losses, covariance_terms, z_hat = [], [], torch.empty_like(z[0])
         with_covariance = self.cov_weight > 0 and epoch < self.cov_epochs
