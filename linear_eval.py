@@ -9,7 +9,7 @@
 Protocols (the papers'; the defaults of the flags left at None; batches are global, all processes together):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie to the smallest class id
     linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2, wd 5e-6,
-                   batch 1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-6 / 1e-2) ** (1 / 500)
+                   batch 1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-4) ** (1 / 500)
     linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
                    0.9 without wd, 100 epochs, bilinear RandomResizedCrop + flip; afterwards a check that
                    no backbone weight or BN buffer changed. INTL / INTL-M: batch 256, lr 0.2 / 0.4, x0.1 at

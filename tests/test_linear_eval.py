@@ -435,31 +435,31 @@ def test_a_cw_rgp_backbone_gets_cw_rgp_linear_protocol_larc_sgd_lr_0_4_at_batch_
 
 
 def test_larc_scales_each_parameters_step_by_trust_norm_p_over_norm_g_as_a_float64_hand_computation():
-    p0 = [[3.0, -4.0], [1.0, 2.0]], [0.5, 0.0, -1.5], [0.0, 0.0], [2.0, 1.0]
-    g = ([[0.3, 0.1], [-0.2, 0.4]], [0.02, -0.05, 0.01], [1.0, -1.0], [0.0, 0.0]), \
-        ([[-0.1, 0.2], [0.3, 0.0]], [0.04, 0.01, -0.02], [0.5, 0.5], [0.0, 0.0])
+    """Two momentum steps of LARC (clip False) around SGD against Python floats: a 2 x 2 weight, a vector, a zero
+    parameter and a zero gradient (those two step with a local lr of 1)."""
+    p0 = [[3.0, -4.0, 1.0, 2.0], [0.5, 0.0, -1.5], [0.0, 0.0], [2.0, 1.0]]
+    grads = [[[0.3, 0.1, -0.2, 0.4], [0.02, -0.05, 0.01], [1.0, -1.0], [0.0, 0.0]],
+             [[-0.1, 0.2, 0.3, 0.0], [0.04, 0.01, -0.02], [0.5, 0.5], [0.0, 0.0]]]
+    shapes = [(2, 2), (3,), (2,), (2,)]
     lr, trust, momentum, wd = 0.4, 0.001, 0.9, 0.01
-    params = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in p0]
+    params = [torch.tensor(v, dtype=torch.float64).view(shape).requires_grad_() for v, shape in zip(p0, shapes)]
     optimizer = linear_eval.LarcSGD([{"params": params}], trust, lr=lr, momentum=momentum, weight_decay=wd)
-    flat = lambda v: torch.tensor(v, dtype=torch.float64).flatten().tolist()  # noqa: E731
-    expected = [[flat(v) for v in p0]]
-    buffers = [None] * len(p0)
-    for step in range(2):
-        for param, grad in zip(params, g[step]):
-            param.grad = torch.tensor(grad, dtype=torch.float64)
+    expected, buffers = p0, [None] * len(p0)
+    for step_grads in grads:
+        for param, grad, shape in zip(params, step_grads, shapes):
+            param.grad = torch.tensor(grad, dtype=torch.float64).view(shape)
         optimizer.step()
         after = []
-        for i, (p, grad) in enumerate(zip(expected[-1], g[step])):  # by hand, in Python floats (float64)
-            grad = flat(grad)
-            p_norm, g_norm = math.sqrt(sum(x * x for x in p)), math.sqrt(sum(x * x for x in grad))
-            local = trust * p_norm / (g_norm + wd * p_norm) if p_norm > 0 and g_norm > 0 else 1.0
-            d = [(gi + wd * pi) * local for gi, pi in zip(grad, p)]
+        for i, (p, g) in enumerate(zip(expected, step_grads)):
+            p_norm, g_norm = math.sqrt(sum(x * x for x in p)), math.sqrt(sum(x * x for x in g))
+            local_lr = trust * p_norm / (g_norm + wd * p_norm) if p_norm > 0 and g_norm > 0 else 1.0
+            d = [(gi + wd * pi) * local_lr for gi, pi in zip(g, p)]
             buffers[i] = d if buffers[i] is None else [momentum * b + di for b, di in zip(buffers[i], d)]
             after.append([pi - lr * b for pi, b in zip(p, buffers[i])])
-        expected.append(after)
-        for param, want in zip(params, after):
+        expected = after
+        for param, want in zip(params, expected):
             assert param.detach().flatten().tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
-    assert optimizer.param_groups[0]["weight_decay"] == wd  # decay restored after each step
+    assert optimizer.param_groups[0]["weight_decay"] == wd  # the decay joins the gradient, SGD's own is restored
 
 
 def test_linear_and_finetune_keep_the_last_partial_batch_and_finetune_keeps_plain_batchnorm(folder, tmp_path):
