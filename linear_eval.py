@@ -8,15 +8,18 @@
 
 Protocols (the papers'; the defaults of the flags left at None; batches are global, all processes together):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie to the smallest class id
-    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2 decayed
-                   exponentially to 1e-6 over 500 epochs, wd 5e-6, batch 1000
+    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2, wd 5e-6,
+                   batch 1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-4) ** (1 / 500)
     linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
-                   0.9 without wd, batch 256, lr 0.2 (INTL) / 0.4 (INTL-M), 100 epochs, x0.1 at 60 and 80,
-                   bilinear RandomResizedCrop + flip; afterwards a check that no backbone weight or BN
-                   buffer changed
-    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M),
-                   batch 256, on the images named in --subset_file (the standard 1% / 10% lists)
-SGD learning rates are per 256 images of global batch; every protocol tests on Resize + CenterCrop.
+                   0.9 without wd, 100 epochs, bilinear RandomResizedCrop + flip; afterwards a check that
+                   no backbone weight or BN buffer changed. INTL / INTL-M: batch 256, lr 0.2 / 0.4, x0.1 at
+                   60 and 80. CW-RGP: LARC (trust 0.001, no clipping) around the SGD, batch 1024, lr 0.1,
+                   cosine per epoch
+    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M;
+                   CW-RGP has none: --lr_backbone), batch 256, plain BatchNorm per process, on the images
+                   named in --subset_file (the standard 1% / 10% lists)
+SGD learning rates are per 256 images of global batch; linear and finetune keep the last partial batch; every
+protocol tests on Resize + CenterCrop.
 
 The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
 written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
@@ -26,6 +29,7 @@ and continue with --resume latest.
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -51,14 +55,16 @@ TRAINED = ("linear", "finetune")  # trained on images, with a checkpoint every e
 # the global batch; Adam's (linear-cached) does not.
 DEFAULTS = {
     "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
-    "linear": dict(epochs=100, batch_size=256, weight_decay=0.0),
-    "finetune": dict(epochs=20, batch_size=256, lr=0.2, weight_decay=0.0),
+    "linear": dict(epochs=100, batch_size=256, weight_decay=0.0, schedule="step", larc_trust=None),
+    "finetune": dict(epochs=20, batch_size=256, lr=0.2, lr_backbone=None, weight_decay=0.0, schedule="constant"),
 }
-# The authors' learning rates that depend on the backbone's pretraining recipe: the linear head (INTL 800 ep and
-# ImageNet-100: 0.2; INTL-M: 0.4) and the fine-tuned backbone (0.006; 0.004).
-RECIPE_LRS = {
+# The authors' settings that depend on the backbone's pretraining method: the linear head's lr (INTL 800 ep and
+# ImageNet-100: 0.2; INTL-M: 0.4), the fine-tuned backbone's (0.006; 0.004), and CW-RGP's own linear protocol.
+# CW-RGP's authors publish no fine-tuning, so its backbone lr is --lr_backbone's.
+RECIPES = {
     "intl": {"linear": {"lr": 0.2}, "finetune": {"lr_backbone": 0.006}},
     "intl-m": {"linear": {"lr": 0.4}, "finetune": {"lr_backbone": 0.004}},
+    "cw-rgp": {"linear": {"lr": 0.1, "batch_size": 1024, "schedule": "cosine", "larc_trust": 0.001}},
 }
 # The valid range of every numeric flag (intl.check_settings), checked before any work.
 RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)",
@@ -96,9 +102,10 @@ def get_parser():
                        help="the backbone's first layers when its config does not say them (official checkpoints: "
                             "'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' for "
                             "CW-RGP's STL-10 / Tiny-ImageNet networks)")
-    model.add_argument("--recipe", choices=sorted(RECIPE_LRS),
-                       help="the backbone's pretraining method, which picks the authors' learning rates (table "
-                            "above); None: the method in its config.json, else INTL's (a .pth.tar records none)")
+    model.add_argument("--recipe", choices=sorted(RECIPES),
+                       help="the backbone's pretraining method, which picks the authors' linear and finetune "
+                            "settings (table above); None: the method in its config.json, else INTL's (a .pth.tar "
+                            "records none)")
 
     protocol = parser.add_argument_group("evaluation protocol")
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
@@ -113,7 +120,8 @@ def get_parser():
                        "finetune split it evenly over the processes, so it must be divisible by their number")
     optim.add_argument("--lr", type=float, help="head learning rate (SGD: per 256 images of global batch)")
     optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images")
-    optim.add_argument("--min_lr", type=float, default=1e-6, help="linear-cached: the lr at the last epoch")
+    optim.add_argument("--min_lr", type=float, default=1e-6, help="linear-cached: the lr --epochs epochs after "
+                       "the start (ExponentialLR's gamma = (min_lr / lr) ** (1 / epochs))")
     optim.add_argument("--weight_decay", type=float)
     optim.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                        help="linear: lr x0.1 after these fractions of --epochs")
@@ -262,29 +270,33 @@ def completed_by_backbone(config, backbone_config):
 
 
 def evaluation_recipe(flag, backbone_config):
-    """-> (the authors' evaluation recipe, 'intl' or 'intl-m', what chose it): --recipe, else the recorded method."""
+    """-> (the authors' evaluation recipe, 'intl', 'intl-m' or 'cw-rgp', what chose it): --recipe, else the recorded
+    method."""
     recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
     if flag is not None:
-        if recorded in RECIPE_LRS and recorded != flag:
+        if recorded in RECIPES and recorded != flag:
             raise ValueError(f"--recipe {flag}, but the backbone records method {recorded!r}: leave --recipe out "
                              "(the recorded method decides); other learning rates are set with --lr / --lr_backbone")
         return flag, f"--recipe {flag}"
-    if recorded in RECIPE_LRS:
+    if recorded in RECIPES:
         return recorded, f"the backbone's recorded method {recorded!r}"
-    return "intl", ("default (neither --recipe nor the backbone records a method, intl or intl-m; --recipe intl-m "
-                    "for an INTL-M backbone)")
+    return "intl", ("default (neither --recipe nor the backbone records a method, intl, intl-m or cw-rgp; "
+                    "--recipe intl-m or cw-rgp for such a backbone)")
 
 
 def protocol_settings(protocol, config):
     """What a training protocol computes with: each flag, or where it is None the protocol's default."""
-    defaults = {**DEFAULTS[protocol], **RECIPE_LRS.get(config.recipe, {}).get(protocol, {})}
-    settings = {key: default if getattr(config, key) is None else getattr(config, key)
+    defaults = {**DEFAULTS[protocol], **RECIPES.get(config.recipe, {}).get(protocol, {})}
+    settings = {key: default if getattr(config, key, None) is None else getattr(config, key)
                 for key, default in defaults.items()}
+    if protocol == "finetune" and settings["lr_backbone"] is None:
+        raise ValueError(f"--protocol finetune: {config.recipe.upper()}'s authors publish no fine-tuning learning "
+                         "rate: give --lr_backbone")
     if protocol in TRAINED:
         settings.update(recipe=config.recipe, recipe_chosen_by=config.recipe_chosen_by)
     if protocol == "linear-cached":
         settings["min_lr"] = config.min_lr
-    if protocol == "linear":
+    if settings.get("schedule") == "step":
         settings["milestones"] = config.milestones
     return {**settings, "seed": config.seed}
 
@@ -442,11 +454,12 @@ def run_linear_cached(features, num_classes, config, accelerator):
     set_seed(config.seed)
     head = nn.Linear(train_f.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    gamma = (settings["min_lr"] / settings["lr"]) ** (1 / epochs)  # the authors' (1e-4) ** (1 / 500) by default
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
     order = torch.Generator().manual_seed(config.seed)
     history = []
     for epoch in tqdm(range(epochs), desc="linear-cached", disable=not accelerator.is_main_process, leave=False):
-        for group in optimizer.param_groups:
-            group["lr"] = cached_lr(epoch, epochs, settings["lr"], settings["min_lr"])
+        lr = optimizer.param_groups[0]["lr"]
         head.train()
         for batch in torch.randperm(len(train_f), generator=order).split(settings["batch_size"]):
             batch = batch.to(device)
@@ -454,15 +467,11 @@ def run_linear_cached(features, num_classes, config, accelerator):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        scheduler.step()
         head.eval()
         with torch.no_grad():
-            history.append({"epoch": epoch + 1, **accuracy(top5_correct(head(test_f), test_l))})
+            history.append({"epoch": epoch + 1, "lr": lr, **accuracy(top5_correct(head(test_f), test_l))})
     return {**trained_record("linear on cached features", settings, history), "n_evaluated": len(test_f)}
-
-
-def cached_lr(epoch, epochs, lr, min_lr):
-    """Exponential decay from lr (first epoch) to min_lr (last epoch)."""
-    return lr * (min_lr / lr) ** (epoch / max(1, epochs - 1))
 
 
 # ----------------------------------------------------------------------------- linear and finetune: trained on images
@@ -479,7 +488,7 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
                 "processes": accelerator.num_processes, "n_train": len(train_split.dataset),
                 "subset_file": config.subset_file if finetune else None}
     pretrained = {key: value.clone() for key, value in backbone.state_dict().items()}  # linear checks it is unchanged
-    model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings, accelerator)
+    model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings)
     train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     checkpoints = Path(config.output_dir) / "checkpoints" / protocol
@@ -499,7 +508,7 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
     with progress:  # closed before any message, so that the message is not drawn over
         for epoch in range(start_epoch, epochs):
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(protocol, epoch, epochs, config.milestones)
+                group["lr"] = group["base_lr"] * lr_factor(settings["schedule"], epoch, epochs, config.milestones)
             train_loader.set_epoch(epoch)
             model.train()  # linear's model is the head alone: the frozen backbone's BN statistics stay as pretrained
             loss = train_one_epoch(forward, optimizer, train_loader, progress, accelerator)
@@ -523,8 +532,10 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
     return record
 
 
-def model_and_optimizer(finetune, backbone, num_classes, settings, accelerator):
-    """A head from N(0, 0.01), alone (linear) or on a trained copy of the backbone (finetune); SGD with momentum."""
+def model_and_optimizer(finetune, backbone, num_classes, settings):
+    """A head from N(0, 0.01), alone (linear) or on a trained copy of the backbone (finetune); SGD with momentum,
+    inside LARC for CW-RGP's linear protocol. finetune keeps plain BatchNorm, each process its own batch statistics,
+    as the authors' evaluation does."""
     set_seed(settings["seed"])
     head = nn.Linear(backbone.feature_dim, num_classes)
     nn.init.normal_(head.weight, std=0.01)
@@ -533,19 +544,45 @@ def model_and_optimizer(finetune, backbone, num_classes, settings, accelerator):
     model, groups = head, [{"name": "head", "params": list(head.parameters()), "base_lr": settings["lr"] * scale}]
     if finetune:
         backbone = copy.deepcopy(backbone).requires_grad_(True)  # the other protocols keep the pretrained one
-        model = intl.sync_batchnorm(nn.Sequential(OrderedDict(backbone=backbone, head=head)), accelerator)
+        model = nn.Sequential(OrderedDict(backbone=backbone, head=head))
         groups.append({"name": "backbone", "params": list(model.backbone.parameters()),
                        "base_lr": settings["lr_backbone"] * scale})
-    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=settings["weight_decay"])
-    return model, optimizer
+    sgd = dict(lr=0.0, momentum=0.9, weight_decay=settings["weight_decay"])
+    if settings.get("larc_trust"):
+        return model, LarcSGD(groups, settings["larc_trust"], **sgd)
+    return model, torch.optim.SGD(groups, **sgd)
+
+
+class LarcSGD(torch.optim.SGD):
+    """SGD whose every parameter p steps with lr x trust x ||p|| / (||g|| + wd ||p||), g its gradient (1 where either
+    norm is 0): LARC without clipping. The weight decay joins the gradient before that scaling, not after."""
+
+    def __init__(self, params, trust, **sgd):
+        super().__init__(params, **sgd)
+        self.trust = trust
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        decays = [group["weight_decay"] for group in self.param_groups]
+        for group, decay in zip(self.param_groups, decays):
+            for p in [p for p in group["params"] if p.grad is not None]:
+                p_norm, g_norm = p.norm(), p.grad.norm()
+                local_lr = torch.where((p_norm > 0) & (g_norm > 0), self.trust * p_norm / (g_norm + decay * p_norm),
+                                       torch.ones_like(p_norm))
+                p.grad.add_(p, alpha=decay).mul_(local_lr)
+            group["weight_decay"] = 0.0
+        try:
+            return super().step(closure)
+        finally:
+            for group, decay in zip(self.param_groups, decays):
+                group["weight_decay"] = decay
 
 
 def image_loaders(train_split, test_split, global_batch, config, accelerator):
-    """Training: augmented, one order per epoch (a subset smaller than the global batch still makes one batch)."""
+    """Training: augmented, one order per epoch, the last partial batch kept (as the authors' runs do)."""
     train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
                                 per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
-                                sampler=EpochSampler(len(train_split.dataset), config.seed),
-                                drop_last=len(train_split.dataset) >= global_batch)
+                                sampler=EpochSampler(len(train_split.dataset), config.seed))
     return train_loader, image_loader(test_split, eval_images(config), config.eval_batch_size, config, accelerator)
 
 
@@ -600,10 +637,13 @@ def check_backbone_unchanged(backbone, pretrained):
     return True
 
 
-def lr_factor(protocol, epoch, epochs, milestones):
-    """linear: x0.1 after each milestone. finetune: constant (the authors' milestones lie beyond its 20 epochs)."""
-    if protocol == "linear":
+def lr_factor(schedule, epoch, epochs, milestones):
+    """step (INTL's linear): x0.1 after each milestone; cosine (CW-RGP's linear): per epoch, from 1 towards 0;
+    constant (finetune: the authors' milestones lie beyond its 20 epochs)."""
+    if schedule == "step":
         return 0.1 ** sum(int(epoch) >= round(m * epochs) for m in milestones)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
     return 1.0
 
 

@@ -1,11 +1,13 @@
 """linear_eval.py: each protocol on small data, the offline digits default, resume, 2 processes, bad input."""
 
 import json
+import math
 import re
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,11 +163,21 @@ def test_finetune_learns_from_the_images_named_in_the_subset_file(pretrained, fo
                  "--subset_file", names, "--output_dir", tmp_path / "out2", *TINY)
 
 
-def test_cached_linear_lr_decays_exponentially_from_1e2_to_1e6_over_the_epochs():
-    lrs = [linear_eval.cached_lr(e, 500, 1e-2, 1e-6) for e in range(500)]
-    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-6)
-    ratios = torch.tensor(lrs[1:]) / torch.tensor(lrs[:-1])
-    assert torch.allclose(ratios, torch.full_like(ratios, 1e-4 ** (1 / 499)))
+def test_cached_linear_lr_decays_by_the_authors_exponential_lr_gamma_1e_4_to_the_1_over_500_per_epoch():
+    # The authors' ExponentialLR: gamma = (1e-4) ** (1 / 500), so epoch 499 trains at 1e-2 x gamma ** 499, a little
+    # above 1e-6 (until round 3 the decay reached 1e-6 exactly at epoch 499: gamma (1e-4) ** (1 / 499)).
+    generator = torch.Generator().manual_seed(0)
+    features = {name: (torch.randn(n, 4, generator=generator), torch.arange(n) % 3) for name, n in (("train", 12),
+                                                                                                     ("test", 6))}
+    config = linear_eval.resolve_args(["--backbone", "x", "--protocol", "linear-cached"])
+    config.recipe = None
+    accelerator = SimpleNamespace(device=torch.device("cpu"), is_main_process=False)
+    history = linear_eval.run_linear_cached(features, 3, config, accelerator)["history"]
+    gamma = 1e-4 ** (1 / 500)
+    assert len(history) == 500 and history[0]["lr"] == 1e-2
+    assert history[1]["lr"] == pytest.approx(1e-2 * gamma, rel=1e-12)
+    assert history[499]["lr"] == pytest.approx(1e-2 * gamma ** 499, rel=1e-12)
+    assert history[499]["lr"] != pytest.approx(1e-6, rel=1e-4)
 
 
 @pytest.mark.slow
@@ -353,12 +365,16 @@ def test_linear_head_lr_is_0_2_for_intl_and_0_4_for_intl_m_by_the_recorded_metho
     assert "INTL's recipe, chosen by default (neither --recipe nor the backbone records a method" \
            in capsys.readouterr().out
     args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "linear", "finetune", "--subset_file", "f"])
+    # A recorded CW-RGP backbone gets CW-RGP's own protocol since round 3 (INTL's until then), and refuses another
+    # --recipe as an INTL backbone does.
     for flag, config, recipe in ((None, {"method": "intl"}, "intl"), (None, {"recipe": {"method": "intl-m"}}, "intl-m"),
                                  ("intl-m", {}, "intl-m"), ("intl", {"method": "intl"}, "intl"),
-                                 (None, {"method": "cw-rgp"}, "intl"), ("intl-m", {"method": "cw-rgp"}, "intl-m")):
+                                 (None, {"method": "cw-rgp"}, "cw-rgp"), ("cw-rgp", {}, "cw-rgp")):
         args.recipe, args.recipe_chosen_by = linear_eval.evaluation_recipe(flag, config)
         assert args.recipe == recipe
-        assert linear_eval.protocol_settings("linear", args)["lr"] == {"intl": 0.2, "intl-m": 0.4}[recipe]
+        assert linear_eval.protocol_settings("linear", args)["lr"] == {"intl": 0.2, "intl-m": 0.4, "cw-rgp": 0.1}[recipe]
+    with pytest.raises(ValueError, match="--recipe intl-m, but the backbone records method 'cw-rgp'"):
+        linear_eval.evaluation_recipe("intl-m", {"method": "cw-rgp"})
     args.lr = 0.3  # an explicit --lr wins
     args.recipe, args.recipe_chosen_by = linear_eval.evaluation_recipe("intl-m", {})
     assert linear_eval.protocol_settings("linear", args)["lr"] == 0.3
@@ -378,7 +394,94 @@ def test_finetune_keeps_a_constant_lr_head_0_2_and_backbone_0_006_for_intl_or_0_
         # Global batch 256: unscaled, and the same at every epoch (no cosine, no step).
         assert [h["lr_head"] for h in record["history"]] == pytest.approx([0.2] * 3)
         assert [h["lr_backbone"] for h in record["history"]] == pytest.approx([lr_backbone] * 3)
-    assert all(linear_eval.lr_factor("finetune", epoch, 20, [0.6, 0.8]) == 1.0 for epoch in (0, 5.5, 12, 16, 19.9))
+    assert all(linear_eval.lr_factor("constant", epoch, 20, [0.6, 0.8]) == 1.0 for epoch in (0, 5.5, 12, 16, 19.9))
+
+
+@pytest.fixture(scope="module")
+def cw_rgp_export(pretrained, tmp_path_factory):
+    """The pretrained export, its config.json saying CW-RGP."""
+    export = tmp_path_factory.mktemp("cw-rgp") / "backbone"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
+    config = json.loads((pretrained / "backbone" / "config.json").read_text())
+    config["method"] = config["recipe"]["method"] = "cw-rgp"
+    (export / "config.json").write_text(json.dumps(config))
+    return export
+
+
+def test_a_cw_rgp_backbone_gets_cw_rgp_linear_protocol_larc_sgd_lr_0_4_at_batch_1024_cosine_per_epoch(
+        cw_rgp_export, folder, tmp_path, capsys):
+    args = linear_eval.resolve_args(["--backbone", "x", "--protocol", "linear", "--recipe", "cw-rgp"])
+    args.recipe, args.recipe_chosen_by = linear_eval.evaluation_recipe("cw-rgp", {})
+    settings = linear_eval.protocol_settings("linear", args)
+    assert {k: settings[k] for k in ("lr", "batch_size", "epochs", "weight_decay", "schedule", "larc_trust")} == \
+        dict(lr=0.1, batch_size=1024, epochs=100, weight_decay=0.0, schedule="cosine", larc_trust=0.001)
+    assert "milestones" not in settings
+    _, optimizer = linear_eval.model_and_optimizer(False, intl.build_backbone("resnet18", "cifar"), 10, settings)
+    assert isinstance(optimizer, linear_eval.LarcSGD) and optimizer.trust == 0.001
+    assert optimizer.param_groups[0]["base_lr"] == pytest.approx(0.4)  # 0.1 x 1024 / 256
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 0
+    # The recorded method picks it; cosine per epoch: lr x 0.5 (1 + cos(pi epoch / epochs)).
+    record = evaluate("--backbone", cw_rgp_export, "--dataset", folder, "--protocol", "linear", "--epochs", "3",
+                      "--batch_size", "8", "--eval_batch_size", "11", "--output_dir", tmp_path)["linear"]
+    assert record["settings"]["recipe"] == "cw-rgp" and record["backbone_unchanged"] is True
+    assert [h["lr_head"] for h in record["history"]] == pytest.approx(
+        [0.1 * 8 / 256 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
+    assert "CW-RGP's recipe, chosen by the backbone's recorded method 'cw-rgp'" in capsys.readouterr().out
+    names = tmp_path / "subset.txt"
+    with pytest.raises(ValueError, match="CW-RGP's authors publish no fine-tuning learning rate: give --lr_backbone"):
+        evaluate("--backbone", cw_rgp_export, "--dataset", folder, "--protocol", "finetune", "--subset_file", names,
+                 "--output_dir", tmp_path / "finetune")
+
+
+def test_larc_scales_each_parameters_step_by_trust_norm_p_over_norm_g_as_a_float64_hand_computation():
+    """Two momentum steps of LARC (clip False) around SGD against Python floats: a 2 x 2 weight, a vector, a zero
+    parameter and a zero gradient (those two step with a local lr of 1)."""
+    p0 = [[3.0, -4.0, 1.0, 2.0], [0.5, 0.0, -1.5], [0.0, 0.0], [2.0, 1.0]]
+    grads = [[[0.3, 0.1, -0.2, 0.4], [0.02, -0.05, 0.01], [1.0, -1.0], [0.0, 0.0]],
+             [[-0.1, 0.2, 0.3, 0.0], [0.04, 0.01, -0.02], [0.5, 0.5], [0.0, 0.0]]]
+    shapes = [(2, 2), (3,), (2,), (2,)]
+    lr, trust, momentum, wd = 0.4, 0.001, 0.9, 0.01
+    params = [torch.tensor(v, dtype=torch.float64).view(shape).requires_grad_() for v, shape in zip(p0, shapes)]
+    optimizer = linear_eval.LarcSGD([{"params": params}], trust, lr=lr, momentum=momentum, weight_decay=wd)
+    expected, buffers = p0, [None] * len(p0)
+    for step_grads in grads:
+        for param, grad, shape in zip(params, step_grads, shapes):
+            param.grad = torch.tensor(grad, dtype=torch.float64).view(shape)
+        optimizer.step()
+        after = []
+        for i, (p, g) in enumerate(zip(expected, step_grads)):
+            p_norm, g_norm = math.sqrt(sum(x * x for x in p)), math.sqrt(sum(x * x for x in g))
+            local_lr = trust * p_norm / (g_norm + wd * p_norm) if p_norm > 0 and g_norm > 0 else 1.0
+            d = [(gi + wd * pi) * local_lr for gi, pi in zip(g, p)]
+            buffers[i] = d if buffers[i] is None else [momentum * b + di for b, di in zip(buffers[i], d)]
+            after.append([pi - lr * b for pi, b in zip(p, buffers[i])])
+        expected = after
+        for param, want in zip(params, expected):
+            assert param.detach().flatten().tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert optimizer.param_groups[0]["weight_decay"] == wd  # the decay joins the gradient, SGD's own is restored
+
+
+def test_linear_and_finetune_keep_the_last_partial_batch_and_finetune_keeps_plain_batchnorm(folder, tmp_path):
+    """The authors' evaluation: drop_last False (until round 3 a partial last batch was dropped); finetune without
+    SyncBatchNorm (until round 3 converted with several GPU processes)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    config = linear_eval.completed_by_backbone(linear_eval.resolve_args(
+        ["--backbone", "x", "--dataset", str(folder), "--protocol", "linear", "--num_workers", "0"]),
+        {"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    splits = linear_eval.load_labelled_splits(config, accelerator)
+    train_loader, _ = linear_eval.image_loaders(splits.train, splits.test, 16, config, accelerator)
+    train_loader = accelerator.prepare(train_loader)
+    assert [len(labels) for _, labels in train_loader] == [16, 8]  # all 24 training images every epoch
+
+    backbone = intl.build_backbone("resnet18", "cifar")
+    settings = {"seed": 0, "batch_size": 256, "lr": 0.2, "lr_backbone": 0.006, "weight_decay": 0.0}
+    model, optimizer = linear_eval.model_and_optimizer(True, backbone, 3, settings)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
 
 
 def test_linear_and_finetune_resize_bilinearly_as_torchvision_does_by_default():
