@@ -64,13 +64,15 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50:0.05:0.95
 
-# The papers' (MoCo's Detectron2) recipes, for a global batch of 16. A preset sets these values; any explicit flag wins.
+# The papers' (MoCo's Detectron2) recipes, each for its global batch of 16. A preset sets these values; any explicit
+# flag wins. Another global batch takes its own lr and iterations: MoCo scales the lr by B / 16 and the iteration
+# counts by 16 / B.
 PRESETS = {
     "voc-c4-24k": dict(dataset="voc", model="faster-c4", iterations=24000, lr_steps=[18000, 22000], warmup_iters=100,
-                       lr=0.02, reference_batch=16, train_sizes=list(range(480, 801, 32)), test_size=800,
+                       lr=0.02, batch_size=16, train_sizes=list(range(480, 801, 32)), test_size=800,
                        max_size=1333),
     "coco-c4-2x": dict(dataset="coco", model="mask-c4", iterations=180000, lr_steps=[120000, 160000],
-                       warmup_iters=1000, lr=0.02, reference_batch=16, train_sizes=list(range(640, 801, 32)),
+                       warmup_iters=1000, lr=0.02, batch_size=16, train_sizes=list(range(640, 801, 32)),
                        test_size=800, max_size=1333),
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
@@ -85,8 +87,8 @@ RESULTS = ("checkpoints", "log.jsonl", "results.json")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes", "rpn_pre_nms_train",
                            "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_per_image",
-                           "roi_batch_per_image", "pool_size", "detections_per_image", "batch_size", "reference_batch",
-                           "iterations", "save_every", "keep", "eval_batch_size", "stop_after_iters", "log_every"),
+                           "roi_batch_per_image", "pool_size", "detections_per_image", "batch_size", "iterations",
+                           "save_every", "keep", "eval_batch_size", "stop_after_iters", "log_every"),
                           "[1, inf)"),
           **dict.fromkeys(("num_workers", "lr_steps", "warmup_iters", "weight_decay", "precise_bn"), "[0, inf)"),
           "seed": "[0, 4294967295]", "mean": "(-inf, inf)", "std": "(0, inf)", "lr": "(0, inf)",
@@ -131,16 +133,14 @@ def get_parser():
     add("--roi_batch_per_image", type=int, default=512, help="RoIs sampled per image for the head losses")
     add("--pool_size", type=int, default=14, help="RoIAlign output side (res5 halves it)")
 
-    # --lr, --iterations, --lr_steps and --warmup_iters are for a global batch of --reference_batch; another global
-    # batch B scales the lr by B / reference and the iterations by reference / B (`schedule`).
     add = parser.add_argument_group("optimisation / schedule").add_argument
-    add("--batch_size", type=int, default=2, help="images per process per iteration")
-    add("--reference_batch", type=int, default=16, help="the global batch the lr and iteration counts are given for")
-    add("--iterations", type=int, default=24000, help="training iterations at the reference batch")
-    add("--lr", type=float, default=0.02, help="peak learning rate at the reference batch")
+    add("--batch_size", type=int, default=16, help="the global batch: images per iteration over all processes, "
+        "each taking an equal share")
+    add("--iterations", type=int, default=24000, help="training iterations")
+    add("--lr", type=float, default=0.02, help="peak learning rate (the papers': 0.02 at a global batch of 16)")
     add("--lr_steps", type=int, nargs="*", default=[18000, 22000],
-        help="iterations (at the reference batch) after which the lr is multiplied by 0.1")
-    add("--warmup_iters", type=int, default=100, help="linear warm-up iterations at the reference batch")
+        help="iterations after which the lr is multiplied by 0.1")
+    add("--warmup_iters", type=int, default=100, help="linear warm-up iterations")
     add("--warmup_factor", type=float, default=0.001, help="the warm-up starts at this fraction of the lr")
     add("--weight_decay", type=float, default=1e-4, help="weight decay, none on normalisation parameters")
     add("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -190,6 +190,8 @@ def transfer(config, accelerator):
         intl.prepare_output_dir(Path(config.output_dir), RESULTS, config.overwrite, checkpoint, accelerator,
                                 accelerator.print)
 
+    if not config.eval_only:  # refused before any loading
+        per_process_batch(config.batch_size, accelerator.num_processes)
     # Data: the test images with their ground truth; the training records unless only evaluating.
     test_data = load_split(config, "test")
     train_records = None if config.eval_only else load_split(config, "train")["records"]
@@ -218,8 +220,6 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     the trainer state, None if the schedule is not done."""
     # From here on each process draws its own random numbers (the anchors and RoIs sampled for the losses).
     set_seed(config.seed, device_specific=True)
-    global_batch = config.batch_size * accelerator.num_processes
-    plan = schedule(config, global_batch)
     # Weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0).
     optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
     prepared, optimizer = accelerator.prepare(model, optimizer)
@@ -230,13 +230,14 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
         accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
     if accelerator.is_main_process:  # the log keeps the iterations before this one: none for a new run
         intl.truncate_jsonl(Path(config.output_dir) / "log.jsonl", state["iteration"], key="iteration")
-    accelerator.print(f"{len(train_records)} training images; global batch {global_batch}, {plan['iterations']} "
-                      f"iterations, peak lr {plan['lr']:.4g}, lr x0.1 after {plan['steps']}, warm-up {plan['warmup']}")
+    accelerator.print(f"{len(train_records)} training images; global batch {config.batch_size}, {config.iterations} "
+                      f"iterations, peak lr {config.lr:.4g}, lr x0.1 after {config.lr_steps}, warm-up "
+                      f"{config.warmup_iters}")
 
-    stop_at = min(plan["iterations"], config.stop_after_iters or plan["iterations"])
+    stop_at = min(config.iterations, config.stop_after_iters or config.iterations)
     if state["iteration"] < stop_at:
-        state = train(prepared, optimizer, train_records, plan, range(state["iteration"], stop_at), config, accelerator)
-    if state["iteration"] < plan["iterations"]:
+        state = train(prepared, optimizer, train_records, range(state["iteration"], stop_at), config, accelerator)
+    if state["iteration"] < config.iterations:
         return None
     if config.precise_bn and not state.get("precise_bn_done"):
         accelerator.print(f"precise BN: BatchNorm statistics over {config.precise_bn} training batches per process")
@@ -247,10 +248,9 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     return state
 
 
-def train(model, optimizer, train_records, plan, iterations, config, accelerator):
+def train(model, optimizer, train_records, iterations, config, accelerator):
     """Train over `iterations` (a range) -> the state saved with the last checkpoint."""
     start, stop_at = iterations.start, iterations.stop
-    global_batch = config.batch_size * accelerator.num_processes
     last_good = intl.latest_checkpoint(config.output_dir)  # what the messages point to if the loss breaks or on Ctrl-C
     progress = tqdm(total=stop_at, initial=start, disable=not accelerator.is_main_process, desc="detection")
     batches = training_batches(train_records, config, accelerator, start)
@@ -259,7 +259,7 @@ def train(model, optimizer, train_records, plan, iterations, config, accelerator
     try:
         for images, targets in itertools.islice(batches, stop_at - start):
             intl.stop_if_interrupted()
-            lr = learning_rate(iteration, plan)
+            lr = learning_rate(iteration, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = model(images, targets)
@@ -279,7 +279,7 @@ def train(model, optimizer, train_records, plan, iterations, config, accelerator
             if iteration % config.log_every == 0 or iteration == stop_at:
                 means = accelerator.reduce(torch.stack([loss, *losses.values()]).detach(), "mean").tolist()
                 record = {"iteration": iteration, "loss": means[0], **dict(zip(losses, means[1:])), "lr": lr,
-                          "images_per_s": (iteration - start) * global_batch / (time.time() - tic)}
+                          "images_per_s": (iteration - start) * config.batch_size / (time.time() - tic)}
                 progress.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{record['images_per_s']:.2f}")
                 if accelerator.is_main_process:
                     with open(Path(config.output_dir) / "log.jsonl", "a") as log:
@@ -390,23 +390,14 @@ def save_checkpoint(accelerator, config, state):
                                       {**state, "config": vars(config)}, config.keep)
 
 
-def schedule(config, global_batch):
-    """The run's lr and iteration counts: the flags are for --reference_batch; another global batch scales the lr
-    linearly and the iterations inversely, so the run sees the same number of images."""
-    factor = config.reference_batch / global_batch
-    return {"lr": config.lr / factor, "iterations": max(1, round(config.iterations * factor)),
-            "steps": [round(s * factor) for s in config.lr_steps], "warmup": round(config.warmup_iters * factor),
-            "warmup_factor": config.warmup_factor}
-
-
-def learning_rate(iteration, plan):
+def learning_rate(iteration, config):
     """Detectron2's WarmupMultiStepLR: a linear ramp from warmup_factor x lr over the warm-up, then x0.1 from each
     step's iteration on."""
     factor = 1.0
-    if iteration < plan["warmup"]:
-        alpha = iteration / plan["warmup"]
-        factor = plan["warmup_factor"] * (1 - alpha) + alpha
-    return plan["lr"] * factor * 0.1 ** bisect.bisect_right(plan["steps"], iteration)
+    if iteration < config.warmup_iters:
+        alpha = iteration / config.warmup_iters
+        factor = config.warmup_factor * (1 - alpha) + alpha
+    return config.lr * factor * 0.1 ** bisect.bisect_right(config.lr_steps, iteration)
 
 
 def parameter_groups(model, weight_decay):
@@ -763,10 +754,20 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
             yield [(self.epoch, int(order[p])) for p in mine]
 
 
+def per_process_batch(global_batch, num_processes):
+    """Each process's equal share of the global batch; a global batch the processes cannot share is refused."""
+    if global_batch % num_processes:
+        nearest = max(1, round(global_batch / num_processes)) * num_processes
+        raise ValueError(f"--batch_size {global_batch} (the global batch) does not split over {num_processes} "
+                         f"processes: use a multiple of {num_processes}, e.g. {nearest}")
+    return global_batch // num_processes
+
+
 def training_batches(train_records, config, accelerator, start):
     """This process's training batches from iteration `start` on, epoch after epoch without end, on the device."""
-    sampler = GroupedBatchSampler(train_records, config.batch_size, accelerator.num_processes,
-                                  accelerator.process_index, config.seed)
+    share = per_process_batch(config.batch_size, accelerator.num_processes)
+    sampler = GroupedBatchSampler(train_records, share, accelerator.num_processes, accelerator.process_index,
+                                  config.seed)
     dataset = DetectionImages(train_records, train=True, seed=config.seed, masks=has_masks(config))
     # Its own generator: the loader must not draw from the global RNG, which a resumed run restores.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,

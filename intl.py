@@ -1451,7 +1451,8 @@ def _read_pretrain_checkpoint(folder):
 
 
 def _read_official_checkpoint(path):
-    """{"state_dict": {...}}, the backbone under "module.backbone.*" (INTL) or "module.model.*" (CW-RGP)."""
+    """{"state_dict": {...}}, the backbone under "module.backbone.*" (INTL), "model.module.*" (CW-RGP's small-data
+    code: an nn.DataParallel encoder) or "module.model.*" (CW-RGP's ImageNet code)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load and pickle raise many types on a damaged file
@@ -1464,9 +1465,8 @@ def _read_official_checkpoint(path):
     config = {"source_format": f"official {'CW-RGP' if cw_rgp else 'INTL'} checkpoint"}
     if checkpoint.get("arch") in RESNETS:  # the official ImageNet scripts save it next to the state_dict
         config["arch"] = checkpoint["arch"]
-    weights = _strip_prefix(state_dict, ("module.backbone.", "backbone.", "module.model.", "model."), path)
-    if cw_rgp and _has_small_image_conv1(weights):  # INTL's CIFAR ResNet pads its input; CW-RGP's does not
-        config["stem"] = "cifar-unpadded"
+    weights = _strip_prefix(state_dict, ("module.backbone.", "backbone.", "model.module.", "module.model.", "model."),
+                            path)
     return weights, config
 
 
@@ -1501,6 +1501,11 @@ def _complete_config(config, weights, arch, stem, source):
     weights say: a 7x7 conv1 is the ImageNet stem, a 3x3 one that nothing names INTL's CIFAR network."""
     check_settings({"arch": arch, "stem": stem}, BACKBONE_SETTINGS, {})
     config = dict(config)
+    if (not (stem or config.get("stem")) and config.get("source_format") == "official CW-RGP checkpoint"
+            and _has_small_image_conv1(weights)):  # its file does not say whether the ResNet keeps the max-pool
+        raise ValueError(f"{source} is a CW-RGP checkpoint with a 3x3 conv1, which may or may not be followed by a "
+                         "max-pool: pass --stem cifar-unpadded (its CIFAR network) or --stem small-maxpool (its STL-10 "
+                         f"and Tiny-ImageNet network); the stems: {', '.join(STEMS)}")
     config["stem"] = stem or config.get("stem") or ("cifar" if _has_small_image_conv1(weights) else "imagenet")
     config["arch"] = arch or config.get("arch") or _infer_arch(weights, config["stem"], source)
     kernel, stride, padding, config["maxpool"] = STEMS[config["stem"]]

@@ -522,24 +522,33 @@ def test_batches_hold_one_orientation_and_processes_split_the_same_global_batche
 # ----------------------------------------------------------------------------- schedule, weight decay, precise BN
 
 
-def test_lr_warms_up_from_a_thousandth_steps_down_tenfold_and_scales_with_the_global_batch():
+def test_lr_warms_up_from_a_thousandth_and_steps_down_tenfold_at_the_recipes_global_batch_of_16():
     config = dt.get_parser().parse_args(["--preset", "voc-c4-24k"])
     for key, value in dt.PRESETS["voc-c4-24k"].items():
         setattr(config, key, value)
-    plan = dt.schedule(config, 16)
-    assert plan == {"lr": 0.02, "iterations": 24000, "steps": [18000, 22000], "warmup": 100, "warmup_factor": 0.001}
-    assert dt.learning_rate(0, plan) == pytest.approx(0.02 * 0.001)
-    assert dt.learning_rate(50, plan) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
-    assert dt.learning_rate(100, plan) == pytest.approx(0.02)
-    assert dt.learning_rate(17999, plan) == pytest.approx(0.02)
-    assert dt.learning_rate(18000, plan) == pytest.approx(0.002)
-    assert dt.learning_rate(22000, plan) == pytest.approx(0.0002)
-    assert dt.schedule(config, 8) == {"lr": 0.01, "iterations": 48000, "steps": [36000, 44000], "warmup": 200,
-                                      "warmup_factor": 0.001}
+    # MoCo's Detectron2 recipe value by value: lr and iterations for a global batch of 16, used as given.
+    assert (config.batch_size, config.lr, config.iterations, config.lr_steps, config.warmup_iters,
+            config.warmup_factor) == (16, 0.02, 24000, [18000, 22000], 100, 0.001)
+    assert dt.learning_rate(0, config) == pytest.approx(0.02 * 0.001)
+    assert dt.learning_rate(50, config) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert dt.learning_rate(100, config) == pytest.approx(0.02)
+    assert dt.learning_rate(17999, config) == pytest.approx(0.02)
+    assert dt.learning_rate(18000, config) == pytest.approx(0.002)
+    assert dt.learning_rate(22000, config) == pytest.approx(0.0002)
     coco = dt.PRESETS["coco-c4-2x"]
     assert (coco["iterations"], coco["lr_steps"], coco["warmup_iters"], coco["model"]) == (180000, [120000, 160000],
                                                                                             1000, "mask-c4")
     assert coco["train_sizes"] == [640, 672, 704, 736, 768, 800] and coco["test_size"] == 800
+    assert coco["batch_size"] == 16 and coco["lr"] == 0.02
+
+
+def test_the_global_batch_is_shared_equally_or_refused_naming_the_nearest_that_splits():
+    assert dt.per_process_batch(16, 1) == 16 and dt.per_process_batch(16, 8) == 2
+    with pytest.raises(ValueError, match=r"--batch_size 10 \(the global batch\) does not split over 4 processes: use "
+                                         "a multiple of 4, e.g. 8"):
+        dt.per_process_batch(10, 4)
+    with pytest.raises(ValueError, match="e.g. 4"):
+        dt.per_process_batch(3, 4)
 
 
 def test_weight_decay_spares_exactly_the_normalisation_parameters():
@@ -583,7 +592,7 @@ def test_precise_bn_sets_the_statistics_to_the_mean_of_the_per_batch_statistics(
 # ----------------------------------------------------------------------------- the script: learning, evaluation only, resume, bad input
 
 VOC_ARGS = ["--dataset", "voc", "--voc_classes", ",".join(SHAPES), "--train_sets", "2007-trainval",
-            "--backbone", "random", "--arch", "resnet18", "--batch_size", "2", "--reference_batch", "2",
+            "--backbone", "random", "--arch", "resnet18", "--batch_size", "2",
             "--pool_size", "4", "--roi_batch_per_image", "16", "--rpn_post_nms_train", "20", "--rpn_post_nms_test", "20",
             "--rpn_pre_nms_train", "200", "--rpn_pre_nms_test", "200"]
 
@@ -657,7 +666,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
 def test_mask_c4_trains_and_evaluates_boxes_and_masks_on_coco_format_data(tmp_path):
     root = write_coco(tmp_path / "coco", n_train=6, n_val=3)
     dt.main([str(a) for a in SMALL + ["--dataset", "coco", "--data_root", root, "--model", "mask-c4", "--backbone",
-                                      "random", "--arch", "resnet18", "--batch_size", 2, "--reference_batch", 2,
+                                      "random", "--arch", "resnet18", "--batch_size", 2,
                                       "--iterations", 2, "--warmup_iters", 1, "--lr_steps", "--precise_bn", 1,
                                       "--pool_size", 4, "--roi_batch_per_image", 16, "--output_dir", tmp_path / "run"]])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -707,7 +716,7 @@ def test_two_gloo_processes_train_and_evaluate_every_test_image_once(tmp_path):
     root = write_voc(tmp_path / "voc", n_trainval=8, n_test=5)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "detect_transfer.py"), *SMALL, *VOC_ARGS, "--data_root", str(root), "--reference_batch", "4",
+         str(ROOT / "detect_transfer.py"), *SMALL, *VOC_ARGS, "--data_root", str(root), "--batch_size", "4",
          "--iterations", "2", "--lr_steps", "--warmup_iters", "1", "--precise_bn", "1", "--output_dir", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true",
                                                                      "OMP_NUM_THREADS": "1"})

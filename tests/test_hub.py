@@ -132,6 +132,29 @@ def test_official_checkpoint_converts_to_an_export_that_plain_torchvision_loads(
     assert_same_weights({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, weights)
 
 
+def cw_rgp_small_data_checkpoint(path, weights):
+    """CW-RGP's base/train.py layout: an nn.DataParallel encoder under model.module.*, the projector under head.*."""
+    state_dict = {f"model.module.{k}": v for k, v in weights.items()}
+    state_dict["head.0.weight"] = torch.randn(1024, 512)
+    torch.save({"epoch": 1000, "arch": "resnet18", "state_dict": state_dict,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 3e-3}]}}, path)
+    return path
+
+
+@pytest.mark.parametrize("stem", ["cifar-unpadded", "small-maxpool"])
+def test_official_cw_rgp_small_data_checkpoint_loads_with_the_stem_named(tmp_path, stem):
+    weights = backbone_weights(3, "resnet18", stem)
+    checkpoint = cw_rgp_small_data_checkpoint(tmp_path / "cw_rgp.pth.tar", weights)
+    backbone, config = load_backbone(checkpoint, stem=stem)
+    assert_same_weights(backbone.state_dict(), weights)
+    assert (config["arch"], config["stem"], config["source_format"]) == ("resnet18", stem, "official CW-RGP checkpoint")
+    assert config["maxpool"] == (stem == "small-maxpool") and config["conv1"]["padding"] == 1
+    # The file cannot tell the two apart: without a stem the loader asks for one instead of guessing.
+    with pytest.raises(ValueError, match="CW-RGP checkpoint with a 3x3 conv1.*--stem cifar-unpadded.*--stem "
+                                         "small-maxpool.*the stems: imagenet, cifar, cifar-unpadded, small-maxpool"):
+        load_backbone(checkpoint)
+
+
 def test_official_checkpoint_is_read_with_weights_only(tmp_path):
     checkpoint = official_checkpoint(tmp_path / "unsafe.pth.tar", backbone_weights(0), args=argparse.Namespace(lr=1))
     with pytest.raises(ValueError, match="weights_only=True"):
