@@ -1445,8 +1445,6 @@ def _read_pretrain_checkpoint(folder):
             config[key] = train.get(f"eval_{key}") or train[key]
     config.update(epochs_trained=state.get("epochs_trained"), steps_trained=state.get("step"))
     config["recipe"] = {key: train[key] for key in RECIPE_KEYS if key in train}
-    if "num_processes" in state:
-        config["recipe"]["global_batch_size"] = train["batch_size"] * state["num_processes"]
     return weights, config
 
 

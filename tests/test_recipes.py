@@ -261,7 +261,7 @@ def test_cw_rgp_covariance_term_is_added_per_sub_batch_only_before_its_last_epoc
 
 @pytest.mark.parametrize("prefix, stem, reference", [
     ("module.backbone.", None, lambda: AuthorsCifarResNet(pad=1)),  # INTL's CIFAR network
-    ("module.model.", None, lambda: AuthorsCifarResNet(pad=0)),  # CW-RGP's CIFAR network
+    ("module.model.", "cifar-unpadded", lambda: AuthorsCifarResNet(pad=0)),  # CW-RGP's CIFAR (its stem is asked for)
     ("module.model.", "small-maxpool", lambda: AuthorsCifarResNet(pad=0, maxpool=True)),  # CW-RGP's STL-10 network
 ])
 def test_converted_official_checkpoints_give_the_features_of_the_network_they_came_from(tmp_path, prefix, stem,
@@ -280,7 +280,7 @@ def test_converted_official_checkpoints_give_the_features_of_the_network_they_ca
     x = torch.randn(2, 3, 16, 16)  # the stems differ at the border and in the max-pool at any side
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), network(x), rtol=1e-5, atol=1e-6)
-    assert config["stem"] == (stem or ("cifar" if prefix == "module.backbone." else "cifar-unpadded"))
+    assert config["stem"] == (stem or "cifar")
     assert config["conv1"]["padding"] == (2 if config["stem"] == "cifar" else 1)
 
 
