@@ -328,17 +328,21 @@ def test_knn_memory_is_bounded_by_its_blocks_not_by_the_training_set():
 # ----------------------------------------------------------------------------- the authors' ImageNet protocols
 
 
-@pytest.fixture(scope="module")
-def intl_m_export(pretrained, tmp_path_factory):
-    """The pretrained export, its config.json saying INTL-M (method and recipe.method)."""
-    export = tmp_path_factory.mktemp("intl-m") / "backbone"
+def export_saying(method, pretrained, tmp_path_factory):
+    """The pretrained export (an INTL one), its config.json saying `method` (method and recipe.method)."""
+    export = tmp_path_factory.mktemp(method) / "backbone"
     export.mkdir()
     (export / "model.safetensors").write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
     config = json.loads((pretrained / "backbone" / "config.json").read_text())
     assert config["method"] == "intl" and config["recipe"]["method"] == "intl"
-    config["method"] = config["recipe"]["method"] = "intl-m"
+    config["method"] = config["recipe"]["method"] = method
     (export / "config.json").write_text(json.dumps(config))
     return export
+
+
+@pytest.fixture(scope="module")
+def intl_m_export(pretrained, tmp_path_factory):
+    return export_saying("intl-m", pretrained, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -399,14 +403,7 @@ def test_finetune_keeps_a_constant_lr_head_0_2_and_backbone_0_006_for_intl_or_0_
 
 @pytest.fixture(scope="module")
 def cw_rgp_export(pretrained, tmp_path_factory):
-    """The pretrained export, its config.json saying CW-RGP."""
-    export = tmp_path_factory.mktemp("cw-rgp") / "backbone"
-    export.mkdir()
-    (export / "model.safetensors").write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
-    config = json.loads((pretrained / "backbone" / "config.json").read_text())
-    config["method"] = config["recipe"]["method"] = "cw-rgp"
-    (export / "config.json").write_text(json.dumps(config))
-    return export
+    return export_saying("cw-rgp", pretrained, tmp_path_factory)
 
 
 def test_a_cw_rgp_backbone_gets_cw_rgp_linear_protocol_larc_sgd_lr_0_4_at_batch_1024_cosine_per_epoch(
