@@ -219,7 +219,8 @@ def load_frozen_backbone(config, accelerator):
 
 def resolve_args(argv=None):
     """The flags, with the defaults that follow from other flags, checked before any work."""
-    config = get_parser().parse_args(argv)
+    parser = get_parser()
+    config = parser.parse_args(argv)
     config.protocol = list(dict.fromkeys(config.protocol))  # a protocol named twice runs once
     if config.output_dir is None:
         config.output_dir = str(default_output_dir(config.backbone, config.revision))
@@ -228,7 +229,7 @@ def resolve_args(argv=None):
                          "semi-supervised results")
     if config.resume and not set(TRAINED) & set(config.protocol):
         raise ValueError("--resume applies to --protocol linear and finetune only")
-    intl.check_settings(vars(config), get_parser(), RANGES)
+    intl.check_settings(vars(config), parser, RANGES)
     intl.check_output_dir(config.output_dir)
     return config
 

@@ -489,7 +489,7 @@ def resolve_config(argv=None):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
                          "folder or a Hub dataset id")
     config.mean, config.std = tuple(config.mean), tuple(config.std)
-    check_config(config)
+    check_config(config, parser)
     if config.beta is None and config.method in ("intl", "intl-m"):  # the weight used, as config and card record it
         units = config.batch_size if config.axis == 0 else \
             intl.parse_projector_spec(config.projector)[-1]
@@ -497,10 +497,10 @@ def resolve_config(argv=None):
     return config
 
 
-def check_config(config):
+def check_config(config, parser):
     if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
-    intl.check_settings(vars(config), get_parser(), RANGES)
+    intl.check_settings(vars(config), parser, RANGES)
     if config.output_dir is not None and not config.print_config:
         intl.check_output_dir(config.output_dir)
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
