@@ -191,7 +191,7 @@ def transfer(config, accelerator):
                                 accelerator.print)
 
     if not config.eval_only:  # refused before any loading
-        per_process_batch(config.batch_size, accelerator.num_processes)
+        intl.per_process_batch(config.batch_size, accelerator.num_processes)
     # Data: the test images with their ground truth; the training records unless only evaluating.
     test_data = load_split(config, "test")
     train_records = None if config.eval_only else load_split(config, "train")["records"]
@@ -754,18 +754,9 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
             yield [(self.epoch, int(order[p])) for p in mine]
 
 
-def per_process_batch(global_batch, num_processes):
-    """Each process's equal share of the global batch; a global batch the processes cannot share is refused."""
-    if global_batch % num_processes:
-        nearest = max(1, round(global_batch / num_processes)) * num_processes
-        raise ValueError(f"--batch_size {global_batch} (the global batch) does not split over {num_processes} "
-                         f"processes: use a multiple of {num_processes}, e.g. {nearest}")
-    return global_batch // num_processes
-
-
 def training_batches(train_records, config, accelerator, start):
     """This process's training batches from iteration `start` on, epoch after epoch without end, on the device."""
-    share = per_process_batch(config.batch_size, accelerator.num_processes)
+    share = intl.per_process_batch(config.batch_size, accelerator.num_processes)
     sampler = GroupedBatchSampler(train_records, share, accelerator.num_processes, accelerator.process_index,
                                   config.seed)
     dataset = DetectionImages(train_records, train=True, seed=config.seed, masks=has_masks(config))

@@ -891,6 +891,16 @@ def epoch_order(num_samples, seed, epoch):
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def per_process_batch(global_batch, processes):
+    """Each process's equal share of --batch_size, the global batch of the papers and presets; one the processes
+    cannot share is refused, naming the nearest that they can."""
+    if global_batch % processes:
+        nearest = max(processes, round(global_batch / processes) * processes)
+        raise ValueError(f"--batch_size {global_batch} is the global batch and must split evenly over the {processes} "
+                         f"processes: give --batch_size {nearest}")
+    return global_batch // processes
+
+
 def sync_batchnorm(model, accelerator):
     """With several GPU processes, BatchNorm statistics over the global batch (the authors' runs); else unchanged."""
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":

@@ -167,7 +167,7 @@ def evaluate_backbone(config, accelerator):
     if warning := intl.slow_precision_warning(accelerator):
         print(warning, file=sys.stderr)
     for protocol in trained:  # a global batch that does not split over the processes is refused before any loading
-        per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
+        intl.per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
     resumed = checkpoints_to_resume(config)
     backbone, config = load_frozen_backbone(config, accelerator)
     splits = load_labelled_splits(config, accelerator)
@@ -310,15 +310,6 @@ def learning_rates_note(protocol, config):
                       + (f" (--{flag})" if getattr(config, flag) is not None else "") for flag in flags)
     return (f"{protocol}: {rates} per 256 images of global batch; {config.recipe.upper()}'s recipe, "
             f"chosen by {config.recipe_chosen_by}")
-
-
-def per_process_batch(global_batch, processes):
-    """Each process's share of the global batch: the protocols' batch (256) is global, as in the authors' runs."""
-    if global_batch % processes:
-        raise ValueError(f"--batch_size {global_batch} is the global batch and must split evenly over the "
-                         f"{processes} processes: give a multiple of {processes}, or run a number of processes "
-                         f"that divides {global_batch}")
-    return global_batch // processes
 
 
 # ----------------------------------------------------------------------------- data
@@ -582,7 +573,7 @@ class LarcSGD(torch.optim.SGD):
 def image_loaders(train_split, test_split, global_batch, config, accelerator):
     """Training: augmented, one order per epoch, the last partial batch kept (as the authors' runs do)."""
     train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
-                                per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
+                                intl.per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
                                 sampler=EpochSampler(len(train_split.dataset), config.seed))
     return train_loader, image_loader(test_split, eval_images(config), config.eval_batch_size, config, accelerator)
 

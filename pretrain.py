@@ -642,11 +642,7 @@ def training_loader(config, train_split, accelerator):
     """This process's share of every global batch, augmented. The loader is not passed through accelerator.prepare:
     its ShardedEpochSampler already shards, and its (epoch, index) keys seed the augmentations."""
     processes = accelerator.num_processes
-    if config.batch_size % processes:
-        nearest = max(processes, round(config.batch_size / processes) * processes)
-        raise ValueError(f"--batch_size {config.batch_size} is the global batch and must split evenly over the "
-                         f"{processes} processes: give --batch_size {nearest}")
-    per_process = config.batch_size // processes
+    per_process = intl.per_process_batch(config.batch_size, processes)
     sampler = ShardedEpochSampler(len(train_split.dataset), per_process, processes, accelerator.process_index,
                                   config.seed)
     if sampler.batches_per_epoch == 0:

@@ -543,12 +543,12 @@ def test_lr_warms_up_from_a_thousandth_and_steps_down_tenfold_at_the_recipes_glo
 
 
 def test_the_global_batch_is_shared_equally_or_refused_naming_the_nearest_that_splits():
-    assert dt.per_process_batch(16, 1) == 16 and dt.per_process_batch(16, 8) == 2
-    with pytest.raises(ValueError, match=r"--batch_size 10 \(the global batch\) does not split over 4 processes: use "
-                                         "a multiple of 4, e.g. 8"):
-        dt.per_process_batch(10, 4)
-    with pytest.raises(ValueError, match="e.g. 4"):
-        dt.per_process_batch(3, 4)
+    assert intl.per_process_batch(16, 1) == 16 and intl.per_process_batch(16, 8) == 2  # detection's presets: 16
+    with pytest.raises(ValueError, match="--batch_size 10 is the global batch and must split evenly over the 4 "
+                                         "processes: give --batch_size 8"):
+        intl.per_process_batch(10, 4)
+    with pytest.raises(ValueError, match="give --batch_size 4"):
+        intl.per_process_batch(3, 4)
 
 
 def test_weight_decay_spares_exactly_the_normalisation_parameters():

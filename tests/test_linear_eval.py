@@ -541,9 +541,9 @@ def test_without_dataset_a_backbone_pretrained_on_unknown_or_local_data_asks_for
 
 
 def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
-    assert linear_eval.per_process_batch(256, 1) == 256 and linear_eval.per_process_batch(256, 8) == 32
+    assert intl.per_process_batch(256, 1) == 256 and intl.per_process_batch(256, 8) == 32
     with pytest.raises(ValueError, match="--batch_size 256 is the global batch and must split evenly over the 3"):
-        linear_eval.per_process_batch(256, 3)
+        intl.per_process_batch(256, 3)
     help_text = {a.dest: a.help for a in linear_eval.get_parser()._actions}["batch_size"]
     assert help_text.startswith("GLOBAL training batch") and "divisible" in help_text
 
