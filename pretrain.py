@@ -10,8 +10,6 @@ upload, `pretrain.py export`, the paper's studies and --benchmark.
 """
 
 import argparse
-import csv
-import importlib.util
 import json
 import math
 import os
@@ -98,9 +96,8 @@ PRESETS = {
 }
 # Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
 # when they are not given again.
-RUN_CONTROL = {"output_dir", "resume", "print_config", "report_to", "num_workers", "compile", "log_every",
-               "spectrum_every", "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study",
-               "study_values", "push_to_hub", "private", "license", "overwrite"}
+RUN_CONTROL = {"output_dir", "resume", "print_config", "num_workers", "compile", "log_every", "spectrum_every",
+               "knn_every", "save_every", "keep", "stop_after_steps", "benchmark", "study", "study_values", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "print_config", "stop_after_steps", "benchmark", "study",
                "study_values", "overwrite"}
@@ -177,7 +174,6 @@ def get_parser():
                         help="intl: IterNorm + trace loss; intl-m: with an EMA target; st: g(l) = l^-power; cw-rgp: "
                              "channel whitening, random groups; wmse: Cholesky whitening")
     method.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
-    method.add_argument("--coupled", action="store_true", help="IterNorm's coupled form, stable at large T")
     method.add_argument("--axis", type=int, default=0, choices=[0, 1],
                         help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
     method.add_argument("--beta", type=float, default=None,
@@ -222,14 +218,12 @@ def get_parser():
     run.add_argument("--log_every", type=int, default=10, help="log the loss every N steps")
     run.add_argument("--spectrum_every", type=int, default=100, help="log the spectrum of Z and Z_hat every N steps")
     run.add_argument("--knn_every", type=int, default=0, help="held-out 5-NN accuracy every N epochs (0: never)")
-    run.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"], help="tracker")
     run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     run.add_argument("--study", default=None, choices=["power", "trace"],
                      help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
     run.add_argument("--study_values", default=None, help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8,10,12)")
     run.add_argument("--benchmark", type=int, default=0,
                      help="time N training steps on random images: step time, images/s, memory")
-    add_hub_arguments(parser.add_argument_group("Hub"))
     return parser
 
 
@@ -239,9 +233,7 @@ def main(argv=None):
     config = resolve_config(argv)
     if config.print_config:
         return print(json.dumps(vars(config), indent=2))
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              log_with=None if config.report_to == "none" else config.report_to,
-                              project_dir=config.output_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
     if config.benchmark:
         return benchmark(config, accelerator)
     with intl.locked(config.output_dir, accelerator.is_main_process):
@@ -253,16 +245,16 @@ def main(argv=None):
 def train(config, accelerator):
     """Pretraining: data -> model -> optimiser -> resume -> the loop over epochs and batches -> export."""
     output_dir = Path(config.output_dir)
-    log = Logger(output_dir, accelerator)
+    info = tqdm.write if accelerator.is_main_process else (lambda message: None)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
-    intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, log.info)
-    introduce(config, accelerator, log)
+    intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, info)
+    introduce(config, accelerator, info)
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
     train_split = intl.load_image_split(config.dataset, config.split, config.image_column, config.label_column,
                                         accelerator)
     loader = training_loader(config, train_split, accelerator)
-    monitor = Monitor(config, accelerator, log, knn_splits(config, accelerator, train_split), loader)
+    monitor = Monitor(config, accelerator, loader, knn_splits(config, accelerator, train_split))
     steps_per_epoch, total_steps = monitor.steps_per_epoch, monitor.total_steps
 
     # Model: built from the same seed on every process, then seeded per process for everything else.
@@ -274,13 +266,11 @@ def train(config, accelerator):
     warmup_steps = round(config.warmup_epochs * steps_per_epoch) if config.warmup_steps is None else config.warmup_steps
 
     # Resume: model, optimiser and RNG states, the step, and the log up to that step.
-    log.plotted_steps = plotted_steps(total_steps, config.spectrum_every)
-    step, last_good = resume(config, accelerator, output_dir, log) if config.resume else (0, None)
-    log.start(step)
-    log.info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
-             f"peak lr {peak_lr:.4g}")
+    step, last_good = resume(config, accelerator, output_dir, info) if config.resume else (0, None)
+    info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
+         f"peak lr {peak_lr:.4g}")
     if warmup_steps > total_steps:
-        log.info(f"note: the warm-up ({warmup_steps} steps) outlasts the run: the lr never reaches its peak")
+        info(f"note: the warm-up ({warmup_steps} steps) outlasts the run: the lr never reaches its peak")
     monitor.start(step, last_good, model)
 
     model.train()
@@ -307,49 +297,43 @@ def train(config, accelerator):
     finally:
         monitor.progress.close()  # before any error message, so that the message is the last line
 
-    finish(config, accelerator, log, monitor, step)
+    finish(config, accelerator, monitor, step, info)
 
 
-def finish(config, accelerator, log, monitor, step):
+def finish(config, accelerator, monitor, step, info):
     """Once the last step is done: the backbone alone, the spectrum plot, the summary and what to run next; after
     --stop_after_steps: where to continue from."""
     output_dir = Path(config.output_dir)
     if step == monitor.total_steps:
         if accelerator.is_main_process:
-            export_backbone_from(monitor.last_good, output_dir / "backbone", results=log.knn_result(step, config),
-                                 repo_id=config.push_to_hub, license=config.license)
-            push_if_asked(output_dir / "backbone", config)
-            log.plot_spectra(output_dir / "spectrum.png")
-        log.summary()
+            export_backbone_from(monitor.last_good, output_dir / "backbone")
+            monitor.plot_spectra(output_dir / "spectrum.png")
+            monitor.summary()
         evaluate = f"python linear_eval.py --backbone {output_dir / 'backbone'}"
         if not (config.dataset == intl.DIGITS_SOURCE or is_hub_dataset_id(config.dataset)):
             evaluate += " --dataset LABELLED_DATA"  # linear_eval cannot find a local folder from the export
-        log.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
-                 f"{evaluate}")
+        info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
+             f"{evaluate}. To publish it with the evaluation's results: python pretrain.py export --source "
+             f"{output_dir / 'backbone'} --eval_results RESULT.json --output_dir NEW --push_to_hub REPO")
     else:
-        log.info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
-                 f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
+        info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
+             f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
     accelerator.end_training()
 
 
-def introduce(config, accelerator, log):
-    """What runs where (also to the trackers), and a Hub push checked before any work."""
-    accelerator.init_trackers("intl", config=hyperparameters(config))
-    log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-             f"precision {accelerator.mixed_precision}")
+def introduce(config, accelerator, info):
+    """What runs where, and with what."""
+    info(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
     if warning := intl.slow_precision_warning(accelerator):
-        log.info(warning)
-    if config.push_to_hub and accelerator.is_main_process:
-        log.info(f"the export will be pushed to {config.push_to_hub} as "
-                 f"{check_hub_access(config.push_to_hub, config.private)}")
+        info(warning)
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
-    log.info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
-             f"{config.batch_size} ({config.batch_size // accelerator.num_processes} per process), {config.epochs} "
-             f"epoch{'s' * (config.epochs != 1)}")
+    info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
+         f"{config.batch_size} ({config.batch_size // accelerator.num_processes} per process), {config.epochs} "
+         f"epoch{'s' * (config.epochs != 1)}")
     recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
     if recipe_batch and config.batch_size != recipe_batch:
-        log.info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's {config.batch_size}; "
-                 "the lr scales with it")
+        info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's {config.batch_size}; "
+             "the lr scales with it")
 
 
 def batches(loader, step, stop_at):
@@ -365,44 +349,56 @@ def batches(loader, step, stop_at):
 
 
 class Monitor:
-    """After every step, in one place: the non-finite check, the log, the spectrum, the 5-NN monitor, checkpoints.
-    The host reads the device only at the steps that log or save, and first asks whether a loss was non-finite."""
+    """After every step, in one place: the non-finite check, log.jsonl (the figures, a collapse warning, and the
+    eigenvalues of Z and Z_hat at the steps that spectrum.png draws), the 5-NN monitor, checkpoints. The host reads
+    the device only at the steps that log or save, and first asks whether a loss was non-finite. The log is appended
+    to as the run goes, so a resumed run (which first drops what the interrupted one logged after its checkpoint)
+    ends with the same log, plot and summary as an uninterrupted one."""
 
-    def __init__(self, config, accelerator, log, knn_data, loader):
-        self.config, self.accelerator, self.log, self.knn_data = config, accelerator, log, knn_data
+    def __init__(self, config, accelerator, loader, knn_data):
+        self.config, self.accelerator, self.knn_data = config, accelerator, knn_data
+        self.main, self.path = accelerator.is_main_process, Path(config.output_dir) / "log.jsonl"
         self.steps_per_epoch = loader.sampler.batches_per_epoch
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.stop_after_steps or self.total_steps)
+        self.plotted_steps = plotted_steps(self.total_steps, config.spectrum_every)
         self.watch = NonFiniteWatch(accelerator.device)
 
     def start(self, step, last_good, model):
-        """The progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
-        self.last_good = last_good  # the newest checkpoint (maybe in another folder), or none yet
+        """The log up to `step` (what an interrupted run logged after it goes), the progress bar and the clock from
+        `step`; the 5-NN accuracy at initialisation."""
+        self.last_good, self.collapsed_at = last_good, None  # the newest checkpoint (maybe elsewhere), or none yet
+        if self.main:
+            if step and not self.path.exists():  # a copied checkpoints/ folder
+                self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the "
+                          "earlier steps are not in it)")
+            intl.truncate_jsonl(self.path, step)
+            self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
         if self.knn_data and step == 0:
             self.knn(step, model)
-        self.progress = tqdm(total=self.stop_at, initial=step, disable=not self.accelerator.is_main_process,
-                             desc="pretrain")
+        self.progress = tqdm(total=self.stop_at, initial=step, disable=not self.main, desc="pretrain")
         self.first_step, self.tic = step, time.time()
 
     def after_step(self, step, out, lr, model):
-        config, log = self.config, self.log
+        config = self.config
         self.progress.update(1)
         epoch_end = step % self.steps_per_epoch == 0
         log_now = step % config.log_every == 0
         spectrum_now = step % config.spectrum_every == 0 or step == self.total_steps
         save_now = step % config.save_every == 0 or epoch_end or step == self.stop_at
         if log_now or spectrum_now or save_now:
-            self.watch.check(self.last_good, log.collapse_note)
+            self.watch.check(self.last_good, "" if self.collapsed_at is None else
+                             f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)")
         if log_now:
             loss = out["loss"].item()
-            images = (step - self.first_step) * config.batch_size
-            speed = images / (time.time() - self.tic)
+            speed = (step - self.first_step) * config.batch_size / (time.time() - self.tic)
             self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}")
-            log.metrics(step, {"loss": loss, "lr": lr, "epoch": step / self.steps_per_epoch, "images_per_s": speed})
-        if spectrum_now:
-            log.spectrum(step, out["z"], out["z_hat"], config.axis)
-        epochs_done = step // self.steps_per_epoch
-        if epoch_end and self.knn_data and (epochs_done % config.knn_every == 0 or step == self.total_steps):
+            self.append({"step": step, "loss": loss, "lr": lr, "epoch": step / self.steps_per_epoch,
+                         "images_per_s": speed})
+        if spectrum_now and self.main:
+            self.spectrum(step, out["z"], out["z_hat"])
+        if epoch_end and self.knn_data and (step // self.steps_per_epoch % config.knn_every == 0
+                                            or step == self.total_steps):
             self.knn(step, model)
         if save_now:
             self.last_good = save_checkpoint(self.accelerator, config, step, self.steps_per_epoch)
@@ -412,7 +408,56 @@ class Monitor:
         (train, train_labels), (test, test_labels) = (intl.extract_features(backbone, loader, self.accelerator)
                                                       for loader in self.knn_data)
         top1 = intl.knn_classify(train, train_labels, test, test_labels, k=5, device=self.accelerator.device)["top1"]
-        self.log.metrics(step, {"knn_top1": top1})
+        self.info(f"step {step}: 5-NN top-1 {top1:.2f}%")
+        self.append({"step": step, "knn_top1": top1})
+
+    def info(self, message):
+        if self.main:
+            tqdm.write(message)
+
+    def append(self, record):
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def spectrum(self, step, z, z_hat):
+        """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
+        the eigenvalues themselves at the plotted steps."""
+        eig_z, eig_z_hat = intl.covariance_spectrum(z, self.config.axis), intl.covariance_spectrum(z_hat, self.config.axis)
+        self.append({"step": step, "lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
+                     "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
+        if self.collapsed_at is None and intl.collapsed(z, eig_z):
+            warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
+                       f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
+                       "one direction, so the features will carry little information. Check the data (many "
+                       "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
+            self.info(f"warning: {warning}")
+            self.append({"step": step, "warning": warning})
+            self.collapsed_at = step
+        if step in self.plotted_steps:
+            self.append({"step": step, "spectrum_z": eig_z.tolist(), "spectrum_z_hat": eig_z_hat.tolist()})
+
+    def plot_spectra(self, path):
+        if spectra := logged_spectra(self.path):
+            plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path, f"{self.path.parent.name}: eigenvalues of the covariance over training")
+            self.info(f"spectrum plot: {path}")
+
+    def summary(self):
+        """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
+        says what it means."""
+        records = intl.read_jsonl(self.path)
+        shown = lambda value: "rank-deficient" if value == -math.inf else f"{value:9.4f}"  # noqa: E731
+        lines = ["summary (first logged -> last logged):"]
+        for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
+                           ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
+                           ("images_per_s", "images/s since the start")):
+            values = [(r["step"], r[key]) for r in records if key in r]
+            if values:
+                (first_step, first), (last_step, last) = values[0], values[-1]
+                lines.append(f"  {label:28s} step {first_step:6d}: {shown(first)}  ->  step {last_step:6d}: "
+                             f"{shown(last)}")
+        lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
+        self.info("\n".join(lines))
 
 
 class NonFiniteWatch:
@@ -428,17 +473,17 @@ class NonFiniteWatch:
         self.first_step = torch.where(first, step, self.first_step)
         self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
 
-    def check(self, last_good, note=lambda: ""):
-        """note: called only when a loss was non-finite, for what the log can add (an earlier collapse)."""
+    def check(self, last_good, note=""):
+        """note: what the log can add (an earlier collapse)."""
         step = self.first_step.item()
         if step >= 0:
             raise FloatingPointError(
                 f"the loss is {self.first_loss.item()} at step {step}; the last good checkpoint is {last_good or 'none'}. "
-                "Lower --lr or use --mixed_precision no; IterNorm with many --iters: try --coupled; with an "
-                "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note())
+                "Lower --lr or use --mixed_precision no (with many --iters IterNorm diverges: fewer); with an "
+                "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note)
 
 
-def resume(config, accelerator, output_dir, log):
+def resume(config, accelerator, output_dir, info):
     """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its step, its folder)."""
     def check_state(checkpoint, state):
         if not isinstance(state.get("step"), int):
@@ -450,8 +495,8 @@ def resume(config, accelerator, output_dir, log):
                              "lr, would change; resume with the same number of processes")
 
     checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
-                                             say=log.info)
-    log.info(f"resumed from {checkpoint} at step {state['step']}")
+                                             say=info)
+    info(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"], checkpoint
 
 
@@ -503,9 +548,6 @@ def check_config(config, parser):
     intl.check_settings(vars(config), parser, RANGES)
     if config.output_dir is not None and not config.print_config:
         intl.check_output_dir(config.output_dir)
-    if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
-        raise ValueError(f"--report_to {config.report_to}: the package is not installed "
-                         f"(pip install {config.report_to}), or use --report_to none")
     intl.parse_projector_spec(config.projector)
     if config.jitter[3] > 0.5:
         raise ValueError(f"--jitter {' '.join(map(str, config.jitter))}: the hue strength must be at most 0.5")
@@ -672,7 +714,7 @@ def build_model(config):
     if config.method == "st":  # the alignment loss alone unless --beta asks for the trace loss too
         transform, beta = intl.PowerTransform(config.power, config.axis, config.w_eps), config.beta or 0.0
     else:
-        transform, beta = intl.IterNorm(config.iters, config.axis, config.coupled), config.beta
+        transform, beta = intl.IterNorm(config.iters, config.axis), config.beta
     return intl.INTL(backbone, projector, transform, beta, momentum_target=config.method == "intl-m")
 
 
@@ -770,105 +812,7 @@ def write_export(export_dir, weights, config, card=None):
 
 
 # -----------------------------------------------------------------------------
-# Logging
-
-
-def hyperparameters(config):
-    """What the run computes with, for TensorBoard / wandb: no run-control flag and nothing unset; numbers, strings
-    and booleans as themselves, lists as text."""
-    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-            for key, value in vars(config).items() if key not in RUN_CONTROL and value is not None}
-
-
-class Logger:
-    """log.jsonl in output_dir (the figures, a collapse warning, and the eigenvalues of Z and Z_hat at the steps
-    that spectrum.png draws) and Accelerate's trackers. The log is appended to as the run goes, so a resumed run
-    (which first drops what the interrupted one logged after its checkpoint) ends with the same log, plot and
-    summary as an uninterrupted one."""
-
-    def __init__(self, output_dir, accelerator):
-        self.path, self.accelerator, self.main = output_dir / "log.jsonl", accelerator, accelerator.is_main_process
-        self.plotted_steps, self.collapsed_at = set(), None
-
-    def start(self, step):
-        """A new log (prepare_output_dir left none), or on resume the log up to `step`: what the interrupted run
-        logged after it goes."""
-        if not self.main:
-            return
-        if step and not self.path.exists():  # a copied checkpoints/ folder: the summary starts at this step
-            self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the earlier "
-                      "steps are not in it)")
-        intl.truncate_jsonl(self.path, step)
-        self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
-
-    def info(self, message):
-        if self.main:
-            tqdm.write(message)
-
-    def metrics(self, step, values):
-        self.accelerator.log(values, step=step)
-        if "knn_top1" in values:
-            self.info(f"step {step}: 5-NN top-1 {values['knn_top1']:.2f}%")
-        self.append({"step": step, **values})
-
-    def append(self, record):
-        if self.main:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def spectrum(self, step, z, z_hat, axis):
-        """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
-        the eigenvalues themselves at the plotted steps."""
-        if not self.main:
-            return
-        eig_z, eig_z_hat = intl.covariance_spectrum(z, axis), intl.covariance_spectrum(z_hat, axis)
-        self.metrics(step, {"lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
-                            "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
-        if self.collapsed_at is None and intl.collapsed(z, eig_z):
-            warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
-                       f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
-                       "one direction, so the features will carry little information. Check the data (many "
-                       "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
-            self.info(f"warning: {warning}")
-            self.append({"step": step, "warning": warning})
-            self.collapsed_at = step
-        if step in self.plotted_steps:
-            self.append({"step": step, "spectrum_z": eig_z.tolist(), "spectrum_z_hat": eig_z_hat.tolist()})
-
-    def collapse_note(self):
-        return "" if self.collapsed_at is None else \
-            f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)"
-
-    def plot_spectra(self, path):
-        if spectra := logged_spectra(self.path):
-            plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path,
-                         f"{self.path.parent.name}: eigenvalues of the covariance over training")
-            self.info(f"spectrum plot: {path}")
-
-    def knn_result(self, step, config):
-        """The held-out 5-NN accuracy logged at `step` as an evaluation record (linear_eval.py's format), or None."""
-        top1 = [r["knn_top1"] for r in intl.read_jsonl(self.path) if "knn_top1" in r and r["step"] == step]
-        return [{"rows": [{"name": "5-NN (euclidean)", "top1": top1[-1], "top5": None}],
-                 "dataset": config.dataset, "test_split": config.eval_split}] if top1 else None
-
-    def summary(self):
-        """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
-        says what it means."""
-        if not self.main:
-            return
-        records = intl.read_jsonl(self.path)
-        shown = lambda value: "rank-deficient" if value == -math.inf else f"{value:9.4f}"  # noqa: E731
-        lines = ["summary (first logged -> last logged):"]
-        for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
-                           ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
-                           ("images_per_s", "images/s since the start")):
-            values = [(r["step"], r[key]) for r in records if key in r]
-            if values:
-                (first_step, first), (last_step, last) = values[0], values[-1]
-                lines.append(f"  {label:28s} step {first_step:6d}: {shown(first)}  ->  step {last_step:6d}: "
-                             f"{shown(last)}")
-        lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
-        self.info("\n".join(lines))
+# The spectrum plot
 
 
 def logged_spectra(log_path):
@@ -956,11 +900,11 @@ def timm_config(config):
 
 
 def model_card(config, results=None, repo_id=None, license=None):
-    """The model card: the Hub's metadata, with a model-index of `results` (linear_eval.py's result records, as
-    paths or dicts), and a body with the recipe, the results and how to load the weights. repo_id: the Hub repo
-    named in the snippets; license: a Hub license id, or None: the card says that none was chosen and its metadata
-    has no license (the Hub's "other" would need a name and a link). Only results on a Hub dataset enter the
-    model-index (its dataset type is a Hub id); the body's table holds them all."""
+    """The model card: the Hub's metadata and a short body (the results, how to load the weights, the citation;
+    config.json holds the recipe). results: linear_eval.py's result records (paths or dicts); only those on a Hub
+    dataset enter the model-index (its dataset type is a Hub id), the body's table holds them all. repo_id: the Hub
+    repo named in the snippets. license: a Hub license id, or None: the card says that none was chosen and its
+    metadata has no license (the Hub's "other" would need a name and a link)."""
     import huggingface_hub
 
     records = [read_result(item) for item in results or []]
@@ -979,37 +923,24 @@ def model_card(config, results=None, repo_id=None, license=None):
         tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"]
         + ["timm"] * with_timm, model_name=name if eval_results else None, eval_results=eval_results or None,
         datasets=[dataset] if is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
-    body = card_body(config, records, name, repo_id or "OWNER/NAME", license)
-    return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}"))  # parses: valid metadata
-
-
-def card_body(config, records, name, repo, license):
-    arch, stem, size, dim = config.get("arch"), config.get("stem", "imagenet"), config.get("image_size"), \
-        config.get("feature_dim", "D")
-    recipe = "\n".join(f"| {label} | {config[key]} |" for key, label in (
-        ("method", "method"), ("arch", "encoder"), ("stem", "stem (conv1, max-pool: see `config.json`)"),
-        ("projector", "projector widths"), ("iters", "IterNorm iterations T"), ("axis", "whitening axis"),
-        ("beta", "trace-loss weight beta"),
-        ("dataset", "pretraining data"), ("split", "split"), ("image_size", "input size"), ("epochs_trained", "epochs"),
-        ("preset", "preset"), ("converted_from", "converted from")) if config.get(key) is not None)
-    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"]
-    for record in records:
-        for row in record["rows"]:
-            top1, top5 = ("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5"))
-            table.append(f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
-                         f"{top1} | {top5} |")
-    kernel, stride, padding, maxpool = intl.STEMS[stem]
-    stem_code = "" if stem == "imagenet" else (
+    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
+        f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
+        + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
+        for record in records for row in record["rows"]]
+    kernel, stride, padding, maxpool = intl.STEMS[config.get("stem", "imagenet")]
+    stem_code = "" if config.get("stem", "imagenet") == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
         + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    resize = intl.eval_resize(size, config.get("eval_resize")) if size else "?"
-    mean, std = list(config.get("mean", [])), list(config.get("std", []))
-    timm_usage = TIMM_USAGE.format(repo=repo, dim=dim) if "architecture" in config else \
-        "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above."
-    return CARD.format(name=name, arch=arch, dim=dim, recipe=recipe, resize=resize, size=size, mean=mean, std=std,
-                       table="\n".join(table) if records else "No evaluation results were recorded with this export.",
-                       stem_code=stem_code, repo=repo, timm_usage=timm_usage, citations=CITATIONS,
-                       license_note="" if license else "\nNo license was chosen for these weights by their publisher.")
+    repo, size, dim = repo_id or "OWNER/NAME", config.get("image_size"), config.get("feature_dim", "D")
+    body = CARD.format(
+        name=name, arch=config.get("arch"), dim=dim, size=size, stem_code=stem_code, repo=repo,
+        resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
+        mean=list(config.get("mean", [])), std=list(config.get("std", [])),
+        table="\n".join(table) if records else "No evaluation results were recorded with this export.",
+        timm_usage=TIMM_USAGE.format(repo=repo, dim=dim) if with_timm else
+        "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above.",
+        license_note="" if license else "\nNo license was chosen for these weights by their publisher.")
+    return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}{CITATIONS}"))  # parses: valid
 
 
 CARD = """
@@ -1017,18 +948,12 @@ CARD = """
 
 A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in Self-Supervised
 Learning", Weng et al., ICLR 2024). Only the backbone is published (a torchvision `state_dict` without `fc.*`): it
-outputs {dim}-dimensional features.
-
-## Recipe
-
-| setting | value |
-|---|---|
-{recipe}
+outputs {dim}-dimensional features. `config.json` holds the recipe it was trained with.
 
 ## Evaluation
 
 Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (`linear_eval.py` of the project
-that made this model); the numbers are those of the final epoch.
+that made this model).
 
 {table}
 
@@ -1058,9 +983,6 @@ From a clone of the INTL repository that made this model: `import intl; net, con
 
 ## Citation
 
-```bibtex
-{citations}
-```
 """
 TIMM_USAGE = """With timm (its ResNets are torchvision's):
 
@@ -1069,7 +991,7 @@ import timm
 net = timm.create_model("hf-hub:{repo}", pretrained=True).eval()  # net(preprocess(image)[None]) -> [1, {dim}]
 preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=net))
 ```"""
-CITATIONS = """\
+CITATIONS = """```bibtex
 @inproceedings{weng2024modulate,
   title     = {Modulate Your Spectrum in Self-Supervised Learning},
   author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
@@ -1082,7 +1004,9 @@ Khan, Fahad Shahbaz and Huang, Lei},
   author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
   booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
   year      = {2022}
-}"""
+}
+```
+"""
 
 
 def is_hub_dataset_id(dataset):
@@ -1105,23 +1029,6 @@ def read_result(item):
     return record
 
 
-def check_hub_access(repo_id, private=False):
-    """Before any work: a token, and the repo created (or found) with it, so that a missing login or a repo one
-    cannot write fails now rather than after the training."""
-    import huggingface_hub
-
-    api = huggingface_hub.HfApi()
-    try:
-        user = api.whoami()["name"]
-        api.create_repo(repo_id, private=private, exist_ok=True)
-    except Exception as error:  # no token, offline, no right to the namespace: the library's own words say which
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--push_to_hub {repo_id}: the Hub refused or could not be reached ({message}). Log in with "
-                         "`hf auth login` (or set HF_TOKEN) with write access to that namespace, or leave out "
-                         "--push_to_hub and push later with `python pretrain.py export --push_to_hub`") from None
-    return user
-
-
 def push_export_to_hub(export_dir, repo_id, private=False):
     """Upload exactly the weights, config.json and model card of an export folder to a Hub model repo, as one
     commit to its main branch."""
@@ -1139,23 +1046,9 @@ def push_export_to_hub(export_dir, repo_id, private=False):
                              commit_message=f"Upload INTL backbone from {export_dir.name}")
 
 
-def push_if_asked(export_dir, args):
-    """--push_to_hub and --private (a training run's or `export`'s)."""
-    if args.push_to_hub:
-        push_export_to_hub(export_dir, args.push_to_hub, args.private)
-        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}")
-
-
-def add_hub_arguments(group):
-    group.add_argument("--push_to_hub", type=str, default=None, metavar="REPO_ID",
-                       help="publish the export (weights, config, model card) to this Hub model repo")
-    group.add_argument("--private", action="store_true", help="create the Hub repo private")
-    group.add_argument("--license", type=str, default=None,
-                       help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
-
-
 def main_export(argv=None):
-    """`python pretrain.py export ...`: raises ValueError on bad input (the caller prints `error: ...`)."""
+    """`python pretrain.py export ...`, the one way to publish: a training run cannot, as the card's results
+    (--eval_results) exist only after it. Raises ValueError on bad input (the caller prints `error: ...`)."""
     parser = argparse.ArgumentParser(
         prog="pretrain.py export", allow_abbrev=False, formatter_class=intl.HelpFormatter,
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
@@ -1172,18 +1065,22 @@ def main_export(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace the export already in --output_dir")
     parser.add_argument("--eval_results", nargs="*", default=[],
                         help="linear_eval.py result JSON files for the model card's model-index")
-    add_hub_arguments(parser)
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                        help="publish the export (weights, config, model card) to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--license", default=None,
+                        help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
     args = parser.parse_args(argv)
     intl.check_output_dir(args.output_dir)
     if intl.existing_results(args.output_dir, intl.EXPORT_FILES + ("README.md",)) and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
                          "give another --output_dir, or add --overwrite to replace it")
-    if args.push_to_hub:
-        check_hub_access(args.push_to_hub, args.private)
     export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
                                       args.stem, args.license)
     print(f"exported {args.source} to {export_dir}")
-    push_if_asked(export_dir, args)
+    if args.push_to_hub:  # a refusal (no token, no right to the namespace) ends in the library's words
+        push_export_to_hub(export_dir, args.push_to_hub, args.private)
+        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}")
     return export_dir
 
 
@@ -1206,22 +1103,23 @@ def run_study(config, argv, accelerator):
         base += ["--w_eps", "1e-3"] if study == "power" and "--w_eps" not in given else []
     # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
     earlier = [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)]
-    intl.refuse_to_replace(output_dir, [f"{study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
-                           + earlier, config.overwrite)
+    intl.refuse_to_replace(output_dir, [f"{study}_study.json", f"{study}_study.png"] + earlier, config.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for settings, flags, name in tqdm(runs, desc=f"{study} study"):
         result = subprocess.run([sys.executable, __file__, *base, *flags, "--output_dir", str(output_dir / name)],
                                 capture_output=True, text=True)
-        rows.append({**settings, "run": name, **study_row(output_dir / name, result)})
+        records = intl.read_jsonl(output_dir / name / "log.jsonl")
+        error = result.stderr.strip().splitlines()[-1] if result.returncode else ""
+        # A failed run has no final figures: its last logged ones (e.g. the kNN at initialisation) would mislead.
+        final = {key: None if error else next((r[key] for r in reversed(records) if key in r), None)
+                 for key in ("loss", "knn_top1", "lg_ioc_z", "lg_ioc_z_hat", "erank_z")}
+        rows.append({**settings, "run": name, **final, "steps": max((r["step"] for r in records), default=0),
+                     "error": error})
         tqdm.write(f"{name}: {json.dumps(rows[-1])}")
     intl.write_text_atomically(output_dir / f"{study}_study.json", json.dumps(rows, indent=2))
-    with intl.replacing(output_dir / f"{study}_study.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
     plot_study(study, rows, output_dir)
-    print(f"{study} study: {len(rows)} runs -> {output_dir}/{study}_study.{{csv,json,png}}")
+    print(f"{study} study: {len(rows)} runs -> {output_dir}/{study}_study.{{json,png}}")
 
 
 # The flags a study sets for each of its runs (each takes one value).
@@ -1241,19 +1139,8 @@ def study_runs(config):
     return runs
 
 
-def study_row(run_dir, result):
-    """Final figures of one study run from its log, or its error."""
-    records = intl.read_jsonl(run_dir / "log.jsonl")
-    error = result.stderr.strip().splitlines()[-1] if result.returncode else ""
-    # A failed run has no final figures: its last logged ones (e.g. the kNN at initialisation) would mislead.
-    last = {key: None if error else next((r[key] for r in reversed(records) if key in r), None)
-            for key in ("loss", "knn_top1", "lg_ioc_z", "lg_ioc_z_hat", "erank_z")}
-    return {**last, "steps": max((r["step"] for r in records), default=0), "error": error}
-
-
 def plot_study(study, rows, output_dir):
-    """STUDY_study.png: lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed);
-    STUDY_study_spectra.png: the final spectra of the runs that finished."""
+    """STUDY_study.png: lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1278,11 +1165,6 @@ def plot_study(study, rows, output_dir):
     with intl.replacing(output_dir / f"{study}_study.png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    finals = [(row["run"], *spectra[-1][1:]) for row in rows if not row["error"]
-              for spectra in [logged_spectra(output_dir / row["run"] / "log.jsonl")] if spectra]
-    if finals:
-        plot_spectra(finals, output_dir / f"{study}_study_spectra.png",
-                     f"{study} study: the final eigenvalues of the covariance", curves=len(finals))
 
 
 # -----------------------------------------------------------------------------

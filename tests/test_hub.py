@@ -305,7 +305,9 @@ def test_model_card_has_hub_metadata_results_citations_and_a_working_torchvision
                        "linear (ImageNet protocol) top-5 accuracy (%)": 99.5, "5-NN (euclidean) top-1 accuracy (%)": 88.0}
     assert all(r.dataset_type == "uoft-cs/cifar10" and r.dataset_split == "test" for r in data.eval_results)
     assert "@inproceedings{weng2024modulate" in card.text and "@inproceedings{weng2022investigation" in card.text
-    assert "IterNorm" in card.text and "| projector widths | 64-64-64 |" in card.text
+    assert "IterNorm" in card.text and "`config.json` holds the recipe" in card.text
+    assert "| linear (ImageNet protocol) | uoft-cs/cifar10 (test) | 91.23 | 99.50 |" in card.text
+    assert "| 5-NN (euclidean) | uoft-cs/cifar10 (test) | 88.00 | - |" in card.text
     snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
     namespace = {}
     exec(snippet.replace("from huggingface_hub import hf_hub_download", "")
@@ -494,17 +496,12 @@ def test_a_card_names_no_local_path_the_split_used_and_says_when_no_license_was_
     assert huggingface_hub.ModelCard.load(licensed / "README.md").data.license == "apache-2.0"
 
 
-def test_push_to_hub_without_a_token_fails_before_any_training(tmp_path, monkeypatch):
-    from test_pretrain import tiny
-
-    def no_token(self):
+def test_a_refused_push_ends_in_one_line_with_the_librarys_words_and_keeps_the_export(export, tmp_path, monkeypatch):
+    def no_token(self, *args, **kwargs):
         raise huggingface_hub.errors.LocalTokenNotFoundError("Token is required, but no token found")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", no_token)
-    images = tmp_path / "images"
-    for i in range(8):
-        (images / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
-        torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(images / f"class_{i % 2}" / f"{i}.png")
-    with pytest.raises(ValueError, match="--push_to_hub me/m: the Hub refused.*no token found.*hf auth login"):
-        tiny(images, "--output_dir", tmp_path / "run", "--push_to_hub", "me/m")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_token)
+    with pytest.raises(SystemExit) as info:
+        intl.run(main_export, ["--source", str(export), "--output_dir", str(tmp_path / "out"), "--push_to_hub", "me/m"])
+    assert info.value.code == "error: Token is required, but no token found"  # one line, exit status 1
+    intl.load_backbone(tmp_path / "out")  # the export is written: pushing it again takes seconds
