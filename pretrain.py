@@ -558,13 +558,8 @@ def check_config(config, parser):
     if config.num_views + len(small_crops) < 2:
         raise ValueError(f"--num_views {config.num_views} without --small_crops: the objective compares views, "
                          "give at least 2")
-    # Without --study_values the study's own values, which are valid.
-    values = parse_floats(config.study_values, "study_values") if config.study_values is not None else [1]
-    if config.study == "power" and not (values and min(values) >= 0):
-        raise ValueError(f"--study_values {config.study_values!r}: give powers p >= 0 separated by commas")
-    if config.study == "trace" and not (values and all(v >= 1 and v == int(v) for v in values)):
-        raise ValueError(f"--study_values {config.study_values!r}: give iteration counts T >= 1 (integers) separated "
-                         "by commas")
+    if config.study:
+        study_runs(config)  # checks --study_values
 
 
 def parse_floats(text, flag):
@@ -937,7 +932,7 @@ def model_card(config, results=None, repo_id=None, license=None):
         resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
         mean=list(config.get("mean", [])), std=list(config.get("std", [])),
         table="\n".join(table) if records else "No evaluation results were recorded with this export.",
-        timm_usage=TIMM_USAGE.format(repo=repo, dim=dim) if with_timm else
+        timm_usage=TIMM_USAGE.format(repo=repo) if with_timm else
         "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above.",
         license_note="" if license else "\nNo license was chosen for these weights by their publisher.")
     return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}{CITATIONS}"))  # parses: valid
@@ -959,8 +954,7 @@ that made this model).
 
 ## Usage
 
-Input: RGB images resized to {resize} px (bilinear), centre-cropped to {size} px, scaled to [0, 1] and
-normalised with mean {mean} and std {std}. With plain torchvision:
+With plain torchvision (the input: RGB, resized and centre-cropped, scaled to [0, 1] and normalised):
 
 ```python
 import torch, torchvision
@@ -984,13 +978,7 @@ From a clone of the INTL repository that made this model: `import intl; net, con
 ## Citation
 
 """
-TIMM_USAGE = """With timm (its ResNets are torchvision's):
-
-```python
-import timm
-net = timm.create_model("hf-hub:{repo}", pretrained=True).eval()  # net(preprocess(image)[None]) -> [1, {dim}]
-preprocess = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=net))
-```"""
+TIMM_USAGE = """With timm (its ResNets are torchvision's): `timm.create_model("hf-hub:{repo}", pretrained=True)`."""
 CITATIONS = """```bibtex
 @inproceedings{weng2024modulate,
   title     = {Modulate Your Spectrum in Self-Supervised Learning},
@@ -1095,12 +1083,10 @@ def run_study(config, argv, accelerator):
     if not accelerator.is_main_process:
         return
     output_dir, study, runs = Path(config.output_dir), config.study, study_runs(config)
-    given = {arg.split("=")[0] for arg in argv}
-    base = [arg for previous, arg in zip([""] + argv, argv)  # without the flags set per run, and their values
-            if arg.split("=")[0] not in STUDY_SETS and previous not in STUDY_SETS]
+    # Each run: this command's flags without --study, then its own, which win (argparse keeps a flag's last value).
+    base = [arg for previous, arg in zip([""] + argv, argv) if "--study" not in (previous, arg.split("=")[0])]
     if config.preset == "digits":  # minutes on a CPU; two identical crops in a batch make S singular without eps
-        base += [] if "--epochs" in given else ["--epochs", "5"]
-        base += ["--w_eps", "1e-3"] if study == "power" and "--w_eps" not in given else []
+        base = ["--epochs", "5", *(["--w_eps", "1e-3"] if study == "power" else []), *base]
     # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
     earlier = [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)]
     intl.refuse_to_replace(output_dir, [f"{study}_study.json", f"{study}_study.png"] + earlier, config.overwrite)
@@ -1122,16 +1108,17 @@ def run_study(config, argv, accelerator):
     print(f"{study} study: {len(rows)} runs -> {output_dir}/{study}_study.{{json,png}}")
 
 
-# The flags a study sets for each of its runs (each takes one value).
-STUDY_SETS = {"--study", "--study_values", "--output_dir", "--method", "--power", "--iters", "--beta"}
-
-
 def study_runs(config):
     """(the settings in the table, the run's flags, its folder) of each run of the study."""
     values = parse_floats(config.study_values or ("0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power"
                                                   else "1,2,4,6,8,10,12"), "study_values")
     if config.study == "power":
+        if not (values and min(values) >= 0):
+            raise ValueError(f"--study_values {config.study_values!r}: give powers p >= 0 separated by commas")
         return [({"power": p}, ["--method", "st", "--power", str(p)], f"power-{p:g}") for p in values]
+    if not (values and all(v >= 1 and v == int(v) for v in values)):
+        raise ValueError(f"--study_values {config.study_values!r}: give iteration counts T >= 1 (integers) separated "
+                         "by commas")
     runs = []
     for iters in map(int, values):
         runs.append(({"iters": iters, "trace_loss": True}, ["--iters", str(iters)], f"T{iters}-tl"))
