@@ -297,10 +297,10 @@ def train(config, accelerator):
     finally:
         monitor.progress.close()  # before any error message, so that the message is the last line
 
-    finish(config, accelerator, monitor, step, info)
+    finish(config, accelerator, monitor, step)
 
 
-def finish(config, accelerator, monitor, step, info):
+def finish(config, accelerator, monitor, step):
     """Once the last step is done: the backbone alone, the spectrum plot, the summary and what to run next; after
     --stop_after_steps: where to continue from."""
     output_dir = Path(config.output_dir)
@@ -312,12 +312,14 @@ def finish(config, accelerator, monitor, step, info):
         evaluate = f"python linear_eval.py --backbone {output_dir / 'backbone'}"
         if not (config.dataset == intl.DIGITS_SOURCE or is_hub_dataset_id(config.dataset)):
             evaluate += " --dataset LABELLED_DATA"  # linear_eval cannot find a local folder from the export
-        info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. Next: "
-             f"{evaluate}. To publish it with the evaluation's results: python pretrain.py export --source "
-             f"{output_dir / 'backbone'} --eval_results RESULT.json --output_dir NEW --push_to_hub REPO")
+        monitor.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. "
+                     f"Next: {evaluate}. To publish it with the evaluation's results: python pretrain.py export "
+                     f"--source {output_dir / 'backbone'} --eval_results RESULT.json --output_dir NEW "
+                     "--push_to_hub REPO")
     else:
-        info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
-             f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
+        monitor.info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
+                     f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} "
+                     "--resume latest")
     accelerator.end_training()
 
 
@@ -387,8 +389,9 @@ class Monitor:
         spectrum_now = step % config.spectrum_every == 0 or step == self.total_steps
         save_now = step % config.save_every == 0 or epoch_end or step == self.stop_at
         if log_now or spectrum_now or save_now:
-            self.watch.check(self.last_good, "" if self.collapsed_at is None else
-                             f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)")
+            collapse_note = "" if self.collapsed_at is None else \
+                f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)"
+            self.watch.check(self.last_good, collapse_note)
         if log_now:
             loss = out["loss"].item()
             speed = (step - self.first_step) * config.batch_size / (time.time() - self.tic)
@@ -423,7 +426,7 @@ class Monitor:
     def spectrum(self, step, z, z_hat):
         """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
         the eigenvalues themselves at the plotted steps."""
-        eig_z, eig_z_hat = intl.covariance_spectrum(z, self.config.axis), intl.covariance_spectrum(z_hat, self.config.axis)
+        eig_z, eig_z_hat = (intl.covariance_spectrum(x, self.config.axis) for x in (z, z_hat))
         self.append({"step": step, "lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
                      "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
         if self.collapsed_at is None and intl.collapsed(z, eig_z):
@@ -439,7 +442,8 @@ class Monitor:
 
     def plot_spectra(self, path):
         if spectra := logged_spectra(self.path):
-            plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path, f"{self.path.parent.name}: eigenvalues of the covariance over training")
+            plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path,
+                         f"{self.path.parent.name}: eigenvalues of the covariance over training")
             self.info(f"spectrum plot: {path}")
 
     def summary(self):
@@ -458,6 +462,26 @@ class Monitor:
                              f"{shown(last)}")
         lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
         self.info("\n".join(lines))
+
+
+def knn_splits(config, accelerator, train_split):
+    """Loaders of the training and held-out splits without augmentation, or None without labels."""
+    if not config.knn_every:
+        return None
+    if train_split.label_column is None:
+        print(f"no kNN monitor: {train_split.source} has no class labels (pretraining needs none)", file=sys.stderr)
+        return None
+    try:
+        test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
+                                           accelerator)
+    except ValueError as error:
+        print(f"no kNN monitor: {error}", file=sys.stderr)
+        return None
+    transform = intl.eval_transform(config.image_size, config.eval_mean or config.mean, config.eval_std or config.std,
+                                    config.eval_resize)
+    return [accelerator.prepare_data_loader(torch.utils.data.DataLoader(
+        intl.ImageDataset(split, transform), batch_size=256, num_workers=config.num_workers))
+        for split in (train_split, test_split)]
 
 
 class NonFiniteWatch:
@@ -479,8 +503,8 @@ class NonFiniteWatch:
         if step >= 0:
             raise FloatingPointError(
                 f"the loss is {self.first_loss.item()} at step {step}; the last good checkpoint is {last_good or 'none'}. "
-                "Lower --lr or use --mixed_precision no (with many --iters IterNorm diverges: fewer); with an "
-                "eigendecomposition (st, cw-rgp, wmse) the covariance may be singular in practice: --w_eps helps" + note)
+                "Lower --lr, use --mixed_precision no or fewer --iters; with an eigendecomposition (st, cw-rgp, "
+                "wmse) the covariance may be singular in practice: --w_eps helps" + note)
 
 
 def resume(config, accelerator, output_dir, info):
@@ -759,31 +783,7 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", s
 
 
 # -----------------------------------------------------------------------------
-# Online kNN monitor
-
-
-def knn_splits(config, accelerator, train_split):
-    """Loaders of the training and held-out splits without augmentation, or None without labels."""
-    if not config.knn_every:
-        return None
-    if train_split.label_column is None:
-        print(f"no kNN monitor: {train_split.source} has no class labels (pretraining needs none)", file=sys.stderr)
-        return None
-    try:
-        test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
-                                           accelerator)
-    except ValueError as error:
-        print(f"no kNN monitor: {error}", file=sys.stderr)
-        return None
-    transform = intl.eval_transform(config.image_size, config.eval_mean or config.mean, config.eval_std or config.std,
-                                    config.eval_resize)
-    return [accelerator.prepare_data_loader(torch.utils.data.DataLoader(
-        intl.ImageDataset(split, transform), batch_size=256, num_workers=config.num_workers))
-        for split in (train_split, test_split)]
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints (atomic, explicit names) and the backbone export
+# Checkpoints (atomic, explicit names), the backbone export, the spectrum plot
 
 
 def save_checkpoint(accelerator, config, step, batches_per_epoch):
@@ -806,26 +806,21 @@ def write_export(export_dir, weights, config, card=None):
             (tmp / "README.md").write_text(card, encoding="utf-8")
 
 
-# -----------------------------------------------------------------------------
-# The spectrum plot
-
-
 def logged_spectra(log_path):
     """The eigenvalues of Z and Z_hat that a run logged (descending), as [(step, z, z_hat)]."""
     return [(r["step"], r["spectrum_z"], r["spectrum_z_hat"]) for r in intl.read_jsonl(log_path) if "spectrum_z" in r]
 
 
-def plot_spectra(spectra, path, title, curves=6):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending),
-    `curves` of them evenly spread, each divided by its largest, on a log scale. Eigenvalues at the numerical floor
+def plot_spectra(spectra, path, title):
+    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending: the
+    few that `plotted_steps` chose), each divided by its largest, on a log scale. Eigenvalues at the numerical floor
     (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picks = [spectra[i] for i in sorted({round(i * (len(spectra) - 1) / max(1, curves - 1)) for i in range(curves)})]
-    picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in picks]
+    picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in spectra]
     at_floor = any(intl.lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
     for colour, (label, *eigs) in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
