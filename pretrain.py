@@ -559,7 +559,7 @@ def resolve_config(argv=None):
                          "folder or a Hub dataset id")
     config.mean, config.std = tuple(config.mean), tuple(config.std)
     check_config(config, parser)
-    if config.beta is None and config.method in ("intl", "intl-m"):  # the weight used, as config and card record it
+    if config.beta is None and config.method in ("intl", "intl-m"):  # recorded: the weight used
         units = config.batch_size if config.axis == 0 else \
             intl.parse_projector_spec(config.projector)[-1]
         config.beta = intl.default_beta(units)
