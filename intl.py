@@ -130,29 +130,22 @@ class IterNorm(nn.Module):
 
     z [B, D] -> Z_hat = W X [B, D], in a `float32_island`. With finite T the output is not fully whitened (that is
     the point): eigenvalue l of S_N becomes l f_T(l)^2 with the polynomial f_T of Theorem 1.
-    coupled=True: the same iterates by the coupled Newton-Schulz form (M = (3 I - P Y) / 2, Y <- Y M, P <- M P,
-    Y_0 = S_N), which does not amplify rounding errors as the paper's form (the default) does at large T in float32.
     """
 
-    def __init__(self, iters=4, axis=0, coupled=False):
+    def __init__(self, iters=4, axis=0):
         super().__init__()
         if iters < 0:
             raise ValueError(f"IterNorm needs iters >= 0 Newton steps, got {iters}")
-        self.iters, self.axis, self.coupled = iters, _check_axis(axis), coupled
+        self.iters, self.axis = iters, _check_axis(axis)
 
     @float32_island
     def forward(self, z):
         x, cov = _centred_covariance(_units(z, self.axis))
         trace = cov.diagonal().sum()
         cov_n = cov / trace
-        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        p, y = eye, cov_n
+        p = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         for _ in range(self.iters):
-            if self.coupled:
-                m = 1.5 * eye - 0.5 * (p @ y)
-                p, y = m @ p, y @ m
-            else:
-                p = 1.5 * p - 0.5 * (p @ p @ p @ cov_n)
+            p = 1.5 * p - 0.5 * (p @ p @ p @ cov_n)
         z_hat = (p / trace.sqrt()) @ x
         return z_hat if self.axis == 0 else z_hat.t()
 
@@ -388,7 +381,8 @@ class GroupWhitening(nn.Module):
 
     h is centred (axis 0: each sample over its D channels; axis 1: each channel over the batch), its channels
     permuted into `groups` equal groups (forward: a permutation drawn from generator), each ZCA-whitened,
-        S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])  or  X_g^T X_g / (B - 1)  (axis 1),  W_g = (S_g + eps I)^(-1/2),
+        S_g = X_g X_g^T / (D/G - 1)  (axis 0, [B, B])  or  X_g^T X_g / (B - 1)  (axis 1),
+        W_g = ((1 - eps) S_g + eps I)^(-1/2),
     and the permutation undone.
     """
 
@@ -415,15 +409,21 @@ class GroupWhitening(nn.Module):
         out = torch.empty_like(x)
         for channels in perm.to(h.device).chunk(self.groups):
             xg = x[:, channels] if self.axis == 0 else x[:, channels].t()  # [units, observations]
-            cov = xg @ xg.t() / (xg.shape[1] - 1) + self.eps * torch.eye(units, dtype=x.dtype, device=x.device)
-            w = MatrixPower.apply(cov, -0.5)
+            w = MatrixPower.apply(_shrunk(xg @ xg.t() / (xg.shape[1] - 1), self.eps), -0.5)
             out[:, channels] = w @ xg if self.axis == 0 else (w @ xg).t()
         return out
 
 
+
+def _shrunk(cov, eps):
+    """(1 - eps) S + eps I: the covariance shrunk towards the identity, as CW-RGP's and W-MSE's authors have it."""
+    return (1 - eps) * cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+
+
 class CholeskyWhitening(nn.Module):
-    """W-MSE's batch whitening, h [B, D] -> X L^(-T) [B, D], with S + eps I = L L^T the Cholesky factor of the
-    D x D covariance: its output's covariance is the identity (for eps = 0). It draws nothing from generator."""
+    """W-MSE's batch whitening, h [B, D] -> X L^(-T) [B, D], with (1 - eps) S + eps I = L L^T the Cholesky factor
+    of the D x D covariance S: its output's covariance is the identity (for eps = 0). It draws nothing from
+    generator."""
 
     axis = 1
 
@@ -438,7 +438,7 @@ class CholeskyWhitening(nn.Module):
             raise ValueError(f"the {dim} x {dim} covariance of {batch} samples is singular by construction: "
                              f"use --w_size > {dim} or a smaller embedding dim, or set --w_eps > 0")
         x, cov = _centred_covariance(_units(h, self.axis))  # [D, B], [D, D]
-        lower = torch.linalg.cholesky(cov + self.eps * torch.eye(dim, dtype=x.dtype, device=x.device))
+        lower = torch.linalg.cholesky(_shrunk(cov, self.eps))
         return torch.linalg.solve_triangular(lower, x, upper=False).t()
 
 

@@ -340,7 +340,7 @@ def test_spectral_transform_maps_eigenvalue_l_to_l_power_one_minus_two_p(power):
 def test_iternorm_output_covariance_approaches_identity_as_iterations_grow(B, D, axis):
     # Well-conditioned input (cond(S) ~ 3-7). Measured in float64 with seed 0:
     #   B=16, D=64, axis 0: T=1 3.5, T=4 1.3, T=6 0.15, T=8 7.7e-5, T=10 1.1e-13, then the error
-    #   grows again (T=15 7e-11, T=20 6e-8, T=25 5e-5, T=30 4e-2): the plain (uncoupled) Newton
+    #   grows again (T=15 7e-11, T=20 6e-8, T=25 5e-5, T=30 4e-2): the paper's Newton
     #   iteration amplifies rounding errors once converged, which is the paper's instability for
     #   large T. In float32 the same input gives 7e-5 at T=8, 2e-2 at T=16, 6.8 at T=20, inf at
     #   T=30 and NaN at T=40.
