@@ -517,7 +517,6 @@ import pickle
 import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -1020,15 +1019,6 @@ def changed_settings(saved, current):
     return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
 
 
-def slow_precision_warning(accelerator):
-    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None."""
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return ("warning: --mixed_precision bf16 on a CPU without bf16 arithmetic (AVX512-BF16 or AMX) is emulated "
-                "and runs many times slower than float32: use --mixed_precision no on this machine")
-    return None
-
-
 # ----------------------------------------------------------------------------- nothing lost or half-written
 #
 # A file or folder is written under a temporary name and renamed into place (`replacing`): a crash, a full disk or a
@@ -1081,7 +1071,9 @@ def read_json(path):
 def locked(output_dir, main_process=True):
     """One run per output folder: while the block runs, the main process holds an exclusive lock on
     OUTPUT_DIR/.lock (the system releases it even after kill -9); a second run is refused at once, naming the
-    process that holds it. Take it before anything in the folder is read or changed."""
+    process that holds it. Take it before anything in the folder is read or changed: making the folder and its .lock
+    is also the check that it can be written (a path that is a file, or lies inside one, fails with the OSError that
+    names it, before any work)."""
     import fcntl  # POSIX: Linux and macOS
 
     if not main_process:
@@ -1102,74 +1094,35 @@ def locked(output_dir, main_process=True):
         yield  # closing the file releases the lock
 
 
-def check_output_dir(path, flag="--output_dir"):
-    """Refuse, before any work, an output folder that is a file (or lies inside one) or cannot be written in."""
-    path = existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"lies inside {existing}, which is a file"
-        raise ValueError(f"{flag} {path} {where}, not a folder: give the path of a folder (new or existing)")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error}); give a folder you "
-                         "can write to") from None
-
-
-def existing_results(output_dir, names):
-    """Those of `names` (files and folders directly in output_dir) that hold something: a folder counts when it has
-    an entry that is not hidden (the .tmp-* of an interrupted save is not a result)."""
-    found = []
-    for name in names:
-        path = Path(output_dir) / name
-        if path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()):
-            found.append(name + "/")
-        elif path.is_file():
-            found.append(name)
-    return found
-
-
-def refuse_to_replace(output_dir, names, overwrite, advice=""):
-    """ValueError when output_dir already holds any of `names` (an earlier run's results), unless `overwrite`
-    (--overwrite). Returns those found."""
-    found = existing_results(output_dir, names)
-    if found and not overwrite:
-        them = "them" if len(found) > 1 else "it"
-        raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
-                         f"command would replace: give another --output_dir{advice}, or add --overwrite to replace "
-                         f"{them}")
-    return found
-
-
-def remove_leftovers(folder):
-    """Delete the hidden .tmp-* / .old-* entries that interrupted writes left in `folder`. Returns their names."""
-    leftovers = sorted([*Path(folder).glob(".tmp-*"), *Path(folder).glob(".old-*")])
-    for leftover in leftovers:
-        _remove(leftover)
-    return [leftover.name for leftover in leftovers]
-
-
-def prepare_output_dir(output_dir, results, overwrite, checkpoint, accelerator, say):
-    """Before a training run's first step, on every process, under `locked`: what an earlier run left in
-    output_dir (those of `results`) is refused, or deleted with --overwrite, unless this run continues from that
-    folder's own `checkpoint` (None: a new run); what interrupted saves left is removed. say() prints on the main
-    process."""
+def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, main_process=True):
+    """Before a run writes anything, on every process, under `locked`: the earlier run's `results` in output_dir (files,
+    and folders with an entry that is not hidden) are refused, or deleted on the main process with --overwrite, unless
+    this run resumes `resumes`, a checkpoint inside output_dir (its own). What interrupted saves left in the result
+    folders (.tmp-*, .old-*) goes. No barrier: the other processes write nothing here before a checkpoint's."""
     output_dir = Path(output_dir)
-    if not (checkpoint and Path(checkpoint).resolve().parent == (output_dir / "checkpoints").resolve()):
-        if "checkpoints/" in existing_results(output_dir, results) and not overwrite:
+    paths = {name: output_dir / name for name in results}
+    own = resumes is not None and output_dir.resolve() in Path(resumes).resolve().parents
+    found = [] if own else [name + "/" * path.is_dir() for name, path in paths.items() if path.is_file() or (
+        path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()))]
+    if found and not overwrite:
+        if any(name.startswith("checkpoints") for name in found):
             raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
                              "or give another --output_dir (or add --overwrite to replace that run)")
-        found = refuse_to_replace(output_dir, results, overwrite, " (or continue the earlier run with --resume latest)")
-        if found and accelerator.is_main_process:
-            for name in found:
-                _remove(output_dir / name.rstrip("/"))
-            say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
-    if accelerator.is_main_process:
-        for name in remove_leftovers(output_dir / "checkpoints"):
-            say(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
-    accelerator.wait_for_everyone()
+        resumable = " (or continue the earlier run with --resume latest)" if any(
+            name.startswith("checkpoints") for name in results) else ""
+        raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
+                         f"command would replace: give another --output_dir{resumable}, or add --overwrite to replace "
+                         f"{'them' if len(found) > 1 else 'it'}")
+    if not main_process:
+        return
+    for name in found:
+        _remove(paths[name.rstrip("/")])
+    if found:
+        say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
+    for folder in [path for path in paths.values() if path.is_dir()]:
+        for leftover in sorted([*folder.glob(".tmp-*"), *folder.glob(".old-*")]):
+            _remove(leftover)
+            say(f"removed {leftover}, left by an interrupted save")
 
 
 def save_state_atomically(accelerator, folder, state_file, state, keep):

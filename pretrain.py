@@ -255,7 +255,7 @@ def train(config, accelerator):
     output_dir = Path(config.output_dir)
     log = Logger(output_dir, accelerator)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
-    intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, log.info)
+    intl.clear_earlier_run(output_dir, RESULTS, config.overwrite, checkpoint, log.info, accelerator.is_main_process)
     introduce(config, accelerator, log)
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
@@ -337,8 +337,6 @@ def introduce(config, accelerator, log):
     accelerator.init_trackers("intl", config=hyperparameters(config))
     log.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
              f"precision {accelerator.mixed_precision}")
-    if warning := intl.slow_precision_warning(accelerator):
-        log.info(warning)
     if config.push_to_hub and accelerator.is_main_process:
         log.info(f"the export will be pushed to {config.push_to_hub} as "
                  f"{check_hub_access(config.push_to_hub, config.private)}")
@@ -501,8 +499,6 @@ def check_config(config, parser):
     if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     intl.check_settings(vars(config), parser, RANGES)
-    if config.output_dir is not None and not config.print_config:
-        intl.check_output_dir(config.output_dir)
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
         raise ValueError(f"--report_to {config.report_to}: the package is not installed "
                          f"(pip install {config.report_to}), or use --report_to none")
@@ -1174,8 +1170,7 @@ def main_export(argv=None):
                         help="linear_eval.py result JSON files for the model card's model-index")
     add_hub_arguments(parser)
     args = parser.parse_args(argv)
-    intl.check_output_dir(args.output_dir)
-    if intl.existing_results(args.output_dir, intl.EXPORT_FILES + ("README.md",)) and not args.overwrite:
+    if any((Path(args.output_dir) / name).is_file() for name in intl.EXPORT_FILES) and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
                          "give another --output_dir, or add --overwrite to replace it")
     if args.push_to_hub:
@@ -1205,9 +1200,8 @@ def run_study(config, argv, accelerator):
         base += [] if "--epochs" in given else ["--epochs", "5"]
         base += ["--w_eps", "1e-3"] if study == "power" and "--w_eps" not in given else []
     # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
-    earlier = [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)]
-    intl.refuse_to_replace(output_dir, [f"{study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
-                           + earlier, config.overwrite)
+    intl.clear_earlier_run(output_dir, [f"{study}_study{end}" for end in (".json", ".csv", ".png", "_spectra.png")]
+                           + [name for _, _, name in runs], config.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for settings, flags, name in tqdm(runs, desc=f"{study} study"):
