@@ -593,17 +593,15 @@ def _load_digits_split(split):
     train, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
     split = _resolve_split_name(split, ["train", "test"], DIGITS_SOURCE)
     indices = np.sort(train if split == "train" else test)
-    encoded = []
+    images = []
     for pixels in digits.images[indices]:
         # Resampled in float, so that the 0..16 -> 0..255 rescale is rounded once; bicubic overshoots at edges.
         small = PILImage.fromarray((pixels * (255.0 / 16.0)).astype(np.float32), mode="F")
         big = np.asarray(small.resize((32, 32), PILImage.Resampling.BICUBIC))
-        buffer = io.BytesIO()
-        PILImage.fromarray(np.clip(np.rint(big), 0, 255).astype(np.uint8), mode="L").convert("RGB").save(buffer, "PNG")
-        encoded.append({"bytes": buffer.getvalue(), "path": None})
+        images.append(PILImage.fromarray(np.clip(np.rint(big), 0, 255).astype(np.uint8), mode="L").convert("RGB"))
     features = hf_datasets.Features({"image": hf_datasets.Image(),
                                      "label": hf_datasets.ClassLabel(names=[str(d) for d in range(10)])})
-    return hf_datasets.Dataset.from_dict({"image": encoded, "label": labels[indices].tolist()}, features=features,
+    return hf_datasets.Dataset.from_dict({"image": images, "label": labels[indices].tolist()}, features=features,
                                          split=split)
 
 
@@ -675,10 +673,9 @@ def _load_hub_split(source, split):
     repo_id, _, config_name = source.partition(":")
     try:
         loaded = hf_datasets.load_dataset(repo_id, config_name or None)
-    except (ConnectionError, FileNotFoundError) as err:  # not found, or not in the cache: FileNotFoundError
-        offline = (f"offline mode is on (HF_HUB_OFFLINE), so only the datasets cache "
-                   f"({hf_datasets.config.HF_DATASETS_CACHE}) was tried: ") if hf_datasets.config.HF_HUB_OFFLINE else ""
-        raise ValueError(f"could not load Hugging Face Hub dataset {source!r}: {offline}{type(err).__name__}: {err}. "
+    except (ConnectionError, FileNotFoundError) as err:  # not found, or offline and not in the cache
+        offline = "offline mode is on (HF_HUB_OFFLINE): " if hf_datasets.config.HF_HUB_OFFLINE else ""
+        raise ValueError(f"could not load Hugging Face Hub dataset {source!r}: {offline}{err}. "
                          f"{_HOW_TO_PROVIDE_DATA}") from None
     return loaded[_resolve_split_name(split, loaded, source)]
 
@@ -1054,17 +1051,19 @@ def write_text_atomically(path, text):
 
 
 def read_json(path):
-    """A JSON file -> its value; ValueError naming the file when it is missing, unreadable or not valid JSON."""
+    """A JSON file -> the object it holds (every JSON file of this project holds one); ValueError naming the file
+    when it is missing, not valid JSON or not an object (an OSError names its file itself)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path} is missing") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}): "
                          "the file is damaged or was not written by this project") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object: the file is damaged or was not written by this project")
+    return value
 
 
 @contextlib.contextmanager
@@ -1184,7 +1183,7 @@ def find_checkpoint(resume, output_dir, kind=""):
 def read_trainer_state(state_file):
     """A checkpoint's trainer_state.json -> its object, which holds the run's "config"."""
     state = read_json(state_file)
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+    if not isinstance(state.get("config"), dict):
         raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged")
     return state
 
@@ -1256,8 +1255,6 @@ def check_weights(weights, where):
     """The one check of loaded weights, whatever their source; a network that fails it would compute NaN or chance
     without any error (a diverged run, a damaged or converted file)."""
     for key, value in weights.items():
-        if not torch.is_tensor(value):
-            raise ValueError(f"{where}: {key!r} is not a tensor")
         if not value.is_floating_point():
             if key.endswith("num_batches_tracked") and not value.dtype == torch.bool:
                 continue
@@ -1308,7 +1305,7 @@ def interrupted_message(where, checkpoint):
 
 def run(main, argv=None, interrupted="interrupted"):
     """The error boundary of each script: main(argv) under `handle_stop_signals`. Our errors (ValueError naming the
-    file and the field; an OSError names its file) end as one line "error: ..." and exit status 1; an interruption
+    file and the field) and the libraries' (an OSError names its file, a Hub error its repo) end as one line "error: ..." and exit status 1; an interruption
     as its `Interrupted` line (else `interrupted`) and exit status 130, as a shell reports it."""
     handle_stop_signals()
     try:
@@ -1317,7 +1314,7 @@ def run(main, argv=None, interrupted="interrupted"):
         text = str(error)
         if isinstance(error, UnreadableImageError):  # a DataLoader worker re-raises it wrapped in its traceback
             text = text.strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
-        sys.exit(f"error: {text}")
+        sys.exit("error: " + " ".join(text.split()))  # one line, also for a library's message of several
     except KeyboardInterrupt as interrupt:
         print(str(interrupt) or interrupted, file=sys.stderr)
         sys.exit(130)
@@ -1338,12 +1335,7 @@ def load_backbone(source, arch=None, revision=None, stem=None):
     """-> (backbone in eval mode, config: arch, stem, feature_dim, image_size, mean, std and what an export recorded
     of its training). arch: needed only when the weights fit no ResNet exactly. revision: a Hub branch, tag or commit.
     stem: for weights whose config does not say it. ValueError for anything that does not load (never half-loaded)."""
-    if source is None or str(source).strip() == "":
-        raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub model id, a pretrain "
-                         "checkpoint folder or an official .pth.tar checkpoint")
     weights, config, config_file = _read_backbone(os.fspath(source), revision)
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} is not a JSON object: the backbone's configuration is damaged")
     check_weights(weights, f"the weights of {source}")
     check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, config_file)
     config = _complete_config(config, weights, arch, stem, source)
@@ -1515,14 +1507,9 @@ def _download_from_hub(source, revision=None):
     where = f"Hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         files = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision) for name in EXPORT_FILES]
-    except huggingface_hub.errors.LocalEntryNotFoundError:
-        reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else \
-            f"the Hub ({constants.ENDPOINT}) could not be reached"
-        raise ValueError(f"{where}: {reason} and the local Hub cache ({constants.HF_HUB_CACHE}) does not hold its "
-                         f"{' + '.join(EXPORT_FILES)}; run once with network access, or pass a local export") from None
-    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.HFValidationError) as error:
-        raise ValueError(f"{where}: {' '.join(str(error).split())}") from None  # huggingface_hub's own words
-    config = read_json(files[1])
-    if isinstance(config, dict):
-        config["hub_repo"] = repo_id + (f"@{revision}" if revision else "")
+    except huggingface_hub.errors.LocalEntryNotFoundError:  # the Hub's other errors name the repo themselves
+        reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        raise ValueError(f"{where}: {reason} and the Hub cache ({constants.HF_HUB_CACHE}) lacks its files: run once "
+                         "with network access, or pass a local export") from None
+    config = {**read_json(files[1]), "hub_repo": repo_id + (f"@{revision}" if revision else "")}
     return read_safetensors(files[0]), config
