@@ -1353,24 +1353,21 @@ def load_backbone(source, arch=None, revision=None, stem=None):
 
 
 def _read_backbone(source, revision):
-    """-> (weights, config, the file the config came from)."""
-    path = Path(os.path.expanduser(source))
+    """-> (weights, config, the file the config came from). A Hub model is read as the export in its cache folder."""
+    path, hub_repo = Path(os.path.expanduser(source)), None
+    if not path.exists():
+        path, hub_repo = _hub_snapshot(source, revision)
     if (path / "trainer_state.json").is_file():
         return *_read_pretrain_checkpoint(path), path / "trainer_state.json"
+    if path.is_file() and path.suffix != ".safetensors":
+        return *_read_official_checkpoint(path), path
     if path.is_dir():  # an export: its weights, with the config.json beside them
         path = path / "model.safetensors"
-        if not path.is_file():
-            raise ValueError(f"{source} holds no model.safetensors: it is neither an export nor a pretrain checkpoint")
-    if path.is_file() and path.suffix == ".safetensors":
-        beside = path.with_name("config.json")
-        return read_safetensors(path), read_json(beside) if beside.is_file() else {}, beside
-    if path.is_file():
-        return *_read_official_checkpoint(path), path
-    hub_id = source.removeprefix("hf-hub:")  # timm's form
-    repo_id = hub_id.partition("@")[0]  # a revision may hold "/": refs/pr/1
-    if looks_like_path(repo_id) or repo_id.count("/") != 1 or path.suffix in (".safetensors", ".pth", ".tar", ".pt"):
-        raise ValueError(f"backbone {source!r} not found: no such file or folder, nor a Hub id 'owner/name[@revision]'")
-    return *_download_from_hub(hub_id, revision), f"config.json of Hub model {source!r}"
+    beside = path.with_name("config.json")
+    config = read_json(beside) if beside.is_file() else {}
+    if hub_repo:
+        config["hub_repo"] = hub_repo
+    return read_safetensors(path), config, beside
 
 
 # What an export records of the pretraining run that made it.
@@ -1495,12 +1492,16 @@ def _weights_mismatch(expected, weights):
     return "; ".join(problems)
 
 
-def _download_from_hub(source, revision=None):
-    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache."""
+def _hub_snapshot(source, revision=None):
+    """A Hub model id 'owner/name[@revision]' (or timm's 'hf-hub:owner/name') -> (the folder of its export in
+    huggingface_hub's cache, downloaded there if needed; 'owner/name[@revision]')."""
     import huggingface_hub
     from huggingface_hub import constants
 
-    repo_id, _, at_revision = source.partition("@")
+    repo_id, _, at_revision = source.removeprefix("hf-hub:").partition("@")  # a revision may hold "/": refs/pr/1
+    weights_file = Path(source).suffix in (".safetensors", ".pth", ".tar", ".pt")
+    if looks_like_path(repo_id) or repo_id.count("/") != 1 or weights_file:
+        raise ValueError(f"backbone {source!r} not found: no such file or folder, nor a Hub id 'owner/name[@revision]'")
     if at_revision and revision and at_revision != revision:
         raise ValueError(f"two revisions for {repo_id}: {at_revision!r} (in the id) and {revision!r}")
     revision = at_revision or revision or None
@@ -1511,5 +1512,4 @@ def _download_from_hub(source, revision=None):
         reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
         raise ValueError(f"{where}: {reason} and the Hub cache ({constants.HF_HUB_CACHE}) lacks its files: run once "
                          "with network access, or pass a local export") from None
-    config = {**read_json(files[1]), "hub_repo": repo_id + (f"@{revision}" if revision else "")}
-    return read_safetensors(files[0]), config
+    return Path(files[0]).parent, repo_id + (f"@{revision}" if revision else "")
