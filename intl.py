@@ -1441,22 +1441,17 @@ BACKBONE_SETTINGS.add_argument("--std", type=float, nargs=3)
 BACKBONE_RANGES = {"image_size": "[1, inf)", "eval_resize": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)"}
 
 
-def _has_small_image_conv1(weights):
-    conv1 = weights.get("conv1.weight")
-    return conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3)
-
-
 def _complete_config(config, weights, arch, stem, source):
     """Fill in arch, stem, input size and normalisation, the given ones first, then the config's, then what the
     weights say: a 7x7 conv1 is the ImageNet stem, a 3x3 one that nothing names INTL's CIFAR network."""
     check_settings({"arch": arch, "stem": stem}, BACKBONE_SETTINGS, {})
-    config = dict(config)
+    small_conv1 = "conv1.weight" in weights and tuple(weights["conv1.weight"].shape[-2:]) == (3, 3)
     if (not (stem or config.get("stem")) and config.get("source_format") == "official CW-RGP checkpoint"
-            and _has_small_image_conv1(weights)):  # its file does not say whether the ResNet keeps the max-pool
+            and small_conv1):  # its file does not say whether the ResNet keeps the max-pool
         raise ValueError(f"{source} is a CW-RGP checkpoint with a 3x3 conv1, which may or may not be followed by a "
                          "max-pool: pass --stem cifar-unpadded (its CIFAR network) or --stem small-maxpool (its STL-10 "
                          f"and Tiny-ImageNet network); the stems: {', '.join(STEMS)}")
-    config["stem"] = stem or config.get("stem") or ("cifar" if _has_small_image_conv1(weights) else "imagenet")
+    config["stem"] = stem or config.get("stem") or ("cifar" if small_conv1 else "imagenet")
     config["arch"] = arch or config.get("arch") or _infer_arch(weights, config["stem"], source)
     kernel, stride, padding, config["maxpool"] = STEMS[config["stem"]]
     config["conv1"] = {"kernel_size": kernel, "stride": stride, "padding": padding}  # to rebuild it in torchvision
