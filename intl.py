@@ -1305,8 +1305,9 @@ def interrupted_message(where, checkpoint):
 
 def run(main, argv=None, interrupted="interrupted"):
     """The error boundary of each script: main(argv) under `handle_stop_signals`. Our errors (ValueError naming the
-    file and the field) and the libraries' (an OSError names its file, a Hub error its repo) end as one line "error: ..." and exit status 1; an interruption
-    as its `Interrupted` line (else `interrupted`) and exit status 130, as a shell reports it."""
+    file and the field) and the libraries' (an OSError names its file, a Hub error its repo) end as one line
+    "error: ..." and exit status 1; an interruption as its `Interrupted` line (else `interrupted`) and exit status
+    130, as a shell reports it."""
     handle_stop_signals()
     try:
         main(argv)
