@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -181,14 +180,9 @@ def main(argv=None):
 
 def transfer(config, accelerator):
     """Data -> model -> fine-tuning (or a checkpoint) -> evaluation, in the locked output folder."""
-    if warning := intl.slow_precision_warning(accelerator):
-        print(warning, file=sys.stderr)
     checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection") if config.resume else None
-    if config.eval_only:  # its results.json only; the checkpoints are another run's
-        intl.refuse_to_replace(Path(config.output_dir), ["results.json"], config.overwrite)
-    else:
-        intl.prepare_output_dir(Path(config.output_dir), RESULTS, config.overwrite, checkpoint, accelerator,
-                                accelerator.print)
+    intl.clear_earlier_run(config.output_dir, ["results.json"] if config.eval_only else RESULTS, config.overwrite,
+                           None if config.eval_only else checkpoint, accelerator.print, accelerator.is_main_process)
 
     if not config.eval_only:  # refused before any loading
         intl.per_process_batch(config.batch_size, accelerator.num_processes)
@@ -344,7 +338,6 @@ def check_config(config):
     """Refuse what cannot run, naming the flag to change."""
     if config.output_dir is None:
         raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
-    intl.check_output_dir(config.output_dir)
     if config.dataset is None:
         raise ValueError("--dataset is required (voc or coco), or a --preset that names it")
     coco_files_given = all((config.test_json, config.test_images) if config.eval_only else

@@ -517,7 +517,6 @@ import pickle
 import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -594,17 +593,15 @@ def _load_digits_split(split):
     train, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
     split = _resolve_split_name(split, ["train", "test"], DIGITS_SOURCE)
     indices = np.sort(train if split == "train" else test)
-    encoded = []
+    images = []
     for pixels in digits.images[indices]:
         # Resampled in float, so that the 0..16 -> 0..255 rescale is rounded once; bicubic overshoots at edges.
         small = PILImage.fromarray((pixels * (255.0 / 16.0)).astype(np.float32), mode="F")
         big = np.asarray(small.resize((32, 32), PILImage.Resampling.BICUBIC))
-        buffer = io.BytesIO()
-        PILImage.fromarray(np.clip(np.rint(big), 0, 255).astype(np.uint8), mode="L").convert("RGB").save(buffer, "PNG")
-        encoded.append({"bytes": buffer.getvalue(), "path": None})
+        images.append(PILImage.fromarray(np.clip(np.rint(big), 0, 255).astype(np.uint8), mode="L").convert("RGB"))
     features = hf_datasets.Features({"image": hf_datasets.Image(),
                                      "label": hf_datasets.ClassLabel(names=[str(d) for d in range(10)])})
-    return hf_datasets.Dataset.from_dict({"image": encoded, "label": labels[indices].tolist()}, features=features,
+    return hf_datasets.Dataset.from_dict({"image": images, "label": labels[indices].tolist()}, features=features,
                                          split=split)
 
 
@@ -676,10 +673,9 @@ def _load_hub_split(source, split):
     repo_id, _, config_name = source.partition(":")
     try:
         loaded = hf_datasets.load_dataset(repo_id, config_name or None)
-    except (ConnectionError, FileNotFoundError) as err:  # not found, or not in the cache: FileNotFoundError
-        offline = (f"offline mode is on (HF_HUB_OFFLINE), so only the datasets cache "
-                   f"({hf_datasets.config.HF_DATASETS_CACHE}) was tried: ") if hf_datasets.config.HF_HUB_OFFLINE else ""
-        raise ValueError(f"could not load Hugging Face Hub dataset {source!r}: {offline}{type(err).__name__}: {err}. "
+    except (ConnectionError, FileNotFoundError) as err:  # not found, or offline and not in the cache
+        offline = "offline mode is on (HF_HUB_OFFLINE): " if hf_datasets.config.HF_HUB_OFFLINE else ""
+        raise ValueError(f"could not load Hugging Face Hub dataset {source!r}: {offline}{err}. "
                          f"{_HOW_TO_PROVIDE_DATA}") from None
     return loaded[_resolve_split_name(split, loaded, source)]
 
@@ -1020,15 +1016,6 @@ def changed_settings(saved, current):
     return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
 
 
-def slow_precision_warning(accelerator):
-    """A warning line when bf16 autocast runs on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), else None."""
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return ("warning: --mixed_precision bf16 on a CPU without bf16 arithmetic (AVX512-BF16 or AMX) is emulated "
-                "and runs many times slower than float32: use --mixed_precision no on this machine")
-    return None
-
-
 # ----------------------------------------------------------------------------- nothing lost or half-written
 #
 # A file or folder is written under a temporary name and renamed into place (`replacing`): a crash, a full disk or a
@@ -1064,24 +1051,28 @@ def write_text_atomically(path, text):
 
 
 def read_json(path):
-    """A JSON file -> its value; ValueError naming the file when it is missing, unreadable or not valid JSON."""
+    """A JSON file -> the object it holds (every JSON file of this project holds one); ValueError naming the file
+    when it is missing, not valid JSON or not an object (an OSError names its file itself)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path} is missing") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}): "
                          "the file is damaged or was not written by this project") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object: the file is damaged or was not written by this project")
+    return value
 
 
 @contextlib.contextmanager
 def locked(output_dir, main_process=True):
     """One run per output folder: while the block runs, the main process holds an exclusive lock on
     OUTPUT_DIR/.lock (the system releases it even after kill -9); a second run is refused at once, naming the
-    process that holds it. Take it before anything in the folder is read or changed."""
+    process that holds it. Take it before anything in the folder is read or changed: making the folder and its .lock
+    is also the check that it can be written (a path that is a file, or lies inside one, fails with the OSError that
+    names it, before any work)."""
     import fcntl  # POSIX: Linux and macOS
 
     if not main_process:
@@ -1102,74 +1093,35 @@ def locked(output_dir, main_process=True):
         yield  # closing the file releases the lock
 
 
-def check_output_dir(path, flag="--output_dir"):
-    """Refuse, before any work, an output folder that is a file (or lies inside one) or cannot be written in."""
-    path = existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"lies inside {existing}, which is a file"
-        raise ValueError(f"{flag} {path} {where}, not a folder: give the path of a folder (new or existing)")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error}); give a folder you "
-                         "can write to") from None
-
-
-def existing_results(output_dir, names):
-    """Those of `names` (files and folders directly in output_dir) that hold something: a folder counts when it has
-    an entry that is not hidden (the .tmp-* of an interrupted save is not a result)."""
-    found = []
-    for name in names:
-        path = Path(output_dir) / name
-        if path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()):
-            found.append(name + "/")
-        elif path.is_file():
-            found.append(name)
-    return found
-
-
-def refuse_to_replace(output_dir, names, overwrite, advice=""):
-    """ValueError when output_dir already holds any of `names` (an earlier run's results), unless `overwrite`
-    (--overwrite). Returns those found."""
-    found = existing_results(output_dir, names)
-    if found and not overwrite:
-        them = "them" if len(found) > 1 else "it"
-        raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
-                         f"command would replace: give another --output_dir{advice}, or add --overwrite to replace "
-                         f"{them}")
-    return found
-
-
-def remove_leftovers(folder):
-    """Delete the hidden .tmp-* / .old-* entries that interrupted writes left in `folder`. Returns their names."""
-    leftovers = sorted([*Path(folder).glob(".tmp-*"), *Path(folder).glob(".old-*")])
-    for leftover in leftovers:
-        _remove(leftover)
-    return [leftover.name for leftover in leftovers]
-
-
-def prepare_output_dir(output_dir, results, overwrite, checkpoint, accelerator, say):
-    """Before a training run's first step, on every process, under `locked`: what an earlier run left in
-    output_dir (those of `results`) is refused, or deleted with --overwrite, unless this run continues from that
-    folder's own `checkpoint` (None: a new run); what interrupted saves left is removed. say() prints on the main
-    process."""
+def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, main_process=True):
+    """Before a run writes anything, on every process, under `locked`: the earlier run's `results` in output_dir (files,
+    and folders with an entry that is not hidden) are refused, or deleted on the main process with --overwrite, unless
+    this run resumes `resumes`, a checkpoint inside output_dir (its own). What interrupted saves left in the result
+    folders (.tmp-*, .old-*) goes. No barrier: the other processes write nothing here before a checkpoint's."""
     output_dir = Path(output_dir)
-    if not (checkpoint and Path(checkpoint).resolve().parent == (output_dir / "checkpoints").resolve()):
-        if "checkpoints/" in existing_results(output_dir, results) and not overwrite:
+    paths = {name: output_dir / name for name in results}
+    own = resumes is not None and output_dir.resolve() in Path(resumes).resolve().parents
+    found = [] if own else [name + "/" * path.is_dir() for name, path in paths.items() if path.is_file() or (
+        path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()))]
+    if found and not overwrite:
+        if any(name.startswith("checkpoints") for name in found):
             raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
                              "or give another --output_dir (or add --overwrite to replace that run)")
-        found = refuse_to_replace(output_dir, results, overwrite, " (or continue the earlier run with --resume latest)")
-        if found and accelerator.is_main_process:
-            for name in found:
-                _remove(output_dir / name.rstrip("/"))
-            say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
-    if accelerator.is_main_process:
-        for name in remove_leftovers(output_dir / "checkpoints"):
-            say(f"removed {output_dir / 'checkpoints' / name}, left by an interrupted save")
-    accelerator.wait_for_everyone()
+        resumable = " (or continue the earlier run with --resume latest)" if any(
+            name.startswith("checkpoints") for name in results) else ""
+        raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
+                         f"command would replace: give another --output_dir{resumable}, or add --overwrite to replace "
+                         f"{'them' if len(found) > 1 else 'it'}")
+    if not main_process:
+        return
+    for name in found:
+        _remove(paths[name.rstrip("/")])
+    if found:
+        say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
+    for folder in [path for path in paths.values() if path.is_dir()]:
+        for leftover in sorted([*folder.glob(".tmp-*"), *folder.glob(".old-*")]):
+            _remove(leftover)
+            say(f"removed {leftover}, left by an interrupted save")
 
 
 def save_state_atomically(accelerator, folder, state_file, state, keep):
@@ -1231,7 +1183,7 @@ def find_checkpoint(resume, output_dir, kind=""):
 def read_trainer_state(state_file):
     """A checkpoint's trainer_state.json -> its object, which holds the run's "config"."""
     state = read_json(state_file)
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+    if not isinstance(state.get("config"), dict):
         raise ValueError(f"{state_file} holds no 'config' object: it was not written by this project, or is damaged")
     return state
 
@@ -1303,8 +1255,6 @@ def check_weights(weights, where):
     """The one check of loaded weights, whatever their source; a network that fails it would compute NaN or chance
     without any error (a diverged run, a damaged or converted file)."""
     for key, value in weights.items():
-        if not torch.is_tensor(value):
-            raise ValueError(f"{where}: {key!r} is not a tensor")
         if not value.is_floating_point():
             if key.endswith("num_batches_tracked") and not value.dtype == torch.bool:
                 continue
@@ -1355,8 +1305,9 @@ def interrupted_message(where, checkpoint):
 
 def run(main, argv=None, interrupted="interrupted"):
     """The error boundary of each script: main(argv) under `handle_stop_signals`. Our errors (ValueError naming the
-    file and the field; an OSError names its file) end as one line "error: ..." and exit status 1; an interruption
-    as its `Interrupted` line (else `interrupted`) and exit status 130, as a shell reports it."""
+    file and the field) and the libraries' (an OSError names its file, a Hub error its repo) end as one line
+    "error: ..." and exit status 1; an interruption as its `Interrupted` line (else `interrupted`) and exit status
+    130, as a shell reports it."""
     handle_stop_signals()
     try:
         main(argv)
@@ -1364,7 +1315,7 @@ def run(main, argv=None, interrupted="interrupted"):
         text = str(error)
         if isinstance(error, UnreadableImageError):  # a DataLoader worker re-raises it wrapped in its traceback
             text = text.strip().splitlines()[-1].split("UnreadableImageError: ")[-1]
-        sys.exit(f"error: {text}")
+        sys.exit("error: " + " ".join(text.split()))  # one line, also for a library's message of several
     except KeyboardInterrupt as interrupt:
         print(str(interrupt) or interrupted, file=sys.stderr)
         sys.exit(130)
@@ -1385,12 +1336,7 @@ def load_backbone(source, arch=None, revision=None, stem=None):
     """-> (backbone in eval mode, config: arch, stem, feature_dim, image_size, mean, std and what an export recorded
     of its training). arch: needed only when the weights fit no ResNet exactly. revision: a Hub branch, tag or commit.
     stem: for weights whose config does not say it. ValueError for anything that does not load (never half-loaded)."""
-    if source is None or str(source).strip() == "":
-        raise ValueError("no backbone given: pass an export folder, a .safetensors file, a Hub model id, a pretrain "
-                         "checkpoint folder or an official .pth.tar checkpoint")
     weights, config, config_file = _read_backbone(os.fspath(source), revision)
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} is not a JSON object: the backbone's configuration is damaged")
     check_weights(weights, f"the weights of {source}")
     check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, config_file)
     config = _complete_config(config, weights, arch, stem, source)
@@ -1408,28 +1354,25 @@ def load_backbone(source, arch=None, revision=None, stem=None):
 
 
 def _read_backbone(source, revision):
-    """-> (weights, config, the file the config came from)."""
-    path = Path(os.path.expanduser(source))
+    """-> (weights, config, the file the config came from). A Hub model is read as the export in its cache folder."""
+    path, hub_repo = Path(os.path.expanduser(source)), None
+    if not path.exists():
+        path, hub_repo = _hub_snapshot(source, revision)
     if (path / "trainer_state.json").is_file():
         return *_read_pretrain_checkpoint(path), path / "trainer_state.json"
+    if path.is_file() and path.suffix != ".safetensors":
+        return *_read_official_checkpoint(path), path
     if path.is_dir():  # an export: its weights, with the config.json beside them
         path = path / "model.safetensors"
-        if not path.is_file():
-            raise ValueError(f"{source} holds no model.safetensors: it is neither an export nor a pretrain checkpoint")
-    if path.is_file() and path.suffix == ".safetensors":
-        beside = path.with_name("config.json")
-        return read_safetensors(path), read_json(beside) if beside.is_file() else {}, beside
-    if path.is_file():
-        return *_read_official_checkpoint(path), path
-    hub_id = source.removeprefix("hf-hub:")  # timm's form
-    repo_id = hub_id.partition("@")[0]  # a revision may hold "/": refs/pr/1
-    if looks_like_path(repo_id) or repo_id.count("/") != 1 or path.suffix in (".safetensors", ".pth", ".tar", ".pt"):
-        raise ValueError(f"backbone {source!r} not found: no such file or folder, nor a Hub id 'owner/name[@revision]'")
-    return *_download_from_hub(hub_id, revision), f"config.json of Hub model {source!r}"
+    beside = path.with_name("config.json")
+    config = read_json(beside) if beside.is_file() else {}
+    if hub_repo:
+        config["hub_repo"] = hub_repo
+    return read_safetensors(path), config, beside
 
 
 # What an export records of the pretraining run that made it.
-RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bias", "iters", "coupled", "axis", "beta",
+RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bias", "iters", "axis", "beta",
                "power", "momentum", "groups", "w_size", "w_iter", "w_eps", "pair_loss", "cov_weight", "cov_epochs",
                "num_views", "small_crops", "min_scale", "crop_interpolation", "colour_before_crop", "jitter",
                "grayscale_prob", "blur_prob", "solarize_prob", "mean", "std", "epochs", "batch_size", "lr",
@@ -1499,22 +1442,17 @@ BACKBONE_SETTINGS.add_argument("--std", type=float, nargs=3)
 BACKBONE_RANGES = {"image_size": "[1, inf)", "eval_resize": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)"}
 
 
-def _has_small_image_conv1(weights):
-    conv1 = weights.get("conv1.weight")
-    return conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3)
-
-
 def _complete_config(config, weights, arch, stem, source):
     """Fill in arch, stem, input size and normalisation, the given ones first, then the config's, then what the
     weights say: a 7x7 conv1 is the ImageNet stem, a 3x3 one that nothing names INTL's CIFAR network."""
     check_settings({"arch": arch, "stem": stem}, BACKBONE_SETTINGS, {})
-    config = dict(config)
+    small_conv1 = "conv1.weight" in weights and tuple(weights["conv1.weight"].shape[-2:]) == (3, 3)
     if (not (stem or config.get("stem")) and config.get("source_format") == "official CW-RGP checkpoint"
-            and _has_small_image_conv1(weights)):  # its file does not say whether the ResNet keeps the max-pool
+            and small_conv1):  # its file does not say whether the ResNet keeps the max-pool
         raise ValueError(f"{source} is a CW-RGP checkpoint with a 3x3 conv1, which may or may not be followed by a "
                          "max-pool: pass --stem cifar-unpadded (its CIFAR network) or --stem small-maxpool (its STL-10 "
                          f"and Tiny-ImageNet network); the stems: {', '.join(STEMS)}")
-    config["stem"] = stem or config.get("stem") or ("cifar" if _has_small_image_conv1(weights) else "imagenet")
+    config["stem"] = stem or config.get("stem") or ("cifar" if small_conv1 else "imagenet")
     config["arch"] = arch or config.get("arch") or _infer_arch(weights, config["stem"], source)
     kernel, stride, padding, config["maxpool"] = STEMS[config["stem"]]
     config["conv1"] = {"kernel_size": kernel, "stride": stride, "padding": padding}  # to rebuild it in torchvision
@@ -1550,26 +1488,24 @@ def _weights_mismatch(expected, weights):
     return "; ".join(problems)
 
 
-def _download_from_hub(source, revision=None):
-    """'owner/name[@revision]' -> (weights, config) through huggingface_hub's cache."""
+def _hub_snapshot(source, revision=None):
+    """A Hub model id 'owner/name[@revision]' (or timm's 'hf-hub:owner/name') -> (the folder of its export in
+    huggingface_hub's cache, downloaded there if needed; 'owner/name[@revision]')."""
     import huggingface_hub
     from huggingface_hub import constants
 
-    repo_id, _, at_revision = source.partition("@")
+    repo_id, _, at_revision = source.removeprefix("hf-hub:").partition("@")  # a revision may hold "/": refs/pr/1
+    weights_file = Path(source).suffix in (".safetensors", ".pth", ".tar", ".pt")
+    if looks_like_path(repo_id) or repo_id.count("/") != 1 or weights_file:
+        raise ValueError(f"backbone {source!r} not found: no such file or folder, nor a Hub id 'owner/name[@revision]'")
     if at_revision and revision and at_revision != revision:
         raise ValueError(f"two revisions for {repo_id}: {at_revision!r} (in the id) and {revision!r}")
     revision = at_revision or revision or None
     where = f"Hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         files = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision) for name in EXPORT_FILES]
-    except huggingface_hub.errors.LocalEntryNotFoundError:
-        reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else \
-            f"the Hub ({constants.ENDPOINT}) could not be reached"
-        raise ValueError(f"{where}: {reason} and the local Hub cache ({constants.HF_HUB_CACHE}) does not hold its "
-                         f"{' + '.join(EXPORT_FILES)}; run once with network access, or pass a local export") from None
-    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.HFValidationError) as error:
-        raise ValueError(f"{where}: {' '.join(str(error).split())}") from None  # huggingface_hub's own words
-    config = read_json(files[1])
-    if isinstance(config, dict):
-        config["hub_repo"] = repo_id + (f"@{revision}" if revision else "")
-    return read_safetensors(files[0]), config
+    except huggingface_hub.errors.LocalEntryNotFoundError:  # the Hub's other errors name the repo themselves
+        reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        raise ValueError(f"{where}: {reason} and the Hub cache ({constants.HF_HUB_CACHE}) lacks its files: run once "
+                         "with network access, or pass a local export") from None
+    return Path(files[0]).parent, repo_id + (f"@{revision}" if revision else "")

@@ -31,8 +31,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -161,14 +159,12 @@ def evaluate_backbone(config, accelerator):
     """Backbone -> data -> each protocol -> results, in the locked output folder."""
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
-    if not config.resume:  # a resumed evaluation continues the results in output_dir: they are its own
-        intl.refuse_to_replace(output_dir, [f"{p}.json" for p in config.protocol] +
-                               [f"checkpoints/{p}" for p in trained], config.overwrite)
-    if warning := intl.slow_precision_warning(accelerator):
-        print(warning, file=sys.stderr)
     for protocol in trained:  # a global batch that does not split over the processes is refused before any loading
         intl.per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
-    resumed = checkpoints_to_resume(config)
+    resumed = checkpoints_to_resume(config)  # a resumed evaluation continues the results in output_dir: its own
+    intl.clear_earlier_run(output_dir, [f"{p}.json" for p in config.protocol] + [f"checkpoints/{p}" for p in trained],
+                           config.overwrite, next(filter(None, resumed.values()), None), accelerator.print,
+                           accelerator.is_main_process)
     backbone, config = load_frozen_backbone(config, accelerator)
     splits = load_labelled_splits(config, accelerator)
     data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
@@ -230,7 +226,6 @@ def resolve_args(argv=None):
     if config.resume and not set(TRAINED) & set(config.protocol):
         raise ValueError("--resume applies to --protocol linear and finetune only")
     intl.check_settings(vars(config), parser, RANGES)
-    intl.check_output_dir(config.output_dir)
     return config
 
 
@@ -685,12 +680,7 @@ def checkpoints_to_resume(config):
 
 def resume_or_start(root, checkpoint, settings, accelerator):
     """-> (the epoch to start from, the history so far): those of `checkpoint`, whose settings must be these; without
-    one 0 and none, and an earlier run's checkpoints in root go (they would be resumed by mistake)."""
-    if accelerator.is_main_process:
-        for name in intl.remove_leftovers(root):
-            accelerator.print(f"removed {root / name}, left by an interrupted save")
-        if checkpoint is None and root.exists():
-            shutil.rmtree(root)
+    one 0 and none (an earlier run's checkpoints in root were refused or removed: intl.clear_earlier_run)."""
     if checkpoint is None:
         return 0, []
 

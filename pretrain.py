@@ -247,7 +247,7 @@ def train(config, accelerator):
     output_dir = Path(config.output_dir)
     info = tqdm.write if accelerator.is_main_process else (lambda message: None)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
-    intl.prepare_output_dir(output_dir, RESULTS, config.overwrite, checkpoint, accelerator, info)
+    intl.clear_earlier_run(output_dir, RESULTS, config.overwrite, checkpoint, info, accelerator.is_main_process)
     introduce(config, accelerator, info)
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
@@ -326,8 +326,6 @@ def finish(config, accelerator, monitor, step):
 def introduce(config, accelerator, info):
     """What runs where, and with what."""
     info(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
-    if warning := intl.slow_precision_warning(accelerator):
-        info(warning)
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
     info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
          f"{config.batch_size} ({config.batch_size // accelerator.num_processes} per process), {config.epochs} "
@@ -570,8 +568,6 @@ def check_config(config, parser):
     if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     intl.check_settings(vars(config), parser, RANGES)
-    if config.output_dir is not None and not config.print_config:
-        intl.check_output_dir(config.output_dir)
     intl.parse_projector_spec(config.projector)
     if config.jitter[3] > 0.5:
         raise ValueError(f"--jitter {' '.join(map(str, config.jitter))}: the hue strength must be at most 0.5")
@@ -1054,8 +1050,7 @@ def main_export(argv=None):
     parser.add_argument("--license", default=None,
                         help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
     args = parser.parse_args(argv)
-    intl.check_output_dir(args.output_dir)
-    if intl.existing_results(args.output_dir, intl.EXPORT_FILES + ("README.md",)) and not args.overwrite:
+    if any((Path(args.output_dir) / name).is_file() for name in intl.EXPORT_FILES) and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
                          "give another --output_dir, or add --overwrite to replace it")
     export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
@@ -1083,8 +1078,8 @@ def run_study(config, argv, accelerator):
     if config.preset == "digits":  # minutes on a CPU; two identical crops in a batch make S singular without eps
         base = ["--epochs", "5", *(["--w_eps", "1e-3"] if study == "power" else []), *base]
     # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
-    earlier = [name for _, _, name in runs if intl.existing_results(output_dir / name, RESULTS)]
-    intl.refuse_to_replace(output_dir, [f"{study}_study.json", f"{study}_study.png"] + earlier, config.overwrite)
+    intl.clear_earlier_run(output_dir, [f"{study}_study.json", f"{study}_study.png"] + [name for _, _, name in runs],
+                           config.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for settings, flags, name in tqdm(runs, desc=f"{study} study"):

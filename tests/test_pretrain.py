@@ -631,14 +631,6 @@ def test_a_run_prints_its_method_data_preset_encoder_size_batch_and_epochs_first
            "batch 4 (4 per process), 1 epoch" in lines[:3]
 
 
-def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about(monkeypatch):
-    cpu_bf16 = argparse.Namespace(mixed_precision="bf16", device=torch.device("cpu"))
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert "use --mixed_precision no" in intl.slow_precision_warning(cpu_bf16)
-    assert intl.slow_precision_warning(argparse.Namespace(mixed_precision="no", device=torch.device("cpu"))) is None
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert intl.slow_precision_warning(cpu_bf16) is None
 
 
 @pytest.mark.parametrize("launcher, flags, expected", [
