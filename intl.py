@@ -807,11 +807,12 @@ def eval_resize(image_size, resize=None):
     return resize or (round(image_size / 0.875) if image_size >= 128 else image_size)
 
 
-def eval_transform(image_size, mean, std, resize=None):
-    """The un-augmented input of every evaluation: a bilinear Resize, as the authors' ImageNet evaluations, and a
-    CenterCrop."""
+def eval_transform(image_size, mean, std, resize=None, interpolation="bilinear"):
+    """The un-augmented input of every evaluation: a Resize (bilinear as the authors' ImageNet evaluations, bicubic
+    for CW-RGP's STL-10) and a CenterCrop."""
     return v2.Compose([
-        v2.Resize(eval_resize(image_size, resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+        v2.Resize(eval_resize(image_size, resize), interpolation=v2.InterpolationMode[interpolation.upper()],
+                  antialias=True),
         v2.CenterCrop(image_size),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -1385,7 +1386,8 @@ def _read_pretrain_checkpoint(folder):
     train = state["config"]
     weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
     config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset", "split",
-                                          "projector", "iters", "axis", "beta", "eval_resize")
+                                          "projector", "iters", "axis", "beta", "eval_resize",
+                                          "eval_interpolation")
               if train.get(key) is not None}
     dataset = config.get("dataset")
     if isinstance(dataset, str) and (looks_like_path(dataset) or os.path.exists(dataset)):
@@ -1437,6 +1439,7 @@ BACKBONE_SETTINGS.add_argument("--arch", type=str, choices=RESNETS)
 BACKBONE_SETTINGS.add_argument("--stem", type=str, choices=list(STEMS))
 BACKBONE_SETTINGS.add_argument("--image_size", type=int)
 BACKBONE_SETTINGS.add_argument("--eval_resize", type=int)
+BACKBONE_SETTINGS.add_argument("--eval_interpolation", type=str, choices=["bilinear", "bicubic"])
 BACKBONE_SETTINGS.add_argument("--mean", type=float, nargs=3)
 BACKBONE_SETTINGS.add_argument("--std", type=float, nargs=3)
 BACKBONE_RANGES = {"image_size": "[1, inf)", "eval_resize": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)"}

@@ -81,11 +81,12 @@ PRESETS = {
     "intl-m-800ep": dict(_INTL_M, epochs=800, lr=0.3),
     # CW-RGP's small-data recipes (4 views). STL-10 and Tiny-ImageNet have no canonical Hub copy: --dataset.
     "cw-rgp-cifar10": dict(_CW_RGP, dataset="uoft-cs/cifar10", mean=(0.4914, 0.4822, 0.4465),
-                           std=(0.2023, 0.1994, 0.2010)),
+                           std=(0.2023, 0.1994, 0.2010), eval_std=(0.247, 0.243, 0.261)),
     "cw-rgp-cifar100": dict(_CW_RGP, dataset="uoft-cs/cifar100", mean=(0.5071, 0.4867, 0.4408),
                             std=(0.2675, 0.2565, 0.2761)),
     "cw-rgp-stl10": dict(_CW_RGP, dataset=None, stem="small-maxpool", image_size=64, lr=2e-3, epochs=2000,
-                         mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27), eval_resize=70),
+                         mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27), eval_resize=70,
+                         eval_interpolation="bicubic"),
     "cw-rgp-tiny-imagenet": dict(_CW_RGP, dataset=None, stem="small-maxpool", image_size=64, lr=2e-3,
                                  projector="2048-1024", groups=2, w_size=128, mean=(0.480, 0.448, 0.398),
                                  std=(0.277, 0.269, 0.282)),
@@ -158,6 +159,8 @@ def get_parser():
     data.add_argument("--eval_std", type=float, nargs=3, default=None, help="their std; None: --std")
     data.add_argument("--eval_resize", type=int, default=None,
                       help="their side before the centre crop; None: image_size / 0.875 from 128 px, else image_size")
+    data.add_argument("--eval_interpolation", default="bilinear", choices=["bilinear", "bicubic"],
+                      help="their resize's resampling")
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50", choices=intl.RESNETS, help="encoder")
@@ -476,7 +479,7 @@ def knn_splits(config, accelerator, train_split):
         print(f"no kNN monitor: {error}", file=sys.stderr)
         return None
     transform = intl.eval_transform(config.image_size, config.eval_mean or config.mean, config.eval_std or config.std,
-                                    config.eval_resize)
+                                    config.eval_resize, config.eval_interpolation)
     return [accelerator.prepare_data_loader(torch.utils.data.DataLoader(
         intl.ImageDataset(split, transform), batch_size=256, num_workers=config.num_workers))
         for split in (train_split, test_split)]
@@ -879,7 +882,8 @@ def timm_config(config):
         return {}
     size = config["image_size"]
     return {"architecture": config["arch"], "num_classes": 0, "num_features": config["feature_dim"],
-            "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bilinear", "crop_mode": "center",
+            "pretrained_cfg": {"input_size": [3, size, size], "interpolation": config.get("eval_interpolation", "bilinear"),
+                               "crop_mode": "center",
                                "crop_pct": round(size / intl.eval_resize(size, config.get("eval_resize")), 6),
                                "mean": list(config["mean"]), "std": list(config["std"]), "num_classes": 0,
                                "first_conv": "conv1", "classifier": "fc"}}

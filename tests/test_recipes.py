@@ -57,10 +57,12 @@ AUTHORS = {
     "intl-m-200ep": dict(INTL_M, epochs=200, lr=0.4),
     "intl-m-400ep": dict(INTL_M, epochs=400, lr=0.4),
     "intl-m-800ep": dict(INTL_M, epochs=800, lr=0.3),
-    "cw-rgp-cifar10": dict(CW_RGP_SMALL, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)),
+    "cw-rgp-cifar10": dict(CW_RGP_SMALL, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
+                           eval_std=(0.247, 0.243, 0.261)),  # base/eval: CIFAR-10's std in evaluation
     "cw-rgp-cifar100": dict(CW_RGP_SMALL, mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761)),
     "cw-rgp-stl10": dict(CW_RGP_SMALL, stem="small-maxpool", image_size=64, lr=2e-3, epochs=2000,
-                         mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27), eval_resize=70),
+                         mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27), eval_resize=70,
+                         eval_interpolation="bicubic"),
     "cw-rgp-tiny-imagenet": dict(CW_RGP_SMALL, stem="small-maxpool", image_size=64, lr=2e-3, epochs=1000,
                                  projector="2048-1024", groups=2, w_size=128, mean=(0.480, 0.448, 0.398),
                                  std=(0.277, 0.269, 0.282)),
@@ -405,7 +407,8 @@ def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_p
     Resize(70) + CenterCrop(64): what the export tells its users is the evaluation input."""
     from safetensors.torch import save_file
 
-    config = vars(pretrain.resolve_config(["--preset", "cifar100", "--print_config", "--eval_resize", "70"]))
+    config = vars(pretrain.resolve_config(["--preset", "cifar100", "--print_config", "--eval_resize", "70",
+                                           "--eval_interpolation", "bicubic"]))
     model = pretrain.build_model(argparse.Namespace(**{**config, "projector": "16-8"}))
     checkpoint = tmp_path / "checkpoints" / "step-00000001"
     checkpoint.mkdir(parents=True)
@@ -417,6 +420,7 @@ def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_p
     assert exported["maxpool"] is False
     assert tuple(exported["mean"]) == intl.CIFAR_MEAN and tuple(exported["std"]) == intl.CIFAR_STD
     assert tuple(exported["recipe"]["mean"]) == (0.5071, 0.4865, 0.4409) and exported["eval_resize"] == 70
-    resize = intl.eval_transform(64, exported["mean"], exported["std"], exported["eval_resize"]).transforms[0]
-    assert resize.size == [70]
+    resize = intl.eval_transform(64, exported["mean"], exported["std"], exported["eval_resize"],
+                                 exported["eval_interpolation"]).transforms[0]
+    assert resize.size == [70] and resize.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
 
