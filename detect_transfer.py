@@ -437,16 +437,25 @@ def precise_bn(model, batches, accelerator=None):
 def load_detection_backbone(config, random=False):
     """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch, as for a checkpoint
     that holds every weight), and the run's configuration with the backbone's arch and, unless --mean / --std give
-    one, its input normalisation."""
+    one, its input normalisation. A small-image stem is refused: its res4 does not have stride 16."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
     else:
-        backbone, found = intl.load_backbone(config.backbone, config.arch, config.revision)
-        if found["stem"] != "imagenet":
-            raise ValueError(f"{config.backbone} has the {found['stem']} stem (3x3 stride-1 conv): its res4 does not "
-                             "have stride 16, so it does not fit the detectors; use a backbone pretrained with the "
-                             "ImageNet stem")
+        try:
+            backbone, found = intl.load_backbone(config.backbone, config.arch, config.revision)
+            stem = found["stem"]
+        except ValueError as error:
+            # An official CW-RGP checkpoint with a 3x3 conv1 does not say which small-image stem it has, so intl asks
+            # for --stem, which detection does not have: any small stem loads such weights, and none fits.
+            try:
+                intl.load_backbone(config.backbone, config.arch, config.revision, stem="cifar-unpadded")
+            except ValueError:
+                raise error from None
+            stem = "small-image"
+        if stem != "imagenet":
+            raise ValueError(f"{config.backbone} has a {stem} stem (3x3 stride-1 conv1): its res4 does not have stride "
+                             "16, so it does not fit the detectors; use a backbone pretrained with the ImageNet stem")
     config = argparse.Namespace(**{**vars(config), "arch": found["arch"], "mean": list(config.mean or found["mean"]),
                                    "std": list(config.std or found["std"])})
     return backbone.train(), config
