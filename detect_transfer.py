@@ -189,9 +189,8 @@ def transfer(config, accelerator):
     else:
         intl.prepare_output_dir(Path(config.output_dir), RESULTS, config.overwrite, checkpoint, accelerator,
                                 accelerator.print)
+        intl.per_process_batch(config.batch_size, accelerator.num_processes)  # refused before any loading
 
-    if not config.eval_only:  # refused before any loading
-        intl.per_process_batch(config.batch_size, accelerator.num_processes)
     # Data: the test images with their ground truth; the training records unless only evaluating.
     test_data = load_split(config, "test")
     train_records = None if config.eval_only else load_split(config, "train")["records"]
@@ -205,8 +204,11 @@ def transfer(config, accelerator):
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; {config.model} on "
                       f"{config.arch}; {len(test_data['classes'])} classes, {len(test_data['records'])} test images")
 
-    if config.eval_only:
-        state = load_evaluated_weights(model, checkpoint)
+    if config.eval_only:  # the checkpoint's weights, strictly and only if finite
+        weights = intl.read_safetensors(checkpoint / "model.safetensors")
+        intl.check_weights(weights, f"the weights of {checkpoint}")
+        model.load_state_dict(weights, strict=True)
+        state = intl.read_json(checkpoint / "trainer_state.json")
     else:
         state = fine_tune(model, train_records, checkpoint, config, accelerator)
         if state is None:
@@ -298,7 +300,7 @@ def evaluate(model, test_data, state, config, accelerator):
     tic = time.time()
     predictions = predict(model, test_data["records"], config, accelerator)
     if not accelerator.is_main_process:
-        return None
+        return
     if config.dataset == "voc":
         results = {"bbox": voc_evaluate(predictions, test_data["records"], test_data["classes"])}
     else:
@@ -313,7 +315,6 @@ def evaluate(model, test_data, state, config, accelerator):
              for t in ("bbox", "segm") if t in results]
     print(f"{config.model} on {test_data['name']} ({len(test_data['records'])} images, {state['iteration']} "
           "iterations)\n" + "\n".join(rows))
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -335,13 +336,9 @@ def resolve_config(argv=None):
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
     intl.check_settings(vars(config), parser, RANGES)
-    if not config.print_config:
-        check_config(config)
-    return config
-
-
-def check_config(config):
-    """Refuse what cannot run, naming the flag to change."""
+    if config.print_config:
+        return config
+    # Refuse what cannot run, naming the flag to change.
     if config.output_dir is None:
         raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
     intl.check_output_dir(config.output_dir)
@@ -363,6 +360,7 @@ def check_config(config):
                          "have: use faster-c4 on VOC, or a COCO-format dataset with segmentations")
     if sorted(config.lr_steps) != list(config.lr_steps):
         raise ValueError(f"--lr_steps {config.lr_steps}: give increasing iteration counts")
+    return config
 
 
 def has_masks(config):
@@ -373,14 +371,6 @@ def check_trainer_state(folder, state):
     if not isinstance(state.get("iteration"), int):
         raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
                          "resume from another checkpoint")
-
-
-def load_evaluated_weights(model, checkpoint):
-    """--eval_only: the checkpoint's weights into `model`, strictly and only if finite -> its trainer state."""
-    weights = intl.read_safetensors(checkpoint / "model.safetensors")
-    intl.check_weights(weights, f"the weights of {checkpoint}")
-    model.load_state_dict(weights, strict=True)
-    return intl.read_json(checkpoint / "trainer_state.json")
 
 
 def save_checkpoint(accelerator, config, state):
