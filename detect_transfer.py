@@ -477,8 +477,7 @@ def build_detector(config, backbone, num_classes):
 
 
 class Res5Head(nn.Module):
-    """The C4 box head: res5 (layer4, stride 2: 14 x 14 RoIs -> 7 x 7), an extra BatchNorm2d on its output (MoCo's
-    Res5ROIHeadsExtraNorm), then the average pool: RoIs -> [R, res5 width]."""
+    """The C4 box head: res5, MoCo's extra BatchNorm2d (Res5ROIHeadsExtraNorm), the average pool: RoIs -> [R, C]."""
 
     def __init__(self, resnet):
         super().__init__()
@@ -494,9 +493,8 @@ class Res5Head(nn.Module):
 
 
 class C4RoIHeads(RoIHeads):
-    """Detectron2's Res5ROIHeads on torchvision's RoIHeads (its sampling, losses and post-processing). In training
-    res5 runs once per sampled RoI, its 7 x 7 maps feeding both predictors; at test time the masks come from a
-    second res5 pass on the final detections, as in Detectron2."""
+    """Detectron2's Res5ROIHeads on torchvision's RoIHeads: in training res5's 7 x 7 maps of the sampled RoIs feed
+    both predictors; at test time the masks come from a second res5 pass on the final detections, as in Detectron2."""
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:

@@ -51,16 +51,13 @@ import intl
 
 PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
 TRAINED = ("linear", "finetune")  # trained on images, with a checkpoint every epoch
-# The defaults of the flags left at None, per protocol (the docstring's table). SGD learning rates scale linearly with
-# the global batch; Adam's (linear-cached) does not.
+# The defaults of the flags left at None, per protocol (the docstring's table).
 DEFAULTS = {
     "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
     "linear": dict(epochs=100, batch_size=256, weight_decay=0.0, schedule="step", larc_trust=None),
     "finetune": dict(epochs=20, batch_size=256, lr=0.2, lr_backbone=None, weight_decay=0.0, schedule="constant"),
 }
-# The authors' settings that depend on the backbone's pretraining method: the linear head's lr (INTL 800 ep and
-# ImageNet-100: 0.2; INTL-M: 0.4), the fine-tuned backbone's (0.006; 0.004), and CW-RGP's own linear protocol.
-# CW-RGP's authors publish no fine-tuning, so its backbone lr is --lr_backbone's.
+# The authors' settings that depend on the backbone's pretraining method (--recipe; the docstring's table).
 RECIPES = {
     "intl": {"linear": {"lr": 0.2}, "finetune": {"lr_backbone": 0.006}},
     "intl-m": {"linear": {"lr": 0.4}, "finetune": {"lr_backbone": 0.004}},
@@ -262,8 +259,7 @@ def completed_by_backbone(config, backbone_config):
 
 
 def evaluation_recipe(flag, backbone_config):
-    """-> (the authors' evaluation recipe, 'intl', 'intl-m' or 'cw-rgp', what chose it): --recipe, else the recorded
-    method."""
+    """-> (the authors' evaluation recipe, 'intl', 'intl-m' or 'cw-rgp'; what chose it): --recipe, else the method."""
     recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
     if flag is not None:
         if recorded in RECIPES and recorded != flag:
@@ -443,7 +439,6 @@ def run_linear_cached(features, num_classes, config, accelerator):
     history = []
     for epoch in tqdm(range(epochs), desc="linear-cached", disable=not accelerator.is_main_process, leave=False):
         lr = optimizer.param_groups[0]["lr"]
-        head.train()
         for batch in torch.randperm(len(train_f), generator=order).split(settings["batch_size"]):
             batch = batch.to(device)
             loss = F.cross_entropy(head(train_f[batch]), train_l[batch])
@@ -451,7 +446,6 @@ def run_linear_cached(features, num_classes, config, accelerator):
             loss.backward()
             optimizer.step()
         scheduler.step()
-        head.eval()
         with torch.no_grad():
             history.append({"epoch": epoch + 1, "lr": lr, **accuracy(top5_correct(head(test_f), test_l))})
     return {**trained_record("linear on cached features", settings, history), "n_evaluated": len(test_f)}
