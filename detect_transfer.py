@@ -183,9 +183,9 @@ def transfer(config, accelerator):
     checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection") if config.resume else None
     intl.clear_earlier_run(config.output_dir, ["results.json"] if config.eval_only else RESULTS, config.overwrite,
                            None if config.eval_only else checkpoint, accelerator.print, accelerator.is_main_process)
-
     if not config.eval_only:  # refused before any loading
         intl.per_process_batch(config.batch_size, accelerator.num_processes)
+
     # Data: the test images with their ground truth; the training records unless only evaluating.
     test_data = load_split(config, "test")
     train_records = None if config.eval_only else load_split(config, "train")["records"]
@@ -199,8 +199,11 @@ def transfer(config, accelerator):
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; {config.model} on "
                       f"{config.arch}; {len(test_data['classes'])} classes, {len(test_data['records'])} test images")
 
-    if config.eval_only:
-        state = load_evaluated_weights(model, checkpoint)
+    if config.eval_only:  # the checkpoint's weights, strictly and only if finite
+        weights = intl.read_safetensors(checkpoint / "model.safetensors")
+        intl.check_weights(weights, f"the weights of {checkpoint}")
+        model.load_state_dict(weights, strict=True)
+        state = intl.read_json(checkpoint / "trainer_state.json")
     else:
         state = fine_tune(model, train_records, checkpoint, config, accelerator)
         if state is None:
@@ -292,7 +295,7 @@ def evaluate(model, test_data, state, config, accelerator):
     tic = time.time()
     predictions = predict(model, test_data["records"], config, accelerator)
     if not accelerator.is_main_process:
-        return None
+        return
     if config.dataset == "voc":
         results = {"bbox": voc_evaluate(predictions, test_data["records"], test_data["classes"])}
     else:
@@ -307,7 +310,6 @@ def evaluate(model, test_data, state, config, accelerator):
              for t in ("bbox", "segm") if t in results]
     print(f"{config.model} on {test_data['name']} ({len(test_data['records'])} images, {state['iteration']} "
           "iterations)\n" + "\n".join(rows))
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -329,13 +331,9 @@ def resolve_config(argv=None):
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)
     intl.check_settings(vars(config), parser, RANGES)
-    if not config.print_config:
-        check_config(config)
-    return config
-
-
-def check_config(config):
-    """Refuse what cannot run, naming the flag to change."""
+    if config.print_config:
+        return config
+    # Refuse what cannot run, naming the flag to change.
     if config.output_dir is None:
         raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
     if config.dataset is None:
@@ -356,6 +354,7 @@ def check_config(config):
                          "have: use faster-c4 on VOC, or a COCO-format dataset with segmentations")
     if sorted(config.lr_steps) != list(config.lr_steps):
         raise ValueError(f"--lr_steps {config.lr_steps}: give increasing iteration counts")
+    return config
 
 
 def has_masks(config):
@@ -366,14 +365,6 @@ def check_trainer_state(folder, state):
     if not isinstance(state.get("iteration"), int):
         raise ValueError(f"{folder / 'trainer_state.json'} holds no iteration count: the file is damaged; "
                          "resume from another checkpoint")
-
-
-def load_evaluated_weights(model, checkpoint):
-    """--eval_only: the checkpoint's weights into `model`, strictly and only if finite -> its trainer state."""
-    weights = intl.read_safetensors(checkpoint / "model.safetensors")
-    intl.check_weights(weights, f"the weights of {checkpoint}")
-    model.load_state_dict(weights, strict=True)
-    return intl.read_json(checkpoint / "trainer_state.json")
 
 
 def save_checkpoint(accelerator, config, state):
@@ -430,16 +421,25 @@ def precise_bn(model, batches, accelerator=None):
 def load_detection_backbone(config, random=False):
     """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch, as for a checkpoint
     that holds every weight), and the run's configuration with the backbone's arch and, unless --mean / --std give
-    one, its input normalisation."""
+    one, its input normalisation. A small-image stem is refused: its res4 does not have stride 16."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
     else:
-        backbone, found = intl.load_backbone(config.backbone, config.arch, config.revision)
-        if found["stem"] != "imagenet":
-            raise ValueError(f"{config.backbone} has the {found['stem']} stem (3x3 stride-1 conv): its res4 does not "
-                             "have stride 16, so it does not fit the detectors; use a backbone pretrained with the "
-                             "ImageNet stem")
+        try:
+            backbone, found = intl.load_backbone(config.backbone, config.arch, config.revision)
+            stem = found["stem"]
+        except ValueError as error:
+            # An official CW-RGP checkpoint with a 3x3 conv1 does not say which small-image stem it has, so intl asks
+            # for --stem, which detection does not have: any small stem loads such weights, and none fits.
+            try:
+                intl.load_backbone(config.backbone, config.arch, config.revision, stem="cifar-unpadded")
+            except ValueError:
+                raise error from None
+            stem = "small-image"
+        if stem != "imagenet":
+            raise ValueError(f"{config.backbone} has a {stem} stem (3x3 stride-1 conv1): its res4 does not have stride "
+                             "16, so it does not fit the detectors; use a backbone pretrained with the ImageNet stem")
     config = argparse.Namespace(**{**vars(config), "arch": found["arch"], "mean": list(config.mean or found["mean"]),
                                    "std": list(config.std or found["std"])})
     return backbone.train(), config
@@ -471,8 +471,7 @@ def build_detector(config, backbone, num_classes):
 
 
 class Res5Head(nn.Module):
-    """The C4 box head: res5 (layer4, stride 2: 14 x 14 RoIs -> 7 x 7), an extra BatchNorm2d on its output (MoCo's
-    Res5ROIHeadsExtraNorm), then the average pool: RoIs -> [R, res5 width]."""
+    """The C4 box head: res5, MoCo's extra BatchNorm2d (Res5ROIHeadsExtraNorm), the average pool: RoIs -> [R, C]."""
 
     def __init__(self, resnet):
         super().__init__()
@@ -488,9 +487,8 @@ class Res5Head(nn.Module):
 
 
 class C4RoIHeads(RoIHeads):
-    """Detectron2's Res5ROIHeads on torchvision's RoIHeads (its sampling, losses and post-processing). In training
-    res5 runs once per sampled RoI, its 7 x 7 maps feeding both predictors; at test time the masks come from a
-    second res5 pass on the final detections, as in Detectron2."""
+    """Detectron2's Res5ROIHeads on torchvision's RoIHeads: in training res5's 7 x 7 maps of the sampled RoIs feed
+    both predictors; at test time the masks come from a second res5 pass on the final detections, as in Detectron2."""
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:

@@ -49,16 +49,13 @@ import intl
 
 PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
 TRAINED = ("linear", "finetune")  # trained on images, with a checkpoint every epoch
-# The defaults of the flags left at None, per protocol (the docstring's table). SGD learning rates scale linearly with
-# the global batch; Adam's (linear-cached) does not.
+# The defaults of the flags left at None, per protocol (the docstring's table).
 DEFAULTS = {
     "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
     "linear": dict(epochs=100, batch_size=256, weight_decay=0.0, schedule="step", larc_trust=None),
     "finetune": dict(epochs=20, batch_size=256, lr=0.2, lr_backbone=None, weight_decay=0.0, schedule="constant"),
 }
-# The authors' settings that depend on the backbone's pretraining method: the linear head's lr (INTL 800 ep and
-# ImageNet-100: 0.2; INTL-M: 0.4), the fine-tuned backbone's (0.006; 0.004), and CW-RGP's own linear protocol.
-# CW-RGP's authors publish no fine-tuning, so its backbone lr is --lr_backbone's.
+# The authors' settings that depend on the backbone's pretraining method (--recipe; the docstring's table).
 RECIPES = {
     "intl": {"linear": {"lr": 0.2}, "finetune": {"lr_backbone": 0.006}},
     "intl-m": {"linear": {"lr": 0.4}, "finetune": {"lr_backbone": 0.004}},
@@ -69,7 +66,7 @@ RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "n
           "eval_batch_size": "[1, inf)", "k": "[1, inf)",
           "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
           "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
-          "eval_every": "[1, inf)", "stop_after_epochs": "[1, inf)"}
+          "stop_after_epochs": "[1, inf)"}
 
 
 def get_parser():
@@ -133,8 +130,6 @@ def get_parser():
                      "runs/eval/<repo>[--<revision>] for a Hub id")
     run.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of the same "
                      "protocols in --output_dir; without it such a folder is refused before any work")
-    run.add_argument("--eval_every", type=int, default=1,
-                     help="linear, finetune: test accuracy every N epochs and after the last")
     run.add_argument("--resume", help="linear, finetune: 'latest' (the newest checkpoint of each in "
                      "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
@@ -165,7 +160,16 @@ def evaluate_backbone(config, accelerator):
     intl.clear_earlier_run(output_dir, [f"{p}.json" for p in config.protocol] + [f"checkpoints/{p}" for p in trained],
                            config.overwrite, next(filter(None, resumed.values()), None), accelerator.print,
                            accelerator.is_main_process)
-    backbone, config = load_frozen_backbone(config, accelerator)
+
+    # The backbone before the data: a wrong one fails fast.
+    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
+    freeze(backbone.to(accelerator.device))
+    config = completed_by_backbone(config, backbone_config)
+    config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
+                      f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
+    for protocol in trained:
+        accelerator.print(learning_rates_note(protocol, config))
     splits = load_labelled_splits(config, accelerator)
     data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
                 test_split=split_name(splits.test, config.test_split), n_train=len(splits.train.dataset),
@@ -181,10 +185,7 @@ def evaluate_backbone(config, accelerator):
         elif protocol == "linear-cached":
             record = run_linear_cached(features, splits.num_classes, config, accelerator)
         else:
-            try:
-                record = run_trained_protocol(protocol, resumed[protocol], config, backbone, splits, accelerator)
-            except KeyboardInterrupt:
-                raise intl.Interrupted(interrupted_message(protocol, output_dir)) from None
+            record = run_trained_protocol(protocol, resumed[protocol], config, backbone, splits, accelerator)
             if record is None:  # --stop_after_epochs
                 return
         record = {"protocol": protocol, **record, "backbone": config.backbone, "arch": config.arch,
@@ -195,19 +196,6 @@ def evaluate_backbone(config, accelerator):
             intl.write_text_atomically(output_dir / f"{protocol}.json", json.dumps(record, indent=2) + "\n")
     accelerator.print(results_table(records, data, output_dir))
     accelerator.end_training()
-
-
-def load_frozen_backbone(config, accelerator):
-    """-> (the backbone, frozen; the configuration it completes). Before the data: a wrong backbone fails fast."""
-    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
-    freeze(backbone.to(accelerator.device))
-    config = completed_by_backbone(config, backbone_config)
-    config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
-                      f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
-    for protocol in [p for p in config.protocol if p in TRAINED]:
-        accelerator.print(learning_rates_note(protocol, config))
-    return backbone, config
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -261,13 +249,14 @@ def completed_by_backbone(config, backbone_config):
         **vars(config), "dataset": config.dataset or dataset_of(backbone_config, config.backbone),
         "image_size": config.image_size or backbone_config["image_size"],
         "mean": config.mean or backbone_config["mean"], "std": config.std or backbone_config["std"],
-        "eval_resize": None if config.image_size else backbone_config.get("eval_resize"),  # CW-RGP STL-10: 70 for 64
+        # CW-RGP's STL-10: Resize(70, bicubic) before the crop to 64
+        "eval_resize": None if config.image_size else backbone_config.get("eval_resize"),
+        "eval_interpolation": backbone_config.get("eval_interpolation", "bilinear"),
         "recipe": recipe, "recipe_chosen_by": chosen_by})
 
 
 def evaluation_recipe(flag, backbone_config):
-    """-> (the authors' evaluation recipe, 'intl', 'intl-m' or 'cw-rgp', what chose it): --recipe, else the recorded
-    method."""
+    """-> (the authors' evaluation recipe, 'intl', 'intl-m' or 'cw-rgp'; what chose it): --recipe, else the method."""
     recorded = backbone_config.get("method") or (backbone_config.get("recipe") or {}).get("method")
     if flag is not None:
         if recorded in RECIPES and recorded != flag:
@@ -350,7 +339,8 @@ def image_loader(split, transform, batch_size, config, accelerator, **options):
 
 def eval_images(config):
     """Every protocol's test input: the backbone's evaluation resize (CW-RGP STL-10: 70 for 64 px) + centre crop."""
-    return intl.eval_transform(config.image_size, config.mean, config.std, config.eval_resize)
+    return intl.eval_transform(config.image_size, config.mean, config.std, config.eval_resize,
+                               config.eval_interpolation)
 
 
 def train_transform(image_size, mean, std):
@@ -447,7 +437,6 @@ def run_linear_cached(features, num_classes, config, accelerator):
     history = []
     for epoch in tqdm(range(epochs), desc="linear-cached", disable=not accelerator.is_main_process, leave=False):
         lr = optimizer.param_groups[0]["lr"]
-        head.train()
         for batch in torch.randperm(len(train_f), generator=order).split(settings["batch_size"]):
             batch = batch.to(device)
             loss = F.cross_entropy(head(train_f[batch]), train_l[batch])
@@ -455,7 +444,6 @@ def run_linear_cached(features, num_classes, config, accelerator):
             loss.backward()
             optimizer.step()
         scheduler.step()
-        head.eval()
         with torch.no_grad():
             history.append({"epoch": epoch + 1, "lr": lr, **accuracy(top5_correct(head(test_f), test_l))})
     return {**trained_record("linear on cached features", settings, history), "n_evaluated": len(test_f)}
@@ -465,8 +453,8 @@ def run_linear_cached(features, num_classes, config, accelerator):
 
 
 def run_trained_protocol(protocol, checkpoint, config, backbone, splits, accelerator):
-    """linear or finetune: SGD on augmented training images, tested every --eval_every epochs, a checkpoint every
-    epoch; continued from `checkpoint` if not None. -> the protocol's record, or None after --stop_after_epochs."""
+    """linear or finetune: SGD on augmented training images, tested and saved every epoch; continued from
+    `checkpoint` if not None. -> the protocol's record, or None after --stop_after_epochs."""
     finetune = protocol == "finetune"
     train_split = training_subset(splits.train, config.subset_file) if finetune else splits.train
     if finetune:
@@ -489,31 +477,35 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
         return model(features.float())
 
     # After every epoch, in one place: the history entry, the test accuracy, the checkpoint, the stop.
-    epochs = settings["epochs"]
+    epochs, epoch = settings["epochs"], start_epoch
     progress = tqdm(total=epochs * len(train_loader), initial=start_epoch * len(train_loader), desc=protocol,
                     disable=not accelerator.is_main_process, leave=False)
-    with progress:  # closed before any message, so that the message is not drawn over
+    try:
         for epoch in range(start_epoch, epochs):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(settings["schedule"], epoch, epochs, config.milestones)
             train_loader.set_epoch(epoch)
-            model.train()  # linear's model is the head alone: the frozen backbone's BN statistics stay as pretrained
+            model.train()  # linear's model is the head alone: the frozen backbone's BN statistics stay as they are
             loss = train_one_epoch(forward, optimizer, train_loader, progress, accelerator)
             entry = {"epoch": epoch + 1, "train_loss": loss,
                      **{f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}}
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == epochs:
-                model.eval()
-                entry.update(evaluate(forward, test_loader, accelerator))
+            model.eval()
+            entry.update(evaluate(forward, test_loader, accelerator))
             history.append(entry)
             save_epoch(checkpoints, epoch + 1, settings, history, accelerator)
             if config.stop_after_epochs is not None and config.stop_after_epochs <= epoch + 1 < epochs:
                 break
+    except KeyboardInterrupt:
+        where = f"epoch {epoch + 1} of {protocol}"
+        raise intl.Interrupted(intl.interrupted_message(where, newest_checkpoint(checkpoints))) from None
+    finally:
+        progress.close()  # before any message, so that the message is not drawn over
     if history[-1]["epoch"] < epochs:  # --stop_after_epochs
         accelerator.print(f"{protocol}: stopped after epoch {history[-1]['epoch']} of {epochs}; continue with "
                           "--resume latest")
         return None
     name = f"fine-tune on {settings['n_train']} images" if finetune else "linear (ImageNet protocol)"
-    record = trained_record(name, settings, [h for h in history if "top1" in h])
+    record = trained_record(name, settings, history)
     if not finetune:
         record["backbone_unchanged"] = check_backbone_unchanged(backbone, pretrained)
     return record
@@ -607,8 +599,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def freeze(backbone):
     """The evaluated backbone: no gradients, BN in eval mode (running statistics are not updated)."""
-    backbone.requires_grad_(False)
-    backbone.eval()
+    backbone.requires_grad_(False).eval()
 
 
 class BackboneChanged(ValueError):
@@ -697,13 +688,6 @@ def resume_or_start(root, checkpoint, settings, accelerator):
     _, state = intl.load_checkpoint(accelerator, str(checkpoint), None, check_state=same_settings)
     accelerator.print(f"{root.name}: resumed after epoch {state['epoch']}")
     return state["epoch"], state["history"]
-
-
-def interrupted_message(protocol, output_dir):
-    """The one line Ctrl-C prints during a trained protocol: the epoch it stopped in and how to continue."""
-    saved = newest_checkpoint(output_dir / "checkpoints" / protocol)
-    epoch = int(saved.name.split("-")[1]) + 1 if saved else 1
-    return intl.interrupted_message(f"epoch {epoch} of {protocol}", saved)
 
 
 # ----------------------------------------------------------------------------- report

@@ -251,6 +251,19 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", cifar))
 
 
+@pytest.mark.parametrize("stem", ["cifar-unpadded", "small-maxpool"])
+def test_an_official_cw_rgp_small_data_checkpoint_is_refused_by_detection_not_asked_for_a_stem(tmp_path, stem):
+    """CW-RGP's small-data checkpoints (base/train.py: the encoder under model.module.*) have a 3x3 conv1 and do not
+    say which small-image stem: detection refuses them itself instead of asking for --stem, a flag it does not have."""
+    state_dict = {f"model.module.{k}": v for k, v in intl.build_backbone("resnet18", stem).state_dict().items()}
+    state_dict["head.0.weight"] = torch.randn(1024, 512)
+    checkpoint = tmp_path / "cw_rgp.pth.tar"
+    torch.save({"epoch": 1000, "arch": "resnet18", "state_dict": state_dict}, checkpoint)
+    with pytest.raises(ValueError, match="has a small-image stem .*does not fit the detectors") as refused:
+        dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", checkpoint))
+    assert "--stem" not in str(refused.value) and "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize("model_name", dt.MODELS)
 def test_a_training_step_gives_finite_losses_and_evaluation_gives_boxes_in_original_pixels(model_name):
     # 5 proposals per test image (tiny_config: 20): the untrained heads keep nearly every proposal for both classes,
