@@ -1379,11 +1379,16 @@ RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bi
                "grayscale_prob", "blur_prob", "solarize_prob", "mean", "std", "epochs", "batch_size", "lr",
                "weight_decay", "decay_all_params", "warmup_epochs", "warmup_steps", "optimizer", "schedule",
                "mixed_precision", "seed")
+# The settings each method uses: an export records its own method's, none of the others'.
+METHOD_SETTINGS = {"intl": ("iters", "axis", "beta"), "intl-m": ("iters", "axis", "beta", "momentum"),
+                   "st": ("power", "axis", "w_eps", "beta"), "wmse": ("w_size", "w_iter", "w_eps"),
+                   "cw-rgp": ("groups", "axis", "w_size", "w_iter", "w_eps", "pair_loss", "cov_weight", "cov_epochs")}
 
 
 def _read_pretrain_checkpoint(folder):
     state = read_trainer_state(folder / "trainer_state.json")
-    train = state["config"]
+    unused = set().union(*METHOD_SETTINGS.values()) - set(METHOD_SETTINGS.get(state["config"].get("method"), ()))
+    train = {key: value for key, value in state["config"].items() if key not in unused}
     weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
     config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset", "split",
                                           "projector", "iters", "axis", "beta", "eval_resize",

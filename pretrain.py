@@ -110,7 +110,7 @@ RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
           "num_workers": "[0, inf)", "iters": "[1, inf)", "beta": "[0, inf)", "momentum": "[0, 1]", "power": "[0, inf)",
-          "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, inf)", "num_views": "[1, inf)",
+          "groups": "[1, inf)", "w_size": "[2, inf)", "w_iter": "[1, inf)", "w_eps": "[0, 1]", "num_views": "[1, inf)",
           "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)",
           "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
           "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "min_scale": "(0, 1]",
@@ -187,7 +187,7 @@ def get_parser():
     method.add_argument("--w_size", type=int, default=64, help="cw-rgp, wmse: whitening sub-batch size")
     method.add_argument("--w_iter", type=int, default=1, help="cw-rgp, wmse: repeats with fresh sub-batches")
     method.add_argument("--w_eps", type=float, default=0.0,
-                        help="eps I added to the covariance (cw-rgp, wmse); st: eps x its mean eigenvalue")
+                        help="cw-rgp, wmse: whiten (1 - eps) S + eps I, as their authors; st: S + eps mean(l) I")
     method.add_argument("--pair_loss", default="normalized", choices=["normalized", "squared"],
                         help="cw-rgp: 2 - 2 cos between whitened views, or their squared distance")
     method.add_argument("--cov_weight", type=float, default=0.0, help="cw-rgp: weight of the covariance term")

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision
 from safetensors.torch import load_file
 
 import intl
@@ -501,14 +502,15 @@ def test_linear_and_finetune_resize_bilinearly_as_torchvision_does_by_default():
 
 
 def test_every_protocol_sees_the_backbones_evaluation_resize_unless_the_input_size_is_given(tmp_path):
-    """CW-RGP's STL-10 backbone records Resize(70) + CenterCrop(64): knn, linear-cached, linear and finetune all
-    evaluate on that input (`eval_images` is their one test transform); --image_size asks for another input."""
-    backbone_config = {"image_size": 64, "mean": [0.4] * 3, "std": [0.2] * 3, "eval_resize": 70, "method": "cw-rgp",
-                       "dataset": "tanganke/stl10"}
+    """CW-RGP's STL-10 backbone records Resize(70, bicubic) + CenterCrop(64): knn, linear-cached, linear and finetune
+    all evaluate on that input (`eval_images` is their one test transform); --image_size asks for another input."""
+    backbone_config = {"image_size": 64, "mean": [0.4] * 3, "std": [0.2] * 3, "eval_resize": 70,
+                       "eval_interpolation": "bicubic", "method": "cw-rgp", "dataset": "tanganke/stl10"}
     argv = ["--backbone", "unused", "--protocol", "knn", "linear", "--output_dir", str(tmp_path)]
     config = linear_eval.completed_by_backbone(linear_eval.resolve_args(argv), backbone_config)
     resize, crop = linear_eval.eval_images(config).transforms[:2]
     assert resize.size == [70] and crop.size == (64, 64)
+    assert resize.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
     config = linear_eval.completed_by_backbone(linear_eval.resolve_args(argv + ["--image_size", "64"]), backbone_config)
     assert linear_eval.eval_images(config).transforms[0].size == [64]
 

@@ -424,3 +424,20 @@ def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_p
                                  exported["eval_interpolation"]).transforms[0]
     assert resize.size == [70] and resize.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
 
+
+
+@pytest.mark.parametrize("preset, used, unused", [
+    ("cw-rgp-cifar10", {"groups", "w_size", "w_eps", "pair_loss"}, {"iters", "beta", "power", "momentum"}),
+    ("cifar10", {"iters", "axis", "beta"}, {"groups", "w_size", "w_eps", "power", "momentum", "pair_loss"})])
+def test_an_export_records_the_settings_of_its_own_method_only(tmp_path, preset, used, unused):
+    from safetensors.torch import save_file
+
+    config = vars(pretrain.resolve_config(["--preset", preset, "--print_config"]))
+    model = pretrain.build_model(argparse.Namespace(**{**config, "projector": "16-8", "groups": 2}))
+    checkpoint = tmp_path / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
+    state = {"step": 1, "config": json.loads(json.dumps(config)), "num_processes": 1}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    _, exported = intl.load_backbone(pretrain.export_backbone_from(checkpoint, tmp_path / "export"))
+    assert used <= set(exported["recipe"]) and not unused & (set(exported["recipe"]) | set(exported))
