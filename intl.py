@@ -574,6 +574,9 @@ def load_image_split(source, split, image_column=None, label_column=None, accele
         # The files that Dataset.save_to_disk and DatasetDict.save_to_disk write.
         saved = any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
         dataset, source = (_load_saved_split if saved else _load_image_folder_split)(path, split), path
+    elif os.path.isfile(path):  # an archive or a single image, say
+        raise ValueError(f"--dataset {source} is a file, not a folder (extract an archive into one first). "
+                         f"{_HOW_TO_PROVIDE_DATA}")
     elif looks_like_path(source):  # a typo in a path must not turn into a confusing Hub lookup
         raise ValueError(f"dataset folder {source} does not exist. {_HOW_TO_PROVIDE_DATA}")
     else:
@@ -614,13 +617,32 @@ def looks_like_path(source):
 def _load_saved_split(path, split):
     import datasets as hf_datasets
 
-    saved = hf_datasets.load_from_disk(path)
+    try:
+        saved = hf_datasets.load_from_disk(path)
+    except (OSError, ValueError, IndexError) as error:  # IndexError: a split saved without rows has no .arrow file
+        found = _unreadable_file(path) or ("a split of it has no rows" if isinstance(error, IndexError) else error)
+        raise ValueError(f"cannot load {path} (written by save_to_disk): {found}; save it again") from None
     if isinstance(saved, hf_datasets.DatasetDict):
         return saved[_resolve_split_name(split, saved, path)]
     if split != "train":  # served as "test", a bare Dataset would evaluate on the training images
         raise ValueError(f"{path} holds a single Dataset without splits, usable only as split 'train' (asked for "
                          f"{split!r}); save a DatasetDict with the held-out split instead")
     return saved
+
+
+def _unreadable_file(folder):
+    """'FILE is damaged (why)' for the first .json or .arrow file below `folder` that cannot be read, which datasets'
+    errors do not name; None if all can."""
+    import pyarrow
+
+    for file in sorted(Path(folder).rglob("*.json")) + sorted(Path(folder).rglob("*.arrow")):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            else:
+                pyarrow.ipc.open_stream(pyarrow.memory_map(str(file))).read_all()  # memory-mapped: nothing copied
+        except (OSError, ValueError) as error:
+            return f"{file} is damaged ({error})"
 
 
 def _load_image_folder_split(root, split):
@@ -651,7 +673,15 @@ def _load_image_folder_split(root, split):
 
 
 def _sub_folders(path):
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    """The folders in `path`, a link to one elsewhere included; one that is (a link to) `path` or a folder above it
+    is refused: its images would be indexed again."""
+    names = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    for name in names:
+        target, here = os.path.realpath(os.path.join(path, name)), os.path.realpath(path)
+        if os.path.commonpath([target, here]) == target:
+            raise ValueError(f"{os.path.join(path, name)} is a link to {target}, the folder that holds it or one "
+                             "above: every image would count twice; remove the link")
+    return names
 
 
 def _image_files(folder):
@@ -714,8 +744,9 @@ def _make_image_split(dataset, image_column, label_column, description):
                              if c in features and _holds_class_indices(features[c])), None)
     elif not _holds_class_indices(features[label_column]):  # strings, say, are not class indices
         raise ValueError(f"label column {label_column!r} of {description} is {features[label_column]}, not integer "
-                         "class labels: name another with --label_column, or map the values to class indices "
-                         f"(Dataset.class_encode_column) (columns: {columns})")
+                         "class labels: pretraining needs none (leave --label_column out); evaluation: map the values "
+                         f"to class indices (Dataset.class_encode_column) or name another --label_column (columns: "
+                         f"{columns})")
     feature = features[label_column] if label_column else None
     num_classes = feature.num_classes if isinstance(feature, hf_datasets.ClassLabel) else None
     return ImageSplit(dataset, image_column, label_column, num_classes, description)
@@ -867,7 +898,10 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     """k-NN accuracy (%), Euclidean, one vote per neighbour (the papers' 5-NN) -> {"top1": float}. A tie between
     classes goes to the smallest class id, as the authors' argmax over the votes. `blocks`: nearest_neighbours'."""
     nearest, _ = nearest_neighbours(train_features, test_features, k, **blocks)
-    device, num_classes = nearest.device, int(max(train_labels.max(), test_labels.max())) + 1
+    # The labels as indices among the classes present (in order): memory does not grow with the label values.
+    classes, indices = torch.unique(torch.cat([train_labels, test_labels]), return_inverse=True)
+    train_labels, test_labels = indices.split([len(train_labels), len(test_labels)])
+    device, num_classes = nearest.device, len(classes)
     # Votes x classes + (classes - 1 - class): no two scores are equal, so the tie rule does not rest on which of
     # equal maxima argmax returns.
     tie_break = torch.arange(num_classes - 1, -1, -1, device=device)

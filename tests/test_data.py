@@ -177,6 +177,31 @@ def test_missing_local_folder_is_reported_as_such(tmp_path):
         load_image_split(str(tmp_path / "nope"), "train")
 
 
+def test_a_file_given_as_dataset_is_named_a_file_not_a_missing_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.tar").write_bytes(b"an archive")
+    write_png(tmp_path / "x.png", CLASS_COLORS["ant"])
+    for source in ("x.tar", "x.png", str(tmp_path / "x.png")):  # bare names would otherwise go to the Hub
+        with pytest.raises(ValueError, match=r"--dataset \S*x\.(tar|png) is a file, not a folder .*class sub-folders"):
+            load_image_split(source, "train")
+
+
+def test_a_class_folder_linking_to_the_dataset_folder_or_above_is_refused_one_linking_elsewhere_is_a_class(tmp_path):
+    root = tmp_path / "subset"
+    write_png(root / "ant" / "0.png", CLASS_COLORS["ant"])
+    write_png(tmp_path / "full" / "bee" / "0.png", CLASS_COLORS["bee"])
+    (root / "bee").symlink_to(tmp_path / "full" / "bee", target_is_directory=True)  # as ImageNet-100 subsets are made
+    for name, target in (("loop", root), ("up", tmp_path), ("train", root)):
+        (root / name).symlink_to(target, target_is_directory=True)
+        with pytest.raises(ValueError, match=rf"{name} is a link to .*every image would count twice; remove the link"):
+            load_image_split(root, "train")
+        (root / name).unlink()
+    split = load_image_split(root, "train")
+    assert split.dataset.features["label"].names == ["ant", "bee"] and labels_of(split).tolist() == [0, 1]
+    for image, label in ImageDataset(split, transform=None):
+        assert class_of_pixel(image) == ["ant", "bee"][label]
+
+
 # ----------------------------------------------------------------------------- save_to_disk
 
 
@@ -209,6 +234,33 @@ def test_save_to_disk_dataset_and_datasetdict_load(tmp_path):
     assert image.shape == (3, 5, 6) and label == 1
     with pytest.raises(ValueError, match=r"no split 'extra'.*\['train', 'validation'\]"):
         load_image_split(tmp_path / "dict", "extra")
+
+
+def damage(folder, how):
+    if how == "empty train split":
+        datasets.DatasetDict({"train": make_dataset(0), "test": make_dataset(2)}).save_to_disk(folder)
+        return "a split of it has no rows"
+    make_dataset(300).save_to_disk(folder)
+    (arrow,) = folder.glob("*.arrow")
+    if how == "no .arrow file":
+        arrow.unlink()
+        return f"No such file or directory: '{arrow}'"
+    if how == "truncated .arrow":
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+        return f"{arrow} is damaged"
+    (folder / how).write_text('{"_data_files": [')
+    return f"{folder / how} is damaged"
+
+
+@pytest.mark.parametrize("how", ["empty train split", "no .arrow file", "truncated .arrow", "state.json",
+                                 "dataset_info.json"])
+def test_a_damaged_save_to_disk_folder_is_one_error_naming_the_file(tmp_path, how):
+    expected = damage(tmp_path / "saved", how)
+    with pytest.raises(ValueError) as info:
+        load_image_split(tmp_path / "saved", "train")
+    message = str(info.value)
+    assert message.startswith(f"cannot load {tmp_path / 'saved'} (written by save_to_disk): ")
+    assert expected in message and message.endswith("save it again") and "\n" not in message
 
 
 # ----------------------------------------------------------------------------- columns
@@ -275,6 +327,9 @@ def test_string_labels_are_no_class_indices_unlabelled_when_detected_refused_whe
     assert labels_of(split).tolist() == [-1, -1] and ImageDataset(split, transform=None)[0][1] == -1
     with pytest.raises(ValueError, match=r"label column 'label' of .* is Value\('string'\), not integer class labels"):
         load_image_split(tmp_path / "named", "train", label_column="label")
+    with pytest.raises(ValueError, match=r"pretraining needs none \(leave --label_column out\); evaluation: map the "
+                                         r"values to class indices \(Dataset.class_encode_column\) or name another"):
+        load_image_split(tmp_path / "named", "train", label_column="label")
 
 
 # ----------------------------------------------------------------------------- Hugging Face Hub
@@ -294,6 +349,7 @@ def test_offline_hub_id_not_in_the_cache_is_one_clear_error(monkeypatch):
         load_image_split("uoft-cs/cifar10", "train")
     message = str(info.value)
     assert "'uoft-cs/cifar10'" in message and "offline mode is on" in message
+    assert "\n" not in message
     assert "class sub-folders" in message and "save_to_disk" in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
@@ -324,6 +380,23 @@ def test_offline_hub_id_uses_a_cached_copy(tmp_path, isolated_hf_cache, monkeypa
     split = load_image_split("intl-tests/tiny", "validation")  # served by "test"
     assert labels_of(split).tolist() == [0, 1]
     assert split.num_classes == 2
+
+
+# ----------------------------------------------------------------------------- the 5-NN
+
+
+def test_knn_memory_does_not_grow_with_the_label_values():
+    import intl
+
+    torch.manual_seed(0)
+    train, test = torch.randn(200, 8), torch.randn(50, 8)
+    train_labels, test_labels = torch.randint(0, 4, (200,)), torch.randint(0, 4, (50,))
+    train_labels[:5] = torch.tensor([0, 1, 2, 3, 0])  # every class present: the ids map back one to one
+    expected = intl.knn_classify(train, train_labels, test, test_labels, k=5)
+    huge = torch.tensor([0, 7, 10**12, 10**15])  # votes per class for 10^15 classes would need petabytes
+    assert intl.knn_classify(train, huge[train_labels], test, huge[test_labels], k=5) == expected
+    tie = intl.knn_classify(torch.arange(4.0)[:, None], huge[[3, 1, 1, 3]], torch.tensor([[1.5]]), huge[[1]], k=4)
+    assert tie["top1"] == 100.0  # a tie goes to the smallest class id, as before
 
 
 # ----------------------------------------------------------------------------- decoding
