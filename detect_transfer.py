@@ -578,13 +578,13 @@ def load_split(config, split, say=print):
         data = {"name": json_file, **coco_data(json_file, image_dir, masks=split == "train" and has_masks(config))}
     records, notes = data["records"], []
     if dropped := [where for r in records for where in r["dropped"]]:
-        notes.append(f"{len(dropped)} boxes without area inside their image dropped (first: {dropped[0]})")
+        notes.append(f"{len(dropped)} box(es) without area inside their image dropped (first: {dropped[0]})")
     if split == "train":
         data["records"] = [r for r in records if len(r["boxes"])]
         if not data["records"]:
             raise ValueError(f"the training set {data['name']} has no image with an object")
         if empty := [r["file"] for r in records if not len(r["boxes"])]:
-            notes.append(f"{len(empty)} images without an object left out (first: {empty[0]})")
+            notes.append(f"{len(empty)} image(s) without an object left out (first: {empty[0]})")
     elif config.dataset == "voc":
         scorable = {int(label) for r in records for label in r["labels"][~r["difficult"]]}
         if not scorable:
