@@ -187,8 +187,8 @@ def transfer(config, accelerator):
         intl.per_process_batch(config.batch_size, accelerator.num_processes)
 
     # Data: the test images with their ground truth; the training records unless only evaluating.
-    test_data = load_split(config, "test")
-    train_records = None if config.eval_only else load_split(config, "train")["records"]
+    test_data = load_split(config, "test", accelerator.print)
+    train_records = None if config.eval_only else load_split(config, "train", accelerator.print)["records"]
 
     # Model: the same initialisation on every process. A checkpoint holds every weight, so with one the backbone is
     # only built, not read. The configuration saved and reported names the backbone's arch and normalisation.
@@ -553,13 +553,16 @@ def mask_predictor(in_channels, num_classes):
 #
 # A record is one image: its file, size, boxes [N, 4] (x1, y1, x2, y2, 0-based continuous coordinates),
 # labels [N] (1..K, 0 is the background), difficult [N] (VOC) and, for COCO, its image id and the
-# RLE masks of its instances. VOC boxes are 1-based inclusive pixel indices in the XML: x1 and y1
-# lose 1, as Detectron2 does; evaluation turns them back into the devkit's coordinates.
+# RLE masks of its instances; `dropped` names the boxes left out, without area inside the image. VOC
+# boxes are 1-based inclusive pixel indices in the XML: x1 and y1 lose 1, as Detectron2 does;
+# evaluation turns them back into the devkit's coordinates.
 
 
-def load_split(config, split):
+def load_split(config, split, say=print):
     """The "train" or "test" images: {"name", "classes", "records"}, and for COCO the ground truth COCOeval reads.
-    Training keeps the images that hold an object (Detectron2 trains on no other)."""
+    Training keeps the images that hold an object (Detectron2 trains on no other). One line says what was left out:
+    boxes without area, images without an object, VOC test classes without an object that is not difficult; a VOC
+    test set with no such object at all is refused before any training."""
     if config.dataset == "voc":
         name = config.train_sets if split == "train" else config.test_set
         classes = tuple(c.strip() for c in config.voc_classes.split(",") if c.strip())
@@ -573,10 +576,24 @@ def load_split(config, split):
                                                                      f"instances_{folder}.json")
         image_dir = getattr(config, f"{split}_images") or os.path.join(config.data_root, folder)
         data = {"name": json_file, **coco_data(json_file, image_dir, masks=split == "train" and has_masks(config))}
+    records, notes = data["records"], []
+    if dropped := [where for r in records for where in r["dropped"]]:
+        notes.append(f"{len(dropped)} box(es) without area inside their image dropped (first: {dropped[0]})")
     if split == "train":
-        data["records"] = [r for r in data["records"] if len(r["boxes"])]
+        data["records"] = [r for r in records if len(r["boxes"])]
         if not data["records"]:
-            raise ValueError("the training set has no image with an object")
+            raise ValueError(f"the training set {data['name']} has no image with an object")
+        if empty := [r["file"] for r in records if not len(r["boxes"])]:
+            notes.append(f"{len(empty)} image(s) without an object left out (first: {empty[0]})")
+    elif config.dataset == "voc":
+        scorable = {int(label) for r in records for label in r["labels"][~r["difficult"]]}
+        if not scorable:
+            raise ValueError(f"the VOC test set {data['name']} has no object that is not difficult, so nothing to "
+                             "score: give another --test_set")
+        if unscored := [c for i, c in enumerate(data["classes"], start=1) if i not in scorable]:
+            notes.append(f"no object that is not difficult of {', '.join(unscored)}: left out of the AP")
+    if notes:
+        say(f"{split} set {data['name']}: " + "; ".join(notes))
     return data
 
 
@@ -598,14 +615,21 @@ def voc_records(root, spec, classes):
         except (OSError, ET.ParseError) as error:
             raise ValueError(f"cannot read VOC annotation {xml_file}: {error}; {layout}") from None
         objects = annotation.get("object", [])
-        if unknown := [o["name"] for o in objects if o["name"] not in label]:
+        if unknown := [o.get("name") for o in objects if o.get("name") not in label]:
             raise ValueError(f"{xml_file}: class {unknown[0]!r} is not among --voc_classes")
-        boxes = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
-        size = annotation["size"]
-        records.append({"file": image_file, "width": int(size["width"]), "height": int(size["height"]),
-                        "boxes": (np.array(boxes, np.float64).reshape(-1, 4) - [1, 1, 0, 0]).astype(np.float32),
-                        "labels": np.array([label[o["name"]] for o in objects], np.int64),
-                        "difficult": np.array([int(o.get("difficult", 0)) == 1 for o in objects], bool)})
+        try:
+            width, height = int(annotation["size"]["width"]), int(annotation["size"]["height"])
+            corners = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{xml_file}: give <size> a <width> and <height> and each <object> a <bndbox> of 4 "
+                             "numbers <xmin>, <ymin>, <xmax>, <ymax>") from None
+        boxes = [clip_box([x1 - 1, y1 - 1, x2, y2], width, height) for x1, y1, x2, y2 in corners]
+        kept = [o for o, box in zip(objects, boxes) if box is not None]
+        records.append({"file": image_file, "width": width, "height": height,
+                        "boxes": np.array([b for b in boxes if b is not None], np.float32).reshape(-1, 4),
+                        "labels": np.array([label[o["name"]] for o in kept], np.int64),
+                        "difficult": np.array([int(o.get("difficult", 0)) == 1 for o in kept], bool),
+                        "dropped": [xml_file] * (len(objects) - len(kept))})
     return records
 
 
@@ -633,13 +657,20 @@ def coco_data(json_file, image_dir, masks):
     records = []
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
-        instances = [(box, ann) for ann in coco.imgToAnns.get(image_id, []) if not ann.get("iscrowd", 0)
-                     if (box := coco_box(ann, info, label, json_file, masks)) is not None]
+        if bad := [k for k, kind in (("file_name", str), ("width", int), ("height", int)) if not isinstance(
+                info.get(k), kind)]:
+            raise ValueError(f"{json_file}: image {image_id} has no {bad[0]!r} (file_name: its path in the image "
+                             "folder; width, height: its size in pixels); fix or remove the image")
+        annotations = [ann for ann in coco.imgToAnns.get(image_id, []) if not ann.get("iscrowd", 0)]
+        boxes = [coco_box(ann, info, label, json_file, masks) for ann in annotations]
+        instances = [(box, ann) for box, ann in zip(boxes, annotations) if box is not None]
         records.append({"file": os.path.join(image_dir, info["file_name"]), "image_id": image_id,
                         "width": info["width"], "height": info["height"],
                         "boxes": np.array([box for box, _ in instances], np.float32).reshape(-1, 4),
                         "labels": np.array([label[ann["category_id"]] for _, ann in instances], np.int64),
-                        "masks": [coco.annToRLE(ann) for _, ann in instances] if masks else None})
+                        "masks": [coco.annToRLE(ann) for _, ann in instances] if masks else None,
+                        "dropped": [f"annotation {a.get('id')} of image {image_id}" for b, a in zip(boxes, annotations)
+                                    if b is None]})
     return {"records": records, "classes": [coco.cats[c]["name"] for c in category_ids], "category_ids": category_ids,
             "coco": coco}
 
@@ -656,14 +687,19 @@ def coco_box(ann, info, label, json_file, masks):
         raise ValueError(f"{json_file}: annotation {ann.get('id')} (image {info['id']}) has category_id "
                          f"{ann.get('category_id')!r}, which is not among the categories {sorted(label)}")
     x, y, w, h = bbox
-    x1, x2 = (min(max(v, 0), info["width"]) for v in (x, x + w))
-    y1, y2 = (min(max(v, 0), info["height"]) for v in (y, y + h))
-    if x2 <= x1 or y2 <= y1:
-        return None
-    if masks and not ann.get("segmentation"):
+    box = clip_box([x, y, x + w, y + h], info["width"], info["height"])
+    if box is not None and masks and not ann.get("segmentation"):
         raise ValueError(f"{json_file}: annotation {ann.get('id')} has no segmentation, which the mask models need; "
                          "use faster-c4")
-    return [x1, y1, x2, y2]
+    return box
+
+
+def clip_box(box, width, height):
+    """[x1, y1, x2, y2] clipped to the image; None without area there (zero-size, inverted or outside the image):
+    Detectron2 clips every dataset's boxes and drops those (filter_empty_instances)."""
+    x1, x2 = (min(max(v, 0), width) for v in box[0::2])
+    y1, y2 = (min(max(v, 0), height) for v in box[1::2])
+    return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
 
 
 def decode_masks(rles):

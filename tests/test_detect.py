@@ -762,6 +762,13 @@ def broken_coco(root, change):
                  id="an unknown category"),
     pytest.param(lambda d: d.pop("images") and None, "has no 'images' list: not a COCO-format json", id="no images"),
     pytest.param(lambda d: [d], "is not a COCO-format json", id="a list, not an object"),
+    pytest.param(lambda d: d.pop("annotations") and None, "has no 'annotations' list: not a COCO-format json",
+                 id="no annotations"),
+    pytest.param(lambda d: d["images"][0].pop("file_name") and None, r"image 100 has no 'file_name' \(file_name: its "
+                 r"path in the image folder; width, height: its size in pixels\); fix or remove the image",
+                 id="an image without file_name"),
+    pytest.param(lambda d: d["images"][1].pop("height") and None, "image 101 has no 'height'",
+                 id="an image without height"),
 ])
 def test_a_broken_coco_json_is_refused_naming_the_annotation_or_what_is_missing(tmp_path, change, message):
     json_file, images = broken_coco(write_coco(tmp_path, n_train=3, n_val=1), change)
@@ -832,3 +839,102 @@ def test_ctrl_c_stops_training_with_one_line_saying_the_iteration_and_how_to_con
     assert isinstance(info.value, dt.intl.Interrupted)
     assert str(info.value) == ("interrupted at iteration 3; continue with --resume latest (from the last checkpoint, "
                                "step-00000002)")
+
+
+def voc_xml(root, name):
+    path = root / "VOCdevkit" / "VOC2007" / "Annotations" / f"{name}.xml"
+    return path, ET.parse(path)
+
+
+def test_a_voc_object_without_a_bndbox_is_refused_naming_the_xml_file(tmp_path):
+    root = write_voc(tmp_path, n_trainval=2, n_test=1)
+    path, tree = voc_xml(root, "trainval_0001")
+    tree.find("object").remove(tree.find("object/bndbox"))
+    tree.write(path)
+    with pytest.raises(ValueError, match=f"^{path}: give <size> a <width> and <height> and each <object> a <bndbox> of "
+                                         "4 numbers <xmin>, <ymin>, <xmax>, <ymax>$"):
+        dt.voc_records(root, "2007-trainval", SHAPES)
+
+
+def test_boxes_without_area_are_dropped_alike_for_voc_and_coco_and_each_split_says_what_it_left_out(tmp_path):
+    """An inverted box or one outside its image (VOC's xmin > xmax, COCO's negative width) is dropped and counted,
+    images without an object are left out of training: one line per split names how many, why and the first."""
+    voc = write_voc(tmp_path / "voc", n_trainval=3, n_test=1)
+    inverted, tree = voc_xml(voc, "trainval_0001")
+    box = tree.find("object/bndbox")
+    box.find("xmin").text, box.find("xmax").text = box.find("xmax").text, box.find("xmin").text
+    tree.write(inverted)
+    outside, tree = voc_xml(voc, "trainval_0002")
+    for obj in tree.findall("object"):
+        obj.find("bndbox/xmin").text, obj.find("bndbox/xmax").text = "200", "220"  # right of the 96 px image
+    tree.write(outside)
+    objects = [len(voc_xml(voc, f"trainval_{i:04d}")[1].findall("object")) for i in range(3)]
+    config = dt.get_parser().parse_args(["--dataset", "voc", "--data_root", str(voc), "--train_sets", "2007-trainval",
+                                         "--voc_classes", ",".join(SHAPES)])
+    lines = []
+    records = dt.load_split(config, "train", lines.append)["records"]
+    assert [len(r["boxes"]) for r in records] == [objects[0], objects[1] - 1]
+    assert all(len(r["labels"]) == len(r["difficult"]) == len(r["boxes"]) for r in records)
+    assert lines == [f"train set 2007-trainval: {objects[1] - 1 + objects[2]} box(es) without area inside their image "
+                     f"dropped (first: {inverted}); 1 image(s) without an object left out (first: "
+                     f"{voc / 'VOCdevkit' / 'VOC2007' / 'JPEGImages' / 'trainval_0002.jpg'})"]
+
+    coco = write_coco(tmp_path / "coco", n_train=3, n_val=1)
+    broken_coco(coco, lambda d: d["annotations"][0]["bbox"].__setitem__(2, -5))
+    config = dt.get_parser().parse_args(["--dataset", "coco", "--data_root", str(coco)])
+    lines = []
+    dt.load_split(config, "train", lines.append)
+    # Image 100 loses its one object (its crowd box is not counted), image 102 never had one.
+    assert lines == [f"train set {coco / 'annotations' / 'instances_train2017.json'}: 1 box(es) without area inside "
+                     "their image dropped (first: annotation 1 of image 100); 2 image(s) without an object left out "
+                     f"(first: {coco / 'train2017' / '000000000100.jpg'})"]
+    lines = []
+    dt.load_split(config, "test", lines.append)
+    assert lines == []  # nothing left out
+
+
+def test_a_voc_test_set_without_scorable_objects_is_refused_or_named_before_any_training(tmp_path, monkeypatch):
+    root = write_voc(tmp_path, n_trainval=4, n_test=3, difficult_every=1)  # every object difficult
+
+    def no_training(*args):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(dt, "train", no_training)
+    monkeypatch.setattr(dt, "load_detection_backbone", no_training)
+    with pytest.raises(ValueError, match="^the VOC test set 2007-test has no object that is not difficult, so "
+                                         "nothing to score: give another --test_set$"):
+        main("--data_root", root, "--output_dir", tmp_path / "run")
+    root = write_voc(tmp_path / "some", n_trainval=1, n_test=3)
+    for i in range(3):  # every bicycle of the test set difficult
+        path, tree = voc_xml(root, f"test_{i:04d}")
+        for obj in tree.findall("object"):
+            obj.find("difficult").text = str(int(obj.find("name").text == "bicycle"))
+        tree.write(path)
+    config = dt.get_parser().parse_args(["--dataset", "voc", "--data_root", str(root), "--voc_classes",
+                                         ",".join(SHAPES)])
+    lines = []
+    dt.load_split(config, "test", lines.append)
+    assert lines == ["test set 2007-test: no object that is not difficult of bicycle: left out of the AP"]
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_ends_the_run_in_one_error_line(tmp_path, monkeypatch):
+    """checkpoints/ made read-only during training (after step 1's save), then before a resume: the error boundary
+    turns the OSError into one line naming the folder it could not write."""
+    root = write_voc(tmp_path / "voc", n_trainval=4, n_test=2)
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # read-only even for root, who may write anywhere
+        if self.parent.name == "checkpoints" and self.name != ".tmp-step-00000001":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    run = tmp_path / "run"
+    for argv in ([*SMALL, *VOC_ARGS, "--data_root", root, "--output_dir", run, "--iterations", 3, "--save_every", 1,
+                  "--lr_steps", "--warmup_iters", 0, "--precise_bn", 0],
+                 ["--resume", "latest", "--output_dir", run, "--data_root", root, "--num_workers", 0]):
+        with pytest.raises(SystemExit) as exit_info:
+            intl.run(dt.main, [str(a) for a in argv])
+        assert exit_info.value.code == (f"error: [Errno 13] Permission denied: "
+                                        f"'{run / 'checkpoints' / '.tmp-step-00000002'}'")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
