@@ -21,9 +21,9 @@ Protocols (the papers'; the defaults of the flags left at None; batches are glob
 SGD learning rates are per 256 images of global batch; linear and finetune keep the last partial batch; every
 protocol tests on Resize + CenterCrop.
 
-The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
-written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
-and continue with --resume latest.
+The result is the final epoch's top-1 / top-5 (top-5 with more than 5 classes; the best epoch is a labelled extra),
+printed as a table and written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a
+checkpoint every epoch and continue with --resume latest, with the same backbone (path and weights).
 """
 
 import argparse
@@ -107,8 +107,9 @@ def get_parser():
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
     protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours")
-    protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line: the standard "
-                          "ImageNet 1%% / 10%% lists of the papers' semi-supervised results")
+    protocol.add_argument("--subset_file", help="finetune: text file of image file names (class/file where a name "
+                          "repeats), one a line: the standard ImageNet 1%% / 10%% lists of the papers' semi-supervised "
+                          "results")
 
     optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
     optim.add_argument("--epochs", type=int, help="training epochs")
