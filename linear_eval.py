@@ -699,9 +699,9 @@ def checked_backbone(resumed, source, backbone):
     for checkpoint in filter(None, resumed.values()):
         saved = intl.read_trainer_state(Path(checkpoint) / "trainer_state.json")["config"]
         if intl.changed_settings(saved, identity):
-            raise ValueError(f"--resume: {checkpoint} evaluates backbone {saved.get('backbone')} (weights sha256 "
+            raise ValueError(f"--resume: {checkpoint} evaluates backbone {saved.get('backbone')} (sha256 "
                              f"{str(saved.get('backbone_sha256'))[:12]}), not --backbone {identity['backbone']} "
-                             f"(sha256 {identity['backbone_sha256'][:12]}): give that backbone, or another --output_dir")
+                             f"(sha256 {identity['backbone_sha256'][:12]}): give that one, or another --output_dir")
     return identity
 
 

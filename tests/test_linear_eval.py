@@ -666,7 +666,7 @@ def test_a_stopped_evaluation_resumes_only_with_its_own_backbone_and_a_rerun_is_
         evaluate("--backbone", tmp_path / "b", *common, "--protocol", "knn", "linear", "--resume", "latest")
     assert not (tmp_path / "out" / "knn.json").exists()  # refused before any protocol ran
     small_export(tmp_path / "a", 3)  # other weights at the same path
-    with pytest.raises(ValueError, match="evaluates backbone .* not --backbone .*: give that backbone"):
+    with pytest.raises(ValueError, match="evaluates backbone .* not --backbone .*: give that one"):
         evaluate("--backbone", tmp_path / "a", *common, "--resume", "latest")
 
 
