@@ -21,13 +21,14 @@ Protocols (the papers'; the defaults of the flags left at None; batches are glob
 SGD learning rates are per 256 images of global batch; linear and finetune keep the last partial batch; every
 protocol tests on Resize + CenterCrop.
 
-The result is the final epoch's top-1 / top-5 (the best epoch is a labelled extra), printed as a table and
-written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a checkpoint every epoch
-and continue with --resume latest.
+The result is the final epoch's top-1 / top-5 (top-5 with more than 5 classes; the best epoch is a labelled extra),
+printed as a table and written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a
+checkpoint every epoch and continue with --resume latest, with the same backbone (path and weights).
 """
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -106,8 +107,9 @@ def get_parser():
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
     protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours")
-    protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line: the standard "
-                          "ImageNet 1%% / 10%% lists of the papers' semi-supervised results")
+    protocol.add_argument("--subset_file", help="finetune: text file of image file names (class/file where a name "
+                          "repeats), one a line: the standard ImageNet 1%% / 10%% lists of the papers' semi-supervised "
+                          "results")
 
     optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
     optim.add_argument("--epochs", type=int, help="training epochs")
@@ -165,6 +167,7 @@ def evaluate_backbone(config, accelerator):
     backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
     freeze(backbone.to(accelerator.device))
     config = completed_by_backbone(config, backbone_config)
+    config.backbone_id = checked_backbone(resumed, config.backbone, backbone)
     config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
                       f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
@@ -302,12 +305,15 @@ def learning_rates_note(protocol, config):
 class Splits(NamedTuple):
     train: intl.ImageSplit
     test: intl.ImageSplit
-    num_classes: int  # of both splits together: a class may be missing from one of them
+    num_classes: int  # of both splits together: a class may be missing from the test split
 
 
 def load_labelled_splits(config, accelerator):
     splits = [intl.load_image_split(config.dataset, name, config.image_column, config.label_column, accelerator)
               for name in (config.train_split, config.test_split)]
+    if split_name(splits[0], config.train_split) == split_name(splits[1], config.test_split):
+        raise ValueError(f"--train_split {config.train_split} and --test_split {config.test_split} are one split of "
+                         f"{config.dataset}: it would test on the training images; give a held-out --test_split")
     num_classes = 0
     for split in splits:
         if split.label_column is None:
@@ -320,6 +326,10 @@ def load_labelled_splits(config, accelerator):
         if labels.min() < 0:
             raise ValueError(f"{split.source} has {int((labels < 0).sum())} image(s) without a label")
         num_classes = max(num_classes, split.num_classes or 0, int(labels.max()) + 1)
+    unseen = sorted(set(intl.labels_of(splits[1]).tolist()) - set(intl.labels_of(splits[0]).tolist()))
+    if unseen:
+        raise ValueError(f"{splits[1].source} has {len(unseen)} class(es) that {splits[0].source} never has (first "
+                         f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
     accelerator.print(f"{config.dataset}: {len(splits[0].dataset)} training and {len(splits[1].dataset)} test "
                       f"images, {num_classes} classes")
     return Splits(*splits, num_classes)
@@ -352,7 +362,10 @@ def train_transform(image_size, mean, std):
 
 
 def training_subset(split, subset_file):
-    """The images finetune learns from: those named in --subset_file (file names, matched without their folder)."""
+    """The images finetune learns from: those named in --subset_file, each a file name or, with a "/", the last parts
+    of its path (class/file); a name of several images is refused."""
+    if not Path(subset_file).is_file():
+        raise ValueError(f"--subset_file {subset_file} is not a file: give the text file of image names, one a line")
     names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]
     if not names:
         raise ValueError(f"--subset_file {subset_file} lists no image names")
@@ -360,13 +373,19 @@ def training_subset(split, subset_file):
     paths = [p for chunk in column.chunks for p in chunk.field("path").to_pylist()]
     if None in paths:
         raise ValueError(f"{split.source} stores images without file names, so --subset_file cannot select them")
-    files = [os.path.basename(p) for p in paths]
-    present, wanted = set(files), set(names)
-    absent = [name for name in names if name not in present]
+    found = {}  # the last 1, 2, ... parts of each stored path, as the names are written -> the images they name
+    for depth in {name.count("/") + 1 for name in names}:
+        for i, path in enumerate(paths):
+            found.setdefault("/".join(Path(path).parts[-depth:]), []).append(i)
+    absent = [name for name in names if name not in found]
     if absent:
         raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
                          f"(first {absent[0]!r})")
-    return replace(split, dataset=split.dataset.select([i for i, name in enumerate(files) if name in wanted]))
+    ambiguous = next((name for name in names if len(found[name]) > 1), None)
+    if ambiguous:
+        raise ValueError(f"--subset_file: {ambiguous!r} names {len(found[ambiguous])} images of {split.source}: "
+                         "write it with its class folder (class/file)")
+    return replace(split, dataset=split.dataset.select(sorted({found[name][0] for name in names})))
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -380,10 +399,10 @@ def top5_correct(scores, labels):
     return torch.stack([hit[:, 0], hit.any(dim=1)], dim=1).long()
 
 
-def accuracy(correct):
-    """top5_correct's rows for every test sample -> top-1 / top-5 in %."""
+def accuracy(correct, num_classes):
+    """top5_correct's rows for every test sample -> top-1 / top-5 in %; top-5 None with 5 classes or fewer."""
     top1, top5 = correct.sum(0).tolist()
-    return {"top1": 100.0 * top1 / len(correct), "top5": 100.0 * top5 / len(correct)}
+    return {"top1": 100.0 * top1 / len(correct), "top5": 100.0 * top5 / len(correct) if num_classes > 5 else None}
 
 
 def trained_record(name, settings, history):
@@ -445,7 +464,7 @@ def run_linear_cached(features, num_classes, config, accelerator):
             optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            history.append({"epoch": epoch + 1, "lr": lr, **accuracy(top5_correct(head(test_f), test_l))})
+            history.append({"epoch": epoch + 1, "lr": lr, **accuracy(top5_correct(head(test_f), test_l), num_classes)})
     return {**trained_record("linear on cached features", settings, history), "n_evaluated": len(test_f)}
 
 
@@ -459,9 +478,9 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
     train_split = training_subset(splits.train, config.subset_file) if finetune else splits.train
     if finetune:
         accelerator.print(f"finetune on {len(train_split.dataset)} training images")
-    settings = {**protocol_settings(protocol, config), "batch_size_is": "global", "image_size": config.image_size,
-                "processes": accelerator.num_processes, "n_train": len(train_split.dataset),
-                "subset_file": config.subset_file if finetune else None}
+    settings = {**protocol_settings(protocol, config), **config.backbone_id, "batch_size_is": "global",
+                "image_size": config.image_size, "processes": accelerator.num_processes,
+                "n_train": len(train_split.dataset), "subset_file": config.subset_file if finetune else None}
     pretrained = {key: value.clone() for key, value in backbone.state_dict().items()}  # linear checks it is unchanged
     model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings)
     train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
@@ -490,7 +509,7 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
             entry = {"epoch": epoch + 1, "train_loss": loss,
                      **{f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}}
             model.eval()
-            entry.update(evaluate(forward, test_loader, accelerator))
+            entry.update(evaluate(forward, test_loader, splits.num_classes, accelerator))
             history.append(entry)
             save_epoch(checkpoints, epoch + 1, settings, history, accelerator)
             if config.stop_after_epochs is not None and config.stop_after_epochs <= epoch + 1 < epochs:
@@ -626,7 +645,7 @@ def lr_factor(schedule, epoch, epochs, milestones):
 
 
 @torch.no_grad()
-def evaluate(forward, loader, accelerator):
+def evaluate(forward, loader, num_classes, accelerator):
     """Top-1 / top-5 (%) over every test image exactly once (gather_for_metrics drops the padded tail)."""
     correct = []
     for images, labels in loader:
@@ -634,7 +653,7 @@ def evaluate(forward, loader, accelerator):
             logits = forward(images)
         correct.append(accelerator.gather_for_metrics(top5_correct(logits.float(), labels)))
     correct = torch.cat(correct)
-    return {**accuracy(correct), "n_evaluated": len(correct)}
+    return {**accuracy(correct, num_classes), "n_evaluated": len(correct)}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -667,6 +686,23 @@ def checkpoints_to_resume(config):
         if folder is None:
             raise ValueError(f"--resume latest: no checkpoint in {roots[protocol]}; start without --resume")
     return found
+
+
+def checked_backbone(resumed, source, backbone):
+    """-> the backbone's identity, its path (resolved where local) and the sha256 of its weights, which a resumed
+    evaluation shares with its checkpoints (their settings); another backbone is refused before any protocol runs."""
+    digest = hashlib.sha256()
+    for key, value in backbone.state_dict().items():
+        digest.update(key.encode() + value.cpu().numpy().tobytes())
+    path = Path(os.path.expanduser(source))
+    identity = {"backbone": str(path.resolve()) if path.exists() else source, "backbone_sha256": digest.hexdigest()}
+    for checkpoint in filter(None, resumed.values()):
+        saved = intl.read_trainer_state(Path(checkpoint) / "trainer_state.json")["config"]
+        if intl.changed_settings(saved, identity):
+            raise ValueError(f"--resume: {checkpoint} evaluates backbone {saved.get('backbone')} (sha256 "
+                             f"{str(saved.get('backbone_sha256'))[:12]}), not --backbone {identity['backbone']} "
+                             f"(sha256 {identity['backbone_sha256'][:12]}): give that one, or another --output_dir")
+    return identity
 
 
 def resume_or_start(root, checkpoint, settings, accelerator):

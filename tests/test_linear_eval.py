@@ -230,6 +230,11 @@ def unlabelled(tmp_path):
     (["--protocol", "linear", "--resume", "{folder}"], "not a checkpoint folder"),
     (["--k", "0"], "at least 1"),
     (["--protocol", "linear", "--recipe", "intl-m"], "--recipe intl-m, but the backbone records method 'intl'"),
+    (["--dataset", "{folder}", "--train_split", "val", "--test_split", "val"],
+     "--train_split val and --test_split val are one split of .*: it would test on the training images"),
+    (["--dataset", "{folder}", "--train_split", "test", "--test_split", "validation"], "are one split of"),
+    (["--dataset", "{folder}", "--protocol", "finetune", "--subset_file", "{folder}", *TINY],
+     "--subset_file .* is not a file: give the text file of image names"),
 ])
 def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, folder, tmp_path, request, args, message):
     # The __main__ block turns these into one `error: ...` line (checked above for a missing backbone).
@@ -634,3 +639,61 @@ def test_ctrl_c_in_a_trained_protocol_says_the_epoch_and_how_to_continue(pretrai
     with pytest.raises(ValueError, match="not a checkpoint of the one trained --protocol"):
         evaluate(*common, "--protocol", "linear", "finetune", "--subset_file", "unused", "--resume", checkpoint)
     assert evaluate(*common, "--resume", checkpoint)["linear"]["final_epoch"] == 2  # and it does continue
+
+
+def image_folder(root, classes):
+    """root/<split>/<class>/<name>, 8 x 8 images: classes = {split: {class: [names]}}."""
+    from PIL import Image
+
+    for split, folders in classes.items():
+        for name, files in folders.items():
+            (root / split / name).mkdir(parents=True)
+            for file in files:
+                Image.new("RGB", (8, 8), (40 * len(name), 9 * len(file), 0)).save(root / split / name / file)
+    return root
+
+
+def test_a_stopped_evaluation_resumes_only_with_its_own_backbone_and_a_rerun_is_offered_resume(folder, tmp_path):
+    small_export(tmp_path / "a", 1)
+    small_export(tmp_path / "b", 2)
+    common = ["--dataset", folder, "--protocol", "linear", *TINY, "--epochs", "2", "--output_dir", tmp_path / "out"]
+    evaluate("--backbone", tmp_path / "a", *common, "--stop_after_epochs", "1")
+    with pytest.raises(ValueError, match="continue it with --resume latest, or .* --overwrite"):
+        evaluate("--backbone", tmp_path / "a", *common)
+    checkpoint = tmp_path / "out" / "checkpoints" / "linear" / "epoch-0001"
+    with pytest.raises(ValueError, match=re.escape(f"--resume: {checkpoint} evaluates backbone {tmp_path / 'a'} (")
+                       + f".*, not --backbone {re.escape(str(tmp_path / 'b'))} "):
+        evaluate("--backbone", tmp_path / "b", *common, "--protocol", "knn", "linear", "--resume", "latest")
+    assert not (tmp_path / "out" / "knn.json").exists()  # refused before any protocol ran
+    small_export(tmp_path / "a", 3)  # other weights at the same path
+    with pytest.raises(ValueError, match="evaluates backbone .* not --backbone .*: give that one"):
+        evaluate("--backbone", tmp_path / "a", *common, "--resume", "latest")
+
+
+def test_top5_is_reported_only_with_more_than_5_classes():
+    correct = torch.tensor([[1, 1], [0, 1], [0, 0], [0, 1]])
+    assert linear_eval.accuracy(correct, 6) == {"top1": 25.0, "top5": 75.0}
+    assert linear_eval.accuracy(correct, 5) == {"top1": 25.0, "top5": None}  # any 5 of 5 classes hold the label
+
+
+def test_test_classes_that_the_training_split_never_has_are_refused(tmp_path):
+    root = image_folder(tmp_path / "images", {"train": {"c0": ["a.png"], "c1": ["b.png"]},
+                                              "test": {"c0": ["t.png"], "c1": ["u.png"], "c2": ["v.png"]}})
+    small_export(tmp_path / "backbone", 0)
+    with pytest.raises(ValueError, match=r"\(split 'test'\) has 1 class\(es\) that .*\(split 'train'\) never has "
+                                         r"\(first 2\): no classifier learns them"):
+        evaluate("--backbone", tmp_path / "backbone", "--dataset", root, "--protocol", "knn", "--output_dir",
+                 tmp_path / "out")
+
+
+def test_subset_file_names_with_a_folder_match_that_path_and_a_name_of_several_images_is_refused(tmp_path):
+    root = image_folder(tmp_path / "images", {"train": {"c0": ["a.png"], "c1": ["a.png", "b.png"]}})
+    split = intl.load_image_split(root, "train")
+    names = tmp_path / "subset.txt"
+    names.write_text("c1/a.png\nb.png\n")
+    chosen = linear_eval.training_subset(split, names).dataset.with_format("arrow")["image"]
+    assert [Path(p).relative_to(root).as_posix() for p in chosen.combine_chunks().field("path").to_pylist()] == [
+        "train/c1/a.png", "train/c1/b.png"]
+    names.write_text("b.png\na.png\n")
+    with pytest.raises(ValueError, match=r"--subset_file: 'a.png' names 2 images of .*: write it with"):
+        linear_eval.training_subset(split, names)
