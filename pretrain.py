@@ -250,13 +250,13 @@ def train(config, accelerator):
     output_dir = Path(config.output_dir)
     info = tqdm.write if accelerator.is_main_process else (lambda message: None)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
-    # A log without a checkpoint is what a run stopped before its first save left: nothing to resume, not a run.
-    stale = checkpoint is None and intl.latest_checkpoint(output_dir) is None and (output_dir / "log.jsonl").is_file()
+    log = output_dir / "log.jsonl"  # alone, what a run stopped before its first checkpoint left: not an earlier run
+    stale = log.is_file() and not (checkpoint or intl.latest_checkpoint(output_dir) or (output_dir / "backbone").exists())
     results = [name for name in RESULTS if not (stale and name == "log.jsonl")]
     intl.clear_earlier_run(output_dir, results, config.overwrite, checkpoint, info, accelerator.is_main_process)
     if stale and accelerator.is_main_process:
-        (output_dir / "log.jsonl").unlink()
-        info(f"removed {output_dir / 'log.jsonl'}, left by a run stopped before its first checkpoint")
+        log.unlink()
+        info(f"removed {log}, left by a run stopped before its first checkpoint")
     introduce(config, accelerator, info)
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
