@@ -130,9 +130,8 @@ def get_parser():
                      "runs/eval/<repo>[--<revision>] for a Hub id", type=intl.folder)
     run.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of the same "
                      "protocols in --output_dir; without it such a folder is refused before any work")
-    run.add_argument("--resume", help="linear, finetune: 'latest' (the newest checkpoint of each in "
-                     "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)",
-                     type=intl.folder)
+    run.add_argument("--resume", type=intl.folder, help="linear, finetune: 'latest' (the newest checkpoint of each in "
+                     "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
                      "(the schedule still spans --epochs); continue with --resume latest")
     run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone "

@@ -251,7 +251,8 @@ def train(config, accelerator):
     info = tqdm.write if accelerator.is_main_process else (lambda message: None)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
     log = output_dir / "log.jsonl"  # alone, what a run stopped before its first checkpoint left: not an earlier run
-    stale = log.is_file() and not (checkpoint or intl.latest_checkpoint(output_dir) or (output_dir / "backbone").exists())
+    stale = log.is_file() and not (checkpoint or intl.latest_checkpoint(output_dir)
+                                   or (output_dir / "backbone").exists())
     results = [name for name in RESULTS if not (stale and name == "log.jsonl")]
     intl.clear_earlier_run(output_dir, results, config.overwrite, checkpoint, info, accelerator.is_main_process)
     if stale and accelerator.is_main_process:
@@ -529,9 +530,9 @@ def resume(config, accelerator, output_dir, info, monitor):
                              f"{accelerator.num_processes}: the global batch, and with it the data order and the "
                              "lr, would change; resume with the same number of processes")
         if state.get("train_images", monitor.train_images) != monitor.train_images:
-            raise ValueError(f"{checkpoint} was trained on {state['train_images']} images, --split {config.split} now "
-                             f"holds {monitor.train_images}: the steps per epoch and the schedule would change; resume on "
-                             "the same data, or start a new run in another --output_dir")
+            raise ValueError(f"{checkpoint} was trained on {state['train_images']} images, --split {config.split} "
+                             f"now holds {monitor.train_images}: the steps per epoch and the schedule would change; "
+                             "resume on the same data, or start a new run in another --output_dir")
 
     checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
                                              say=info)
