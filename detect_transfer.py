@@ -157,8 +157,9 @@ def get_parser():
     add = parser.add_argument_group("run").add_argument
     add("--preset", choices=sorted(PRESETS), help="the papers' recipes: voc-c4-24k (Faster R-CNN C4, VOC07+12 -> "
         "VOC07 test) or coco-c4-2x (Mask R-CNN C4, COCO 2017, 2x schedule)")
-    add("--output_dir", help="where checkpoints/, log.jsonl and results.json go")
-    add("--resume", help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
+    add("--output_dir", type=intl.folder, help="where checkpoints/, log.jsonl and results.json go")
+    add("--resume", type=intl.folder,
+        help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
     add("--overwrite", action="store_true", help="let a new run (or --eval_only) replace an earlier run's results")
     add("--seed", type=int, default=0, help="seed of the head initialisation, data order and flips")
     add("--save_every", type=int, default=2000, help="save a checkpoint every N iterations and at the end")

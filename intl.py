@@ -972,6 +972,13 @@ def explicit_flags(parser, argv):
     return set(vars(parser.parse_args(argv)))
 
 
+def folder(path):
+    """The argparse type of --output_dir and --resume: "~" expanded (a quoted '~/runs' too); "" is refused."""
+    if not path.strip():
+        raise argparse.ArgumentTypeError("an empty path would be the current folder: give a folder")
+    return os.path.expanduser(path)
+
+
 def check_settings(settings, parser, ranges, where="--"):
     """Refuse any setting its flag would not accept, by the parser's types, numbers of values and choices and
     `ranges` ({flag: interval as in maths, "[1, inf)"}): the flags (where="--") and saved configurations (where=the
@@ -987,6 +994,12 @@ def check_settings(settings, parser, ranges, where="--"):
         if problem:
             raise ValueError(f"{where}: {key} is {value!r}, {problem}; the file is damaged or was edited: repair it "
                              "or use another one")
+    precision = settings.get("mixed_precision", "no")
+    if precision is None and where == "--":  # Accelerate's config, which `accelerate launch` puts there
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision == "fp16" and not torch.cuda.is_available():  # Accelerate would report fp16 and compute in float32
+        raise ValueError("--mixed_precision fp16 needs a GPU: on a CPU use bf16 or no" if where == "--" else
+                         f"{where}: mixed_precision is 'fp16', which needs a GPU: resume the run on a GPU")
 
 
 def _setting_problem(action, value, interval):
@@ -1025,14 +1038,16 @@ def _outside(value, interval):
         return "a finite number"
     if high != "inf":
         return f"in {interval}"
-    return f"at least {low}" if interval[0] == "[" else f"greater than {low}"
+    finite = "" if not number or math.isfinite(value) else " and finite"
+    return (f"at least {low}" if interval[0] == "[" else f"greater than {low}") + finite
 
 
-def keep_resumed_config(config, explicit, checkpoint, run_control, per_command, parser, ranges):
+def keep_resumed_config(config, explicit, checkpoint, run_control, per_command, parser, ranges,
+                        check=lambda config: None):
     """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table. Of the `explicit`
     flags, only those in `run_control` (logging, saving, workers, ...) may differ from it; one not given again keeps
     the run's saved value, not the default. `per_command` flags (--output_dir, --stop_after_steps, ...) say what this
-    one command does and are never taken from the checkpoint."""
+    one command does and are never taken from the checkpoint. check(config): more checks, naming the file."""
     state_file = Path(checkpoint) / "trainer_state.json"
     saved = read_trainer_state(state_file)["config"]
     check_settings({k: v for k, v in saved.items() if k not in per_command}, parser, ranges, state_file)
@@ -1043,6 +1058,10 @@ def keep_resumed_config(config, explicit, checkpoint, run_control, per_command, 
     for key, value in saved.items():
         if key not in per_command and not (key in run_control and key in explicit):
             setattr(config, key, value)
+    try:
+        check(config)
+    except ValueError as error:
+        raise ValueError(f"{state_file}: {error}; the file is damaged or was edited: repair it") from None
 
 
 def changed_settings(saved, current):

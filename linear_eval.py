@@ -129,10 +129,10 @@ def get_parser():
                      help="autocast precision; None: Accelerate's config")
     run.add_argument("--output_dir", help="where <protocol>.json and checkpoints/ go, one folder per backbone; None: "
                      "eval/<backbone name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), "
-                     "runs/eval/<repo>[--<revision>] for a Hub id")
+                     "runs/eval/<repo>[--<revision>] for a Hub id", type=intl.folder)
     run.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of the same "
                      "protocols in --output_dir; without it such a folder is refused before any work")
-    run.add_argument("--resume", help="linear, finetune: 'latest' (the newest checkpoint of each in "
+    run.add_argument("--resume", type=intl.folder, help="linear, finetune: 'latest' (the newest checkpoint of each in "
                      "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
                      "(the schedule still spans --epochs); continue with --resume latest")

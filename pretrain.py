@@ -212,9 +212,9 @@ def get_parser():
     optim.add_argument("--compile", action="store_true", help="torch.compile the encoder and projector")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", default=None, help="checkpoints, log, spectrum plot and export")
+    run.add_argument("--output_dir", type=intl.folder, help="checkpoints, log, spectrum plot and export")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --output_dir")
-    run.add_argument("--resume", default=None, help="'latest' (in --output_dir) or a checkpoint folder")
+    run.add_argument("--resume", type=intl.folder, help="'latest' (in --output_dir) or a checkpoint folder")
     run.add_argument("--stop_after_steps", type=int, default=None, help="save and stop after N steps")
     run.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps and each epoch")
     run.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -250,7 +250,14 @@ def train(config, accelerator):
     output_dir = Path(config.output_dir)
     info = tqdm.write if accelerator.is_main_process else (lambda message: None)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
-    intl.clear_earlier_run(output_dir, RESULTS, config.overwrite, checkpoint, info, accelerator.is_main_process)
+    log = output_dir / "log.jsonl"  # alone, what a run stopped before its first checkpoint left: not an earlier run
+    stale = log.is_file() and not (checkpoint or intl.latest_checkpoint(output_dir)
+                                   or (output_dir / "backbone").exists())
+    results = [name for name in RESULTS if not (stale and name == "log.jsonl")]
+    intl.clear_earlier_run(output_dir, results, config.overwrite, checkpoint, info, accelerator.is_main_process)
+    if stale and accelerator.is_main_process:
+        log.unlink()
+        info(f"removed {log}, left by a run stopped before its first checkpoint")
     introduce(config, accelerator, info)
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
@@ -269,7 +276,7 @@ def train(config, accelerator):
     warmup_steps = round(config.warmup_epochs * steps_per_epoch) if config.warmup_steps is None else config.warmup_steps
 
     # Resume: model, optimiser and RNG states, the step, and the log up to that step.
-    step, last_good = resume(config, accelerator, output_dir, info) if config.resume else (0, None)
+    step, last_good = resume(config, accelerator, output_dir, info, monitor) if config.resume else (0, None)
     info(f"{len(train_split.dataset)} training images, {steps_per_epoch} steps per epoch, {total_steps} steps, "
          f"peak lr {peak_lr:.4g}")
     if warmup_steps > total_steps:
@@ -361,7 +368,7 @@ class Monitor:
     def __init__(self, config, accelerator, loader, knn_data):
         self.config, self.accelerator, self.knn_data = config, accelerator, knn_data
         self.main, self.path = accelerator.is_main_process, Path(config.output_dir) / "log.jsonl"
-        self.steps_per_epoch = loader.sampler.batches_per_epoch
+        self.steps_per_epoch, self.train_images = loader.sampler.batches_per_epoch, loader.sampler.num_samples
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.stop_after_steps or self.total_steps)
         self.plotted_steps = plotted_steps(self.total_steps, config.spectrum_every)
@@ -375,7 +382,8 @@ class Monitor:
             if step and not self.path.exists():  # a copied checkpoints/ folder
                 self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the "
                           "earlier steps are not in it)")
-            intl.truncate_jsonl(self.path, step)
+            elif step:  # a new run writes no log before its first record
+                intl.truncate_jsonl(self.path, step)
             self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
         if self.knn_data and step == 0:
             self.knn(step, model)
@@ -405,7 +413,7 @@ class Monitor:
                                             or step == self.total_steps):
             self.knn(step, model)
         if save_now:
-            self.last_good = save_checkpoint(self.accelerator, config, step, self.steps_per_epoch)
+            self.last_good = save_checkpoint(self.accelerator, config, step, self.steps_per_epoch, self.train_images)
 
     def knn(self, step, model):
         backbone = self.accelerator.unwrap_model(model).backbone
@@ -478,6 +486,9 @@ def knn_splits(config, accelerator, train_split):
     except ValueError as error:
         print(f"no kNN monitor: {error}", file=sys.stderr)
         return None
+    if str(test_split.dataset.split) == str(train_split.dataset.split):  # the resolved names
+        raise ValueError(f"--eval_split {config.eval_split} is the training split of {train_split.source}: the 5-NN "
+                         "monitor would report training images as held out; give a held-out --eval_split")
     transform = intl.eval_transform(config.image_size, config.eval_mean or config.mean, config.eval_std or config.std,
                                     config.eval_resize, config.eval_interpolation)
     return [accelerator.prepare_data_loader(torch.utils.data.DataLoader(
@@ -508,7 +519,7 @@ class NonFiniteWatch:
                 "wmse) the covariance may be singular in practice: --w_eps helps" + note)
 
 
-def resume(config, accelerator, output_dir, info):
+def resume(config, accelerator, output_dir, info, monitor):
     """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its step, its folder)."""
     def check_state(checkpoint, state):
         if not isinstance(state.get("step"), int):
@@ -518,6 +529,10 @@ def resume(config, accelerator, output_dir, info):
             raise ValueError(f"{checkpoint} was trained with {state['num_processes']} processes, this run has "
                              f"{accelerator.num_processes}: the global batch, and with it the data order and the "
                              "lr, would change; resume with the same number of processes")
+        if state.get("train_images", monitor.train_images) != monitor.train_images:
+            raise ValueError(f"{checkpoint} was trained on {state['train_images']} images, --split {config.split} "
+                             f"now holds {monitor.train_images}: the steps per epoch and the schedule would change; "
+                             "resume on the same data, or start a new run in another --output_dir")
 
     checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
                                              say=info)
@@ -553,7 +568,8 @@ def resolve_config(argv=None):
         config.zero_init_residual = config.arch not in ("resnet18", "resnet34")
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
-        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
+        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES,
+                                 check_recipe)
     if config.dataset is None and config.preset not in (None, "digits") and not (
             config.print_config or config.benchmark):
         raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
@@ -571,6 +587,12 @@ def check_config(config, parser):
     if config.output_dir is None and not (config.print_config or config.benchmark):
         raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     intl.check_settings(vars(config), parser, RANGES)
+    check_recipe(config)
+    if config.study:
+        study_runs(config)  # checks --study_values
+
+
+def check_recipe(config):  # also of a resumed run's saved configuration
     intl.parse_projector_spec(config.projector)
     if config.jitter[3] > 0.5:
         raise ValueError(f"--jitter {' '.join(map(str, config.jitter))}: the hue strength must be at most 0.5")
@@ -581,8 +603,6 @@ def check_config(config, parser):
     if config.num_views + len(small_crops) < 2:
         raise ValueError(f"--num_views {config.num_views} without --small_crops: the objective compares views, "
                          "give at least 2")
-    if config.study:
-        study_runs(config)  # checks --study_values
 
 
 def parse_floats(text, flag):
@@ -705,10 +725,12 @@ def training_loader(config, train_split, accelerator):
     per_process = intl.per_process_batch(config.batch_size, processes)
     sampler = ShardedEpochSampler(len(train_split.dataset), per_process, processes, accelerator.process_index,
                                   config.seed)
+    images, smallest = len(train_split.dataset), max(2, processes)  # whitening needs 2, each process 1
+    if images < smallest:
+        raise ValueError(f"the split has {images} image(s), too few for one global batch of {smallest}: add images")
     if sampler.batches_per_epoch == 0:
-        raise ValueError(f"the split has {len(train_split.dataset)} images, fewer than one global batch of "
-                         f"{config.batch_size}: give --batch_size {len(train_split.dataset) // processes * processes} "
-                         "or less")
+        raise ValueError(f"the split has {images} images, fewer than one global batch of {config.batch_size}: give "
+                         f"--batch_size {images // processes * processes} or less")
     return torch.utils.data.DataLoader(
         AugmentedViews(train_split, view_transforms(config), config.seed), batch_size=per_process,
         sampler=sampler, num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda",
@@ -785,9 +807,9 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", s
 # Checkpoints (atomic, explicit names), the backbone export, the spectrum plot
 
 
-def save_checkpoint(accelerator, config, step, batches_per_epoch):
+def save_checkpoint(accelerator, config, step, batches_per_epoch, train_images):
     state = {"step": step, "epochs_trained": step / batches_per_epoch, "num_processes": accelerator.num_processes,
-             "config": vars(config)}
+             "train_images": train_images, "config": vars(config)}
     return intl.save_state_atomically(accelerator, Path(config.output_dir) / "checkpoints" / f"step-{step:08d}",
                                       "trainer_state.json", state, config.keep)
 
@@ -1044,7 +1066,7 @@ def main_export(argv=None):
                         help="first layers; None: the source's config (official checkpoints: 'cifar' for INTL's "
                              "and 'cifar-unpadded' for CW-RGP's 3x3 conv1, give 'small-maxpool' for CW-RGP's STL-10 "
                              "/ Tiny-ImageNet networks)")
-    parser.add_argument("--output_dir", required=True, help="the export folder to write")
+    parser.add_argument("--output_dir", type=intl.folder, required=True, help="the export folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace the export already in --output_dir")
     parser.add_argument("--eval_results", nargs="*", default=[],
                         help="linear_eval.py result JSON files for the model card's model-index")

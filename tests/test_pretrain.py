@@ -697,3 +697,54 @@ def test_the_global_batch_is_split_over_the_processes_or_refused_naming_the_near
     with pytest.raises(ValueError, match="--batch_size 256 is the global batch and must split evenly over the 3 "
                                          "processes: give --batch_size 255"):
         pretrain.training_loader(config, split, three)
+
+
+def test_a_resume_on_a_split_that_grew_or_shrank_is_refused_naming_both_sizes(tiny_images, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_images, images)
+    tiny(images, "--output_dir", tmp_path / "run", "--epochs", 2, "--save_every", 2, "--stop_after_steps", 2)
+    for i in range(4):  # 16 -> 20 images: 5 steps per epoch instead of 4, another schedule
+        shutil.copy(images / "class_0" / "0.png", images / "class_0" / f"extra-{i}.png")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'run' / 'checkpoints' / 'step-00000002'} was "
+                                                   "trained on 16 images, --split train now holds 20: the steps per "
+                                                   "epoch and the schedule would change")):
+        pretrain.main(["--output_dir", str(tmp_path / "run"), "--resume", "latest"])
+
+
+@pytest.mark.parametrize("split, eval_split", [("train", "train"), ("train", "training")])
+def test_the_training_split_as_the_held_out_split_is_refused_and_leaves_no_earlier_run(tiny_images, tmp_path,
+                                                                                       split, eval_split):
+    """The 5-NN monitor would report training images as held out (the names compared once resolved); the refused run
+    leaves nothing that makes the corrected command 'an earlier run'."""
+    with pytest.raises(ValueError, match=re.escape(f"--eval_split {eval_split} is the training split of {tiny_images} "
+                                                   "(split 'train'): the 5-NN monitor would report training images")):
+        tiny(tiny_images, "--output_dir", tmp_path, "--split", split, "--eval_split", eval_split, "--knn_every", 1,
+             "--stop_after_steps", 1)
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+    tiny(tiny_images, "--output_dir", tmp_path, "--stop_after_steps", 1)
+
+
+def test_a_split_of_one_image_is_refused_as_too_few_for_the_smallest_global_batch(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "0.png")
+    with pytest.raises(ValueError, match=re.escape("the split has 1 image(s), too few for one global batch of 2: "
+                                                   "add images")):
+        tiny(tmp_path / "one", "--output_dir", tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+
+
+def test_a_run_killed_during_its_first_save_is_not_an_earlier_run(tiny_images, tmp_path, capsys):
+    """What such a kill leaves: the log of the first steps and a half-written checkpoint: nothing to resume, so the
+    command run again starts afresh, removing both."""
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    (tmp_path / "checkpoints" / ".tmp-step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".tmp-step-00000002" / "model.safetensors").write_bytes(b"half a save")
+    with pytest.raises(ValueError, match="--resume latest: no checkpoint in"):
+        tiny(tiny_images, "--output_dir", tmp_path, "--resume", "latest")
+    tiny(tiny_images, "--output_dir", tmp_path, "--stop_after_steps", 1, "--log_every", 1)
+    out = capsys.readouterr().out
+    assert f"removed {tmp_path / 'log.jsonl'}, left by a run stopped before its first checkpoint" in out
+    assert f"removed {tmp_path / 'checkpoints' / '.tmp-step-00000002'}, left by an interrupted save" in out
+    assert sorted(losses(tmp_path)) == [1] and losses(tmp_path)[1] != 9.0

@@ -66,11 +66,49 @@ def test_every_numeric_flag_of_every_script_has_a_checked_range(script):
     ("detect_transfer", ["--warmup_factor", "-0.1"], "--warmup_factor -0.1: must be in [0, 1]"),
     ("detect_transfer", ["--lr_steps", "-5"], "--lr_steps -5: each value must be at least 0"),
     ("detect_transfer", ["--train_sizes", "0", "96"], "--train_sizes 0 96: each value must be at least 1"),
+    # An infinite upper end allows no inf nor nan: the message says so.
+    ("pretrain", ["--lr", "inf"], "--lr inf: must be greater than 0 and finite"),
+    ("pretrain", ["--epochs", "1", "--weight_decay", "inf"], "--weight_decay inf: must be at least 0 and finite"),
+    ("linear_eval", ["--lr", "nan"], "--lr nan: must be greater than 0 and finite"),
+    ("detect_transfer", ["--lr", "inf"], "--lr inf: must be greater than 0 and finite"),
 ])
 def test_out_of_range_flags_are_refused_naming_the_flag_and_its_range(script, argv, message, tmp_path):
     with pytest.raises(ValueError) as info:
         resolve(script, ["--output_dir", str(tmp_path), *argv])
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fp16_without_a_gpu_is_refused_by_every_script_from_the_flag_or_the_launcher(script, tmp_path, monkeypatch):
+    """Accelerate would report fp16 and compute in float32 on a CPU: a precision that is not the one recorded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.raises(ValueError, match=re.escape("--mixed_precision fp16 needs a GPU: on a CPU use bf16 or no")):
+        resolve(script, ["--output_dir", str(tmp_path), "--mixed_precision", "fp16"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve(script, ["--output_dir", str(tmp_path)])
+    assert resolve(script, ["--output_dir", str(tmp_path), "--mixed_precision", "bf16"]).mixed_precision == "bf16"
+
+
+def test_a_resumed_fp16_run_without_a_gpu_is_refused_naming_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = fake_checkpoint(tmp_path, 4, {"mixed_precision": "fp16"})
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'trainer_state.json'}: mixed_precision is 'fp16', "
+                                                   "which needs a GPU: resume the run on a GPU")):
+        pretrain.resolve_config(["--output_dir", str(tmp_path), "--resume", "latest"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_output_and_resume_folders_expand_the_home_folder_and_refuse_an_empty_path(script, tmp_path, monkeypatch,
+                                                                                  capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve(script, ["--output_dir", "~/runs/x"]).output_dir == str(tmp_path / "runs" / "x")
+    with pytest.raises(SystemExit):
+        resolve(script, ["--output_dir", ""])
+    assert "argument --output_dir: an empty path would be the current folder: give a folder" in capsys.readouterr().err
+    resume = next(a for a in SCRIPTS[script].get_parser()._actions if a.dest == "resume")
+    assert resume.type("~/runs/x/checkpoints/step-00000002") == str(tmp_path / "runs/x/checkpoints/step-00000002")
 
 
 @pytest.fixture
@@ -168,6 +206,11 @@ def test_a_resumed_detection_run_keeps_its_run_control_values_unless_given_again
     ({"step": 4, "config": {"eval_resize": -5}}, "trainer_state.json: eval_resize is -5, must be at least 1"),
     ({"step": 4, "config": {"method": "intl-x"}}, "trainer_state.json: method is 'intl-x', must be one of intl, "),
     ({"step": 4}, "trainer_state.json holds no 'config' object"),
+    # A saved value is named as the file's field, never as a flag this command did not get.
+    ({"step": 4, "config": {"arch": "resnet999"}}, "trainer_state.json: arch is 'resnet999', must be one of resnet18"),
+    ({"step": 4, "config": {"jitter": [0.4, 0.4, 0.4, 0.9]}},
+     "trainer_state.json: --jitter 0.4 0.4 0.4 0.9: the hue strength must be at most 0.5; the file is damaged"),
+    ({"step": 4, "config": {"small_crops": "300"}}, "trainer_state.json: --small_crops '300': every side must be in"),
 ])
 def test_a_damaged_trainer_state_is_named_when_resuming(tmp_path, damage, message):
     folder = fake_checkpoint(tmp_path, 4, {})
