@@ -224,7 +224,7 @@ def get_parser():
     run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     run.add_argument("--study", default=None, choices=["power", "trace"],
                      help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
-    run.add_argument("--study_values", default=None, help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8,10,12)")
+    run.add_argument("--study_values", default=None, help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8)")
     run.add_argument("--benchmark", type=int, default=0,
                      help="time N training steps on random images: step time, images/s, memory")
     return parser
@@ -515,8 +515,8 @@ class NonFiniteWatch:
         if step >= 0:
             raise FloatingPointError(
                 f"the loss is {self.first_loss.item()} at step {step}; the last good checkpoint is {last_good or 'none'}. "
-                "Lower --lr, use --mixed_precision no or fewer --iters; with an eigendecomposition (st, cw-rgp, "
-                "wmse) the covariance may be singular in practice: --w_eps helps" + note)
+                "Check the data first: many identical images (blank ones, duplicates) make the covariance singular; "
+                "then lower --lr, use --mixed_precision no or fewer --iters (st, cw-rgp, wmse: --w_eps)" + note)
 
 
 def resume(config, accelerator, output_dir, info, monitor):
@@ -1127,7 +1127,7 @@ def run_study(config, argv, accelerator):
 def study_runs(config):
     """(the settings in the table, the run's flags, its folder) of each run of the study."""
     values = parse_floats(config.study_values or ("0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power"
-                                                  else "1,2,4,6,8,10,12"), "study_values")
+                                                  else "1,2,4,6,8"), "study_values")
     if config.study == "power":
         if not (values and min(values) >= 0):
             raise ValueError(f"--study_values {config.study_values!r}: give powers p >= 0 separated by commas")

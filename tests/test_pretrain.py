@@ -582,6 +582,8 @@ def test_the_first_non_finite_loss_is_kept_on_the_device_and_reported_with_its_s
     watch.record(torch.tensor(float("inf")), 2)
     with pytest.raises(FloatingPointError, match="the loss is nan at step 1; the last good checkpoint is step-0"):
         watch.check("step-0")
+    with pytest.raises(FloatingPointError, match="Check the data first: many identical images"):  # blank ones, say
+        watch.check("step-0")
 
 
 def test_a_diverging_run_names_the_same_first_bad_step_however_rarely_it_logs(tiny_images, tmp_path):

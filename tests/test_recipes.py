@@ -402,20 +402,25 @@ def test_intl_m_moves_the_target_with_m_of_the_step_before_that_steps_forward(tm
             torch.testing.assert_close(after_2[f"target.0.{name}"], want, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_path):
-    """cifar100 pretrains with CIFAR-100's statistics and is evaluated with CIFAR-10's; STL-10 is evaluated on
-    Resize(70) + CenterCrop(64): what the export tells its users is the evaluation input."""
+def exported_config(flags, tmp_path):
+    """The config.json of an export of a checkpoint whose run had these pretrain flags (a tiny projector)."""
     from safetensors.torch import save_file
 
-    config = vars(pretrain.resolve_config(["--preset", "cifar100", "--print_config", "--eval_resize", "70",
-                                           "--eval_interpolation", "bicubic"]))
-    model = pretrain.build_model(argparse.Namespace(**{**config, "projector": "16-8"}))
+    config = vars(pretrain.resolve_config([*flags, "--print_config"]))
+    model = pretrain.build_model(argparse.Namespace(**{**config, "projector": "16-8", "groups": 2}))
     checkpoint = tmp_path / "checkpoints" / "step-00000001"
     checkpoint.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
     state = {"step": 1, "config": json.loads(json.dumps(config)), "num_processes": 1}
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    _, exported = intl.load_backbone(pretrain.export_backbone_from(checkpoint, tmp_path / "export"))
+    return intl.load_backbone(pretrain.export_backbone_from(checkpoint, tmp_path / "export"))[1]
+
+
+def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_path):
+    """cifar100 pretrains with CIFAR-100's statistics and is evaluated with CIFAR-10's; STL-10 is evaluated on
+    Resize(70, bicubic) + CenterCrop(64): what the export tells its users is the evaluation input."""
+    exported = exported_config(["--preset", "cifar100", "--eval_resize", "70", "--eval_interpolation", "bicubic"],
+                               tmp_path)
     assert exported["stem"] == "cifar" and exported["conv1"] == {"kernel_size": 3, "stride": 1, "padding": 2}
     assert exported["maxpool"] is False
     assert tuple(exported["mean"]) == intl.CIFAR_MEAN and tuple(exported["std"]) == intl.CIFAR_STD
@@ -425,19 +430,9 @@ def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_p
     assert resize.size == [70] and resize.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
 
 
-
 @pytest.mark.parametrize("preset, used, unused", [
     ("cw-rgp-cifar10", {"groups", "w_size", "w_eps", "pair_loss"}, {"iters", "beta", "power", "momentum"}),
     ("cifar10", {"iters", "axis", "beta"}, {"groups", "w_size", "w_eps", "power", "momentum", "pair_loss"})])
 def test_an_export_records_the_settings_of_its_own_method_only(tmp_path, preset, used, unused):
-    from safetensors.torch import save_file
-
-    config = vars(pretrain.resolve_config(["--preset", preset, "--print_config"]))
-    model = pretrain.build_model(argparse.Namespace(**{**config, "projector": "16-8", "groups": 2}))
-    checkpoint = tmp_path / "checkpoints" / "step-00000001"
-    checkpoint.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
-    state = {"step": 1, "config": json.loads(json.dumps(config)), "num_processes": 1}
-    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    _, exported = intl.load_backbone(pretrain.export_backbone_from(checkpoint, tmp_path / "export"))
+    exported = exported_config(["--preset", preset], tmp_path)
     assert used <= set(exported["recipe"]) and not unused & (set(exported["recipe"]) | set(exported))

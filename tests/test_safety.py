@@ -283,6 +283,15 @@ def test_an_export_on_a_full_disk_fails_and_leaves_the_earlier_export_unchanged(
     assert (small_disk / "backbone" / "model.safetensors").read_bytes() == before
 
 
+def test_a_resumes_log_rewrite_on_a_full_disk_fails_and_leaves_the_log_as_it_was(small_disk):
+    log = small_disk / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "loss": "x" * 1000}) + "\n" for step in range(2000)))  # 2 MiB
+    with pytest.raises(OSError, match="No space left on device"):  # the error boundary prints it as one line
+        intl.truncate_jsonl(log, 1500)
+    assert [r["step"] for r in intl.read_jsonl(log)] == list(range(2000))
+    assert sorted(p.name for p in small_disk.iterdir()) == ["log.jsonl"]
+
+
 def test_a_save_that_fails_half_way_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True)
     a_trained_linear(accelerator, 4)
