@@ -1157,11 +1157,13 @@ def plot_study(study, rows, output_dir):
         ok = [r for r in part if not r["error"]]
         for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
                                      (ax_knn, "knn_top1", "o-", "5-NN")):
-            ax.plot([r[x] for r in ok], [r[key] for r in ok], style, label=name + suffix)
+            floor = math.log10(intl.RANK_FLOOR)  # a rank-deficient covariance (lg IoC -inf) is drawn at the floor
+            values = [None if r[key] is None else max(r[key], floor) for r in ok]  # None: not measured
+            ax.plot([r[x] for r in ok], values, style, label=name + suffix)
         for r in part:
             if r["error"]:
                 ax_knn.axvline(r[x], color="red", alpha=0.3)
-    ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance")
+    ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance (-12: singular)")
     ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
     for ax in fig.axes:
         ax.legend(fontsize=7)
