@@ -327,7 +327,7 @@ def resolve_config(argv=None):
     if config.resume:
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir, "detection")
         explicit = intl.explicit_flags(parser, argv)
-        intl.keep_resumed_config(config, explicit, checkpoint, RUN_CONTROL, PER_COMMAND, parser, RANGES)
+        intl.keep_resumed_config(config, explicit, checkpoint, (RUN_CONTROL, PER_COMMAND), parser, RANGES)
         if config.output_dir is None:  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR (--eval_only: its eval/step-N)
             run_dir = checkpoint.resolve().parent.parent
             config.output_dir = str(run_dir / "eval" / checkpoint.name if config.eval_only else run_dir)

@@ -1042,12 +1042,13 @@ def _outside(value, interval):
     return (f"at least {low}" if interval[0] == "[" else f"greater than {low}") + finite
 
 
-def keep_resumed_config(config, explicit, checkpoint, run_control, per_command, parser, ranges,
-                        check=lambda config: None):
-    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table. Of the `explicit`
-    flags, only those in `run_control` (logging, saving, workers, ...) may differ from it; one not given again keeps
-    the run's saved value, not the default. `per_command` flags (--output_dir, --stop_after_steps, ...) say what this
-    one command does and are never taken from the checkpoint. check(config): more checks, naming the file."""
+def keep_resumed_config(config, explicit, checkpoint, run_flags, parser, ranges, check=lambda config: None):
+    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table. run_flags:
+    (run_control, per_command). Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...)
+    may differ from it; one not given again keeps the run's saved value, not the default. `per_command` flags
+    (--output_dir, --stop_after_steps, ...) say what this one command does and are never taken from the checkpoint.
+    check(config): more checks, naming the file."""
+    run_control, per_command = run_flags
     state_file = Path(checkpoint) / "trainer_state.json"
     saved = read_trainer_state(state_file)["config"]
     check_settings({k: v for k, v in saved.items() if k not in per_command}, parser, ranges, state_file)
