@@ -1151,14 +1151,16 @@ def locked(output_dir, main_process=True):
 def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, main_process=True):
     """Before a run writes anything, on every process, under `locked`: the earlier run's `results` in output_dir (files,
     and folders with an entry that is not hidden) are refused, or deleted on the main process with --overwrite, unless
-    this run resumes `resumes`, a checkpoint inside output_dir (its own). What interrupted saves left in the result
-    folders (.tmp-*, .old-*) goes. No barrier: the other processes write nothing here before a checkpoint's."""
+    this run resumes `resumes`, a checkpoint inside output_dir (its own). A log.jsonl alone is no earlier run: a run
+    stopped before its first checkpoint left it, and it goes. What interrupted saves left in the result folders
+    (.tmp-*, .old-*) goes too. No barrier: the other processes write nothing here before a checkpoint's."""
     output_dir = Path(output_dir)
     paths = {name: output_dir / name for name in results}
     own = resumes is not None and output_dir.resolve() in Path(resumes).resolve().parents
     found = [] if own else [name + "/" * path.is_dir() for name, path in paths.items() if path.is_file() or (
         path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()))]
-    if found and not overwrite:
+    stopped_early = found == ["log.jsonl"]
+    if found and not overwrite and not stopped_early:
         if any(name.startswith("checkpoints") for name in found):
             raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
                              "or give another --output_dir (or add --overwrite to replace that run)")
@@ -1171,7 +1173,9 @@ def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, m
         return
     for name in found:
         _remove(paths[name.rstrip("/")])
-    if found:
+    if stopped_early:
+        say(f"removed {paths['log.jsonl']}, left by a run stopped before its first checkpoint")
+    elif found:
         say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
     for folder in [path for path in paths.values() if path.is_dir()]:
         for leftover in sorted([*folder.glob(".tmp-*"), *folder.glob(".old-*")]):

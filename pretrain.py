@@ -250,7 +250,7 @@ def train(config, accelerator):
     output_dir = Path(config.output_dir)
     info = tqdm.write if accelerator.is_main_process else (lambda message: None)
     checkpoint = intl.find_checkpoint(config.resume, output_dir) if config.resume else None
-    clear_earlier_run(output_dir, checkpoint, config.overwrite, accelerator, info)
+    intl.clear_earlier_run(output_dir, RESULTS, config.overwrite, checkpoint, info, accelerator.is_main_process)
     introduce(config, accelerator, info)
 
     # Data: augmented views of the training split, seeded per (epoch, sample) so that a resume replays them.
@@ -324,19 +324,6 @@ def finish(config, accelerator, monitor, step):
                      f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} "
                      "--resume latest")
     accelerator.end_training()
-
-
-def clear_earlier_run(output_dir, checkpoint, overwrite, accelerator, info):
-    """An earlier run's results are refused, or removed with --overwrite (see intl.clear_earlier_run); a log.jsonl
-    alone, which a run stopped before its first checkpoint left, is not an earlier run: it goes."""
-    log = output_dir / "log.jsonl"
-    stale = log.is_file() and not (checkpoint or intl.latest_checkpoint(output_dir)
-                                   or (output_dir / "backbone").exists())
-    results = [name for name in RESULTS if not (stale and name == "log.jsonl")]
-    intl.clear_earlier_run(output_dir, results, overwrite, checkpoint, info, accelerator.is_main_process)
-    if stale and accelerator.is_main_process:
-        log.unlink()
-        info(f"removed {log}, left by a run stopped before its first checkpoint")
 
 
 def introduce(config, accelerator, info):
