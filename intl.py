@@ -501,10 +501,8 @@ class SubBatchWhitening(nn.Module):
 # =============================================================================
 # What the stages share
 #
-# The method ends above. Below is what pretrain.py, linear_eval.py and detect_transfer.py share: the data sources,
-# features and the papers' 5-NN, the loops' helpers, configuration (one table checks flags and saved configurations),
-# nothing lost or half-written (one atomic write, one lock per output folder), resuming from the newest checkpoint
-# that loads, the error boundary (one line per error; Ctrl-C and SIGTERM: exit status 130), loading a backbone.
+# The method ends above. Below is what pretrain.py, linear_eval.py and detect_transfer.py share: data, features and
+# the 5-NN, configuration checks, one atomic write and one lock, checkpoints, the error boundary, loading a backbone.
 # =============================================================================
 
 import argparse
@@ -536,9 +534,8 @@ from torchvision.transforms import v2
 
 DIGITS_SOURCE = "digits"
 
-# The names a split goes by, on the Hub and as sub-folders of an image folder -> the split each is. A missing split is
-# served by another name of its side (training or held-out): datasets ship one held-out split, under different names
-# (CIFAR-10 "test", ImageNet-1k "validation", torchvision-style folders "val").
+# The names a split goes by -> the split each is. A missing split is served by another name of its side: datasets
+# ship their held-out split under different names (CIFAR-10 "test", ImageNet-1k "validation", folders "val").
 _SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
                 "valid": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
@@ -1021,25 +1018,18 @@ def _setting_problem(action, value, interval):
         if action.choices is not None and v not in action.choices:
             return f"must be one of {', '.join(map(str, action.choices))}"
         if interval and _outside(v, interval):
-            return f"{'each value ' if several else ''}must be {_outside(v, interval)}"
+            return f"{'each value ' if several else ''}must be in {interval}"
     return None
 
 
 def _outside(value, interval):
-    """Where `value` should lie when it is outside an interval written as in maths ("[1, inf)", "(0, 1]"), else
-    None; NaN lies in no interval."""
-    low, high = (bound.strip() for bound in interval[1:-1].split(","))
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    above = number and (value >= float(low) if interval[0] == "[" else value > float(low))
-    below = number and (value <= float(high) if interval[-1] == "]" else value < float(high))
-    if above and below:
-        return None
-    if (low, high) == ("-inf", "inf"):
-        return "a finite number"
-    if high != "inf":
-        return f"in {interval}"
-    finite = "" if not number or math.isfinite(value) else " and finite"
-    return (f"at least {low}" if interval[0] == "[" else f"greater than {low}") + finite
+    """Whether `value` lies outside an interval written as in maths ("[1, inf)", "(0, 1]"): inf lies in none, NaN in
+    none."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return True
+    return not ((value >= low if interval[0] == "[" else value > low) and (value <= high if interval[-1] == "]"
+                                                                           else value < high))
 
 
 def keep_resumed_config(config, explicit, checkpoint, run_flags, parser, ranges, check=lambda config: None):
@@ -1106,18 +1096,16 @@ def write_text_atomically(path, text):
 
 
 def read_json(path):
-    """A JSON file -> the object it holds (every JSON file of this project holds one); ValueError naming the file
-    when it is missing, not valid JSON or not an object (an OSError names its file itself)."""
-    path = Path(path)
+    """A JSON file -> the object it holds (every JSON file of this project holds one), else a ValueError naming it."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path} is missing") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}): "
-                         "the file is damaged or was not written by this project") from None
+        value = error
     if not isinstance(value, dict):
-        raise ValueError(f"{path} is not a JSON object: the file is damaged or was not written by this project")
+        why = f"not valid JSON ({value})" if isinstance(value, ValueError) else "not a JSON object"
+        raise ValueError(f"{path} is {why}: the file is damaged or was not written by this project")
     return value
 
 
@@ -1125,9 +1113,7 @@ def read_json(path):
 def locked(output_dir, main_process=True):
     """One run per output folder: while the block runs, the main process holds an exclusive lock on
     OUTPUT_DIR/.lock (the system releases it even after kill -9); a second run is refused at once, naming the
-    process that holds it. Take it before anything in the folder is read or changed: making the folder and its .lock
-    is also the check that it can be written (a path that is a file, or lies inside one, fails with the OSError that
-    names it, before any work)."""
+    process that holds it. Making the folder and its .lock first is also the check that it can be written."""
     import fcntl  # POSIX: Linux and macOS
 
     if not main_process:
@@ -1151,31 +1137,25 @@ def locked(output_dir, main_process=True):
 def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, main_process=True):
     """Before a run writes anything, on every process, under `locked`: the earlier run's `results` in output_dir (files,
     and folders with an entry that is not hidden) are refused, or deleted on the main process with --overwrite, unless
-    this run resumes `resumes`, a checkpoint inside output_dir (its own). A log.jsonl alone is no earlier run: a run
-    stopped before its first checkpoint left it, and it goes. What interrupted saves left in the result folders
-    (.tmp-*, .old-*) goes too. No barrier: the other processes write nothing here before a checkpoint's."""
+    this run resumes `resumes`, a checkpoint inside output_dir (its own). What interrupted saves left in the result
+    folders (.tmp-*, .old-*) goes too. No barrier: the other processes write nothing here before a checkpoint's."""
     output_dir = Path(output_dir)
     paths = {name: output_dir / name for name in results}
     own = resumes is not None and output_dir.resolve() in Path(resumes).resolve().parents
     found = [] if own else [name + "/" * path.is_dir() for name, path in paths.items() if path.is_file() or (
         path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()))]
-    stopped_early = found == ["log.jsonl"]
-    if found and not overwrite and not stopped_early:
+    if found and not overwrite:
         if any(name.startswith("checkpoints") for name in found):
             raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
                              "or give another --output_dir (or add --overwrite to replace that run)")
-        resumable = " (or continue the earlier run with --resume latest)" if any(
-            name.startswith("checkpoints") for name in results) else ""
         raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
-                         f"command would replace: give another --output_dir{resumable}, or add --overwrite to replace "
+                         "command would replace: give another --output_dir, or add --overwrite to replace "
                          f"{'them' if len(found) > 1 else 'it'}")
     if not main_process:
         return
     for name in found:
         _remove(paths[name.rstrip("/")])
-    if stopped_early:
-        say(f"removed {paths['log.jsonl']}, left by a run stopped before its first checkpoint")
-    elif found:
+    if found:
         say(f"--overwrite: removed {', '.join(found)} of the earlier run in {output_dir}")
     for folder in [path for path in paths.values() if path.is_dir()]:
         for leftover in sorted([*folder.glob(".tmp-*"), *folder.glob(".old-*")]):
@@ -1213,13 +1193,10 @@ def save_state_atomically(accelerator, folder, state_file, state, keep):
 # ----------------------------------------------------------------------------- resuming from a checkpoint
 
 
-def _saved_checkpoints(output_dir):
-    """Every complete checkpoint folder OUTPUT_DIR/checkpoints/step-* (with its trainer_state.json), newest first."""
-    return [p.parent for p in sorted((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"), reverse=True)]
-
-
 def latest_checkpoint(output_dir):
-    return next(iter(_saved_checkpoints(output_dir)), None)
+    """The newest complete checkpoint OUTPUT_DIR/checkpoints/step-* (it has its trainer_state.json), or None."""
+    newest = max((Path(output_dir) / "checkpoints").glob("step-*/trainer_state.json"), default=None)
+    return newest.parent if newest else None
 
 
 def find_checkpoint(resume, output_dir, kind=""):
@@ -1247,30 +1224,16 @@ def read_trainer_state(state_file):
     return state
 
 
-def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None, say=print):
-    """--resume: load a checkpoint into the objects prepared by `accelerator` -> (folder, trainer_state). "latest"
-    takes the newest one that loads, saying which it skipped and why. check_state(folder, state) may refuse the run's
-    state itself (another number of processes, ...): an error, not a reason to skip, as it holds for every one."""
-    candidates = _saved_checkpoints(output_dir or ".") if resume == "latest" else []
-    for checkpoint in candidates or [find_checkpoint(resume, output_dir, kind)]:
-        try:
-            state = read_trainer_state(checkpoint / "trainer_state.json")
-        except ValueError as error:
-            problem = error
-        else:
-            if check_state is not None:
-                check_state(checkpoint, state)
-            try:
-                load_state(accelerator, checkpoint)
-                return checkpoint, state
-            except ValueError as error:
-                problem = error
-        if resume != "latest":
-            raise ValueError(f"--resume {resume}: {problem}; resume from another checkpoint (--resume latest skips "
-                             "damaged ones)")
-        say(f"skipped checkpoint {checkpoint}: {problem}")
-    raise ValueError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'} loads (see above); "
-                     "start without --resume")
+def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None):
+    """--resume ("latest" or a folder, see find_checkpoint): load a checkpoint into the objects prepared by
+    `accelerator` -> (folder, trainer_state). check_state(folder, state) may refuse the run's state itself (another
+    number of processes, ...)."""
+    checkpoint = find_checkpoint(resume, output_dir, kind)
+    state = read_trainer_state(checkpoint / "trainer_state.json")
+    if check_state is not None:
+        check_state(checkpoint, state)
+    load_state(accelerator, checkpoint)  # a damaged file is named: resume from an earlier checkpoint folder
+    return checkpoint, state
 
 
 def load_state(accelerator, checkpoint):
@@ -1383,8 +1346,8 @@ def run(main, argv=None, interrupted="interrupted"):
 # ----------------------------------------------------------------------------- loading a backbone from anywhere
 #
 # load_backbone loads strictly, from an export folder (model.safetensors + config.json) or a bare .safetensors file,
-# a Hub model id "owner/name[@revision]" (or timm's "hf-hub:owner/name") through huggingface_hub's cache
-# (HF_HUB_OFFLINE=1: the cache only), a pretrain.py checkpoint folder or an official INTL / CW-RGP .pth.tar.
+# a Hub model id "owner/name" through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only), a pretrain.py
+# checkpoint folder or an official INTL / CW-RGP .pth.tar.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -1526,7 +1489,6 @@ def _complete_config(config, weights, arch, stem, source):
     config.setdefault("image_size", 32 if small else 224)
     config.setdefault("mean", list(CIFAR_MEAN if small else IMAGENET_MEAN))
     config.setdefault("std", list(CIFAR_STD if small else IMAGENET_STD))
-    config.setdefault("format", "torchvision state_dict without fc.*")
     return config
 
 
@@ -1554,24 +1516,19 @@ def _weights_mismatch(expected, weights):
     return "; ".join(problems)
 
 
-def _hub_snapshot(source, revision=None):
-    """A Hub model id 'owner/name[@revision]' (or timm's 'hf-hub:owner/name') -> (the folder of its export in
-    huggingface_hub's cache, downloaded there if needed; 'owner/name[@revision]')."""
+def _hub_snapshot(repo_id, revision=None):
+    """A Hub model id 'owner/name' -> (the folder of its export in huggingface_hub's cache, downloaded there if
+    needed; 'owner/name[@revision]')."""
     import huggingface_hub
     from huggingface_hub import constants
 
-    repo_id, _, at_revision = source.removeprefix("hf-hub:").partition("@")  # a revision may hold "/": refs/pr/1
-    weights_file = Path(source).suffix in (".safetensors", ".pth", ".tar", ".pt")
-    if looks_like_path(repo_id) or repo_id.count("/") != 1 or weights_file:
-        raise ValueError(f"backbone {source!r} not found: no such file or folder, nor a Hub id 'owner/name[@revision]'")
-    if at_revision and revision and at_revision != revision:
-        raise ValueError(f"two revisions for {repo_id}: {at_revision!r} (in the id) and {revision!r}")
-    revision = at_revision or revision or None
-    where = f"Hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    if looks_like_path(repo_id) or repo_id.count("/") != 1 or Path(repo_id).suffix in (".safetensors", ".pth", ".tar"):
+        raise ValueError(f"backbone {repo_id!r} not found: no such file or folder, nor a Hub id 'owner/name'")
+    where = repo_id + (f"@{revision}" if revision else "")
     try:
         files = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision) for name in EXPORT_FILES]
     except huggingface_hub.errors.LocalEntryNotFoundError:  # the Hub's other errors name the repo themselves
         reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise ValueError(f"{where}: {reason} and the Hub cache ({constants.HF_HUB_CACHE}) lacks its files: run once "
-                         "with network access, or pass a local export") from None
-    return Path(files[0]).parent, repo_id + (f"@{revision}" if revision else "")
+        raise ValueError(f"Hub model {where}: {reason} and the Hub cache ({constants.HF_HUB_CACHE}) lacks its files: "
+                         "run once with network access, or pass a local export") from None
+    return Path(files[0]).parent, where
