@@ -46,6 +46,9 @@ import torchvision
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from PIL import Image as PILImage
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -81,8 +84,9 @@ RUN_CONTROL = {"output_dir", "resume", "eval_only", "print_config", "num_workers
                "eval_batch_size", "overwrite"}
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "overwrite"}
-# What a training run writes into --output_dir: a new run there must not mix with, nor replace, an earlier run's.
-RESULTS = ("checkpoints", "log.jsonl", "results.json")
+# What a training run leaves in --output_dir: a new run there must not mix with, nor replace, an earlier run's. Its
+# log.jsonl is not among them: a new run empties it, so a run stopped before its first checkpoint can be rerun.
+RESULTS = ("checkpoints", "results.json")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes", "rpn_pre_nms_train",
                            "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_per_image",
@@ -118,8 +122,7 @@ def get_parser():
 
     add = parser.add_argument_group("model").add_argument
     add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on ResNet-C4, as in the papers")
-    add("--backbone", help="an export folder, a .safetensors file, a Hub id owner/name[@revision], a pretrain "
-        "checkpoint folder, an official .pth.tar, or 'random' (from scratch)")
+    add("--backbone", help="a backbone as intl.load_backbone takes it (see README), or 'random' (from scratch)")
     add("--arch", choices=intl.RESNETS, help="the ResNet, when the backbone source does not say")
     add("--revision", help="Hub branch, tag or commit of --backbone")
     # The RPN and RoI settings of Detectron2's C4 configuration.
@@ -133,12 +136,10 @@ def get_parser():
     add("--pool_size", type=int, default=14, help="RoIAlign output side (res5 halves it)")
 
     add = parser.add_argument_group("optimisation / schedule").add_argument
-    add("--batch_size", type=int, default=16, help="the global batch: images per iteration over all processes, "
-        "each taking an equal share")
+    add("--batch_size", type=int, default=16, help="the global batch: images per iteration over all processes")
     add("--iterations", type=int, default=24000, help="training iterations")
     add("--lr", type=float, default=0.02, help="peak learning rate (the papers': 0.02 at a global batch of 16)")
-    add("--lr_steps", type=int, nargs="*", default=[18000, 22000],
-        help="iterations after which the lr is multiplied by 0.1")
+    add("--lr_steps", type=int, nargs="*", default=[18000, 22000], help="iterations after which the lr drops x0.1")
     add("--warmup_iters", type=int, default=100, help="linear warm-up iterations")
     add("--warmup_factor", type=float, default=0.001, help="the warm-up starts at this fraction of the lr")
     add("--weight_decay", type=float, default=1e-4, help="weight decay, none on normalisation parameters")
@@ -158,8 +159,7 @@ def get_parser():
     add("--preset", choices=sorted(PRESETS), help="the papers' recipes: voc-c4-24k (Faster R-CNN C4, VOC07+12 -> "
         "VOC07 test) or coco-c4-2x (Mask R-CNN C4, COCO 2017, 2x schedule)")
     add("--output_dir", type=intl.folder, help="where checkpoints/, log.jsonl and results.json go")
-    add("--resume", type=intl.folder,
-        help="'latest' (in --output_dir) or a checkpoint folder: continue exactly where it stopped")
+    add("--resume", type=intl.folder, help="'latest' (in --output_dir) or a checkpoint folder: continue exactly")
     add("--overwrite", action="store_true", help="let a new run (or --eval_only) replace an earlier run's results")
     add("--seed", type=int, default=0, help="seed of the head initialisation, data order and flips")
     add("--save_every", type=int, default=2000, help="save a checkpoint every N iterations and at the end")
@@ -224,7 +224,7 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     state = {"iteration": 0, "precise_bn_done": False}
     if checkpoint:
         checkpoint, state = intl.load_checkpoint(accelerator, config.resume, config.output_dir, "detection",
-                                                 check_state=check_trainer_state, say=accelerator.print)
+                                                 check_state=check_trainer_state)
         accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
     if accelerator.is_main_process:  # the log keeps the iterations before this one: none for a new run
         intl.truncate_jsonl(Path(config.output_dir) / "log.jsonl", state["iteration"], key="iteration")
@@ -306,11 +306,9 @@ def evaluate(model, test_data, state, config, accelerator):
                    model=config.model, arch=config.arch, backbone=config.backbone, iterations=state["iteration"],
                    precise_bn=bool(state.get("precise_bn_done")), eval_seconds=round(time.time() - tic, 1))
     intl.write_text_atomically(Path(config.output_dir) / "results.json", json.dumps(results, indent=2) + "\n")
-    rows = [f"{'':6s} {'AP':>7s} {'AP50':>7s} {'AP75':>7s}"]
-    rows += [f"{t:6s} {results[t]['AP']:7.2f} {results[t]['AP50']:7.2f} {results[t]['AP75']:7.2f}"
-             for t in ("bbox", "segm") if t in results]
     print(f"{config.model} on {test_data['name']} ({len(test_data['records'])} images, {state['iteration']} "
-          "iterations)\n" + "\n".join(rows))
+          "iterations): " + "; ".join(f"{t} AP {results[t]['AP']:.2f}, AP50 {results[t]['AP50']:.2f}, AP75 "
+                                      f"{results[t]['AP75']:.2f}" for t in ("bbox", "segm") if t in results))
 
 
 # -----------------------------------------------------------------------------
@@ -335,19 +333,18 @@ def resolve_config(argv=None):
     if config.print_config:
         return config
     # Refuse what cannot run, naming the flag to change.
-    if config.output_dir is None:
-        raise ValueError("--output_dir is required: it receives checkpoints, log.jsonl and results.json")
-    if config.dataset is None:
-        raise ValueError("--dataset is required (voc or coco), or a --preset that names it")
     coco_files_given = all((config.test_json, config.test_images) if config.eval_only else
                            (config.train_json, config.train_images, config.test_json, config.test_images))
-    if config.data_root is None and (config.dataset == "voc" or not coco_files_given):
-        raise ValueError(f"--data_root is required for --dataset {config.dataset}: the folder holding VOCdevkit/ "
-                         "(voc), or annotations/, train2017/ and val2017/ (coco, unless --train_json, --train_images, "
-                         "--test_json and --test_images say where)")
-    if config.backbone is None and not config.resume:
-        raise ValueError("--backbone is required: an export folder, a .safetensors file, a Hub id, a pretrain "
-                         "checkpoint, an official .pth.tar, or 'random' with --arch")
+    required = {"output_dir": "it receives checkpoints, log.jsonl and results.json",
+                "dataset": "voc or coco, or a --preset that names it",
+                "data_root": None if config.dataset == "coco" and coco_files_given else "the folder holding "
+                "VOCdevkit/ (voc), or annotations/, train2017/ and val2017/ (coco, unless --train_json, "
+                "--train_images, --test_json and --test_images say where)",
+                "backbone": None if config.resume else "an export folder, a .safetensors file, a Hub id, a pretrain "
+                "checkpoint, an official .pth.tar, or 'random' with --arch"}
+    if missing := [f"--{flag} is required: {what}" for flag, what in required.items()
+                   if what and getattr(config, flag) is None]:
+        raise ValueError("; ".join(missing))
     if config.backbone == "random" and config.arch is None:
         raise ValueError("--backbone random needs --arch (e.g. resnet50)")
     if config.dataset == "voc" and has_masks(config):
@@ -404,9 +401,8 @@ def precise_bn(model, batches, accelerator=None):
         m.momentum = None
     model.train()
     count = 0
-    for images, targets in batches:
+    for count, (images, targets) in enumerate(batches, start=1):
         model(images, targets)
-        count += 1
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
         if accelerator is not None and accelerator.num_processes > 1:
@@ -452,7 +448,8 @@ def build_detector(config, backbone, num_classes):
     # res2..res4 under torchvision's names, so that the weights keep the ResNet's keys; res4 has half res5's width.
     body = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in
                                      ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
-    box_head = Res5Head(backbone)
+    # The C4 box head: res5 and MoCo's extra BatchNorm2d (Res5ROIHeadsExtraNorm): RoIs -> maps [R, C, 7, 7].
+    box_head = nn.Sequential(OrderedDict(layer4=backbone.layer4, norm=nn.BatchNorm2d(backbone.feature_dim)))
     anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
     rpn = RegionProposalNetwork(
         anchors, RPNHead(backbone.feature_dim // 2, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
@@ -461,30 +458,16 @@ def build_detector(config, backbone, num_classes):
         post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
     pooler = RoIAlign(config.pool_size, 1 / 16, sampling_ratio=0, aligned=True)  # Detectron2's ROIAlignV2
     heads = C4RoIHeads(
-        pooler, box_head, box_predictor(box_head.out_channels, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
-        batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25, bbox_reg_weights=None,
-        score_thresh=config.score_thresh, nms_thresh=0.5, detections_per_img=config.detections_per_image)
+        pooler, box_head, FastRCNNPredictor(backbone.feature_dim, num_classes + 1), fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5, batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25,
+        bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=0.5,
+        detections_per_img=config.detections_per_image)
     if has_masks(config):  # no mask convolutions: the deconvolution reads res5's maps of the box branch
         heads.mask_roi_pool, heads.mask_head = pooler, nn.Identity()
-        heads.mask_predictor = mask_predictor(box_head.out_channels, num_classes)
+        heads.mask_predictor = MaskRCNNPredictor(backbone.feature_dim, 256, num_classes + 1)
+    init_predictors(heads)
     transform = DetectionTransform(config.train_sizes, config.test_size, config.max_size, config.mean, config.std)
     return GeneralizedRCNN(body, rpn, heads, transform)
-
-
-class Res5Head(nn.Module):
-    """The C4 box head: res5, MoCo's extra BatchNorm2d (Res5ROIHeadsExtraNorm), the average pool: RoIs -> [R, C]."""
-
-    def __init__(self, resnet):
-        super().__init__()
-        self.layer4 = resnet.layer4
-        self.out_channels = resnet.feature_dim
-        self.norm = nn.BatchNorm2d(self.out_channels)
-
-    def feature_maps(self, x):
-        return self.norm(self.layer4(x))
-
-    def forward(self, x):
-        return self.feature_maps(x).mean(dim=(2, 3))
 
 
 class C4RoIHeads(RoIHeads):
@@ -494,7 +477,7 @@ class C4RoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        maps = self.box_head.feature_maps(self.box_roi_pool(features["0"], proposals))
+        maps = self.box_head(self.box_roi_pool(features["0"], proposals))
         class_logits, box_regression = self.box_predictor(maps.mean(dim=(2, 3)))
         if self.training:
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
@@ -509,7 +492,7 @@ class C4RoIHeads(RoIHeads):
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         result = [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)]
         if self.has_mask():
-            maps = self.box_head.feature_maps(self.box_roi_pool(features["0"], boxes))
+            maps = self.box_head(self.box_roi_pool(features["0"], boxes))
             for r, probabilities in zip(result, maskrcnn_inference(self.mask_predictor(self.mask_head(maps)), labels)):
                 r["masks"] = probabilities
         return result, {}
@@ -529,24 +512,17 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return super().train(mode)
 
 
-def box_predictor(in_channels, num_classes):
-    """Class scores and class-specific box deltas from N(0, 0.01) and N(0, 0.001), zero biases (Detectron2)."""
-    predictor = FastRCNNPredictor(in_channels, num_classes + 1)
-    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
+def init_predictors(heads):
+    """Detectron2's initialisation: class scores and box deltas from N(0, 0.01) and N(0, 0.001); the C4 mask head's
+    2 x 2 stride-2 deconvolution to 256 channels (MSRA init), then per-class mask logits from N(0, 0.001); no bias."""
+    layers = [(heads.box_predictor.cls_score, 0.01), (heads.box_predictor.bbox_pred, 0.001)]
+    if heads.has_mask():
+        nn.init.kaiming_normal_(heads.mask_predictor.conv5_mask.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(heads.mask_predictor.conv5_mask.bias)
+        layers.append((heads.mask_predictor.mask_fcn_logits, 0.001))
+    for layer, std in layers:
         nn.init.normal_(layer.weight, std=std)
         nn.init.zeros_(layer.bias)
-    return predictor
-
-
-def mask_predictor(in_channels, num_classes):
-    """Detectron2's C4 mask head: a 2 x 2 stride-2 deconvolution to 256 channels (MSRA init), ReLU, then per-class
-    mask logits from N(0, 0.001)."""
-    predictor = MaskRCNNPredictor(in_channels, 256, num_classes + 1)
-    nn.init.kaiming_normal_(predictor.conv5_mask.weight, mode="fan_out", nonlinearity="relu")
-    nn.init.zeros_(predictor.conv5_mask.bias)
-    nn.init.normal_(predictor.mask_fcn_logits.weight, std=0.001)
-    nn.init.zeros_(predictor.mask_fcn_logits.bias)
-    return predictor
 
 
 # -----------------------------------------------------------------------------
@@ -642,8 +618,6 @@ def coco_data(json_file, image_dir, masks):
         raise ValueError(f"no COCO-format data at {json_file} + {image_dir}: expected a COCO json (images, "
                          "annotations, categories) and the folder its file_names are relative to, e.g. "
                          "DATA_ROOT/annotations/instances_train2017.json + DATA_ROOT/train2017/ (and val2017)")
-    from pycocotools.coco import COCO
-
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         try:
             coco = COCO(json_file)
@@ -705,8 +679,6 @@ def clip_box(box, width, height):
 
 def decode_masks(rles):
     """COCO RLEs -> uint8 masks [N, H, W]."""
-    from pycocotools import mask as mask_utils
-
     with warnings.catch_warnings():  # pycocotools' own use of numpy's __array__ protocol
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
@@ -745,57 +717,43 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
-class GroupedBatchSampler(torch.utils.data.Sampler):
-    """This process's share of one epoch's training batches, as lists of keys (epoch, index).
+def epoch_batches(landscape, global_batch, seed, epoch):
+    """One epoch's global training batches, as lists of record indices: a permutation from (seed, epoch), landscape
+    and portrait images batched apart (Detectron2's aspect-ratio grouping: a batch pads little), the batches ordered
+    by their first image's place in the permutation. Every epoch has as many batches."""
+    order = intl.epoch_order(len(landscape), seed, epoch).numpy()
+    batches = []  # of places in `order`
+    for orientation in (True, False):
+        places = np.flatnonzero(landscape[order] == orientation)
+        batches += [places[s:s + global_batch] for s in range(0, len(places) - global_batch + 1, global_batch)]
+    return [order[batch].tolist() for batch in sorted(batches, key=lambda b: b[0])]
 
-    Each epoch is one permutation from (seed, epoch); landscape and portrait images are batched apart (Detectron2's
-    aspect-ratio grouping: a batch pads little), the global batches ordered by their first image's place in the
-    permutation; process r takes the r-th slice of each. Every epoch has the same batches, so iteration i is always
-    the same batch; set_epoch(epoch, start_batch) skips the batches a resumed run has done."""
 
-    def __init__(self, records, batch_size, num_processes, rank, seed):
-        self.landscape = np.array([r["width"] >= r["height"] for r in records])
-        self.batch_size, self.rank, self.seed = batch_size, rank, seed
-        self.global_batch = batch_size * num_processes
-        self.batches_per_epoch = sum(int(n) // self.global_batch for n in (self.landscape.sum(),
-                                                                          (~self.landscape).sum()))
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(records)} training images do not fill one global batch of {self.global_batch} "
-                             "images of one orientation: lower --batch_size")
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self):
-        return self.batches_per_epoch - self.start_batch
-
-    def __iter__(self):
-        order = intl.epoch_order(len(self.landscape), self.seed, self.epoch).numpy()
-        batches = []  # of places in `order`
-        for orientation in (True, False):
-            places = np.flatnonzero(self.landscape[order] == orientation)
-            batches += [places[s:s + self.global_batch]
-                        for s in range(0, len(places) - self.global_batch + 1, self.global_batch)]
-        for batch in sorted(batches, key=lambda b: b[0])[self.start_batch:]:
-            mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-            yield [(self.epoch, int(order[p])) for p in mine]
+def process_batches(landscape, config, num_processes, rank, start):
+    """Process `rank`'s share of the global batches from iteration `start` on, epoch after epoch without end, as lists
+    of keys (epoch, index): iteration i is always the same batch, so a resumed run goes on as an uninterrupted one."""
+    share = intl.per_process_batch(config.batch_size, num_processes)
+    per_epoch = len(epoch_batches(landscape, config.batch_size, config.seed, 0))
+    if per_epoch == 0:
+        raise ValueError(f"{len(landscape)} training images do not fill one global batch of {config.batch_size} "
+                         "images of one orientation: lower --batch_size")
+    for epoch in itertools.count(start // per_epoch):
+        done = max(0, start - epoch * per_epoch)  # the batches of this epoch a resumed run has done
+        for batch in epoch_batches(landscape, config.batch_size, config.seed, epoch)[done:]:
+            yield [(epoch, index) for index in batch[rank * share:(rank + 1) * share]]
 
 
 def training_batches(train_records, config, accelerator, start):
-    """This process's training batches from iteration `start` on, epoch after epoch without end, on the device."""
-    share = intl.per_process_batch(config.batch_size, accelerator.num_processes)
-    sampler = GroupedBatchSampler(train_records, share, accelerator.num_processes, accelerator.process_index,
-                                  config.seed)
+    """This process's training batches from iteration `start` on, without end, on the device."""
+    landscape = np.array([r["width"] >= r["height"] for r in train_records])
+    keys = process_batches(landscape, config, accelerator.num_processes, accelerator.process_index, start)
     dataset = DetectionImages(train_records, train=True, seed=config.seed, masks=has_masks(config))
     # Its own generator: the loader must not draw from the global RNG, which a resumed run restores.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=config.num_workers,
                                          collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
                                          generator=torch.Generator().manual_seed(config.seed))
-    for epoch in itertools.count(start // sampler.batches_per_epoch):
-        sampler.set_epoch(epoch, start_batch=max(0, start - epoch * sampler.batches_per_epoch))
-        for images, targets, _ in loader:
-            yield to_device(images, targets, accelerator.device)
+    for images, targets, _ in loader:
+        yield to_device(images, targets, accelerator.device)
 
 
 def to_device(images, targets, device):
@@ -835,8 +793,6 @@ def predict(model, records, config, accelerator):
 
 def encode_masks(masks):
     """bool [N, H, W] -> COCO compressed RLEs (counts as str, JSON-able)."""
-    from pycocotools import mask as mask_utils
-
     rles = mask_utils.encode(np.asfortranarray(masks.cpu().numpy().transpose(1, 2, 0).astype(np.uint8)))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
@@ -908,8 +864,6 @@ def voc_evaluate(predictions, records, classes):
     result = {"AP": float(table.mean()), "AP50": float(table[:, 0].mean()), "AP75": float(table[:, 5].mean()),
               "per_class_AP50": {name: float(ap[0] * 100) for name, ap in evaluated.items()},
               "metric": "VOC07 11-point"}
-    if len(evaluated) < len(classes):
-        result["classes_without_test_objects"] = [name for name in classes if name not in evaluated]
     return result
 
 
@@ -932,8 +886,6 @@ def coco_evaluate(predictions, records, coco, category_ids, iou_types=("bbox",))
     """pycocotools' COCOeval of the predictions (labels mapped back to the json's category ids) -> AP, AP50, AP75,
     APs, APm, APl (x100) per IoU type; None where the test set has no object of that size. No detection at all
     gives 0 (COCOeval cannot load an empty result)."""
-    from pycocotools.cocoeval import COCOeval
-
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
     results = {}
     for iou_type in iou_types:
