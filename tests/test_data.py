@@ -237,6 +237,7 @@ def test_save_to_disk_dataset_and_datasetdict_load(tmp_path):
 
 
 def damage(folder, how):
+    """Damages a save_to_disk folder -> what the refusal says after the folder (the library's own words)."""
     if how == "empty train split":
         datasets.DatasetDict({"train": make_dataset(0), "test": make_dataset(2)}).save_to_disk(folder)
         return "a split of it has no rows"
@@ -244,17 +245,17 @@ def damage(folder, how):
     (arrow,) = folder.glob("*.arrow")
     if how == "no .arrow file":
         arrow.unlink()
-        return f"No such file or directory: '{arrow}'"
+        return f"FileNotFoundError: [Errno 2] No such file or directory: '{arrow}'"
     if how == "truncated .arrow":
         arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
-        return f"{arrow} is damaged"
+        return "OSError: Expected to be able to read"
     (folder / how).write_text('{"_data_files": [')
-    return f"{folder / how} is damaged"
+    return "JSONDecodeError: Expecting value"
 
 
 @pytest.mark.parametrize("how", ["empty train split", "no .arrow file", "truncated .arrow", "state.json",
                                  "dataset_info.json"])
-def test_a_damaged_save_to_disk_folder_is_one_error_naming_the_file(tmp_path, how):
+def test_a_damaged_save_to_disk_folder_is_one_error_naming_the_folder_and_the_cause(tmp_path, how):
     expected = damage(tmp_path / "saved", how)
     with pytest.raises(ValueError) as info:
         load_image_split(tmp_path / "saved", "train")
