@@ -1133,8 +1133,10 @@ def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, m
         if any(name.startswith("checkpoints") for name in found):
             raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
                              "or give another --output_dir (or add --overwrite to replace that run)")
+        resumable = " (or continue the earlier run with --resume latest)" if any(
+            name.startswith("checkpoints") for name in results) else ""
         raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
-                         "command would replace: give another --output_dir, or add --overwrite to replace "
+                         f"command would replace: give another --output_dir{resumable}, or add --overwrite to replace "
                          f"{'them' if len(found) > 1 else 'it'}")
     if not main_process:
         return
