@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,7 @@ PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
 TRAINED = ("linear", "finetune")  # trained on images, with a checkpoint every epoch
 # The defaults of the flags left at None, per protocol (the docstring's table).
 DEFAULTS = {
-    "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
+    "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6, min_lr=1e-6),
     "linear": dict(epochs=100, batch_size=256, weight_decay=0.0, schedule="step", larc_trust=None),
     "finetune": dict(epochs=20, batch_size=256, lr=0.2, lr_backbone=None, weight_decay=0.0, schedule="constant"),
 }
@@ -90,26 +90,22 @@ def get_parser():
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", required=True, help="export folder, .safetensors file, Hub repo id "
-                       "'owner/name[@revision]', pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
+                       "'owner/name', pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
     model.add_argument("--arch", choices=intl.RESNETS,
                        help="encoder architecture; None: from the backbone's config or its weights' shapes")
     model.add_argument("--revision", help="Hub branch, tag or commit of --backbone")
-    model.add_argument("--stem", choices=list(intl.STEMS),
-                       help="the backbone's first layers when its config does not say them (official checkpoints: "
-                            "'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' for "
-                            "CW-RGP's STL-10 / Tiny-ImageNet networks)")
-    model.add_argument("--recipe", choices=sorted(RECIPES),
-                       help="the backbone's pretraining method, which picks the authors' linear and finetune "
-                            "settings (table above); None: the method in its config.json, else INTL's (a .pth.tar "
-                            "records none)")
+    model.add_argument("--stem", choices=list(intl.STEMS), help="the backbone's first layers where its config does "
+                       "not say them: 'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' "
+                       "for CW-RGP's STL-10 / Tiny-ImageNet networks")
+    model.add_argument("--recipe", choices=sorted(RECIPES), help="the backbone's pretraining method, which picks the "
+                       "authors' settings (table above); None: its config.json's, else INTL's")
 
     protocol = parser.add_argument_group("evaluation protocol")
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
     protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours")
-    protocol.add_argument("--subset_file", help="finetune: text file of image file names (class/file where a name "
-                          "repeats), one a line: the standard ImageNet 1%% / 10%% lists of the papers' semi-supervised "
-                          "results")
+    protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line (class/file "
+                          "where a name repeats)")
 
     optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
     optim.add_argument("--epochs", type=int, help="training epochs")
@@ -117,8 +113,8 @@ def get_parser():
                        "finetune split it evenly over the processes, so it must be divisible by their number")
     optim.add_argument("--lr", type=float, help="head learning rate (SGD: per 256 images of global batch)")
     optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images")
-    optim.add_argument("--min_lr", type=float, default=1e-6, help="linear-cached: the lr --epochs epochs after "
-                       "the start (ExponentialLR's gamma = (min_lr / lr) ** (1 / epochs))")
+    optim.add_argument("--min_lr", type=float, help="linear-cached: the lr after --epochs epochs (ExponentialLR's "
+                       "gamma = (min_lr / lr) ** (1 / epochs)); None: 1e-6")
     optim.add_argument("--weight_decay", type=float)
     optim.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                        help="linear: lr x0.1 after these fractions of --epochs")
@@ -127,17 +123,17 @@ def get_parser():
     run.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
     run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                      help="autocast precision; None: Accelerate's config")
-    run.add_argument("--output_dir", help="where <protocol>.json and checkpoints/ go, one folder per backbone; None: "
-                     "eval/<backbone name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), "
-                     "runs/eval/<repo>[--<revision>] for a Hub id", type=intl.folder)
+    run.add_argument("--output_dir", type=intl.folder, help="where <protocol>.json and checkpoints/ go; None: "
+                     "eval/<name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), runs/eval/<repo> "
+                     "for a Hub id")
     run.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of the same "
                      "protocols in --output_dir; without it such a folder is refused before any work")
     run.add_argument("--resume", type=intl.folder, help="linear, finetune: 'latest' (the newest checkpoint of each in "
                      "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
                      "(the schedule still spans --epochs); continue with --resume latest")
-    run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone "
-                     "(input size, normalisation, recipe) and exit before any data is read")
+    run.add_argument("--print_config", action="store_true",
+                     help="print the configuration completed by the backbone and exit")
     return parser
 
 
@@ -153,26 +149,26 @@ def main(argv=None):
 
 
 def evaluate_backbone(config, accelerator):
-    """Backbone -> data -> each protocol -> results, in the locked output folder."""
+    """Backbone (a wrong one fails before anything is removed) -> data -> each protocol -> results."""
+    resumed = checkpoints_to_resume(config)  # a resumed evaluation continues the results in output_dir: its own
+    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
+    config = completed_by_backbone(config, backbone_config)
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
-    for protocol in trained:  # a global batch that does not split over the processes is refused before any loading
-        intl.per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
-    resumed = checkpoints_to_resume(config)  # a resumed evaluation continues the results in output_dir: its own
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
+                      f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
+    for protocol in trained:  # a global batch that does not split over the processes is refused before any work
+        settings = protocol_settings(protocol, config)
+        intl.per_process_batch(settings["batch_size"], accelerator.num_processes)
+        rates = [f"{part} lr {settings[flag]:g}" + f" (--{flag})" * (getattr(config, flag) is not None)
+                 for part, flag in (("head", "lr"), ("backbone", "lr_backbone")) if flag in settings]
+        accelerator.print(f"{protocol}: {', '.join(rates)} per 256 images of global batch; "
+                          f"{config.recipe.upper()}'s recipe, chosen by {config.recipe_chosen_by}")
     intl.clear_earlier_run(output_dir, [f"{p}.json" for p in config.protocol] + [f"checkpoints/{p}" for p in trained],
                            config.overwrite, next(filter(None, resumed.values()), None), accelerator.print,
                            accelerator.is_main_process)
-
-    # The backbone before the data: a wrong one fails fast.
-    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
     freeze(backbone.to(accelerator.device))
-    config = completed_by_backbone(config, backbone_config)
     config.backbone_id = checked_backbone(resumed, config.backbone, backbone)
-    config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
-                      f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
-    for protocol in trained:
-        accelerator.print(learning_rates_note(protocol, config))
     splits = load_labelled_splits(config, accelerator)
     data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
                 test_split=split_name(splits.test, config.test_split), n_train=len(splits.train.dataset),
@@ -228,28 +224,23 @@ def default_output_dir(backbone, revision=None):
         if (path / "trainer_state.json").is_file():
             return path.parent.parent / "eval" / path.name  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR/eval/step-N
         return path.parent / "eval" / path.name  # OUTPUT_DIR/backbone -> OUTPUT_DIR/eval/backbone
-    name = backbone if revision is None else f"{backbone}@{revision}"
-    return Path("runs") / "eval" / name.replace("/", "--").replace("@", "--")
-
-
-def dataset_of(backbone_config, backbone):
-    """The dataset a backbone was pretrained on, when its config.json names one this command can load again."""
-    dataset = backbone_config.get("dataset")
-    if not dataset or backbone_config.get("dataset_is_local_folder"):
-        where = f"a local folder, {dataset!r}," if dataset else "nothing"
-        raise ValueError(f"--dataset is needed: {backbone} names {where} as its pretraining data; give the labelled "
-                         "dataset to evaluate on (a Hub id, a folder of class sub-folders, a save_to_disk folder or "
-                         "'digits')")
-    return dataset
+    return Path("runs") / "eval" / (backbone.replace("/", "--") + (f"--{revision}" if revision else ""))
 
 
 def completed_by_backbone(config, backbone_config):
-    """A copy of the configuration completed by the backbone: input size, normalisation, dataset and recipe."""
+    """A copy of the configuration completed by the backbone: architecture, input size, normalisation, dataset (the
+    pretraining data where config.json names one this command can load again) and recipe."""
     recipe, chosen_by = None, None
     if set(TRAINED) & set(config.protocol):  # only they use it: a knn run does not refuse a mismatched --recipe
         recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
+    dataset = config.dataset or backbone_config.get("dataset")
+    if not config.dataset and (not dataset or backbone_config.get("dataset_is_local_folder")):
+        where = f"a local folder, {dataset!r}," if dataset else "nothing"
+        raise ValueError(f"--dataset is needed: {config.backbone} names {where} as its pretraining data; give the "
+                         "labelled dataset to evaluate on (a Hub id, a folder of class sub-folders, a save_to_disk "
+                         "folder or 'digits')")
     return argparse.Namespace(**{
-        **vars(config), "dataset": config.dataset or dataset_of(backbone_config, config.backbone),
+        **vars(config), "dataset": dataset, "arch": backbone_config["arch"],  # arch: also where the weights say it
         "image_size": config.image_size or backbone_config["image_size"],
         "mean": config.mean or backbone_config["mean"], "std": config.std or backbone_config["std"],
         # CW-RGP's STL-10: Resize(70, bicubic) before the crop to 64
@@ -282,33 +273,16 @@ def protocol_settings(protocol, config):
                          "rate: give --lr_backbone")
     if protocol in TRAINED:
         settings.update(recipe=config.recipe, recipe_chosen_by=config.recipe_chosen_by)
-    if protocol == "linear-cached":
-        settings["min_lr"] = config.min_lr
     if settings.get("schedule") == "step":
         settings["milestones"] = config.milestones
     return {**settings, "seed": config.seed}
 
 
-def learning_rates_note(protocol, config):
-    """One line: the learning rates a trained protocol uses, and what chose them."""
-    settings = protocol_settings(protocol, config)
-    flags = ("lr", "lr_backbone") if protocol == "finetune" else ("lr",)
-    rates = ", ".join(f"{'head' if flag == 'lr' else 'backbone'} lr {settings[flag]:g}"
-                      + (f" (--{flag})" if getattr(config, flag) is not None else "") for flag in flags)
-    return (f"{protocol}: {rates} per 256 images of global batch; {config.recipe.upper()}'s recipe, "
-            f"chosen by {config.recipe_chosen_by}")
-
-
 # ----------------------------------------------------------------------------- data
 
 
-class Splits(NamedTuple):
-    train: intl.ImageSplit
-    test: intl.ImageSplit
-    num_classes: int  # of both splits together: a class may be missing from the test split
-
-
 def load_labelled_splits(config, accelerator):
+    """-> .train, .test and .num_classes, of both splits together (a class may be missing from the test split)."""
     splits = [intl.load_image_split(config.dataset, name, config.image_column, config.label_column, accelerator)
               for name in (config.train_split, config.test_split)]
     if split_name(splits[0], config.train_split) == split_name(splits[1], config.test_split):
@@ -332,7 +306,7 @@ def load_labelled_splits(config, accelerator):
                          f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
     accelerator.print(f"{config.dataset}: {len(splits[0].dataset)} training and {len(splits[1].dataset)} test "
                       f"images, {num_classes} classes")
-    return Splits(*splits, num_classes)
+    return SimpleNamespace(train=splits[0], test=splits[1], num_classes=num_classes)
 
 
 def split_name(split, asked):
@@ -486,7 +460,7 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
     train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     checkpoints = Path(config.output_dir) / "checkpoints" / protocol
-    start_epoch, history = resume_or_start(checkpoints, checkpoint, settings, accelerator)
+    start_epoch, history = resume_or_start(checkpoint, settings, accelerator)
 
     def forward(images):
         if finetune:
@@ -553,27 +527,21 @@ def model_and_optimizer(finetune, backbone, num_classes, settings):
 
 class LarcSGD(torch.optim.SGD):
     """SGD whose every parameter p steps with lr x trust x ||p|| / (||g|| + wd ||p||), g its gradient (1 where either
-    norm is 0): LARC without clipping. The weight decay joins the gradient before that scaling, not after."""
+    norm is 0): LARC without clipping. The weight decay joins the gradient before that scaling (SGD's own stays 0)."""
 
-    def __init__(self, params, trust, **sgd):
-        super().__init__(params, **sgd)
-        self.trust = trust
+    def __init__(self, params, trust, weight_decay=0.0, **sgd):
+        super().__init__(params, weight_decay=0.0, **sgd)
+        self.trust, self.weight_decay = trust, weight_decay
 
     @torch.no_grad()
     def step(self, closure=None):
-        decays = [group["weight_decay"] for group in self.param_groups]
-        for group, decay in zip(self.param_groups, decays):
-            for p in [p for p in group["params"] if p.grad is not None]:
-                p_norm, g_norm = p.norm(), p.grad.norm()
-                local_lr = torch.where((p_norm > 0) & (g_norm > 0), self.trust * p_norm / (g_norm + decay * p_norm),
-                                       torch.ones_like(p_norm))
-                p.grad.add_(p, alpha=decay).mul_(local_lr)
-            group["weight_decay"] = 0.0
-        try:
-            return super().step(closure)
-        finally:
-            for group, decay in zip(self.param_groups, decays):
-                group["weight_decay"] = decay
+        decay = self.weight_decay
+        for p in [p for group in self.param_groups for p in group["params"] if p.grad is not None]:
+            p_norm, g_norm = p.norm(), p.grad.norm()
+            local_lr = torch.where((p_norm > 0) & (g_norm > 0), self.trust * p_norm / (g_norm + decay * p_norm),
+                                   torch.ones_like(p_norm))
+            p.grad.add_(p, alpha=decay).mul_(local_lr)
+        return super().step(closure)
 
 
 def image_loaders(train_split, test_split, global_batch, config, accelerator):
@@ -621,15 +589,11 @@ def freeze(backbone):
     backbone.requires_grad_(False).eval()
 
 
-class BackboneChanged(ValueError):
-    pass
-
-
 def check_backbone_unchanged(backbone, pretrained):
     """Every weight and buffer (BN running statistics included) bit-identical to before training."""
     for key, value in backbone.state_dict().items():
         if not torch.equal(value.detach().cpu(), pretrained[key].cpu()):
-            raise BackboneChanged(f"the frozen backbone changed during linear evaluation ({key!r} differs): "
+            raise ValueError(f"the frozen backbone changed during linear evaluation ({key!r} differs): "
                                   "the result is not a linear evaluation of the pretrained weights")
     return True
 
@@ -682,9 +646,9 @@ def checkpoints_to_resume(config):
                              f"{Path(config.output_dir) / 'checkpoints'}/<protocol>/; give one, or 'latest'")
         return dict.fromkeys(roots, folder)
     found = {p: newest_checkpoint(root) for p, root in roots.items()}
-    for protocol, folder in found.items():
-        if folder is None:
-            raise ValueError(f"--resume latest: no checkpoint in {roots[protocol]}; start without --resume")
+    missing = [roots[p] for p, folder in found.items() if folder is None]
+    if missing:
+        raise ValueError(f"--resume latest: no checkpoint in {missing[0]}; start without --resume")
     return found
 
 
@@ -705,24 +669,22 @@ def checked_backbone(resumed, source, backbone):
     return identity
 
 
-def resume_or_start(root, checkpoint, settings, accelerator):
+def resume_or_start(checkpoint, settings, accelerator):
     """-> (the epoch to start from, the history so far): those of `checkpoint`, whose settings must be these; without
-    one 0 and none (an earlier run's checkpoints in root were refused or removed: intl.clear_earlier_run)."""
+    one 0 and none (an earlier run's checkpoints were refused or removed: intl.clear_earlier_run)."""
     if checkpoint is None:
         return 0, []
 
     def same_settings(folder, state):
-        saved = state["config"]  # the protocol's settings
         if not (isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)):
-            raise ValueError(f"--resume: {folder} lacks the epoch or history of the evaluation: the file is damaged; "
-                             "start again without --resume (and with --overwrite)")
-        changed = intl.changed_settings(saved, settings)
+            raise ValueError(f"--resume: {folder} lacks the epoch or history of the evaluation: the file is damaged")
+        changed = intl.changed_settings(state["config"], settings)
         if changed:
-            raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} "
-                             f"in {folder}; a resumed evaluation keeps its settings")
+            raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but "
+                             f"{state['config'].get(changed[0])!r} in {folder}; a resumed evaluation keeps its settings")
 
     _, state = intl.load_checkpoint(accelerator, str(checkpoint), None, check_state=same_settings)
-    accelerator.print(f"{root.name}: resumed after epoch {state['epoch']}")
+    accelerator.print(f"{checkpoint.parent.name}: resumed after epoch {state['epoch']}")
     return state["epoch"], state["history"]
 
 
@@ -730,18 +692,15 @@ def resume_or_start(root, checkpoint, settings, accelerator):
 
 
 def results_table(records, data, output_dir):
-    width = max([44] + [len(row["name"]) for record in records for row in record["rows"]])
     lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
-             f"{data['train_split']}: {data['n_train']} images), final epoch:",
-             f"  {'protocol':{width}s} {'top-1':>7s} {'top-5':>7s}"]
+             f"{data['train_split']}: {data['n_train']} images), final epoch:", f"  {'protocol':44s}   top-1   top-5"]
     for row in [row for record in records for row in record["rows"]]:
-        top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
-        lines.append(f"  {row['name']:{width}s} {row['top1']:7.2f} {top5:>7s}")
-    for record in records:
-        if "best_epoch_extra" in record:
-            best = record["best_epoch_extra"]
-            lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
-                         f"(top-1 {best['top1']:.2f})")
+        top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
+        lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
+    for record in [record for record in records if "best_epoch_extra" in record]:
+        best = record["best_epoch_extra"]
+        lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
+                     f"(top-1 {best['top1']:.2f})")
     files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
     return "\n".join(lines + [f"written to {files}"])
 
