@@ -64,10 +64,9 @@ RECIPES = {
 }
 # The valid range of every numeric flag (intl.check_settings), checked before any work.
 RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)",
-          "eval_batch_size": "[1, inf)", "k": "[1, inf)",
-          "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
-          "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
-          "stop_after_epochs": "[1, inf)"}
+          "eval_batch_size": "[1, inf)", "k": "[1, inf)", "seed": "[0, 4294967295]", "epochs": "[1, inf)",
+          "batch_size": "[1, inf)", "lr": "(0, inf)", "lr_backbone": "[0, inf)", "min_lr": "[0, inf)",
+          "weight_decay": "[0, inf)", "milestones": "[0, 1]", "stop_after_epochs": "[1, inf)"}
 
 
 def get_parser():
@@ -85,14 +84,12 @@ def get_parser():
     data.add_argument("--mean", type=float, nargs=3, help="normalisation mean; None: the backbone's")
     data.add_argument("--std", type=float, nargs=3, help="normalisation std; None: the backbone's")
     data.add_argument("--num_workers", type=int, default=2, help="data loader processes per evaluation process")
-    data.add_argument("--eval_batch_size", type=int, default=256,
-                      help="batch per process for feature extraction and testing")
+    data.add_argument("--eval_batch_size", type=int, default=256, help="batch per process for features and tests")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", required=True, help="export folder, .safetensors file, Hub repo id "
                        "'owner/name', pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
-    model.add_argument("--arch", choices=intl.RESNETS,
-                       help="encoder architecture; None: from the backbone's config or its weights' shapes")
+    model.add_argument("--arch", choices=intl.RESNETS, help="None: the backbone's config's, or its weights' shapes'")
     model.add_argument("--revision", help="Hub branch, tag or commit of --backbone")
     model.add_argument("--stem", choices=list(intl.STEMS), help="the backbone's first layers where its config does "
                        "not say them: 'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' "
@@ -121,8 +118,7 @@ def get_parser():
 
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
-    run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
-                     help="autocast precision; None: Accelerate's config")
+    run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="None: Accelerate's config")
     run.add_argument("--output_dir", type=intl.folder, help="where <protocol>.json and checkpoints/ go; None: "
                      "eval/<name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), runs/eval/<repo> "
                      "for a Hub id")
@@ -132,8 +128,7 @@ def get_parser():
                      "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
                      "(the schedule still spans --epochs); continue with --resume latest")
-    run.add_argument("--print_config", action="store_true",
-                     help="print the configuration completed by the backbone and exit")
+    run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone")
     return parser
 
 
@@ -314,10 +309,16 @@ def split_name(split, asked):
     return str(split.dataset.split) if split.dataset.split is not None else asked
 
 
-def image_loader(split, transform, batch_size, config, accelerator, **options):
-    """(image, label) batches; accelerator.prepare then shards them over the processes."""
-    return torch.utils.data.DataLoader(intl.ImageDataset(split, transform), batch_size=batch_size,
-                                       num_workers=config.num_workers,
+def image_loader(split, config, accelerator, global_batch=None):
+    """Test batches (per process) of eval_images; with global_batch, linear's and finetune's training batches:
+    augmented, one order per epoch, the last partial batch kept (as the authors' runs do)."""
+    if global_batch is None:
+        dataset, options = intl.ImageDataset(split, eval_images(config)), dict(batch_size=config.eval_batch_size)
+    else:
+        dataset = intl.ImageDataset(split, train_transform(config.image_size, config.mean, config.std))
+        options = dict(batch_size=intl.per_process_batch(global_batch, accelerator.num_processes),
+                       sampler=EpochSampler(len(split.dataset), config.seed))
+    return torch.utils.data.DataLoader(dataset, num_workers=config.num_workers,
                                        pin_memory=accelerator.device.type == "cuda", **options)
 
 
@@ -397,8 +398,7 @@ def frozen_features(backbone, splits, config, accelerator):
     """knn and linear-cached: {"train" / "test": (features, labels)}, extracted once without augmentation."""
     features = {}
     for name, split in (("train", splits.train), ("test", splits.test)):
-        loader = accelerator.prepare_data_loader(image_loader(split, eval_images(config), config.eval_batch_size,
-                                                              config, accelerator))
+        loader = accelerator.prepare_data_loader(image_loader(split, config, accelerator))
         progress = tqdm(loader, desc=f"features ({name})", disable=not accelerator.is_main_process, leave=False)
         features[name] = intl.extract_features(backbone, progress, accelerator)
     return features
@@ -457,7 +457,8 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
                 "n_train": len(train_split.dataset), "subset_file": config.subset_file if finetune else None}
     pretrained = {key: value.clone() for key, value in backbone.state_dict().items()}  # linear checks it is unchanged
     model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings)
-    train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
+    train_loader = image_loader(train_split, config, accelerator, settings["batch_size"])
+    test_loader = image_loader(splits.test, config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     checkpoints = Path(config.output_dir) / "checkpoints" / protocol
     start_epoch, history = resume_or_start(checkpoint, settings, accelerator)
@@ -542,14 +543,6 @@ class LarcSGD(torch.optim.SGD):
                                    torch.ones_like(p_norm))
             p.grad.add_(p, alpha=decay).mul_(local_lr)
         return super().step(closure)
-
-
-def image_loaders(train_split, test_split, global_batch, config, accelerator):
-    """Training: augmented, one order per epoch, the last partial batch kept (as the authors' runs do)."""
-    train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
-                                intl.per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
-                                sampler=EpochSampler(len(train_split.dataset), config.seed))
-    return train_loader, image_loader(test_split, eval_images(config), config.eval_batch_size, config, accelerator)
 
 
 def train_one_epoch(forward, optimizer, loader, progress, accelerator):
@@ -678,10 +671,11 @@ def resume_or_start(checkpoint, settings, accelerator):
     def same_settings(folder, state):
         if not (isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)):
             raise ValueError(f"--resume: {folder} lacks the epoch or history of the evaluation: the file is damaged")
-        changed = intl.changed_settings(state["config"], settings)
+        saved = state["config"]  # the protocol's settings
+        changed = intl.changed_settings(saved, settings)
         if changed:
-            raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but "
-                             f"{state['config'].get(changed[0])!r} in {folder}; a resumed evaluation keeps its settings")
+            raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} "
+                             f"in {folder}; a resumed evaluation keeps its settings")
 
     _, state = intl.load_checkpoint(accelerator, str(checkpoint), None, check_state=same_settings)
     accelerator.print(f"{checkpoint.parent.name}: resumed after epoch {state['epoch']}")

@@ -476,8 +476,7 @@ def test_linear_and_finetune_keep_the_last_partial_batch_and_finetune_keeps_plai
         ["--backbone", "x", "--dataset", str(folder), "--protocol", "linear", "--num_workers", "0"]),
         {"arch": "resnet18", "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
     splits = linear_eval.load_labelled_splits(config, accelerator)
-    train_loader, _ = linear_eval.image_loaders(splits.train, splits.test, 16, config, accelerator)
-    train_loader = accelerator.prepare(train_loader)
+    train_loader = accelerator.prepare(linear_eval.image_loader(splits.train, config, accelerator, 16))
     assert [len(labels) for _, labels in train_loader] == [16, 8]  # all 24 training images every epoch
 
     backbone = intl.build_backbone("resnet18", "cifar")
