@@ -164,10 +164,7 @@ def evaluate_backbone(config, accelerator):
                            accelerator.is_main_process)
     freeze(backbone.to(accelerator.device))
     config.backbone_id = checked_backbone(resumed, config.backbone, backbone)
-    splits = load_labelled_splits(config, accelerator)
-    data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
-                test_split=split_name(splits.test, config.test_split), n_train=len(splits.train.dataset),
-                n_test=len(splits.test.dataset), num_classes=splits.num_classes)
+    splits, data = load_labelled_splits(config, accelerator)
 
     if {"knn", "linear-cached"} & set(config.protocol):
         features = frozen_features(backbone, splits, config, accelerator)
@@ -277,10 +274,14 @@ def protocol_settings(protocol, config):
 
 
 def load_labelled_splits(config, accelerator):
-    """-> .train, .test and .num_classes, of both splits together (a class may be missing from the test split)."""
+    """-> (.train, .test and .num_classes, of both splits together: a class may be missing from the test split;
+    what the results say of the data)."""
+    asked = (config.train_split, config.test_split)
     splits = [intl.load_image_split(config.dataset, name, config.image_column, config.label_column, accelerator)
-              for name in (config.train_split, config.test_split)]
-    if split_name(splits[0], config.train_split) == split_name(splits[1], config.test_split):
+              for name in asked]
+    # The splits loaded: "validation" where "test" was asked for and only that exists.
+    names = [name if split.dataset.split is None else str(split.dataset.split) for split, name in zip(splits, asked)]
+    if names[0] == names[1]:
         raise ValueError(f"--train_split {config.train_split} and --test_split {config.test_split} are one split of "
                          f"{config.dataset}: it would test on the training images; give a held-out --test_split")
     num_classes = 0
@@ -299,14 +300,11 @@ def load_labelled_splits(config, accelerator):
     if unseen:
         raise ValueError(f"{splits[1].source} has {len(unseen)} class(es) that {splits[0].source} never has (first "
                          f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
-    accelerator.print(f"{config.dataset}: {len(splits[0].dataset)} training and {len(splits[1].dataset)} test "
-                      f"images, {num_classes} classes")
-    return SimpleNamespace(train=splits[0], test=splits[1], num_classes=num_classes)
-
-
-def split_name(split, asked):
-    """The split that was loaded: "validation" where "test" was asked for and only that exists."""
-    return str(split.dataset.split) if split.dataset.split is not None else asked
+    data = dict(dataset=config.dataset, train_split=names[0], test_split=names[1], n_train=len(splits[0].dataset),
+                n_test=len(splits[1].dataset), num_classes=num_classes)
+    accelerator.print(f"{config.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} "
+                      "classes")
+    return SimpleNamespace(train=splits[0], test=splits[1], num_classes=num_classes), data
 
 
 def image_loader(split, config, accelerator, global_batch=None):
@@ -339,9 +337,7 @@ def train_transform(image_size, mean, std):
 def training_subset(split, subset_file):
     """The images finetune learns from: those named in --subset_file, each a file name or, with a "/", the last parts
     of its path (class/file); a name of several images is refused."""
-    if not Path(subset_file).is_file():
-        raise ValueError(f"--subset_file {subset_file} is not a file: give the text file of image names, one a line")
-    names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]  # OSError: no file
     if not names:
         raise ValueError(f"--subset_file {subset_file} lists no image names")
     column = split.dataset.with_format("arrow")[split.image_column]  # the stored paths, no image decoded
@@ -587,7 +583,7 @@ def check_backbone_unchanged(backbone, pretrained):
     for key, value in backbone.state_dict().items():
         if not torch.equal(value.detach().cpu(), pretrained[key].cpu()):
             raise ValueError(f"the frozen backbone changed during linear evaluation ({key!r} differs): "
-                                  "the result is not a linear evaluation of the pretrained weights")
+                             "the result is not a linear evaluation of the pretrained weights")
     return True
 
 
