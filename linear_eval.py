@@ -75,8 +75,7 @@ def get_parser():
     data.add_argument("--dataset", help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or "
                       "'digits'; None: the dataset the backbone's config.json names, if it is not a local folder")
     data.add_argument("--train_split", default="train", help="labelled split the classifiers learn from")
-    data.add_argument("--test_split", default="test",
-                      help="labelled split the accuracy is measured on ('validation' / 'val' stand in for it)")
+    data.add_argument("--test_split", default="test", help="labelled split to test on ('validation' / 'val' stand in)")
     data.add_argument("--image_column", help="image column; None: detected")
     data.add_argument("--label_column", help="label column; None: detected")
     data.add_argument("--image_size", type=int, help="input side in pixels; None: the backbone's pretraining size "
@@ -189,6 +188,20 @@ def evaluate_backbone(config, accelerator):
     accelerator.end_training()
 
 
+def results_table(records, data, output_dir):
+    lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
+             f"{data['train_split']}: {data['n_train']} images), final epoch:", f"  {'protocol':44s}   top-1   top-5"]
+    for row in [row for record in records for row in record["rows"]]:
+        top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
+        lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
+    for record in [record for record in records if "best_epoch_extra" in record]:
+        best = record["best_epoch_extra"]
+        lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
+                     f"(top-1 {best['top1']:.2f})")
+    files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
+    return "\n".join(lines + [f"written to {files}"])
+
+
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -222,9 +235,7 @@ def default_output_dir(backbone, revision=None):
 def completed_by_backbone(config, backbone_config):
     """A copy of the configuration completed by the backbone: architecture, input size, normalisation, dataset (the
     pretraining data where config.json names one this command can load again) and recipe."""
-    recipe, chosen_by = None, None
-    if set(TRAINED) & set(config.protocol):  # only they use it: a knn run does not refuse a mismatched --recipe
-        recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
+    recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
     dataset = config.dataset or backbone_config.get("dataset")
     if not config.dataset and (not dataset or backbone_config.get("dataset_is_local_folder")):
         where = f"a local folder, {dataset!r}," if dataset else "nothing"
@@ -446,8 +457,6 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
     `checkpoint` if not None. -> the protocol's record, or None after --stop_after_epochs."""
     finetune = protocol == "finetune"
     train_split = training_subset(splits.train, config.subset_file) if finetune else splits.train
-    if finetune:
-        accelerator.print(f"finetune on {len(train_split.dataset)} training images")
     settings = {**protocol_settings(protocol, config), **config.backbone_id, "batch_size_is": "global",
                 "image_size": config.image_size, "processes": accelerator.num_processes,
                 "n_train": len(train_split.dataset), "subset_file": config.subset_file if finetune else None}
@@ -676,23 +685,6 @@ def resume_or_start(checkpoint, settings, accelerator):
     _, state = intl.load_checkpoint(accelerator, str(checkpoint), None, check_state=same_settings)
     accelerator.print(f"{checkpoint.parent.name}: resumed after epoch {state['epoch']}")
     return state["epoch"], state["history"]
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def results_table(records, data, output_dir):
-    lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
-             f"{data['train_split']}: {data['n_train']} images), final epoch:", f"  {'protocol':44s}   top-1   top-5"]
-    for row in [row for record in records for row in record["rows"]]:
-        top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
-        lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
-    for record in [record for record in records if "best_epoch_extra" in record]:
-        best = record["best_epoch_extra"]
-        lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
-                     f"(top-1 {best['top1']:.2f})")
-    files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
-    return "\n".join(lines + [f"written to {files}"])
 
 
 if __name__ == "__main__":
