@@ -8,16 +8,15 @@
 
 Protocols (the papers'; the defaults of the flags left at None; batches are global, all processes together):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie to the smallest class id
-    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2, wd 5e-6,
-                   batch 1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-4) ** (1 / 500)
-    linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
-                   0.9 without wd, 100 epochs, bilinear RandomResizedCrop + flip; afterwards a check that
-                   no backbone weight or BN buffer changed. INTL / INTL-M: batch 256, lr 0.2 / 0.4, x0.1 at
-                   60 and 80. CW-RGP: LARC (trust 0.001, no clipping) around the SGD, batch 1024, lr 0.1,
-                   cosine per epoch
-    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M;
-                   CW-RGP has none: --lr_backbone), batch 256, plain BatchNorm per process, on the images
-                   named in --subset_file (the standard 1% / 10% lists)
+    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2, wd 5e-6, batch
+                   1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-4) ** (1 / 500)
+    linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum 0.9 without
+                   wd, 100 epochs, bilinear RandomResizedCrop + flip; afterwards a check that no backbone weight or
+                   BN buffer changed. INTL / INTL-M: batch 256, lr 0.2 / 0.4, x0.1 at 60 and 80. CW-RGP: LARC
+                   (trust 0.001, no clipping) around the SGD, batch 1024, lr 0.1, cosine per epoch
+    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M; CW-RGP has
+                   none: --lr_backbone), batch 256, plain BatchNorm per process, on the images named in
+                   --subset_file (the standard 1% / 10% lists)
 SGD learning rates are per 256 images of global batch; linear and finetune keep the last partial batch; every
 protocol tests on Resize + CenterCrop.
 
@@ -213,8 +212,7 @@ def resolve_args(argv=None):
     if config.output_dir is None:
         config.output_dir = str(default_output_dir(config.backbone, config.revision))
     if "finetune" in config.protocol and config.subset_file is None:
-        raise ValueError("--protocol finetune needs --subset_file: the standard 1% / 10% image lists of the papers' "
-                         "semi-supervised results")
+        raise ValueError("--protocol finetune needs --subset_file: the papers' standard 1% / 10% image lists")
     if config.resume and not set(TRAINED) & set(config.protocol):
         raise ValueError("--resume applies to --protocol linear and finetune only")
     intl.check_settings(vars(config), parser, RANGES)
@@ -240,8 +238,7 @@ def completed_by_backbone(config, backbone_config):
     if not config.dataset and (not dataset or backbone_config.get("dataset_is_local_folder")):
         where = f"a local folder, {dataset!r}," if dataset else "nothing"
         raise ValueError(f"--dataset is needed: {config.backbone} names {where} as its pretraining data; give the "
-                         "labelled dataset to evaluate on (a Hub id, a folder of class sub-folders, a save_to_disk "
-                         "folder or 'digits')")
+                         "labelled dataset to evaluate on")
     return argparse.Namespace(**{
         **vars(config), "dataset": dataset, "arch": backbone_config["arch"],  # arch: also where the weights say it
         "image_size": config.image_size or backbone_config["image_size"],
@@ -262,8 +259,7 @@ def evaluation_recipe(flag, backbone_config):
         return flag, f"--recipe {flag}"
     if recorded in RECIPES:
         return recorded, f"the backbone's recorded method {recorded!r}"
-    return "intl", ("default (neither --recipe nor the backbone records a method, intl, intl-m or cw-rgp; "
-                    "--recipe intl-m or cw-rgp for such a backbone)")
+    return "intl", "default (neither --recipe nor the backbone records a method: intl, intl-m or cw-rgp)"
 
 
 def protocol_settings(protocol, config):
@@ -376,8 +372,7 @@ def training_subset(split, subset_file):
 def top5_correct(scores, labels):
     """Class scores [N, C] and labels [N] -> [N, 2]: 1 where the label is the best class (top-1), among the best
     five (top-5). Per sample, so that gather_for_metrics can drop the samples repeated across processes."""
-    ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit = ranked == labels[:, None]
+    hit = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]  # [N, 5]: in rank order
     return torch.stack([hit[:, 0], hit.any(dim=1)], dim=1).long()
 
 
@@ -426,8 +421,8 @@ def run_linear_cached(features, num_classes, config, accelerator):
     """Adam on the cached features: every process trains the same head on all of them (they are gathered)."""
     settings = protocol_settings("linear-cached", config)
     epochs, device = settings["epochs"], accelerator.device
-    (train_f, train_l), (test_f, test_l) = [(f.to(device), l.to(device)) for f, l in (features["train"],
-                                                                                      features["test"])]
+    train_f, train_l = (tensor.to(device) for tensor in features["train"])
+    test_f, test_l = (tensor.to(device) for tensor in features["test"])
     set_seed(config.seed)
     head = nn.Linear(train_f.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
@@ -537,16 +532,15 @@ class LarcSGD(torch.optim.SGD):
 
     def __init__(self, params, trust, weight_decay=0.0, **sgd):
         super().__init__(params, weight_decay=0.0, **sgd)
-        self.trust, self.weight_decay = trust, weight_decay
+        self.trust, self.decay = trust, weight_decay
 
     @torch.no_grad()
     def step(self, closure=None):
-        decay = self.weight_decay
         for p in [p for group in self.param_groups for p in group["params"] if p.grad is not None]:
             p_norm, g_norm = p.norm(), p.grad.norm()
-            local_lr = torch.where((p_norm > 0) & (g_norm > 0), self.trust * p_norm / (g_norm + decay * p_norm),
+            local_lr = torch.where((p_norm > 0) & (g_norm > 0), self.trust * p_norm / (g_norm + self.decay * p_norm),
                                    torch.ones_like(p_norm))
-            p.grad.add_(p, alpha=decay).mul_(local_lr)
+            p.grad.add_(p, alpha=self.decay).mul_(local_lr)
         return super().step(closure)
 
 

@@ -461,7 +461,7 @@ def test_larc_scales_each_parameters_step_by_trust_norm_p_over_norm_g_as_a_float
         expected = after
         for param, want in zip(params, expected):
             assert param.detach().flatten().tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
-    assert optimizer.weight_decay == wd and optimizer.param_groups[0]["weight_decay"] == 0  # joins the gradient
+    assert optimizer.decay == wd and optimizer.param_groups[0]["weight_decay"] == 0  # joins the gradient
 
 
 def test_linear_and_finetune_keep_the_last_partial_batch_and_finetune_keeps_plain_batchnorm(folder, tmp_path):
