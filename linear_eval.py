@@ -8,16 +8,15 @@
 
 Protocols (the papers'; the defaults of the flags left at None; batches are global, all processes together):
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie to the smallest class id
-    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2, wd 5e-6,
-                   batch 1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-4) ** (1 / 500)
-    linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum
-                   0.9 without wd, 100 epochs, bilinear RandomResizedCrop + flip; afterwards a check that
-                   no backbone weight or BN buffer changed. INTL / INTL-M: batch 256, lr 0.2 / 0.4, x0.1 at
-                   60 and 80. CW-RGP: LARC (trust 0.001, no clipping) around the SGD, batch 1024, lr 0.1,
-                   cosine per epoch
-    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M;
-                   CW-RGP has none: --lr_backbone), batch 256, plain BatchNorm per process, on the images
-                   named in --subset_file (the standard 1% / 10% lists)
+    linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2, wd 5e-6, batch
+                   1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-4) ** (1 / 500)
+    linear         the ImageNet protocol: frozen backbone in eval mode, fc from N(0, 0.01), SGD momentum 0.9 without
+                   wd, 100 epochs, bilinear RandomResizedCrop + flip; afterwards a check that no backbone weight or
+                   BN buffer changed. INTL / INTL-M: batch 256, lr 0.2 / 0.4, x0.1 at 60 and 80. CW-RGP: LARC
+                   (trust 0.001, no clipping) around the SGD, batch 1024, lr 0.1, cosine per epoch
+    finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M; CW-RGP has
+                   none: --lr_backbone), batch 256, plain BatchNorm per process, on the images named in
+                   --subset_file (the standard 1% / 10% lists)
 SGD learning rates are per 256 images of global batch; linear and finetune keep the last partial batch; every
 protocol tests on Resize + CenterCrop.
 
@@ -36,7 +35,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -52,7 +51,7 @@ PROTOCOLS = ("knn", "linear-cached", "linear", "finetune")
 TRAINED = ("linear", "finetune")  # trained on images, with a checkpoint every epoch
 # The defaults of the flags left at None, per protocol (the docstring's table).
 DEFAULTS = {
-    "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6),
+    "linear-cached": dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6, min_lr=1e-6),
     "linear": dict(epochs=100, batch_size=256, weight_decay=0.0, schedule="step", larc_trust=None),
     "finetune": dict(epochs=20, batch_size=256, lr=0.2, lr_backbone=None, weight_decay=0.0, schedule="constant"),
 }
@@ -64,10 +63,9 @@ RECIPES = {
 }
 # The valid range of every numeric flag (intl.check_settings), checked before any work.
 RANGES = {"image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)", "num_workers": "[0, inf)",
-          "eval_batch_size": "[1, inf)", "k": "[1, inf)",
-          "seed": "[0, 4294967295]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
-          "lr_backbone": "[0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "milestones": "[0, 1]",
-          "stop_after_epochs": "[1, inf)"}
+          "eval_batch_size": "[1, inf)", "k": "[1, inf)", "seed": "[0, 4294967295]", "epochs": "[1, inf)",
+          "batch_size": "[1, inf)", "lr": "(0, inf)", "lr_backbone": "[0, inf)", "min_lr": "[0, inf)",
+          "weight_decay": "[0, inf)", "milestones": "[0, 1]", "stop_after_epochs": "[1, inf)"}
 
 
 def get_parser():
@@ -76,8 +74,7 @@ def get_parser():
     data.add_argument("--dataset", help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or "
                       "'digits'; None: the dataset the backbone's config.json names, if it is not a local folder")
     data.add_argument("--train_split", default="train", help="labelled split the classifiers learn from")
-    data.add_argument("--test_split", default="test",
-                      help="labelled split the accuracy is measured on ('validation' / 'val' stand in for it)")
+    data.add_argument("--test_split", default="test", help="labelled split to test on ('validation' / 'val' stand in)")
     data.add_argument("--image_column", help="image column; None: detected")
     data.add_argument("--label_column", help="label column; None: detected")
     data.add_argument("--image_size", type=int, help="input side in pixels; None: the backbone's pretraining size "
@@ -85,31 +82,25 @@ def get_parser():
     data.add_argument("--mean", type=float, nargs=3, help="normalisation mean; None: the backbone's")
     data.add_argument("--std", type=float, nargs=3, help="normalisation std; None: the backbone's")
     data.add_argument("--num_workers", type=int, default=2, help="data loader processes per evaluation process")
-    data.add_argument("--eval_batch_size", type=int, default=256,
-                      help="batch per process for feature extraction and testing")
+    data.add_argument("--eval_batch_size", type=int, default=256, help="batch per process for features and tests")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", required=True, help="export folder, .safetensors file, Hub repo id "
-                       "'owner/name[@revision]', pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
-    model.add_argument("--arch", choices=intl.RESNETS,
-                       help="encoder architecture; None: from the backbone's config or its weights' shapes")
+                       "'owner/name', pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
+    model.add_argument("--arch", choices=intl.RESNETS, help="None: the backbone's config's, or its weights' shapes'")
     model.add_argument("--revision", help="Hub branch, tag or commit of --backbone")
-    model.add_argument("--stem", choices=list(intl.STEMS),
-                       help="the backbone's first layers when its config does not say them (official checkpoints: "
-                            "'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' for "
-                            "CW-RGP's STL-10 / Tiny-ImageNet networks)")
-    model.add_argument("--recipe", choices=sorted(RECIPES),
-                       help="the backbone's pretraining method, which picks the authors' linear and finetune "
-                            "settings (table above); None: the method in its config.json, else INTL's (a .pth.tar "
-                            "records none)")
+    model.add_argument("--stem", choices=list(intl.STEMS), help="the backbone's first layers where its config does "
+                       "not say them: 'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' "
+                       "for CW-RGP's STL-10 / Tiny-ImageNet networks")
+    model.add_argument("--recipe", choices=sorted(RECIPES), help="the backbone's pretraining method, which picks the "
+                       "authors' settings (table above); None: its config.json's, else INTL's")
 
     protocol = parser.add_argument_group("evaluation protocol")
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
     protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours")
-    protocol.add_argument("--subset_file", help="finetune: text file of image file names (class/file where a name "
-                          "repeats), one a line: the standard ImageNet 1%% / 10%% lists of the papers' semi-supervised "
-                          "results")
+    protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line (class/file "
+                          "where a name repeats)")
 
     optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
     optim.add_argument("--epochs", type=int, help="training epochs")
@@ -117,27 +108,25 @@ def get_parser():
                        "finetune split it evenly over the processes, so it must be divisible by their number")
     optim.add_argument("--lr", type=float, help="head learning rate (SGD: per 256 images of global batch)")
     optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images")
-    optim.add_argument("--min_lr", type=float, default=1e-6, help="linear-cached: the lr --epochs epochs after "
-                       "the start (ExponentialLR's gamma = (min_lr / lr) ** (1 / epochs))")
+    optim.add_argument("--min_lr", type=float, help="linear-cached: the lr after --epochs epochs (ExponentialLR's "
+                       "gamma = (min_lr / lr) ** (1 / epochs)); None: 1e-6")
     optim.add_argument("--weight_decay", type=float)
     optim.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                        help="linear: lr x0.1 after these fractions of --epochs")
 
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
-    run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
-                     help="autocast precision; None: Accelerate's config")
-    run.add_argument("--output_dir", help="where <protocol>.json and checkpoints/ go, one folder per backbone; None: "
-                     "eval/<backbone name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), "
-                     "runs/eval/<repo>[--<revision>] for a Hub id", type=intl.folder)
+    run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="None: Accelerate's config")
+    run.add_argument("--output_dir", type=intl.folder, help="where <protocol>.json and checkpoints/ go; None: "
+                     "eval/<name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), runs/eval/<repo> "
+                     "for a Hub id")
     run.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of the same "
                      "protocols in --output_dir; without it such a folder is refused before any work")
     run.add_argument("--resume", type=intl.folder, help="linear, finetune: 'latest' (the newest checkpoint of each in "
                      "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
                      "(the schedule still spans --epochs); continue with --resume latest")
-    run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone "
-                     "(input size, normalisation, recipe) and exit before any data is read")
+    run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone")
     return parser
 
 
@@ -153,30 +142,27 @@ def main(argv=None):
 
 
 def evaluate_backbone(config, accelerator):
-    """Backbone -> data -> each protocol -> results, in the locked output folder."""
+    """Backbone (a wrong one fails before anything is removed) -> data -> each protocol -> results."""
+    resumed = checkpoints_to_resume(config)  # a resumed evaluation continues the results in output_dir: its own
+    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
+    config = completed_by_backbone(config, backbone_config)
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
-    for protocol in trained:  # a global batch that does not split over the processes is refused before any loading
-        intl.per_process_batch(config.batch_size or DEFAULTS[protocol]["batch_size"], accelerator.num_processes)
-    resumed = checkpoints_to_resume(config)  # a resumed evaluation continues the results in output_dir: its own
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
+                      f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
+    for protocol in trained:  # a global batch that does not split over the processes is refused before any work
+        settings = protocol_settings(protocol, config)
+        intl.per_process_batch(settings["batch_size"], accelerator.num_processes)
+        rates = [f"{part} lr {settings[flag]:g}" + f" (--{flag})" * (getattr(config, flag) is not None)
+                 for part, flag in (("head", "lr"), ("backbone", "lr_backbone")) if flag in settings]
+        accelerator.print(f"{protocol}: {', '.join(rates)} per 256 images of global batch; "
+                          f"{config.recipe.upper()}'s recipe, chosen by {config.recipe_chosen_by}")
     intl.clear_earlier_run(output_dir, [f"{p}.json" for p in config.protocol] + [f"checkpoints/{p}" for p in trained],
                            config.overwrite, next(filter(None, resumed.values()), None), accelerator.print,
                            accelerator.is_main_process)
-
-    # The backbone before the data: a wrong one fails fast.
-    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
     freeze(backbone.to(accelerator.device))
-    config = completed_by_backbone(config, backbone_config)
     config.backbone_id = checked_backbone(resumed, config.backbone, backbone)
-    config.arch = backbone_config["arch"]  # inferred from the weights where neither --arch nor a config says it
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
-                      f"{config.arch}, {backbone.feature_dim}-d features, input {config.image_size} px")
-    for protocol in trained:
-        accelerator.print(learning_rates_note(protocol, config))
-    splits = load_labelled_splits(config, accelerator)
-    data = dict(dataset=config.dataset, train_split=split_name(splits.train, config.train_split),
-                test_split=split_name(splits.test, config.test_split), n_train=len(splits.train.dataset),
-                n_test=len(splits.test.dataset), num_classes=splits.num_classes)
+    splits, data = load_labelled_splits(config, accelerator)
 
     if {"knn", "linear-cached"} & set(config.protocol):
         features = frozen_features(backbone, splits, config, accelerator)
@@ -201,6 +187,20 @@ def evaluate_backbone(config, accelerator):
     accelerator.end_training()
 
 
+def results_table(records, data, output_dir):
+    lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
+             f"{data['train_split']}: {data['n_train']} images), final epoch:", f"  {'protocol':44s}   top-1   top-5"]
+    for row in [row for record in records for row in record["rows"]]:
+        top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
+        lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
+    for record in [record for record in records if "best_epoch_extra" in record]:
+        best = record["best_epoch_extra"]
+        lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
+                     f"(top-1 {best['top1']:.2f})")
+    files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
+    return "\n".join(lines + [f"written to {files}"])
+
+
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -212,8 +212,7 @@ def resolve_args(argv=None):
     if config.output_dir is None:
         config.output_dir = str(default_output_dir(config.backbone, config.revision))
     if "finetune" in config.protocol and config.subset_file is None:
-        raise ValueError("--protocol finetune needs --subset_file: the standard 1% / 10% image lists of the papers' "
-                         "semi-supervised results")
+        raise ValueError("--protocol finetune needs --subset_file: the papers' standard 1% / 10% image lists")
     if config.resume and not set(TRAINED) & set(config.protocol):
         raise ValueError("--resume applies to --protocol linear and finetune only")
     intl.check_settings(vars(config), parser, RANGES)
@@ -228,28 +227,20 @@ def default_output_dir(backbone, revision=None):
         if (path / "trainer_state.json").is_file():
             return path.parent.parent / "eval" / path.name  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR/eval/step-N
         return path.parent / "eval" / path.name  # OUTPUT_DIR/backbone -> OUTPUT_DIR/eval/backbone
-    name = backbone if revision is None else f"{backbone}@{revision}"
-    return Path("runs") / "eval" / name.replace("/", "--").replace("@", "--")
-
-
-def dataset_of(backbone_config, backbone):
-    """The dataset a backbone was pretrained on, when its config.json names one this command can load again."""
-    dataset = backbone_config.get("dataset")
-    if not dataset or backbone_config.get("dataset_is_local_folder"):
-        where = f"a local folder, {dataset!r}," if dataset else "nothing"
-        raise ValueError(f"--dataset is needed: {backbone} names {where} as its pretraining data; give the labelled "
-                         "dataset to evaluate on (a Hub id, a folder of class sub-folders, a save_to_disk folder or "
-                         "'digits')")
-    return dataset
+    return Path("runs") / "eval" / (backbone.replace("/", "--") + (f"--{revision}" if revision else ""))
 
 
 def completed_by_backbone(config, backbone_config):
-    """A copy of the configuration completed by the backbone: input size, normalisation, dataset and recipe."""
-    recipe, chosen_by = None, None
-    if set(TRAINED) & set(config.protocol):  # only they use it: a knn run does not refuse a mismatched --recipe
-        recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
+    """A copy of the configuration completed by the backbone: architecture, input size, normalisation, dataset (the
+    pretraining data where config.json names one this command can load again) and recipe."""
+    recipe, chosen_by = evaluation_recipe(config.recipe, backbone_config)
+    dataset = config.dataset or backbone_config.get("dataset")
+    if not config.dataset and (not dataset or backbone_config.get("dataset_is_local_folder")):
+        where = f"a local folder, {dataset!r}," if dataset else "nothing"
+        raise ValueError(f"--dataset is needed: {config.backbone} names {where} as its pretraining data; give the "
+                         "labelled dataset to evaluate on")
     return argparse.Namespace(**{
-        **vars(config), "dataset": config.dataset or dataset_of(backbone_config, config.backbone),
+        **vars(config), "dataset": dataset, "arch": backbone_config["arch"],  # arch: also where the weights say it
         "image_size": config.image_size or backbone_config["image_size"],
         "mean": config.mean or backbone_config["mean"], "std": config.std or backbone_config["std"],
         # CW-RGP's STL-10: Resize(70, bicubic) before the crop to 64
@@ -268,8 +259,7 @@ def evaluation_recipe(flag, backbone_config):
         return flag, f"--recipe {flag}"
     if recorded in RECIPES:
         return recorded, f"the backbone's recorded method {recorded!r}"
-    return "intl", ("default (neither --recipe nor the backbone records a method, intl, intl-m or cw-rgp; "
-                    "--recipe intl-m or cw-rgp for such a backbone)")
+    return "intl", "default (neither --recipe nor the backbone records a method: intl, intl-m or cw-rgp)"
 
 
 def protocol_settings(protocol, config):
@@ -282,36 +272,23 @@ def protocol_settings(protocol, config):
                          "rate: give --lr_backbone")
     if protocol in TRAINED:
         settings.update(recipe=config.recipe, recipe_chosen_by=config.recipe_chosen_by)
-    if protocol == "linear-cached":
-        settings["min_lr"] = config.min_lr
     if settings.get("schedule") == "step":
         settings["milestones"] = config.milestones
     return {**settings, "seed": config.seed}
 
 
-def learning_rates_note(protocol, config):
-    """One line: the learning rates a trained protocol uses, and what chose them."""
-    settings = protocol_settings(protocol, config)
-    flags = ("lr", "lr_backbone") if protocol == "finetune" else ("lr",)
-    rates = ", ".join(f"{'head' if flag == 'lr' else 'backbone'} lr {settings[flag]:g}"
-                      + (f" (--{flag})" if getattr(config, flag) is not None else "") for flag in flags)
-    return (f"{protocol}: {rates} per 256 images of global batch; {config.recipe.upper()}'s recipe, "
-            f"chosen by {config.recipe_chosen_by}")
-
-
 # ----------------------------------------------------------------------------- data
 
 
-class Splits(NamedTuple):
-    train: intl.ImageSplit
-    test: intl.ImageSplit
-    num_classes: int  # of both splits together: a class may be missing from the test split
-
-
 def load_labelled_splits(config, accelerator):
+    """-> (.train, .test and .num_classes, of both splits together: a class may be missing from the test split;
+    what the results say of the data)."""
+    asked = (config.train_split, config.test_split)
     splits = [intl.load_image_split(config.dataset, name, config.image_column, config.label_column, accelerator)
-              for name in (config.train_split, config.test_split)]
-    if split_name(splits[0], config.train_split) == split_name(splits[1], config.test_split):
+              for name in asked]
+    # The splits loaded: "validation" where "test" was asked for and only that exists.
+    names = [name if split.dataset.split is None else str(split.dataset.split) for split, name in zip(splits, asked)]
+    if names[0] == names[1]:
         raise ValueError(f"--train_split {config.train_split} and --test_split {config.test_split} are one split of "
                          f"{config.dataset}: it would test on the training images; give a held-out --test_split")
     num_classes = 0
@@ -330,20 +307,23 @@ def load_labelled_splits(config, accelerator):
     if unseen:
         raise ValueError(f"{splits[1].source} has {len(unseen)} class(es) that {splits[0].source} never has (first "
                          f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
-    accelerator.print(f"{config.dataset}: {len(splits[0].dataset)} training and {len(splits[1].dataset)} test "
-                      f"images, {num_classes} classes")
-    return Splits(*splits, num_classes)
+    data = dict(dataset=config.dataset, train_split=names[0], test_split=names[1], n_train=len(splits[0].dataset),
+                n_test=len(splits[1].dataset), num_classes=num_classes)
+    accelerator.print(f"{config.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} "
+                      "classes")
+    return SimpleNamespace(train=splits[0], test=splits[1], num_classes=num_classes), data
 
 
-def split_name(split, asked):
-    """The split that was loaded: "validation" where "test" was asked for and only that exists."""
-    return str(split.dataset.split) if split.dataset.split is not None else asked
-
-
-def image_loader(split, transform, batch_size, config, accelerator, **options):
-    """(image, label) batches; accelerator.prepare then shards them over the processes."""
-    return torch.utils.data.DataLoader(intl.ImageDataset(split, transform), batch_size=batch_size,
-                                       num_workers=config.num_workers,
+def image_loader(split, config, accelerator, global_batch=None):
+    """Test batches (per process) of eval_images; with global_batch, linear's and finetune's training batches:
+    augmented, one order per epoch, the last partial batch kept (as the authors' runs do)."""
+    if global_batch is None:
+        dataset, options = intl.ImageDataset(split, eval_images(config)), dict(batch_size=config.eval_batch_size)
+    else:
+        dataset = intl.ImageDataset(split, train_transform(config.image_size, config.mean, config.std))
+        options = dict(batch_size=intl.per_process_batch(global_batch, accelerator.num_processes),
+                       sampler=EpochSampler(len(split.dataset), config.seed))
+    return torch.utils.data.DataLoader(dataset, num_workers=config.num_workers,
                                        pin_memory=accelerator.device.type == "cuda", **options)
 
 
@@ -364,9 +344,7 @@ def train_transform(image_size, mean, std):
 def training_subset(split, subset_file):
     """The images finetune learns from: those named in --subset_file, each a file name or, with a "/", the last parts
     of its path (class/file); a name of several images is refused."""
-    if not Path(subset_file).is_file():
-        raise ValueError(f"--subset_file {subset_file} is not a file: give the text file of image names, one a line")
-    names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in Path(subset_file).read_text().splitlines() if line.strip()]  # OSError: no file
     if not names:
         raise ValueError(f"--subset_file {subset_file} lists no image names")
     column = split.dataset.with_format("arrow")[split.image_column]  # the stored paths, no image decoded
@@ -394,8 +372,7 @@ def training_subset(split, subset_file):
 def top5_correct(scores, labels):
     """Class scores [N, C] and labels [N] -> [N, 2]: 1 where the label is the best class (top-1), among the best
     five (top-5). Per sample, so that gather_for_metrics can drop the samples repeated across processes."""
-    ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit = ranked == labels[:, None]
+    hit = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]  # [N, 5]: in rank order
     return torch.stack([hit[:, 0], hit.any(dim=1)], dim=1).long()
 
 
@@ -423,8 +400,7 @@ def frozen_features(backbone, splits, config, accelerator):
     """knn and linear-cached: {"train" / "test": (features, labels)}, extracted once without augmentation."""
     features = {}
     for name, split in (("train", splits.train), ("test", splits.test)):
-        loader = accelerator.prepare_data_loader(image_loader(split, eval_images(config), config.eval_batch_size,
-                                                              config, accelerator))
+        loader = accelerator.prepare_data_loader(image_loader(split, config, accelerator))
         progress = tqdm(loader, desc=f"features ({name})", disable=not accelerator.is_main_process, leave=False)
         features[name] = intl.extract_features(backbone, progress, accelerator)
     return features
@@ -445,8 +421,8 @@ def run_linear_cached(features, num_classes, config, accelerator):
     """Adam on the cached features: every process trains the same head on all of them (they are gathered)."""
     settings = protocol_settings("linear-cached", config)
     epochs, device = settings["epochs"], accelerator.device
-    (train_f, train_l), (test_f, test_l) = [(f.to(device), l.to(device)) for f, l in (features["train"],
-                                                                                      features["test"])]
+    train_f, train_l = (tensor.to(device) for tensor in features["train"])
+    test_f, test_l = (tensor.to(device) for tensor in features["test"])
     set_seed(config.seed)
     head = nn.Linear(train_f.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
@@ -476,17 +452,16 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
     `checkpoint` if not None. -> the protocol's record, or None after --stop_after_epochs."""
     finetune = protocol == "finetune"
     train_split = training_subset(splits.train, config.subset_file) if finetune else splits.train
-    if finetune:
-        accelerator.print(f"finetune on {len(train_split.dataset)} training images")
     settings = {**protocol_settings(protocol, config), **config.backbone_id, "batch_size_is": "global",
                 "image_size": config.image_size, "processes": accelerator.num_processes,
                 "n_train": len(train_split.dataset), "subset_file": config.subset_file if finetune else None}
     pretrained = {key: value.clone() for key, value in backbone.state_dict().items()}  # linear checks it is unchanged
     model, optimizer = model_and_optimizer(finetune, backbone, splits.num_classes, settings)
-    train_loader, test_loader = image_loaders(train_split, splits.test, settings["batch_size"], config, accelerator)
+    train_loader = image_loader(train_split, config, accelerator, settings["batch_size"])
+    test_loader = image_loader(splits.test, config, accelerator)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     checkpoints = Path(config.output_dir) / "checkpoints" / protocol
-    start_epoch, history = resume_or_start(checkpoints, checkpoint, settings, accelerator)
+    start_epoch, history = resume_or_start(checkpoint, settings, accelerator)
 
     def forward(images):
         if finetune:
@@ -553,35 +528,20 @@ def model_and_optimizer(finetune, backbone, num_classes, settings):
 
 class LarcSGD(torch.optim.SGD):
     """SGD whose every parameter p steps with lr x trust x ||p|| / (||g|| + wd ||p||), g its gradient (1 where either
-    norm is 0): LARC without clipping. The weight decay joins the gradient before that scaling, not after."""
+    norm is 0): LARC without clipping. The weight decay joins the gradient before that scaling (SGD's own stays 0)."""
 
-    def __init__(self, params, trust, **sgd):
-        super().__init__(params, **sgd)
-        self.trust = trust
+    def __init__(self, params, trust, weight_decay=0.0, **sgd):
+        super().__init__(params, weight_decay=0.0, **sgd)
+        self.trust, self.decay = trust, weight_decay
 
     @torch.no_grad()
     def step(self, closure=None):
-        decays = [group["weight_decay"] for group in self.param_groups]
-        for group, decay in zip(self.param_groups, decays):
-            for p in [p for p in group["params"] if p.grad is not None]:
-                p_norm, g_norm = p.norm(), p.grad.norm()
-                local_lr = torch.where((p_norm > 0) & (g_norm > 0), self.trust * p_norm / (g_norm + decay * p_norm),
-                                       torch.ones_like(p_norm))
-                p.grad.add_(p, alpha=decay).mul_(local_lr)
-            group["weight_decay"] = 0.0
-        try:
-            return super().step(closure)
-        finally:
-            for group, decay in zip(self.param_groups, decays):
-                group["weight_decay"] = decay
-
-
-def image_loaders(train_split, test_split, global_batch, config, accelerator):
-    """Training: augmented, one order per epoch, the last partial batch kept (as the authors' runs do)."""
-    train_loader = image_loader(train_split, train_transform(config.image_size, config.mean, config.std),
-                                intl.per_process_batch(global_batch, accelerator.num_processes), config, accelerator,
-                                sampler=EpochSampler(len(train_split.dataset), config.seed))
-    return train_loader, image_loader(test_split, eval_images(config), config.eval_batch_size, config, accelerator)
+        for p in [p for group in self.param_groups for p in group["params"] if p.grad is not None]:
+            p_norm, g_norm = p.norm(), p.grad.norm()
+            local_lr = torch.where((p_norm > 0) & (g_norm > 0), self.trust * p_norm / (g_norm + self.decay * p_norm),
+                                   torch.ones_like(p_norm))
+            p.grad.add_(p, alpha=self.decay).mul_(local_lr)
+        return super().step(closure)
 
 
 def train_one_epoch(forward, optimizer, loader, progress, accelerator):
@@ -621,16 +581,12 @@ def freeze(backbone):
     backbone.requires_grad_(False).eval()
 
 
-class BackboneChanged(ValueError):
-    pass
-
-
 def check_backbone_unchanged(backbone, pretrained):
     """Every weight and buffer (BN running statistics included) bit-identical to before training."""
     for key, value in backbone.state_dict().items():
         if not torch.equal(value.detach().cpu(), pretrained[key].cpu()):
-            raise BackboneChanged(f"the frozen backbone changed during linear evaluation ({key!r} differs): "
-                                  "the result is not a linear evaluation of the pretrained weights")
+            raise ValueError(f"the frozen backbone changed during linear evaluation ({key!r} differs): "
+                             "the result is not a linear evaluation of the pretrained weights")
     return True
 
 
@@ -682,9 +638,9 @@ def checkpoints_to_resume(config):
                              f"{Path(config.output_dir) / 'checkpoints'}/<protocol>/; give one, or 'latest'")
         return dict.fromkeys(roots, folder)
     found = {p: newest_checkpoint(root) for p, root in roots.items()}
-    for protocol, folder in found.items():
-        if folder is None:
-            raise ValueError(f"--resume latest: no checkpoint in {roots[protocol]}; start without --resume")
+    missing = [roots[p] for p, folder in found.items() if folder is None]
+    if missing:
+        raise ValueError(f"--resume latest: no checkpoint in {missing[0]}; start without --resume")
     return found
 
 
@@ -705,45 +661,24 @@ def checked_backbone(resumed, source, backbone):
     return identity
 
 
-def resume_or_start(root, checkpoint, settings, accelerator):
+def resume_or_start(checkpoint, settings, accelerator):
     """-> (the epoch to start from, the history so far): those of `checkpoint`, whose settings must be these; without
-    one 0 and none (an earlier run's checkpoints in root were refused or removed: intl.clear_earlier_run)."""
+    one 0 and none (an earlier run's checkpoints were refused or removed: intl.clear_earlier_run)."""
     if checkpoint is None:
         return 0, []
 
     def same_settings(folder, state):
-        saved = state["config"]  # the protocol's settings
         if not (isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)):
-            raise ValueError(f"--resume: {folder} lacks the epoch or history of the evaluation: the file is damaged; "
-                             "start again without --resume (and with --overwrite)")
+            raise ValueError(f"--resume: {folder} lacks the epoch or history of the evaluation: the file is damaged")
+        saved = state["config"]  # the protocol's settings
         changed = intl.changed_settings(saved, settings)
         if changed:
             raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} "
                              f"in {folder}; a resumed evaluation keeps its settings")
 
     _, state = intl.load_checkpoint(accelerator, str(checkpoint), None, check_state=same_settings)
-    accelerator.print(f"{root.name}: resumed after epoch {state['epoch']}")
+    accelerator.print(f"{checkpoint.parent.name}: resumed after epoch {state['epoch']}")
     return state["epoch"], state["history"]
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def results_table(records, data, output_dir):
-    width = max([44] + [len(row["name"]) for record in records for row in record["rows"]])
-    lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
-             f"{data['train_split']}: {data['n_train']} images), final epoch:",
-             f"  {'protocol':{width}s} {'top-1':>7s} {'top-5':>7s}"]
-    for row in [row for record in records for row in record["rows"]]:
-        top5 = "-" if row["top5"] is None else f"{row['top5']:7.2f}"
-        lines.append(f"  {row['name']:{width}s} {row['top1']:7.2f} {top5:>7s}")
-    for record in records:
-        if "best_epoch_extra" in record:
-            best = record["best_epoch_extra"]
-            lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
-                         f"(top-1 {best['top1']:.2f})")
-    files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
-    return "\n".join(lines + [f"written to {files}"])
 
 
 if __name__ == "__main__":
