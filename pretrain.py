@@ -357,9 +357,8 @@ def batches(loader, step, stop_at):
 class Monitor:
     """After every step, in one place: the non-finite check, log.jsonl (the figures, a collapse warning, and the
     eigenvalues of Z and Z_hat at the steps that spectrum.png draws), the 5-NN monitor, checkpoints. The host reads
-    the device only at the steps that log or save, and first asks whether a loss was non-finite. The log is appended
-    to as the run goes, so a resumed run (which first drops what the interrupted one logged after its checkpoint)
-    ends with the same log, plot and summary as an uninterrupted one."""
+    the device only at the steps that log or save. A resumed run first drops what the interrupted one logged after
+    its checkpoint, so it ends with the same log, plot and summary as an uninterrupted one."""
 
     def __init__(self, config, accelerator, loader, knn_data):
         self.config, self.accelerator, self.knn_data = config, accelerator, knn_data
@@ -454,19 +453,16 @@ class Monitor:
             self.info(f"spectrum plot: {path}")
 
     def summary(self):
-        """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
-        says what it means."""
+        """First and last logged value of the main figures, read back from the log (so it spans resumes)."""
         records = intl.read_jsonl(self.path)
-        shown = lambda value: "rank-deficient" if value == -math.inf else f"{value:9.4f}"  # noqa: E731
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
                            ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
                            ("images_per_s", "images/s since the start")):
-            values = [(r["step"], r[key]) for r in records if key in r]
+            values = [f"step {r['step']:6d}: " + ("rank-deficient" if r[key] == -math.inf else f"{r[key]:9.4f}")
+                      for r in records if key in r]
             if values:
-                (first_step, first), (last_step, last) = values[0], values[-1]
-                lines.append(f"  {label:28s} step {first_step:6d}: {shown(first)}  ->  step {last_step:6d}: "
-                             f"{shown(last)}")
+                lines.append(f"  {label:28s} {values[0]}  ->  {values[-1]}")
         lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
         self.info("\n".join(lines))
 
@@ -542,23 +538,19 @@ def resume(config, accelerator, output_dir, info, monitor):
 
 
 def resolve_config(argv=None):
-    """Flags > preset > argparse defaults. Without --preset and --dataset a training run uses 'digits'."""
+    """Flags > the launcher's settings > preset > argparse defaults. Without --preset and --dataset a training run
+    uses 'digits'."""
     parser = get_parser()
     config = parser.parse_args(argv)
     explicit = intl.explicit_flags(parser, argv)
-    preset = config.preset or (None if config.dataset or config.benchmark else "digits")
     launcher = {key: os.environ[name] for key, name in LAUNCHER.items() if os.environ.get(name)}
-    if preset:
-        for key, value in PRESETS[preset].items():
-            if key not in explicit and key not in launcher:
-                setattr(config, key, value)
-        config.preset = preset
-        if config.mixed_precision == "fp16" and not {"mixed_precision"} & (explicit | set(launcher)) and \
-                not torch.cuda.is_available():
-            config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
-    for key, value in launcher.items():
+    config.preset = config.preset or (None if config.dataset or config.benchmark else "digits")
+    for key, value in {**PRESETS.get(config.preset, {}), **launcher}.items():
         if key not in explicit:
             setattr(config, key, value)
+    if config.mixed_precision == "fp16" and "mixed_precision" not in {*explicit, *launcher} and \
+            not torch.cuda.is_available():
+        config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
     if "warmup_epochs" in explicit:
         config.warmup_steps = None  # the flag given wins over a preset's warm-up in steps
     if config.zero_init_residual is None:
@@ -567,26 +559,21 @@ def resolve_config(argv=None):
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.keep_resumed_config(config, explicit, checkpoint, (RUN_CONTROL, PER_COMMAND), parser, RANGES,
                                  check_recipe)
-    if config.dataset is None and config.preset not in (None, "digits") and not (
-            config.print_config or config.benchmark):
-        raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
-                         "folder or a Hub dataset id")
+    if not (config.print_config or config.benchmark):
+        if config.dataset is None and config.preset != "digits":
+            raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a "
+                             "save_to_disk folder or a Hub dataset id")
+        if config.output_dir is None:
+            raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     config.mean, config.std = tuple(config.mean), tuple(config.std)
-    check_config(config, parser)
-    if config.beta is None and config.method in ("intl", "intl-m"):  # recorded: the weight used
-        units = config.batch_size if config.axis == 0 else \
-            intl.parse_projector_spec(config.projector)[-1]
-        config.beta = intl.default_beta(units)
-    return config
-
-
-def check_config(config, parser):
-    if config.output_dir is None and not (config.print_config or config.benchmark):
-        raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     intl.check_settings(vars(config), parser, RANGES)
     check_recipe(config)
     if config.study:
         study_runs(config)  # checks --study_values
+    if config.beta is None and config.method in ("intl", "intl-m"):  # recorded: the weight used
+        config.beta = intl.default_beta(config.batch_size if config.axis == 0 else
+                                        intl.parse_projector_spec(config.projector)[-1])
+    return config
 
 
 def check_recipe(config):  # also of a resumed run's saved configuration
@@ -868,11 +855,17 @@ def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=No
     """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into the export files in
     output_dir: model.safetensors (torchvision keys, no fc.*), config.json and the model card README.md (see
     `model_card`). Other files in output_dir stay."""
+    weights, config = converted(source, arch, stem)
+    write_export(output_dir, weights, config, model_card(config, results, repo_id, license))
+    return Path(output_dir)
+
+
+def converted(source, arch=None, stem=None):
+    """-> (the backbone's weights, the export's config) of any source intl.load_backbone reads."""
     backbone, config = intl.load_backbone(source, arch, stem=stem)
     # A local path is named by its last part only: the config may be published on the Hub.
-    config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
-    write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id, license))
-    return Path(output_dir)
+    return backbone.state_dict(), {**config, "converted_from": Path(source).name if Path(source).exists()
+                                   else os.fspath(source)}
 
 
 def hub_dataset_id(dataset):
@@ -1006,7 +999,7 @@ def main_export(argv=None):
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
                     "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
-                        "export folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
+                        "export folder, a .safetensors file or a Hub repo id 'owner/name'")
     parser.add_argument("--arch", choices=intl.RESNETS, default=None,
                         help="encoder; None: the source's config, or inferred from the weights' shapes")
     parser.add_argument("--stem", choices=intl.STEMS, default=None,
@@ -1023,10 +1016,13 @@ def main_export(argv=None):
     parser.add_argument("--license", default=None,
                         help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
     args = parser.parse_args(argv)
-    with intl.locked(args.output_dir):  # another file in the folder stays; an export goes only with --overwrite
-        intl.clear_earlier_run(args.output_dir, [*intl.EXPORT_FILES, "README.md"], args.overwrite)
-        export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results,
-                                          args.push_to_hub, args.stem, args.license)
+    export_dir = Path(args.output_dir)
+    with intl.locked(export_dir):  # another file in the folder stays; an export goes only with --overwrite
+        # Read first: the source may be the export that --overwrite removes (to push it again).
+        weights, config = converted(args.source, args.arch, args.stem)
+        card = model_card(config, args.eval_results, args.push_to_hub, args.license)
+        intl.clear_earlier_run(export_dir, [*intl.EXPORT_FILES, "README.md"], args.overwrite)
+        write_export(export_dir, weights, config, card)
     print(f"exported {args.source} to {export_dir}")
     if args.push_to_hub:  # a refusal (no token, no right to the namespace) ends in the library's words
         push_export_to_hub(export_dir, args.push_to_hub, args.private)
@@ -1153,10 +1149,9 @@ def benchmark(config, accelerator):
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     objective_s = timed(objective_step, config.benchmark, device)
-    figures = {"arch": config.arch, "views": sides, "batch_per_process": config.batch_size, "method": config.method,
-               "projector": config.projector, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
-               "compile": config.compile, "step_s": float(f"{step_s:.4g}"),
+    figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
+               "step_s": float(f"{step_s:.4g}"),
                "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
                "peak_memory_mib": round(peak), "objective_s": float(f"{objective_s:.4g}"),
                "objective_share": float(f"{objective_s / step_s:.4g}")}
@@ -1166,15 +1161,14 @@ def benchmark(config, accelerator):
 
 def timed(fn, steps, device, warmup=1):
     """Seconds per call of fn, after `warmup` calls (they choose cuDNN's kernels and grow the memory pools)."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
     tic = time.perf_counter()
     for _ in range(steps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
     return (time.perf_counter() - tic) / steps
 
 

@@ -427,6 +427,9 @@ def test_export_command_replaces_an_existing_export_only_with_overwrite(export, 
     assert (tmp_path / "out" / "config.json").read_text() == before
     main_export(["--source", str(other), "--output_dir", str(tmp_path / "out"), "--overwrite"])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == 24
+    # The way to push an export again (README): the export is its own source, read before --overwrite removes it.
+    main_export(["--source", str(tmp_path / "out"), "--output_dir", str(tmp_path / "out"), "--overwrite"])
+    assert_same_weights(load_file(tmp_path / "out" / "model.safetensors"), backbone_weights(5))
 
 
 # ----------------------------------------------------------------------------- on the Hub like a native
