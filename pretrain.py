@@ -628,11 +628,9 @@ def augmentation(size, scale, blur_prob, solarize_prob, config):
 
 
 class RandomPILGaussianBlur:
-    """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in [0.1, 2]: the authors' blur.
-
-    PIL's radius is the standard deviation, and its filter (three extended box blurs, edges repeated)
-    has no kernel to truncate: a fixed kernel of ~10% of the side would cut small crops' blur at ~2 sigma.
-    """
+    """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in [0.1, 2]: the authors' blur. PIL's
+    radius is the standard deviation, and its filter (three extended box blurs) has no kernel to truncate: a fixed
+    kernel of ~10% of the side would cut small crops' blur at ~2 sigma."""
 
     def __init__(self, p, sigma=(0.1, 2.0)):
         self.p, self.sigma = p, sigma
@@ -644,12 +642,8 @@ class RandomPILGaussianBlur:
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """(epoch, index) -> ([view_1, ..., view_V], label).
-
-    Each sample's augmentations are drawn from a generator seeded by (seed, epoch, index): every
-    sample of every epoch gets its own random stream, whichever process or worker loads it, and a
-    resumed run replays exactly the augmentations of an uninterrupted one.
-    """
+    """(epoch, index) -> ([view_1, ..., view_V], label), augmented from a generator seeded by (seed, epoch, index):
+    whichever process or worker loads a sample, a resumed run replays exactly an uninterrupted one's augmentations."""
 
     def __init__(self, split, transforms, seed):
         self.images = intl.ImageDataset(split, transform=None)
@@ -667,12 +661,9 @@ class AugmentedViews(torch.utils.data.Dataset):
 
 
 class ShardedEpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) pairs: one permutation per epoch from (seed, epoch), cut into global batches.
-
-    Process r takes the r-th slice of every global batch, so the processes together see exactly
-    the batches a single process with the global batch would see; the tail that does not fill a
-    global batch is dropped. set_epoch(epoch, start_batch) skips the batches a resumed run has done.
-    """
+    """Yields (epoch, index) pairs: one permutation per epoch from (seed, epoch), cut into global batches (the tail
+    is dropped). Process r takes the r-th slice of every global batch, so the processes together see exactly the
+    batches of a single process; set_epoch(epoch, start_batch) skips the batches a resumed run has done."""
 
     def __init__(self, num_samples, batch_size, num_processes, rank, seed):
         self.num_samples, self.batch_size, self.num_processes, self.rank = num_samples, batch_size, num_processes, rank
@@ -845,10 +836,8 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
     return {min((i + 1) * spectrum_every, total_steps) for i in picks}
 
 
-# =============================================================================
-# Beyond the training run: the export's conversion, model card and Hub upload, then the commands that `main` runs
-# instead of training (`pretrain.py export`, the studies, the benchmark).
-# =============================================================================
+# -----------------------------------------------------------------------------
+# Beyond the training run: the export (conversion, model card, Hub upload), `pretrain.py export`, studies, benchmark
 
 
 def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
@@ -902,7 +891,8 @@ def model_card(config, results=None, repo_id=None, license=None):
         datasets=[dataset] if hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
     published = lambda dataset: hub_dataset_id(dataset) or Path(str(dataset or intl.DIGITS_SOURCE)).name  # noqa: E731
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
-        f"| {row['name']} | {published(record.get('dataset'))} ({record.get('test_split')}) | " + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
+        f"| {row['name']} | {published(record.get('dataset'))} ({record.get('test_split')}) | "
+        + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
         for record in records for row in record["rows"]]
     kernel, stride, padding, maxpool = intl.STEMS[config.get("stem", "imagenet")]
     stem_code = "" if config.get("stem", "imagenet") == "imagenet" else (
@@ -927,8 +917,7 @@ outputs {dim}-dimensional features. `config.json` holds the recipe it was traine
 
 ## Evaluation
 
-Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (`linear_eval.py` of the project
-that made this model).
+Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (the project's `linear_eval.py`).
 
 {table}
 
@@ -1003,9 +992,8 @@ def main_export(argv=None):
     parser.add_argument("--arch", choices=intl.RESNETS, default=None,
                         help="encoder; None: the source's config, or inferred from the weights' shapes")
     parser.add_argument("--stem", choices=intl.STEMS, default=None,
-                        help="first layers; None: the source's config (official checkpoints: 'cifar' for INTL's "
-                             "and 'cifar-unpadded' for CW-RGP's 3x3 conv1, give 'small-maxpool' for CW-RGP's STL-10 "
-                             "/ Tiny-ImageNet networks)")
+                        help="first layers; None: the source's config, for an official 3x3 conv1 cifar (INTL) or "
+                             "cifar-unpadded (CW-RGP; its STL-10 / Tiny-ImageNet networks: small-maxpool)")
     parser.add_argument("--output_dir", type=intl.folder, required=True, help="the export folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in --output_dir")
     parser.add_argument("--eval_results", nargs="*", default=[],
