@@ -307,8 +307,6 @@ def train(config, accelerator):
 
 
 def finish(config, accelerator, monitor, step):
-    """Once the last step is done: the backbone alone, the spectrum plot, the summary and what to run next; after
-    --stop_after_steps: where to continue from."""
     output_dir = Path(config.output_dir)
     if step == monitor.total_steps:
         if accelerator.is_main_process:
@@ -330,7 +328,6 @@ def finish(config, accelerator, monitor, step):
 
 
 def introduce(config, accelerator, info):
-    """What runs where, and with what."""
     info(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
     info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
@@ -370,8 +367,7 @@ class Monitor:
         self.watch = NonFiniteWatch(accelerator.device)
 
     def start(self, step, last_good, model):
-        """The log up to `step` (what an interrupted run logged after it goes), the progress bar and the clock from
-        `step`; the 5-NN accuracy at initialisation."""
+        """The log, the progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
         self.last_good, self.collapsed_at = last_good, None  # the newest checkpoint (maybe elsewhere), or none yet
         if self.main:
             if step == 0:  # a new run's log starts empty
@@ -514,7 +510,7 @@ class NonFiniteWatch:
 
 
 def resume(config, accelerator, output_dir, info, monitor):
-    """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its step, its folder)."""
+    """Load --resume's checkpoint -> (its step, its folder), refusing one that another setup would continue."""
     def check_state(checkpoint, state):
         if not isinstance(state.get("step"), int):
             raise ValueError(f"{checkpoint / 'trainer_state.json'} holds no step count: the file is damaged; "
@@ -982,7 +978,7 @@ def push_export_to_hub(export_dir, repo_id, private=False):
 
 def main_export(argv=None):
     """`python pretrain.py export ...`, the one way to publish: a training run cannot, as the card's results
-    (--eval_results) exist only after it. Raises ValueError on bad input (the caller prints `error: ...`)."""
+    (--eval_results) exist only after it."""
     parser = argparse.ArgumentParser(
         prog="pretrain.py export", allow_abbrev=False, formatter_class=intl.HelpFormatter,
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
