@@ -470,12 +470,8 @@ def knn_splits(config, accelerator, train_split):
     if train_split.label_column is None:
         print(f"no kNN monitor: {train_split.source} has no class labels (pretraining needs none)", file=sys.stderr)
         return None
-    try:
-        test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
-                                           accelerator)
-    except ValueError as error:
-        print(f"no kNN monitor: {error}", file=sys.stderr)
-        return None
+    test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
+                                       accelerator)
     if str(test_split.dataset.split) == str(train_split.dataset.split):  # the resolved names
         raise ValueError(f"--eval_split {config.eval_split} is the training split of {train_split.source}: the 5-NN "
                          "monitor would report training images as held out; give a held-out --eval_split")

@@ -728,6 +728,11 @@ def test_the_training_split_as_the_held_out_split_is_refused_and_leaves_no_earli
     tiny(tiny_images, "--output_dir", tmp_path, "--stop_after_steps", 1)
 
 
+def test_a_held_out_split_that_does_not_load_ends_the_run_naming_it(tiny_images, tmp_path):
+    with pytest.raises(ValueError, match="'nope'"):
+        tiny(tiny_images, "--output_dir", tmp_path, "--knn_every", 1, "--eval_split", "nope", "--stop_after_steps", 1)
+
+
 def test_a_split_of_one_image_is_refused_as_too_few_for_the_smallest_global_batch(tmp_path):
     from PIL import Image
 
