@@ -37,7 +37,7 @@ METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 # any explicit flag wins; every value a recipe depends on is named, also where it equals the flag's default. Not
 # visible in the values: INTL's lr warms up as peak x (step + 1) / warm-up steps, then follows a per-step cosine to
 # 0.001 x peak; intl-m's EMA momentum rises to 1 by a cosine; CW-RGP's projector sees all views as one batch.
-_INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops="",
+_INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops=[],
              min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter=(0.4, 0.4, 0.2, 0.1),
              grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2), optimizer="sgd", schedule="cosine",
              warmup_epochs=2, warmup_steps=None, decay_all_params=False, iters=4, axis=0)
@@ -47,7 +47,7 @@ _CIFAR = dict(_INTL, arch="resnet18", stem="cifar", zero_init_residual=False, im
               mean=CIFAR_MEAN, std=CIFAR_STD, mixed_precision="no")
 _IMAGENET = dict(_INTL, dataset="ILSVRC/imagenet-1k", arch="resnet50", image_size=224, projector="8192-8192-8192",
                  batch_size=256, weight_decay=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD, mixed_precision="fp16")
-_INTL_M = dict(_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
+_INTL_M = dict(_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops=[192, 160, 128, 96],
                blur_prob=(0.5, 0.5), solarize_prob=(0.1, 0.1))
 # CW-RGP (its authors' scripts, W-MSE's setup on small data): colour first, then the crop; 500 warm-up steps.
 _CW_RGP = dict(_INTL, method="cw-rgp", arch="resnet18", stem="cifar-unpadded", zero_init_residual=True,
@@ -106,7 +106,8 @@ PER_COMMAND = {"output_dir", "resume", "print_config", "stop_after_steps", "benc
 # explicit flag of this script wins over both.
 LAUNCHER = {"mixed_precision": "ACCELERATE_MIXED_PRECISION"}
 # What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
-RESULTS = ("checkpoints", "log.jsonl", "backbone", "spectrum.png")
+# Not log.jsonl: a new run starts it afresh (Monitor.start), so a run stopped before its first checkpoint reruns.
+RESULTS = ("checkpoints", "backbone", "spectrum.png")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
           "num_workers": "[0, inf)", "iters": "[1, inf)", "beta": "[0, inf)", "momentum": "[0, 1]", "power": "[0, inf)",
@@ -138,8 +139,9 @@ def get_parser():
     data.add_argument("--num_workers", type=int, default=8, help="data loader processes per training process")
     data.add_argument("--image_size", type=int, default=224, help="side of the large crops, in pixels")
     data.add_argument("--num_views", type=int, default=2, help="large crops per image (CW-RGP: 4)")
-    data.add_argument("--small_crops", default="", help="multi-crop: sides of extra small crops, e.g. 192,160,128,96; "
-                      "side s takes the scales (min_scale, 1) x s / image_size")
+    data.add_argument("--small_crops", type=int, nargs="*", default=[],
+                      help="multi-crop: sides of extra small crops, e.g. 192 160 128 96; side s takes the scales "
+                      "(min_scale, 1) x s / image_size")
     data.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop's smallest scale")
     data.add_argument("--crop_interpolation", default="bicubic", choices=["bicubic", "bilinear"],
                       help="RandomResizedCrop's resampling")
@@ -224,7 +226,8 @@ def get_parser():
     run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     run.add_argument("--study", default=None, choices=["power", "trace"],
                      help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
-    run.add_argument("--study_values", default=None, help="p (None: 0,0.25,...,1.5) or T (None: 1,2,4,6,8)")
+    run.add_argument("--study_values", type=float, nargs="+", default=None,
+                     help="p (None: 0 0.25 ... 1.5) or T (None: 1 2 4 6 8)")
     run.add_argument("--benchmark", type=int, default=0,
                      help="time N training steps on random images: step time, images/s, memory")
     return parser
@@ -304,8 +307,6 @@ def train(config, accelerator):
 
 
 def finish(config, accelerator, monitor, step):
-    """Once the last step is done: the backbone alone, the spectrum plot, the summary and what to run next; after
-    --stop_after_steps: where to continue from."""
     output_dir = Path(config.output_dir)
     if step == monitor.total_steps:
         if accelerator.is_main_process:
@@ -313,7 +314,7 @@ def finish(config, accelerator, monitor, step):
             monitor.plot_spectra(output_dir / "spectrum.png")
             monitor.summary()
         evaluate = f"python linear_eval.py --backbone {output_dir / 'backbone'}"
-        if not (config.dataset == intl.DIGITS_SOURCE or is_hub_dataset_id(config.dataset)):
+        if not (config.dataset == intl.DIGITS_SOURCE or hub_dataset_id(config.dataset)):
             evaluate += " --dataset LABELLED_DATA"  # linear_eval cannot find a local folder from the export
         monitor.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. "
                      f"Next: {evaluate}. To publish it with the evaluation's results: python pretrain.py export "
@@ -327,7 +328,6 @@ def finish(config, accelerator, monitor, step):
 
 
 def introduce(config, accelerator, info):
-    """What runs where, and with what."""
     info(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
     recipe = f"preset {config.preset}" if config.preset else "no preset: the flags and their defaults"
     info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
@@ -354,9 +354,8 @@ def batches(loader, step, stop_at):
 class Monitor:
     """After every step, in one place: the non-finite check, log.jsonl (the figures, a collapse warning, and the
     eigenvalues of Z and Z_hat at the steps that spectrum.png draws), the 5-NN monitor, checkpoints. The host reads
-    the device only at the steps that log or save, and first asks whether a loss was non-finite. The log is appended
-    to as the run goes, so a resumed run (which first drops what the interrupted one logged after its checkpoint)
-    ends with the same log, plot and summary as an uninterrupted one."""
+    the device only at the steps that log or save. A resumed run first drops what the interrupted one logged after
+    its checkpoint, so it ends with the same log, plot and summary as an uninterrupted one."""
 
     def __init__(self, config, accelerator, loader, knn_data):
         self.config, self.accelerator, self.knn_data = config, accelerator, knn_data
@@ -368,14 +367,15 @@ class Monitor:
         self.watch = NonFiniteWatch(accelerator.device)
 
     def start(self, step, last_good, model):
-        """The log up to `step` (what an interrupted run logged after it goes), the progress bar and the clock from
-        `step`; the 5-NN accuracy at initialisation."""
+        """The log, the progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
         self.last_good, self.collapsed_at = last_good, None  # the newest checkpoint (maybe elsewhere), or none yet
         if self.main:
-            if step and not self.path.exists():  # a copied checkpoints/ folder
+            if step == 0:  # a new run's log starts empty
+                self.path.unlink(missing_ok=True)
+            elif not self.path.exists():  # a copied checkpoints/ folder
                 self.info(f"no {self.path.name} in {self.path.parent}: the log starts again at step {step} (the "
                           "earlier steps are not in it)")
-            elif step:  # a new run writes no log before its first record
+            else:
                 intl.truncate_jsonl(self.path, step)
             self.collapsed_at = next((r["step"] for r in intl.read_jsonl(self.path) if "warning" in r), None)
         if self.knn_data and step == 0:
@@ -449,19 +449,16 @@ class Monitor:
             self.info(f"spectrum plot: {path}")
 
     def summary(self):
-        """First and last value of the main figures, read back from the log (so it spans resumes); lg IoC's -inf
-        says what it means."""
+        """First and last logged value of the main figures, read back from the log (so it spans resumes)."""
         records = intl.read_jsonl(self.path)
-        shown = lambda value: "rank-deficient" if value == -math.inf else f"{value:9.4f}"  # noqa: E731
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
                            ("erank_z", "effective rank of Z"), ("lg_ioc_z_hat", "lg IoC of Z_hat"),
                            ("images_per_s", "images/s since the start")):
-            values = [(r["step"], r[key]) for r in records if key in r]
+            values = [f"step {r['step']:6d}: " + ("rank-deficient" if r[key] == -math.inf else f"{r[key]:9.4f}")
+                      for r in records if key in r]
             if values:
-                (first_step, first), (last_step, last) = values[0], values[-1]
-                lines.append(f"  {label:28s} step {first_step:6d}: {shown(first)}  ->  step {last_step:6d}: "
-                             f"{shown(last)}")
+                lines.append(f"  {label:28s} {values[0]}  ->  {values[-1]}")
         lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
         self.info("\n".join(lines))
 
@@ -473,12 +470,8 @@ def knn_splits(config, accelerator, train_split):
     if train_split.label_column is None:
         print(f"no kNN monitor: {train_split.source} has no class labels (pretraining needs none)", file=sys.stderr)
         return None
-    try:
-        test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
-                                           accelerator)
-    except ValueError as error:
-        print(f"no kNN monitor: {error}", file=sys.stderr)
-        return None
+    test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
+                                       accelerator)
     if str(test_split.dataset.split) == str(train_split.dataset.split):  # the resolved names
         raise ValueError(f"--eval_split {config.eval_split} is the training split of {train_split.source}: the 5-NN "
                          "monitor would report training images as held out; give a held-out --eval_split")
@@ -513,7 +506,7 @@ class NonFiniteWatch:
 
 
 def resume(config, accelerator, output_dir, info, monitor):
-    """Load --resume's checkpoint (for 'latest', the newest that loads) -> (its step, its folder)."""
+    """Load --resume's checkpoint -> (its step, its folder), refusing one that another setup would continue."""
     def check_state(checkpoint, state):
         if not isinstance(state.get("step"), int):
             raise ValueError(f"{checkpoint / 'trainer_state.json'} holds no step count: the file is damaged; "
@@ -527,8 +520,7 @@ def resume(config, accelerator, output_dir, info, monitor):
                              f"now holds {monitor.train_images}: the steps per epoch and the schedule would change; "
                              "resume on the same data, or start a new run in another --output_dir")
 
-    checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state,
-                                             say=info)
+    checkpoint, state = intl.load_checkpoint(accelerator, config.resume, output_dir, check_state=check_state)
     info(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"], checkpoint
 
@@ -538,23 +530,19 @@ def resume(config, accelerator, output_dir, info, monitor):
 
 
 def resolve_config(argv=None):
-    """Flags > preset > argparse defaults. Without --preset and --dataset a training run uses 'digits'."""
+    """Flags > the launcher's settings > preset > argparse defaults. Without --preset and --dataset a training run
+    uses 'digits'."""
     parser = get_parser()
     config = parser.parse_args(argv)
     explicit = intl.explicit_flags(parser, argv)
-    preset = config.preset or (None if config.dataset or config.benchmark else "digits")
     launcher = {key: os.environ[name] for key, name in LAUNCHER.items() if os.environ.get(name)}
-    if preset:
-        for key, value in PRESETS[preset].items():
-            if key not in explicit and key not in launcher:
-                setattr(config, key, value)
-        config.preset = preset
-        if config.mixed_precision == "fp16" and not {"mixed_precision"} & (explicit | set(launcher)) and \
-                not torch.cuda.is_available():
-            config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
-    for key, value in launcher.items():
+    config.preset = config.preset or (None if config.dataset or config.benchmark else "digits")
+    for key, value in {**PRESETS.get(config.preset, {}), **launcher}.items():
         if key not in explicit:
             setattr(config, key, value)
+    if config.mixed_precision == "fp16" and "mixed_precision" not in {*explicit, *launcher} and \
+            not torch.cuda.is_available():
+        config.mixed_precision = "no"  # the recipe's fp16 needs a GPU; on a CPU it runs in float32
     if "warmup_epochs" in explicit:
         config.warmup_steps = None  # the flag given wins over a preset's warm-up in steps
     if config.zero_init_residual is None:
@@ -563,46 +551,33 @@ def resolve_config(argv=None):
         checkpoint = intl.find_checkpoint(config.resume, config.output_dir)
         intl.keep_resumed_config(config, explicit, checkpoint, (RUN_CONTROL, PER_COMMAND), parser, RANGES,
                                  check_recipe)
-    if config.dataset is None and config.preset not in (None, "digits") and not (
-            config.print_config or config.benchmark):
-        raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a save_to_disk "
-                         "folder or a Hub dataset id")
+    if not (config.print_config or config.benchmark):
+        if config.dataset is None and config.preset != "digits":
+            raise ValueError(f"--preset {config.preset} needs --dataset: a folder of class sub-folders, a "
+                             "save_to_disk folder or a Hub dataset id")
+        if config.output_dir is None:
+            raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     config.mean, config.std = tuple(config.mean), tuple(config.std)
-    check_config(config, parser)
-    if config.beta is None and config.method in ("intl", "intl-m"):  # recorded: the weight used
-        units = config.batch_size if config.axis == 0 else \
-            intl.parse_projector_spec(config.projector)[-1]
-        config.beta = intl.default_beta(units)
-    return config
-
-
-def check_config(config, parser):
-    if config.output_dir is None and not (config.print_config or config.benchmark):
-        raise ValueError("--output_dir is required: it receives checkpoints, logs and the exported backbone")
     intl.check_settings(vars(config), parser, RANGES)
     check_recipe(config)
     if config.study:
         study_runs(config)  # checks --study_values
+    if config.beta is None and config.method in ("intl", "intl-m"):  # recorded: the weight used
+        config.beta = intl.default_beta(config.batch_size if config.axis == 0 else
+                                        intl.parse_projector_spec(config.projector)[-1])
+    return config
 
 
 def check_recipe(config):  # also of a resumed run's saved configuration
     intl.parse_projector_spec(config.projector)
     if config.jitter[3] > 0.5:
         raise ValueError(f"--jitter {' '.join(map(str, config.jitter))}: the hue strength must be at most 0.5")
-    small_crops = parse_floats(config.small_crops, "small_crops")
-    if not all(1 <= side <= config.image_size for side in small_crops):
-        raise ValueError(f"--small_crops {config.small_crops!r}: every side must be in [1, --image_size "
-                         f"{config.image_size}]")
-    if config.num_views + len(small_crops) < 2:
+    if not all(1 <= side <= config.image_size for side in config.small_crops):
+        raise ValueError(f"--small_crops {' '.join(map(str, config.small_crops))}: every side must be in [1, "
+                         f"--image_size {config.image_size}]")
+    if config.num_views + len(config.small_crops) < 2:
         raise ValueError(f"--num_views {config.num_views} without --small_crops: the objective compares views, "
                          "give at least 2")
-
-
-def parse_floats(text, flag):
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{flag} {text!r}: give numbers separated by commas") from None
 
 
 # -----------------------------------------------------------------------------
@@ -616,9 +591,9 @@ def view_specs(config):
     blur, solarize = config.blur_prob, config.solarize_prob
     specs = [(config.image_size, (config.min_scale, 1.0), blur[min(i, 1)], solarize[min(i, 1)])
              for i in range(config.num_views)]
-    for side in parse_floats(config.small_crops, "small_crops"):
+    for side in config.small_crops:
         ratio = side / config.image_size
-        specs.append((int(side), (round(config.min_scale * ratio, 3), round(ratio, 3)), blur[1], solarize[1]))
+        specs.append((side, (round(config.min_scale * ratio, 3), round(ratio, 3)), blur[1], solarize[1]))
     return specs
 
 
@@ -645,11 +620,9 @@ def augmentation(size, scale, blur_prob, solarize_prob, config):
 
 
 class RandomPILGaussianBlur:
-    """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in [0.1, 2]: the authors' blur.
-
-    PIL's radius is the standard deviation, and its filter (three extended box blurs, edges repeated)
-    has no kernel to truncate: a fixed kernel of ~10% of the side would cut small crops' blur at ~2 sigma.
-    """
+    """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in [0.1, 2]: the authors' blur. PIL's
+    radius is the standard deviation, and its filter (three extended box blurs) has no kernel to truncate: a fixed
+    kernel of ~10% of the side would cut small crops' blur at ~2 sigma."""
 
     def __init__(self, p, sigma=(0.1, 2.0)):
         self.p, self.sigma = p, sigma
@@ -661,12 +634,8 @@ class RandomPILGaussianBlur:
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """(epoch, index) -> ([view_1, ..., view_V], label).
-
-    Each sample's augmentations are drawn from a generator seeded by (seed, epoch, index): every
-    sample of every epoch gets its own random stream, whichever process or worker loads it, and a
-    resumed run replays exactly the augmentations of an uninterrupted one.
-    """
+    """(epoch, index) -> ([view_1, ..., view_V], label), augmented from a generator seeded by (seed, epoch, index):
+    whichever process or worker loads a sample, a resumed run replays exactly an uninterrupted one's augmentations."""
 
     def __init__(self, split, transforms, seed):
         self.images = intl.ImageDataset(split, transform=None)
@@ -684,12 +653,9 @@ class AugmentedViews(torch.utils.data.Dataset):
 
 
 class ShardedEpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) pairs: one permutation per epoch from (seed, epoch), cut into global batches.
-
-    Process r takes the r-th slice of every global batch, so the processes together see exactly
-    the batches a single process with the global batch would see; the tail that does not fill a
-    global batch is dropped. set_epoch(epoch, start_batch) skips the batches a resumed run has done.
-    """
+    """Yields (epoch, index) pairs: one permutation per epoch from (seed, epoch), cut into global batches (the tail
+    is dropped). Process r takes the r-th slice of every global batch, so the processes together see exactly the
+    batches of a single process; set_epoch(epoch, start_batch) skips the batches a resumed run has done."""
 
     def __init__(self, num_samples, batch_size, num_processes, rank, seed):
         self.num_samples, self.batch_size, self.num_processes, self.rank = num_samples, batch_size, num_processes, rank
@@ -808,16 +774,14 @@ def save_checkpoint(accelerator, config, step, batches_per_epoch, train_images):
 
 
 def write_export(export_dir, weights, config, card=None):
-    """Write export_dir/model.safetensors (weights: torchvision keys, no fc.*), config.json and the model card
-    README.md atomically: a reader sees the old export or the new one."""
+    """Write export_dir/config.json, the model card README.md and model.safetensors (weights: torchvision keys, no
+    fc.*), each atomically, the weights last: a folder with the new weights holds the whole new export."""
     export_dir = Path(export_dir)
-    with intl.replacing(export_dir) as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+    intl.write_text_atomically(export_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    if card is not None:
+        intl.write_text_atomically(export_dir / "README.md", card)
+    with intl.replacing(export_dir / "model.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
 
 
 def logged_spectra(log_path):
@@ -864,86 +828,74 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
     return {min((i + 1) * spectrum_every, total_steps) for i in picks}
 
 
-# =============================================================================
-# Beyond the training run: the export's conversion, model card and Hub upload, then the commands that `main` runs
-# instead of training (`pretrain.py export`, the studies, the benchmark).
-# =============================================================================
+# -----------------------------------------------------------------------------
+# Beyond the training run: the export (conversion, model card, Hub upload), `pretrain.py export`, studies, benchmark
 
 
 def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
-    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into the export folder
+    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into the export files in
     output_dir: model.safetensors (torchvision keys, no fc.*), config.json and the model card README.md (see
-    `model_card`), written atomically. An existing folder is replaced only if it is an export."""
-    output_dir = Path(output_dir)
-    if output_dir.exists():
-        foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in intl.EXPORT_FILES + ("README.md",)) \
-            if output_dir.is_dir() else [output_dir.name]
-        if foreign:
-            raise ValueError(f"--output_dir {output_dir} exists and is not an export folder (it holds {foreign[0]!r}); "
-                             "the export replaces the whole folder, so give a new or an export folder")
+    `model_card`). Other files in output_dir stay."""
+    weights, config = converted(source, arch, stem)
+    write_export(output_dir, weights, config, model_card(config, results, repo_id, license))
+    return Path(output_dir)
+
+
+def converted(source, arch=None, stem=None):
+    """-> (the backbone's weights, the export's config) of any source intl.load_backbone reads."""
     backbone, config = intl.load_backbone(source, arch, stem=stem)
     # A local path is named by its last part only: the config may be published on the Hub.
-    config = {**config, "converted_from": Path(source).name if Path(source).exists() else os.fspath(source)}
-    config.update(timm_config(config))
-    write_export(output_dir, backbone.state_dict(), config, model_card(config, results, repo_id, license))
-    return output_dir
+    return backbone.state_dict(), {**config, "converted_from": Path(source).name if Path(source).exists()
+                                   else os.fspath(source)}
 
 
-def timm_config(config):
-    """The config.json fields with which timm builds an export (`timm.create_model("hf-hub:OWNER/NAME",
-    pretrained=True)`): timm's ResNets are torchvision's, parameter names included, and num_classes 0 leaves out fc
-    as the export does. timm has no ResNet with the CIFAR stems: none for those."""
-    if config.get("stem", "imagenet") != "imagenet":
-        return {}
-    size = config["image_size"]
-    return {"architecture": config["arch"], "num_classes": 0, "num_features": config["feature_dim"],
-            "pretrained_cfg": {"input_size": [3, size, size], "interpolation": config.get("eval_interpolation", "bilinear"),
-                               "crop_mode": "center",
-                               "crop_pct": round(size / intl.eval_resize(size, config.get("eval_resize")), 6),
-                               "mean": list(config["mean"]), "std": list(config["std"]), "num_classes": 0,
-                               "first_conv": "conv1", "classifier": "fc"}}
+def hub_dataset_id(dataset):
+    """`dataset` if it is a Hub dataset id ('owner/name'), else None (a local folder, digits)."""
+    is_id = isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
+        and not os.path.exists(dataset)
+    return dataset if is_id else None
 
 
 def model_card(config, results=None, repo_id=None, license=None):
     """The model card: the Hub's metadata and a short body (the results, how to load the weights, the citation;
-    config.json holds the recipe). results: linear_eval.py's result records (paths or dicts); only those on a Hub
-    dataset enter the model-index (its dataset type is a Hub id), the body's table holds them all. repo_id: the Hub
-    repo named in the snippets. license: a Hub license id, or None: the card says that none was chosen and its
-    metadata has no license (the Hub's "other" would need a name and a link)."""
+    config.json holds the recipe). results: linear_eval.py's result files (or their dicts); those on a Hub dataset
+    enter the model-index (its dataset type is a Hub id), the body's table holds them all, a local folder named by
+    its last part. license: a Hub license id, or None: the card says that none was chosen (the Hub's "other" would
+    need a name and a link)."""
     import huggingface_hub
 
-    records = [read_result(item) for item in results or []]
-    dataset, with_timm = config.get("dataset"), "architecture" in config  # see timm_config
+    records = [intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item for item in results or []]
+    if not all(isinstance(record, dict) and "rows" in record for record in records):
+        raise ValueError("--eval_results: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
+    dataset = config.get("dataset")
     name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
     eval_results = [huggingface_hub.EvalResult(
         task_type="image-classification", task_name="Image classification", metric_type="accuracy",
         dataset_type=record["dataset"], dataset_name=record["dataset"],
         dataset_split=record.get("test_split"), metric_value=round(float(row[key]), 2),
         metric_name=f"{row['name']} {metric} accuracy (%)")
-        for record in records if is_hub_dataset_id(record.get("dataset")) for row in record["rows"]
+        for record in records if hub_dataset_id(record.get("dataset")) for row in record["rows"]
         for metric, key in (("top-1", "top1"), ("top-5", "top5")) if row.get(key) is not None]
     metadata = huggingface_hub.ModelCardData(
-        library_name="timm" if with_timm else "pytorch", pipeline_tag="image-feature-extraction",
-        license=license,
-        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"]
-        + ["timm"] * with_timm, model_name=name if eval_results else None, eval_results=eval_results or None,
-        datasets=[dataset] if is_hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
+        library_name="pytorch", pipeline_tag="image-feature-extraction", license=license,
+        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
+        model_name=name if eval_results else None, eval_results=eval_results or None,
+        datasets=[dataset] if hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
+    published = lambda dataset: hub_dataset_id(dataset) or Path(str(dataset or intl.DIGITS_SOURCE)).name  # noqa: E731
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
-        f"| {row['name']} | {published_name(record.get('dataset'))} ({record.get('test_split')}) | "
+        f"| {row['name']} | {published(record.get('dataset'))} ({record.get('test_split')}) | "
         + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
         for record in records for row in record["rows"]]
     kernel, stride, padding, maxpool = intl.STEMS[config.get("stem", "imagenet")]
     stem_code = "" if config.get("stem", "imagenet") == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
         + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    repo, size, dim = repo_id or "OWNER/NAME", config.get("image_size"), config.get("feature_dim", "D")
+    size = config.get("image_size")
     body = CARD.format(
-        name=name, arch=config.get("arch"), dim=dim, size=size, stem_code=stem_code, repo=repo,
-        resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
+        name=name, arch=config.get("arch"), dim=config.get("feature_dim", "D"), size=size, stem_code=stem_code,
+        repo=repo_id or "OWNER/NAME", resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
         mean=list(config.get("mean", [])), std=list(config.get("std", [])),
         table="\n".join(table) if records else "No evaluation results were recorded with this export.",
-        timm_usage=TIMM_USAGE.format(repo=repo) if with_timm else
-        "timm has no ResNet with this network's CIFAR-style stem: load it with torchvision as above.",
         license_note="" if license else "\nNo license was chosen for these weights by their publisher.")
     return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}{CITATIONS}"))  # parses: valid
 
@@ -957,8 +909,7 @@ outputs {dim}-dimensional features. `config.json` holds the recipe it was traine
 
 ## Evaluation
 
-Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (`linear_eval.py` of the project
-that made this model).
+Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (the project's `linear_eval.py`).
 
 {table}
 
@@ -980,15 +931,12 @@ preprocess = T.Compose([T.Resize({resize}, interpolation=T.InterpolationMode.BIL
                         T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize({mean}, {std})])
 ```
 
-{timm_usage}
-
 From a clone of the INTL repository that made this model: `import intl; net, config = intl.load_backbone("{repo}")`.
 {license_note}
 
 ## Citation
 
 """
-TIMM_USAGE = """With timm (its ResNets are torchvision's): `timm.create_model("hf-hub:{repo}", pretrained=True)`."""
 CITATIONS = """```bibtex
 @inproceedings{weng2024modulate,
   title     = {Modulate Your Spectrum in Self-Supervised Learning},
@@ -1005,26 +953,6 @@ Khan, Fahad Shahbaz and Huang, Lei},
 }
 ```
 """
-
-
-def is_hub_dataset_id(dataset):
-    return isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
-        and not os.path.exists(dataset)
-
-
-def published_name(dataset):
-    """What a card may say of a dataset: a Hub id as it is, a local folder by its last part only."""
-    if not dataset:
-        return intl.DIGITS_SOURCE
-    return dataset if is_hub_dataset_id(dataset) else Path(str(dataset)).name
-
-
-def read_result(item):
-    """An evaluation result: linear_eval.py's JSON file, or its dict."""
-    record = intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item
-    if not isinstance(record, dict) or "rows" not in record:
-        raise ValueError(f"{item}: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
-    return record
 
 
 def push_export_to_hub(export_dir, repo_id, private=False):
@@ -1046,21 +974,20 @@ def push_export_to_hub(export_dir, repo_id, private=False):
 
 def main_export(argv=None):
     """`python pretrain.py export ...`, the one way to publish: a training run cannot, as the card's results
-    (--eval_results) exist only after it. Raises ValueError on bad input (the caller prints `error: ...`)."""
+    (--eval_results) exist only after it."""
     parser = argparse.ArgumentParser(
         prog="pretrain.py export", allow_abbrev=False, formatter_class=intl.HelpFormatter,
         description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
                     "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
-                        "export folder, a .safetensors file or a Hub repo id 'owner/name[@revision]'")
+                        "export folder, a .safetensors file or a Hub repo id 'owner/name'")
     parser.add_argument("--arch", choices=intl.RESNETS, default=None,
                         help="encoder; None: the source's config, or inferred from the weights' shapes")
     parser.add_argument("--stem", choices=intl.STEMS, default=None,
-                        help="first layers; None: the source's config (official checkpoints: 'cifar' for INTL's "
-                             "and 'cifar-unpadded' for CW-RGP's 3x3 conv1, give 'small-maxpool' for CW-RGP's STL-10 "
-                             "/ Tiny-ImageNet networks)")
+                        help="first layers; None: the source's config, for an official 3x3 conv1 cifar (INTL) or "
+                             "cifar-unpadded (CW-RGP; its STL-10 / Tiny-ImageNet networks: small-maxpool)")
     parser.add_argument("--output_dir", type=intl.folder, required=True, help="the export folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace the export already in --output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in --output_dir")
     parser.add_argument("--eval_results", nargs="*", default=[],
                         help="linear_eval.py result JSON files for the model card's model-index")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
@@ -1069,11 +996,13 @@ def main_export(argv=None):
     parser.add_argument("--license", default=None,
                         help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
     args = parser.parse_args(argv)
-    if any((Path(args.output_dir) / name).is_file() for name in intl.EXPORT_FILES) and not args.overwrite:
-        raise ValueError(f"--output_dir {args.output_dir} already holds an export, which this command would replace: "
-                         "give another --output_dir, or add --overwrite to replace it")
-    export_dir = export_backbone_from(args.source, args.output_dir, args.arch, args.eval_results, args.push_to_hub,
-                                      args.stem, args.license)
+    export_dir = Path(args.output_dir)
+    with intl.locked(export_dir):  # another file in the folder stays; an export goes only with --overwrite
+        # Read first: the source may be the export that --overwrite removes (to push it again).
+        weights, config = converted(args.source, args.arch, args.stem)
+        card = model_card(config, args.eval_results, args.push_to_hub, args.license)
+        intl.clear_earlier_run(export_dir, [*intl.EXPORT_FILES, "README.md"], args.overwrite)
+        write_export(export_dir, weights, config, card)
     print(f"exported {args.source} to {export_dir}")
     if args.push_to_hub:  # a refusal (no token, no right to the namespace) ends in the library's words
         push_export_to_hub(export_dir, args.push_to_hub, args.private)
@@ -1087,21 +1016,22 @@ def main_export(argv=None):
 
 def run_study(config, argv, accelerator):
     """--study power (Fig. 2: --method st for each p) or trace (Fig. 3: IterNorm with and without the trace loss for
-    each T): one short pretraining per setting, each a process of its own with the other flags. A run that fails (a
-    diverging loss, a singular transform) is recorded with its error, not hidden."""
+    each T): one short pretraining per setting, each a process of its own with this command's other flags. A run
+    that fails (a diverging loss, a singular transform) is recorded with its error, not hidden."""
     if not accelerator.is_main_process:
         return
     output_dir, study, runs = Path(config.output_dir), config.study, study_runs(config)
-    # Each run: this command's flags without --study, then its own, which win (argparse keeps a flag's last value).
-    base = [arg for previous, arg in zip([""] + argv, argv) if "--study" not in (previous, arg.split("=")[0])]
+    base, dropping = [], False  # this command's flags without --study and --study_values and their values
+    for arg in argv:
+        dropping = arg.split("=")[0] in ("--study", "--study_values") if arg.startswith("--") else dropping
+        base += [] if dropping else [arg]
     if config.preset == "digits":  # minutes on a CPU; two identical crops in a batch make S singular without eps
         base = ["--epochs", "5", *(["--w_eps", "1e-3"] if study == "power" else []), *base]
-    # Before any run: an earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
+    # An earlier study's summary and runs are replaced only with --overwrite (passed on to the runs).
     intl.clear_earlier_run(output_dir, [f"{study}_study.json", f"{study}_study.png"] + [name for _, _, name in runs],
                            config.overwrite)
-    output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for settings, flags, name in tqdm(runs, desc=f"{study} study"):
+    for settings, flags, name in tqdm(runs, desc=f"{study} study"):  # each run's own flags win: they come last
         result = subprocess.run([sys.executable, __file__, *base, *flags, "--output_dir", str(output_dir / name)],
                                 capture_output=True, text=True)
         records = intl.read_jsonl(output_dir / name / "log.jsonl")
@@ -1113,30 +1043,29 @@ def run_study(config, argv, accelerator):
                      "error": error})
         tqdm.write(f"{name}: {json.dumps(rows[-1])}")
     intl.write_text_atomically(output_dir / f"{study}_study.json", json.dumps(rows, indent=2))
-    plot_study(study, rows, output_dir)
+    plot_study(study, rows, output_dir / f"{study}_study.png")
     print(f"{study} study: {len(rows)} runs -> {output_dir}/{study}_study.{{json,png}}")
 
 
 def study_runs(config):
     """(the settings in the table, the run's flags, its folder) of each run of the study."""
-    values = parse_floats(config.study_values or ("0,0.25,0.5,0.75,1,1.25,1.5" if config.study == "power"
-                                                  else "1,2,4,6,8"), "study_values")
     if config.study == "power":
-        if not (values and min(values) >= 0):
-            raise ValueError(f"--study_values {config.study_values!r}: give powers p >= 0 separated by commas")
-        return [({"power": p}, ["--method", "st", "--power", str(p)], f"power-{p:g}") for p in values]
-    if not (values and all(v >= 1 and v == int(v) for v in values)):
-        raise ValueError(f"--study_values {config.study_values!r}: give iteration counts T >= 1 (integers) separated "
-                         "by commas")
+        powers = config.study_values or [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5]
+        if min(powers) < 0:
+            raise ValueError(f"--study_values {' '.join(map(str, powers))}: give powers p >= 0")
+        return [({"power": p}, ["--method", "st", "--power", str(p)], f"power-{p:g}") for p in powers]
+    counts = config.study_values or [1, 2, 4, 6, 8]
+    if not all(t >= 1 and t == int(t) for t in counts):
+        raise ValueError(f"--study_values {' '.join(map(str, counts))}: give iteration counts T >= 1 (integers)")
     runs = []
-    for iters in map(int, values):
+    for iters in map(int, counts):  # with the trace loss (the default beta), then without it
         runs.append(({"iters": iters, "trace_loss": True}, ["--iters", str(iters)], f"T{iters}-tl"))
         runs.append(({"iters": iters, "trace_loss": False}, ["--iters", str(iters), "--beta", "0"], f"T{iters}-no-tl"))
     return runs
 
 
-def plot_study(study, rows, output_dir):
-    """STUDY_study.png: lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed)."""
+def plot_study(study, rows, path):
+    """lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1146,21 +1075,21 @@ def plot_study(study, rows, output_dir):
     series = [("", rows)] if study == "power" else [(f" {kind} trace loss", [r for r in rows if r["trace_loss"] == on])
                                                     for kind, on in (("with", True), ("without", False))]
     fig, (ax_ioc, ax_knn) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    floor = math.log10(intl.RANK_FLOOR)  # a rank-deficient covariance (lg IoC -inf) is drawn at the floor
     for suffix, part in series:
         ok = [r for r in part if not r["error"]]
         for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
                                      (ax_knn, "knn_top1", "o-", "5-NN")):
-            floor = math.log10(intl.RANK_FLOOR)  # a rank-deficient covariance (lg IoC -inf) is drawn at the floor
             values = [None if r[key] is None else max(r[key], floor) for r in ok]  # None: not measured
             ax.plot([r[x] for r in ok], values, style, label=name + suffix)
-        for r in part:
-            if r["error"]:
-                ax_knn.axvline(r[x], color="red", alpha=0.3)
+    for r in rows:
+        if r["error"]:
+            ax_knn.axvline(r[x], color="red", alpha=0.3)
     ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance (-12: singular)")
     ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
     for ax in fig.axes:
         ax.legend(fontsize=7)
-    with intl.replacing(output_dir / f"{study}_study.png") as tmp:
+    with intl.replacing(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
@@ -1200,10 +1129,9 @@ def benchmark(config, accelerator):
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     objective_s = timed(objective_step, config.benchmark, device)
-    figures = {"arch": config.arch, "views": sides, "batch_per_process": config.batch_size, "method": config.method,
-               "projector": config.projector, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
-               "compile": config.compile, "step_s": float(f"{step_s:.4g}"),
+    figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
+               "step_s": float(f"{step_s:.4g}"),
                "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
                "peak_memory_mib": round(peak), "objective_s": float(f"{objective_s:.4g}"),
                "objective_share": float(f"{objective_s / step_s:.4g}")}
@@ -1213,15 +1141,14 @@ def benchmark(config, accelerator):
 
 def timed(fn, steps, device, warmup=1):
     """Seconds per call of fn, after `warmup` calls (they choose cuDNN's kernels and grow the memory pools)."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
     tic = time.perf_counter()
     for _ in range(steps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
     return (time.perf_counter() - tic) / steps
 
 

@@ -47,7 +47,7 @@ import pretrain  # noqa: E402
 # The sizes: model flags, batch, generated photos, steps of the end-to-end run, INTL-M's small crops at that size.
 FULL = (["--arch", "resnet50", "--image_size", "224", "--projector", "8192-8192-8192"], 128, 4096, 30, [])
 QUICK = (["--arch", "resnet18", "--image_size", "32", "--projector", "64-64-64"], 8, 48, 6,
-         ["--small_crops", "28,24,20,16"])
+         ["--small_crops", "28", "24", "20", "16"])
 
 
 def main():

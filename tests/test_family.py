@@ -138,7 +138,7 @@ def test_singular_or_impossible_whitening_settings_say_what_to_change(call, mess
     ["--method", "cw-rgp", "--projector", "64-256", "--groups", "2", "--w_size", "8", "--num_views", "4",
      "--w_eps", "1e-3"],  # 2 sub-batches of 8
     ["--method", "wmse", "--projector", "64-16", "--w_size", "32", "--batch_size", "64"],  # 2 sub-batches of 32 > 16
-    ["--method", "intl-m", "--small_crops", "8,8"],
+    ["--method", "intl-m", "--small_crops", "8", "8"],
 ])
 @pytest.mark.slow
 def test_each_method_trains_end_to_end_through_pretrain(images, tmp_path, method_flags):
@@ -154,7 +154,7 @@ def test_each_method_trains_end_to_end_through_pretrain(images, tmp_path, method
 def test_power_study_writes_table_and_figures_and_records_failed_runs(images, tmp_path, capsys, monkeypatch):
     # The study in this process; each of its runs is a process of its own (one thread each, as conftest's).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    pretrain.main(small(images, "--study", "power", "--study_values", "0,0.5", "--image_size", 8, "--batch_size", 16,
+    pretrain.main(small(images, "--study", "power", "--study_values", "0", "0.5", "--image_size", 8, "--batch_size", 16,
                         "--epochs", 1, "--projector", "8-8-8", "--w_eps", "0", "--output_dir", tmp_path))
     rows = json.loads((tmp_path / "power_study.json").read_text())
     assert [r["power"] for r in rows] == [0, 0.5]

