@@ -53,8 +53,8 @@ def test_every_numeric_flag_of_every_script_has_a_checked_range(script):
     ("pretrain", ["--w_size", "1"], "--w_size 1: must be in [2, inf)"),
     ("pretrain", ["--warmup_epochs", "-1"], "--warmup_epochs -1.0: must be in [0, inf)"),
     ("pretrain", ["--num_workers", "-1"], "--num_workers -1: must be in [0, inf)"),
-    ("pretrain", ["--small_crops", "96,300", "--image_size", "224"], "--small_crops '96,300': every side"),
-    ("pretrain", ["--study", "trace", "--study_values", "1,2.5"], "--study_values '1,2.5': give iteration counts"),
+    ("pretrain", ["--small_crops", "96", "300", "--image_size", "224"], "--small_crops 96 300: every side"),
+    ("pretrain", ["--study", "trace", "--study_values", "1", "2.5"], "--study_values 1.0 2.5: give iteration counts"),
     ("linear_eval", ["--min_lr", "-1"], "--min_lr -1.0: must be in [0, inf)"),
     ("linear_eval", ["--milestones", "0.6", "1.5"], "--milestones 0.6 1.5: each value must be in [0, 1]"),
     ("linear_eval", ["--lr", "-1"], "--lr -1.0: must be in (0, inf)"),
@@ -210,7 +210,7 @@ def test_a_resumed_detection_run_keeps_its_run_control_values_unless_given_again
     ({"step": 4, "config": {"arch": "resnet999"}}, "trainer_state.json: arch is 'resnet999', must be one of resnet18"),
     ({"step": 4, "config": {"jitter": [0.4, 0.4, 0.4, 0.9]}},
      "trainer_state.json: --jitter 0.4 0.4 0.4 0.9: the hue strength must be at most 0.5; the file is damaged"),
-    ({"step": 4, "config": {"small_crops": "300"}}, "trainer_state.json: --small_crops '300': every side must be in"),
+    ({"step": 4, "config": {"small_crops": "300"}}, "trainer_state.json: small_crops is '300', must be a list of values"),
 ])
 def test_a_damaged_trainer_state_is_named_when_resuming(tmp_path, damage, message):
     folder = fake_checkpoint(tmp_path, 4, {})
