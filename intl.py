@@ -1219,7 +1219,10 @@ def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None):
     state = read_trainer_state(checkpoint / "trainer_state.json")
     if check_state is not None:
         check_state(checkpoint, state)
-    load_state(accelerator, checkpoint)  # a damaged file is named: resume from an earlier checkpoint folder
+    try:
+        load_state(accelerator, checkpoint)
+    except ValueError as error:
+        raise ValueError(f"{error}; resume from an earlier checkpoint folder instead") from None
     return checkpoint, state
 
 

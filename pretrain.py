@@ -116,8 +116,8 @@ RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, i
           "save_every": "[1, inf)", "keep": "[1, inf)", "stop_after_steps": "[1, inf)", "log_every": "[1, inf)",
           "spectrum_every": "[1, inf)", "knn_every": "[0, inf)", "benchmark": "[0, inf)", "min_scale": "(0, 1]",
           "grayscale_prob": "[0, 1]", "eval_mean": "(-inf, inf)", "eval_std": "(0, inf)", "eval_resize": "[1, inf)",
-          "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)",
-          "jitter": "[0, inf)", "blur_prob": "[0, 1]", "solarize_prob": "[0, 1]",
+          "cov_weight": "[0, inf)", "cov_epochs": "[0, inf)", "warmup_steps": "[0, inf)", "jitter": "[0, inf)",
+          "blur_prob": "[0, 1]", "solarize_prob": "[0, 1]", "small_crops": "[1, inf)", "study_values": "[0, inf)",
           "batch_size": "[2, inf)"}  # whitening needs 2 samples
 
 

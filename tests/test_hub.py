@@ -380,11 +380,11 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind
 
 @pytest.mark.parametrize("damage, message", [
     pytest.param({"config.json": '{"arch": "resnet18",'}, r"config.json is not valid JSON \(Expecting property name "
-                 r"enclosed in double quotes: line 1, column 21\)", id="invalid JSON in config.json"),
+                 r"enclosed in double quotes: line 1 column 21", id="invalid JSON in config.json"),
     pytest.param({"config.json": '{"arch": "resnet18", "image_size": "big"}'},
                  r"config.json: image_size is 'big', must be an integer", id="image_size 'big'"),
     pytest.param({"config.json": '{"std": [0.2, 0, 0.2]}'},
-                 r"config.json: std is \[0.2, 0, 0.2\], each value must be greater than 0", id="a zero std"),
+                 r"config.json: std is \[0.2, 0, 0.2\], each value must be in \(0, inf\)", id="a zero std"),
     pytest.param({"config.json": "[1, 2]"}, "config.json is not a JSON object", id="a list as config.json"),
     pytest.param({"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{}"},
                  "model.safetensors could not be read: SafetensorError",
