@@ -774,14 +774,15 @@ def save_checkpoint(accelerator, config, step, batches_per_epoch, train_images):
 
 
 def write_export(export_dir, weights, config, card=None):
-    """Write export_dir/config.json, the model card README.md and model.safetensors (weights: torchvision keys, no
-    fc.*), each atomically, the weights last: a folder with the new weights holds the whole new export."""
-    export_dir = Path(export_dir)
-    intl.write_text_atomically(export_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    if card is not None:
-        intl.write_text_atomically(export_dir / "README.md", card)
-    with intl.replacing(export_dir / "model.safetensors") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
+    """Write the export folder (model.safetensors: torchvision keys, no fc.*; config.json; the model card README.md)
+    as one: it is renamed into place, so a reader sees the old export or the new one, never a mix."""
+    with intl.replacing(export_dir) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
 
 
 def logged_spectra(log_path):
@@ -835,7 +836,7 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
 def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
     """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into the export files in
     output_dir: model.safetensors (torchvision keys, no fc.*), config.json and the model card README.md (see
-    `model_card`). Other files in output_dir stay."""
+    `model_card`), written as one folder."""
     weights, config = converted(source, arch, stem)
     write_export(output_dir, weights, config, model_card(config, results, repo_id, license))
     return Path(output_dir)
@@ -997,12 +998,14 @@ def main_export(argv=None):
                         help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
     args = parser.parse_args(argv)
     export_dir = Path(args.output_dir)
-    with intl.locked(export_dir):  # another file in the folder stays; an export goes only with --overwrite
-        # Read first: the source may be the export that --overwrite removes (to push it again).
-        weights, config = converted(args.source, args.arch, args.stem)
-        card = model_card(config, args.eval_results, args.push_to_hub, args.license)
-        intl.clear_earlier_run(export_dir, [*intl.EXPORT_FILES, "README.md"], args.overwrite)
-        write_export(export_dir, weights, config, card)
+    # Read first: the source may be the export that --overwrite replaces (to push it again).
+    weights, config = converted(args.source, args.arch, args.stem)
+    card = model_card(config, args.eval_results, args.push_to_hub, args.license)
+    held = sorted(p.name for p in export_dir.iterdir()) if export_dir.is_dir() else []
+    if held and (not args.overwrite or set(held) - {*intl.EXPORT_FILES, "README.md"}):
+        raise ValueError(f"--output_dir {export_dir} holds {', '.join(held)}; an export replaces the whole folder: "
+                         "give a new folder, or add --overwrite to replace an export")
+    write_export(export_dir, weights, config, card)
     print(f"exported {args.source} to {export_dir}")
     if args.push_to_hub:  # a refusal (no token, no right to the namespace) ends in the library's words
         push_export_to_hub(export_dir, args.push_to_hub, args.private)

@@ -322,27 +322,37 @@ def test_export_command_converts_an_official_checkpoint_and_pushes_it(tmp_path, 
     checkpoint = official_checkpoint(tmp_path / "intl.pth.tar", backbone_weights(2), arch="resnet18")
     out = main_export(["--source", str(checkpoint), "--output_dir", str(tmp_path / "export"),
                        "--push_to_hub", "me/intl-official", "--private"])
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     upload = fake_hub[-1][2]
     assert upload["files"]["README.md"] == (out / "README.md").read_bytes()
     assert fake_hub[0][2]["private"] is True
     assert "pushed" in capsys.readouterr().out
 
 
-def test_export_into_a_folder_that_is_not_an_export_keeps_what_it_holds(export, tmp_path):
+def test_export_refuses_a_folder_that_is_not_an_export_even_with_overwrite(export, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "log.jsonl").write_text("{}")
-    main_export(["--source", str(export), "--output_dir", str(tmp_path / "run")])
-    assert (tmp_path / "run" / "log.jsonl").read_text() == "{}"
-    assert_same_weights(load_file(tmp_path / "run" / "model.safetensors"), load_file(export / "model.safetensors"))
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(ValueError, match="holds log.jsonl; an export replaces the whole folder"):
+            main_export(["--source", str(export), "--output_dir", str(tmp_path / "run"), *overwrite])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.jsonl"]
 
 
-def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previous_one_untouched(export, tmp_path):
+def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previous_one_untouched(export, tmp_path,
+                                                                                                monkeypatch):
     copy = export_backbone_from(export, tmp_path / "copy")
     assert sorted(p.name for p in copy.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
     with pytest.raises(ValueError, match="missing.json is missing"):
         export_backbone_from(export, copy, results=[tmp_path / "missing.json"])
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pretrain, "save_file", disk_full)  # a full disk while the new export is written
+    with pytest.raises(OSError, match="No space left"):
+        export_backbone_from(export, copy)
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "export"]  # no temporary folder left behind
 
@@ -420,9 +430,8 @@ def test_export_command_replaces_an_existing_export_only_with_overwrite(export, 
     before = (tmp_path / "out" / "config.json").read_text()
     other = tmp_path / "other"
     pretrain.write_export(other, backbone_weights(5), {**CONFIG, "image_size": 24})
-    with pytest.raises(ValueError, match="already holds model.safetensors, config.json, README.md of an earlier run, "
-                                         "which this command would replace: give another --output_dir, or add "
-                                         "--overwrite"):
+    with pytest.raises(ValueError, match="holds README.md, config.json, model.safetensors; an export replaces the "
+                                         "whole folder: give a new folder, or add --overwrite"):
         main_export(["--source", str(other), "--output_dir", str(tmp_path / "out")])
     assert (tmp_path / "out" / "config.json").read_text() == before
     main_export(["--source", str(other), "--output_dir", str(tmp_path / "out"), "--overwrite"])
