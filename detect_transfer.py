@@ -256,7 +256,6 @@ def train(model, optimizer, train_records, iterations, config, accelerator):
     model.train()
     try:
         for images, targets in itertools.islice(batches, stop_at - start):
-            intl.stop_if_interrupted()
             lr = learning_rate(iteration, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr

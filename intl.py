@@ -509,7 +509,6 @@ import argparse
 import contextlib
 import io
 import json
-import logging
 import os
 import pickle
 import shutil
@@ -534,10 +533,9 @@ from torchvision.transforms import v2
 
 DIGITS_SOURCE = "digits"
 
-# The names a split goes by -> the split each is. A missing split is served by another name of its side: datasets
-# ship their held-out split under different names (CIFAR-10 "test", ImageNet-1k "validation", folders "val").
-_SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
-                "valid": "validation", "dev": "validation", "test": "test", "testing": "test"}
+# The sub-folders of an image folder that are splits, not classes. A split is asked for by its own name, as the
+# dataset names it (CIFAR-10 "test", ImageNet-1k "validation", a folder "val").
+_SPLIT_FOLDERS = ("train", "training", "val", "validation", "valid", "test", "testing")
 
 _HOW_TO_PROVIDE_DATA = (
     "Give --dataset a Hub dataset id (run once with network access to cache it), a folder of images (directly "
@@ -591,7 +589,7 @@ def _load_digits_split(split):
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     train, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
-    split = _resolve_split_name(split, ["train", "test"], DIGITS_SOURCE)
+    split = _split_named(split, ["train", "test"], DIGITS_SOURCE)
     indices = np.sort(train if split == "train" else test)
     images = []
     for pixels in digits.images[indices]:
@@ -620,7 +618,7 @@ def _load_saved_split(path, split):
         why = "a split of it has no rows" if isinstance(error, IndexError) else f"{type(error).__name__}: {error}"
         raise ValueError(f"cannot load {path} (written by save_to_disk): {why}; save it again") from None
     if isinstance(saved, hf_datasets.DatasetDict):
-        return saved[_resolve_split_name(split, saved, path)]
+        return saved[_split_named(split, saved, path)]
     if split != "train":  # served as "test", a bare Dataset would evaluate on the training images
         raise ValueError(f"{path} holds a single Dataset without splits, usable only as split 'train' (asked for "
                          f"{split!r}); save a DatasetDict with the held-out split instead")
@@ -633,19 +631,15 @@ def _load_image_folder_split(root, split):
     inside are unlabelled."""
     import datasets as hf_datasets
 
-    roots = {}
-    for folder in _sub_folders(root):
-        if folder.lower() in _SPLIT_NAMES:
-            roots.setdefault(_SPLIT_NAMES[folder.lower()], []).append(os.path.join(root, folder))
-    roots = roots or {"train": [root]}
-    class_names = sorted({name for folders in roots.values() for folder in folders for name in _sub_folders(folder)})
-    split = _resolve_split_name(split, roots, root)
+    roots = {name: os.path.join(root, name) for name in _sub_folders(root) if name.lower() in _SPLIT_FOLDERS}
+    roots = roots or {"train": root}
+    class_names = sorted({name for folder in roots.values() for name in _sub_folders(folder)})
+    split = _split_named(split, roots, root)
     paths, labels = [], []
-    for folder in roots[split]:
-        for label, name in enumerate(class_names or [""]):  # "": no class folders, the images in `folder` itself
-            found = _image_files(os.path.join(folder, name))
-            paths += found
-            labels += [label] * len(found)
+    for label, name in enumerate(class_names or [""]):  # "": no class folders, the images in the folder itself
+        found = _image_files(os.path.join(roots[split], name))
+        paths += found
+        labels += [label] * len(found)
     if not paths:
         raise ValueError(f"{root} has no image files (split {split!r}). {_HOW_TO_PROVIDE_DATA}")
     columns, features = {"image": [{"path": p, "bytes": None} for p in paths]}, {"image": hf_datasets.Image()}
@@ -678,8 +672,7 @@ def _image_files(folder):
 
 
 def _load_hub_split(source, split):
-    """A split of Hub dataset "id" or "id:config", through datasets' cache; all splits are loaded (datasets prepares
-    them all anyway), so that a missing one can be served by another name."""
+    """A split of Hub dataset "id" or "id:config", through datasets' cache (which prepares all splits anyway)."""
     import datasets as hf_datasets
 
     repo_id, _, config_name = source.partition(":")
@@ -689,19 +682,13 @@ def _load_hub_split(source, split):
         offline = "offline mode is on (HF_HUB_OFFLINE): " if hf_datasets.config.HF_HUB_OFFLINE else ""
         raise ValueError(f"could not load Hugging Face Hub dataset {source!r}: {offline}{err}. "
                          f"{_HOW_TO_PROVIDE_DATA}") from None
-    return loaded[_resolve_split_name(split, loaded, source)]
+    return loaded[_split_named(split, loaded, source)]
 
 
-def _resolve_split_name(split, available, where):
-    """The available split that serves `split`: itself, else the first available other name of its side."""
-    kind = _SPLIT_NAMES.get(split)
-    others = [name for name, k in _SPLIT_NAMES.items() if kind and (k == "train") == (kind == "train")]
-    name = next((name for name in [split, *others] if name in available), None)
-    if name is None:
+def _split_named(split, available, where):
+    if split not in available:
         raise ValueError(f"{where} has no split {split!r}; available splits: {sorted(available)}")
-    if name != split:
-        logging.getLogger(__name__).info("%s has no split %r; using %r instead", where, split, name)
-    return name
+    return split
 
 
 def _make_image_split(dataset, image_column, label_column, description):
@@ -1286,28 +1273,6 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, with the one line that says where the run stopped and how to continue."""
 
 
-_stop_requested = False
-
-
-def handle_stop_signals():
-    """Ctrl-C and SIGTERM (what a cluster's scheduler sends) raise KeyboardInterrupt and are remembered for
-    `stop_if_interrupted`. Call it once, from the main thread."""
-    def on_signal(signum, frame):
-        global _stop_requested
-        _stop_requested = True
-        signal.default_int_handler(signum, frame)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-
-def stop_if_interrupted():
-    """Once per training step: raise KeyboardInterrupt if Ctrl-C or SIGTERM came while a finaliser (a __del__, a
-    garbage-collection callback) ran, where Python discards the exception and the training would go on."""
-    if _stop_requested:
-        raise KeyboardInterrupt
-
-
 def interrupted_message(where, checkpoint):
     """The one line an interrupted training loop prints: where it stopped ("step 12") and how to continue."""
     if checkpoint is None:
@@ -1316,11 +1281,11 @@ def interrupted_message(where, checkpoint):
 
 
 def run(main, argv=None, interrupted="interrupted"):
-    """The error boundary of each script: main(argv) under `handle_stop_signals`. Our errors (ValueError naming the
-    file and the field) and the libraries' (an OSError names its file, a Hub error its repo) end as one line
-    "error: ..." and exit status 1; an interruption as its `Interrupted` line (else `interrupted`) and exit status
-    130, as a shell reports it."""
-    handle_stop_signals()
+    """The error boundary of each script: main(argv), with SIGTERM (what a cluster's scheduler sends) raising
+    KeyboardInterrupt as Ctrl-C does. Our errors (ValueError naming the file and the field) and the libraries' (an
+    OSError names its file, a Hub error its repo) end as one line "error: ..." and exit status 1; an interruption as
+    its `Interrupted` line (else `interrupted`) and exit status 130, as a shell reports it."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main(argv)
     except (ValueError, OSError, FloatingPointError, SafetensorError) as error:

@@ -74,7 +74,7 @@ def get_parser():
     data.add_argument("--dataset", help="Hub dataset id, a folder of class sub-folders, a save_to_disk folder, or "
                       "'digits'; None: the dataset the backbone's config.json names, if it is not a local folder")
     data.add_argument("--train_split", default="train", help="labelled split the classifiers learn from")
-    data.add_argument("--test_split", default="test", help="labelled split to test on ('validation' / 'val' stand in)")
+    data.add_argument("--test_split", default="test", help="labelled split to test on (ImageNet-1k: validation)")
     data.add_argument("--image_column", help="image column; None: detected")
     data.add_argument("--label_column", help="label column; None: detected")
     data.add_argument("--image_size", type=int, help="input side in pixels; None: the backbone's pretraining size "
@@ -283,14 +283,11 @@ def protocol_settings(protocol, config):
 def load_labelled_splits(config, accelerator):
     """-> (.train, .test and .num_classes, of both splits together: a class may be missing from the test split;
     what the results say of the data)."""
-    asked = (config.train_split, config.test_split)
+    if config.train_split == config.test_split:
+        raise ValueError(f"--train_split and --test_split are both {config.test_split}: it would test on the training "
+                         "images; give a held-out --test_split")
     splits = [intl.load_image_split(config.dataset, name, config.image_column, config.label_column, accelerator)
-              for name in asked]
-    # The splits loaded: "validation" where "test" was asked for and only that exists.
-    names = [name if split.dataset.split is None else str(split.dataset.split) for split, name in zip(splits, asked)]
-    if names[0] == names[1]:
-        raise ValueError(f"--train_split {config.train_split} and --test_split {config.test_split} are one split of "
-                         f"{config.dataset}: it would test on the training images; give a held-out --test_split")
+              for name in (config.train_split, config.test_split)]
     num_classes = 0
     for split in splits:
         if split.label_column is None:
@@ -307,7 +304,7 @@ def load_labelled_splits(config, accelerator):
     if unseen:
         raise ValueError(f"{splits[1].source} has {len(unseen)} class(es) that {splits[0].source} never has (first "
                          f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
-    data = dict(dataset=config.dataset, train_split=names[0], test_split=names[1], n_train=len(splits[0].dataset),
+    data = dict(dataset=config.dataset, train_split=config.train_split, test_split=config.test_split, n_train=len(splits[0].dataset),
                 n_test=len(splits[1].dataset), num_classes=num_classes)
     accelerator.print(f"{config.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} "
                       "classes")
@@ -548,7 +545,6 @@ def train_one_epoch(forward, optimizer, loader, progress, accelerator):
     """One pass over the training images -> the mean loss of all processes."""
     loss_sum = torch.zeros((), device=accelerator.device)
     for images, labels in loader:
-        intl.stop_if_interrupted()
         with accelerator.autocast():
             loss = F.cross_entropy(forward(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)

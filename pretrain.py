@@ -282,7 +282,6 @@ def train(config, accelerator):
     model.train()
     try:
         for epoch, batch in batches(loader, step, monitor.stop_at):
-            intl.stop_if_interrupted()
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -470,11 +469,11 @@ def knn_splits(config, accelerator, train_split):
     if train_split.label_column is None:
         print(f"no kNN monitor: {train_split.source} has no class labels (pretraining needs none)", file=sys.stderr)
         return None
-    test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
-                                       accelerator)
-    if str(test_split.dataset.split) == str(train_split.dataset.split):  # the resolved names
+    if config.eval_split == config.split:
         raise ValueError(f"--eval_split {config.eval_split} is the training split of {train_split.source}: the 5-NN "
                          "monitor would report training images as held out; give a held-out --eval_split")
+    test_split = intl.load_image_split(config.dataset, config.eval_split, config.image_column, config.label_column,
+                                       accelerator)
     transform = intl.eval_transform(config.image_size, config.eval_mean or config.mean, config.eval_std or config.std,
                                     config.eval_resize, config.eval_interpolation)
     return [accelerator.prepare_data_loader(torch.utils.data.DataLoader(

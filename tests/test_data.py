@@ -64,7 +64,7 @@ def test_digits_default_gives_1797_rgb_32x32_images_in_10_classes(digits_split):
     assert (pixels[..., 0] == pixels[..., 1]).all()  # grey digits replicated over RGB
 
 
-def test_digits_split_is_deterministic_stratified_and_aliased(digits_split):
+def test_digits_split_is_deterministic_and_stratified(digits_split):
     first, second = load_image_split(None, "test"), load_image_split(None, "test")
     assert torch.equal(labels_of(first), labels_of(second))
     undecoded = datasets.Image(decode=False)
@@ -78,9 +78,6 @@ def test_digits_split_is_deterministic_stratified_and_aliased(digits_split):
         total = train_counts[digit] + test_counts[digit]
         assert abs(test_counts[digit] - 0.2 * total) <= 1, (digit, test_counts[digit], total)
 
-    # The held-out split is also served under the names other datasets use for it.
-    validation = load_image_split(None, "validation")
-    assert torch.equal(labels_of(validation), labels_of(first))
     with pytest.raises(ValueError, match=r"no split 'unlabeled'.*\['test', 'train'\]"):
         load_image_split(None, "unlabeled")
 
@@ -117,9 +114,10 @@ def test_image_folder_train_val_layout_keeps_class_indices_across_splits(tmp_pat
 
     train = load_image_split(str(root), "train")
     val = load_image_split(str(root), "val")
-    test = load_image_split(str(root), "test")  # served by val
-    assert len(train.dataset) == 6 and len(val.dataset) == 2 and len(test.dataset) == 2
-    for split in (train, val, test):
+    assert len(train.dataset) == 6 and len(val.dataset) == 2
+    with pytest.raises(ValueError, match=r"has no split 'test'; available splits: \['train', 'val'\]"):
+        load_image_split(str(root), "test")  # asked for by its own name only
+    for split in (train, val):
         assert split.dataset.features["label"].names == ["ant", "bee", "cat"]
         for image, label in ImageDataset(split, transform=None):
             assert class_of_pixel(image) == ["ant", "bee", "cat"][label]
@@ -228,7 +226,7 @@ def test_save_to_disk_dataset_and_datasetdict_load(tmp_path):
         tmp_path / "dict"
     )
     assert len(load_image_split(tmp_path / "dict", "train").dataset) == 4
-    held_out = load_image_split(tmp_path / "dict", "test")  # served by "validation"
+    held_out = load_image_split(tmp_path / "dict", "validation")
     assert len(held_out.dataset) == 2
     image, label = ImageDataset(held_out, transform=pil_to_tensor)[1]
     assert image.shape == (3, 5, 6) and label == 1
@@ -378,7 +376,7 @@ def test_offline_hub_id_uses_a_cached_copy(tmp_path, isolated_hf_cache, monkeypa
         arrow.rename(target / arrow.name.replace("parquet-", "tiny-"))
     assert json.loads((target / "dataset_info.json").read_text())["config_name"] == "default"
 
-    split = load_image_split("intl-tests/tiny", "validation")  # served by "test"
+    split = load_image_split("intl-tests/tiny", "test")
     assert labels_of(split).tolist() == [0, 1]
     assert split.num_classes == 2
 
@@ -528,8 +526,8 @@ def test_every_pil_mode_decodes_to_the_8_bit_rgb_it_shows(case):
     assert np.array_equal(np.asarray(image), expected)
 
 
-def test_a_split_asked_for_by_an_alias_knows_the_name_it_was_loaded_as(tmp_path):
+def test_a_split_is_loaded_under_its_own_name(tmp_path):
     write_png(tmp_path / "f" / "train" / "ant" / "0.png", CLASS_COLORS["ant"])
     write_png(tmp_path / "f" / "val" / "ant" / "0.png", CLASS_COLORS["ant"])
-    assert str(load_image_split(tmp_path / "f", "test").dataset.split) == "validation"
-    assert str(load_image_split(None, "validation").dataset.split) == "test"  # digits' held-out split
+    assert str(load_image_split(tmp_path / "f", "val").dataset.split) == "val"
+    assert str(load_image_split(None, "test").dataset.split) == "test"  # digits' held-out split

@@ -232,8 +232,8 @@ def unlabelled(tmp_path):
     (["--k", "0"], "--k 0: each value must be "),
     (["--protocol", "linear", "--recipe", "intl-m"], "--recipe intl-m, but the backbone records method 'intl'"),
     (["--dataset", "{folder}", "--train_split", "val", "--test_split", "val"],
-     "--train_split val and --test_split val are one split of .*: it would test on the training images"),
-    (["--dataset", "{folder}", "--train_split", "test", "--test_split", "validation"], "are one split of"),
+     "--train_split and --test_split are both val: it would test on the training images"),
+    (["--dataset", "{folder}", "--test_split", "validation"], r"has no split 'validation'; available splits: \["),
 ])
 def test_bad_input_is_a_value_error_with_a_clear_message(pretrained, folder, tmp_path, request, args, message):
     # The __main__ block turns these into one `error: ...` line (checked above for a missing backbone).
