@@ -518,7 +518,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import datasets as hf_datasets
+import huggingface_hub
 import numpy as np
+from huggingface_hub import constants
 from PIL import Image as PILImage
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -582,7 +585,6 @@ def load_image_split(source, split, image_column=None, label_column=None, accele
 def _load_digits_split(split):
     """scikit-learn's digits as 32x32 RGB PNGs, in a seeded, class-stratified 80/20 train/test split: the same on
     every call, so that pre-training never sees the images that report test accuracy."""
-    import datasets as hf_datasets
     from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import, only digits need it
     from sklearn.model_selection import train_test_split
 
@@ -610,27 +612,19 @@ def looks_like_path(source):
 
 
 def _load_saved_split(path, split):
-    import datasets as hf_datasets
-
     try:
         saved = hf_datasets.load_from_disk(path)
     except (OSError, ValueError, IndexError) as error:  # IndexError: a split saved without rows has no .arrow file
         why = "a split of it has no rows" if isinstance(error, IndexError) else f"{type(error).__name__}: {error}"
         raise ValueError(f"cannot load {path} (written by save_to_disk): {why}; save it again") from None
-    if isinstance(saved, hf_datasets.DatasetDict):
-        return saved[_split_named(split, saved, path)]
-    if split != "train":  # served as "test", a bare Dataset would evaluate on the training images
-        raise ValueError(f"{path} holds a single Dataset without splits, usable only as split 'train' (asked for "
-                         f"{split!r}); save a DatasetDict with the held-out split instead")
-    return saved
+    splits = saved if isinstance(saved, hf_datasets.DatasetDict) else {"train": saved}  # a Dataset: training only
+    return splits[_split_named(split, splits, path)]
 
 
 def _load_image_folder_split(root, split):
     """ROOT/<class>/... or ROOT/<split>/<class>/...: an image at any depth below a class folder has the index of that
     class among all splits' sorted class names (the same in every split). Without class folders, the images directly
     inside are unlabelled."""
-    import datasets as hf_datasets
-
     roots = {name: os.path.join(root, name) for name in _sub_folders(root) if name.lower() in _SPLIT_FOLDERS}
     roots = roots or {"train": root}
     class_names = sorted({name for folder in roots.values() for name in _sub_folders(folder)})
@@ -673,8 +667,6 @@ def _image_files(folder):
 
 def _load_hub_split(source, split):
     """A split of Hub dataset "id" or "id:config", through datasets' cache (which prepares all splits anyway)."""
-    import datasets as hf_datasets
-
     repo_id, _, config_name = source.partition(":")
     try:
         loaded = hf_datasets.load_dataset(repo_id, config_name or None)
@@ -695,8 +687,6 @@ def _make_image_split(dataset, image_column, label_column, description):
     """Check the given columns, or detect them: the image column is the first Image feature (else "image" / "img");
     the label column the first of "label", "fine_label", a ClassLabel, "labels" that holds integer class labels
     (none: unlabelled)."""
-    import datasets as hf_datasets
-
     features, columns = dataset.features, list(dataset.features)
     for role, name in (("image", image_column), ("label", label_column)):
         if name is not None and name not in features:
@@ -722,8 +712,6 @@ def _make_image_split(dataset, image_column, label_column, description):
 
 
 def _holds_class_indices(feature):
-    import datasets as hf_datasets
-
     return isinstance(feature, hf_datasets.ClassLabel) or (
         isinstance(feature, hf_datasets.Value) and feature.dtype.startswith(("int", "uint")))
 
@@ -740,8 +728,6 @@ class ImageDataset(torch.utils.data.Dataset):
     the images, not datasets, so that a broken one raises an error naming its file. Picklable when `transform` is."""
 
     def __init__(self, split, transform=None):
-        import datasets as hf_datasets
-
         # Only the needed columns (any other would be converted at each access), as plain Python rows.
         columns = [split.image_column] + ([split.label_column] if split.label_column else [])
         rows = split.dataset.select_columns(columns).cast_column(split.image_column, hf_datasets.Image(decode=False))
@@ -1474,9 +1460,6 @@ def _weights_mismatch(expected, weights):
 def _hub_snapshot(repo_id, revision=None):
     """A Hub model id 'owner/name' -> (the folder of its export in huggingface_hub's cache, downloaded there if
     needed; 'owner/name[@revision]')."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
     if looks_like_path(repo_id) or repo_id.count("/") != 1 or Path(repo_id).suffix in (".safetensors", ".pth", ".tar"):
         raise ValueError(f"backbone {repo_id!r} not found: no such file or folder, nor a Hub id 'owner/name'")
     where = repo_id + (f"@{revision}" if revision else "")

@@ -219,7 +219,7 @@ def test_save_to_disk_dataset_and_datasetdict_load(tmp_path):
     single = load_image_split(tmp_path / "single", "train")
     assert len(single.dataset) == 4 and single.num_classes == 2
     assert labels_of(single).tolist() == [0, 1, 0, 1]
-    with pytest.raises(ValueError, match="single Dataset without splits"):
+    with pytest.raises(ValueError, match=r"single has no split 'test'; available splits: \['train'\]"):
         load_image_split(tmp_path / "single", "test")
 
     datasets.DatasetDict({"train": make_dataset(4), "validation": make_dataset(2)}).save_to_disk(
