@@ -743,8 +743,6 @@ class ImageDataset(torch.utils.data.Dataset):
         value = row[self.image_column] or {}  # undecoded: {"bytes", "path"}
         path, data = value.get("path"), value.get("bytes")
         try:
-            if data is None and not path:
-                raise ValueError("the entry has neither bytes nor a path")
             with PILImage.open(io.BytesIO(data) if data is not None else path) as handle:
                 image = to_rgb(handle)  # decodes fully, so that truncation shows up here
         except Exception as err:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
@@ -856,15 +854,12 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     # The labels as indices among the classes present (in order): memory does not grow with the label values.
     classes, indices = torch.unique(torch.cat([train_labels, test_labels]), return_inverse=True)
     train_labels, test_labels = indices.split([len(train_labels), len(test_labels)])
-    device, num_classes = nearest.device, len(classes)
+    votes = torch.zeros(len(nearest), len(classes), dtype=torch.long, device=nearest.device)
+    votes.scatter_add_(1, train_labels.to(nearest.device)[nearest], torch.ones_like(nearest))
     # Votes x classes + (classes - 1 - class): no two scores are equal, so the tie rule does not rest on which of
     # equal maxima argmax returns.
-    tie_break = torch.arange(num_classes - 1, -1, -1, device=device)
-    correct = 0
-    for labels, truth in zip(train_labels.to(device)[nearest].split(1024), test_labels.to(device).split(1024)):
-        votes = torch.zeros(len(labels), num_classes, dtype=torch.long, device=device)
-        votes.scatter_add_(1, labels, torch.ones_like(labels))  # 1024 queries at a time: bounded memory
-        correct += ((votes * num_classes + tie_break).argmax(1) == truth).sum().item()
+    scores = votes * len(classes) + torch.arange(len(classes) - 1, -1, -1, device=nearest.device)
+    correct = (scores.argmax(1) == test_labels.to(nearest.device)).sum().item()
     return {"top1": 100.0 * correct / len(test_features)}
 
 
