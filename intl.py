@@ -524,7 +524,7 @@ import numpy as np
 from huggingface_hub import constants
 from PIL import Image as PILImage
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torchvision.transforms import v2
 
 
@@ -1017,8 +1017,8 @@ def changed_settings(saved, current):
 # ----------------------------------------------------------------------------- nothing lost or half-written
 #
 # A file or folder is written under a temporary name and renamed into place (`replacing`): a crash, a full disk or a
-# kill leaves the old version or the new one. One run per output folder; an earlier run's results go only with
-# --overwrite.
+# kill leaves the old version or the new one. One run per output folder (`locked`); an earlier run's results go only
+# with --overwrite (`clear_earlier_run`).
 
 
 @contextlib.contextmanager
@@ -1098,9 +1098,6 @@ def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, m
     found = [] if own else [name + "/" * path.is_dir() for name, path in paths.items() if path.is_file() or (
         path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir()))]
     if found and not overwrite:
-        if any(name.startswith("checkpoints") for name in found):
-            raise ValueError(f"{output_dir} holds the checkpoints of an earlier run: continue it with --resume latest, "
-                             "or give another --output_dir (or add --overwrite to replace that run)")
         resumable = " (or continue the earlier run with --resume latest)" if any(
             name.startswith("checkpoints") for name in results) else ""
         raise ValueError(f"--output_dir {output_dir} already holds {', '.join(found)} of an earlier run, which this "
@@ -1279,123 +1276,48 @@ def run(main, argv=None, interrupted="interrupted"):
         sys.exit(130)
 
 
-# ----------------------------------------------------------------------------- loading a backbone from anywhere
+# ----------------------------------------------------------------------------- loading a backbone
 #
-# load_backbone loads strictly, from an export folder (model.safetensors + config.json) or a bare .safetensors file,
-# a Hub model id "owner/name" through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only), a pretrain.py
-# checkpoint folder or an official INTL / CW-RGP .pth.tar.
+# load_backbone loads strictly from an export folder (model.safetensors + config.json), a Hub model id "owner/name"
+# (its export, through huggingface_hub's cache; HF_HUB_OFFLINE=1: the cache only) or a pretrain.py checkpoint folder.
+# Other weights (an official INTL / CW-RGP .pth.tar, a bare .safetensors file) become an export with `pretrain.py
+# export`.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 EXPORT_FILES = ("model.safetensors", "config.json")
 
 
-def load_backbone(source, arch=None, revision=None, stem=None):
-    """-> (backbone in eval mode, config: arch, stem, feature_dim, image_size, mean, std and what an export recorded
-    of its training). arch: needed only when the weights fit no ResNet exactly. revision: a Hub branch, tag or commit.
-    stem: for weights whose config does not say it. ValueError for anything that does not load (never half-loaded)."""
-    weights, config, config_file = _read_backbone(os.fspath(source), revision)
+def load_backbone(source, revision=None):
+    """-> (backbone in eval mode, config: arch, stem, feature_dim, image_size, mean, std and what the export recorded).
+    revision: a Hub branch, tag or commit. ValueError for anything that does not load (never half-loaded)."""
+    folder, hub_repo = Path(os.path.expanduser(os.fspath(source))), None
+    if not folder.exists():
+        folder, hub_repo = _hub_snapshot(os.fspath(source), revision)
+    if not folder.is_dir():
+        raise ValueError(f"backbone {source} is a file: make it an export first (python pretrain.py export --source "
+                         f"{source} --output_dir EXPORT), then give the export")
+    if (folder / "trainer_state.json").is_file():
+        weights, config, config_file = *_read_pretrain_checkpoint(folder), folder / "trainer_state.json"
+    else:
+        weights, config_file = read_safetensors(folder / "model.safetensors"), folder / "config.json"
+        config = read_json(config_file) | ({"hub_repo": hub_repo} if hub_repo else {})
     check_weights(weights, f"the weights of {source}")
-    check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, config_file)
-    config = _complete_config(config, weights, arch, stem, source)
-    with torch.device("meta"):  # no random initialisation to overwrite
-        backbone = build_backbone(config["arch"], config["stem"])
-    expected = backbone.state_dict()
-    problems = _weights_mismatch(expected, weights)
-    if problems:
-        raise ValueError(f"the weights do not fit {source} ({config['arch']}, {config['stem']} stem): {problems}. "
-                         "Check --arch (and the stem)")
-    # assign: the backbone lives on the meta device; each tensor in its dtype (an fp16 file loads as float32)
-    backbone.load_state_dict({k: weights[k].to(v.dtype) for k, v in expected.items()}, assign=True)
-    config["feature_dim"] = backbone.feature_dim
-    return backbone.eval(), config
-
-
-def _read_backbone(source, revision):
-    """-> (weights, config, the file the config came from). A Hub model is read as the export in its cache folder."""
-    path, hub_repo = Path(os.path.expanduser(source)), None
-    if not path.exists():
-        path, hub_repo = _hub_snapshot(source, revision)
-    if (path / "trainer_state.json").is_file():
-        return *_read_pretrain_checkpoint(path), path / "trainer_state.json"
-    if path.is_file() and path.suffix != ".safetensors":
-        return *_read_official_checkpoint(path), path
-    if path.is_dir():  # an export: its weights, with the config.json beside them
-        path = path / "model.safetensors"
-    beside = path.with_name("config.json")
-    config = read_json(beside) if beside.is_file() else {}
-    if hub_repo:
-        config["hub_repo"] = hub_repo
-    return read_safetensors(path), config, beside
-
-
-# What an export records of the pretraining run that made it.
-RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bias", "iters", "axis", "beta",
-               "power", "momentum", "groups", "w_size", "w_iter", "w_eps", "pair_loss", "cov_weight", "cov_epochs",
-               "num_views", "small_crops", "min_scale", "crop_interpolation", "colour_before_crop", "jitter",
-               "grayscale_prob", "blur_prob", "solarize_prob", "mean", "std", "epochs", "batch_size", "lr",
-               "weight_decay", "decay_all_params", "warmup_epochs", "warmup_steps", "optimizer", "schedule",
-               "mixed_precision", "seed")
-# The settings each method uses: an export records its own method's, none of the others'.
-METHOD_SETTINGS = {"intl": ("iters", "axis", "beta"), "intl-m": ("iters", "axis", "beta", "momentum"),
-                   "st": ("power", "axis", "w_eps", "beta"), "wmse": ("w_size", "w_iter", "w_eps"),
-                   "cw-rgp": ("groups", "axis", "w_size", "w_iter", "w_eps", "pair_loss", "cov_weight", "cov_epochs")}
+    return backbone_from(weights, config, config_file), config
 
 
 def _read_pretrain_checkpoint(folder):
+    """A pretrain.py checkpoint -> (its backbone's weights, the backbone's config that pretrain.py saved with it)."""
     state = read_trainer_state(folder / "trainer_state.json")
-    unused = set().union(*METHOD_SETTINGS.values()) - set(METHOD_SETTINGS.get(state["config"].get("method"), ()))
-    train = {key: value for key, value in state["config"].items() if key not in unused}
-    weights = _strip_prefix(read_safetensors(folder / "model.safetensors"), ("backbone.",), folder)
-    config = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset", "split",
-                                          "projector", "iters", "axis", "beta", "eval_resize",
-                                          "eval_interpolation")
-              if train.get(key) is not None}
-    dataset = config.get("dataset")
-    if isinstance(dataset, str) and (looks_like_path(dataset) or os.path.exists(dataset)):
-        # An export may be published: a local folder is named by its last part, never by its path.
-        config.update(dataset=Path(dataset).name, dataset_is_local_folder=True)
-    # What a user of the features feeds them: the recipe's evaluation input (cifar100 pretrains with its own
-    # mean / std but is evaluated with CIFAR-10's, as the authors do).
-    for key in ("mean", "std"):
-        if train.get(f"eval_{key}") or train.get(key):
-            config[key] = train.get(f"eval_{key}") or train[key]
-    config.update(epochs_trained=state.get("epochs_trained"), steps_trained=state.get("step"))
-    config["recipe"] = {key: train[key] for key in RECIPE_KEYS if key in train}
-    return weights, config
+    if not isinstance(state.get("backbone"), dict):
+        raise ValueError(f"{folder / 'trainer_state.json'} holds no 'backbone' object: not a pretrain.py checkpoint")
+    weights = {key.removeprefix("backbone."): value for key, value in
+               read_safetensors(folder / "model.safetensors").items() if key.startswith("backbone.")}
+    return weights, {**state["backbone"], "epochs_trained": state.get("epochs_trained"), "steps_trained": state.get("step")}
 
 
-def _read_official_checkpoint(path):
-    """{"state_dict": {...}}, the backbone under "module.backbone.*" (INTL), "model.module.*" (CW-RGP's small-data
-    code: an nn.DataParallel encoder) or "module.model.*" (CW-RGP's ImageNet code)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load and pickle raise many types on a damaged file
-        raise unreadable(path, error) from None
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f"{path} holds no state_dict of tensors (expected a dict with a 'state_dict' entry, "
-                         "as the official INTL / CW-RGP checkpoints)")
-    cw_rgp = any(k.startswith(("module.model.", "model.")) for k in state_dict)
-    config = {"source_format": f"official {'CW-RGP' if cw_rgp else 'INTL'} checkpoint"}
-    if checkpoint.get("arch") in RESNETS:  # the official ImageNet scripts save it next to the state_dict
-        config["arch"] = checkpoint["arch"]
-    weights = _strip_prefix(state_dict, ("module.backbone.", "backbone.", "model.module.", "module.model.", "model."),
-                            path)
-    return weights, config
-
-
-def _strip_prefix(state_dict, prefixes, where):
-    for prefix in prefixes:
-        weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if weights:
-            return weights
-    raise ValueError(f"{where} has no backbone weights: no key starts with {' or '.join(map(repr, prefixes))} "
-                     f"(first keys: {', '.join(map(repr, list(state_dict)[:3])) or 'none'})")
-
-
-# What a backbone's config.json may say, checked as the flags that set it are: a damaged file cannot turn into a
-# deep traceback, or a silently wrong evaluation, later.
+# What a backbone's config may say, checked as the flags that set it are: a damaged file cannot turn into a deep
+# traceback, or a silently wrong evaluation, later.
 BACKBONE_SETTINGS = argparse.ArgumentParser(add_help=False)
 BACKBONE_SETTINGS.add_argument("--arch", type=str, choices=RESNETS)
 BACKBONE_SETTINGS.add_argument("--stem", type=str, choices=list(STEMS))
@@ -1407,38 +1329,27 @@ BACKBONE_SETTINGS.add_argument("--std", type=float, nargs=3)
 BACKBONE_RANGES = {"image_size": "[1, inf)", "eval_resize": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)"}
 
 
-def _complete_config(config, weights, arch, stem, source):
-    """Fill in arch, stem, input size and normalisation, the given ones first, then the config's, then what the
-    weights say: a 7x7 conv1 is the ImageNet stem, a 3x3 one that nothing names INTL's CIFAR network."""
-    check_settings({"arch": arch, "stem": stem}, BACKBONE_SETTINGS, {})
-    small_conv1 = "conv1.weight" in weights and tuple(weights["conv1.weight"].shape[-2:]) == (3, 3)
-    if (not (stem or config.get("stem")) and config.get("source_format") == "official CW-RGP checkpoint"
-            and small_conv1):  # its file does not say whether the ResNet keeps the max-pool
-        raise ValueError(f"{source} is a CW-RGP checkpoint with a 3x3 conv1, which may or may not be followed by a "
-                         "max-pool: pass --stem cifar-unpadded (its CIFAR network) or --stem small-maxpool (its STL-10 "
-                         f"and Tiny-ImageNet network); the stems: {', '.join(STEMS)}")
-    config["stem"] = stem or config.get("stem") or ("cifar" if small_conv1 else "imagenet")
-    config["arch"] = arch or config.get("arch") or _infer_arch(weights, config["stem"], source)
-    kernel, stride, padding, config["maxpool"] = STEMS[config["stem"]]
-    config["conv1"] = {"kernel_size": kernel, "stride": stride, "padding": padding}  # to rebuild it in torchvision
-    small = config["stem"] != "imagenet"
-    config.setdefault("image_size", 32 if small else 224)
-    config.setdefault("mean", list(CIFAR_MEAN if small else IMAGENET_MEAN))
-    config.setdefault("std", list(CIFAR_STD if small else IMAGENET_STD))
-    return config
+def backbone_from(weights, config, where):
+    """The backbone that config (arch, stem, image_size, mean, std, as an export's config.json) describes, loaded
+    strictly with `weights` (already through `check_weights`); config gains its feature_dim. where: the config's
+    file."""
+    check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, where)
+    if missing := [key for key in ("arch", "stem", "image_size", "mean", "std") if config.get(key) is None]:
+        raise ValueError(f"{where} does not say the backbone's {missing[0]}: the file is damaged or was not written "
+                         "by this project")
+    with torch.device("meta"):  # no random initialisation to overwrite
+        backbone = build_backbone(config["arch"], config["stem"])
+    expected = backbone.state_dict()
+    if problems := weights_mismatch(expected, weights):
+        raise ValueError(f"the weights do not fit {config['arch']} with the {config['stem']} stem that {where} "
+                         f"says: {problems}")
+    # assign: the backbone lives on the meta device; each tensor in its dtype (an fp16 file loads as float32)
+    backbone.load_state_dict({k: weights[k].to(v.dtype) for k, v in expected.items()}, assign=True)
+    config["feature_dim"] = backbone.feature_dim
+    return backbone.eval()
 
 
-def _infer_arch(weights, stem, source):
-    """The ResNet whose state_dict has exactly these keys and shapes (built on the meta device: no memory)."""
-    for arch in RESNETS:
-        with torch.device("meta"):
-            if not _weights_mismatch(build_backbone(arch, stem).state_dict(), weights):
-                return arch
-    raise ValueError(f"cannot infer the architecture of {source}: its weights fit none of {', '.join(RESNETS)} "
-                     "exactly; pass --arch to see which keys differ")
-
-
-def _weights_mismatch(expected, weights):
+def weights_mismatch(expected, weights):
     """How `weights` differ from a model's state_dict `expected`: the first missing, unexpected and mis-shaped keys."""
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -1450,6 +1361,21 @@ def _weights_mismatch(expected, weights):
         problems.append(f"{len(misshaped)} key(s) of another shape, first {k!r}: "
                         f"{tuple(weights[k].shape)} in the weights, {tuple(expected[k].shape)} in the model")
     return "; ".join(problems)
+
+
+def write_export(folder, weights, config, card=None):
+    """An export folder: model.safetensors (torchvision's keys, no fc.*), config.json (with the conv1 and max-pool
+    that rebuild the stem in plain torchvision) and the model card README.md, renamed into place as one: a reader
+    sees the old export or the new one, never a mix."""
+    kernel, stride, padding, maxpool = STEMS[config["stem"]]
+    config = {**config, "conv1": {"kernel_size": kernel, "stride": stride, "padding": padding}, "maxpool": maxpool}
+    with replacing(folder) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
 
 
 def _hub_snapshot(repo_id, revision=None):

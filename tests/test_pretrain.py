@@ -117,7 +117,7 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tiny_images, tmp_pa
     run("--output_dir", parts, *tiny_args(tiny_images, *flags, "--method", "intl-m", "--stop_after_steps", 5))
     assert max(losses(parts)) == 5
     forgot = run("--output_dir", parts, *tiny_args(tiny_images, *flags, "--method", "intl-m"), check=False)
-    assert forgot.returncode != 0 and "holds the checkpoints of an earlier run" in forgot.stderr  # forgot --resume
+    assert forgot.returncode != 0 and "already holds checkpoints/" in forgot.stderr and "--resume latest" in forgot.stderr  # forgot --resume
     run("--output_dir", parts, "--resume", "latest", *tiny_args(tiny_images, *flags))
     expected, resumed = losses(whole), losses(parts)
     assert sorted(resumed) == sorted(expected) == list(range(1, 13))
