@@ -282,7 +282,6 @@ def train(config, accelerator):
     model.train()
     try:
         for epoch, batch in batches(loader, step, monitor.stop_at):
-            intl.stop_if_interrupted()
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -858,23 +857,20 @@ def hub_dataset_id(dataset):
 
 
 def model_card(config, results=None, repo_id=None, license=None):
-    """The model card: the Hub's metadata and a short body (the results, how to load the weights, the citation;
-    config.json holds the recipe). results: linear_eval.py's result files (or their dicts); those on a Hub dataset
-    enter the model-index (its dataset type is a Hub id), the body's table holds them all, a local folder named by
-    its last part. license: a Hub license id, or None: the card says that none was chosen (the Hub's "other" would
-    need a name and a link)."""
+    """The model card: Hub metadata, then results, loading and citations (config.json holds the recipe). Results on
+    a Hub dataset enter the model-index (its dataset type is a Hub id), the table holds all. license: a Hub id; None:
+    the card says none was chosen (the Hub's "other" would need a name and a link)."""
     import huggingface_hub
 
     records = [intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item for item in results or []]
     if not all(isinstance(record, dict) and "rows" in record for record in records):
         raise ValueError("--eval_results: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
-    dataset = config.get("dataset")
+    dataset, stem, size = config.get("dataset"), config.get("stem", "imagenet"), config.get("image_size")
     name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
     eval_results = [huggingface_hub.EvalResult(
         task_type="image-classification", task_name="Image classification", metric_type="accuracy",
-        dataset_type=record["dataset"], dataset_name=record["dataset"],
-        dataset_split=record.get("test_split"), metric_value=round(float(row[key]), 2),
-        metric_name=f"{row['name']} {metric} accuracy (%)")
+        dataset_type=record["dataset"], dataset_name=record["dataset"], dataset_split=record.get("test_split"),
+        metric_value=round(float(row[key]), 2), metric_name=f"{row['name']} {metric} accuracy (%)")
         for record in records if hub_dataset_id(record.get("dataset")) for row in record["rows"]
         for metric, key in (("top-1", "top1"), ("top-5", "top5")) if row.get(key) is not None]
     metadata = huggingface_hub.ModelCardData(
@@ -882,16 +878,15 @@ def model_card(config, results=None, repo_id=None, license=None):
         tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
         model_name=name if eval_results else None, eval_results=eval_results or None,
         datasets=[dataset] if hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
-    published = lambda dataset: hub_dataset_id(dataset) or Path(str(dataset or intl.DIGITS_SOURCE)).name  # noqa: E731
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
-        f"| {row['name']} | {published(record.get('dataset'))} ({record.get('test_split')}) | "
+        f"| {row['name']} | {hub_dataset_id(r.get('dataset')) or Path(str(r.get('dataset'))).name} "
+        f"({r.get('test_split')}) | "
         + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
-        for record in records for row in record["rows"]]
-    kernel, stride, padding, maxpool = intl.STEMS[config.get("stem", "imagenet")]
-    stem_code = "" if config.get("stem", "imagenet") == "imagenet" else (
+        for r in records for row in r["rows"]]
+    kernel, stride, padding, maxpool = intl.STEMS[stem]
+    stem_code = "" if stem == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
         + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    size = config.get("image_size")
     body = CARD.format(
         name=name, arch=config.get("arch"), dim=config.get("feature_dim", "D"), size=size, stem_code=stem_code,
         repo=repo_id or "OWNER/NAME", resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
@@ -904,19 +899,15 @@ def model_card(config, results=None, repo_id=None, license=None):
 CARD = """
 # {name}
 
-A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in Self-Supervised
-Learning", Weng et al., ICLR 2024). Only the backbone is published (a torchvision `state_dict` without `fc.*`): it
-outputs {dim}-dimensional features. `config.json` holds the recipe it was trained with.
+A {arch} encoder pretrained with **IterNorm with trace loss** (INTL: "Modulate Your Spectrum in Self-Supervised
+Learning", Weng et al., ICLR 2024), published alone: a torchvision `state_dict` without `fc.*`, {dim}-dimensional
+features. `config.json` holds the recipe it was trained with.
 
-## Evaluation
-
-Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (the project's `linear_eval.py`).
+## Evaluation (frozen features: `linear_eval.py`)
 
 {table}
 
 ## Usage
-
-With plain torchvision (the input: RGB, resized and centre-cropped, scaled to [0, 1] and normalised):
 
 ```python
 import torch, torchvision
@@ -927,7 +918,7 @@ from torchvision.transforms import v2 as T
 net = torchvision.models.{arch}()
 {stem_code}net.fc = torch.nn.Identity()
 net.load_state_dict(load_file(hf_hub_download("{repo}", "model.safetensors")))  # strict
-net.eval()  # net(preprocess(image)[None]) -> features [1, {dim}]
+net.eval()  # net(preprocess(rgb_image)[None]) -> features [1, {dim}]
 preprocess = T.Compose([T.Resize({resize}, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop({size}),
                         T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize({mean}, {std})])
 ```
