@@ -10,6 +10,7 @@ upload, `pretrain.py export`, the paper's studies and --benchmark.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -306,23 +307,19 @@ def train(config, accelerator):
 
 
 def finish(config, accelerator, monitor, step):
-    output_dir = Path(config.output_dir)
-    if step == monitor.total_steps:
-        if accelerator.is_main_process:
-            export_backbone_from(monitor.last_good, output_dir / "backbone")
-            monitor.plot_spectra(output_dir / "spectrum.png")
-            monitor.summary()
-        evaluate = f"python linear_eval.py --backbone {output_dir / 'backbone'}"
-        if not (config.dataset == intl.DIGITS_SOURCE or hub_dataset_id(config.dataset)):
-            evaluate += " --dataset LABELLED_DATA"  # linear_eval cannot find a local folder from the export
-        monitor.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. "
-                     f"Next: {evaluate}. To publish it with the evaluation's results: python pretrain.py export "
-                     f"--source {output_dir / 'backbone'} --eval_results RESULT.json --output_dir NEW "
-                     "--push_to_hub REPO")
-    else:
+    """A finished run exports its backbone, draws spectrum.png and sums up; a stopped one says how to continue."""
+    output_dir, backbone = Path(config.output_dir), Path(config.output_dir) / "backbone"
+    if step < monitor.total_steps:
         monitor.info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
-                     f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} "
-                     "--resume latest")
+                     f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
+    elif accelerator.is_main_process:
+        export_backbone_from(monitor.last_good, backbone)
+        monitor.plot_spectra(output_dir / "spectrum.png")
+        local = not (config.dataset == intl.DIGITS_SOURCE or hub_dataset_id(config.dataset))
+        monitor.summary(f"done: the backbone is in {backbone}, the log in {monitor.path}. Next: python linear_eval.py "
+                        f"--backbone {backbone}{' --dataset LABELLED_DATA' * local}. To publish it with the "
+                        f"evaluation's results: python pretrain.py export --source {backbone} --eval_results "
+                        "RESULT.json --output_dir NEW --push_to_hub REPO")  # linear_eval cannot find a local folder
     accelerator.end_training()
 
 
@@ -447,8 +444,9 @@ class Monitor:
                          f"{self.path.parent.name}: eigenvalues of the covariance over training")
             self.info(f"spectrum plot: {path}")
 
-    def summary(self):
-        """First and last logged value of the main figures, read back from the log (so it spans resumes)."""
+    def summary(self, next_steps):
+        """First -> last logged value of the main figures, read back from the log (so it spans resumes), the
+        warnings, then `next_steps`."""
         records = intl.read_jsonl(self.path)
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
@@ -456,10 +454,9 @@ class Monitor:
                            ("images_per_s", "images/s since the start")):
             values = [f"step {r['step']:6d}: " + ("rank-deficient" if r[key] == -math.inf else f"{r[key]:9.4f}")
                       for r in records if key in r]
-            if values:
-                lines.append(f"  {label:28s} {values[0]}  ->  {values[-1]}")
+            lines += [f"  {label:28s} {values[0]}  ->  {values[-1]}"] if values else []
         lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
-        self.info("\n".join(lines))
+        self.info("\n".join(lines + [next_steps]))
 
 
 def knn_splits(config, accelerator, train_split):
@@ -793,30 +790,39 @@ def plot_spectra(spectra, path, title):
     """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending: the
     few that `plotted_steps` chose), each divided by its largest, on a log scale. Eigenvalues at the numerical floor
     (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in spectra]
     at_floor = any(intl.lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    for colour, (label, *eigs) in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
-        for ax, eig in zip(axes, eigs):
-            normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
-            ioc = intl.lg_ioc(eig)
-            ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
-    for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
-        if at_floor:
-            ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
-            ax.set_ylim(intl.RANK_FLOOR / 3, 3)
-        ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
+    colours = colormaps["viridis"]([i / max(1, len(picks) - 1) for i in range(len(picks))])
+    with two_panels(path, (7.2, 3.2), dpi=200) as (fig, axes):
+        for colour, (label, *eigs) in zip(colours, picks):
+            for ax, eig in zip(axes, eigs):
+                normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
+                ioc = intl.lg_ioc(eig)
+                ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
+                        label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+        for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
+            if at_floor:
+                ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
+                ax.set_ylim(intl.RANK_FLOOR / 3, 3)
+            ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
+        fig.suptitle(title, fontsize=9)
+
+
+@contextlib.contextmanager
+def two_panels(path, size, dpi):
+    """A figure of two panels side by side for the block to draw; then their legends, and the figure written to
+    `path` through intl.replacing. matplotlib's object API: no display, no pyplot state to close."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(1, 2)
+    yield fig, axes
+    for ax in axes:
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=9)
     with intl.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=200)
-    plt.close(fig)
+        fig.savefig(tmp, dpi=dpi)
 
 
 def plotted_steps(total_steps, spectrum_every, curves=6):
@@ -1060,32 +1066,23 @@ def study_runs(config):
 
 def plot_study(study, rows, path):
     """lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x, label = ("power", "power p of g(l) = l^-p") if study == "power" else ("iters", "IterNorm iterations T")
     series = [("", rows)] if study == "power" else [(f" {kind} trace loss", [r for r in rows if r["trace_loss"] == on])
                                                     for kind, on in (("with", True), ("without", False))]
-    fig, (ax_ioc, ax_knn) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     floor = math.log10(intl.RANK_FLOOR)  # a rank-deficient covariance (lg IoC -inf) is drawn at the floor
-    for suffix, part in series:
-        ok = [r for r in part if not r["error"]]
-        for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
-                                     (ax_knn, "knn_top1", "o-", "5-NN")):
-            values = [None if r[key] is None else max(r[key], floor) for r in ok]  # None: not measured
-            ax.plot([r[x] for r in ok], values, style, label=name + suffix)
-    for r in rows:
-        if r["error"]:
-            ax_knn.axvline(r[x], color="red", alpha=0.3)
-    ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance (-12: singular)")
-    ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
-    for ax in fig.axes:
-        ax.legend(fontsize=7)
-    with intl.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    with two_panels(path, (10, 4), dpi=120) as (_, (ax_ioc, ax_knn)):
+        for suffix, part in series:
+            ok = [r for r in part if not r["error"]]
+            for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
+                                         (ax_knn, "knn_top1", "o-", "5-NN")):
+                values = [None if r[key] is None else max(r[key], floor) for r in ok]  # None: not measured
+                ax.plot([r[x] for r in ok], values, style, label=name + suffix)
+        for r in rows:
+            if r["error"]:
+                ax_knn.axvline(r[x], color="red", alpha=0.3)
+        ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)",
+                   title="condition of the covariance (-12: singular)")
+        ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
 
 
 # -----------------------------------------------------------------------------
