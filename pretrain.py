@@ -141,20 +141,16 @@ def get_parser():
     data.add_argument("--image_size", type=int, default=224, help="side of the large crops, in pixels")
     data.add_argument("--num_views", type=int, default=2, help="large crops per image (CW-RGP: 4)")
     data.add_argument("--small_crops", type=int, nargs="*", default=[],
-                      help="multi-crop: sides of extra small crops, e.g. 192 160 128 96; side s takes the scales "
-                      "(min_scale, 1) x s / image_size")
+                      help="multi-crop: sides of extra small crops, e.g. 192 160 128 96 (scales: see view_specs)")
     data.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop's smallest scale")
-    data.add_argument("--crop_interpolation", default="bicubic", choices=["bicubic", "bilinear"],
-                      help="RandomResizedCrop's resampling")
+    data.add_argument("--crop_interpolation", default="bicubic", choices=["bicubic", "bilinear"], help="its resampling")
     data.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
                       help="colour jitter and grayscale on the whole image, then the crop (CW-RGP, small data)")
     data.add_argument("--jitter", type=float, nargs=4, default=(0.4, 0.4, 0.2, 0.1),
                       help="colour jitter (p 0.8): brightness, contrast, saturation, hue")
     data.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of a gray view")
-    data.add_argument("--blur_prob", type=float, nargs=2, default=(1.0, 0.1),
-                      help="blur probability of view 1, of the others")
-    data.add_argument("--solarize_prob", type=float, nargs=2, default=(0.0, 0.2),
-                      help="solarisation probability of view 1, of the others")
+    data.add_argument("--blur_prob", type=float, nargs=2, default=(1.0, 0.1), help="blur p: view 1, others")
+    data.add_argument("--solarize_prob", type=float, nargs=2, default=(0.0, 0.2), help="solarise p: view 1, others")
     data.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (RGB)")
     data.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (RGB)")
     data.add_argument("--eval_mean", type=float, nargs=3, default=None,
@@ -162,8 +158,7 @@ def get_parser():
     data.add_argument("--eval_std", type=float, nargs=3, default=None, help="their std; None: --std")
     data.add_argument("--eval_resize", type=int, default=None,
                       help="their side before the centre crop; None: image_size / 0.875 from 128 px, else image_size")
-    data.add_argument("--eval_interpolation", default="bilinear", choices=["bilinear", "bicubic"],
-                      help="their resize's resampling")
+    data.add_argument("--eval_interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="their resize")
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50", choices=intl.RESNETS, help="encoder")
@@ -172,16 +167,14 @@ def get_parser():
     model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
                        help="start every residual block as the identity; None: for ResNet-50 and larger")
     model.add_argument("--projector", default="8192-8192-8192", help="projector layer widths")
-    model.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False,
-                       help="a bias in the projector's hidden layers (CW-RGP)")
+    model.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False, help="hidden-layer bias")
 
     method = parser.add_argument_group("method")
     method.add_argument("--method", default="intl", choices=METHODS,
                         help="intl: IterNorm + trace loss; intl-m: with an EMA target; st: g(l) = l^-power; cw-rgp: "
                              "channel whitening, random groups; wmse: Cholesky whitening")
     method.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
-    method.add_argument("--axis", type=int, default=0, choices=[0, 1],
-                        help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
+    method.add_argument("--axis", type=int, default=0, choices=[0, 1], help="0: B x B covariance, 1: D x D")
     method.add_argument("--beta", type=float, default=None,
                         help="trace-loss weight; None: 0.01 (log2(global batch) - 3), log2(D) on axis 1, 0 for st")
     method.add_argument("--momentum", type=float, default=0.996, help="intl-m: EMA momentum, raised to 1 by a cosine")
@@ -205,8 +198,7 @@ def get_parser():
     optim.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
                        help="weight decay on biases and normalisation parameters too")
     optim.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: momentum 0.9")
-    optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"],
-                       help="after the warm-up (see learning_rate)")
+    optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"], help="after warm-up")
     warmup = optim.add_mutually_exclusive_group()
     warmup.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
     warmup.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
@@ -227,10 +219,8 @@ def get_parser():
     run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     run.add_argument("--study", default=None, choices=["power", "trace"],
                      help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
-    run.add_argument("--study_values", type=float, nargs="+", default=None,
-                     help="p (None: 0 0.25 ... 1.5) or T (None: 1 2 4 6 8)")
-    run.add_argument("--benchmark", type=int, default=0,
-                     help="time N training steps on random images: step time, images/s, memory")
+    run.add_argument("--study_values", type=float, nargs="+", default=None, help="p (0 0.25 ... 1.5) or T (1 2 4 6 8)")
+    run.add_argument("--benchmark", type=int, default=0, help="time N training steps on random images")
     return parser
 
 
@@ -348,10 +338,9 @@ def batches(loader, step, stop_at):
 
 
 class Monitor:
-    """After every step, in one place: the non-finite check, log.jsonl (the figures, a collapse warning, and the
-    eigenvalues of Z and Z_hat at the steps that spectrum.png draws), the 5-NN monitor, checkpoints. The host reads
-    the device only at the steps that log or save. A resumed run first drops what the interrupted one logged after
-    its checkpoint, so it ends with the same log, plot and summary as an uninterrupted one."""
+    """After every step: the non-finite check, log.jsonl (figures, a collapse warning, the spectra that
+    spectrum.png draws), the 5-NN monitor, checkpoints; the host reads the device only where it logs or saves. A
+    resumed run drops what was logged after its checkpoint, so it ends as an uninterrupted one."""
 
     def __init__(self, config, accelerator, loader, knn_data):
         self.config, self.accelerator, self.knn_data = config, accelerator, knn_data
@@ -616,9 +605,8 @@ def augmentation(size, scale, blur_prob, solarize_prob, config):
 
 
 class RandomPILGaussianBlur:
-    """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in [0.1, 2]: the authors' blur. PIL's
-    radius is the standard deviation, and its filter (three extended box blurs) has no kernel to truncate: a fixed
-    kernel of ~10% of the side would cut small crops' blur at ~2 sigma."""
+    """The authors' blur: with probability p, PIL's GaussianBlur with sigma uniform in [0.1, 2]. Its box blurs have
+    no kernel to truncate, unlike a fixed kernel of ~10% of the side (cut at ~2 sigma on small crops)."""
 
     def __init__(self, p, sigma=(0.1, 2.0)):
         self.p, self.sigma = p, sigma
@@ -630,8 +618,8 @@ class RandomPILGaussianBlur:
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """(epoch, index) -> ([view_1, ..., view_V], label), augmented from a generator seeded by (seed, epoch, index):
-    whichever process or worker loads a sample, a resumed run replays exactly an uninterrupted one's augmentations."""
+    """(epoch, index) -> ([view_1, ..., view_V], label), augmented with a seed from (seed, epoch, index), so that a
+    resumed run replays an uninterrupted one's augmentations whichever worker loads a sample."""
 
     def __init__(self, split, transforms, seed):
         self.images = intl.ImageDataset(split, transform=None)
@@ -649,9 +637,8 @@ class AugmentedViews(torch.utils.data.Dataset):
 
 
 class ShardedEpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) pairs: one permutation per epoch from (seed, epoch), cut into global batches (the tail
-    is dropped). Process r takes the r-th slice of every global batch, so the processes together see exactly the
-    batches of a single process; set_epoch(epoch, start_batch) skips the batches a resumed run has done."""
+    """(epoch, index) pairs: a permutation per (seed, epoch) cut into global batches (the tail dropped), process r
+    taking the r-th slice of each, so all together see one process's batches; set_epoch skips a resume's done ones."""
 
     def __init__(self, num_samples, batch_size, num_processes, rank, seed):
         self.num_samples, self.batch_size, self.num_processes, self.rank = num_samples, batch_size, num_processes, rank
@@ -714,10 +701,9 @@ def build_model(config):
 
 
 def on_the_accelerator(model, config, device):
-    """On a GPU: weights in channels_last (NHWC) layout, which the tensor cores' convolutions read without
-    transposes (a convolution follows its weight's layout), and cuDNN's autotuner, which pays off because the
-    input sizes never change. --compile compiles the encoder and the projector in place: their parameter names
-    stay the same, and the objective (small matrices, Python control flow) stays eager."""
+    """On a GPU: channels_last weights (convolutions follow them; tensor cores read NHWC without transposes) and
+    cuDNN's autotuner (the input sizes never change). --compile compiles the encoder and projector in place (their
+    parameter names stay); the objective (small matrices, Python control flow) stays eager."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
@@ -740,11 +726,9 @@ def build_optimizer(config, model):
 
 
 def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", steps_per_epoch=1):
-    """The authors' schedules. Warm-up: peak_lr x (step + 1) / warmup_steps (never 0). Then
-    cosine: per step, progress (step + 1 - warm-up) / (total - warm-up), from peak_lr to 0.001 x peak_lr at the
-    last step (INTL); cosine-epoch: peak_lr (1 + cos(pi epoch /
-    epochs)) / 2, constant within an epoch (CW-RGP ImageNet); step: x0.2 at 50 and again at 25 epochs
-    before the end (CW-RGP small data)."""
+    """The authors' schedules after a warm-up of peak_lr x (step + 1) / warmup_steps. cosine (INTL): per step, to
+    0.001 x peak_lr at the last; cosine-epoch (CW-RGP ImageNet): peak_lr (1 + cos(pi epoch / epochs)) / 2; step
+    (CW-RGP small data): x0.2 at 50 and again at 25 epochs before the end."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if schedule == "step":
@@ -1090,9 +1074,9 @@ def plot_study(study, rows, path):
 
 
 def benchmark(config, accelerator):
-    """--benchmark N: the training step's time, images/s and peak memory (CPU: peak resident set; GPU: peak
-    allocated) on random images, and the share of the step spent in the objective (whitening and loss)."""
-    device = accelerator.device
+    """--benchmark N: the training step's time, images/s, peak memory (CPU: resident set; GPU: allocated) on random
+    images, and the objective's (whitening and loss) share of the step."""
+    device, cuda = accelerator.device, accelerator.device.type == "cuda"
     set_seed(config.seed)
     model = on_the_accelerator(build_model(config), config, device)
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))  # lr 0: the same work
@@ -1114,15 +1098,13 @@ def benchmark(config, accelerator):
             loss = accelerator.unwrap_model(model).objective(embeddings)["loss"]
         loss.backward()
 
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     step_s = timed(train_step, config.benchmark, device, warmup=3)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     objective_s = timed(objective_step, config.benchmark, device)
-    figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
-               "step_s": float(f"{step_s:.4g}"),
+    figures = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads",
+               "precision": accelerator.mixed_precision, "step_s": float(f"{step_s:.4g}"),
                "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
                "peak_memory_mib": round(peak), "objective_s": float(f"{objective_s:.4g}"),
                "objective_share": float(f"{objective_s / step_s:.4g}")}
