@@ -267,7 +267,7 @@ def test_interrupted_save_never_counts_as_a_checkpoint(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--batch_size", "1"], "--batch_size 1: must be at least 2"),  # refused while reading the flags
+    (["--batch_size", "1"], "--batch_size 1: must be in [2, inf)"),  # refused while reading the flags
     (["--dataset", "someone/not-cached"], "--dataset"),  # refused while loading the data, after the Accelerator
 ])
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
