@@ -10,6 +10,7 @@ upload, `pretrain.py export`, the paper's studies and --benchmark.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -140,20 +141,16 @@ def get_parser():
     data.add_argument("--image_size", type=int, default=224, help="side of the large crops, in pixels")
     data.add_argument("--num_views", type=int, default=2, help="large crops per image (CW-RGP: 4)")
     data.add_argument("--small_crops", type=int, nargs="*", default=[],
-                      help="multi-crop: sides of extra small crops, e.g. 192 160 128 96; side s takes the scales "
-                      "(min_scale, 1) x s / image_size")
+                      help="multi-crop: sides of extra small crops, e.g. 192 160 128 96 (scales: see view_specs)")
     data.add_argument("--min_scale", type=float, default=0.08, help="RandomResizedCrop's smallest scale")
-    data.add_argument("--crop_interpolation", default="bicubic", choices=["bicubic", "bilinear"],
-                      help="RandomResizedCrop's resampling")
+    data.add_argument("--crop_interpolation", default="bicubic", choices=["bicubic", "bilinear"], help="its resampling")
     data.add_argument("--colour_before_crop", action=argparse.BooleanOptionalAction, default=False,
                       help="colour jitter and grayscale on the whole image, then the crop (CW-RGP, small data)")
     data.add_argument("--jitter", type=float, nargs=4, default=(0.4, 0.4, 0.2, 0.1),
                       help="colour jitter (p 0.8): brightness, contrast, saturation, hue")
     data.add_argument("--grayscale_prob", type=float, default=0.2, help="probability of a gray view")
-    data.add_argument("--blur_prob", type=float, nargs=2, default=(1.0, 0.1),
-                      help="blur probability of view 1, of the others")
-    data.add_argument("--solarize_prob", type=float, nargs=2, default=(0.0, 0.2),
-                      help="solarisation probability of view 1, of the others")
+    data.add_argument("--blur_prob", type=float, nargs=2, default=(1.0, 0.1), help="blur p: view 1, others")
+    data.add_argument("--solarize_prob", type=float, nargs=2, default=(0.0, 0.2), help="solarise p: view 1, others")
     data.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (RGB)")
     data.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (RGB)")
     data.add_argument("--eval_mean", type=float, nargs=3, default=None,
@@ -161,8 +158,7 @@ def get_parser():
     data.add_argument("--eval_std", type=float, nargs=3, default=None, help="their std; None: --std")
     data.add_argument("--eval_resize", type=int, default=None,
                       help="their side before the centre crop; None: image_size / 0.875 from 128 px, else image_size")
-    data.add_argument("--eval_interpolation", default="bilinear", choices=["bilinear", "bicubic"],
-                      help="their resize's resampling")
+    data.add_argument("--eval_interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="their resize")
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50", choices=intl.RESNETS, help="encoder")
@@ -171,16 +167,14 @@ def get_parser():
     model.add_argument("--zero_init_residual", action=argparse.BooleanOptionalAction, default=None,
                        help="start every residual block as the identity; None: for ResNet-50 and larger")
     model.add_argument("--projector", default="8192-8192-8192", help="projector layer widths")
-    model.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False,
-                       help="a bias in the projector's hidden layers (CW-RGP)")
+    model.add_argument("--hidden_bias", action=argparse.BooleanOptionalAction, default=False, help="hidden-layer bias")
 
     method = parser.add_argument_group("method")
     method.add_argument("--method", default="intl", choices=METHODS,
                         help="intl: IterNorm + trace loss; intl-m: with an EMA target; st: g(l) = l^-power; cw-rgp: "
                              "channel whitening, random groups; wmse: Cholesky whitening")
     method.add_argument("--iters", type=int, default=4, help="IterNorm's Newton iterations T")
-    method.add_argument("--axis", type=int, default=0, choices=[0, 1],
-                        help="0: channel whitening (B x B covariance), 1: batch whitening (D x D)")
+    method.add_argument("--axis", type=int, default=0, choices=[0, 1], help="0: B x B covariance, 1: D x D")
     method.add_argument("--beta", type=float, default=None,
                         help="trace-loss weight; None: 0.01 (log2(global batch) - 3), log2(D) on axis 1, 0 for st")
     method.add_argument("--momentum", type=float, default=0.996, help="intl-m: EMA momentum, raised to 1 by a cosine")
@@ -204,8 +198,7 @@ def get_parser():
     optim.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
                        help="weight decay on biases and normalisation parameters too")
     optim.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: momentum 0.9")
-    optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"],
-                       help="after the warm-up (see learning_rate)")
+    optim.add_argument("--schedule", default="cosine", choices=["cosine", "cosine-epoch", "step"], help="after warm-up")
     warmup = optim.add_mutually_exclusive_group()
     warmup.add_argument("--warmup_epochs", type=float, default=2, help="linear warm-up")
     warmup.add_argument("--warmup_steps", type=int, default=None, help="the warm-up in steps instead")
@@ -226,10 +219,8 @@ def get_parser():
     run.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     run.add_argument("--study", default=None, choices=["power", "trace"],
                      help="the paper's Fig. 2 (st for each p) or Fig. 3 (IterNorm with and without trace loss)")
-    run.add_argument("--study_values", type=float, nargs="+", default=None,
-                     help="p (None: 0 0.25 ... 1.5) or T (None: 1 2 4 6 8)")
-    run.add_argument("--benchmark", type=int, default=0,
-                     help="time N training steps on random images: step time, images/s, memory")
+    run.add_argument("--study_values", type=float, nargs="+", default=None, help="p (0 0.25 ... 1.5) or T (1 2 4 6 8)")
+    run.add_argument("--benchmark", type=int, default=0, help="time N training steps on random images")
     return parser
 
 
@@ -306,23 +297,19 @@ def train(config, accelerator):
 
 
 def finish(config, accelerator, monitor, step):
-    output_dir = Path(config.output_dir)
-    if step == monitor.total_steps:
-        if accelerator.is_main_process:
-            export_backbone_from(monitor.last_good, output_dir / "backbone")
-            monitor.plot_spectra(output_dir / "spectrum.png")
-            monitor.summary()
-        evaluate = f"python linear_eval.py --backbone {output_dir / 'backbone'}"
-        if not (config.dataset == intl.DIGITS_SOURCE or hub_dataset_id(config.dataset)):
-            evaluate += " --dataset LABELLED_DATA"  # linear_eval cannot find a local folder from the export
-        monitor.info(f"done: the backbone is in {output_dir / 'backbone'}, the log in {output_dir / 'log.jsonl'}. "
-                     f"Next: {evaluate}. To publish it with the evaluation's results: python pretrain.py export "
-                     f"--source {output_dir / 'backbone'} --eval_results RESULT.json --output_dir NEW "
-                     "--push_to_hub REPO")
-    else:
+    """A finished run exports its backbone, draws spectrum.png and sums up; a stopped one says how to continue."""
+    output_dir, backbone = Path(config.output_dir), Path(config.output_dir) / "backbone"
+    if step < monitor.total_steps:
         monitor.info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
-                     f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} "
-                     "--resume latest")
+                     f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
+    elif accelerator.is_main_process:
+        export_backbone_from(monitor.last_good, backbone)
+        monitor.plot_spectra(output_dir / "spectrum.png")
+        local = not (config.dataset == intl.DIGITS_SOURCE or hub_dataset_id(config.dataset))
+        monitor.summary(f"done: the backbone is in {backbone}, the log in {monitor.path}. Next: python linear_eval.py "
+                        f"--backbone {backbone}{' --dataset LABELLED_DATA' * local}. To publish it with the "
+                        f"evaluation's results: python pretrain.py export --source {backbone} --eval_results "
+                        "RESULT.json --output_dir NEW --push_to_hub REPO")  # linear_eval cannot find a local folder
     accelerator.end_training()
 
 
@@ -351,10 +338,9 @@ def batches(loader, step, stop_at):
 
 
 class Monitor:
-    """After every step, in one place: the non-finite check, log.jsonl (the figures, a collapse warning, and the
-    eigenvalues of Z and Z_hat at the steps that spectrum.png draws), the 5-NN monitor, checkpoints. The host reads
-    the device only at the steps that log or save. A resumed run first drops what the interrupted one logged after
-    its checkpoint, so it ends with the same log, plot and summary as an uninterrupted one."""
+    """After every step: the non-finite check, log.jsonl (figures, a collapse warning, the spectra that
+    spectrum.png draws), the 5-NN monitor, checkpoints; the host reads the device only where it logs or saves. A
+    resumed run drops what was logged after its checkpoint, so it ends as an uninterrupted one."""
 
     def __init__(self, config, accelerator, loader, knn_data):
         self.config, self.accelerator, self.knn_data = config, accelerator, knn_data
@@ -447,8 +433,9 @@ class Monitor:
                          f"{self.path.parent.name}: eigenvalues of the covariance over training")
             self.info(f"spectrum plot: {path}")
 
-    def summary(self):
-        """First and last logged value of the main figures, read back from the log (so it spans resumes)."""
+    def summary(self, next_steps):
+        """First -> last logged value of the main figures, read back from the log (so it spans resumes), the
+        warnings, then `next_steps`."""
         records = intl.read_jsonl(self.path)
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
@@ -456,10 +443,9 @@ class Monitor:
                            ("images_per_s", "images/s since the start")):
             values = [f"step {r['step']:6d}: " + ("rank-deficient" if r[key] == -math.inf else f"{r[key]:9.4f}")
                       for r in records if key in r]
-            if values:
-                lines.append(f"  {label:28s} {values[0]}  ->  {values[-1]}")
+            lines += [f"  {label:28s} {values[0]}  ->  {values[-1]}"] if values else []
         lines += [f"warning (step {r['step']}): {r['warning']}" for r in records if "warning" in r]
-        self.info("\n".join(lines))
+        self.info("\n".join(lines + [next_steps]))
 
 
 def knn_splits(config, accelerator, train_split):
@@ -619,9 +605,8 @@ def augmentation(size, scale, blur_prob, solarize_prob, config):
 
 
 class RandomPILGaussianBlur:
-    """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in [0.1, 2]: the authors' blur. PIL's
-    radius is the standard deviation, and its filter (three extended box blurs) has no kernel to truncate: a fixed
-    kernel of ~10% of the side would cut small crops' blur at ~2 sigma."""
+    """The authors' blur: with probability p, PIL's GaussianBlur with sigma uniform in [0.1, 2]. Its box blurs have
+    no kernel to truncate, unlike a fixed kernel of ~10% of the side (cut at ~2 sigma on small crops)."""
 
     def __init__(self, p, sigma=(0.1, 2.0)):
         self.p, self.sigma = p, sigma
@@ -633,8 +618,8 @@ class RandomPILGaussianBlur:
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """(epoch, index) -> ([view_1, ..., view_V], label), augmented from a generator seeded by (seed, epoch, index):
-    whichever process or worker loads a sample, a resumed run replays exactly an uninterrupted one's augmentations."""
+    """(epoch, index) -> ([view_1, ..., view_V], label), augmented with a seed from (seed, epoch, index), so that a
+    resumed run replays an uninterrupted one's augmentations whichever worker loads a sample."""
 
     def __init__(self, split, transforms, seed):
         self.images = intl.ImageDataset(split, transform=None)
@@ -652,9 +637,8 @@ class AugmentedViews(torch.utils.data.Dataset):
 
 
 class ShardedEpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) pairs: one permutation per epoch from (seed, epoch), cut into global batches (the tail
-    is dropped). Process r takes the r-th slice of every global batch, so the processes together see exactly the
-    batches of a single process; set_epoch(epoch, start_batch) skips the batches a resumed run has done."""
+    """(epoch, index) pairs: a permutation per (seed, epoch) cut into global batches (the tail dropped), process r
+    taking the r-th slice of each, so all together see one process's batches; set_epoch skips a resume's done ones."""
 
     def __init__(self, num_samples, batch_size, num_processes, rank, seed):
         self.num_samples, self.batch_size, self.num_processes, self.rank = num_samples, batch_size, num_processes, rank
@@ -717,10 +701,9 @@ def build_model(config):
 
 
 def on_the_accelerator(model, config, device):
-    """On a GPU: weights in channels_last (NHWC) layout, which the tensor cores' convolutions read without
-    transposes (a convolution follows its weight's layout), and cuDNN's autotuner, which pays off because the
-    input sizes never change. --compile compiles the encoder and the projector in place: their parameter names
-    stay the same, and the objective (small matrices, Python control flow) stays eager."""
+    """On a GPU: channels_last weights (convolutions follow them; tensor cores read NHWC without transposes) and
+    cuDNN's autotuner (the input sizes never change). --compile compiles the encoder and projector in place (their
+    parameter names stay); the objective (small matrices, Python control flow) stays eager."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
@@ -743,11 +726,9 @@ def build_optimizer(config, model):
 
 
 def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", steps_per_epoch=1):
-    """The authors' schedules. Warm-up: peak_lr x (step + 1) / warmup_steps (never 0). Then
-    cosine: per step, progress (step + 1 - warm-up) / (total - warm-up), from peak_lr to 0.001 x peak_lr at the
-    last step (INTL); cosine-epoch: peak_lr (1 + cos(pi epoch /
-    epochs)) / 2, constant within an epoch (CW-RGP ImageNet); step: x0.2 at 50 and again at 25 epochs
-    before the end (CW-RGP small data)."""
+    """The authors' schedules after a warm-up of peak_lr x (step + 1) / warmup_steps. cosine (INTL): per step, to
+    0.001 x peak_lr at the last; cosine-epoch (CW-RGP ImageNet): peak_lr (1 + cos(pi epoch / epochs)) / 2; step
+    (CW-RGP small data): x0.2 at 50 and again at 25 epochs before the end."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if schedule == "step":
@@ -793,30 +774,39 @@ def plot_spectra(spectra, path, title):
     """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending: the
     few that `plotted_steps` chose), each divided by its largest, on a log scale. Eigenvalues at the numerical floor
     (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in spectra]
     at_floor = any(intl.lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), constrained_layout=True)
-    for colour, (label, *eigs) in zip(plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))]), picks):
-        for ax, eig in zip(axes, eigs):
-            normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
-            ioc = intl.lg_ioc(eig)
-            ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
-                    label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
-    for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
-        if at_floor:
-            ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
-            ax.set_ylim(intl.RANK_FLOOR / 3, 3)
-        ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
+    colours = colormaps["viridis"]([i / max(1, len(picks) - 1) for i in range(len(picks))])
+    with two_panels(path, (7.2, 3.2), dpi=200) as (fig, axes):
+        for colour, (label, *eigs) in zip(colours, picks):
+            for ax, eig in zip(axes, eigs):
+                normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
+                ioc = intl.lg_ioc(eig)
+                ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
+                        label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
+        for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
+            if at_floor:
+                ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
+                ax.set_ylim(intl.RANK_FLOOR / 3, 3)
+            ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
+        fig.suptitle(title, fontsize=9)
+
+
+@contextlib.contextmanager
+def two_panels(path, size, dpi):
+    """A figure of two panels side by side for the block to draw; then their legends, and the figure written to
+    `path` through intl.replacing. matplotlib's object API: no display, no pyplot state to close."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(1, 2)
+    yield fig, axes
+    for ax in axes:
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=9)
     with intl.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=200)
-    plt.close(fig)
+        fig.savefig(tmp, dpi=dpi)
 
 
 def plotted_steps(total_steps, spectrum_every, curves=6):
@@ -857,23 +847,20 @@ def hub_dataset_id(dataset):
 
 
 def model_card(config, results=None, repo_id=None, license=None):
-    """The model card: the Hub's metadata and a short body (the results, how to load the weights, the citation;
-    config.json holds the recipe). results: linear_eval.py's result files (or their dicts); those on a Hub dataset
-    enter the model-index (its dataset type is a Hub id), the body's table holds them all, a local folder named by
-    its last part. license: a Hub license id, or None: the card says that none was chosen (the Hub's "other" would
-    need a name and a link)."""
+    """The model card: Hub metadata, then results, loading and citations (config.json holds the recipe). Results on
+    a Hub dataset enter the model-index (its dataset type is a Hub id), the table holds all. license: a Hub id; None:
+    the card says none was chosen (the Hub's "other" would need a name and a link)."""
     import huggingface_hub
 
     records = [intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item for item in results or []]
     if not all(isinstance(record, dict) and "rows" in record for record in records):
         raise ValueError("--eval_results: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
-    dataset = config.get("dataset")
+    dataset, stem, size = config.get("dataset"), config.get("stem", "imagenet"), config.get("image_size")
     name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
     eval_results = [huggingface_hub.EvalResult(
         task_type="image-classification", task_name="Image classification", metric_type="accuracy",
-        dataset_type=record["dataset"], dataset_name=record["dataset"],
-        dataset_split=record.get("test_split"), metric_value=round(float(row[key]), 2),
-        metric_name=f"{row['name']} {metric} accuracy (%)")
+        dataset_type=record["dataset"], dataset_name=record["dataset"], dataset_split=record.get("test_split"),
+        metric_value=round(float(row[key]), 2), metric_name=f"{row['name']} {metric} accuracy (%)")
         for record in records if hub_dataset_id(record.get("dataset")) for row in record["rows"]
         for metric, key in (("top-1", "top1"), ("top-5", "top5")) if row.get(key) is not None]
     metadata = huggingface_hub.ModelCardData(
@@ -881,16 +868,15 @@ def model_card(config, results=None, repo_id=None, license=None):
         tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
         model_name=name if eval_results else None, eval_results=eval_results or None,
         datasets=[dataset] if hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
-    published = lambda dataset: hub_dataset_id(dataset) or Path(str(dataset or intl.DIGITS_SOURCE)).name  # noqa: E731
     table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
-        f"| {row['name']} | {published(record.get('dataset'))} ({record.get('test_split')}) | "
+        f"| {row['name']} | {hub_dataset_id(r.get('dataset')) or Path(str(r.get('dataset'))).name} "
+        f"({r.get('test_split')}) | "
         + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
-        for record in records for row in record["rows"]]
-    kernel, stride, padding, maxpool = intl.STEMS[config.get("stem", "imagenet")]
-    stem_code = "" if config.get("stem", "imagenet") == "imagenet" else (
+        for r in records for row in r["rows"]]
+    kernel, stride, padding, maxpool = intl.STEMS[stem]
+    stem_code = "" if stem == "imagenet" else (
         f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
         + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    size = config.get("image_size")
     body = CARD.format(
         name=name, arch=config.get("arch"), dim=config.get("feature_dim", "D"), size=size, stem_code=stem_code,
         repo=repo_id or "OWNER/NAME", resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
@@ -903,19 +889,15 @@ def model_card(config, results=None, repo_id=None, license=None):
 CARD = """
 # {name}
 
-A {arch} encoder pretrained with **INTL** (IterNorm with trace loss, "Modulate Your Spectrum in Self-Supervised
-Learning", Weng et al., ICLR 2024). Only the backbone is published (a torchvision `state_dict` without `fc.*`): it
-outputs {dim}-dimensional features. `config.json` holds the recipe it was trained with.
+A {arch} encoder pretrained with **IterNorm with trace loss** (INTL: "Modulate Your Spectrum in Self-Supervised
+Learning", Weng et al., ICLR 2024), published alone: a torchvision `state_dict` without `fc.*`, {dim}-dimensional
+features. `config.json` holds the recipe it was trained with.
 
-## Evaluation
-
-Frozen features, as in the papers: k-NN (k = 5, Euclidean) and linear classifiers (the project's `linear_eval.py`).
+## Evaluation (frozen features: `linear_eval.py`)
 
 {table}
 
 ## Usage
-
-With plain torchvision (the input: RGB, resized and centre-cropped, scaled to [0, 1] and normalised):
 
 ```python
 import torch, torchvision
@@ -926,7 +908,7 @@ from torchvision.transforms import v2 as T
 net = torchvision.models.{arch}()
 {stem_code}net.fc = torch.nn.Identity()
 net.load_state_dict(load_file(hf_hub_download("{repo}", "model.safetensors")))  # strict
-net.eval()  # net(preprocess(image)[None]) -> features [1, {dim}]
+net.eval()  # net(preprocess(rgb_image)[None]) -> features [1, {dim}]
 preprocess = T.Compose([T.Resize({resize}, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop({size}),
                         T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize({mean}, {std})])
 ```
@@ -1068,32 +1050,23 @@ def study_runs(config):
 
 def plot_study(study, rows, path):
     """lg IoC of Z and Z_hat and the 5-NN accuracy against p or T (a red line where a run failed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x, label = ("power", "power p of g(l) = l^-p") if study == "power" else ("iters", "IterNorm iterations T")
     series = [("", rows)] if study == "power" else [(f" {kind} trace loss", [r for r in rows if r["trace_loss"] == on])
                                                     for kind, on in (("with", True), ("without", False))]
-    fig, (ax_ioc, ax_knn) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     floor = math.log10(intl.RANK_FLOOR)  # a rank-deficient covariance (lg IoC -inf) is drawn at the floor
-    for suffix, part in series:
-        ok = [r for r in part if not r["error"]]
-        for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
-                                     (ax_knn, "knn_top1", "o-", "5-NN")):
-            values = [None if r[key] is None else max(r[key], floor) for r in ok]  # None: not measured
-            ax.plot([r[x] for r in ok], values, style, label=name + suffix)
-    for r in rows:
-        if r["error"]:
-            ax_knn.axvline(r[x], color="red", alpha=0.3)
-    ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)", title="condition of the covariance (-12: singular)")
-    ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
-    for ax in fig.axes:
-        ax.legend(fontsize=7)
-    with intl.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    with two_panels(path, (10, 4), dpi=120) as (_, (ax_ioc, ax_knn)):
+        for suffix, part in series:
+            ok = [r for r in part if not r["error"]]
+            for ax, key, style, name in ((ax_ioc, "lg_ioc_z", "o-", "Z"), (ax_ioc, "lg_ioc_z_hat", "s--", "Z_hat"),
+                                         (ax_knn, "knn_top1", "o-", "5-NN")):
+                values = [None if r[key] is None else max(r[key], floor) for r in ok]  # None: not measured
+                ax.plot([r[x] for r in ok], values, style, label=name + suffix)
+        for r in rows:
+            if r["error"]:
+                ax_knn.axvline(r[x], color="red", alpha=0.3)
+        ax_ioc.set(xlabel=label, ylabel="lg IoC = log10(l_min / l_max)",
+                   title="condition of the covariance (-12: singular)")
+        ax_knn.set(xlabel=label, ylabel="held-out 5-NN top-1 (%)", title="accuracy (red: run failed)")
 
 
 # -----------------------------------------------------------------------------
@@ -1101,9 +1074,9 @@ def plot_study(study, rows, path):
 
 
 def benchmark(config, accelerator):
-    """--benchmark N: the training step's time, images/s and peak memory (CPU: peak resident set; GPU: peak
-    allocated) on random images, and the share of the step spent in the objective (whitening and loss)."""
-    device = accelerator.device
+    """--benchmark N: the training step's time, images/s, peak memory (CPU: resident set; GPU: allocated) on random
+    images, and the objective's (whitening and loss) share of the step."""
+    device, cuda = accelerator.device, accelerator.device.type == "cuda"
     set_seed(config.seed)
     model = on_the_accelerator(build_model(config), config, device)
     model, optimizer = accelerator.prepare(model, build_optimizer(config, model))  # lr 0: the same work
@@ -1125,15 +1098,13 @@ def benchmark(config, accelerator):
             loss = accelerator.unwrap_model(model).objective(embeddings)["loss"]
         loss.backward()
 
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     step_s = timed(train_step, config.benchmark, device, warmup=3)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     objective_s = timed(objective_step, config.benchmark, device)
-    figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu, {torch.get_num_threads()} threads", "precision": accelerator.mixed_precision,
-               "step_s": float(f"{step_s:.4g}"),
+    figures = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads",
+               "precision": accelerator.mixed_precision, "step_s": float(f"{step_s:.4g}"),
                "images_per_s": round(config.batch_size * accelerator.num_processes / step_s, 1),
                "peak_memory_mib": round(peak), "objective_s": float(f"{objective_s:.4g}"),
                "objective_share": float(f"{objective_s / step_s:.4g}")}

@@ -229,7 +229,7 @@ except ValueError as error:
     assert_same_weights(load_file(tmp_path / "main.safetensors"), load_file(export / "model.safetensors"))
     for name in ("v1", "pr"):
         assert_same_weights(load_file(tmp_path / f"{name}.safetensors"), load_file(other / "model.safetensors"))
-    assert lines[3].startswith("error: Hub model 'someone/not-cached': offline mode is on (HF_HUB_OFFLINE)")
+    assert lines[3].startswith("error: Hub model someone/not-cached: offline mode is on (HF_HUB_OFFLINE)")
 
 
 def test_a_hub_id_and_its_revision_go_to_huggingface_hub(export, monkeypatch):

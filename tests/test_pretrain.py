@@ -267,7 +267,7 @@ def test_interrupted_save_never_counts_as_a_checkpoint(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--batch_size", "1"], "--batch_size 1: must be at least 2"),  # refused while reading the flags
+    (["--batch_size", "1"], "--batch_size 1: must be in [2, inf)"),  # refused while reading the flags
     (["--dataset", "someone/not-cached"], "--dataset"),  # refused while loading the data, after the Accelerator
 ])
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
@@ -543,37 +543,6 @@ def test_ctrl_c_stops_with_one_line_saying_the_step_and_how_to_continue_and_exit
     assert re.fullmatch(r"interrupted at step \d+; continue with --resume latest \(from the last checkpoint, "
                         r"step-\d{8}\)", last), last
     assert "Traceback" not in stderr
-
-
-def test_a_ctrl_c_that_python_discards_inside_a_finaliser_is_still_remembered(monkeypatch):
-    import signal
-    import time
-
-    class Finalised:
-        def __del__(self):  # Ctrl-C arrives while a finaliser runs: Python discards its KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-
-    discarded = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: discarded.append(unraisable.exc_type))
-    before = signal.getsignal(signal.SIGINT)
-    before_term = signal.getsignal(signal.SIGTERM)
-    intl.handle_stop_signals()
-    try:
-        Finalised()  # deleted at once; nothing reaches this frame
-        assert discarded == [KeyboardInterrupt]
-        with pytest.raises(KeyboardInterrupt):
-            intl.stop_if_interrupted()
-    finally:
-        signal.signal(signal.SIGINT, before)
-        signal.signal(signal.SIGTERM, before_term)
-        intl._stop_requested = False
-
-
-def test_a_remembered_ctrl_c_stops_the_training_loop_at_its_next_step(tiny_images, tmp_path, monkeypatch):
-    monkeypatch.setattr(intl, "_stop_requested", True)
-    with pytest.raises(intl.Interrupted, match="interrupted at step 0, before the first checkpoint"):
-        tiny(tiny_images, "--output_dir", tmp_path, "--epochs", 2)
 
 
 def test_the_first_non_finite_loss_is_kept_on_the_device_and_reported_with_its_step():
