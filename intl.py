@@ -531,15 +531,13 @@ from torchvision.transforms import v2
 # ----------------------------------------------------------------------------- data
 #
 # Every source becomes a datasets.Dataset in an ImageSplit: "digits" or None (scikit-learn's digits, offline), a
-# folder written by save_to_disk, a folder of images (in class sub-folders, optionally under train/ val/ test/; or
-# unlabelled, directly inside), or a Hugging Face Hub dataset id "id" or "id:config".
+# folder written by save_to_disk, a folder of images (class sub-folders, optionally under train/ val/ test/; or
+# unlabelled images directly inside), or a Hugging Face Hub dataset id "id" or "id:config".
 
 DIGITS_SOURCE = "digits"
-
-# The sub-folders of an image folder that are splits, not classes. A split is asked for by its own name, as the
-# dataset names it (CIFAR-10 "test", ImageNet-1k "validation", a folder "val").
+# The sub-folders of an image folder that are splits, not classes. A split is asked for by the name its dataset gives
+# it (CIFAR-10 "test", ImageNet-1k "validation", a folder "val").
 _SPLIT_FOLDERS = ("train", "training", "val", "validation", "valid", "test", "testing")
-
 _HOW_TO_PROVIDE_DATA = (
     "Give --dataset a Hub dataset id (run once with network access to cache it), a folder of images (directly "
     "inside: unlabelled; or in class sub-folders ROOT/<class>/..., optionally under ROOT/train/ and ROOT/val/), a "
@@ -548,10 +546,10 @@ _HOW_TO_PROVIDE_DATA = (
 
 @dataclass
 class ImageSplit:
-    """One split: its rows (a datasets.Dataset), the image column, the integer label column (None: unlabelled), the
-    number of classes (when a ClassLabel feature gives it) and where it came from (named in messages)."""
+    """One split: its rows, the image column, the integer label column (None: unlabelled), the number of classes
+    (when a ClassLabel feature gives it) and where it came from (named in messages)."""
 
-    dataset: object
+    dataset: hf_datasets.Dataset
     image_column: str
     label_column: Optional[str]
     num_classes: Optional[int]
@@ -591,8 +589,7 @@ def _load_digits_split(split):
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     train, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
-    split = _split_named(split, ["train", "test"], DIGITS_SOURCE)
-    indices = np.sort(train if split == "train" else test)
+    indices = np.sort(train if _split_named(split, ["train", "test"], DIGITS_SOURCE) == "train" else test)
     images = []
     for pixels in digits.images[indices]:
         # Resampled in float, so that the 0..16 -> 0..255 rescale is rounded once; bicubic overshoots at edges.
@@ -647,8 +644,8 @@ def _sub_folders(path):
     is refused: its images would be indexed again."""
     names = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     for name in names:
-        target, here = os.path.realpath(os.path.join(path, name)), os.path.realpath(path)
-        if os.path.commonpath([target, here]) == target:
+        target = os.path.realpath(os.path.join(path, name))
+        if os.path.commonpath([target, os.path.realpath(path)]) == target:
             raise ValueError(f"{os.path.join(path, name)} is a link to {target}, the folder that holds it or one "
                              "above: every image would count twice; remove the link")
     return names
@@ -684,19 +681,18 @@ def _split_named(split, available, where):
 
 
 def _make_image_split(dataset, image_column, label_column, description):
-    """Check the given columns, or detect them: the image column is the first Image feature (else "image" / "img");
-    the label column the first of "label", "fine_label", a ClassLabel, "labels" that holds integer class labels
-    (none: unlabelled)."""
+    """Check the given columns, or detect them: the image column is the first Image feature, "image" or "img"; the
+    label column the first of "label", "fine_label", a ClassLabel, "labels" that holds integer class labels (none:
+    unlabelled)."""
     features, columns = dataset.features, list(dataset.features)
     for role, name in (("image", image_column), ("label", label_column)):
         if name is not None and name not in features:
             raise ValueError(f"{description} has no {role} column {name!r}; columns: {columns}")
+    image_column = image_column or next((c for c in columns if isinstance(features[c], hf_datasets.Image)),
+                                        next((c for c in ("image", "img") if c in features), None))
     if image_column is None:
-        images = [c for c in columns if isinstance(features[c], hf_datasets.Image)]
-        image_column = next(iter(images + [c for c in ("image", "img") if c in features]), None)
-        if image_column is None:
-            raise ValueError(f"{description} has no image column (no Image feature, no column 'image' or 'img'); "
-                             f"name it with --image_column (columns: {columns})")
+        raise ValueError(f"{description} has no image column (no Image feature, no column 'image' or 'img'); name it "
+                         f"with --image_column (columns: {columns})")
     if label_column is None:
         class_labels = [c for c in columns if isinstance(features[c], hf_datasets.ClassLabel)]
         label_column = next((c for c in ["label", "fine_label", *class_labels, "labels"]

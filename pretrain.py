@@ -5,8 +5,8 @@
 
 --output_dir receives checkpoints/ (resumable), log.jsonl, spectrum.png (the covariance spectra of Z and Z_hat, the
 paper's Fig. 3) and backbone/ (the encoder alone: model.safetensors + config.json, loadable into torchvision).
-Reading order: the presets and the flags, `main`, `train` and its parts; then the export's model card and Hub
-upload, `pretrain.py export`, the paper's studies and --benchmark.
+Reading order: the presets and the flags, `main`, `train` and its parts; then the paper's studies and --benchmark.
+linear_eval.py evaluates the backbone and publishes it with its results.
 """
 
 import argparse
@@ -24,7 +24,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import ImageFilter
-from safetensors.torch import save_file
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
@@ -298,18 +297,18 @@ def train(config, accelerator):
 
 def finish(config, accelerator, monitor, step):
     """A finished run exports its backbone, draws spectrum.png and sums up; a stopped one says how to continue."""
-    output_dir, backbone = Path(config.output_dir), Path(config.output_dir) / "backbone"
+    output_dir, export = Path(config.output_dir), Path(config.output_dir) / "backbone"
     if step < monitor.total_steps:
         monitor.info(f"stopped after step {step} of {monitor.total_steps} (--stop_after_steps); the checkpoint is "
                      f"{monitor.last_good}. Continue with: python pretrain.py --output_dir {output_dir} --resume latest")
     elif accelerator.is_main_process:
-        export_backbone_from(monitor.last_good, backbone)
+        backbone, backbone_config = intl.load_backbone(monitor.last_good)
+        intl.write_export(export, backbone.state_dict(), backbone_config)
         monitor.plot_spectra(output_dir / "spectrum.png")
-        local = not (config.dataset == intl.DIGITS_SOURCE or hub_dataset_id(config.dataset))
-        monitor.summary(f"done: the backbone is in {backbone}, the log in {monitor.path}. Next: python linear_eval.py "
-                        f"--backbone {backbone}{' --dataset LABELLED_DATA' * local}. To publish it with the "
-                        f"evaluation's results: python pretrain.py export --source {backbone} --eval_results "
-                        "RESULT.json --output_dir NEW --push_to_hub REPO")  # linear_eval cannot find a local folder
+        local = " --dataset LABELLED_DATA" * bool(backbone_config.get("dataset_is_local_folder"))  # not findable
+        monitor.summary(f"done: the backbone is in {export}, the log in {monitor.path}. Next: python linear_eval.py "
+                        f"--backbone {export}{local} (with --export NEW --push_to_hub REPO: published with its "
+                        "results)")
     accelerator.end_training()
 
 
@@ -748,21 +747,36 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, schedule="cosine", s
 
 def save_checkpoint(accelerator, config, step, batches_per_epoch, train_images):
     state = {"step": step, "epochs_trained": step / batches_per_epoch, "num_processes": accelerator.num_processes,
-             "train_images": train_images, "config": vars(config)}
+             "train_images": train_images, "config": vars(config), "backbone": backbone_config(config)}
     return intl.save_state_atomically(accelerator, Path(config.output_dir) / "checkpoints" / f"step-{step:08d}",
                                       "trainer_state.json", state, config.keep)
 
 
-def write_export(export_dir, weights, config, card=None):
-    """Write the export folder (model.safetensors: torchvision keys, no fc.*; config.json; the model card README.md)
-    as one: it is renamed into place, so a reader sees the old export or the new one, never a mix."""
-    with intl.replacing(export_dir) as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+# What a backbone's config.json records of the run that made it, saved with every checkpoint (so any checkpoint
+# loads as a backbone): its network and evaluation input, and the recipe with its own method's settings only.
+RECIPE_KEYS = ("preset", "method", "zero_init_residual", "projector", "hidden_bias", "iters", "axis", "beta",
+               "power", "momentum", "groups", "w_size", "w_iter", "w_eps", "pair_loss", "cov_weight", "cov_epochs",
+               "num_views", "small_crops", "min_scale", "crop_interpolation", "colour_before_crop", "jitter",
+               "grayscale_prob", "blur_prob", "solarize_prob", "mean", "std", "epochs", "batch_size", "lr",
+               "weight_decay", "decay_all_params", "warmup_epochs", "warmup_steps", "optimizer", "schedule",
+               "mixed_precision", "seed")
+METHOD_SETTINGS = {"intl": ("iters", "axis", "beta"), "intl-m": ("iters", "axis", "beta", "momentum"),
+                   "st": ("power", "axis", "w_eps", "beta"), "wmse": ("w_size", "w_iter", "w_eps"),
+                   "cw-rgp": ("groups", "axis", "w_size", "w_iter", "w_eps", "pair_loss", "cov_weight", "cov_epochs")}
+
+
+def backbone_config(config):
+    others = set().union(*METHOD_SETTINGS.values()) - set(METHOD_SETTINGS[config.method])
+    train = {key: value for key, value in vars(config).items() if key not in others and value is not None}
+    backbone = {key: train[key] for key in ("arch", "stem", "image_size", "method", "preset", "dataset", "split",
+                                            "eval_resize", "eval_interpolation") if key in train}
+    if isinstance(config.dataset, str) and (intl.looks_like_path(config.dataset) or os.path.exists(config.dataset)):
+        # A backbone may be published: a local folder is named by its last part, never by its path.
+        backbone.update(dataset=Path(config.dataset).name, dataset_is_local_folder=True)
+    # What a user of the features feeds them: the recipe's evaluation input (cifar100 pretrains with its own
+    # mean / std but is evaluated with CIFAR-10's, as the authors do).
+    return {**backbone, "mean": list(config.eval_mean or config.mean), "std": list(config.eval_std or config.std),
+            "recipe": {key: train[key] for key in RECIPE_KEYS if key in train}}
 
 
 def logged_spectra(log_path):
@@ -816,182 +830,6 @@ def plotted_steps(total_steps, spectrum_every, curves=6):
     logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
     picks = {round(i * (logged - 1) / max(1, curves - 1)) for i in range(curves)}  # of the logged ones
     return {min((i + 1) * spectrum_every, total_steps) for i in picks}
-
-
-# -----------------------------------------------------------------------------
-# Beyond the training run: the export (conversion, model card, Hub upload), `pretrain.py export`, studies, benchmark
-
-
-def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
-    """Convert any loadable backbone (a pretrain checkpoint, an official .pth.tar, ...) into the export files in
-    output_dir: model.safetensors (torchvision keys, no fc.*), config.json and the model card README.md (see
-    `model_card`), written as one folder."""
-    weights, config = converted(source, arch, stem)
-    write_export(output_dir, weights, config, model_card(config, results, repo_id, license))
-    return Path(output_dir)
-
-
-def converted(source, arch=None, stem=None):
-    """-> (the backbone's weights, the export's config) of any source intl.load_backbone reads."""
-    backbone, config = intl.load_backbone(source, arch, stem=stem)
-    # A local path is named by its last part only: the config may be published on the Hub.
-    return backbone.state_dict(), {**config, "converted_from": Path(source).name if Path(source).exists()
-                                   else os.fspath(source)}
-
-
-def hub_dataset_id(dataset):
-    """`dataset` if it is a Hub dataset id ('owner/name'), else None (a local folder, digits)."""
-    is_id = isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
-        and not os.path.exists(dataset)
-    return dataset if is_id else None
-
-
-def model_card(config, results=None, repo_id=None, license=None):
-    """The model card: Hub metadata, then results, loading and citations (config.json holds the recipe). Results on
-    a Hub dataset enter the model-index (its dataset type is a Hub id), the table holds all. license: a Hub id; None:
-    the card says none was chosen (the Hub's "other" would need a name and a link)."""
-    import huggingface_hub
-
-    records = [intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item for item in results or []]
-    if not all(isinstance(record, dict) and "rows" in record for record in records):
-        raise ValueError("--eval_results: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
-    dataset, stem, size = config.get("dataset"), config.get("stem", "imagenet"), config.get("image_size")
-    name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
-    eval_results = [huggingface_hub.EvalResult(
-        task_type="image-classification", task_name="Image classification", metric_type="accuracy",
-        dataset_type=record["dataset"], dataset_name=record["dataset"], dataset_split=record.get("test_split"),
-        metric_value=round(float(row[key]), 2), metric_name=f"{row['name']} {metric} accuracy (%)")
-        for record in records if hub_dataset_id(record.get("dataset")) for row in record["rows"]
-        for metric, key in (("top-1", "top1"), ("top-5", "top5")) if row.get(key) is not None]
-    metadata = huggingface_hub.ModelCardData(
-        library_name="pytorch", pipeline_tag="image-feature-extraction", license=license,
-        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
-        model_name=name if eval_results else None, eval_results=eval_results or None,
-        datasets=[dataset] if hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
-    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
-        f"| {row['name']} | {hub_dataset_id(r.get('dataset')) or Path(str(r.get('dataset'))).name} "
-        f"({r.get('test_split')}) | "
-        + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
-        for r in records for row in r["rows"]]
-    kernel, stride, padding, maxpool = intl.STEMS[stem]
-    stem_code = "" if stem == "imagenet" else (
-        f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
-        + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
-    body = CARD.format(
-        name=name, arch=config.get("arch"), dim=config.get("feature_dim", "D"), size=size, stem_code=stem_code,
-        repo=repo_id or "OWNER/NAME", resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
-        mean=list(config.get("mean", [])), std=list(config.get("std", [])),
-        table="\n".join(table) if records else "No evaluation results were recorded with this export.",
-        license_note="" if license else "\nNo license was chosen for these weights by their publisher.")
-    return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}{CITATIONS}"))  # parses: valid
-
-
-CARD = """
-# {name}
-
-A {arch} encoder pretrained with **IterNorm with trace loss** (INTL: "Modulate Your Spectrum in Self-Supervised
-Learning", Weng et al., ICLR 2024), published alone: a torchvision `state_dict` without `fc.*`, {dim}-dimensional
-features. `config.json` holds the recipe it was trained with.
-
-## Evaluation (frozen features: `linear_eval.py`)
-
-{table}
-
-## Usage
-
-```python
-import torch, torchvision
-from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file
-from torchvision.transforms import v2 as T
-
-net = torchvision.models.{arch}()
-{stem_code}net.fc = torch.nn.Identity()
-net.load_state_dict(load_file(hf_hub_download("{repo}", "model.safetensors")))  # strict
-net.eval()  # net(preprocess(rgb_image)[None]) -> features [1, {dim}]
-preprocess = T.Compose([T.Resize({resize}, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop({size}),
-                        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize({mean}, {std})])
-```
-
-From a clone of the INTL repository that made this model: `import intl; net, config = intl.load_backbone("{repo}")`.
-{license_note}
-
-## Citation
-
-"""
-CITATIONS = """```bibtex
-@inproceedings{weng2024modulate,
-  title     = {Modulate Your Spectrum in Self-Supervised Learning},
-  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
-Khan, Fahad Shahbaz and Huang, Lei},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024}
-}
-@inproceedings{weng2022investigation,
-  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
-  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year      = {2022}
-}
-```
-"""
-
-
-def push_export_to_hub(export_dir, repo_id, private=False):
-    """Upload exactly the weights, config.json and model card of an export folder to a Hub model repo, as one
-    commit to its main branch."""
-    import huggingface_hub
-
-    export_dir = Path(export_dir)
-    files = [*intl.EXPORT_FILES, "README.md"]
-    if missing := [name for name in files if not (export_dir / name).is_file()]:
-        raise ValueError(f"{export_dir} is not a complete export: {missing[0]} is missing (`pretrain.py export "
-                         f"--source {export_dir} --output_dir NEW` writes one)")
-    intl.load_backbone(export_dir)  # refuse to publish weights that do not load
-    api = huggingface_hub.HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model", allow_patterns=files,
-                             commit_message=f"Upload INTL backbone from {export_dir.name}")
-
-
-def main_export(argv=None):
-    """`python pretrain.py export ...`, the one way to publish: a training run cannot, as the card's results
-    (--eval_results) exist only after it."""
-    parser = argparse.ArgumentParser(
-        prog="pretrain.py export", allow_abbrev=False, formatter_class=intl.HelpFormatter,
-        description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
-                    "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
-    parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
-                        "export folder, a .safetensors file or a Hub repo id 'owner/name'")
-    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
-                        help="encoder; None: the source's config, or inferred from the weights' shapes")
-    parser.add_argument("--stem", choices=intl.STEMS, default=None,
-                        help="first layers; None: the source's config, for an official 3x3 conv1 cifar (INTL) or "
-                             "cifar-unpadded (CW-RGP; its STL-10 / Tiny-ImageNet networks: small-maxpool)")
-    parser.add_argument("--output_dir", type=intl.folder, required=True, help="the export folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an export already in --output_dir")
-    parser.add_argument("--eval_results", nargs="*", default=[],
-                        help="linear_eval.py result JSON files for the model card's model-index")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
-                        help="publish the export (weights, config, model card) to this Hub model repo")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
-    parser.add_argument("--license", default=None,
-                        help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
-    args = parser.parse_args(argv)
-    export_dir = Path(args.output_dir)
-    # Read first: the source may be the export that --overwrite replaces (to push it again).
-    weights, config = converted(args.source, args.arch, args.stem)
-    card = model_card(config, args.eval_results, args.push_to_hub, args.license)
-    held = sorted(p.name for p in export_dir.iterdir()) if export_dir.is_dir() else []
-    if held and (not args.overwrite or set(held) - {*intl.EXPORT_FILES, "README.md"}):
-        raise ValueError(f"--output_dir {export_dir} holds {', '.join(held)}; an export replaces the whole folder: "
-                         "give a new folder, or add --overwrite to replace an export")
-    write_export(export_dir, weights, config, card)
-    print(f"exported {args.source} to {export_dir}")
-    if args.push_to_hub:  # a refusal (no token, no right to the namespace) ends in the library's words
-        push_export_to_hub(export_dir, args.push_to_hub, args.private)
-        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}")
-    return export_dir
 
 
 # -----------------------------------------------------------------------------
@@ -1126,5 +964,4 @@ def timed(fn, steps, device, warmup=1):
 
 
 if __name__ == "__main__":
-    # python pretrain.py export --source CHECKPOINT --output_dir OUT [--push_to_hub REPO_ID]
-    intl.run(main_export, sys.argv[2:]) if sys.argv[1:2] == ["export"] else intl.run(main)
+    intl.run(main)

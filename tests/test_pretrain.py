@@ -457,7 +457,7 @@ def test_resuming_copied_checkpoints_without_their_log_starts_the_log_again(fini
 
 def test_a_new_run_replaces_what_an_earlier_run_left_only_with_overwrite(tiny_images, tmp_path):
     run = tmp_path / "run"
-    pretrain.write_export(run / "backbone", intl.build_backbone("resnet18").state_dict(), {"arch": "resnet18"})
+    intl.write_export(run / "backbone", intl.build_backbone("resnet18").state_dict(), {"stem": "imagenet"})
     (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ValueError, match="already holds backbone/ of an earlier run"):
         tiny(tiny_images, "--output_dir", run, "--stop_after_steps", 1)
@@ -656,7 +656,7 @@ def test_the_trace_loss_weight_is_resolved_from_the_global_batch_and_recorded_wh
     run = tiny_finished_run.run  # batch 4
     state = json.loads(sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
     exported = json.loads((run / "backbone" / "config.json").read_text())
-    assert state["config"]["beta"] == exported["beta"] == exported["recipe"]["beta"] == 0.0
+    assert state["config"]["beta"] == state["backbone"]["recipe"]["beta"] == exported["recipe"]["beta"] == 0.0
 
 
 def test_the_global_batch_is_split_over_the_processes_or_refused_naming_the_nearest_that_splits(tiny_images):

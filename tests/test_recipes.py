@@ -411,9 +411,12 @@ def exported_config(flags, tmp_path):
     checkpoint = tmp_path / "checkpoints" / "step-00000001"
     checkpoint.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
-    state = {"step": 1, "config": json.loads(json.dumps(config)), "num_processes": 1}
+    backbone = pretrain.backbone_config(argparse.Namespace(**config))
+    state = {"step": 1, "config": json.loads(json.dumps(config)), "num_processes": 1, "backbone": backbone}
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    return intl.load_backbone(pretrain.export_backbone_from(checkpoint, tmp_path / "export"))[1]
+    backbone, config = intl.load_backbone(checkpoint)  # as a finished run exports its backbone
+    intl.write_export(tmp_path / "export", backbone.state_dict(), config)
+    return intl.load_backbone(tmp_path / "export")[1]
 
 
 def test_an_export_records_the_stem_and_the_evaluation_input_of_the_recipe(tmp_path):
