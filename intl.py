@@ -752,22 +752,15 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def to_rgb(image):
     """Any PIL image -> the 8-bit RGB image it shows, decoded fully. Where image.convert("RGB") is wrong: a 16-bit
-    value v becomes round(v / 257), not v clipped at 255; a transparent pixel is composited over white, rounded
-    exactly, instead of losing its alpha."""
-    key = image.info.get("transparency")
+    value v becomes round(v / 257), not v clipped at 255; a transparent pixel shows white (as a page behind a web
+    image), not the colour stored under it."""
     if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image).astype(np.int64)
-        rgb = np.repeat(((np.clip(values, 0, 65535) + 128) // 257)[..., None], 3, axis=2)
-        alpha = np.where(values == key, 0, 255)[..., None] if isinstance(key, int) else None
-    elif key is not None or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = np.asarray(image.convert("RGBA")).astype(np.int64)
+        image = PILImage.fromarray(((np.clip(np.asarray(image, np.int64), 0, 65535) + 128) // 257).astype(np.uint8))
+    elif "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(image.convert("RGBA"), np.int64)
         rgb, alpha = rgba[..., :3], rgba[..., 3:]
-    else:
-        return image.convert("RGB")
-    if alpha is not None:
-        # Over white, as a page behind a web image: the colour stored under a transparent pixel is not in the picture.
-        rgb = (rgb * alpha + 255 * (255 - alpha) + 127) // 255  # round((c a + 255 (255 - a)) / 255)
-    return PILImage.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)))
+        image = PILImage.fromarray(((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))  # rounded
+    return image.convert("RGB")
 
 
 def labels_of(split):
