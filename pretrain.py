@@ -307,8 +307,8 @@ def finish(config, accelerator, monitor, step):
         monitor.plot_spectra(output_dir / "spectrum.png")
         local = " --dataset LABELLED_DATA" * bool(backbone_config.get("dataset_is_local_folder"))  # not findable
         monitor.summary(f"done: the backbone is in {export}, the log in {monitor.path}. Next: python linear_eval.py "
-                        f"--backbone {export}{local} (with --export NEW --push_to_hub REPO: published with its "
-                        "results)")
+                        f"--backbone {export}{local}; to publish it with the results: python linear_eval.py export "
+                        f"--source {export} --eval_results RESULT.json --output_dir NEW --push_to_hub REPO")
     accelerator.end_training()
 
 
