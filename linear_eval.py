@@ -121,21 +121,21 @@ def get_parser():
 
 
 def main(argv=None):
-    """Configuration completed by the backbone (a wrong one fails before any work), then the evaluation in its
-    locked output folder."""
+    """Configuration, then the evaluation in its locked output folder."""
     config = resolve_args(argv)
+    if config.print_config:
+        _, backbone_config = intl.load_backbone(config.backbone, config.revision)
+        return print(json.dumps(vars(completed_by_backbone(config, backbone_config)), indent=2))
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    with intl.locked(config.output_dir, accelerator.is_main_process):
+        evaluate_backbone(config, accelerator)
+
+
+def evaluate_backbone(config, accelerator):
+    """Backbone (a wrong one fails before anything is removed) -> data -> each protocol -> results."""
     resumed = checkpoints_to_resume(config)  # a resumed evaluation continues the results in output_dir: its own
     backbone, backbone_config = intl.load_backbone(config.backbone, config.revision)
     config = completed_by_backbone(config, backbone_config)
-    if config.print_config:
-        return print(json.dumps(vars(config), indent=2))
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    with intl.locked(config.output_dir, accelerator.is_main_process):
-        evaluate_backbone(config, backbone, resumed, accelerator)
-
-
-def evaluate_backbone(config, backbone, resumed, accelerator):
-    """Checks (a batch that does not split fails before anything is removed) -> data -> each protocol -> results."""
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}; backbone {config.backbone}: "
