@@ -179,8 +179,8 @@ def evaluate_backbone(config, accelerator):
 
 def results_table(records, data, output_dir):
     """The final epoch's top-1 / top-5 of each protocol (the best epoch is in its results file)."""
-    lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
-             f"{data['train_split']}: {data['n_train']} images), final epoch:", f"  {'protocol':44s}   top-1   top-5"]
+    lines = [f"results on {data['dataset']} ({data['n_test']} {data['test_split']} images), final epoch:",
+             f"  {'protocol':44s}   top-1   top-5"]
     for row in [row for record in records for row in record["rows"]]:
         top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
         lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
@@ -207,13 +207,11 @@ def resolve_args(argv=None):
 
 def default_output_dir(backbone, revision=None):
     """--output_dir's default: one folder per backbone, also for two backbones side by side."""
-    path = Path(os.path.expanduser(backbone))
-    if path.exists():
-        path = path.resolve()
-        if (path / "trainer_state.json").is_file():
-            return path.parent.parent / "eval" / path.name  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR/eval/step-N
-        return path.parent / "eval" / path.name  # OUTPUT_DIR/backbone -> OUTPUT_DIR/eval/backbone
-    return Path("runs") / "eval" / (backbone.replace("/", "--") + (f"--{revision}" if revision else ""))
+    path = Path(os.path.expanduser(backbone)).resolve()
+    if not path.exists():  # a Hub id
+        return Path("runs") / "eval" / (backbone.replace("/", "--") + (f"--{revision}" if revision else ""))
+    run = path.parent.parent if (path / "trainer_state.json").is_file() else path.parent  # of .../checkpoints/step-N
+    return run / "eval" / path.name
 
 
 def completed_by_backbone(config, backbone_config):
