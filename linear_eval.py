@@ -3,10 +3,12 @@
     python linear_eval.py --backbone runs/digits/backbone            # offline: 5-NN + linear on cached features
     accelerate launch linear_eval.py --backbone runs/in1k/backbone --protocol linear \\
         --dataset ILSVRC/imagenet-1k --test_split validation
-    accelerate launch linear_eval.py --backbone intl_800ep.pth.tar --recipe intl --arch resnet50 \\
-        --protocol finetune --subset_file 1percent.txt --dataset /data/imagenet
+    python pretrain.py export --source intl_800ep.pth.tar --output_dir intl_800ep --arch resnet50  # once
+    accelerate launch linear_eval.py --backbone intl_800ep --recipe intl --protocol finetune \\
+        --subset_file 1percent.txt --dataset /data/imagenet
 
-Protocols (the papers'; the defaults of the flags left at None; batches are global, all processes together):
+Protocols (the papers'; the defaults of the flags left at None). Batches are global, SGD learning rates per 256 images
+of it; no protocol drops a last partial batch; all test on Resize + CenterCrop.
     knn            k-NN on frozen features: k = 5, Euclidean, one vote each, a tie to the smallest class id
     linear-cached  a linear head on features extracted once without augmentation: Adam, lr 1e-2, wd 5e-6, batch
                    1000, 500 epochs; ExponentialLR per epoch, gamma = (1e-4) ** (1 / 500)
@@ -17,12 +19,9 @@ Protocols (the papers'; the defaults of the flags left at None; batches are glob
     finetune       all layers, 20 epochs at a constant lr (head 0.2, backbone 0.006 INTL / 0.004 INTL-M; CW-RGP has
                    none: --lr_backbone), batch 256, plain BatchNorm per process, on the images named in
                    --subset_file (the standard 1% / 10% lists)
-SGD learning rates are per 256 images of global batch; linear and finetune keep the last partial batch; every
-protocol tests on Resize + CenterCrop.
 
 The result is the final epoch's top-1 / top-5 (top-5 with more than 5 classes; the best epoch is a labelled extra),
-printed as a table and written to OUTPUT_DIR/<protocol>.json, one folder per backbone; linear and finetune save a
-checkpoint every epoch and continue with --resume latest, with the same backbone (path and weights).
+written to OUTPUT_DIR/<protocol>.json; linear and finetune save a checkpoint every epoch.
 """
 
 import argparse
@@ -77,21 +76,16 @@ def get_parser():
     data.add_argument("--test_split", default="test", help="labelled split to test on (ImageNet-1k: validation)")
     data.add_argument("--image_column", help="image column; None: detected")
     data.add_argument("--label_column", help="label column; None: detected")
-    data.add_argument("--image_size", type=int, help="input side in pixels; None: the backbone's pretraining size "
-                      "(224 evaluates on Resize 256 + CenterCrop 224)")
+    data.add_argument("--image_size", type=int, help="input side in pixels; None: the backbone's pretraining size")
     data.add_argument("--mean", type=float, nargs=3, help="normalisation mean; None: the backbone's")
     data.add_argument("--std", type=float, nargs=3, help="normalisation std; None: the backbone's")
     data.add_argument("--num_workers", type=int, default=2, help="data loader processes per evaluation process")
     data.add_argument("--eval_batch_size", type=int, default=256, help="batch per process for features and tests")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", required=True, help="export folder, .safetensors file, Hub repo id "
-                       "'owner/name', pretrain checkpoint folder or official INTL / CW-RGP .pth.tar")
-    model.add_argument("--arch", choices=intl.RESNETS, help="None: the backbone's config's, or its weights' shapes'")
+    model.add_argument("--backbone", required=True, help="export folder, Hub repo id 'owner/name' or pretrain "
+                       "checkpoint folder (an official .pth.tar: `pretrain.py export` it first)")
     model.add_argument("--revision", help="Hub branch, tag or commit of --backbone")
-    model.add_argument("--stem", choices=list(intl.STEMS), help="the backbone's first layers where its config does "
-                       "not say them: 'cifar' for INTL's 3x3 conv1, 'cifar-unpadded' for CW-RGP's, 'small-maxpool' "
-                       "for CW-RGP's STL-10 / Tiny-ImageNet networks")
     model.add_argument("--recipe", choices=sorted(RECIPES), help="the backbone's pretraining method, which picks the "
                        "authors' settings (table above); None: its config.json's, else INTL's")
 
@@ -99,17 +93,15 @@ def get_parser():
     protocol.add_argument("--protocol", nargs="+", default=["knn", "linear-cached"], choices=PROTOCOLS,
                           help="one or more evaluations; knn and linear-cached share one feature extraction")
     protocol.add_argument("--k", type=int, nargs="+", default=[5], help="knn: numbers of neighbours")
-    protocol.add_argument("--subset_file", help="finetune: text file of image file names, one a line (class/file "
-                          "where a name repeats)")
+    protocol.add_argument("--subset_file", help="finetune: image file names, one a line (class/file: a repeated name)")
 
     optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
     optim.add_argument("--epochs", type=int, help="training epochs")
     optim.add_argument("--batch_size", type=int, help="GLOBAL training batch, all processes together; linear and "
                        "finetune split it evenly over the processes, so it must be divisible by their number")
-    optim.add_argument("--lr", type=float, help="head learning rate (SGD: per 256 images of global batch)")
-    optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate per 256 images")
-    optim.add_argument("--min_lr", type=float, help="linear-cached: the lr after --epochs epochs (ExponentialLR's "
-                       "gamma = (min_lr / lr) ** (1 / epochs)); None: 1e-6")
+    optim.add_argument("--lr", type=float, help="head learning rate")
+    optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate")
+    optim.add_argument("--min_lr", type=float, help="linear-cached: the lr after --epochs epochs (ExponentialLR)")
     optim.add_argument("--weight_decay", type=float)
     optim.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                        help="linear: lr x0.1 after these fractions of --epochs")
@@ -117,13 +109,11 @@ def get_parser():
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
     run.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="None: Accelerate's config")
-    run.add_argument("--output_dir", type=intl.folder, help="where <protocol>.json and checkpoints/ go; None: "
-                     "eval/<name> next to a local backbone (OUTPUT_DIR/eval/step-N for a checkpoint), runs/eval/<repo> "
-                     "for a Hub id")
-    run.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of the same "
-                     "protocols in --output_dir; without it such a folder is refused before any work")
+    run.add_argument("--output_dir", type=intl.folder, help="None: eval/<name> next to a local backbone (a "
+                     "checkpoint's: OUTPUT_DIR/eval/step-N), runs/eval/<repo> for a Hub id")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results of these protocols")
     run.add_argument("--resume", type=intl.folder, help="linear, finetune: 'latest' (the newest checkpoint of each in "
-                     "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there (.../<protocol>/epoch-N)")
+                     "OUTPUT_DIR/checkpoints/<protocol>/) or a checkpoint folder there, with the same backbone")
     run.add_argument("--stop_after_epochs", type=int, help="linear, finetune: save and stop after this many epochs "
                      "(the schedule still spans --epochs); continue with --resume latest")
     run.add_argument("--print_config", action="store_true", help="print the configuration completed by the backbone")
@@ -134,7 +124,7 @@ def main(argv=None):
     """Configuration, then the evaluation in its locked output folder."""
     config = resolve_args(argv)
     if config.print_config:
-        _, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
+        _, backbone_config = intl.load_backbone(config.backbone, config.revision)
         return print(json.dumps(vars(completed_by_backbone(config, backbone_config)), indent=2))
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     with intl.locked(config.output_dir, accelerator.is_main_process):
@@ -144,7 +134,7 @@ def main(argv=None):
 def evaluate_backbone(config, accelerator):
     """Backbone (a wrong one fails before anything is removed) -> data -> each protocol -> results."""
     resumed = checkpoints_to_resume(config)  # a resumed evaluation continues the results in output_dir: its own
-    backbone, backbone_config = intl.load_backbone(config.backbone, config.arch, config.revision, config.stem)
+    backbone, backbone_config = intl.load_backbone(config.backbone, config.revision)
     config = completed_by_backbone(config, backbone_config)
     output_dir = Path(config.output_dir)
     trained = [p for p in config.protocol if p in TRAINED]
@@ -188,17 +178,13 @@ def evaluate_backbone(config, accelerator):
 
 
 def results_table(records, data, output_dir):
-    lines = [f"results on {data['dataset']} ({data['test_split']}: {data['n_test']} images; "
-             f"{data['train_split']}: {data['n_train']} images), final epoch:", f"  {'protocol':44s}   top-1   top-5"]
+    """The final epoch's top-1 / top-5 of each protocol (the best epoch is in its results file)."""
+    lines = [f"results on {data['dataset']} ({data['n_test']} {data['test_split']} images), final epoch:",
+             f"  {'protocol':44s}   top-1   top-5"]
     for row in [row for record in records for row in record["rows"]]:
         top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
         lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
-    for record in [record for record in records if "best_epoch_extra" in record]:
-        best = record["best_epoch_extra"]
-        lines.append(f"  extra, not the result: best epoch of {record['protocol']} was {best['epoch']} "
-                     f"(top-1 {best['top1']:.2f})")
-    files = ", ".join(str(output_dir / f"{r['protocol']}.json") for r in records)
-    return "\n".join(lines + [f"written to {files}"])
+    return "\n".join(lines + [f"written to {output_dir}: {', '.join(r['protocol'] + '.json' for r in records)}"])
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -221,13 +207,11 @@ def resolve_args(argv=None):
 
 def default_output_dir(backbone, revision=None):
     """--output_dir's default: one folder per backbone, also for two backbones side by side."""
-    path = Path(os.path.expanduser(backbone))
-    if path.exists():
-        path = path.resolve()
-        if (path / "trainer_state.json").is_file():
-            return path.parent.parent / "eval" / path.name  # OUTPUT_DIR/checkpoints/step-N -> OUTPUT_DIR/eval/step-N
-        return path.parent / "eval" / path.name  # OUTPUT_DIR/backbone -> OUTPUT_DIR/eval/backbone
-    return Path("runs") / "eval" / (backbone.replace("/", "--") + (f"--{revision}" if revision else ""))
+    path = Path(os.path.expanduser(backbone)).resolve()
+    if not path.exists():  # a Hub id
+        return Path("runs") / "eval" / (backbone.replace("/", "--") + (f"--{revision}" if revision else ""))
+    run = path.parent.parent if (path / "trainer_state.json").is_file() else path.parent  # of .../checkpoints/step-N
+    return run / "eval" / path.name
 
 
 def completed_by_backbone(config, backbone_config):
@@ -295,17 +279,16 @@ def load_labelled_splits(config, accelerator):
                              "integer class indices): linear evaluation needs labelled training and test splits; "
                              "name the column with --label_column (Dataset.class_encode_column maps strings)")
         labels = intl.labels_of(split)
-        if len(labels) == 0:
-            raise ValueError(f"{split.source} is empty")
-        if labels.min() < 0:
-            raise ValueError(f"{split.source} has {int((labels < 0).sum())} image(s) without a label")
+        if len(labels) == 0 or labels.min() < 0:
+            raise ValueError(f"{split.source} needs labelled images: it has {len(labels)}, {int((labels < 0).sum())} "
+                             "without a label")
         num_classes = max(num_classes, split.num_classes or 0, int(labels.max()) + 1)
     unseen = sorted(set(intl.labels_of(splits[1]).tolist()) - set(intl.labels_of(splits[0]).tolist()))
     if unseen:
         raise ValueError(f"{splits[1].source} has {len(unseen)} class(es) that {splits[0].source} never has (first "
                          f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
-    data = dict(dataset=config.dataset, train_split=config.train_split, test_split=config.test_split, n_train=len(splits[0].dataset),
-                n_test=len(splits[1].dataset), num_classes=num_classes)
+    data = dict(dataset=config.dataset, train_split=config.train_split, test_split=config.test_split,
+                n_train=len(splits[0].dataset), n_test=len(splits[1].dataset), num_classes=num_classes)
     accelerator.print(f"{config.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} "
                       "classes")
     return SimpleNamespace(train=splits[0], test=splits[1], num_classes=num_classes), data
