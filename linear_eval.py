@@ -3,7 +3,7 @@
     python linear_eval.py --backbone runs/digits/backbone            # offline: 5-NN + linear on cached features
     accelerate launch linear_eval.py --backbone runs/in1k/backbone --protocol linear \\
         --dataset ILSVRC/imagenet-1k --test_split validation
-    python pretrain.py export --source intl_800ep.pth.tar --output_dir intl_800ep --arch resnet50  # once
+    python linear_eval.py export --source intl_800ep.pth.tar --output_dir intl_800ep --arch resnet50  # once
     accelerate launch linear_eval.py --backbone intl_800ep --recipe intl --protocol finetune \\
         --subset_file 1percent.txt --dataset /data/imagenet
 
@@ -30,12 +30,14 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,7 +86,7 @@ def get_parser():
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", required=True, help="export folder, Hub repo id 'owner/name' or pretrain "
-                       "checkpoint folder (an official .pth.tar: `pretrain.py export` it first)")
+                       "checkpoint folder (an official .pth.tar: `linear_eval.py export` it first)")
     model.add_argument("--revision", help="Hub branch, tag or commit of --backbone")
     model.add_argument("--recipe", choices=sorted(RECIPES), help="the backbone's pretraining method, which picks the "
                        "authors' settings (table above); None: its config.json's, else INTL's")
@@ -660,5 +662,236 @@ def resume_or_start(checkpoint, settings, accelerator):
     return state["epoch"], state["history"]
 
 
+# ----------------------------------------------------------------------------- publishing: `linear_eval.py export`
+#
+# After the evaluation, an export folder of any backbone (also of what the scripts do not read: an official INTL /
+# CW-RGP .pth.tar, a bare .safetensors file) with a model card that carries the results, pushed to the Hub as one
+# commit.
+
+
+def main_export(argv=None):
+    """`python linear_eval.py export ...`: the one way to publish, with the results of `linear_eval.py`."""
+    parser = argparse.ArgumentParser(
+        prog="linear_eval.py export", allow_abbrev=False, formatter_class=intl.HelpFormatter,
+        description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
+                    "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
+    parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
+                        "export folder, a .safetensors file or a Hub repo id 'owner/name'")
+    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
+                        help="encoder of a .pth.tar or .safetensors file; None: the file's, or inferred from its shapes")
+    parser.add_argument("--stem", choices=intl.STEMS, default=None,
+                        help="first layers of such a file; None: 'cifar' for a 3x3 conv1 (INTL's); CW-RGP's must say: "
+                             "cifar-unpadded (CIFAR) or small-maxpool (STL-10 / Tiny-ImageNet)")
+    parser.add_argument("--output_dir", type=intl.folder, required=True, help="the export folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in --output_dir")
+    parser.add_argument("--eval_results", nargs="*", default=[],
+                        help="linear_eval.py result JSON files for the model card's model-index")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                        help="publish the export (weights, config, model card) to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--license", default=None,
+                        help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
+    args = parser.parse_args(argv)
+    export_dir = Path(args.output_dir)
+    held = sorted(p.name for p in export_dir.iterdir()) if export_dir.is_dir() else []
+    if held and (not args.overwrite or set(held) - {*intl.EXPORT_FILES, "README.md"}):
+        raise ValueError(f"--output_dir {export_dir} holds {', '.join(held)}; an export replaces the whole folder: "
+                         "give a new folder, or add --overwrite to replace an export")
+    export_backbone_from(args.source, export_dir, args.arch, args.eval_results, args.push_to_hub, args.stem,
+                         args.license)  # the source may be this export: it is read before the new one replaces it
+    print(f"exported {args.source} to {export_dir}")
+    if args.push_to_hub:  # a refusal (no token, no right to the namespace) ends in the library's words
+        push_export_to_hub(export_dir, args.push_to_hub, args.private)
+        print(f"pushed {export_dir} to https://huggingface.co/{args.push_to_hub}")
+    return export_dir
+
+
+def export_backbone_from(source, output_dir, arch=None, results=None, repo_id=None, stem=None, license=None):
+    """The export folder of `source` (see `converted`), with the model card of `model_card`, written as one."""
+    weights, config = converted(source, arch, stem)
+    intl.write_export(output_dir, weights, config, model_card(config, results, repo_id, license))
+    return Path(output_dir)
+
+
+def converted(source, arch=None, stem=None):
+    """-> (weights, config) of the export of `source`: a backbone intl.load_backbone reads, an official INTL / CW-RGP
+    .pth.tar or a bare .safetensors file of torchvision keys (arch, stem: where such a file does not say them)."""
+    path = Path(os.path.expanduser(os.fspath(source)))
+    if path.is_file():
+        weights, config = read_weights_file(path)
+        intl.check_weights(weights, f"the weights of {source}")
+        backbone = intl.backbone_from(weights, completed_config(config, weights, arch, stem, source), path)
+    else:
+        backbone, config = intl.load_backbone(source)  # its config says the arch and stem
+    # A local path is named by its last part only: the config may be published on the Hub.
+    return backbone.state_dict(), {**config, "converted_from": path.name if path.exists() else os.fspath(source)}
+
+
+def read_weights_file(path):
+    """A bare .safetensors file, or an official checkpoint {"state_dict": ...} with the backbone under
+    "module.backbone.*" (INTL), "model.module.*" (CW-RGP's small-data code: an nn.DataParallel encoder) or
+    "module.model.*" (CW-RGP's ImageNet code) -> (weights, what the file says of the config)."""
+    if path.suffix == ".safetensors":
+        return intl.read_safetensors(path), {}
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load and pickle raise many types on a damaged file
+        raise intl.unreadable(path, error) from None
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError(f"{path} holds no state_dict of tensors (expected a dict with a 'state_dict' entry, "
+                         "as the official INTL / CW-RGP checkpoints)")
+    cw_rgp = any(k.startswith(("module.model.", "model.")) for k in state_dict)
+    config = {"source_format": f"official {'CW-RGP' if cw_rgp else 'INTL'} checkpoint"}
+    if checkpoint.get("arch") in intl.RESNETS:  # the official ImageNet scripts save it next to the state_dict
+        config["arch"] = checkpoint["arch"]
+    prefixes = ("module.backbone.", "backbone.", "model.module.", "module.model.", "model.")
+    for prefix in prefixes:
+        if weights := {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}:
+            return weights, config
+    raise ValueError(f"{path} has no backbone weights: no key starts with {' or '.join(map(repr, prefixes))} "
+                     f"(first keys: {', '.join(map(repr, list(state_dict)[:3])) or 'none'})")
+
+
+def completed_config(config, weights, arch, stem, source):
+    """Arch, stem, input size and normalisation: the given ones first, then the file's, then what the weights say:
+    a 7x7 conv1 is the ImageNet stem, a 3x3 one INTL's CIFAR network (CW-RGP's must be named: with or without the
+    max-pool), the arch the ResNet whose state_dict has exactly these keys and shapes."""
+    small_conv1 = "conv1.weight" in weights and tuple(weights["conv1.weight"].shape[-2:]) == (3, 3)
+    if not stem and config.get("source_format") == "official CW-RGP checkpoint" and small_conv1:
+        raise ValueError(f"{source} is a CW-RGP checkpoint with a 3x3 conv1, which may or may not be followed by a "
+                         "max-pool: pass --stem cifar-unpadded (its CIFAR network) or --stem small-maxpool (its STL-10 "
+                         f"and Tiny-ImageNet network); the stems: {', '.join(intl.STEMS)}")
+    stem = stem or ("cifar" if small_conv1 else "imagenet")
+
+    def fits(candidate):
+        with torch.device("meta"):  # no memory
+            return not intl.weights_mismatch(intl.build_backbone(candidate, stem).state_dict(), weights)
+
+    arch = arch or config.get("arch") or next(filter(fits, intl.RESNETS), None)
+    if arch is None:
+        raise ValueError(f"cannot infer the architecture of {source}: its weights fit none of "
+                         f"{', '.join(intl.RESNETS)} exactly; pass --arch to see which keys differ")
+    small = stem != "imagenet"
+    return {**config, "arch": arch, "stem": stem, "image_size": 32 if small else 224,
+            "mean": list(intl.CIFAR_MEAN if small else intl.IMAGENET_MEAN),
+            "std": list(intl.CIFAR_STD if small else intl.IMAGENET_STD)}
+
+
+def hub_dataset_id(dataset):
+    """`dataset` if it is a Hub dataset id ('owner/name'), else None (a local folder, digits)."""
+    is_id = isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
+        and not os.path.exists(dataset)
+    return dataset if is_id else None
+
+
+def model_card(config, results=None, repo_id=None, license=None):
+    """The model card: Hub metadata, then results, loading and citations (config.json holds the recipe). Results on
+    a Hub dataset enter the model-index (its dataset type is a Hub id), the table holds all. license: a Hub id; None:
+    the card says none was chosen (the Hub's "other" would need a name and a link)."""
+    records = [intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item for item in results or []]
+    if not all(isinstance(record, dict) and "rows" in record for record in records):
+        raise ValueError("--eval_results: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
+    dataset, stem, size = config.get("dataset"), config.get("stem", "imagenet"), config.get("image_size")
+    name = repo_id.split("/")[-1] if repo_id else f"intl-{config.get('arch')}-{Path(str(dataset or 'digits')).name}"
+    eval_results = [huggingface_hub.EvalResult(
+        task_type="image-classification", task_name="Image classification", metric_type="accuracy",
+        dataset_type=record["dataset"], dataset_name=record["dataset"], dataset_split=record.get("test_split"),
+        metric_value=round(float(row[key]), 2), metric_name=f"{row['name']} {metric} accuracy (%)")
+        for record in records if hub_dataset_id(record.get("dataset")) for row in record["rows"]
+        for metric, key in (("top-1", "top1"), ("top-5", "top5")) if row.get(key) is not None]
+    metadata = huggingface_hub.ModelCardData(
+        library_name="pytorch", pipeline_tag="image-feature-extraction", license=license,
+        tags=["self-supervised", "intl", "image-feature-extraction", "resnet", "torchvision", "safetensors"],
+        model_name=name if eval_results else None, eval_results=eval_results or None,
+        datasets=[dataset] if hub_dataset_id(dataset) and not config.get("dataset_is_local_folder") else None)
+    table = ["| protocol | dataset (split) | top-1 | top-5 |", "|---|---|---|---|"] + [
+        f"| {row['name']} | {hub_dataset_id(r.get('dataset')) or Path(str(r.get('dataset'))).name} "
+        f"({r.get('test_split')}) | "
+        + " | ".join("-" if row.get(key) is None else f"{row[key]:.2f}" for key in ("top1", "top5")) + " |"
+        for r in records for row in r["rows"]]
+    kernel, stride, padding, maxpool = intl.STEMS[stem]
+    stem_code = "" if stem == "imagenet" else (
+        f"net.conv1 = torch.nn.Conv2d(3, 64, kernel_size={kernel}, stride={stride}, padding={padding}, bias=False)\n"
+        + ("" if maxpool else "net.maxpool = torch.nn.Identity()\n"))
+    body = CARD.format(
+        name=name, arch=config.get("arch"), dim=config.get("feature_dim", "D"), size=size, stem_code=stem_code,
+        repo=repo_id or "OWNER/NAME", resize=intl.eval_resize(size, config.get("eval_resize")) if size else "?",
+        mean=list(config.get("mean", [])), std=list(config.get("std", [])),
+        table="\n".join(table) if records else "No evaluation results were recorded with this export.",
+        license_note="" if license else "\nNo license was chosen for these weights by their publisher.")
+    return str(huggingface_hub.ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}{CITATIONS}"))  # parses: valid
+
+
+CARD = """
+# {name}
+
+A {arch} encoder pretrained with **IterNorm with trace loss** (INTL: "Modulate Your Spectrum in Self-Supervised
+Learning", Weng et al., ICLR 2024), published alone: a torchvision `state_dict` without `fc.*`, {dim}-dimensional
+features. `config.json` holds the recipe it was trained with.
+
+## Evaluation (frozen features: `linear_eval.py`)
+
+{table}
+
+## Usage
+
+```python
+import torch, torchvision
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+from torchvision.transforms import v2 as T
+
+net = torchvision.models.{arch}()
+{stem_code}net.fc = torch.nn.Identity()
+net.load_state_dict(load_file(hf_hub_download("{repo}", "model.safetensors")))  # strict
+net.eval()  # net(preprocess(rgb_image)[None]) -> features [1, {dim}]
+preprocess = T.Compose([T.Resize({resize}, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop({size}),
+                        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize({mean}, {std})])
+```
+
+From a clone of the INTL repository that made this model: `import intl; net, config = intl.load_backbone("{repo}")`.
+{license_note}
+
+## Citation
+
+"""
+CITATIONS = """```bibtex
+@inproceedings{weng2024modulate,
+  title     = {Modulate Your Spectrum in Self-Supervised Learning},
+  author    = {Weng, Xi and Ni, Yunhao and Song, Tengwei and Luo, Jie and Anwer, Rao Muhammad and Khan, Salman and \
+Khan, Fahad Shahbaz and Huang, Lei},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024}
+}
+@inproceedings{weng2022investigation,
+  title     = {An Investigation into Whitening Loss for Self-supervised Learning},
+  author    = {Weng, Xi and Huang, Lei and Zhao, Lei and Anwer, Rao Muhammad and Khan, Salman and Khan, Fahad Shahbaz},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022}
+}
+```
+"""
+
+
+def push_export_to_hub(export_dir, repo_id, private=False):
+    """Upload exactly the weights, config.json and model card of an export folder to a Hub model repo, as one
+    commit to its main branch."""
+    export_dir = Path(export_dir)
+    files = [*intl.EXPORT_FILES, "README.md"]
+    if missing := [name for name in files if not (export_dir / name).is_file()]:
+        raise ValueError(f"{export_dir} is not a complete export: {missing[0]} is missing (`linear_eval.py export "
+                         f"--source {export_dir} --output_dir NEW` writes one)")
+    intl.load_backbone(export_dir)  # refuse to publish weights that do not load
+    api = huggingface_hub.HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model", allow_patterns=files,
+                             commit_message=f"Upload INTL backbone from {export_dir.name}")
+
+
 if __name__ == "__main__":
-    intl.run(main, interrupted="interrupted (knn and linear-cached keep no checkpoints: run the command again)")
+    # python linear_eval.py export --source BACKBONE --output_dir OUT [--eval_results R.json] [--push_to_hub REPO_ID]
+    if sys.argv[1:2] == ["export"]:
+        intl.run(main_export, sys.argv[2:])
+    else:
+        intl.run(main, interrupted="interrupted (knn and linear-cached keep no checkpoints: run the command again)")
