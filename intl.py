@@ -1284,7 +1284,7 @@ def load_backbone(source, revision=None):
     if not folder.exists():
         folder, hub_repo = _hub_snapshot(os.fspath(source), revision)
     if not folder.is_dir():
-        raise ValueError(f"backbone {source} is a file: make it an export first (python pretrain.py export --source "
+        raise ValueError(f"backbone {source} is a file: make it an export first (python linear_eval.py export --source "
                          f"{source} --output_dir EXPORT), then give the export")
     if (folder / "trainer_state.json").is_file():
         weights, config, config_file = *_read_pretrain_checkpoint(folder), folder / "trainer_state.json"

@@ -720,7 +720,8 @@ def converted(source, arch=None, stem=None):
     if path.is_file():
         weights, config = read_weights_file(path)
         intl.check_weights(weights, f"the weights of {source}")
-        backbone = intl.backbone_from(weights, completed_config(config, weights, arch, stem, source), path)
+        config = completed_config(config, weights, arch, stem, source)
+        backbone = intl.backbone_from(weights, config, path)
     else:
         backbone, config = intl.load_backbone(source)  # its config says the arch and stem
     # A local path is named by its last part only: the config may be published on the Hub.

@@ -110,3 +110,16 @@ def pytest_configure(config):
                                        "processes), itself or through a fixture, or runs a stage end to end for "
                                        "seconds (pretraining, an evaluation protocol, detection); deselect with "
                                        "-m 'not slow' for a quick loop")
+
+
+def write_export(folder, weights, config):
+    """intl.write_export with what a test's config leaves out filled in as an export of this project has it: an
+    ImageNet-stem ResNet-18 at 224 px with ImageNet's normalisation, or with a small-image stem 32 px and CIFAR's."""
+    import intl
+
+    small = config.get("stem", "imagenet") != "imagenet"
+    defaults = {"arch": "resnet18", "stem": "imagenet", "image_size": 32 if small else 224,
+                "mean": list(intl.CIFAR_MEAN if small else intl.IMAGENET_MEAN),
+                "std": list(intl.CIFAR_STD if small else intl.IMAGENET_STD)}
+    intl.write_export(folder, weights, {**defaults, **config})
+    return folder

@@ -18,9 +18,9 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 import intl
-import pretrain
+from conftest import write_export
 from intl import CIFAR_MEAN, load_backbone
-from pretrain import export_backbone_from, main_export, push_export_to_hub
+from linear_eval import converted, export_backbone_from, main_export, push_export_to_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"arch": "resnet18", "stem": "imagenet", "feature_dim": 512, "image_size": 16, "mean": [0.5] * 3,
@@ -41,9 +41,9 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def _written_export(tmp_path_factory):
-    """pretrain.write_export of backbone_weights(0) with CONFIG, once: `export` gives each test a copy."""
+    """intl.write_export of backbone_weights(0) with CONFIG, once: `export` gives each test a copy."""
     folder = tmp_path_factory.mktemp("export") / "export"
-    pretrain.write_export(folder, backbone_weights(0), CONFIG)
+    write_export(folder, backbone_weights(0), CONFIG)
     return folder
 
 
@@ -54,30 +54,26 @@ def export(_written_export, tmp_path):
     return shutil.copytree(_written_export, tmp_path / "export")
 
 
-def test_export_folder_and_bare_file_round_trip_bit_identical_the_file_reading_the_config_beside_it(export, tmp_path):
+def test_an_export_round_trips_bit_identical_and_a_bare_file_is_exported_first_with_the_defaults(export, tmp_path):
     original = load_file(export / "model.safetensors")
     backbone, config = load_backbone(export)
     assert_same_weights(backbone.state_dict(), original)
     assert not backbone.training and config["image_size"] == 16 and config["mean"] == [0.5] * 3
     copy = export_backbone_from(export, tmp_path / "copy")
     assert_same_weights(load_file(copy / "model.safetensors"), original)
-    # A bare file beside its config.json reads it; alone, the arch is given or inferred from the shapes, the stem
-    # from the weights, the input size and normalisation are the defaults.
-    backbone, config = load_backbone(export / "model.safetensors")
-    assert config["image_size"] == 16 and config["mean"] == [0.5] * 3
-    alone = tmp_path / "alone" / "weights.safetensors"
-    alone.parent.mkdir()
-    alone.write_bytes((export / "model.safetensors").read_bytes())
+    # A bare file is exported first: the arch given or inferred from the shapes, the stem from the weights, the input
+    # size and normalisation the defaults.
+    with pytest.raises(ValueError, match="is a file: make it an export first \\(python linear_eval.py export"):
+        load_backbone(export / "model.safetensors")
     for arch in ("resnet18", None):
-        backbone, config = load_backbone(alone, arch=arch)
-        assert_same_weights(backbone.state_dict(), original)
+        weights, config = converted(export / "model.safetensors", arch=arch)
+        assert_same_weights(weights, original)
         assert (config["arch"], config["stem"], config["image_size"]) == ("resnet18", "imagenet", 224)
 
 
 def test_a_loaded_backbone_is_a_trainable_float32_network_also_from_half_precision_weights(tmp_path):
     weights = {k: v.half() if v.is_floating_point() else v for k, v in backbone_weights(0).items()}
-    save_file(weights, tmp_path / "half.safetensors")
-    backbone, _ = load_backbone(tmp_path / "half.safetensors", arch="resnet18")
+    backbone, _ = load_backbone(write_export(tmp_path / "half", weights, {}))
     state = backbone.state_dict()
     assert all(not t.is_meta for t in state.values())
     assert all(torch.equal(state[k], v.float() if v.is_floating_point() else v) for k, v in weights.items())
@@ -96,11 +92,10 @@ def test_pretrain_checkpoint_folder_gives_the_backbone_of_the_checkpoint(tmp_pat
     checkpoint = tmp_path / "checkpoints" / "step-00000022"
     checkpoint.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
-    train_config = {"arch": "resnet18", "stem": "cifar", "image_size": 32, "mean": list(CIFAR_MEAN),
-                    "std": [0.25] * 3, "method": "intl-m", "preset": None, "dataset": "uoft-cs/cifar10",
-                    "projector": "64-64-64", "iters": 4, "axis": 0, "lr": 0.3}
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 22, "epochs_trained": 2.0,
-                                                               "config": train_config}))
+    backbone_config = {"arch": "resnet18", "stem": "cifar", "image_size": 32, "mean": list(CIFAR_MEAN),
+                       "std": [0.25] * 3, "method": "intl-m", "dataset": "uoft-cs/cifar10", "recipe": {"lr": 0.3}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 22, "epochs_trained": 2.0, "config": {},
+                                                               "backbone": backbone_config}))
     export = export_backbone_from(checkpoint, tmp_path / "export")
     assert_same_weights(load_file(export / "model.safetensors"), backbone.state_dict())
     config = json.loads((export / "config.json").read_text())
@@ -145,23 +140,23 @@ def cw_rgp_small_data_checkpoint(path, weights):
 def test_official_cw_rgp_small_data_checkpoint_loads_with_the_stem_named(tmp_path, stem):
     weights = backbone_weights(3, "resnet18", stem)
     checkpoint = cw_rgp_small_data_checkpoint(tmp_path / "cw_rgp.pth.tar", weights)
-    backbone, config = load_backbone(checkpoint, stem=stem)
+    backbone, config = load_backbone(export_backbone_from(checkpoint, tmp_path / "export", stem=stem))
     assert_same_weights(backbone.state_dict(), weights)
     assert (config["arch"], config["stem"], config["source_format"]) == ("resnet18", stem, "official CW-RGP checkpoint")
     assert config["maxpool"] == (stem == "small-maxpool") and config["conv1"]["padding"] == 1
-    # The file cannot tell the two apart: without a stem the loader asks for one instead of guessing.
+    # The file cannot tell the two apart: without a stem the export asks for one instead of guessing.
     with pytest.raises(ValueError, match="CW-RGP checkpoint with a 3x3 conv1.*--stem cifar-unpadded.*--stem "
                                          "small-maxpool.*the stems: imagenet, cifar, cifar-unpadded, small-maxpool"):
-        load_backbone(checkpoint)
+        converted(checkpoint)
 
 
 def test_official_checkpoint_is_read_with_weights_only(tmp_path):
     checkpoint = official_checkpoint(tmp_path / "unsafe.pth.tar", backbone_weights(0), args=argparse.Namespace(lr=1))
     with pytest.raises(ValueError, match="weights_only=True"):
-        load_backbone(checkpoint)
+        converted(checkpoint)
     torch.save({"state_dict": {"module.encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "nobackbone.pth.tar")
     with pytest.raises(ValueError, match="no key starts with 'module.backbone.'"):
-        load_backbone(tmp_path / "nobackbone.pth.tar")
+        converted(tmp_path / "nobackbone.pth.tar")
 
 
 def test_strict_loading_names_the_first_missing_and_unexpected_keys(tmp_path):
@@ -171,14 +166,14 @@ def test_strict_loading_names_the_first_missing_and_unexpected_keys(tmp_path):
     save_file(weights, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"1 missing key\(s\), first 'layer4.1.bn2.running_var'; "
                                          r"1 unexpected key\(s\), first 'fc.weight'"):
-        load_backbone(tmp_path / "bad.safetensors", arch="resnet18")
+        converted(tmp_path / "bad.safetensors", arch="resnet18")
     save_file(backbone_weights(0), tmp_path / "r18.safetensors")
     with pytest.raises(ValueError, match="do not fit .*resnet34.* missing key\\(s\\), first 'layer1.2.conv1.weight'"):
-        load_backbone(tmp_path / "r18.safetensors", arch="resnet34")
+        converted(tmp_path / "r18.safetensors", arch="resnet34")
     with pytest.raises(ValueError, match="of another shape, first 'layer1.0.conv1.weight'"):
-        load_backbone(tmp_path / "r18.safetensors", arch="resnet50")
+        converted(tmp_path / "r18.safetensors", arch="resnet50")
     with pytest.raises(ValueError, match="cannot infer the architecture"):
-        load_backbone(tmp_path / "bad.safetensors")
+        converted(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="not found"):
         load_backbone(tmp_path / "missing.pth.tar")
 
@@ -202,7 +197,7 @@ def populate_hub_cache(cache, repo_id, revisions):
 @pytest.mark.slow
 def test_hub_id_and_revision_load_from_the_local_hub_cache_with_hf_hub_offline(export, tmp_path):
     other = tmp_path / "other"
-    pretrain.write_export(other, backbone_weights(1), CONFIG)
+    write_export(other, backbone_weights(1), CONFIG)
     cache = tmp_path / "hub-cache"
     populate_hub_cache(cache, "someone/intl-r18", {"main": ("a" * 40, export), "v1": ("b" * 40, other),
                                                    "refs/pr/1": ("c" * 40, other)})
@@ -350,7 +345,7 @@ def test_an_export_writes_weights_config_and_card_together_or_leaves_the_previou
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pretrain, "save_file", disk_full)  # a full disk while the new export is written
+    monkeypatch.setattr(intl, "save_file", disk_full)  # a full disk while the new export is written
     with pytest.raises(OSError, match="No space left"):
         export_backbone_from(export, copy)
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
@@ -372,7 +367,7 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind
     weights = nan_in(backbone_weights(0), "layer2.0.conv1.weight")
     if kind == "export folder":
         source = tmp_path / "export"
-        pretrain.write_export(source, weights, CONFIG)
+        write_export(source, weights, CONFIG)
     elif kind == ".safetensors file":
         save_file(weights, tmp_path / "weights.safetensors")
         source = tmp_path / "weights.safetensors"
@@ -382,10 +377,10 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, kind
         source = tmp_path / "checkpoints" / "step-00000010"
         source.mkdir(parents=True)
         save_file({f"backbone.{k}": v for k, v in weights.items()}, source / "model.safetensors")
-        (source / "trainer_state.json").write_text(json.dumps({"step": 10, "config": {"arch": "resnet18"}}))
+        (source / "trainer_state.json").write_text(json.dumps({"step": 10, "config": {}, "backbone": CONFIG}))
     with pytest.raises(ValueError, match=rf"^the weights of {re.escape(str(source))}: tensor 'layer2.0.conv1.weight' "
                                          r"holds 2 NaN / Inf value\(s\): these weights are broken"):
-        load_backbone(source)
+        load_backbone(source) if kind in ("export folder", "pretrain checkpoint") else converted(source)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -420,7 +415,7 @@ def test_a_file_that_is_no_checkpoint_is_refused_as_such_without_suggesting_weig
         content = data[:len(data) // 2]
     path.write_bytes(content)
     with pytest.raises(ValueError) as info:
-        load_backbone(path)
+        converted(path)
     assert str(info.value).startswith(f"{path} {message}") and "weights_only=False" not in str(info.value)
 
 
@@ -429,7 +424,7 @@ def test_export_command_replaces_an_existing_export_only_with_overwrite(export, 
     main_export(argv)
     before = (tmp_path / "out" / "config.json").read_text()
     other = tmp_path / "other"
-    pretrain.write_export(other, backbone_weights(5), {**CONFIG, "image_size": 24})
+    write_export(other, backbone_weights(5), {**CONFIG, "image_size": 24})
     with pytest.raises(ValueError, match="holds README.md, config.json, model.safetensors; an export replaces the "
                                          "whole folder: give a new folder, or add --overwrite"):
         main_export(["--source", str(other), "--output_dir", str(tmp_path / "out")])
@@ -445,15 +440,14 @@ def test_export_command_replaces_an_existing_export_only_with_overwrite(export, 
 
 
 def test_a_cifar_stem_export_shows_its_stem_in_the_torchvision_snippet(tmp_path):
-    pretrain.write_export(tmp_path / "cifar", backbone_weights(0, stem="cifar"), {**CONFIG, "stem": "cifar"})
-    converted = export_backbone_from(tmp_path / "cifar", tmp_path / "out")
-    card = huggingface_hub.ModelCard.load(converted / "README.md")
+    write_export(tmp_path / "cifar", backbone_weights(0, stem="cifar"), {**CONFIG, "stem": "cifar"})
+    card = huggingface_hub.ModelCard.load(export_backbone_from(tmp_path / "cifar", tmp_path / "out") / "README.md")
     assert "net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3" in card.text
 
 
 def test_a_card_names_no_local_path_the_split_used_and_says_when_no_license_was_chosen(tiny_finished_run, tmp_path):
     # conftest's run of `pretrain.py --dataset ROOT/my-private-photos --output_dir ROOT/run` (test_pretrain's tiny run)
-    export = tiny_finished_run.run / "backbone"
+    export = export_backbone_from(tiny_finished_run.run / "backbone", tmp_path / "published")
     for text in ((export / "config.json").read_text(), (export / "README.md").read_text()):
         assert str(tiny_finished_run.root) not in text
     config = json.loads((export / "config.json").read_text())

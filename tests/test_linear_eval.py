@@ -15,8 +15,8 @@ import torchvision
 from safetensors.torch import load_file
 
 import intl
+from conftest import write_export
 import linear_eval
-import pretrain
 from intl import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def initial(digits_run, tmp_path_factory):
     export = tmp_path_factory.mktemp("init") / "backbone"
     config = json.loads((digits_run[0] / "backbone" / "config.json").read_text())
     torch.manual_seed(0)
-    pretrain.write_export(export, intl.build_backbone("resnet18", "imagenet").state_dict(), {**config, "epochs_trained": 0})
+    write_export(export, intl.build_backbone("resnet18", "imagenet").state_dict(), {**config, "epochs_trained": 0})
     return export
 
 
@@ -354,7 +354,7 @@ def bare_weights(pretrained, tmp_path_factory):
     """The pretrained weights alone, recording no method (as an official .pth.tar), exported as the scripts read them."""
     path = tmp_path_factory.mktemp("bare") / "weights.safetensors"
     path.write_bytes((pretrained / "backbone" / "model.safetensors").read_bytes())
-    return pretrain.export_backbone_from(path, path.with_name("export"))
+    return linear_eval.export_backbone_from(path, path.with_name("export"))
 
 
 def test_linear_head_lr_is_0_2_for_intl_and_0_4_for_intl_m_by_the_recorded_method_or_recipe_flag(
@@ -519,7 +519,7 @@ def test_every_protocol_sees_the_backbones_evaluation_resize_unless_the_input_si
 
 def test_print_config_shows_the_configuration_completed_by_the_backbone_and_writes_nothing(tmp_path, capsys):
     export = tmp_path / "backbone"
-    pretrain.write_export(export, intl.build_backbone("resnet18", "cifar").state_dict(),
+    write_export(export, intl.build_backbone("resnet18", "cifar").state_dict(),
                           {"arch": "resnet18", "stem": "cifar", "image_size": 32, "method": "intl-m",
                            "dataset": "uoft-cs/cifar10"})
     linear_eval.main(["--backbone", str(export), "--protocol", "linear", "--print_config"])
@@ -536,7 +536,7 @@ def test_print_config_shows_the_configuration_completed_by_the_backbone_and_writ
 ])
 def test_without_dataset_a_backbone_pretrained_on_unknown_or_local_data_asks_for_one(tmp_path, pretrained_on, message):
     export = tmp_path / "backbone"
-    pretrain.write_export(export, intl.build_backbone("resnet18", "cifar").state_dict(),
+    write_export(export, intl.build_backbone("resnet18", "cifar").state_dict(),
                           {"arch": "resnet18", "stem": "cifar", **pretrained_on})
     with pytest.raises(ValueError, match=re.escape(message.replace("BACKBONE", str(export)))):
         linear_eval.main(["--backbone", str(export), "--print_config"])
@@ -557,7 +557,7 @@ def test_the_global_batch_splits_evenly_over_processes_or_is_refused():
 
 def small_export(path, seed, **config):
     torch.manual_seed(seed)
-    return pretrain.write_export(path, intl.build_backbone("resnet18", "imagenet").state_dict(),
+    return write_export(path, intl.build_backbone("resnet18", "imagenet").state_dict(),
                              {"arch": "resnet18", "image_size": 16, **config})
 
 
@@ -598,7 +598,7 @@ def test_a_backbone_with_non_finite_weights_is_refused_naming_the_tensor(folder,
     torch.manual_seed(0)
     weights = intl.build_backbone("resnet18", "imagenet").state_dict()
     weights["layer3.1.bn2.running_var"][5] = float("nan")
-    pretrain.write_export(tmp_path / "diverged", weights, {"arch": "resnet18", "image_size": 16})
+    write_export(tmp_path / "diverged", weights, {"arch": "resnet18", "image_size": 16})
     with pytest.raises(ValueError, match=r"tensor 'layer3.1.bn2.running_var' holds 1 NaN / Inf value\(s\)"):
         evaluate("--backbone", tmp_path / "diverged", "--dataset", folder, "--protocol", "knn", "--output_dir", tmp_path)
 
@@ -655,7 +655,7 @@ def test_a_stopped_evaluation_resumes_only_with_its_own_backbone_and_a_rerun_is_
     small_export(tmp_path / "b", 2)
     common = ["--dataset", folder, "--protocol", "linear", *TINY, "--epochs", "2", "--output_dir", tmp_path / "out"]
     evaluate("--backbone", tmp_path / "a", *common, "--stop_after_epochs", "1")
-    with pytest.raises(ValueError, match="continue it with --resume latest, or .* --overwrite"):
+    with pytest.raises(ValueError, match="or continue the earlier run with --resume latest\\), or add --overwrite"):
         evaluate("--backbone", tmp_path / "a", *common)
     checkpoint = tmp_path / "out" / "checkpoints" / "linear" / "epoch-0001"
     with pytest.raises(ValueError, match=re.escape(f"--resume: {checkpoint} evaluates backbone {tmp_path / 'a'} (")

@@ -17,6 +17,7 @@ import torchvision
 from PIL import Image, ImageFilter
 
 import intl
+import linear_eval
 import pretrain
 from test_method import ref_intl_loss
 
@@ -277,7 +278,7 @@ def test_converted_official_checkpoints_give_the_features_of_the_network_they_ca
     state = {prefix + k: v for k, v in network.net.state_dict().items()}
     state[prefix.replace("backbone", "projector").replace("model", "head") + "0.weight"] = torch.randn(8, 512)
     torch.save({"state_dict": state, "epoch": 1}, tmp_path / "official.pth.tar")
-    export = pretrain.export_backbone_from(tmp_path / "official.pth.tar", tmp_path / "export", stem=stem)
+    export = linear_eval.export_backbone_from(tmp_path / "official.pth.tar", tmp_path / "export", stem=stem)
     backbone, config = intl.load_backbone(export)
     x = torch.randn(2, 3, 16, 16)  # the stems differ at the border and in the max-pool at any side
     with torch.no_grad():

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import detect_transfer
 import intl
+from conftest import write_export
 import linear_eval
 import pretrain
 
@@ -275,10 +276,10 @@ def test_a_checkpoint_save_on_a_full_disk_fails_and_leaves_the_earlier_checkpoin
 
 
 def test_an_export_on_a_full_disk_fails_and_leaves_the_earlier_export_unchanged(small_disk):
-    pretrain.write_export(small_disk / "backbone", {"w": torch.ones(4)}, {"arch": "tiny"})
+    write_export(small_disk / "backbone", {"w": torch.ones(4)}, {"arch": "tiny"})
     before = (small_disk / "backbone" / "model.safetensors").read_bytes()
     with pytest.raises(Exception, match="No space left on device"):
-        pretrain.write_export(small_disk / "backbone", {"w": torch.ones(2**20)}, {"arch": "tiny"})  # 4 MiB
+        write_export(small_disk / "backbone", {"w": torch.ones(2**20)}, {"arch": "tiny"})  # 4 MiB
     assert sorted(p.name for p in small_disk.iterdir()) == ["backbone"]
     assert (small_disk / "backbone" / "model.safetensors").read_bytes() == before
 
