@@ -824,7 +824,7 @@ def voc_evaluate(predictions, records, classes):
                       for score, box in as_written_to_detection_files(p["scores"][p["labels"] == c],
                                                                       p["boxes"][p["labels"] == c])]
         per_class[name] = [voc_class_ap(detections, ground_truth, t) for t in IOU_THRESHOLDS]
-    evaluated = {name: aps for name, aps in per_class.items() if not math.isnan(aps[0])}  # load_split: never none
+    evaluated = {name: aps for name, aps in per_class.items() if not math.isnan(aps[0])}  # some: load_split checked
     table = np.array(list(evaluated.values())) * 100  # [classes, thresholds]
     return {"AP": float(table.mean()), "AP50": float(table[:, 0].mean()), "AP75": float(table[:, 5].mean()),
             "per_class_AP50": {name: float(ap[0] * 100) for name, ap in evaluated.items()}, "metric": "VOC07 11-point"}
