@@ -107,13 +107,11 @@ def get_parser():
     add("--data_root", help="voc: the folder holding VOCdevkit/; coco: the one with annotations/, train2017/, val2017/")
     add("--train_sets", default="2007-trainval,2012-trainval", help="voc: YEAR-IMAGESET pairs trained on")
     add("--test_set", default="2007-test", help="voc: the YEAR-IMAGESET evaluated on")
-    add("--voc_classes", default=",".join(VOC_CLASSES), help="voc: the class names in label order, joined by commas")
     add("--train_json", help="coco: training annotations; None: DATA_ROOT/annotations/instances_train2017.json")
     add("--train_images", help="coco: training image folder; None: DATA_ROOT/train2017")
     add("--test_json", help="coco: test annotations; None: DATA_ROOT/annotations/instances_val2017.json")
     add("--test_images", help="coco: test image folder; None: DATA_ROOT/val2017")
-    add("--train_sizes", type=int, nargs="+", default=list(range(480, 801, 32)),
-        help="training short sides in pixels, one drawn per image")
+    add("--train_sizes", type=int, nargs="+", default=list(range(480, 801, 32)), help="training short sides, one drawn")
     add("--test_size", type=int, default=800, help="test short side in pixels")
     add("--max_size", type=int, default=1333, help="cap on the long side in pixels")
     add("--mean", type=float, nargs=3, help="input normalisation mean, RGB in [0, 1]; None: the backbone's")
@@ -123,7 +121,7 @@ def get_parser():
     add = parser.add_argument_group("model").add_argument
     add("--model", default="faster-c4", choices=MODELS, help="Faster / Mask R-CNN on ResNet-C4, as in the papers")
     add("--backbone", help="a backbone as intl.load_backbone takes it (see README), or 'random' (from scratch)")
-    add("--arch", choices=intl.RESNETS, help="the ResNet, when the backbone source does not say")
+    add("--arch", default="resnet50", choices=intl.RESNETS, help="the ResNet of --backbone random")
     add("--revision", help="Hub branch, tag or commit of --backbone")
     # The RPN and RoI settings of Detectron2's C4 configuration.
     add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="anchor sides in pixels")
@@ -147,17 +145,14 @@ def get_parser():
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision; None: Accelerate's config")
 
     add = parser.add_argument_group("evaluation").add_argument
-    add("--precise_bn", type=int, default=200, help="training batches per process whose mean BatchNorm statistics "
-        "replace the running ones before the final evaluation (0: off)")
+    add("--precise_bn", type=int, default=200, help="training batches per process for precise BN statistics (0: off)")
     add("--score_thresh", type=float, default=0.05, help="detections below this score are dropped")
     add("--detections_per_image", type=int, default=100, help="detections kept per image")
     add("--eval_batch_size", type=int, default=1, help="test images per process per forward pass")
-    add("--eval_only", action="store_true", help="evaluate the --resume checkpoint (results.json into OUTPUT_DIR, "
-        "by default the run's eval/step-N)")
+    add("--eval_only", action="store_true", help="evaluate the --resume checkpoint; OUTPUT_DIR: the run's eval/step-N")
 
     add = parser.add_argument_group("run").add_argument
-    add("--preset", choices=sorted(PRESETS), help="the papers' recipes: voc-c4-24k (Faster R-CNN C4, VOC07+12 -> "
-        "VOC07 test) or coco-c4-2x (Mask R-CNN C4, COCO 2017, 2x schedule)")
+    add("--preset", choices=sorted(PRESETS), help="the papers' recipes (Faster R-CNN on VOC, Mask R-CNN on COCO)")
     add("--output_dir", type=intl.folder, help="where checkpoints/, log.jsonl and results.json go")
     add("--resume", type=intl.folder, help="'latest' (in --output_dir) or a checkpoint folder: continue exactly")
     add("--overwrite", action="store_true", help="let a new run (or --eval_only) replace an earlier run's results")
@@ -228,9 +223,8 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
         accelerator.print(f"resumed from {checkpoint} at iteration {state['iteration']}")
     if accelerator.is_main_process:  # the log keeps the iterations before this one: none for a new run
         intl.truncate_jsonl(Path(config.output_dir) / "log.jsonl", state["iteration"], key="iteration")
-    accelerator.print(f"{len(train_records)} training images; global batch {config.batch_size}, {config.iterations} "
-                      f"iterations, peak lr {config.lr:.4g}, lr x0.1 after {config.lr_steps}, warm-up "
-                      f"{config.warmup_iters}")
+    accelerator.print(f"{len(train_records)} training images; global batch {config.batch_size}, "
+                      f"{config.iterations} iterations")
 
     stop_at = min(config.iterations, config.stop_after_iters or config.iterations)
     if state["iteration"] < stop_at:
@@ -262,10 +256,9 @@ def train(model, optimizer, train_records, iterations, config, accelerator):
             losses = model(images, targets)
             loss = sum(losses.values())
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"the loss is {loss.item()} at iteration {iteration} "
-                    f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); the last good checkpoint is "
-                    f"{last_good or 'none'}. Lower --lr or lengthen the warm-up")
+                parts = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
+                raise FloatingPointError(f"the loss is {loss.item()} at iteration {iteration} ({parts}); the last good "
+                                         f"checkpoint is {last_good or 'none'}. Lower --lr or lengthen the warm-up")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -301,13 +294,12 @@ def evaluate(model, test_data, state, config, accelerator):
     else:
         results = coco_evaluate(predictions, test_data["records"], test_data["coco"], test_data["category_ids"],
                                 ["bbox", "segm"] if has_masks(config) else ["bbox"])
+    print(f"{config.model} on {test_data['name']}, {state['iteration']} iterations: " + "; ".join(
+        f"{iou_type} AP {r['AP']:.2f}, AP50 {r['AP50']:.2f}, AP75 {r['AP75']:.2f}" for iou_type, r in results.items()))
     results.update(dataset=config.dataset, test_set=test_data["name"], test_images=len(test_data["records"]),
                    model=config.model, arch=config.arch, backbone=config.backbone, iterations=state["iteration"],
                    precise_bn=bool(state.get("precise_bn_done")), eval_seconds=round(time.time() - tic, 1))
     intl.write_text_atomically(Path(config.output_dir) / "results.json", json.dumps(results, indent=2) + "\n")
-    print(f"{config.model} on {test_data['name']} ({len(test_data['records'])} images, {state['iteration']} "
-          "iterations): " + "; ".join(f"{t} AP {results[t]['AP']:.2f}, AP50 {results[t]['AP50']:.2f}, AP75 "
-                                      f"{results[t]['AP75']:.2f}" for t in ("bbox", "segm") if t in results))
 
 
 # -----------------------------------------------------------------------------
@@ -331,21 +323,14 @@ def resolve_config(argv=None):
     intl.check_settings(vars(config), parser, RANGES)
     if config.print_config:
         return config
-    # Refuse what cannot run, naming the flag to change.
-    coco_files_given = all((config.test_json, config.test_images) if config.eval_only else
-                           (config.train_json, config.train_images, config.test_json, config.test_images))
-    required = {"output_dir": "it receives checkpoints, log.jsonl and results.json",
-                "dataset": "voc or coco, or a --preset that names it",
-                "data_root": None if config.dataset == "coco" and coco_files_given else "the folder holding "
-                "VOCdevkit/ (voc), or annotations/, train2017/ and val2017/ (coco, unless --train_json, "
-                "--train_images, --test_json and --test_images say where)",
-                "backbone": None if config.resume else "an export folder, a .safetensors file, a Hub id, a pretrain "
-                "checkpoint, an official .pth.tar, or 'random' with --arch"}
-    if missing := [f"--{flag} is required: {what}" for flag, what in required.items()
-                   if what and getattr(config, flag) is None]:
+    # Refuse what cannot run, naming the flag to change (--help says what each one is).
+    splits = ("test",) if config.eval_only else ("train", "test")
+    coco_files_given = all(getattr(config, f"{split}_{what}") for split in splits for what in ("json", "images"))
+    required = ["output_dir", "dataset"] + ([] if config.resume else ["backbone"])
+    if not (config.dataset == "coco" and coco_files_given):  # COCO's file flags stand in for --data_root
+        required.append("data_root")
+    if missing := [f"--{flag} is required" for flag in required if getattr(config, flag) is None]:
         raise ValueError("; ".join(missing))
-    if config.backbone == "random" and config.arch is None:
-        raise ValueError("--backbone random needs --arch (e.g. resnet50)")
     if config.dataset == "voc" and has_masks(config):
         raise ValueError(f"--model {config.model} needs instance masks, which VOC detection annotations do not "
                          "have: use faster-c4 on VOC, or a COCO-format dataset with segmentations")
@@ -374,11 +359,9 @@ def save_checkpoint(accelerator, config, state):
 def learning_rate(iteration, config):
     """Detectron2's WarmupMultiStepLR: a linear ramp from warmup_factor x lr over the warm-up, then x0.1 from each
     step's iteration on."""
-    factor = 1.0
-    if iteration < config.warmup_iters:
-        alpha = iteration / config.warmup_iters
-        factor = config.warmup_factor * (1 - alpha) + alpha
-    return config.lr * factor * 0.1 ** bisect.bisect_right(config.lr_steps, iteration)
+    alpha = min(1.0, iteration / config.warmup_iters) if config.warmup_iters else 1.0  # 1: warmed up
+    warmup = config.warmup_factor * (1 - alpha) + alpha
+    return config.lr * warmup * 0.1 ** bisect.bisect_right(config.lr_steps, iteration)
 
 
 def parameter_groups(model, weight_decay):
@@ -422,20 +405,11 @@ def load_detection_backbone(config, random=False):
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
     else:
-        try:
-            backbone, found = intl.load_backbone(config.backbone, config.arch, config.revision)
-            stem = found["stem"]
-        except ValueError as error:
-            # An official CW-RGP checkpoint with a 3x3 conv1 does not say which small-image stem it has, so intl asks
-            # for --stem, which detection does not have: any small stem loads such weights, and none fits.
-            try:
-                intl.load_backbone(config.backbone, config.arch, config.revision, stem="cifar-unpadded")
-            except ValueError:
-                raise error from None
-            stem = "small-image"
-        if stem != "imagenet":
-            raise ValueError(f"{config.backbone} has a {stem} stem (3x3 stride-1 conv1): its res4 does not have stride "
-                             "16, so it does not fit the detectors; use a backbone pretrained with the ImageNet stem")
+        backbone, found = intl.load_backbone(config.backbone, revision=config.revision)
+        if found["stem"] != "imagenet":
+            raise ValueError(f"{config.backbone} has a {found['stem']} stem (3x3 stride-1 conv1): its res4 does not "
+                             "have stride 16, so it does not fit the detectors; use a backbone pretrained with the "
+                             "ImageNet stem")
     config = argparse.Namespace(**{**vars(config), "arch": found["arch"], "mean": list(config.mean or found["mean"]),
                                    "std": list(config.std or found["std"])})
     return backbone.train(), config
@@ -541,11 +515,8 @@ def load_split(config, split, say=print):
     test set with no such object at all is refused before any training."""
     if config.dataset == "voc":
         name = config.train_sets if split == "train" else config.test_set
-        classes = tuple(c.strip() for c in config.voc_classes.split(",") if c.strip())
-        if len(set(classes)) != len(classes) or not classes:
-            raise ValueError(f"--voc_classes {config.voc_classes!r}: give distinct class names joined by commas")
-        records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip(), classes)]
-        data = {"name": name, "classes": classes, "records": records}
+        records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip())]
+        data = {"name": name, "classes": VOC_CLASSES, "records": records}
     else:  # --train_json etc., by default COCO 2017's files under --data_root
         folder = {"train": "train2017", "test": "val2017"}[split]
         json_file = getattr(config, f"{split}_json") or os.path.join(config.data_root, "annotations",
@@ -573,26 +544,27 @@ def load_split(config, split, say=print):
     return data
 
 
-def voc_records(root, spec, classes):
+def voc_records(root, spec):
     """'2007-trainval' under ROOT/VOCdevkit/VOC2007 -> records, through torchvision's VOCDetection."""
     year, _, image_set = spec.partition("-")
-    where = f"{root}/VOCdevkit/VOC{year}"
-    layout = (f"expected {where}/JPEGImages/*.jpg, {where}/Annotations/*.xml and {where}/ImageSets/Main/"
-              f"{image_set}.txt (as the VOC tarballs unpack; --data_root is the folder holding VOCdevkit/)")
     try:
         dataset = torchvision.datasets.VOCDetection(root, year=year, image_set=image_set)
     except (RuntimeError, FileNotFoundError):
-        raise ValueError(f"no VOC {spec} under {root}: {layout}") from None
-    label = {name: i + 1 for i, name in enumerate(classes)}
+        where = f"{root}/VOCdevkit/VOC{year}"
+        raise ValueError(f"no VOC {spec} under {root}: expected {where}/JPEGImages/*.jpg, {where}/Annotations/*.xml "
+                         f"and {where}/ImageSets/Main/{image_set}.txt (as the VOC tarballs unpack; --data_root is the "
+                         "folder holding VOCdevkit/)") from None
+    label = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
     records = []
     for image_file, xml_file in zip(dataset.images, dataset.annotations):
         try:
             annotation = dataset.parse_voc_xml(ET.parse(xml_file).getroot())["annotation"]
-        except (OSError, ET.ParseError) as error:
-            raise ValueError(f"cannot read VOC annotation {xml_file}: {error}; {layout}") from None
+        except ET.ParseError as error:  # a missing file raises an OSError, which names it
+            raise ValueError(f"{xml_file} is not a VOC annotation: {error}") from None
         objects = annotation.get("object", [])
         if unknown := [o.get("name") for o in objects if o.get("name") not in label]:
-            raise ValueError(f"{xml_file}: class {unknown[0]!r} is not among --voc_classes")
+            raise ValueError(f"{xml_file}: class {unknown[0]!r} is not a VOC class (another class set: a COCO-format "
+                             "dataset)")
         try:
             width, height = int(annotation["size"]["width"]), int(annotation["size"]["height"])
             corners = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
@@ -624,8 +596,7 @@ def coco_data(json_file, image_dir, masks):
             raise ValueError(f"{json_file} is not a COCO-format json: {error}") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.dataset.get(key), list):
-            raise ValueError(f"{json_file} has no {key!r} list: not a COCO-format json (it needs images, annotations "
-                             "and categories)")
+            raise ValueError(f"{json_file} has no {key!r} list: not a COCO-format json")
     category_ids = sorted(coco.getCatIds())
     label = {cat: i + 1 for i, cat in enumerate(category_ids)}
     records = []
@@ -784,10 +755,7 @@ def predict(model, records, config, accelerator):
                 prediction["masks"] = encode_masks(out["masks"][:, 0] > 0.5)
             predictions.append(prediction)
     model.train()
-    predictions = sorted(gather_object(predictions), key=lambda p: p["index"])
-    if [p["index"] for p in predictions] != list(range(len(records))):
-        raise RuntimeError(f"{len(predictions)} predictions gathered for {len(records)} test images")
-    return predictions
+    return sorted(gather_object(predictions), key=lambda p: p["index"])  # the shards are disjoint and cover all
 
 
 def encode_masks(masks):
@@ -856,14 +824,10 @@ def voc_evaluate(predictions, records, classes):
                       for score, box in as_written_to_detection_files(p["scores"][p["labels"] == c],
                                                                       p["boxes"][p["labels"] == c])]
         per_class[name] = [voc_class_ap(detections, ground_truth, t) for t in IOU_THRESHOLDS]
-    evaluated = {name: aps for name, aps in per_class.items() if not math.isnan(aps[0])}
-    if not evaluated:
-        raise ValueError("the test set has no object of any class: nothing to evaluate")
+    evaluated = {name: aps for name, aps in per_class.items() if not math.isnan(aps[0])}  # some: load_split checked
     table = np.array(list(evaluated.values())) * 100  # [classes, thresholds]
-    result = {"AP": float(table.mean()), "AP50": float(table[:, 0].mean()), "AP75": float(table[:, 5].mean()),
-              "per_class_AP50": {name: float(ap[0] * 100) for name, ap in evaluated.items()},
-              "metric": "VOC07 11-point"}
-    return result
+    return {"AP": float(table.mean()), "AP50": float(table[:, 0].mean()), "AP75": float(table[:, 5].mean()),
+            "per_class_AP50": {name: float(ap[0] * 100) for name, ap in evaluated.items()}, "metric": "VOC07 11-point"}
 
 
 def as_written_to_detection_files(scores, boxes):
@@ -910,7 +874,6 @@ def coco_evaluate(predictions, records, coco, category_ids, iou_types=("bbox",))
         # COCOeval's -1 means no ground truth of that size: None (null in the JSON), as Detectron2's NaN.
         results[iou_type] = {name: float(v * 100) if v >= 0 else None for name, v in zip(names, evaluation.stats[:6])}
     return results
-
 
 
 if __name__ == "__main__":

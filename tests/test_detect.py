@@ -24,7 +24,7 @@ import pretrain
 import intl
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = ("aeroplane", "bicycle")  # two VOC class names: a red rectangle and a blue disk
+SHAPES = ("aeroplane", "bicycle")  # VOC's classes 1 and 2: a red rectangle and a blue disk
 
 # Reduced settings: 96 px images, ResNet-18 C4 (256-channel res4), 6 x 6 RoIs, few proposals and RoIs.
 SMALL = ["--train_sizes", "96", "--test_size", "96", "--max_size", "160", "--pool_size", "6",
@@ -227,8 +227,9 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
     good = tmp_path / "good"
     pretrain.write_export(good, weights, {"arch": "resnet18", "mean": [0.5, 0.4, 0.3],
                                       "std": [0.2, 0.2, 0.2]})
-    official = tmp_path / "official.pth.tar"
+    official = tmp_path / "official.pth.tar"  # read through its export
     torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in weights.items()}}, official)
+    official = pretrain.export_backbone_from(official, tmp_path / "official")
     for source in (good, official):
         config = tiny_config("faster-c4", "--backbone", source)
         model = dt.build_detector(*with_backbone(config), 2)
@@ -254,15 +255,16 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
 
 
 @pytest.mark.parametrize("stem", ["cifar-unpadded", "small-maxpool"])
-def test_an_official_cw_rgp_small_data_checkpoint_is_refused_by_detection_not_asked_for_a_stem(tmp_path, stem):
-    """CW-RGP's small-data checkpoints (base/train.py: the encoder under model.module.*) have a 3x3 conv1 and do not
-    say which small-image stem: detection refuses them itself instead of asking for --stem, a flag it does not have."""
+def test_an_exported_official_cw_rgp_small_data_checkpoint_is_refused_naming_its_stem(tmp_path, stem):
+    """CW-RGP's small-data checkpoints (base/train.py: the encoder under model.module.*) have a 3x3 conv1; their
+    export says which small-image stem, and detection refuses it in one line, without asking for a flag."""
     state_dict = {f"model.module.{k}": v for k, v in intl.build_backbone("resnet18", stem).state_dict().items()}
     state_dict["head.0.weight"] = torch.randn(1024, 512)
     checkpoint = tmp_path / "cw_rgp.pth.tar"
     torch.save({"epoch": 1000, "arch": "resnet18", "state_dict": state_dict}, checkpoint)
-    with pytest.raises(ValueError, match="has a small-image stem .*does not fit the detectors") as refused:
-        dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", checkpoint))
+    export = pretrain.export_backbone_from(checkpoint, tmp_path / "export", stem=stem)
+    with pytest.raises(ValueError, match=f"has a {stem} stem .*does not fit the detectors") as refused:
+        dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", export))
     assert "--stem" not in str(refused.value) and "\n" not in str(refused.value)
 
 
@@ -415,7 +417,7 @@ def test_generated_voc_loads_through_torchvision_with_shifted_boxes_and_difficul
     dataset = torchvision.datasets.VOCDetection(root, year="2007", image_set="trainval")
     image, target = dataset[0]
     assert image.size == (96, 96) and target["annotation"]["object"][0]["name"] in SHAPES
-    records = dt.voc_records(root, "2007-trainval", SHAPES)
+    records = dt.voc_records(root, "2007-trainval")
     assert len(records) == 6
     for record, xml in zip(records, dataset.annotations):
         objects = dataset.parse_voc_xml(ET.parse(xml).getroot())["annotation"]["object"]
@@ -425,7 +427,7 @@ def test_generated_voc_loads_through_torchvision_with_shifted_boxes_and_difficul
         assert record["difficult"].tolist() == [o["difficult"] == "1" for o in objects]
     assert any(r["difficult"].any() for r in records)
     with pytest.raises(ValueError, match=r"VOCdevkit/VOC2012/JPEGImages"):
-        dt.voc_records(root, "2012-trainval", SHAPES)
+        dt.voc_records(root, "2012-trainval")
 
 
 def test_generated_coco_loads_with_contiguous_labels_no_crowd_and_no_empty_training_image(tmp_path):
@@ -605,7 +607,7 @@ def test_precise_bn_sets_the_statistics_to_the_mean_of_the_per_batch_statistics(
 
 # ----------------------------------------------------------------------------- the script: learning, evaluation only, resume, bad input
 
-VOC_ARGS = ["--dataset", "voc", "--voc_classes", ",".join(SHAPES), "--train_sets", "2007-trainval",
+VOC_ARGS = ["--dataset", "voc", "--train_sets", "2007-trainval",
             "--backbone", "random", "--arch", "resnet18", "--batch_size", "2",
             "--pool_size", "4", "--roi_batch_per_image", "16", "--rpn_post_nms_train", "20", "--rpn_post_nms_test", "20",
             "--rpn_pre_nms_train", "200", "--rpn_pre_nms_test", "200"]
@@ -697,6 +699,7 @@ def test_presets_set_the_recipe_and_explicit_flags_win():
     assert config.train_sizes == list(range(480, 801, 32)) and config.rpn_pre_nms_train == 12000
     coco = dt.resolve_config(["--preset", "coco-c4-2x", "--print_config", "--model", "faster-c4"])
     assert coco.model == "faster-c4" and coco.iterations == 180000 and coco.rpn_pre_nms_train == 12000
+    assert coco.arch == "resnet50"  # what --backbone random builds unless --arch says otherwise
 
 
 @pytest.mark.slow
@@ -714,7 +717,6 @@ def test_bad_flag_combinations_are_refused_naming_what_to_change(tmp_path):
     base = ["--output_dir", str(tmp_path / "out"), "--data_root", str(tmp_path)]
     for argv, message in [
         (["--dataset", "voc", "--model", "mask-c4", "--backbone", "random", "--arch", "resnet50"], "instance masks"),
-        (["--dataset", "voc", "--backbone", "random"], "needs --arch"),
         (["--dataset", "voc"], "--backbone is required"),
         (["--backbone", "random", "--arch", "resnet18"], "--dataset is required"),
         (["--dataset", "coco", "--eval_only"], "--eval_only needs --resume"),
@@ -854,7 +856,16 @@ def test_a_voc_object_without_a_bndbox_is_refused_naming_the_xml_file(tmp_path):
     tree.write(path)
     with pytest.raises(ValueError, match=f"^{path}: give <size> a <width> and <height> and each <object> a <bndbox> of "
                                          "4 numbers <xmin>, <ymin>, <xmax>, <ymax>$"):
-        dt.voc_records(root, "2007-trainval", SHAPES)
+        dt.voc_records(root, "2007-trainval")
+
+
+def test_a_class_that_is_not_a_voc_class_is_refused_naming_the_xml_file(tmp_path):
+    root = write_voc(tmp_path, n_trainval=2, n_test=1)
+    path, tree = voc_xml(root, "trainval_0001")
+    tree.find("object/name").text = "giraffe"
+    tree.write(path)
+    with pytest.raises(ValueError, match=f"^{path}: class 'giraffe' is not a VOC class"):
+        dt.voc_records(root, "2007-trainval")
 
 
 def test_boxes_without_area_are_dropped_alike_for_voc_and_coco_and_each_split_says_what_it_left_out(tmp_path):
@@ -870,8 +881,7 @@ def test_boxes_without_area_are_dropped_alike_for_voc_and_coco_and_each_split_sa
         obj.find("bndbox/xmin").text, obj.find("bndbox/xmax").text = "200", "220"  # right of the 96 px image
     tree.write(outside)
     objects = [len(voc_xml(voc, f"trainval_{i:04d}")[1].findall("object")) for i in range(3)]
-    config = dt.get_parser().parse_args(["--dataset", "voc", "--data_root", str(voc), "--train_sets", "2007-trainval",
-                                         "--voc_classes", ",".join(SHAPES)])
+    config = dt.get_parser().parse_args(["--dataset", "voc", "--data_root", str(voc), "--train_sets", "2007-trainval"])
     lines = []
     records = dt.load_split(config, "train", lines.append)["records"]
     assert [len(r["boxes"]) for r in records] == [objects[0], objects[1] - 1]
@@ -911,11 +921,11 @@ def test_a_voc_test_set_without_scorable_objects_is_refused_or_named_before_any_
         for obj in tree.findall("object"):
             obj.find("difficult").text = str(int(obj.find("name").text == "bicycle"))
         tree.write(path)
-    config = dt.get_parser().parse_args(["--dataset", "voc", "--data_root", str(root), "--voc_classes",
-                                         ",".join(SHAPES)])
+    config = dt.get_parser().parse_args(["--dataset", "voc", "--data_root", str(root)])
     lines = []
     dt.load_split(config, "test", lines.append)
-    assert lines == ["test set 2007-test: no object that is not difficult of bicycle: left out of the AP"]
+    unscored = ", ".join(name for name in dt.VOC_CLASSES if name != "aeroplane")  # bicycle and those never drawn
+    assert lines == [f"test set 2007-test: no object that is not difficult of {unscored}: left out of the AP"]
 
 
 def test_a_checkpoints_folder_that_cannot_be_written_ends_the_run_in_one_error_line(tmp_path, monkeypatch):
