@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import detect_transfer as dt
-import pretrain
 import intl
+import linear_eval
+from conftest import write_export
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ("aeroplane", "bicycle")  # VOC's classes 1 and 2: a red rectangle and a blue disk
@@ -168,7 +169,7 @@ def r50_export(tmp_path_factory):
     """A random torchvision ResNet-50 written as an export folder (what pretrain.py writes)."""
     export = tmp_path_factory.mktemp("r50") / "backbone"
     weights = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
-    pretrain.write_export(export, weights, {"arch": "resnet50"})
+    write_export(export, weights, {"arch": "resnet50"})
     return export
 
 
@@ -225,11 +226,11 @@ def test_mask_c4_predicts_masks_from_res5_with_a_deconvolution(r50_export):
 def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
     weights = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     good = tmp_path / "good"
-    pretrain.write_export(good, weights, {"arch": "resnet18", "mean": [0.5, 0.4, 0.3],
+    write_export(good, weights, {"arch": "resnet18", "mean": [0.5, 0.4, 0.3],
                                       "std": [0.2, 0.2, 0.2]})
     official = tmp_path / "official.pth.tar"  # read through its export
     torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in weights.items()}}, official)
-    official = pretrain.export_backbone_from(official, tmp_path / "official")
+    official = linear_eval.export_backbone_from(official, tmp_path / "official")
     for source in (good, official):
         config = tiny_config("faster-c4", "--backbone", source)
         model = dt.build_detector(*with_backbone(config), 2)
@@ -238,17 +239,17 @@ def test_backbone_loads_strictly_and_refuses_what_does_not_fit(tmp_path):
         assert model.transform.image_mean == ([0.5, 0.4, 0.3] if source == good else list(intl.IMAGENET_MEAN))
 
     extra = tmp_path / "extra"
-    pretrain.write_export(extra, {**weights, "fc.weight": torch.zeros(3, 512), "head.bias": torch.zeros(3)},
+    write_export(extra, {**weights, "fc.weight": torch.zeros(3, 512), "head.bias": torch.zeros(3)},
                       {"arch": "resnet18"})
     with pytest.raises(ValueError, match="unexpected"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", extra))
     missing = tmp_path / "missing"
-    pretrain.write_export(missing, {k: v for k, v in weights.items() if k != "layer2.0.conv1.weight"},
+    write_export(missing, {k: v for k, v in weights.items() if k != "layer2.0.conv1.weight"},
                       {"arch": "resnet18"})
     with pytest.raises(ValueError, match="missing"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", missing))
     cifar = tmp_path / "cifar"
-    pretrain.write_export(cifar, intl.build_backbone("resnet18", "cifar").state_dict(),
+    write_export(cifar, intl.build_backbone("resnet18", "cifar").state_dict(),
                       {"arch": "resnet18", "stem": "cifar"})
     with pytest.raises(ValueError, match="cifar stem"):
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", cifar))
@@ -262,7 +263,7 @@ def test_an_exported_official_cw_rgp_small_data_checkpoint_is_refused_naming_its
     state_dict["head.0.weight"] = torch.randn(1024, 512)
     checkpoint = tmp_path / "cw_rgp.pth.tar"
     torch.save({"epoch": 1000, "arch": "resnet18", "state_dict": state_dict}, checkpoint)
-    export = pretrain.export_backbone_from(checkpoint, tmp_path / "export", stem=stem)
+    export = linear_eval.export_backbone_from(checkpoint, tmp_path / "export", stem=stem)
     with pytest.raises(ValueError, match=f"has a {stem} stem .*does not fit the detectors") as refused:
         dt.load_detection_backbone(tiny_config("faster-c4", "--backbone", export))
     assert "--stem" not in str(refused.value) and "\n" not in str(refused.value)
