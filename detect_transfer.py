@@ -277,7 +277,7 @@ def train(model, optimizer, train_records, iterations, config, accelerator):
             if iteration % config.save_every == 0 or iteration == stop_at:
                 last_good = save_checkpoint(accelerator, config, {"iteration": iteration, "precise_bn_done": False})
     except KeyboardInterrupt:
-        raise intl.Interrupted(intl.interrupted_message(f"iteration {iteration}", last_good)) from None
+        raise intl.Interrupted(f"iteration {iteration}", last_good) from None
     finally:
         progress.close()  # before any error message, so that the message is the last line
     return {"iteration": iteration, "precise_bn_done": False}

@@ -516,12 +516,10 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import datasets as hf_datasets
 import huggingface_hub
 import numpy as np
-from huggingface_hub import constants
 from PIL import Image as PILImage
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -551,8 +549,8 @@ class ImageSplit:
 
     dataset: hf_datasets.Dataset
     image_column: str
-    label_column: Optional[str]
-    num_classes: Optional[int]
+    label_column: str | None
+    num_classes: int | None
     source: str
 
 
@@ -640,8 +638,7 @@ def _load_image_folder_split(root, split):
 
 
 def _sub_folders(path):
-    """The folders in `path`, a link to one elsewhere included; one that is (a link to) `path` or a folder above it
-    is refused: its images would be indexed again."""
+    """The folders in `path`, links included; a link to `path` or above is refused (its images would count twice)."""
     names = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     for name in names:
         target = os.path.realpath(os.path.join(path, name))
@@ -775,14 +772,12 @@ def labels_of(split):
 
 
 def eval_resize(image_size, resize=None):
-    """The side the evaluation input is resized to before its centre crop: size / 0.875 for large images (224 ->
-    256), the size itself for small ones (CIFAR, digits); CW-RGP's STL-10 gives 70 for 64."""
+    """The evaluation input's side before its centre crop: size / 0.875 from 128 px (224 -> 256), else the size."""
     return resize or (round(image_size / 0.875) if image_size >= 128 else image_size)
 
 
 def eval_transform(image_size, mean, std, resize=None, interpolation="bilinear"):
-    """The un-augmented input of every evaluation: a Resize (bilinear as the authors' ImageNet evaluations, bicubic
-    for CW-RGP's STL-10) and a CenterCrop."""
+    """Every evaluation's un-augmented input: Resize (bilinear; CW-RGP's STL-10: bicubic) and CenterCrop."""
     return v2.Compose([
         v2.Resize(eval_resize(image_size, resize), interpolation=v2.InterpolationMode[interpolation.upper()],
                   antialias=True),
@@ -856,14 +851,12 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
 
 
 def epoch_order(num_samples, seed, epoch):
-    """The shuffled sample order of one epoch, from (seed, epoch) alone: the same on every process and after a
-    resume."""
+    """One epoch's shuffled sample order, from (seed, epoch) alone: alike on every process and after a resume."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def per_process_batch(global_batch, processes):
-    """Each process's equal share of --batch_size, the global batch of the papers and presets; one the processes
-    cannot share is refused, naming the nearest that they can."""
+    """Each process's equal share of the global --batch_size; one that does not split is refused, naming one that does."""
     if global_batch % processes:
         nearest = max(processes, round(global_batch / processes) * processes)
         raise ValueError(f"--batch_size {global_batch} is the global batch and must split evenly over the {processes} "
@@ -919,9 +912,8 @@ def folder(path):
 
 
 def check_settings(settings, parser, ranges, where="--"):
-    """Refuse any setting its flag would not accept, by the parser's types, numbers of values and choices and
-    `ranges` ({flag: interval as in maths, "[1, inf)"}): the flags (where="--") and saved configurations (where=the
-    file). Settings without a flag, and None (not set), pass."""
+    """Refuse any setting (of the flags: where="--"; of a saved configuration: where=its file) that its flag would
+    not take: the parser's types, numbers of values, choices, and `ranges` ({flag: "[1, inf)"}). None passes."""
     actions = {action.dest: action for action in parser._actions}
     for key, value in settings.items():
         if key not in actions or value is None:
@@ -965,8 +957,7 @@ def _setting_problem(action, value, interval):
 
 
 def _outside(value, interval):
-    """Whether `value` lies outside an interval written as in maths ("[1, inf)", "(0, 1]"): inf lies in none, NaN in
-    none."""
+    """Whether `value` lies outside an interval written as in maths, "[1, inf)" or "(0, 1]" (inf and NaN: in none)."""
     low, high = (float(bound) for bound in interval[1:-1].split(","))
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return True
@@ -975,11 +966,10 @@ def _outside(value, interval):
 
 
 def keep_resumed_config(config, explicit, checkpoint, run_flags, parser, ranges, check=lambda config: None):
-    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table. run_flags:
-    (run_control, per_command). Of the `explicit` flags, only those in `run_control` (logging, saving, workers, ...)
-    may differ from it; one not given again keeps the run's saved value, not the default. `per_command` flags
-    (--output_dir, --stop_after_steps, ...) say what this one command does and are never taken from the checkpoint.
-    check(config): more checks, naming the file."""
+    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table. run_flags =
+    (run_control, per_command): of the `explicit` flags, only run_control ones (logging, saving, workers) may differ
+    from it, and one not given again keeps its saved value; per_command ones (--output_dir, --stop_after_steps) say
+    what this command does and never come from the checkpoint. check(config): more checks, naming the file."""
     run_control, per_command = run_flags
     state_file = Path(checkpoint) / "trainer_state.json"
     saved = read_trainer_state(state_file)["config"]
@@ -998,8 +988,7 @@ def keep_resumed_config(config, explicit, checkpoint, run_flags, parser, ranges,
 
 
 def changed_settings(saved, current):
-    """The keys of `current` whose values differ from those `saved` in a checkpoint's JSON (compared as JSON, so
-    that a tuple equals its saved list)."""
+    """The keys of `current` whose values differ from `saved` ones, compared as JSON (a tuple equals its list)."""
     return [key for key, value in current.items() if saved.get(key) != json.loads(json.dumps(value))]
 
 
@@ -1077,10 +1066,9 @@ def locked(output_dir, main_process=True):
 
 
 def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, main_process=True):
-    """Before a run writes anything, on every process, under `locked`: the earlier run's `results` in output_dir (files,
-    and folders with an entry that is not hidden) are refused, or deleted on the main process with --overwrite, unless
-    this run resumes `resumes`, a checkpoint inside output_dir (its own). What interrupted saves left in the result
-    folders (.tmp-*, .old-*) goes too. No barrier: the other processes write nothing here before a checkpoint's."""
+    """Before a run writes anything, on every process, under `locked`: an earlier run's `results` in output_dir (files,
+    and folders holding a file that is not hidden) are refused, or removed with --overwrite, unless this run resumes
+    `resumes`, a checkpoint of its own in output_dir. What interrupted saves left (.tmp-*, .old-*) goes too."""
     output_dir = Path(output_dir)
     paths = {name: output_dir / name for name in results}
     own = resumes is not None and output_dir.resolve() in Path(resumes).resolve().parents
@@ -1105,9 +1093,8 @@ def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, m
 
 
 def save_state_atomically(accelerator, folder, state_file, state, keep):
-    """accelerator.save_state into a hidden sibling of `folder`, plus `state_file` (JSON), then a rename: an
-    interrupted save leaves every earlier checkpoint intact. Afterwards only the newest `keep` siblings named like
-    `folder` ("step-*" next to "step-00000100") up to `folder` remain. Every process calls this."""
+    """On every process: accelerator.save_state into a hidden sibling of `folder`, plus `state_file` (JSON), renamed
+    into place (an interrupted save leaves the earlier checkpoints intact); then the `keep` newest "prefix-*" stay."""
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")  # one name for all processes: each writes its RNG state into it
     if accelerator.is_main_process:
@@ -1141,8 +1128,7 @@ def latest_checkpoint(output_dir):
 
 
 def find_checkpoint(resume, output_dir, kind=""):
-    """--resume: "latest" (the newest checkpoint in output_dir) or a checkpoint folder (`kind` names it in the
-    error, e.g. "detection")."""
+    """--resume: "latest" (the newest checkpoint in output_dir) or a checkpoint folder (of `kind`, "detection")."""
     if resume == "latest":
         checkpoint = latest_checkpoint(output_dir or ".")
         if checkpoint is None:
@@ -1166,9 +1152,8 @@ def read_trainer_state(state_file):
 
 
 def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None):
-    """--resume ("latest" or a folder, see find_checkpoint): load a checkpoint into the objects prepared by
-    `accelerator` -> (folder, trainer_state). check_state(folder, state) may refuse the run's state itself (another
-    number of processes, ...)."""
+    """--resume ("latest" or a folder): a checkpoint loaded into what `accelerator` prepared -> (folder, its state).
+    check_state(folder, state) may refuse the state (another number of processes, ...)."""
     checkpoint = find_checkpoint(resume, output_dir, kind)
     state = read_trainer_state(checkpoint / "trainer_state.json")
     if check_state is not None:
@@ -1181,8 +1166,8 @@ def load_checkpoint(accelerator, resume, output_dir, kind="", check_state=None):
 
 
 def load_state(accelerator, checkpoint):
-    """accelerator.load_state(checkpoint), after each of its files was read and its weights checked
-    (`check_weights`): a file that does not load is named, "FILE could not be read: <the library's own message>"."""
+    """accelerator.load_state(checkpoint), after each of its files was read and its weights checked: a file that does
+    not load is named, "FILE could not be read: <the library's own message>"."""
     from accelerate.utils import load as torch_load  # torch.load as load_state calls it (weights_only=True)
 
     for path in sorted(Path(checkpoint).iterdir()):
@@ -1207,8 +1192,8 @@ def read_safetensors(path):
 
 
 def unreadable(path, error):
-    """The one error for a file that does not load: "FILE could not be read: <the library's own message>", except
-    that a refused pickle never suggests weights_only=False (as torch's message does): that runs what the file holds."""
+    """"FILE could not be read: <the library's own message>", but never torch's advice of weights_only=False (which
+    would run what the file holds)."""
     if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
         why = "it holds Python objects that torch.load(weights_only=True) refuses (only tensors and containers load)"
     else:
@@ -1218,8 +1203,7 @@ def unreadable(path, error):
 
 
 def check_weights(weights, where):
-    """The one check of loaded weights, whatever their source; a network that fails it would compute NaN or chance
-    without any error (a diverged run, a damaged or converted file)."""
+    """The one check of loaded weights, whatever their source: a network failing it computes NaN or chance silently."""
     for key, value in weights.items():
         if not value.is_floating_point():
             if key.endswith("num_batches_tracked") and not value.dtype == torch.bool:
@@ -1237,14 +1221,12 @@ def check_weights(weights, where):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, with the one line that says where the run stopped and how to continue."""
+    """Ctrl-C or SIGTERM in a loop: the one line that says where it stopped ("step 12") and how to continue."""
 
-
-def interrupted_message(where, checkpoint):
-    """The one line an interrupted training loop prints: where it stopped ("step 12") and how to continue."""
-    if checkpoint is None:
-        return f"interrupted at {where}, before the first checkpoint: nothing to resume; start the run again"
-    return f"interrupted at {where}; continue with --resume latest (from the last checkpoint, {Path(checkpoint).name})"
+    def __init__(self, where, checkpoint):
+        super().__init__(f"interrupted at {where}, before the first checkpoint: nothing to resume; start the run again"
+                         if checkpoint is None else f"interrupted at {where}; continue with --resume latest (from the "
+                         f"last checkpoint, {Path(checkpoint).name})")
 
 
 def run(main, argv=None, interrupted="interrupted"):
@@ -1268,9 +1250,8 @@ def run(main, argv=None, interrupted="interrupted"):
 # ----------------------------------------------------------------------------- loading a backbone
 #
 # load_backbone loads strictly from an export folder (model.safetensors + config.json), a Hub model id "owner/name"
-# (its export, through huggingface_hub's cache; HF_HUB_OFFLINE=1: the cache only) or a pretrain.py checkpoint folder.
-# Other weights (an official INTL / CW-RGP .pth.tar, a bare .safetensors file) become an export with `pretrain.py
-# export`.
+# (its export, through huggingface_hub's cache; HF_HUB_OFFLINE=1: the cache only) or a pretrain.py checkpoint folder;
+# other weights (an official .pth.tar, a bare .safetensors file) are exported first by `linear_eval.py export`.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -1305,8 +1286,7 @@ def _read_pretrain_checkpoint(folder):
     return weights, {**state["backbone"], "epochs_trained": state.get("epochs_trained"), "steps_trained": state.get("step")}
 
 
-# What a backbone's config may say, checked as the flags that set it are: a damaged file cannot turn into a deep
-# traceback, or a silently wrong evaluation, later.
+# What a backbone's config says, checked as the flags that set it are (a damaged file fails here, not later).
 BACKBONE_SETTINGS = argparse.ArgumentParser(add_help=False)
 BACKBONE_SETTINGS.add_argument("--arch", type=str, choices=RESNETS)
 BACKBONE_SETTINGS.add_argument("--stem", type=str, choices=list(STEMS))
@@ -1319,9 +1299,8 @@ BACKBONE_RANGES = {"image_size": "[1, inf)", "eval_resize": "[1, inf)", "mean": 
 
 
 def backbone_from(weights, config, where):
-    """The backbone that config (arch, stem, image_size, mean, std, as an export's config.json) describes, loaded
-    strictly with `weights` (already through `check_weights`); config gains its feature_dim. where: the config's
-    file."""
+    """The backbone that config (arch, stem, image_size, mean, std: an export's config.json, from the file `where`)
+    describes, loaded strictly with `weights` (already through `check_weights`); config gains its feature_dim."""
     check_settings(config, BACKBONE_SETTINGS, BACKBONE_RANGES, where)
     if missing := [key for key in ("arch", "stem", "image_size", "mean", "std") if config.get(key) is None]:
         raise ValueError(f"{where} does not say the backbone's {missing[0]}: the file is damaged or was not written "
@@ -1354,8 +1333,7 @@ def weights_mismatch(expected, weights):
 
 def write_export(folder, weights, config, card=None):
     """An export folder: model.safetensors (torchvision's keys, no fc.*), config.json (with the conv1 and max-pool
-    that rebuild the stem in plain torchvision) and the model card README.md, renamed into place as one: a reader
-    sees the old export or the new one, never a mix."""
+    that rebuild the stem in torchvision) and the model card README.md, renamed into place as one folder."""
     kernel, stride, padding, maxpool = STEMS[config["stem"]]
     config = {**config, "conv1": {"kernel_size": kernel, "stride": stride, "padding": padding}, "maxpool": maxpool}
     with replacing(folder) as tmp:
@@ -1368,15 +1346,16 @@ def write_export(folder, weights, config, card=None):
 
 
 def _hub_snapshot(repo_id, revision=None):
-    """A Hub model id 'owner/name' -> (the folder of its export in huggingface_hub's cache, downloaded there if
-    needed; 'owner/name[@revision]')."""
+    """A Hub model id 'owner/name' -> (its export's folder in huggingface_hub's cache, 'owner/name[@revision]')."""
     if looks_like_path(repo_id) or repo_id.count("/") != 1 or Path(repo_id).suffix in (".safetensors", ".pth", ".tar"):
         raise ValueError(f"backbone {repo_id!r} not found: no such file or folder, nor a Hub id 'owner/name'")
     where = repo_id + (f"@{revision}" if revision else "")
     try:
         files = [huggingface_hub.hf_hub_download(repo_id, name, revision=revision) for name in EXPORT_FILES]
     except huggingface_hub.errors.LocalEntryNotFoundError:  # the Hub's other errors name the repo themselves
-        reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise ValueError(f"Hub model {where}: {reason} and the Hub cache ({constants.HF_HUB_CACHE}) lacks its files: "
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
+        raise ValueError(f"Hub model {where}: {reason} and the Hub cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
+                         "lacks its files: "
                          "run once with network access, or pass a local export") from None
     return Path(files[0]).parent, where

@@ -473,7 +473,7 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
                 break
     except KeyboardInterrupt:
         where = f"epoch {epoch + 1} of {protocol}"
-        raise intl.Interrupted(intl.interrupted_message(where, newest_checkpoint(checkpoints))) from None
+        raise intl.Interrupted(where, newest_checkpoint(checkpoints)) from None
     finally:
         progress.close()  # before any message, so that the message is not drawn over
     if history[-1]["epoch"] < epochs:  # --stop_after_epochs

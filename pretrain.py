@@ -288,7 +288,7 @@ def train(config, accelerator):
             step += 1
             monitor.after_step(step, out, lr, model)
     except KeyboardInterrupt:
-        raise intl.Interrupted(intl.interrupted_message(f"step {step}", monitor.last_good)) from None
+        raise intl.Interrupted(f"step {step}", monitor.last_good) from None
     finally:
         monitor.progress.close()  # before any error message, so that the message is the last line
 

@@ -324,11 +324,12 @@ def test_the_error_boundary_turns_our_errors_into_one_line_and_a_non_zero_exit(e
 
 def test_the_error_boundary_ends_an_interruption_with_its_line_and_status_130(capsys):
     def main(argv):
-        raise intl.Interrupted("interrupted at step 3; continue with --resume latest")
+        raise intl.Interrupted("step 3", "runs/x/checkpoints/step-00000003")
 
     with pytest.raises(SystemExit) as exit_info:
         intl.run(main, [])
-    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted at step 3; continue with --resume latest\n"
+    assert exit_info.value.code == 130 and capsys.readouterr().err == (
+        "interrupted at step 3; continue with --resume latest (from the last checkpoint, step-00000003)\n")
 
 
 # ----------------------------------------------------------------------------- one lock, one weights check, SIGTERM
