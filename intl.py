@@ -4,7 +4,7 @@ Weng et al., "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024 (ar
 predecessor, Weng et al., "An Investigation into Whitening Loss for Self-supervised Learning", NeurIPS 2022
 (CW-RGP, arXiv 2210.03586).
 
-Sections 1-7 follow the paper's method section, in its order; fenced off below them, what the stages share.
+Sections 1-6 follow the paper's method section, in its order; fenced off below them, what the stages share.
 
 Shapes: B samples per view, D embedding channels, V views. `axis` chooses what is whitened: axis=0, "channel
 whitening" (the official default), centres each sample over its D channels, the covariance is B x B (divisor D - 1);
@@ -88,7 +88,7 @@ def build_projector(in_dim, spec, hidden_bias=False):
 # With the centred embedding X and its covariance S = U diag(l) U^T, a spectral transformation (ST) with function g
 # maps X to Z_hat = U g(diag(l)) U^T X: each eigenvalue l_i of S becomes l_i g(l_i)^2. Whitening is g(l) = l^(-1/2);
 # IterNorm replaces the eigendecomposition by T Newton steps, a polynomial applied to the spectrum (Theorem 1); the
-# ST by eigendecomposition, g(l) = l^(-p) (the paper's power study), is with the relatives in section 7.
+# ST by eigendecomposition, g(l) = l^(-p) (the paper's power study), is with the relatives in section 6.
 
 
 def _check_axis(axis):
@@ -278,49 +278,7 @@ def ema_momentum(step, total_steps, m0):
 
 
 # -----------------------------------------------------------------------------
-# 6. Spectrum diagnostics (Fig. 2-3): is the embedding collapsing?
-
-
-@torch.no_grad()
-def covariance_spectrum(z, axis=0):
-    """Eigenvalues of the covariance the transformation sees, descending, float64: z [B, D] -> [min(B, D - 1)]
-    (axis 0) or [min(D, B - 1)] (axis 1). The others are zero by construction (centring removes a dimension)."""
-    x = _units(z.detach().double(), _check_axis(axis))
-    _, cov = _centred_covariance(x)
-    eigvals = torch.linalg.eigvalsh(cov).flip(0)
-    return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
-
-
-# Eigenvalues below this fraction of the largest are float32 rounding (about 1e-14 of it), not the embedding's.
-RANK_FLOOR = 1e-12
-
-
-def lg_ioc(eigvals):
-    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened); -inf when the
-    covariance is rank-deficient (its smallest eigenvalue at or below RANK_FLOOR x the largest)."""
-    largest, smallest = eigvals.max().item(), eigvals.min().item()
-    if largest <= 0 or smallest <= RANK_FLOOR * largest:
-        return -math.inf
-    return math.log10(smallest / largest)
-
-
-def effective_rank(eigvals):
-    """exp(entropy of the normalised eigenvalues): between 1 (collapsed) and len(eigvals) (uniform)."""
-    p = eigvals.clamp(min=0) / eigvals.clamp(min=0).sum()
-    p = p[p > 0]
-    return math.exp(-(p * p.log()).sum().item())
-
-
-def collapsed(z, eigvals):
-    """Whether the embeddings z [B, D] collapsed: all samples at about one point (variance over the batch below
-    1e-6 of the mean squared norm) or all variance in about one direction (`effective_rank` of eigvals < 1.5)."""
-    z = z.detach().double()
-    spread = z.var(dim=0, unbiased=False).sum().item()
-    return spread <= 1e-6 * z.pow(2).mean(dim=0).sum().item() or effective_rank(eigvals) < 1.5
-
-
-# -----------------------------------------------------------------------------
-# 7. What the paper compares INTL with, on the same pipeline: the power ST (Fig. 2), CW-RGP and W-MSE
+# 6. What the paper compares INTL with, on the same pipeline: the power ST (Fig. 2), CW-RGP and W-MSE
 
 
 class PowerTransform(nn.Module):

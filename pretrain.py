@@ -336,6 +336,45 @@ def batches(loader, step, stop_at):
                 return
 
 
+# Spectrum diagnostics (the paper's Fig. 2-3): the condition of the covariance, and whether the embedding collapsed.
+# Eigenvalues below RANK_FLOOR x the largest are float32 rounding (about 1e-14 of it), not the embedding's.
+RANK_FLOOR = 1e-12
+
+
+@torch.no_grad()
+def covariance_spectrum(z, axis=0):
+    """Eigenvalues of the covariance the transformation sees, descending, float64: z [B, D] -> [min(B, D - 1)]
+    (axis 0) or [min(D, B - 1)] (axis 1). The others are zero by construction (centring removes a dimension)."""
+    x = z.detach().double() if axis == 0 else z.detach().double().t()
+    x = x - x.mean(dim=1, keepdim=True)
+    eigvals = torch.linalg.eigvalsh(x @ x.t() / (x.shape[1] - 1)).flip(0)
+    return eigvals[: min(x.shape[0], x.shape[1] - 1)].cpu()
+
+
+def lg_ioc(eigvals):
+    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened); -inf when the
+    covariance is rank-deficient (its smallest eigenvalue at or below RANK_FLOOR x the largest)."""
+    largest, smallest = eigvals.max().item(), eigvals.min().item()
+    if largest <= 0 or smallest <= RANK_FLOOR * largest:
+        return -math.inf
+    return math.log10(smallest / largest)
+
+
+def effective_rank(eigvals):
+    """exp(entropy of the normalised eigenvalues): between 1 (collapsed) and len(eigvals) (uniform)."""
+    p = eigvals.clamp(min=0) / eigvals.clamp(min=0).sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def collapsed(z, eigvals):
+    """Whether the embeddings z [B, D] collapsed: all samples at about one point (variance over the batch below
+    1e-6 of the mean squared norm) or all variance in about one direction (`effective_rank` of eigvals < 1.5)."""
+    z = z.detach().double()
+    spread = z.var(dim=0, unbiased=False).sum().item()
+    return spread <= 1e-6 * z.pow(2).mean(dim=0).sum().item() or effective_rank(eigvals) < 1.5
+
+
 class Monitor:
     """After every step: the non-finite check, log.jsonl (figures, a collapse warning, the spectra that
     spectrum.png draws), the 5-NN monitor, checkpoints; the host reads the device only where it logs or saves. A
@@ -412,12 +451,12 @@ class Monitor:
     def spectrum(self, step, z, z_hat):
         """The condition indicators of Z and Z_hat (the paper's Fig. 3), a warning the first time Z has collapsed, and
         the eigenvalues themselves at the plotted steps."""
-        eig_z, eig_z_hat = (intl.covariance_spectrum(x, self.config.axis) for x in (z, z_hat))
-        self.append({"step": step, "lg_ioc_z": intl.lg_ioc(eig_z), "lg_ioc_z_hat": intl.lg_ioc(eig_z_hat),
-                     "erank_z": intl.effective_rank(eig_z), "erank_z_hat": intl.effective_rank(eig_z_hat)})
-        if self.collapsed_at is None and intl.collapsed(z, eig_z):
+        eig_z, eig_z_hat = (covariance_spectrum(x, self.config.axis) for x in (z, z_hat))
+        self.append({"step": step, "lg_ioc_z": lg_ioc(eig_z), "lg_ioc_z_hat": lg_ioc(eig_z_hat),
+                     "erank_z": effective_rank(eig_z), "erank_z_hat": effective_rank(eig_z_hat)})
+        if self.collapsed_at is None and collapsed(z, eig_z):
             warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
-                       f"{intl.effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
+                       f"{effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
                        "one direction, so the features will carry little information. Check the data (many "
                        "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
             self.info(f"warning: {warning}")
@@ -787,23 +826,23 @@ def logged_spectra(log_path):
 def plot_spectra(spectra, path, title):
     """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending: the
     few that `plotted_steps` chose), each divided by its largest, on a log scale. Eigenvalues at the numerical floor
-    (intl.RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
+    (RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
     from matplotlib import colormaps
 
     picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in spectra]
-    at_floor = any(intl.lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
+    at_floor = any(lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
     colours = colormaps["viridis"]([i / max(1, len(picks) - 1) for i in range(len(picks))])
     with two_panels(path, (7.2, 3.2), dpi=200) as (fig, axes):
         for colour, (label, *eigs) in zip(colours, picks):
             for ax, eig in zip(axes, eigs):
-                normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=intl.RANK_FLOOR)
-                ioc = intl.lg_ioc(eig)
+                normalised = (eig / eig.max() if eig.max() > 0 else torch.zeros_like(eig)).clamp(min=RANK_FLOOR)
+                ioc = lg_ioc(eig)
                 ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
                         label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
         for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
             if at_floor:
-                ax.axhline(intl.RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
-                ax.set_ylim(intl.RANK_FLOOR / 3, 3)
+                ax.axhline(RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
+                ax.set_ylim(RANK_FLOOR / 3, 3)
             ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
         fig.suptitle(title, fontsize=9)
 
@@ -891,7 +930,7 @@ def plot_study(study, rows, path):
     x, label = ("power", "power p of g(l) = l^-p") if study == "power" else ("iters", "IterNorm iterations T")
     series = [("", rows)] if study == "power" else [(f" {kind} trace loss", [r for r in rows if r["trace_loss"] == on])
                                                     for kind, on in (("with", True), ("without", False))]
-    floor = math.log10(intl.RANK_FLOOR)  # a rank-deficient covariance (lg IoC -inf) is drawn at the floor
+    floor = math.log10(RANK_FLOOR)  # a rank-deficient covariance (lg IoC -inf) is drawn at the floor
     with two_panels(path, (10, 4), dpi=120) as (_, (ax_ioc, ax_knn)):
         for suffix, part in series:
             ok = [r for r in part if not r["error"]]

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torchvision
 
 import intl
+import pretrain
 
 F64 = torch.float64
 
@@ -293,7 +294,7 @@ def test_intl_loss_passes_gradcheck(axis, beta):
 def test_spectrum_diagnostics_match_numpy_eigenvalues():
     for B, D, axis in [(6, 10, 0), (10, 6, 0), (10, 6, 1), (6, 10, 1)]:
         z = torch.randn(B, D, dtype=torch.float32)
-        eigs = intl.covariance_spectrum(z, axis=axis)
+        eigs = pretrain.covariance_spectrum(z, axis=axis)
         u = ref_units(z.double(), axis).numpy()
         x = u - u.mean(1, keepdims=True)
         want = np.sort(np.linalg.eigvalsh(x @ x.T / (x.shape[1] - 1)))[::-1][: min(x.shape[0], x.shape[1] - 1)]
@@ -301,15 +302,15 @@ def test_spectrum_diagnostics_match_numpy_eigenvalues():
         assert torch.all(eigs[:-1] >= eigs[1:])
         np.testing.assert_allclose(eigs.numpy(), want, rtol=1e-8, atol=1e-10)
         assert eigs[-1] > 1e-6  # the structurally-zero eigenvalues are excluded
-    assert intl.lg_ioc(torch.tensor([10.0, 5.0, 1.0], dtype=F64)) == pytest.approx(-1.0)
+    assert pretrain.lg_ioc(torch.tensor([10.0, 5.0, 1.0], dtype=F64)) == pytest.approx(-1.0)
     # Rank-deficient: -inf, not a number made up from a clamp.
-    assert intl.lg_ioc(torch.tensor([10.0, 5.0, 1e-12], dtype=F64)) == -math.inf
-    assert intl.lg_ioc(torch.tensor([10.0, 5.0, 0.0], dtype=F64)) == -math.inf
-    assert intl.lg_ioc(torch.zeros(3, dtype=F64)) == -math.inf
-    assert intl.effective_rank(torch.ones(7, dtype=F64)) == pytest.approx(7.0)
-    assert intl.effective_rank(torch.tensor([3.0, 0.0, 0.0], dtype=F64)) == pytest.approx(1.0)
+    assert pretrain.lg_ioc(torch.tensor([10.0, 5.0, 1e-12], dtype=F64)) == -math.inf
+    assert pretrain.lg_ioc(torch.tensor([10.0, 5.0, 0.0], dtype=F64)) == -math.inf
+    assert pretrain.lg_ioc(torch.zeros(3, dtype=F64)) == -math.inf
+    assert pretrain.effective_rank(torch.ones(7, dtype=F64)) == pytest.approx(7.0)
+    assert pretrain.effective_rank(torch.tensor([3.0, 0.0, 0.0], dtype=F64)) == pytest.approx(1.0)
     p = np.array([4.0, 2.0, 1.0, 1.0]) / 8
-    assert intl.effective_rank(torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=F64)) == pytest.approx(
+    assert pretrain.effective_rank(torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=F64)) == pytest.approx(
         math.exp(-sum(q * math.log(q) for q in p))
     )
 
@@ -671,7 +672,6 @@ def _bad_input_cases():
         "intl loss batch sizes": (lambda: intl.intl_loss([z, torch.randn(5, 10)]), r"(?i)shape"),
         "intl loss one sample": (lambda: intl.intl_loss([one, one.clone()]), r"(?i)at least 2 samples"),
         "intl loss axis": (lambda: intl.intl_loss([z, z], axis=2), r"(?i)axis"),
-        "spectrum axis": (lambda: intl.covariance_spectrum(z, axis=2), r"(?i)axis"),
         "IterNorm axis": (lambda: intl.IterNorm(axis=2), r"(?i)axis"),
         "PowerTransform axis": (lambda: intl.PowerTransform(axis=2), r"(?i)axis"),
         "INTL axis": (lambda: tiny_model(transform=intl.IterNorm(axis=2)), r"(?i)axis"),

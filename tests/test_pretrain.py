@@ -488,9 +488,9 @@ def test_collapse_is_an_embedding_at_one_point_or_along_one_direction():
     point = torch.ones(64, 16) * 3 + 1e-6 * spread
     line = torch.randn(64, 1, generator=generator) * torch.randn(1, 16, generator=generator) + 1e-4 * spread
     for axis in (0, 1):
-        assert not intl.collapsed(spread, intl.covariance_spectrum(spread, axis))
-        assert intl.collapsed(point, intl.covariance_spectrum(point, axis))
-        assert intl.collapsed(line, intl.covariance_spectrum(line, axis))
+        assert not pretrain.collapsed(spread, pretrain.covariance_spectrum(spread, axis))
+        assert pretrain.collapsed(point, pretrain.covariance_spectrum(point, axis))
+        assert pretrain.collapsed(line, pretrain.covariance_spectrum(line, axis))
 
 
 @pytest.mark.slow
