@@ -486,24 +486,21 @@ from torchvision.transforms import v2
 
 # ----------------------------------------------------------------------------- data
 #
-# Every source becomes a datasets.Dataset in an ImageSplit: "digits" or None (scikit-learn's digits, offline), a
-# folder written by save_to_disk, a folder of images (class sub-folders, optionally under train/ val/ test/; or
-# unlabelled images directly inside), or a Hugging Face Hub dataset id "id" or "id:config".
+# Every source becomes an ImageSplit: "digits" or None (scikit-learn's, offline), a save_to_disk folder, an image
+# folder (class sub-folders, optionally under train/ val/ test/; or unlabelled images inside), a Hub id "id[:config]".
 
 DIGITS_SOURCE = "digits"
 # The sub-folders of an image folder that are splits, not classes. A split is asked for by the name its dataset gives
 # it (CIFAR-10 "test", ImageNet-1k "validation", a folder "val").
 _SPLIT_FOLDERS = ("train", "training", "val", "validation", "valid", "test", "testing")
-_HOW_TO_PROVIDE_DATA = (
-    "Give --dataset a Hub dataset id (run once with network access to cache it), a folder of images (directly "
-    "inside: unlabelled; or in class sub-folders ROOT/<class>/..., optionally under ROOT/train/ and ROOT/val/), a "
-    "folder written by save_to_disk, or digits (built in, offline).")
+_HOW_TO_PROVIDE_DATA = ("Give --dataset a Hub dataset id (cached by a run with network access), a folder of images "
+                        "(in class sub-folders ROOT/<class>/..., optionally under ROOT/train/ and ROOT/val/; or "
+                        "unlabelled, directly inside), a folder written by save_to_disk, or digits (built in).")
 
 
 @dataclass
 class ImageSplit:
-    """One split: its rows, the image column, the integer label column (None: unlabelled), the number of classes
-    (when a ClassLabel feature gives it) and where it came from (named in messages)."""
+    """One split: its rows, image column, integer label column (None: unlabelled), classes (if known) and origin."""
 
     dataset: hf_datasets.Dataset
     image_column: str
@@ -575,9 +572,8 @@ def _load_saved_split(path, split):
 
 
 def _load_image_folder_split(root, split):
-    """ROOT/<class>/... or ROOT/<split>/<class>/...: an image at any depth below a class folder has the index of that
-    class among all splits' sorted class names (the same in every split). Without class folders, the images directly
-    inside are unlabelled."""
+    """ROOT/<class>/... or ROOT/<split>/<class>/...: an image at any depth below a class folder has that class's index
+    among all splits' sorted class names. Without class folders, the images directly inside are unlabelled."""
     roots = {name: os.path.join(root, name) for name in _sub_folders(root) if name.lower() in _SPLIT_FOLDERS}
     roots = roots or {"train": root}
     class_names = sorted({name for folder in roots.values() for name in _sub_folders(folder)})
@@ -636,9 +632,8 @@ def _split_named(split, available, where):
 
 
 def _make_image_split(dataset, image_column, label_column, description):
-    """Check the given columns, or detect them: the image column is the first Image feature, "image" or "img"; the
-    label column the first of "label", "fine_label", a ClassLabel, "labels" that holds integer class labels (none:
-    unlabelled)."""
+    """The given columns checked, or detected: the first Image feature, "image" or "img"; the first of "label",
+    "fine_label", a ClassLabel, "labels" that holds integer class labels (none: unlabelled)."""
     features, columns = dataset.features, list(dataset.features)
     for role, name in (("image", image_column), ("label", label_column)):
         if name is not None and name not in features:
@@ -706,9 +701,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def to_rgb(image):
-    """Any PIL image -> the 8-bit RGB image it shows, decoded fully. Where image.convert("RGB") is wrong: a 16-bit
-    value v becomes round(v / 257), not v clipped at 255; a transparent pixel shows white (as a page behind a web
-    image), not the colour stored under it."""
+    """Any PIL image -> the 8-bit RGB image it shows, decoded fully: a 16-bit v becomes round(v / 257) (convert("RGB")
+    clips it at 255), a transparent pixel white as a page behind it (not the colour stored under it)."""
     if image.mode.startswith("I;16") or image.mode == "I":
         image = PILImage.fromarray(((np.clip(np.asarray(image, np.int64), 0, 65535) + 128) // 257).astype(np.uint8))
     elif "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -716,14 +710,6 @@ def to_rgb(image):
         rgb, alpha = rgba[..., :3], rgba[..., 3:]
         image = PILImage.fromarray(((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))  # rounded
     return image.convert("RGB")
-
-
-def labels_of(split):
-    """All labels of `split` as a LongTensor [N] (-1 if unlabelled), without decoding any image."""
-    if split.label_column is None:
-        return torch.full((len(split.dataset),), -1, dtype=torch.long)
-    column = split.dataset.with_format("arrow")[split.label_column]  # honours select() / shuffle() indices
-    return torch.from_numpy(column.fill_null(-1).to_numpy().astype(np.int64))
 
 
 # ----------------------------------------------------------------------------- features and kNN
@@ -765,10 +751,9 @@ def extract_features(backbone, loader, accelerator):
 
 @torch.no_grad()
 def nearest_neighbours(train_features, test_features, k=5, chunk=1024, train_chunk=32768, device=None):
-    """Each test feature's k nearest training features (Euclidean) -> (indices, ranking keys ||t||^2 - 2 q.t),
-    [N_test, k] nearest first. Memory stays bounded: `chunk` queries meet `train_chunk` training features at a time,
-    on `device`, each query keeping a running top-k. The keys are float32: neighbours whose distances differ by less
-    than about 1e-7 (||q||^2 + ||t||^2) may rank otherwise than in float64."""
+    """Each test feature's k nearest training features -> (indices, keys ||t||^2 - 2 q.t), [N_test, k] nearest first.
+    Bounded memory: `chunk` queries meet `train_chunk` training features at a time on `device`, each query keeping a
+    running top-k; float32 keys rank neighbours closer than about 1e-7 (||q||^2 + ||t||^2) otherwise than float64."""
     device = torch.device(device) if device is not None else train_features.device
     k = min(k, len(train_features))
     best_key = torch.full((len(test_features), k), float("inf"), device=device)
@@ -924,10 +909,9 @@ def _outside(value, interval):
 
 
 def keep_resumed_config(config, explicit, checkpoint, run_flags, parser, ranges, check=lambda config: None):
-    """A resumed run takes the configuration saved in `checkpoint`, checked by the flags' own table. run_flags =
-    (run_control, per_command): of the `explicit` flags, only run_control ones (logging, saving, workers) may differ
-    from it, and one not given again keeps its saved value; per_command ones (--output_dir, --stop_after_steps) say
-    what this command does and never come from the checkpoint. check(config): more checks, naming the file."""
+    """A resumed run takes the configuration saved in `checkpoint`, checked as the flags are. Of the `explicit` flags
+    only run_flags[0] ones (logging, saving) may differ, and one not given keeps its saved value; run_flags[1] ones
+    (--output_dir, --stop_after_steps) never come from the checkpoint. check(config): more checks, naming the file."""
     run_control, per_command = run_flags
     state_file = Path(checkpoint) / "trainer_state.json"
     saved = read_trainer_state(state_file)["config"]
@@ -1000,9 +984,8 @@ def read_json(path):
 
 @contextlib.contextmanager
 def locked(output_dir, main_process=True):
-    """One run per output folder: while the block runs, the main process holds an exclusive lock on
-    OUTPUT_DIR/.lock (the system releases it even after kill -9); a second run is refused at once, naming the
-    process that holds it. Making the folder and its .lock first is also the check that it can be written."""
+    """One run per output folder: the main process holds an exclusive lock on OUTPUT_DIR/.lock (released even after
+    kill -9), refusing a second run at once, named by its process; made first, it checks the folder can be written."""
     import fcntl  # POSIX: Linux and macOS
 
     if not main_process:
@@ -1024,9 +1007,8 @@ def locked(output_dir, main_process=True):
 
 
 def clear_earlier_run(output_dir, results, overwrite, resumes=None, say=print, main_process=True):
-    """Before a run writes anything, on every process, under `locked`: an earlier run's `results` in output_dir (files,
-    and folders holding a file that is not hidden) are refused, or removed with --overwrite, unless this run resumes
-    `resumes`, a checkpoint of its own in output_dir. What interrupted saves left (.tmp-*, .old-*) goes too."""
+    """Before a run writes, on every process, under `locked`: an earlier run's `results` in output_dir are refused, or
+    removed with --overwrite, unless the run resumes its own checkpoint `resumes`; what interrupted saves left goes."""
     output_dir = Path(output_dir)
     paths = {name: output_dir / name for name in results}
     own = resumes is not None and output_dir.resolve() in Path(resumes).resolve().parents
@@ -1188,10 +1170,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def run(main, argv=None, interrupted="interrupted"):
-    """The error boundary of each script: main(argv), with SIGTERM (what a cluster's scheduler sends) raising
-    KeyboardInterrupt as Ctrl-C does. Our errors (ValueError naming the file and the field) and the libraries' (an
-    OSError names its file, a Hub error its repo) end as one line "error: ..." and exit status 1; an interruption as
-    its `Interrupted` line (else `interrupted`) and exit status 130, as a shell reports it."""
+    """Each script's error boundary: main(argv), SIGTERM (a cluster scheduler's) raising KeyboardInterrupt as Ctrl-C
+    does. Our errors (naming the file and the field) and the libraries' (an OSError names its file, a Hub error its
+    repo) end in one line "error: ..." and exit status 1; an interruption in its line and status 130, as a shell's."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main(argv)

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -280,12 +281,12 @@ def load_labelled_splits(config, accelerator):
             raise ValueError(f"{split.source} has no integer class labels (no label column, or its labels are not "
                              "integer class indices): linear evaluation needs labelled training and test splits; "
                              "name the column with --label_column (Dataset.class_encode_column maps strings)")
-        labels = intl.labels_of(split)
+        labels = labels_of(split)
         if len(labels) == 0 or labels.min() < 0:
             raise ValueError(f"{split.source} needs labelled images: it has {len(labels)}, {int((labels < 0).sum())} "
                              "without a label")
         num_classes = max(num_classes, split.num_classes or 0, int(labels.max()) + 1)
-    unseen = sorted(set(intl.labels_of(splits[1]).tolist()) - set(intl.labels_of(splits[0]).tolist()))
+    unseen = sorted(set(labels_of(splits[1]).tolist()) - set(labels_of(splits[0]).tolist()))
     if unseen:
         raise ValueError(f"{splits[1].source} has {len(unseen)} class(es) that {splits[0].source} never has (first "
                          f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
@@ -294,6 +295,14 @@ def load_labelled_splits(config, accelerator):
     accelerator.print(f"{config.dataset}: {data['n_train']} training and {data['n_test']} test images, {num_classes} "
                       "classes")
     return SimpleNamespace(train=splits[0], test=splits[1], num_classes=num_classes), data
+
+
+def labels_of(split):
+    """All labels of `split` as a LongTensor [N] (-1 if unlabelled), without decoding any image."""
+    if split.label_column is None:
+        return torch.full((len(split.dataset),), -1, dtype=torch.long)
+    column = split.dataset.with_format("arrow")[split.label_column]  # honours select() / shuffle() indices
+    return torch.from_numpy(column.fill_null(-1).to_numpy().astype(np.int64))
 
 
 def image_loader(split, config, accelerator, global_batch=None):

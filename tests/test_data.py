@@ -1,4 +1,4 @@
-"""Tests for the INTL data-loading helpers (load_image_split, ImageDataset, labels_of)."""
+"""Tests for the INTL data-loading helpers (load_image_split, ImageDataset; labels_of, linear_eval's)."""
 
 import io
 import json
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torchvision.transforms.functional import pil_to_tensor
 
-from intl import ImageDataset, ImageSplit, labels_of, load_image_split
+from intl import ImageDataset, ImageSplit, load_image_split
+from linear_eval import labels_of
 
 CLASS_COLORS = {"ant": (255, 0, 0), "bee": (0, 255, 0), "cat": (0, 0, 255)}
 
