@@ -16,6 +16,7 @@ import torchvision
 from safetensors.torch import load_file
 
 import intl
+import linear_eval
 import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +98,8 @@ def test_exported_backbone_loads_into_torchvision_with_only_fc_missing(digits_ru
 @pytest.mark.slow
 def test_the_export_command_rebuilds_the_same_backbone_from_a_checkpoint(digits_run, tmp_path):
     output_dir, _ = digits_run
-    pretrain.main_export(["--source", str(output_dir / "checkpoints" / "step-00000044"), "--output_dir",
-                          str(tmp_path / "backbone")])
+    linear_eval.main_export(["--source", str(output_dir / "checkpoints" / "step-00000044"), "--output_dir",
+                             str(tmp_path / "backbone")])
     exported = load_file(tmp_path / "backbone" / "model.safetensors")
     original = load_file(output_dir / "backbone" / "model.safetensors")
     assert exported.keys() == original.keys()
