@@ -658,9 +658,8 @@ def resume_or_start(checkpoint, settings, accelerator):
 
 
 def main_export(argv=None):
-    """`python linear_eval.py export`, the one way to publish: the export folder (model.safetensors, config.json,
-    README.md) of a pretrain checkpoint, an official INTL / CW-RGP .pth.tar or any loadable backbone, with a model
-    card that carries the evaluation's results; optionally pushed to the Hub as one commit."""
+    """`python linear_eval.py export`: the export folder (model.safetensors, config.json, README.md) of a checkpoint
+    folder, an official .pth.tar or any loadable backbone, its card with the evaluation's results; optionally pushed."""
     parser = argparse.ArgumentParser(prog="linear_eval.py export", description=main_export.__doc__,
                                      allow_abbrev=False, formatter_class=intl.HelpFormatter)
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
@@ -713,9 +712,8 @@ def converted(source, arch=None, stem=None):
 
 
 def read_weights_file(path):
-    """A bare .safetensors file, or an official checkpoint {"state_dict": ...} with the backbone under
-    "module.backbone.*" (INTL), "model.module.*" (CW-RGP's small-data code: an nn.DataParallel encoder) or
-    "module.model.*" (CW-RGP's ImageNet code) -> (weights, what the file says of the config)."""
+    """A bare .safetensors file, or an official checkpoint {"state_dict": ...}, its backbone under "module.backbone."
+    (INTL), "model.module." (CW-RGP's small data) or "module.model." (its ImageNet) -> (weights, the file's config)."""
     if path.suffix == ".safetensors":
         return intl.read_safetensors(path), {}
     try:
@@ -739,9 +737,8 @@ def read_weights_file(path):
 
 
 def completed_config(config, weights, arch, stem, source):
-    """Arch, stem, input size and normalisation: the given ones first, then the file's, then what the weights say:
-    a 7x7 conv1 is the ImageNet stem, a 3x3 one INTL's CIFAR network (CW-RGP's must be named: with or without the
-    max-pool), the arch the ResNet whose state_dict has exactly these keys and shapes."""
+    """Arch, stem, input size and normalisation: the given ones first, then the file's, then what the weights say: a
+    7x7 conv1 is the ImageNet stem, a 3x3 one INTL's CIFAR network, the arch the ResNet the weights fit exactly."""
     small_conv1 = "conv1.weight" in weights and tuple(weights["conv1.weight"].shape[-2:]) == (3, 3)
     if not stem and config.get("source_format") == "official CW-RGP checkpoint" and small_conv1:
         raise ValueError(f"{source} is a CW-RGP checkpoint with a 3x3 conv1, which may or may not be followed by a "
@@ -770,9 +767,8 @@ def hub_dataset_id(dataset):
 
 
 def model_card(config, results=None, repo_id=None, license=None):
-    """The model card: Hub metadata, then results, loading and citations (config.json holds the recipe). Results on
-    a Hub dataset enter the model-index (its dataset type is a Hub id), the table holds all. license: a Hub id; None:
-    the card says none was chosen (the Hub's "other" would need a name and a link)."""
+    """The model card: Hub metadata, results (on a Hub dataset also in the model-index, whose dataset type is a Hub
+    id), loading and citations. license: a Hub id; None: the card says none was chosen."""
     records = [intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item for item in results or []]
     if not all(isinstance(record, dict) and "rows" in record for record in records):
         raise ValueError("--eval_results: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
@@ -859,8 +855,7 @@ Khan, Fahad Shahbaz and Huang, Lei},
 
 
 def push_export_to_hub(export_dir, repo_id, private=False):
-    """Upload exactly the weights, config.json and model card of the export main_export has just written to a Hub
-    model repo, as one commit to its main branch."""
+    """One commit to the main branch of a Hub model repo: exactly the export's weights, config.json and model card."""
     api = huggingface_hub.HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model",
