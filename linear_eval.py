@@ -100,8 +100,8 @@ def get_parser():
 
     optim = parser.add_argument_group("optimisation (None: the protocol's, table above)")
     optim.add_argument("--epochs", type=int, help="training epochs")
-    optim.add_argument("--batch_size", type=int, help="GLOBAL training batch, all processes together; linear and "
-                       "finetune split it evenly over the processes, so it must be divisible by their number")
+    optim.add_argument("--batch_size", type=int, help="GLOBAL training batch, all processes together: divisible by "
+                       "their number")
     optim.add_argument("--lr", type=float, help="head learning rate")
     optim.add_argument("--lr_backbone", type=float, help="finetune: backbone learning rate")
     optim.add_argument("--min_lr", type=float, help="linear-cached: the lr after --epochs epochs (ExponentialLR)")
@@ -159,8 +159,7 @@ def evaluate_backbone(config, accelerator):
 
     if {"knn", "linear-cached"} & set(config.protocol):
         features = frozen_features(backbone, splits, config, accelerator)
-    records = []
-    for protocol in config.protocol:  # each written to its own results file as soon as it is done
+    for protocol in config.protocol:  # each written to its own results file and printed as soon as it is done
         tic = time.time()
         if protocol == "knn":
             record = run_knn(features, config, accelerator.device)
@@ -173,21 +172,13 @@ def evaluate_backbone(config, accelerator):
         record = {"protocol": protocol, **record, "backbone": config.backbone, "arch": config.arch,
                   "image_size": config.image_size, **data, "processes": accelerator.num_processes,
                   "seconds": round(time.time() - tic, 2)}
-        records.append(record)
         if accelerator.is_main_process:
             intl.write_text_atomically(output_dir / f"{protocol}.json", json.dumps(record, indent=2) + "\n")
-    accelerator.print(results_table(records, data, output_dir))
+        for row in record["rows"]:
+            top5 = "" if row["top5"] is None else f", top-5 {row['top5']:.2f}"
+            accelerator.print(f"{row['name']} on {data['dataset']} ({data['n_test']} {data['test_split']} images), "
+                              f"final epoch: top-1 {row['top1']:.2f}{top5} -> {output_dir / protocol}.json")
     accelerator.end_training()
-
-
-def results_table(records, data, output_dir):
-    """The final epoch's top-1 / top-5 of each protocol (the best epoch is in its results file)."""
-    lines = [f"results on {data['dataset']} ({data['n_test']} {data['test_split']} images), final epoch:",
-             f"  {'protocol':44s}   top-1   top-5"]
-    for row in [row for record in records for row in record["rows"]]:
-        top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
-        lines.append(f"  {row['name']:44s} {row['top1']:7.2f} {top5:>7s}")
-    return "\n".join(lines + [f"written to {output_dir}: {', '.join(r['protocol'] + '.json' for r in records)}"])
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -286,8 +277,7 @@ def load_labelled_splits(config, accelerator):
             raise ValueError(f"{split.source} needs labelled images: it has {len(labels)}, {int((labels < 0).sum())} "
                              "without a label")
         num_classes = max(num_classes, split.num_classes or 0, int(labels.max()) + 1)
-    unseen = sorted(set(labels_of(splits[1]).tolist()) - set(labels_of(splits[0]).tolist()))
-    if unseen:
+    if unseen := sorted(set(labels_of(splits[1]).tolist()) - set(labels_of(splits[0]).tolist())):
         raise ValueError(f"{splits[1].source} has {len(unseen)} class(es) that {splits[0].source} never has (first "
                          f"{unseen[0]}): no classifier learns them; test on the classes of the training split")
     data = dict(dataset=config.dataset, train_split=config.train_split, test_split=config.test_split,
@@ -346,12 +336,10 @@ def training_subset(split, subset_file):
     for depth in {name.count("/") + 1 for name in names}:
         for i, path in enumerate(paths):
             found.setdefault("/".join(Path(path).parts[-depth:]), []).append(i)
-    absent = [name for name in names if name not in found]
-    if absent:
+    if absent := [name for name in names if name not in found]:
         raise ValueError(f"--subset_file: {len(absent)} of its {len(names)} images are not in {split.source} "
                          f"(first {absent[0]!r})")
-    ambiguous = next((name for name in names if len(found[name]) > 1), None)
-    if ambiguous:
+    if ambiguous := next((name for name in names if len(found[name]) > 1), None):
         raise ValueError(f"--subset_file: {ambiguous!r} names {len(found[ambiguous])} images of {split.source}: "
                          "write it with its class folder (class/file)")
     return replace(split, dataset=split.dataset.select(sorted({found[name][0] for name in names})))
@@ -377,8 +365,7 @@ def trained_record(name, settings, history):
     """The final epoch is the result; the best epoch is kept as a labelled extra (it peeks at the test split)."""
     final = history[-1]
     best = max(history, key=lambda h: (h["top1"], h["epoch"]))
-    return {"rows": [{"name": name, "top1": final["top1"], "top5": final["top5"]}],
-            "final_epoch": final["epoch"],
+    return {"rows": [{"name": name, "top1": final["top1"], "top5": final["top5"]}], "final_epoch": final["epoch"],
             "best_epoch_extra": {"epoch": best["epoch"], "top1": best["top1"], "top5": best["top5"],
                                  "note": "chosen on the test split: not the reported result"},
             "settings": settings, "history": history}
@@ -481,8 +468,7 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
             if config.stop_after_epochs is not None and config.stop_after_epochs <= epoch + 1 < epochs:
                 break
     except KeyboardInterrupt:
-        where = f"epoch {epoch + 1} of {protocol}"
-        raise intl.Interrupted(where, newest_checkpoint(checkpoints)) from None
+        raise intl.Interrupted(f"epoch {epoch + 1} of {protocol}", newest_checkpoint(checkpoints)) from None
     finally:
         progress.close()  # before any message, so that the message is not drawn over
     if history[-1]["epoch"] < epochs:  # --stop_after_epochs
@@ -497,9 +483,8 @@ def run_trained_protocol(protocol, checkpoint, config, backbone, splits, acceler
 
 
 def model_and_optimizer(finetune, backbone, num_classes, settings):
-    """A head from N(0, 0.01), alone (linear) or on a trained copy of the backbone (finetune); SGD with momentum,
-    inside LARC for CW-RGP's linear protocol. finetune keeps plain BatchNorm, each process its own batch statistics,
-    as the authors' evaluation does."""
+    """A head from N(0, 0.01), alone (linear) or on a trained copy of the backbone with the authors' plain BatchNorm,
+    per process (finetune); SGD with momentum, inside LARC for CW-RGP's linear protocol."""
     set_seed(settings["seed"])
     head = nn.Linear(backbone.feature_dim, num_classes)
     nn.init.normal_(head.weight, std=0.01)
@@ -628,8 +613,7 @@ def checkpoints_to_resume(config):
                              f"{Path(config.output_dir) / 'checkpoints'}/<protocol>/; give one, or 'latest'")
         return dict.fromkeys(roots, folder)
     found = {p: newest_checkpoint(root) for p, root in roots.items()}
-    missing = [roots[p] for p, folder in found.items() if folder is None]
-    if missing:
+    if missing := [roots[p] for p, folder in found.items() if folder is None]:
         raise ValueError(f"--resume latest: no checkpoint in {missing[0]}; start without --resume")
     return found
 
@@ -652,8 +636,8 @@ def checked_backbone(resumed, source, backbone):
 
 
 def resume_or_start(checkpoint, settings, accelerator):
-    """-> (the epoch to start from, the history so far): those of `checkpoint`, whose settings must be these; without
-    one 0 and none (an earlier run's checkpoints were refused or removed: intl.clear_earlier_run)."""
+    """-> (the epoch to start from, the history so far) of `checkpoint`, whose settings must be these; (0, [])
+    without one."""
     if checkpoint is None:
         return 0, []
 
@@ -661,8 +645,7 @@ def resume_or_start(checkpoint, settings, accelerator):
         if not (isinstance(state.get("epoch"), int) and isinstance(state.get("history"), list)):
             raise ValueError(f"--resume: {folder} lacks the epoch or history of the evaluation: the file is damaged")
         saved = state["config"]  # the protocol's settings
-        changed = intl.changed_settings(saved, settings)
-        if changed:
+        if changed := intl.changed_settings(saved, settings):
             raise ValueError(f"--resume: {changed[0]} is {settings[changed[0]]!r} now but {saved.get(changed[0])!r} "
                              f"in {folder}; a resumed evaluation keeps its settings")
 
@@ -672,34 +655,25 @@ def resume_or_start(checkpoint, settings, accelerator):
 
 
 # ----------------------------------------------------------------------------- publishing: `linear_eval.py export`
-#
-# After the evaluation, an export folder of any backbone (also of what the scripts do not read: an official INTL /
-# CW-RGP .pth.tar, a bare .safetensors file) with a model card that carries the results, pushed to the Hub as one
-# commit.
 
 
 def main_export(argv=None):
-    """`python linear_eval.py export ...`: the one way to publish, with the results of `linear_eval.py`."""
-    parser = argparse.ArgumentParser(
-        prog="linear_eval.py export", allow_abbrev=False, formatter_class=intl.HelpFormatter,
-        description="Convert a pretrain checkpoint folder, an official INTL / CW-RGP .pth.tar or any loadable backbone "
-                    "into an export folder (model.safetensors, config.json, README.md); optionally push it to the Hub.")
+    """`python linear_eval.py export`: the export folder (model.safetensors, config.json, README.md) of a checkpoint
+    folder, an official .pth.tar or any loadable backbone, its card with the evaluation's results; optionally pushed."""
+    parser = argparse.ArgumentParser(prog="linear_eval.py export", description=main_export.__doc__,
+                                     allow_abbrev=False, formatter_class=intl.HelpFormatter)
     parser.add_argument("--source", required=True, help="a pretrain checkpoint folder, an official .pth.tar, an "
                         "export folder, a .safetensors file or a Hub repo id 'owner/name'")
-    parser.add_argument("--arch", choices=intl.RESNETS, default=None,
-                        help="encoder of a .pth.tar or .safetensors file; None: the file's, or inferred from its shapes")
-    parser.add_argument("--stem", choices=intl.STEMS, default=None,
-                        help="first layers of such a file; None: 'cifar' for a 3x3 conv1 (INTL's); CW-RGP's must say: "
-                             "cifar-unpadded (CIFAR) or small-maxpool (STL-10 / Tiny-ImageNet)")
+    parser.add_argument("--arch", choices=intl.RESNETS, help="encoder of a .pth.tar or .safetensors file; None: the "
+                        "file's, or inferred from its shapes")
+    parser.add_argument("--stem", choices=intl.STEMS, help="first layers of such a file; None: 'cifar' for a 3x3 "
+                        "conv1 (INTL's); CW-RGP's must say: cifar-unpadded (CIFAR) or small-maxpool (STL-10 / Tiny)")
     parser.add_argument("--output_dir", type=intl.folder, required=True, help="the export folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in --output_dir")
-    parser.add_argument("--eval_results", nargs="*", default=[],
-                        help="linear_eval.py result JSON files for the model card's model-index")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
-                        help="publish the export (weights, config, model card) to this Hub model repo")
+    parser.add_argument("--eval_results", nargs="*", default=[], help="linear_eval.py results for the model card")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="the Hub model repo to publish the export to")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
-    parser.add_argument("--license", default=None,
-                        help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
+    parser.add_argument("--license", help="the model card's license, a Hub id such as apache-2.0; None: none chosen")
     args = parser.parse_args(argv)
     export_dir = Path(args.output_dir)
     held = sorted(p.name for p in export_dir.iterdir()) if export_dir.is_dir() else []
@@ -738,9 +712,8 @@ def converted(source, arch=None, stem=None):
 
 
 def read_weights_file(path):
-    """A bare .safetensors file, or an official checkpoint {"state_dict": ...} with the backbone under
-    "module.backbone.*" (INTL), "model.module.*" (CW-RGP's small-data code: an nn.DataParallel encoder) or
-    "module.model.*" (CW-RGP's ImageNet code) -> (weights, what the file says of the config)."""
+    """A bare .safetensors file, or an official checkpoint {"state_dict": ...}, its backbone under "module.backbone."
+    (INTL), "model.module." (CW-RGP's small data) or "module.model." (its ImageNet) -> (weights, the file's config)."""
     if path.suffix == ".safetensors":
         return intl.read_safetensors(path), {}
     try:
@@ -764,9 +737,8 @@ def read_weights_file(path):
 
 
 def completed_config(config, weights, arch, stem, source):
-    """Arch, stem, input size and normalisation: the given ones first, then the file's, then what the weights say:
-    a 7x7 conv1 is the ImageNet stem, a 3x3 one INTL's CIFAR network (CW-RGP's must be named: with or without the
-    max-pool), the arch the ResNet whose state_dict has exactly these keys and shapes."""
+    """Arch, stem, input size and normalisation: the given ones first, then the file's, then what the weights say: a
+    7x7 conv1 is the ImageNet stem, a 3x3 one INTL's CIFAR network, the arch the ResNet the weights fit exactly."""
     small_conv1 = "conv1.weight" in weights and tuple(weights["conv1.weight"].shape[-2:]) == (3, 3)
     if not stem and config.get("source_format") == "official CW-RGP checkpoint" and small_conv1:
         raise ValueError(f"{source} is a CW-RGP checkpoint with a 3x3 conv1, which may or may not be followed by a "
@@ -790,15 +762,13 @@ def completed_config(config, weights, arch, stem, source):
 
 def hub_dataset_id(dataset):
     """`dataset` if it is a Hub dataset id ('owner/name'), else None (a local folder, digits)."""
-    is_id = isinstance(dataset, str) and dataset.count("/") == 1 and not intl.looks_like_path(dataset) \
-        and not os.path.exists(dataset)
-    return dataset if is_id else None
+    local = not isinstance(dataset, str) or intl.looks_like_path(dataset) or os.path.exists(dataset)
+    return None if local or dataset.count("/") != 1 else dataset
 
 
 def model_card(config, results=None, repo_id=None, license=None):
-    """The model card: Hub metadata, then results, loading and citations (config.json holds the recipe). Results on
-    a Hub dataset enter the model-index (its dataset type is a Hub id), the table holds all. license: a Hub id; None:
-    the card says none was chosen (the Hub's "other" would need a name and a link)."""
+    """The model card: Hub metadata, results (on a Hub dataset also in the model-index, whose dataset type is a Hub
+    id), loading and citations. license: a Hub id; None: the card says none was chosen."""
     records = [intl.read_json(item) if isinstance(item, (str, os.PathLike)) else item for item in results or []]
     if not all(isinstance(record, dict) and "rows" in record for record in records):
         raise ValueError("--eval_results: an evaluation result is linear_eval.py's JSON (a dict with 'rows')")
@@ -885,22 +855,15 @@ Khan, Fahad Shahbaz and Huang, Lei},
 
 
 def push_export_to_hub(export_dir, repo_id, private=False):
-    """Upload exactly the weights, config.json and model card of an export folder to a Hub model repo, as one
-    commit to its main branch."""
-    export_dir = Path(export_dir)
-    files = [*intl.EXPORT_FILES, "README.md"]
-    if missing := [name for name in files if not (export_dir / name).is_file()]:
-        raise ValueError(f"{export_dir} is not a complete export: {missing[0]} is missing (`linear_eval.py export "
-                         f"--source {export_dir} --output_dir NEW` writes one)")
-    intl.load_backbone(export_dir)  # refuse to publish weights that do not load
+    """One commit to the main branch of a Hub model repo: exactly the export's weights, config.json and model card."""
     api = huggingface_hub.HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model", allow_patterns=files,
-                             commit_message=f"Upload INTL backbone from {export_dir.name}")
+    return api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model",
+                             allow_patterns=[*intl.EXPORT_FILES, "README.md"],
+                             commit_message=f"Upload INTL backbone from {Path(export_dir).name}")
 
 
 if __name__ == "__main__":
-    # python linear_eval.py export --source BACKBONE --output_dir OUT [--eval_results R.json] [--push_to_hub REPO_ID]
     if sys.argv[1:2] == ["export"]:
         intl.run(main_export, sys.argv[2:])
     else:
