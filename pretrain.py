@@ -801,14 +801,12 @@ def logged_spectra(log_path):
 
 def plot_spectra(log_path, path):
     """The paper's Fig. 3 from a run's log, if it holds spectra: the eigenvalues of the covariance of Z and of Z_hat
-    at the steps `plotted_steps` chose, each divided by its largest, on a log scale. Eigenvalues at the numerical
-    floor (RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
+    at the plotted steps, each divided by its largest, on a log scale down to RANK_FLOOR (rank-deficient ones)."""
     from matplotlib import colormaps
 
     picks = [(f"step {step}", torch.tensor(z), torch.tensor(z_hat)) for step, z, z_hat in logged_spectra(log_path)]
     if not picks:
         return False
-    at_floor = any(lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
     colours = colormaps["viridis"]([i / max(1, len(picks) - 1) for i in range(len(picks))])
     with two_panels(path, (7.2, 3.2), dpi=200) as (fig, axes):
         for colour, (label, *eigs) in zip(colours, picks):
@@ -818,9 +816,6 @@ def plot_spectra(log_path, path):
                 ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
                         label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
         for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
-            if at_floor:
-                ax.axhline(RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
-                ax.set_ylim(RANK_FLOOR / 3, 3)
             ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
         fig.suptitle(f"{log_path.parent.name}: eigenvalues of the covariance over training", fontsize=9)
     return True
@@ -841,9 +836,8 @@ def two_panels(path, size, dpi):
 
 
 def plotted_steps(total_steps, spectrum_every, curves=6):
-    """The steps whose spectra spectrum.png draws: `curves` of the logged ones (every `spectrum_every`-th step and
-    the last), evenly spread, the first and the last included. Known before the run starts, so only those spectra
-    are written, and a resumed run keeps the same ones."""
+    """The steps whose spectra are logged for spectrum.png, fixed before the run (a resume keeps them): `curves` of
+    the steps with spectrum figures (every `spectrum_every`-th and the last), evenly spread, the ends included."""
     logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
     picks = {round(i * (logged - 1) / max(1, curves - 1)) for i in range(curves)}  # of the logged ones
     return {min((i + 1) * spectrum_every, total_steps) for i in picks}
