@@ -34,9 +34,8 @@ IMAGENET_MEAN, IMAGENET_STD, CIFAR_MEAN, CIFAR_STD = intl.IMAGENET_MEAN, intl.IM
 METHODS = ["intl", "intl-m", "st", "cw-rgp", "wmse"]
 
 # The authors' runs, value by value (README: "Presets"; PAPER_NOTES.md section 11). A preset sets these values and
-# any explicit flag wins; every value a recipe depends on is named, also where it equals the flag's default. Not
-# visible in the values: INTL's lr warms up as peak x (step + 1) / warm-up steps, then follows a per-step cosine to
-# 0.001 x peak; intl-m's EMA momentum rises to 1 by a cosine; CW-RGP's projector sees all views as one batch.
+# any explicit flag wins; every value a recipe depends on is named, also where it equals the flag's default. Not in
+# the values: the lr schedules (learning_rate), intl-m's momentum rising to 1, CW-RGP's projector seeing all views.
 _INTL = dict(method="intl", stem="imagenet", zero_init_residual=True, hidden_bias=False, num_views=2, small_crops=[],
              min_scale=0.08, crop_interpolation="bicubic", colour_before_crop=False, jitter=(0.4, 0.4, 0.2, 0.1),
              grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2), optimizer="sgd", schedule="cosine",
@@ -61,9 +60,8 @@ _CW_RGP_IMAGENET = dict(_CW_RGP, dataset="ILSVRC/imagenet-1k", arch="resnet50", 
                         crop_interpolation="bilinear", grayscale_prob=0.2, blur_prob=(0.5, 0.5),
                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
 PRESETS = {
-    # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores.
-    # Its blocks start as identities (zero-init): a random ResNet-18 already separates digits, a zero-initialised
-    # one much less, so the 5-NN's rise shows what INTL learned.
+    # Offline demo on scikit-learn's digits: the CIFAR recipe at a budget that shows learning in minutes on 2 cores,
+    # its blocks zero-initialised so that the 5-NN's rise shows what INTL learned (README: Decisions).
     "digits": dict(_CIFAR, dataset="digits", stem="imagenet", zero_init_residual=True, projector="512-512-512",
                    batch_size=128, epochs=20, momentum=0.99, mean=IMAGENET_MEAN, std=IMAGENET_STD, knn_every=5,
                    spectrum_every=20, num_workers=2),
@@ -102,11 +100,9 @@ RUN_CONTROL = {"output_dir", "resume", "print_config", "num_workers", "compile",
 # Of those, the ones that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "print_config", "stop_after_steps", "benchmark", "study",
                "study_values", "overwrite"}
-# What `accelerate launch` (its flags or `accelerate config`) sets in the environment: it wins over a preset, an
-# explicit flag of this script wins over both.
+# What `accelerate launch` (or `accelerate config`) sets: it wins over a preset, an explicit flag wins over both.
 LAUNCHER = {"mixed_precision": "ACCELERATE_MIXED_PRECISION"}
-# What a run writes into --output_dir: a new run there must not mix with, nor silently replace, an earlier run's.
-# Not log.jsonl: a new run starts it afresh (Monitor.start), so a run stopped before its first checkpoint reruns.
+# What a run writes into --output_dir, which a new run must not mix with nor replace (log.jsonl restarts: Decisions).
 RESULTS = ("checkpoints", "backbone", "spectrum.png")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
 RANGES = {"seed": "[0, 4294967295]", "image_size": "[1, inf)", "mean": "(-inf, inf)", "std": "(0, inf)",
@@ -190,8 +186,7 @@ def get_parser():
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=800, help="training epochs")
-    optim.add_argument("--batch_size", type=int, default=256,
-                       help="GLOBAL batch, all processes together (as the papers and presets); each takes its share")
+    optim.add_argument("--batch_size", type=int, default=256, help="the GLOBAL batch: each process takes its share")
     optim.add_argument("--lr", type=float, default=0.3, help="learning rate for a global batch of 256 (scaled)")
     optim.add_argument("--weight_decay", type=float, default=1e-5, help="weight decay")
     optim.add_argument("--decay_all_params", action=argparse.BooleanOptionalAction, default=False,
@@ -224,8 +219,7 @@ def get_parser():
 
 
 def main(argv=None):
-    """What is not a training run (print the configuration, the benchmark, the studies) ends here; a training run
-    is `train`."""
+    """--print_config, --benchmark and --study end here; a training run is `train`."""
     config = resolve_config(argv)
     if config.print_config:
         return print(json.dumps(vars(config), indent=2))
@@ -304,7 +298,8 @@ def finish(config, accelerator, monitor, step):
     elif accelerator.is_main_process:
         backbone, backbone_config = intl.load_backbone(monitor.last_good)
         intl.write_export(export, backbone.state_dict(), backbone_config)
-        monitor.plot_spectra(output_dir / "spectrum.png")
+        if plot_spectra(monitor.path, output_dir / "spectrum.png"):
+            monitor.info(f"spectrum plot: {output_dir / 'spectrum.png'}")
         local = " --dataset LABELLED_DATA" * bool(backbone_config.get("dataset_is_local_folder"))  # not findable
         monitor.summary(f"done: the backbone is in {export}, the log in {monitor.path}. Next: python linear_eval.py "
                         f"--backbone {export}{local}; to publish it with the results: python linear_eval.py export "
@@ -318,10 +313,6 @@ def introduce(config, accelerator, info):
     info(f"{config.method} on {config.dataset} ({recipe}): {config.arch}, {config.image_size} px, global batch "
          f"{config.batch_size} ({config.batch_size // accelerator.num_processes} per process), {config.epochs} "
          f"epoch{'s' * (config.epochs != 1)}")
-    recipe_batch = PRESETS.get(config.preset, {}).get("batch_size")
-    if recipe_batch and config.batch_size != recipe_batch:
-        info(f"note: the {config.preset} recipe's global batch is {recipe_batch}, this run's {config.batch_size}; "
-             "the lr scales with it")
 
 
 def batches(loader, step, stop_at):
@@ -352,8 +343,7 @@ def covariance_spectrum(z, axis=0):
 
 
 def lg_ioc(eigvals):
-    """lg IoC = log10(l_min / l_max), the paper's condition indicator (0 is perfectly whitened); -inf when the
-    covariance is rank-deficient (its smallest eigenvalue at or below RANK_FLOOR x the largest)."""
+    """lg IoC = log10(l_min / l_max), the paper's condition indicator: 0 when whitened, -inf when rank-deficient."""
     largest, smallest = eigvals.max().item(), eigvals.min().item()
     if largest <= 0 or smallest <= RANK_FLOOR * largest:
         return -math.inf
@@ -362,8 +352,7 @@ def lg_ioc(eigvals):
 
 def effective_rank(eigvals):
     """exp(entropy of the normalised eigenvalues): between 1 (collapsed) and len(eigvals) (uniform)."""
-    p = eigvals.clamp(min=0) / eigvals.clamp(min=0).sum()
-    p = p[p > 0]
+    p = eigvals[eigvals > 0] / eigvals.clamp(min=0).sum()
     return math.exp(-(p * p.log()).sum().item())
 
 
@@ -376,13 +365,13 @@ def collapsed(z, eigvals):
 
 
 class Monitor:
-    """After every step: the non-finite check, log.jsonl (figures, a collapse warning, the spectra that
-    spectrum.png draws), the 5-NN monitor, checkpoints; the host reads the device only where it logs or saves. A
-    resumed run drops what was logged after its checkpoint, so it ends as an uninterrupted one."""
+    """After every step: the non-finite check, log.jsonl (figures, a collapse warning, the plotted spectra), the
+    5-NN monitor, checkpoints; the host reads the device only where it logs or saves."""
 
     def __init__(self, config, accelerator, loader, knn_data):
         self.config, self.accelerator, self.knn_data = config, accelerator, knn_data
         self.main, self.path = accelerator.is_main_process, Path(config.output_dir) / "log.jsonl"
+        self.info = tqdm.write if self.main else (lambda message: None)
         self.steps_per_epoch, self.train_images = loader.sampler.batches_per_epoch, loader.sampler.num_samples
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.stop_after_steps or self.total_steps)
@@ -390,7 +379,7 @@ class Monitor:
         self.watch = NonFiniteWatch(accelerator.device)
 
     def start(self, step, last_good, model):
-        """The log, the progress bar and the clock from `step`; the 5-NN accuracy at initialisation."""
+        """The log, the progress bar and the clock from `step` (a resume drops later records); the 5-NN at step 0."""
         self.last_good, self.collapsed_at = last_good, None  # the newest checkpoint (maybe elsewhere), or none yet
         if self.main:
             if step == 0:  # a new run's log starts empty
@@ -414,9 +403,7 @@ class Monitor:
         spectrum_now = step % config.spectrum_every == 0 or step == self.total_steps
         save_now = step % config.save_every == 0 or epoch_end or step == self.stop_at
         if log_now or spectrum_now or save_now:
-            collapse_note = "" if self.collapsed_at is None else \
-                f". Note: the embedding had collapsed at step {self.collapsed_at} before (see the warning)"
-            self.watch.check(self.last_good, collapse_note)
+            self.watch.check(self.last_good, self.collapsed_at)
         if log_now:
             loss = out["loss"].item()
             speed = (step - self.first_step) * config.batch_size / (time.time() - self.tic)
@@ -439,10 +426,6 @@ class Monitor:
         self.info(f"step {step}: 5-NN top-1 {top1:.2f}%")
         self.append({"step": step, "knn_top1": top1})
 
-    def info(self, message):
-        if self.main:
-            tqdm.write(message)
-
     def append(self, record):
         if self.main:
             with self.path.open("a") as f:
@@ -455,21 +438,14 @@ class Monitor:
         self.append({"step": step, "lg_ioc_z": lg_ioc(eig_z), "lg_ioc_z_hat": lg_ioc(eig_z_hat),
                      "erank_z": effective_rank(eig_z), "erank_z_hat": effective_rank(eig_z_hat)})
         if self.collapsed_at is None and collapsed(z, eig_z):
-            warning = (f"the embedding has collapsed at step {step} (effective rank of Z "
-                       f"{effective_rank(eig_z):.2f} of {len(eig_z)}): nearly every image maps to one point or "
-                       "one direction, so the features will carry little information. Check the data (many "
-                       "identical images?) and the recipe (lr, --beta, --iters); see the README, 'Monitoring'")
+            warning = (f"the embedding has collapsed at step {step} (effective rank of Z {effective_rank(eig_z):.2f} "
+                       f"of {len(eig_z)}): nearly every image maps to one point or one direction, so the features "
+                       "carry little information. Check the data (many identical images?), then lr, --beta, --iters")
             self.info(f"warning: {warning}")
             self.append({"step": step, "warning": warning})
             self.collapsed_at = step
         if step in self.plotted_steps:
             self.append({"step": step, "spectrum_z": eig_z.tolist(), "spectrum_z_hat": eig_z_hat.tolist()})
-
-    def plot_spectra(self, path):
-        if spectra := logged_spectra(self.path):
-            plot_spectra([(f"step {step}", *eigs) for step, *eigs in spectra], path,
-                         f"{self.path.parent.name}: eigenvalues of the covariance over training")
-            self.info(f"spectrum plot: {path}")
 
     def summary(self, next_steps):
         """First -> last logged value of the main figures, read back from the log (so it spans resumes), the
@@ -518,14 +494,15 @@ class NonFiniteWatch:
         self.first_step = torch.where(first, step, self.first_step)
         self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
 
-    def check(self, last_good, note=""):
-        """note: what the log can add (an earlier collapse)."""
+    def check(self, last_good, collapsed_at=None):
+        """collapsed_at: the step at which the log says the embedding collapsed, if it did."""
         step = self.first_step.item()
         if step >= 0:
             raise FloatingPointError(
                 f"the loss is {self.first_loss.item()} at step {step}; the last good checkpoint is {last_good or 'none'}. "
                 "Check the data first: many identical images (blank ones, duplicates) make the covariance singular; "
-                "then lower --lr, use --mixed_precision no or fewer --iters (st, cw-rgp, wmse: --w_eps)" + note)
+                "then lower --lr, use --mixed_precision no or fewer --iters (st, cw-rgp, wmse: --w_eps)" +
+                ("" if collapsed_at is None else f". Note: the embedding had collapsed at step {collapsed_at} before"))
 
 
 def resume(config, accelerator, output_dir, info, monitor):
@@ -812,8 +789,7 @@ def backbone_config(config):
     if isinstance(config.dataset, str) and (intl.looks_like_path(config.dataset) or os.path.exists(config.dataset)):
         # A backbone may be published: a local folder is named by its last part, never by its path.
         backbone.update(dataset=Path(config.dataset).name, dataset_is_local_folder=True)
-    # What a user of the features feeds them: the recipe's evaluation input (cifar100 pretrains with its own
-    # mean / std but is evaluated with CIFAR-10's, as the authors do).
+    # What a user of the features feeds them: the recipe's evaluation input (cifar100's: CIFAR-10's mean / std).
     return {**backbone, "mean": list(config.eval_mean or config.mean), "std": list(config.eval_std or config.std),
             "recipe": {key: train[key] for key in RECIPE_KEYS if key in train}}
 
@@ -823,14 +799,14 @@ def logged_spectra(log_path):
     return [(r["step"], r["spectrum_z"], r["spectrum_z_hat"]) for r in intl.read_jsonl(log_path) if "spectrum_z" in r]
 
 
-def plot_spectra(spectra, path, title):
-    """The paper's Fig. 3: the eigenvalues of the covariance of Z and of Z_hat ([(label, z, z_hat)], descending: the
-    few that `plotted_steps` chose), each divided by its largest, on a log scale. Eigenvalues at the numerical floor
-    (RANK_FLOOR x the largest: rank-deficient directions) lie on the dotted floor line."""
+def plot_spectra(log_path, path):
+    """The paper's Fig. 3 from a run's log, if it holds spectra: the eigenvalues of the covariance of Z and of Z_hat
+    at the plotted steps, each divided by its largest, on a log scale down to RANK_FLOOR (rank-deficient ones)."""
     from matplotlib import colormaps
 
-    picks = [(label, torch.tensor(z), torch.tensor(z_hat)) for label, z, z_hat in spectra]
-    at_floor = any(lg_ioc(eig) == -math.inf for _, *eigs in picks for eig in eigs)
+    picks = [(f"step {step}", torch.tensor(z), torch.tensor(z_hat)) for step, z, z_hat in logged_spectra(log_path)]
+    if not picks:
+        return False
     colours = colormaps["viridis"]([i / max(1, len(picks) - 1) for i in range(len(picks))])
     with two_panels(path, (7.2, 3.2), dpi=200) as (fig, axes):
         for colour, (label, *eigs) in zip(colours, picks):
@@ -840,17 +816,14 @@ def plot_spectra(spectra, path, title):
                 ax.plot(range(1, len(eig) + 1), normalised.numpy(), color=colour, linewidth=1.2,
                         label=f"{label}: " + ("rank-deficient" if ioc == -math.inf else f"lg IoC {ioc:.2f}"))
         for ax, name in zip(axes, ("Z (projector output)", r"$\hat{Z}$ (after the transformation)")):
-            if at_floor:
-                ax.axhline(RANK_FLOOR, color="grey", linestyle=":", linewidth=0.8)
-                ax.set_ylim(RANK_FLOOR / 3, 3)
             ax.set(title=name, xlabel="eigenvalue index", ylabel="normalised eigenvalue", yscale="log")
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(f"{log_path.parent.name}: eigenvalues of the covariance over training", fontsize=9)
+    return True
 
 
 @contextlib.contextmanager
 def two_panels(path, size, dpi):
-    """A figure of two panels side by side for the block to draw; then their legends, and the figure written to
-    `path` through intl.replacing. matplotlib's object API: no display, no pyplot state to close."""
+    """Two panels side by side for the block to draw, then their legends and the figure written to `path`."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, layout="constrained")
@@ -863,9 +836,8 @@ def two_panels(path, size, dpi):
 
 
 def plotted_steps(total_steps, spectrum_every, curves=6):
-    """The steps whose spectra spectrum.png draws: `curves` of the logged ones (every `spectrum_every`-th step and
-    the last), evenly spread, the first and the last included. Known before the run starts, so only those spectra
-    are written, and a resumed run keeps the same ones."""
+    """The steps whose spectra are logged for spectrum.png, fixed before the run (a resume keeps them): `curves` of
+    the steps with spectrum figures (every `spectrum_every`-th and the last), evenly spread, the ends included."""
     logged = -(-total_steps // spectrum_every)  # the last step is logged even off the grid
     picks = {round(i * (logged - 1) / max(1, curves - 1)) for i in range(curves)}  # of the logged ones
     return {min((i + 1) * spectrum_every, total_steps) for i in picks}
@@ -911,18 +883,14 @@ def run_study(config, argv, accelerator):
 def study_runs(config):
     """(the settings in the table, the run's flags, its folder) of each run of the study."""
     if config.study == "power":
-        powers = config.study_values or [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5]
-        if min(powers) < 0:
-            raise ValueError(f"--study_values {' '.join(map(str, powers))}: give powers p >= 0")
+        powers = config.study_values or [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5]  # RANGES: p >= 0
         return [({"power": p}, ["--method", "st", "--power", str(p)], f"power-{p:g}") for p in powers]
     counts = config.study_values or [1, 2, 4, 6, 8]
     if not all(t >= 1 and t == int(t) for t in counts):
         raise ValueError(f"--study_values {' '.join(map(str, counts))}: give iteration counts T >= 1 (integers)")
-    runs = []
-    for iters in map(int, counts):  # with the trace loss (the default beta), then without it
-        runs.append(({"iters": iters, "trace_loss": True}, ["--iters", str(iters)], f"T{iters}-tl"))
-        runs.append(({"iters": iters, "trace_loss": False}, ["--iters", str(iters), "--beta", "0"], f"T{iters}-no-tl"))
-    return runs
+    # Each T with the trace loss (the default beta), then without it.
+    return [({"iters": t, "trace_loss": tl}, ["--iters", str(t), *([] if tl else ["--beta", "0"])],
+             f"T{t}-{'' if tl else 'no-'}tl") for t in map(int, counts) for tl in (True, False)]
 
 
 def plot_study(study, rows, path):

@@ -141,7 +141,6 @@ def test_two_gloo_processes_pretrain_on_an_image_folder(tmp_path, image_folder):
                  launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert "2 process(es)" in result.stdout + result.stderr
     assert "global batch 16 (8 per process)" in result.stdout + result.stderr  # --batch_size is the global batch
-    assert "the digits recipe's global batch is 128, this run's 16" in result.stdout + result.stderr
     assert (tmp_path / "out" / "backbone" / "model.safetensors").is_file()
     recipe = json.loads((tmp_path / "out" / "backbone" / "config.json").read_text())["recipe"]
     assert (recipe["batch_size"], recipe["method"]) == (16, "intl")
