@@ -88,14 +88,10 @@ PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_
 # log.jsonl is not among them: a new run empties it, so a run stopped before its first checkpoint can be rerun.
 RESULTS = ("checkpoints", "results.json")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
-RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes", "rpn_pre_nms_train",
-                           "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_per_image",
-                           "roi_batch_per_image", "pool_size", "detections_per_image", "batch_size", "iterations",
-                           "save_every", "keep", "eval_batch_size", "stop_after_iters", "log_every"),
-                          "[1, inf)"),
+RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "batch_size", "iterations", "save_every", "keep",
+                           "eval_batch_size", "stop_after_iters", "log_every"), "[1, inf)"),
           **dict.fromkeys(("num_workers", "lr_steps", "warmup_iters", "weight_decay", "precise_bn"), "[0, inf)"),
-          "seed": "[0, 4294967295]", "mean": "(-inf, inf)", "std": "(0, inf)", "lr": "(0, inf)",
-          "score_thresh": "[0, 1]", "warmup_factor": "[0, 1]", "momentum": "[0, 1)"}
+          "seed": "[0, 4294967295]", "mean": "(-inf, inf)", "std": "(0, inf)", "lr": "(0, inf)"}
 
 
 def get_parser():
@@ -123,15 +119,6 @@ def get_parser():
     add("--backbone", help="a backbone as intl.load_backbone takes it (see README), or 'random' (from scratch)")
     add("--arch", default="resnet50", choices=intl.RESNETS, help="the ResNet of --backbone random")
     add("--revision", help="Hub branch, tag or commit of --backbone")
-    # The RPN and RoI settings of Detectron2's C4 configuration.
-    add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="anchor sides in pixels")
-    add("--rpn_pre_nms_train", type=int, default=12000, help="training proposals kept before NMS per image")
-    add("--rpn_post_nms_train", type=int, default=2000, help="training proposals kept after NMS per image")
-    add("--rpn_pre_nms_test", type=int, default=6000, help="test proposals kept before NMS per image")
-    add("--rpn_post_nms_test", type=int, default=1000, help="test proposals kept after NMS per image")
-    add("--rpn_batch_per_image", type=int, default=256, help="anchors sampled per image for the RPN loss")
-    add("--roi_batch_per_image", type=int, default=512, help="RoIs sampled per image for the head losses")
-    add("--pool_size", type=int, default=14, help="RoIAlign output side (res5 halves it)")
 
     add = parser.add_argument_group("optimisation / schedule").add_argument
     add("--batch_size", type=int, default=16, help="the global batch: images per iteration over all processes")
@@ -139,15 +126,11 @@ def get_parser():
     add("--lr", type=float, default=0.02, help="peak learning rate (the papers': 0.02 at a global batch of 16)")
     add("--lr_steps", type=int, nargs="*", default=[18000, 22000], help="iterations after which the lr drops x0.1")
     add("--warmup_iters", type=int, default=100, help="linear warm-up iterations")
-    add("--warmup_factor", type=float, default=0.001, help="the warm-up starts at this fraction of the lr")
     add("--weight_decay", type=float, default=1e-4, help="weight decay, none on normalisation parameters")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision; None: Accelerate's config")
 
     add = parser.add_argument_group("evaluation").add_argument
     add("--precise_bn", type=int, default=200, help="training batches per process for precise BN statistics (0: off)")
-    add("--score_thresh", type=float, default=0.05, help="detections below this score are dropped")
-    add("--detections_per_image", type=int, default=100, help="detections kept per image")
     add("--eval_batch_size", type=int, default=1, help="test images per process per forward pass")
     add("--eval_only", action="store_true", help="evaluate the --resume checkpoint; OUTPUT_DIR: the run's eval/step-N")
 
@@ -213,8 +196,8 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     the trainer state, None if the schedule is not done."""
     # From here on each process draws its own random numbers (the anchors and RoIs sampled for the losses).
     set_seed(config.seed, device_specific=True)
-    # Weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0).
-    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
+    # Detectron2's SGD: momentum 0.9, weight decay on every parameter but normalisation ones (WEIGHT_DECAY_NORM 0).
+    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=0.9)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     state = {"iteration": 0, "precise_bn_done": False}
     if checkpoint:
@@ -357,10 +340,10 @@ def save_checkpoint(accelerator, config, state):
 
 
 def learning_rate(iteration, config):
-    """Detectron2's WarmupMultiStepLR: a linear ramp from warmup_factor x lr over the warm-up, then x0.1 from each
-    step's iteration on."""
+    """Detectron2's WarmupMultiStepLR: a linear ramp from 0.001 x lr (its WARMUP_FACTOR) over the warm-up, then x0.1
+    from each step's iteration on."""
     alpha = min(1.0, iteration / config.warmup_iters) if config.warmup_iters else 1.0  # 1: warmed up
-    warmup = config.warmup_factor * (1 - alpha) + alpha
+    warmup = 0.001 * (1 - alpha) + alpha
     return config.lr * warmup * 0.1 ** bisect.bisect_right(config.lr_steps, iteration)
 
 
@@ -417,24 +400,23 @@ def load_detection_backbone(config, random=False):
 
 def build_detector(config, backbone, num_classes):
     """A torchvision ResNet -> the --model detector for num_classes classes (+ background), every layer trainable.
-    The RPN and RoI thresholds and fractions are those FasterRCNN passes by default, which are Detectron2's."""
+    Every RPN and RoI number below is Detectron2's C4 configuration's (the thresholds and fractions: FasterRCNN's)."""
     # res2..res4 under torchvision's names, so that the weights keep the ResNet's keys; res4 has half res5's width.
     body = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in
                                      ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
     # The C4 box head: res5 and MoCo's extra BatchNorm2d (Res5ROIHeadsExtraNorm): RoIs -> maps [R, C, 7, 7].
     box_head = nn.Sequential(OrderedDict(layer4=backbone.layer4, norm=nn.BatchNorm2d(backbone.feature_dim)))
-    anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
     rpn = RegionProposalNetwork(
         anchors, RPNHead(backbone.feature_dim // 2, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
-        bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_per_image, positive_fraction=0.5,
-        pre_nms_top_n=dict(training=config.rpn_pre_nms_train, testing=config.rpn_pre_nms_test),
-        post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
-    pooler = RoIAlign(config.pool_size, 1 / 16, sampling_ratio=0, aligned=True)  # Detectron2's ROIAlignV2
+        bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+        pre_nms_top_n=dict(training=12000, testing=6000), post_nms_top_n=dict(training=2000, testing=1000),
+        nms_thresh=0.7)
+    pooler = RoIAlign(14, 1 / 16, sampling_ratio=0, aligned=True)  # Detectron2's ROIAlignV2
     heads = C4RoIHeads(
         pooler, box_head, FastRCNNPredictor(backbone.feature_dim, num_classes + 1), fg_iou_thresh=0.5,
-        bg_iou_thresh=0.5, batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25,
-        bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=0.5,
-        detections_per_img=config.detections_per_image)
+        bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+        bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
     if has_masks(config):  # no mask convolutions: the deconvolution reads res5's maps of the box branch
         heads.mask_roi_pool, heads.mask_head = pooler, nn.Identity()
         heads.mask_predictor = MaskRCNNPredictor(backbone.feature_dim, 256, num_classes + 1)
