@@ -21,8 +21,7 @@ has not been measured):
   - the RPN drops boxes smaller than 1e-3 pixels;
   - BatchNorm becomes SyncBatchNorm only with several GPUs: several CPU processes each normalise their own batch.
 
-Evaluation: VOC as Detectron2 / MoCo report it (`voc_evaluate`), COCO by pycocotools' COCOeval (bbox, and segm
-for the mask models). OUTPUT_DIR receives checkpoints/, log.jsonl and results.json.
+Evaluation: VOC as Detectron2 / MoCo report it (`voc_evaluate`), COCO by COCOeval (bbox; segm for mask models).
 """
 
 import argparse
@@ -66,9 +65,8 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50:0.05:0.95
 
-# The papers' (MoCo's Detectron2) recipes, each for its global batch of 16. A preset sets these values; any explicit
-# flag wins. Another global batch takes its own lr and iterations: MoCo scales the lr by B / 16 and the iteration
-# counts by 16 / B.
+# The papers' (MoCo's Detectron2) recipes, each for its global batch of 16; for another global batch B, MoCo scales
+# the lr by B / 16 and the iteration counts by 16 / B.
 PRESETS = {
     "voc-c4-24k": dict(dataset="voc", model="faster-c4", iterations=24000, lr_steps=[18000, 22000], warmup_iters=100,
                        lr=0.02, batch_size=16, train_sizes=list(range(480, 801, 32)), test_size=800,
@@ -77,13 +75,12 @@ PRESETS = {
                        warmup_iters=1000, lr=0.02, batch_size=16, train_sizes=list(range(640, 801, 32)),
                        test_size=800, max_size=1333),
 }
-# Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
-# when they are not given again.
-RUN_CONTROL = {"output_dir", "resume", "eval_only", "print_config", "num_workers", "log_every", "save_every", "keep",
-               "stop_after_iters", "data_root", "train_json", "train_images", "test_json", "test_images",
-               "eval_batch_size", "overwrite"}
-# Of those, the ones that say what this one command does: never taken from the checkpoint.
+# Flags that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "overwrite"}
+# Those and the other flags that only steer the run, not what it computes: a resumed run may change them, and keeps
+# their saved values when they are not given again.
+RUN_CONTROL = PER_COMMAND | {"num_workers", "log_every", "save_every", "keep", "data_root", "train_json",
+                             "train_images", "test_json", "test_images", "eval_batch_size"}
 # What a training run leaves in --output_dir: a new run there must not mix with, nor replace, an earlier run's. Its
 # log.jsonl is not among them: a new run empties it, so a run stopped before its first checkpoint can be rerun.
 RESULTS = ("checkpoints", "results.json")
@@ -170,7 +167,7 @@ def transfer(config, accelerator):
     train_records = None if config.eval_only else load_split(config, "train", accelerator.print)["records"]
 
     # Model: the same initialisation on every process. A checkpoint holds every weight, so with one the backbone is
-    # only built, not read. The configuration saved and reported names the backbone's arch and normalisation.
+    # only built, not read.
     set_seed(config.seed)
     backbone, config = load_detection_backbone(config, random=checkpoint is not None)
     model = build_detector(config, backbone, len(test_data["classes"]))
@@ -381,9 +378,8 @@ def precise_bn(model, batches, accelerator=None):
 
 
 def load_detection_backbone(config, random=False):
-    """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch, as for a checkpoint
-    that holds every weight), and the run's configuration with the backbone's arch and, unless --mean / --std give
-    one, its input normalisation. A small-image stem is refused: its res4 does not have stride 16."""
+    """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch) and the run's
+    configuration with the backbone's arch and, unless --mean / --std give one, its input normalisation."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
@@ -492,9 +488,8 @@ def init_predictors(heads):
 
 def load_split(config, split, say=print):
     """The "train" or "test" images: {"name", "classes", "records"}, and for COCO the ground truth COCOeval reads.
-    Training keeps the images that hold an object (Detectron2 trains on no other). One line says what was left out:
-    boxes without area, images without an object, VOC test classes without an object that is not difficult; a VOC
-    test set with no such object at all is refused before any training."""
+    Training keeps the images that hold an object, as Detectron2 does. One line says what was left out; a VOC test
+    set without an object that is not difficult is refused before any training."""
     if config.dataset == "voc":
         name = config.train_sets if split == "train" else config.test_set
         records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip())]
@@ -564,9 +559,8 @@ def voc_records(root, spec):
 
 
 def coco_data(json_file, image_dir, masks):
-    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}. Crowd instances are left
-    out; boxes are clipped to the image and dropped without area (Detectron2's filter_empty_instances). Category ids
-    become labels 1..K in id order; `category_ids` maps them back."""
+    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}, without crowd instances
+    and with boxes clipped (clip_box). Category ids become labels 1..K in id order; `category_ids` maps them back."""
     if not os.path.isfile(json_file) or not os.path.isdir(image_dir):
         raise ValueError(f"no COCO-format data at {json_file} + {image_dir}: expected a COCO json (images, "
                          "annotations, categories) and the folder its file_names are relative to, e.g. "
@@ -727,8 +721,7 @@ def predict(model, records, config, accelerator):
     loader = torch.utils.data.DataLoader(DetectionImages(records, train=False), batch_size=config.eval_batch_size,
                                          sampler=shard, num_workers=config.num_workers, collate_fn=collate)
     predictions = []
-    for images, targets, indices in tqdm(loader, desc="evaluation", disable=not accelerator.is_main_process,
-                                         leave=False):
+    for images, _, indices in tqdm(loader, desc="evaluation", leave=False, disable=not accelerator.is_main_process):
         outputs = model(to_device(images, (), accelerator.device)[0])
         for index, out in zip(indices, outputs):
             prediction = {"index": index, "boxes": out["boxes"].float().cpu().numpy(),
@@ -793,10 +786,7 @@ def devkit_iou(box, boxes):
 def voc_evaluate(predictions, records, classes):
     """Detectron2's PascalVOCDetectionEvaluator numbers (x100): AP = the mean over IoU 0.50:0.05:0.95 of the mean
     over classes of the class AP; AP50; AP75; AP50 per class. Classes without a test object are left out.
-
-    Boxes go back to the devkit's coordinates (x1 and y1 + 1), the predictions' scores and corners rounded as the
-    evaluator's detection files hold them; `predictions` come in image order, as the evaluator writes them.
-    """
+    `predictions` come in image order, as the evaluator writes them to its detection files."""
     per_class = {}
     for c, name in enumerate(classes, start=1):
         # The devkit's 1-based inclusive pixel coordinates: x1 and y1 + 1.
@@ -836,14 +826,12 @@ def coco_evaluate(predictions, records, coco, category_ids, iou_types=("bbox",))
     for iou_type in iou_types:
         detections = []
         for p in predictions:
-            image_id = records[p["index"]]["image_id"]
-            for d, (box, score, label) in enumerate(zip(p["boxes"], p["scores"], p["labels"])):
-                entry = {"image_id": image_id, "category_id": category_ids[int(label) - 1], "score": float(score)}
-                if iou_type == "bbox":
-                    entry["bbox"] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
-                else:
-                    entry["segmentation"] = dict(p["masks"][d])
-                detections.append(entry)
+            boxes = p["boxes"].copy()
+            boxes[:, 2:] -= boxes[:, :2]  # [x, y, width, height]
+            shapes = boxes.tolist() if iou_type == "bbox" else [dict(rle) for rle in p["masks"]]
+            for shape, score, label in zip(shapes, p["scores"].tolist(), p["labels"].tolist()):
+                detections.append({"image_id": records[p["index"]]["image_id"], "category_id": category_ids[label - 1],
+                                   "score": score, "bbox" if iou_type == "bbox" else "segmentation": shape})
         if not detections:
             results[iou_type] = {name: 0.0 for name in names}
             continue
