@@ -21,8 +21,7 @@ has not been measured):
   - the RPN drops boxes smaller than 1e-3 pixels;
   - BatchNorm becomes SyncBatchNorm only with several GPUs: several CPU processes each normalise their own batch.
 
-Evaluation: VOC as Detectron2 / MoCo report it (`voc_evaluate`), COCO by pycocotools' COCOeval (bbox, and segm
-for the mask models). OUTPUT_DIR receives checkpoints/, log.jsonl and results.json.
+Evaluation: VOC as Detectron2 / MoCo report it (`voc_evaluate`), COCO by COCOeval (bbox; segm for mask models).
 """
 
 import argparse
@@ -66,9 +65,8 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50:0.05:0.95
 
-# The papers' (MoCo's Detectron2) recipes, each for its global batch of 16. A preset sets these values; any explicit
-# flag wins. Another global batch takes its own lr and iterations: MoCo scales the lr by B / 16 and the iteration
-# counts by 16 / B.
+# The papers' (MoCo's Detectron2) recipes, each for its global batch of 16; for another global batch B, MoCo scales
+# the lr by B / 16 and the iteration counts by 16 / B.
 PRESETS = {
     "voc-c4-24k": dict(dataset="voc", model="faster-c4", iterations=24000, lr_steps=[18000, 22000], warmup_iters=100,
                        lr=0.02, batch_size=16, train_sizes=list(range(480, 801, 32)), test_size=800,
@@ -77,25 +75,20 @@ PRESETS = {
                        warmup_iters=1000, lr=0.02, batch_size=16, train_sizes=list(range(640, 801, 32)),
                        test_size=800, max_size=1333),
 }
-# Flags that only steer the run, not what it computes: a resumed run may change them, and keeps their saved values
-# when they are not given again.
-RUN_CONTROL = {"output_dir", "resume", "eval_only", "print_config", "num_workers", "log_every", "save_every", "keep",
-               "stop_after_iters", "data_root", "train_json", "train_images", "test_json", "test_images",
-               "eval_batch_size", "overwrite"}
-# Of those, the ones that say what this one command does: never taken from the checkpoint.
+# Flags that say what this one command does: never taken from the checkpoint.
 PER_COMMAND = {"output_dir", "resume", "eval_only", "print_config", "stop_after_iters", "overwrite"}
+# Those and the other flags that only steer the run, not what it computes: a resumed run may change them, and keeps
+# their saved values when they are not given again.
+RUN_CONTROL = PER_COMMAND | {"num_workers", "log_every", "save_every", "keep", "data_root", "train_json",
+                             "train_images", "test_json", "test_images", "eval_batch_size"}
 # What a training run leaves in --output_dir: a new run there must not mix with, nor replace, an earlier run's. Its
 # log.jsonl is not among them: a new run empties it, so a run stopped before its first checkpoint can be rerun.
 RESULTS = ("checkpoints", "results.json")
 # The valid range of every numeric flag (intl.check_settings), checked before any work and in saved configs.
-RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "anchor_sizes", "rpn_pre_nms_train",
-                           "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_per_image",
-                           "roi_batch_per_image", "pool_size", "detections_per_image", "batch_size", "iterations",
-                           "save_every", "keep", "eval_batch_size", "stop_after_iters", "log_every"),
-                          "[1, inf)"),
+RANGES = {**dict.fromkeys(("train_sizes", "test_size", "max_size", "batch_size", "iterations", "save_every", "keep",
+                           "eval_batch_size", "stop_after_iters", "log_every"), "[1, inf)"),
           **dict.fromkeys(("num_workers", "lr_steps", "warmup_iters", "weight_decay", "precise_bn"), "[0, inf)"),
-          "seed": "[0, 4294967295]", "mean": "(-inf, inf)", "std": "(0, inf)", "lr": "(0, inf)",
-          "score_thresh": "[0, 1]", "warmup_factor": "[0, 1]", "momentum": "[0, 1)"}
+          "seed": "[0, 4294967295]", "mean": "(-inf, inf)", "std": "(0, inf)", "lr": "(0, inf)"}
 
 
 def get_parser():
@@ -123,15 +116,6 @@ def get_parser():
     add("--backbone", help="a backbone as intl.load_backbone takes it (see README), or 'random' (from scratch)")
     add("--arch", default="resnet50", choices=intl.RESNETS, help="the ResNet of --backbone random")
     add("--revision", help="Hub branch, tag or commit of --backbone")
-    # The RPN and RoI settings of Detectron2's C4 configuration.
-    add("--anchor_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="anchor sides in pixels")
-    add("--rpn_pre_nms_train", type=int, default=12000, help="training proposals kept before NMS per image")
-    add("--rpn_post_nms_train", type=int, default=2000, help="training proposals kept after NMS per image")
-    add("--rpn_pre_nms_test", type=int, default=6000, help="test proposals kept before NMS per image")
-    add("--rpn_post_nms_test", type=int, default=1000, help="test proposals kept after NMS per image")
-    add("--rpn_batch_per_image", type=int, default=256, help="anchors sampled per image for the RPN loss")
-    add("--roi_batch_per_image", type=int, default=512, help="RoIs sampled per image for the head losses")
-    add("--pool_size", type=int, default=14, help="RoIAlign output side (res5 halves it)")
 
     add = parser.add_argument_group("optimisation / schedule").add_argument
     add("--batch_size", type=int, default=16, help="the global batch: images per iteration over all processes")
@@ -139,15 +123,11 @@ def get_parser():
     add("--lr", type=float, default=0.02, help="peak learning rate (the papers': 0.02 at a global batch of 16)")
     add("--lr_steps", type=int, nargs="*", default=[18000, 22000], help="iterations after which the lr drops x0.1")
     add("--warmup_iters", type=int, default=100, help="linear warm-up iterations")
-    add("--warmup_factor", type=float, default=0.001, help="the warm-up starts at this fraction of the lr")
     add("--weight_decay", type=float, default=1e-4, help="weight decay, none on normalisation parameters")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="autocast precision; None: Accelerate's config")
 
     add = parser.add_argument_group("evaluation").add_argument
     add("--precise_bn", type=int, default=200, help="training batches per process for precise BN statistics (0: off)")
-    add("--score_thresh", type=float, default=0.05, help="detections below this score are dropped")
-    add("--detections_per_image", type=int, default=100, help="detections kept per image")
     add("--eval_batch_size", type=int, default=1, help="test images per process per forward pass")
     add("--eval_only", action="store_true", help="evaluate the --resume checkpoint; OUTPUT_DIR: the run's eval/step-N")
 
@@ -187,7 +167,7 @@ def transfer(config, accelerator):
     train_records = None if config.eval_only else load_split(config, "train", accelerator.print)["records"]
 
     # Model: the same initialisation on every process. A checkpoint holds every weight, so with one the backbone is
-    # only built, not read. The configuration saved and reported names the backbone's arch and normalisation.
+    # only built, not read.
     set_seed(config.seed)
     backbone, config = load_detection_backbone(config, random=checkpoint is not None)
     model = build_detector(config, backbone, len(test_data["classes"]))
@@ -213,8 +193,8 @@ def fine_tune(model, train_records, checkpoint, config, accelerator):
     the trainer state, None if the schedule is not done."""
     # From here on each process draws its own random numbers (the anchors and RoIs sampled for the losses).
     set_seed(config.seed, device_specific=True)
-    # Weight decay on every parameter but those of normalisation layers (Detectron2: WEIGHT_DECAY_NORM = 0).
-    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=config.momentum)
+    # Detectron2's SGD: momentum 0.9, weight decay on every parameter but normalisation ones (WEIGHT_DECAY_NORM 0).
+    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=0.0, momentum=0.9)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     state = {"iteration": 0, "precise_bn_done": False}
     if checkpoint:
@@ -357,10 +337,10 @@ def save_checkpoint(accelerator, config, state):
 
 
 def learning_rate(iteration, config):
-    """Detectron2's WarmupMultiStepLR: a linear ramp from warmup_factor x lr over the warm-up, then x0.1 from each
-    step's iteration on."""
+    """Detectron2's WarmupMultiStepLR: a linear ramp from 0.001 x lr (its WARMUP_FACTOR) over the warm-up, then x0.1
+    from each step's iteration on."""
     alpha = min(1.0, iteration / config.warmup_iters) if config.warmup_iters else 1.0  # 1: warmed up
-    warmup = config.warmup_factor * (1 - alpha) + alpha
+    warmup = 0.001 * (1 - alpha) + alpha
     return config.lr * warmup * 0.1 ** bisect.bisect_right(config.lr_steps, iteration)
 
 
@@ -398,9 +378,8 @@ def precise_bn(model, batches, accelerator=None):
 
 
 def load_detection_backbone(config, random=False):
-    """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch, as for a checkpoint
-    that holds every weight), and the run's configuration with the backbone's arch and, unless --mean / --std give
-    one, its input normalisation. A small-image stem is refused: its res4 does not have stride 16."""
+    """The --backbone ResNet (loaded strictly by intl.load_backbone; random: a fresh one of --arch) and the run's
+    configuration with the backbone's arch and, unless --mean / --std give one, its input normalisation."""
     if random or config.backbone == "random":
         backbone = intl.build_backbone(config.arch, "imagenet", zero_init_residual=False)
         found = {"arch": config.arch, "mean": intl.IMAGENET_MEAN, "std": intl.IMAGENET_STD}
@@ -417,24 +396,23 @@ def load_detection_backbone(config, random=False):
 
 def build_detector(config, backbone, num_classes):
     """A torchvision ResNet -> the --model detector for num_classes classes (+ background), every layer trainable.
-    The RPN and RoI thresholds and fractions are those FasterRCNN passes by default, which are Detectron2's."""
+    Every RPN and RoI number below is Detectron2's C4 configuration's (the thresholds and fractions: FasterRCNN's)."""
     # res2..res4 under torchvision's names, so that the weights keep the ResNet's keys; res4 has half res5's width.
     body = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in
                                      ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
     # The C4 box head: res5 and MoCo's extra BatchNorm2d (Res5ROIHeadsExtraNorm): RoIs -> maps [R, C, 7, 7].
     box_head = nn.Sequential(OrderedDict(layer4=backbone.layer4, norm=nn.BatchNorm2d(backbone.feature_dim)))
-    anchors = AnchorGenerator((tuple(config.anchor_sizes),), ((0.5, 1.0, 2.0),))
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
     rpn = RegionProposalNetwork(
         anchors, RPNHead(backbone.feature_dim // 2, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
-        bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_per_image, positive_fraction=0.5,
-        pre_nms_top_n=dict(training=config.rpn_pre_nms_train, testing=config.rpn_pre_nms_test),
-        post_nms_top_n=dict(training=config.rpn_post_nms_train, testing=config.rpn_post_nms_test), nms_thresh=0.7)
-    pooler = RoIAlign(config.pool_size, 1 / 16, sampling_ratio=0, aligned=True)  # Detectron2's ROIAlignV2
+        bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+        pre_nms_top_n=dict(training=12000, testing=6000), post_nms_top_n=dict(training=2000, testing=1000),
+        nms_thresh=0.7)
+    pooler = RoIAlign(14, 1 / 16, sampling_ratio=0, aligned=True)  # Detectron2's ROIAlignV2
     heads = C4RoIHeads(
         pooler, box_head, FastRCNNPredictor(backbone.feature_dim, num_classes + 1), fg_iou_thresh=0.5,
-        bg_iou_thresh=0.5, batch_size_per_image=config.roi_batch_per_image, positive_fraction=0.25,
-        bbox_reg_weights=None, score_thresh=config.score_thresh, nms_thresh=0.5,
-        detections_per_img=config.detections_per_image)
+        bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+        bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
     if has_masks(config):  # no mask convolutions: the deconvolution reads res5's maps of the box branch
         heads.mask_roi_pool, heads.mask_head = pooler, nn.Identity()
         heads.mask_predictor = MaskRCNNPredictor(backbone.feature_dim, 256, num_classes + 1)
@@ -510,9 +488,8 @@ def init_predictors(heads):
 
 def load_split(config, split, say=print):
     """The "train" or "test" images: {"name", "classes", "records"}, and for COCO the ground truth COCOeval reads.
-    Training keeps the images that hold an object (Detectron2 trains on no other). One line says what was left out:
-    boxes without area, images without an object, VOC test classes without an object that is not difficult; a VOC
-    test set with no such object at all is refused before any training."""
+    Training keeps the images that hold an object, as Detectron2 does. One line says what was left out; a VOC test
+    set without an object that is not difficult is refused before any training."""
     if config.dataset == "voc":
         name = config.train_sets if split == "train" else config.test_set
         records = [r for spec in name.split(",") for r in voc_records(config.data_root, spec.strip())]
@@ -582,9 +559,8 @@ def voc_records(root, spec):
 
 
 def coco_data(json_file, image_dir, masks):
-    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}. Crowd instances are left
-    out; boxes are clipped to the image and dropped without area (Detectron2's filter_empty_instances). Category ids
-    become labels 1..K in id order; `category_ids` maps them back."""
+    """A COCO-format json + image folder -> {"records", "classes", "category_ids", "coco"}, without crowd instances
+    and with boxes clipped (clip_box). Category ids become labels 1..K in id order; `category_ids` maps them back."""
     if not os.path.isfile(json_file) or not os.path.isdir(image_dir):
         raise ValueError(f"no COCO-format data at {json_file} + {image_dir}: expected a COCO json (images, "
                          "annotations, categories) and the folder its file_names are relative to, e.g. "
@@ -745,8 +721,7 @@ def predict(model, records, config, accelerator):
     loader = torch.utils.data.DataLoader(DetectionImages(records, train=False), batch_size=config.eval_batch_size,
                                          sampler=shard, num_workers=config.num_workers, collate_fn=collate)
     predictions = []
-    for images, targets, indices in tqdm(loader, desc="evaluation", disable=not accelerator.is_main_process,
-                                         leave=False):
+    for images, _, indices in tqdm(loader, desc="evaluation", leave=False, disable=not accelerator.is_main_process):
         outputs = model(to_device(images, (), accelerator.device)[0])
         for index, out in zip(indices, outputs):
             prediction = {"index": index, "boxes": out["boxes"].float().cpu().numpy(),
@@ -811,10 +786,7 @@ def devkit_iou(box, boxes):
 def voc_evaluate(predictions, records, classes):
     """Detectron2's PascalVOCDetectionEvaluator numbers (x100): AP = the mean over IoU 0.50:0.05:0.95 of the mean
     over classes of the class AP; AP50; AP75; AP50 per class. Classes without a test object are left out.
-
-    Boxes go back to the devkit's coordinates (x1 and y1 + 1), the predictions' scores and corners rounded as the
-    evaluator's detection files hold them; `predictions` come in image order, as the evaluator writes them.
-    """
+    `predictions` come in image order, as the evaluator writes them to its detection files."""
     per_class = {}
     for c, name in enumerate(classes, start=1):
         # The devkit's 1-based inclusive pixel coordinates: x1 and y1 + 1.
@@ -854,14 +826,12 @@ def coco_evaluate(predictions, records, coco, category_ids, iou_types=("bbox",))
     for iou_type in iou_types:
         detections = []
         for p in predictions:
-            image_id = records[p["index"]]["image_id"]
-            for d, (box, score, label) in enumerate(zip(p["boxes"], p["scores"], p["labels"])):
-                entry = {"image_id": image_id, "category_id": category_ids[int(label) - 1], "score": float(score)}
-                if iou_type == "bbox":
-                    entry["bbox"] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
-                else:
-                    entry["segmentation"] = dict(p["masks"][d])
-                detections.append(entry)
+            boxes = p["boxes"].copy()
+            boxes[:, 2:] -= boxes[:, :2]  # [x, y, width, height]
+            shapes = boxes.tolist() if iou_type == "bbox" else [dict(rle) for rle in p["masks"]]
+            for shape, score, label in zip(shapes, p["scores"].tolist(), p["labels"].tolist()):
+                detections.append({"image_id": records[p["index"]]["image_id"], "category_id": category_ids[label - 1],
+                                   "score": score, "bbox" if iou_type == "bbox" else "segmentation": shape})
         if not detections:
             results[iou_type] = {name: 0.0 for name in names}
             continue

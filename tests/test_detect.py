@@ -18,6 +18,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 import detect_transfer as dt
 import intl
@@ -27,11 +28,30 @@ from conftest import write_export
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ("aeroplane", "bicycle")  # VOC's classes 1 and 2: a red rectangle and a blue disk
 
-# Reduced settings: 96 px images, ResNet-18 C4 (256-channel res4), 6 x 6 RoIs, few proposals and RoIs.
-SMALL = ["--train_sizes", "96", "--test_size", "96", "--max_size", "160", "--pool_size", "6",
-         "--anchor_sizes", "16", "32", "64", "128", "256", "--rpn_pre_nms_train", "300", "--rpn_post_nms_train", "50",
-         "--rpn_pre_nms_test", "300", "--rpn_post_nms_test", "50", "--rpn_batch_per_image", "64",
-         "--roi_batch_per_image", "32", "--num_workers", "0", "--precise_bn", "4", "--log_every", "5"]
+# Reduced settings: 96 px images (with ResNet-18 C4: 256-channel res4, in VOC_ARGS and tiny_config).
+SMALL = ["--train_sizes", "96", "--test_size", "96", "--max_size", "160", "--num_workers", "0", "--precise_bn", "4",
+         "--log_every", "5"]
+BUILD_DETECTOR = dt.build_detector  # Detectron2's C4 sizes
+
+
+def small_detector(config, backbone, num_classes):
+    """build_detector with Detectron2's C4 sizes scaled down to 64-96 px images: anchors 16..256, 200 proposals per
+    image before NMS and 20 after, 64 anchors and 16 RoIs sampled per image for the losses, 4 x 4 RoIs."""
+    model = BUILD_DETECTOR(config, backbone, num_classes)
+    model.rpn.anchor_generator = AnchorGenerator(((16, 32, 64, 128, 256),), ((0.5, 1.0, 2.0),))  # 15 per place
+    model.rpn._pre_nms_top_n, model.rpn._post_nms_top_n = dict(training=200, testing=200), dict(training=20, testing=20)
+    model.rpn.fg_bg_sampler.batch_size_per_image = 64
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = 16
+    model.roi_heads.box_roi_pool.output_size = 4  # also the mask branch's pooler
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _small_detector():
+    """Every detector the script builds in these tests is small_detector (BUILD_DETECTOR: Detectron2's sizes)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dt, "build_detector", small_detector)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -144,9 +164,7 @@ def with_backbone(config):
 
 def tiny_config(model="faster-c4", *args):
     return make_config("--model", model, "--arch", "resnet18", "--train_sizes", 64, "--test_size", 64, "--max_size", 128,
-                       "--pool_size", 4, "--anchor_sizes", 16, 32, 64, 128, 256, "--rpn_pre_nms_train", 200,
-                       "--rpn_post_nms_train", 20, "--rpn_pre_nms_test", 200, "--rpn_post_nms_test", 20,
-                       "--roi_batch_per_image", 16, "--rpn_batch_per_image", 32, *args)
+                       *args)
 
 
 def scene_batch(masks=False, sizes=((60, 80), (64, 48))):
@@ -178,7 +196,7 @@ def r50_export(tmp_path_factory):
 
 def test_r50_c4_is_res2_to_res4_then_res5_with_one_extra_batchnorm_and_detectron2_heads(r50_export):
     config = make_config("--model", "faster-c4", "--backbone", r50_export)
-    model = dt.build_detector(*with_backbone(config), num_classes=20)
+    model = BUILD_DETECTOR(*with_backbone(config), num_classes=20)
     weights = load_file(r50_export / "model.safetensors")
 
     # Every backbone weight is the export's, under torchvision's names; res5 sits in the box head.
@@ -199,6 +217,9 @@ def test_r50_c4_is_res2_to_res4_then_res5_with_one_extra_batchnorm_and_detectron
     assert model.rpn.anchor_generator.num_anchors_per_location() == [15]
     assert model.rpn._pre_nms_top_n == {"training": 12000, "testing": 6000}
     assert model.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
+    assert model.rpn.fg_bg_sampler.batch_size_per_image == 256
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert model.roi_heads.score_thresh == 0.05 and model.roi_heads.detections_per_img == 100
     pooler = model.roi_heads.box_roi_pool  # Detectron2's ROIAlignV2
     assert isinstance(pooler, torchvision.ops.RoIAlign) and pooler.output_size == 14 and pooler.aligned
     assert pooler.spatial_scale == 1 / 16 and pooler.sampling_ratio == 0
@@ -215,7 +236,7 @@ def test_r50_c4_is_res2_to_res4_then_res5_with_one_extra_batchnorm_and_detectron
 
 def test_mask_c4_predicts_masks_from_res5_with_a_deconvolution(r50_export):
     config = make_config("--model", "mask-c4", "--backbone", r50_export)
-    model = dt.build_detector(*with_backbone(config), num_classes=80)
+    model = BUILD_DETECTOR(*with_backbone(config), num_classes=80)
     heads = model.roi_heads
     assert heads.has_mask() and heads.mask_roi_pool is heads.box_roi_pool
     assert heads.mask_predictor.conv5_mask.in_channels == 2048 and heads.mask_predictor.conv5_mask.stride == (2, 2)
@@ -271,11 +292,12 @@ def test_an_exported_official_cw_rgp_small_data_checkpoint_is_refused_naming_its
 
 @pytest.mark.parametrize("model_name", dt.MODELS)
 def test_a_training_step_gives_finite_losses_and_evaluation_gives_boxes_in_original_pixels(model_name):
-    # 5 proposals per test image (tiny_config: 20): the untrained heads keep nearly every proposal for both classes,
+    # 5 proposals per test image (small_detector: 20): the untrained heads keep nearly every proposal for both classes,
     # and the mask heads run on each detection.
-    config = tiny_config(model_name, "--rpn_post_nms_test", 5)
+    config = tiny_config(model_name)
     torch.manual_seed(0)
     model = dt.build_detector(config, intl.build_backbone("resnet18", "imagenet", zero_init_residual=False), 2)
+    model.rpn._post_nms_top_n["testing"] = 5
     masks = model_name.startswith("mask")
     images, targets = scene_batch(masks)
     model.train()
@@ -544,8 +566,8 @@ def test_lr_warms_up_from_a_thousandth_and_steps_down_tenfold_at_the_recipes_glo
     for key, value in dt.PRESETS["voc-c4-24k"].items():
         setattr(config, key, value)
     # MoCo's Detectron2 recipe value by value: lr and iterations for a global batch of 16, used as given.
-    assert (config.batch_size, config.lr, config.iterations, config.lr_steps, config.warmup_iters,
-            config.warmup_factor) == (16, 0.02, 24000, [18000, 22000], 100, 0.001)
+    assert (config.batch_size, config.lr, config.iterations, config.lr_steps, config.warmup_iters) == (
+        16, 0.02, 24000, [18000, 22000], 100)
     assert dt.learning_rate(0, config) == pytest.approx(0.02 * 0.001)
     assert dt.learning_rate(50, config) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
     assert dt.learning_rate(100, config) == pytest.approx(0.02)
@@ -609,9 +631,7 @@ def test_precise_bn_sets_the_statistics_to_the_mean_of_the_per_batch_statistics(
 # ----------------------------------------------------------------------------- the script: learning, evaluation only, resume, bad input
 
 VOC_ARGS = ["--dataset", "voc", "--train_sets", "2007-trainval",
-            "--backbone", "random", "--arch", "resnet18", "--batch_size", "2",
-            "--pool_size", "4", "--roi_batch_per_image", "16", "--rpn_post_nms_train", "20", "--rpn_post_nms_test", "20",
-            "--rpn_pre_nms_train", "200", "--rpn_pre_nms_test", "200"]
+            "--backbone", "random", "--arch", "resnet18", "--batch_size", "2"]
 
 
 def main(*args):
@@ -685,7 +705,7 @@ def test_mask_c4_trains_and_evaluates_boxes_and_masks_on_coco_format_data(tmp_pa
     dt.main([str(a) for a in SMALL + ["--dataset", "coco", "--data_root", root, "--model", "mask-c4", "--backbone",
                                       "random", "--arch", "resnet18", "--batch_size", 2,
                                       "--iterations", 2, "--warmup_iters", 1, "--lr_steps", "--precise_bn", 1,
-                                      "--pool_size", 4, "--roi_batch_per_image", 16, "--output_dir", tmp_path / "run"]])
+                                      "--output_dir", tmp_path / "run"]])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     for iou_type in ("bbox", "segm"):
         assert set(results[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -697,9 +717,9 @@ def test_mask_c4_trains_and_evaluates_boxes_and_masks_on_coco_format_data(tmp_pa
 def test_presets_set_the_recipe_and_explicit_flags_win():
     config = dt.resolve_config(["--preset", "voc-c4-24k", "--print_config", "--lr", "0.01"])
     assert (config.model, config.iterations, config.lr, config.lr_steps) == ("faster-c4", 24000, 0.01, [18000, 22000])
-    assert config.train_sizes == list(range(480, 801, 32)) and config.rpn_pre_nms_train == 12000
+    assert config.train_sizes == list(range(480, 801, 32))
     coco = dt.resolve_config(["--preset", "coco-c4-2x", "--print_config", "--model", "faster-c4"])
-    assert coco.model == "faster-c4" and coco.iterations == 180000 and coco.rpn_pre_nms_train == 12000
+    assert coco.model == "faster-c4" and coco.iterations == 180000
     assert coco.arch == "resnet50"  # what --backbone random builds unless --arch says otherwise
 
 
@@ -731,9 +751,11 @@ def test_bad_flag_combinations_are_refused_naming_what_to_change(tmp_path):
 @pytest.mark.slow
 def test_two_gloo_processes_train_and_evaluate_every_test_image_once(tmp_path):
     root = write_voc(tmp_path / "voc", n_trainval=8, n_test=5)
+    script = tmp_path / "small_detect_transfer.py"  # detect_transfer.py with small_detector
+    script.write_text(f"import sys\nsys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+                      "import test_detect as t\nt.dt.build_detector = t.small_detector\nt.intl.run(t.dt.main)\n")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "detect_transfer.py"), *SMALL, *VOC_ARGS, "--data_root", str(root), "--batch_size", "4",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *SMALL, *VOC_ARGS, "--data_root", str(root), "--batch_size", "4",
          "--iterations", "2", "--lr_steps", "--warmup_iters", "1", "--precise_bn", "1", "--output_dir", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true",
                                                                      "OMP_NUM_THREADS": "1"})
