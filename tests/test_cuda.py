@@ -113,7 +113,7 @@ def test_detect_transfer_trains_and_evaluates_on_the_gpu_in_fp16(model_name, tmp
     dt.main([str(a) for a in SMALL + [
         "--dataset", "coco", "--data_root", root, "--model", model_name, "--backbone", "random", "--arch", "resnet18",
         "--batch_size", 2, "--iterations", 2, "--warmup_iters", 1, "--lr_steps",
-        "--precise_bn", 1, "--pool_size", 4, "--roi_batch_per_image", 16, "--mixed_precision", "fp16",
+        "--precise_bn", 1, "--mixed_precision", "fp16",
         "--output_dir", tmp_path / "run"]])
     assert torch.cuda.max_memory_allocated() > 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
