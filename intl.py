@@ -1295,6 +1295,5 @@ def _hub_snapshot(repo_id, revision=None):
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
         reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
         raise ValueError(f"Hub model {where}: {reason} and the Hub cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
-                         "lacks its files: "
-                         "run once with network access, or pass a local export") from None
+                         "lacks its files: run once with network access, or pass a local export") from None
     return Path(files[0]).parent, where
