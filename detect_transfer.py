@@ -230,6 +230,8 @@ def train(model, optimizer, train_records, iterations, config, accelerator):
     model.train()
     try:
         for images, targets in itertools.islice(batches, stop_at - start):
+            if intl.stop_requested:  # a Ctrl-C or SIGTERM that a finaliser swallowed
+                raise KeyboardInterrupt
             lr = learning_rate(iteration, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -736,8 +736,7 @@ def eval_transform(image_size, mean, std, resize=None, interpolation="bilinear")
 def extract_features(backbone, loader, accelerator):
     """Frozen features of every sample exactly once: ([N, feature_dim] float32, [N] labels) on the CPU. `loader`
     comes from `accelerator.prepare`, so that gather_for_metrics drops the samples that even out the last batch."""
-    was_training = backbone.training
-    backbone.eval()
+    backbone.eval()  # a training caller sets it back to train()
     features, labels = [], []
     for images, targets in loader:
         with accelerator.autocast():
@@ -745,7 +744,6 @@ def extract_features(backbone, loader, accelerator):
         f, targets = accelerator.gather_for_metrics((f.float().contiguous(), targets))
         features.append(f.cpu())
         labels.append(targets.cpu())
-    backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
 
 
@@ -778,7 +776,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=5, 
     """k-NN accuracy (%), Euclidean, one vote per neighbour (the papers' 5-NN) -> {"top1": float}. A tie between
     classes goes to the smallest class id, as the authors' argmax over the votes. `blocks`: nearest_neighbours'."""
     nearest, _ = nearest_neighbours(train_features, test_features, k, **blocks)
-    # The labels as indices among the classes present (in order): memory does not grow with the label values.
+    # The labels as indices among the classes present: memory does not grow with the label values.
     classes, indices = torch.unique(torch.cat([train_labels, test_labels]), return_inverse=True)
     train_labels, test_labels = indices.split([len(train_labels), len(test_labels)])
     votes = torch.zeros(len(nearest), len(classes), dtype=torch.long, device=nearest.device)
@@ -861,13 +859,10 @@ def check_settings(settings, parser, ranges, where="--"):
     for key, value in settings.items():
         if key not in actions or value is None:
             continue
-        problem = _setting_problem(actions[key], value, ranges.get(key))
-        if problem and where == "--":
-            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            raise ValueError(f"--{key} {shown}: {problem}")
-        if problem:
-            raise ValueError(f"{where}: {key} is {value!r}, {problem}; the file is damaged or was edited: repair it "
-                             "or use another one")
+        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if problem := _setting_problem(actions[key], value, ranges.get(key)):
+            raise ValueError(f"--{key} {shown}: {problem}" if where == "--" else f"{where}: {key} is {value!r}, "
+                             f"{problem}; the file is damaged or was edited: repair it or use another one")
     precision = settings.get("mixed_precision", "no")
     if precision is None and where == "--":  # Accelerate's config, which `accelerate launch` puts there
         precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
@@ -894,18 +889,13 @@ def _setting_problem(action, value, interval):
             return "must be a string"
         if action.choices is not None and v not in action.choices:
             return f"must be one of {', '.join(map(str, action.choices))}"
-        if interval and _outside(v, interval):
-            return f"{'each value ' if several else ''}must be in {interval}"
+        if interval:  # written as in maths, "[1, inf)" or "(0, 1]"; inf and NaN lie in none
+            low, high = (float(bound) for bound in interval[1:-1].split(","))
+            above = v >= low if interval[0] == "[" else v > low
+            below = v <= high if interval[-1] == "]" else v < high
+            if not (number and math.isfinite(v) and above and below):
+                return f"{'each value ' if several else ''}must be in {interval}"
     return None
-
-
-def _outside(value, interval):
-    """Whether `value` lies outside an interval written as in maths, "[1, inf)" or "(0, 1]" (inf and NaN: in none)."""
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return True
-    return not ((value >= low if interval[0] == "[" else value > low) and (value <= high if interval[-1] == "]"
-                                                                           else value < high))
 
 
 def keep_resumed_config(config, explicit, checkpoint, run_flags, parser, ranges, check=lambda config: None):
@@ -1169,11 +1159,22 @@ class Interrupted(KeyboardInterrupt):
                          f"last checkpoint, {Path(checkpoint).name})")
 
 
+# A Ctrl-C or SIGTERM, remembered: Python discards the KeyboardInterrupt when it lands in a finaliser (a __del__), so
+# the training loops also stop at their next step when this is set.
+stop_requested = False
+
+
 def run(main, argv=None, interrupted="interrupted"):
     """Each script's error boundary: main(argv), SIGTERM (a cluster scheduler's) raising KeyboardInterrupt as Ctrl-C
     does. Our errors (naming the file and the field) and the libraries' (an OSError names its file, a Hub error its
     repo) end in one line "error: ..." and exit status 1; an interruption in its line and status 130, as a shell's."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    def on_signal(signum, frame):
+        global stop_requested
+        stop_requested = True
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         main(argv)
     except (ValueError, OSError, FloatingPointError, SafetensorError) as error:

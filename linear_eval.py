@@ -524,6 +524,8 @@ def train_one_epoch(forward, optimizer, loader, progress, accelerator):
     """One pass over the training images -> the mean loss of all processes."""
     loss_sum = torch.zeros((), device=accelerator.device)
     for images, labels in loader:
+        if intl.stop_requested:  # a Ctrl-C or SIGTERM that a finaliser swallowed
+            raise KeyboardInterrupt
         with accelerator.autocast():
             loss = F.cross_entropy(forward(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -636,8 +638,7 @@ def checked_backbone(resumed, source, backbone):
 
 
 def resume_or_start(checkpoint, settings, accelerator):
-    """-> (the epoch to start from, the history so far) of `checkpoint`, whose settings must be these; (0, [])
-    without one."""
+    """-> (the epoch to start from, the history so far) of `checkpoint`, whose settings must be these; else (0, [])."""
     if checkpoint is None:
         return 0, []
 

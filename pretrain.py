@@ -266,6 +266,8 @@ def train(config, accelerator):
     model.train()
     try:
         for epoch, batch in batches(loader, step, monitor.stop_at):
+            if intl.stop_requested:  # a Ctrl-C or SIGTERM that a finaliser swallowed
+                raise KeyboardInterrupt
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr, config.schedule, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -422,6 +424,7 @@ class Monitor:
         backbone = self.accelerator.unwrap_model(model).backbone
         (train, train_labels), (test, test_labels) = (intl.extract_features(backbone, loader, self.accelerator)
                                                       for loader in self.knn_data)
+        backbone.train()
         top1 = intl.knn_classify(train, train_labels, test, test_labels, k=5, device=self.accelerator.device)["top1"]
         self.info(f"step {step}: 5-NN top-1 {top1:.2f}%")
         self.append({"step": step, "knn_top1": top1})
@@ -448,8 +451,7 @@ class Monitor:
             self.append({"step": step, "spectrum_z": eig_z.tolist(), "spectrum_z_hat": eig_z_hat.tolist()})
 
     def summary(self, next_steps):
-        """First -> last logged value of the main figures, read back from the log (so it spans resumes), the
-        warnings, then `next_steps`."""
+        """First -> last logged value of the main figures, from the log (so it spans resumes); warnings; next steps."""
         records = intl.read_jsonl(self.path)
         lines = ["summary (first logged -> last logged):"]
         for key, label in (("loss", "loss"), ("knn_top1", "5-NN top-1 (%), held out"), ("lg_ioc_z", "lg IoC of Z"),
@@ -530,8 +532,7 @@ def resume(config, accelerator, output_dir, info, monitor):
 
 
 def resolve_config(argv=None):
-    """Flags > the launcher's settings > preset > argparse defaults. Without --preset and --dataset a training run
-    uses 'digits'."""
+    """Flags > the launcher's settings > preset > defaults; without --preset and --dataset, the digits preset."""
     parser = get_parser()
     config = parser.parse_args(argv)
     explicit = intl.explicit_flags(parser, argv)

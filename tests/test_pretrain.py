@@ -514,6 +514,37 @@ def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_summary(tmp_path, ca
 
 
 @pytest.mark.slow
+def test_a_ctrl_c_that_python_discards_inside_a_finaliser_is_still_remembered(monkeypatch):
+    import signal
+    import time
+
+    class Finalised:
+        def __del__(self):  # Ctrl-C arrives while a finaliser runs: Python discards its KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+
+    def main(argv):
+        Finalised()  # deleted at once; nothing reaches this frame
+        seen.append(intl.stop_requested)
+
+    discarded, seen = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: discarded.append(unraisable.exc_type))
+    monkeypatch.setattr(intl, "stop_requested", False)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        intl.run(main, [])
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert discarded == [KeyboardInterrupt] and seen == [True]
+
+
+def test_a_remembered_ctrl_c_stops_the_training_loop_at_its_next_step(tiny_images, tmp_path, monkeypatch):
+    monkeypatch.setattr(intl, "stop_requested", True)
+    with pytest.raises(intl.Interrupted, match="interrupted at step 0, before the first checkpoint"):
+        tiny(tiny_images, "--output_dir", tmp_path, "--epochs", 2)
+
+
 def test_ctrl_c_stops_with_one_line_saying_the_step_and_how_to_continue_and_exit_status_130(tiny_images, tmp_path):
     import signal
     import time
