@@ -176,8 +176,9 @@ def evaluate_backbone(config, accelerator):
             intl.write_text_atomically(output_dir / f"{protocol}.json", json.dumps(record, indent=2) + "\n")
         for row in record["rows"]:
             top5 = "" if row["top5"] is None else f", top-5 {row['top5']:.2f}"
-            accelerator.print(f"{row['name']} on {data['dataset']} ({data['n_test']} {data['test_split']} images), "
-                              f"final epoch: top-1 {row['top1']:.2f}{top5} -> {output_dir / protocol}.json")
+            when = ", final epoch" if "final_epoch" in record else ""
+            accelerator.print(f"{row['name']} on {data['dataset']} ({data['n_test']} {data['test_split']} images)"
+                              f"{when}: top-1 {row['top1']:.2f}{top5} -> {output_dir / protocol}.json")
     accelerator.end_training()
 
 
